@@ -1,0 +1,180 @@
+//! The command line: `emulator` (and, as the gateway lands, `serve` and `query`).
+//!
+//! Every flag has a `DSG_*` environment variable. Parsing and validation happen here; the
+//! work is done by the library modules.
+
+use crate::emulator::{
+    EmulatorConfig, EmulatorHandle, ErrorKind, FaultSpec, ForcedStatus, Operation,
+};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deadline-stats-gateway",
+    version,
+    about = "A gRPC gateway for AWS Deadline Cloud's sessions-statistics API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Deadline Cloud emulator (the sessions-statistics REST-JSON API) over HTTP.
+    Emulator(EmulatorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, env = "DSG_EMULATOR_LISTEN", default_value = "127.0.0.1:4567")]
+    pub listen: SocketAddr,
+    /// How long each aggregation stays IN_PROGRESS.
+    #[arg(long, env = "DSG_EMULATOR_AGGREGATION_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub aggregation_duration: Duration,
+    /// How long results stay retrievable after the Start call.
+    #[arg(long, env = "DSG_EMULATOR_RESULT_VALIDITY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub result_validity: Duration,
+    /// Aggregations with more rows end FAILED as too large.
+    #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = 100_000)]
+    pub max_rows: u64,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FaultArgs {
+    /// Answer this share of requests with an exception: KIND=RATE, e.g. ThrottlingException=0.1.
+    #[arg(long = "fault-error", value_name = "KIND=RATE", value_parser = parse_error_rate)]
+    pub errors: Vec<(ErrorKind, f64)>,
+    /// Close this share of connections without answering.
+    #[arg(long = "fault-drop-rate", default_value_t = 0.0, value_parser = parse_rate)]
+    pub drop_rate: f64,
+    /// Delay added to every request.
+    #[arg(long = "fault-latency", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Make every new aggregation end FAILED or TIMEOUT.
+    #[arg(long = "fault-force-status", value_parser = parse_forced_status)]
+    pub force_status: Option<ForcedStatus>,
+    /// Restrict faults to these operations (start, get); all when empty.
+    #[arg(long = "fault-operations", value_delimiter = ',', value_parser = parse_operation)]
+    pub operations: Vec<Operation>,
+}
+
+impl FaultArgs {
+    fn spec(&self) -> FaultSpec {
+        FaultSpec {
+            error_rates: self.errors.iter().copied().collect(),
+            drop_rate: self.drop_rate,
+            latency_ms: u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
+            force_status: self.force_status,
+            operations: self.operations.clone(),
+            remaining: None,
+        }
+    }
+}
+
+impl EmulatorArgs {
+    pub fn config(&self) -> EmulatorConfig {
+        EmulatorConfig {
+            aggregation_duration: self.aggregation_duration,
+            result_validity: self.result_validity,
+            max_rows: self.max_rows,
+            faults: self.faults.spec(),
+        }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not between 0 and 1"))
+    }
+}
+
+fn parse_error_rate(s: &str) -> Result<(ErrorKind, f64), String> {
+    let (kind, rate) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KIND=RATE"))?;
+    let kind = ErrorKind::parse(kind).ok_or_else(|| {
+        format!("'{kind}' is not an exception of the API (AccessDeniedException, InternalServerErrorException, ResourceNotFoundException, ThrottlingException, ValidationException)")
+    })?;
+    Ok((kind, parse_rate(rate)?))
+}
+
+fn parse_forced_status(s: &str) -> Result<ForcedStatus, String> {
+    match s.to_ascii_uppercase().as_str() {
+        "FAILED" => Ok(ForcedStatus::Failed),
+        "TIMEOUT" => Ok(ForcedStatus::Timeout),
+        _ => Err(format!("'{s}' is not FAILED or TIMEOUT")),
+    }
+}
+
+fn parse_operation(s: &str) -> Result<Operation, String> {
+    match s {
+        "start" => Ok(Operation::Start),
+        "get" => Ok(Operation::Get),
+        _ => Err(format!("'{s}' is not start or get")),
+    }
+}
+
+/// A failure that ends the process with a non-zero status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot wait for a shutdown signal: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs a parsed command to completion.
+pub async fn run(cli: Cli) -> Result<(), RunError> {
+    match cli.command {
+        Command::Emulator(args) => run_emulator(args).await,
+    }
+}
+
+async fn run_emulator(args: EmulatorArgs) -> Result<(), RunError> {
+    let handle = EmulatorHandle::spawn(args.config(), args.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    announce(&handle.endpoint_url());
+    shutdown_signal().await.map_err(RunError::Signal)?;
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// The first line on stdout, which scripts and tests wait for.
+fn announce(url: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening on {url}");
+    let _ = out.flush();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}

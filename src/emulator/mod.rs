@@ -1,0 +1,112 @@
+//! A Deadline Cloud emulator for the sessions-statistics API, served over real HTTP so that the
+//! real `aws-sdk-deadline` client (and botocore) can talk to it.
+//!
+//! It follows `deadline-sessions-statistics-model.json`: paths, camelCase JSON, validation,
+//! REST-JSON errors, the one-running-aggregation-per-farm rule, result expiry and paging, with
+//! deterministic synthetic rows. Faults and counters sit under the reserved `/_emulator/` prefix.
+//! It must never be mistaken for the real service: it checks no signature and keeps no data.
+
+mod buckets;
+mod dataset;
+mod error;
+mod faults;
+mod routes;
+mod server;
+mod state;
+mod wire;
+
+pub use error::ErrorKind;
+pub use faults::{FaultSpec, ForcedStatus, Operation};
+pub use state::{Emulator, FarmStats, StatsReport};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How the emulator behaves.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// How long an aggregation stays IN_PROGRESS.
+    pub aggregation_duration: Duration,
+    /// How long results stay retrievable after the Start call.
+    pub result_validity: Duration,
+    /// Results with more rows end FAILED as too large.
+    pub max_rows: u64,
+    /// Faults in force from the start.
+    pub faults: FaultSpec,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            aggregation_duration: Duration::from_secs(2),
+            result_validity: Duration::from_secs(3600),
+            max_rows: 100_000,
+            faults: FaultSpec::default(),
+        }
+    }
+}
+
+/// A running emulator; dropping it stops the server.
+#[derive(Debug)]
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    emulator: Arc<Emulator>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl EmulatorHandle {
+    /// Binds `listen` (port 0 picks a free one) and serves in the background.
+    pub async fn spawn(config: EmulatorConfig, listen: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let emulator = Arc::new(Emulator::new(config));
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server::serve(listener, emulator.clone(), async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            emulator,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, the endpoint URL to give the SDK.
+    pub fn endpoint_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The emulated service, for in-process inspection.
+    pub fn emulator(&self) -> &Arc<Emulator> {
+        &self.emulator
+    }
+
+    /// Stops accepting, drains open connections and waits for the server to end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

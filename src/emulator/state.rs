@@ -1,0 +1,422 @@
+//! The emulated service's state: aggregations per farm, the one-running rule, expiry, paging,
+//! and the per-farm call counters behind `/_emulator/stats`.
+//!
+//! Time is `tokio::time::Instant`, so unit tests drive it with paused time. The lock is never
+//! held across an `.await` or while rows are generated.
+
+use super::EmulatorConfig;
+use super::dataset;
+use super::error::ApiError;
+use super::faults::{Faults, Operation};
+use crate::domain::validate::Field;
+use crate::domain::{AggregationRequest, AggregationStatus, StatisticsRow};
+use base64::Engine as _;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use tokio::time::Instant;
+
+/// The `resourceType` of a missing aggregation.
+const AGGREGATION_RESOURCE: &str = "sessions-statistics-aggregation";
+
+/// Per-farm counters, as `/_emulator/stats` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FarmStats {
+    pub start_calls: u64,
+    pub get_calls: u64,
+    pub throttled_starts: u64,
+    pub max_in_progress: u64,
+}
+
+/// The body of `/_emulator/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StatsReport {
+    pub farms: BTreeMap<String, FarmStats>,
+    /// Every `Host` header the API saw: a client that mangles the endpoint shows here.
+    pub hosts: BTreeSet<String>,
+}
+
+/// One page of a Get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub status: AggregationStatus,
+    pub status_message: Option<String>,
+    pub rows: Option<Vec<StatisticsRow>>,
+    pub next_token: Option<String>,
+}
+
+#[derive(Debug)]
+struct Aggregation {
+    request: Arc<AggregationRequest>,
+    started: Instant,
+    /// The status once IN_PROGRESS is over, with its message.
+    outcome: (AggregationStatus, Option<String>),
+    rows: Arc<OnceLock<Arc<Vec<StatisticsRow>>>>,
+}
+
+#[derive(Debug, Default)]
+struct Farm {
+    aggregations: HashMap<String, Aggregation>,
+    stats: FarmStats,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    farms: HashMap<String, Farm>,
+    hosts: BTreeSet<String>,
+}
+
+/// The emulated Deadline Cloud service.
+#[derive(Debug)]
+pub struct Emulator {
+    config: EmulatorConfig,
+    pub(crate) faults: Faults,
+    inner: Mutex<Inner>,
+}
+
+impl Emulator {
+    pub fn new(config: EmulatorConfig) -> Self {
+        let faults = Faults::new(config.faults.clone());
+        Self {
+            config,
+            faults,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Counts one API call for `farm_id` and remembers the `Host` it was sent to.
+    pub fn record_call(&self, farm_id: &str, op: Operation, host: Option<&str>) {
+        let mut inner = self.lock();
+        if let Some(host) = host {
+            if !inner.hosts.contains(host) {
+                inner.hosts.insert(host.to_owned());
+            }
+        }
+        let stats = &mut inner.farms.entry(farm_id.to_owned()).or_default().stats;
+        match op {
+            Operation::Start => stats.start_calls += 1,
+            Operation::Get => stats.get_calls += 1,
+        }
+    }
+
+    /// StartSessionsStatisticsAggregation: the one-running rule, then a new aggregation.
+    pub fn start(&self, request: AggregationRequest) -> Result<String, ApiError> {
+        let now = Instant::now();
+        let outcome = self.outcome_for(&request);
+        let mut inner = self.lock();
+        let farm = inner.farms.entry(request.farm_id.clone()).or_default();
+        self.prune(farm, now);
+        if let Some(running_until) = farm
+            .aggregations
+            .values()
+            .map(|a| a.started + self.config.aggregation_duration)
+            .filter(|end| *end > now)
+            .max()
+        {
+            farm.stats.throttled_starts += 1;
+            let wait = running_until - now;
+            return Err(ApiError::Throttling {
+                message: format!(
+                    "an aggregation is already in progress for farm {}; only one may run at a time",
+                    request.farm_id
+                ),
+                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            });
+        }
+        let id = new_aggregation_id();
+        farm.aggregations.insert(
+            id.clone(),
+            Aggregation {
+                request: Arc::new(request),
+                started: now,
+                outcome,
+                rows: Arc::default(),
+            },
+        );
+        let running = farm
+            .aggregations
+            .values()
+            .filter(|a| a.started + self.config.aggregation_duration > now)
+            .count() as u64;
+        farm.stats.max_in_progress = farm.stats.max_in_progress.max(running);
+        Ok(id)
+    }
+
+    /// GetSessionsStatisticsAggregation: the status and, once COMPLETED, one page of rows.
+    pub fn get(
+        &self,
+        farm_id: &str,
+        aggregation_id: &str,
+        max_results: usize,
+        next_token: Option<&str>,
+    ) -> Result<Page, ApiError> {
+        let now = Instant::now();
+        let (request, rows, (status, status_message)) = {
+            let mut inner = self.lock();
+            let farm = inner.farms.entry(farm_id.to_owned()).or_default();
+            self.prune(farm, now);
+            let Some(agg) = farm.aggregations.get(aggregation_id) else {
+                return Err(ApiError::NotFound {
+                    message: format!(
+                        "aggregation {aggregation_id} does not exist in farm {farm_id}, or its results have expired"
+                    ),
+                    resource_id: aggregation_id.to_owned(),
+                    resource_type: AGGREGATION_RESOURCE,
+                });
+            };
+            if now < agg.started + self.config.aggregation_duration {
+                return Ok(Page {
+                    status: AggregationStatus::InProgress,
+                    status_message: None,
+                    rows: None,
+                    next_token: None,
+                });
+            }
+            (agg.request.clone(), agg.rows.clone(), agg.outcome.clone())
+        };
+        let offset = next_token
+            .map(|t| decode_token(t, aggregation_id))
+            .transpose()?
+            .unwrap_or(0);
+        if status != AggregationStatus::Completed {
+            return Ok(Page {
+                status,
+                status_message,
+                rows: None,
+                next_token: None,
+            });
+        }
+        let all = rows.get_or_init(|| Arc::new(dataset::rows(&request)));
+        if offset > all.len() {
+            return Err(bad_token("points past the end of the results"));
+        }
+        let end = all.len().min(offset + max_results);
+        Ok(Page {
+            status,
+            status_message,
+            rows: Some(all[offset..end].to_vec()),
+            next_token: (end < all.len()).then(|| encode_token(aggregation_id, end)),
+        })
+    }
+
+    /// The counters and hosts seen so far.
+    pub fn stats(&self) -> StatsReport {
+        let inner = self.lock();
+        StatsReport {
+            farms: inner
+                .farms
+                .iter()
+                .map(|(id, f)| (id.clone(), f.stats.clone()))
+                .collect(),
+            hosts: inner.hosts.clone(),
+        }
+    }
+
+    /// Forgets every aggregation and counter.
+    pub fn reset(&self) {
+        *self.lock() = Inner::default();
+    }
+
+    fn outcome_for(&self, request: &AggregationRequest) -> (AggregationStatus, Option<String>) {
+        if let Some(forced) = self.faults.forced_status() {
+            return (
+                forced.status(),
+                Some(format!(
+                    "aggregation ended {} (forced by the emulator's faults)",
+                    forced.status().as_str()
+                )),
+            );
+        }
+        let limit = self.config.max_rows;
+        let rows = dataset::row_count(request, limit);
+        if rows > limit {
+            let message = format!(
+                "the result is too large (more than {limit} rows); reduce the time range or the number of queues or fleets, or use a longer period"
+            );
+            return (AggregationStatus::Failed, Some(message));
+        }
+        (AggregationStatus::Completed, None)
+    }
+
+    fn prune(&self, farm: &mut Farm, now: Instant) {
+        farm.aggregations
+            .retain(|_, a| now < a.started + self.config.result_validity);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn new_aggregation_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_token(aggregation_id: &str, offset: usize) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{aggregation_id}:{offset}"))
+}
+
+fn decode_token(token: &str, aggregation_id: &str) -> Result<usize, ApiError> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad_token("is not a token this service issued"))?;
+    let text =
+        String::from_utf8(raw).map_err(|_| bad_token("is not a token this service issued"))?;
+    let mut parts = text.splitn(3, ':');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next().and_then(|o| o.parse().ok()),
+    ) {
+        (Some("v1"), Some(id), Some(offset)) if id == aggregation_id => Ok(offset),
+        (Some("v1"), Some(_), Some(_)) => Err(bad_token("belongs to another aggregation")),
+        _ => Err(bad_token("is not a token this service issued")),
+    }
+}
+
+fn bad_token(why: &str) -> ApiError {
+    ApiError::fields(vec![(
+        super::wire::field_name(Field::NextToken, None),
+        format!("the token {why}"),
+    )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{GroupBy, Period, Resources, Statistic, ids};
+    use chrono::{TimeZone, Utc};
+    use std::time::Duration;
+
+    fn config() -> EmulatorConfig {
+        EmulatorConfig {
+            aggregation_duration: Duration::from_secs(2),
+            result_validity: Duration::from_secs(60),
+            max_rows: 1000,
+            faults: Default::default(),
+        }
+    }
+
+    fn request(farm: u64, days: i64) -> AggregationRequest {
+        let start = Utc
+            .with_ymd_and_hms(2026, 2, 1, 0, 0, 0)
+            .single()
+            .expect("start");
+        AggregationRequest {
+            farm_id: ids::format_id("farm-", farm, farm),
+            resources: Resources::Queues(vec![ids::format_id("queue-", 0, 1)]),
+            start_time: start,
+            end_time: start + chrono::Duration::days(days),
+            timezone: None,
+            period: Some(Period::Hourly),
+            group_by: vec![GroupBy::JobId],
+            statistics: vec![Statistic::Sum],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_running_aggregation_per_farm_then_completed_then_expired() {
+        let emu = Emulator::new(config());
+        let farm = request(1, 1).farm_id;
+        let id = emu.start(request(1, 1)).expect("first start");
+        assert!(ids::is_aggregation_id(&id));
+        let err = emu
+            .start(request(1, 2))
+            .expect_err("second start while running");
+        assert_eq!(
+            err,
+            ApiError::Throttling {
+                message: err_message(&err),
+                retry_after_secs: 2
+            }
+        );
+        emu.start(request(2, 1))
+            .expect("another farm is independent");
+        assert_eq!(
+            emu.get(&farm, &id, 100, None).map(|p| p.status),
+            Ok(AggregationStatus::InProgress)
+        );
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let page = emu.get(&farm, &id, 100, None).expect("completed");
+        assert_eq!(page.status, AggregationStatus::Completed);
+        assert_eq!(page.rows.map(|r| r.len()), Some(100));
+        emu.start(request(1, 2)).expect("the farm is free again");
+
+        tokio::time::advance(Duration::from_secs(58)).await;
+        assert!(matches!(
+            emu.get(&farm, &id, 100, None),
+            Err(ApiError::NotFound { .. })
+        ));
+        let stats = emu.stats().farms[&farm].clone();
+        assert_eq!(
+            stats,
+            FarmStats {
+                start_calls: 0,
+                get_calls: 0,
+                throttled_starts: 1,
+                max_in_progress: 1
+            }
+        );
+    }
+
+    fn err_message(e: &ApiError) -> String {
+        match e {
+            ApiError::Throttling { message, .. } => message.clone(),
+            _ => String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_chain_through_every_row_and_tokens_are_bound() {
+        let emu = Emulator::new(config());
+        let req = request(3, 1);
+        let farm = req.farm_id.clone();
+        let id = emu.start(req.clone()).expect("start");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let (mut token, mut seen) = (None, Vec::new());
+        loop {
+            let page = emu.get(&farm, &id, 7, token.as_deref()).expect("page");
+            seen.extend(page.rows.unwrap_or_default());
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(seen, dataset::rows(&req));
+
+        let other = emu.start(request(4, 1)).expect("other farm");
+        let foreign = encode_token(&other, 1);
+        assert!(matches!(
+            emu.get(&farm, &id, 7, Some(&foreign)),
+            Err(ApiError::Validation { .. })
+        ));
+        assert!(matches!(
+            emu.get(&farm, &id, 7, Some("garbage!")),
+            Err(ApiError::Validation { .. })
+        ));
+        assert!(
+            matches!(
+                emu.get(&farm, &other, 7, None),
+                Err(ApiError::NotFound { .. })
+            ),
+            "an id of another farm is not found"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_large_results_fail_with_a_message() {
+        let emu = Emulator::new(config());
+        let req = request(5, 30);
+        let farm = req.farm_id.clone();
+        let id = emu.start(req).expect("start");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let page = emu.get(&farm, &id, 100, None).expect("get");
+        assert_eq!(page.status, AggregationStatus::Failed);
+        assert!(page.status_message.is_some_and(|m| m.contains("too large")));
+        assert_eq!(page.rows, None);
+    }
+}

@@ -1,0 +1,77 @@
+//! The gateway's view of the upstream: start an aggregation, get one page of it.
+//!
+//! [`Upstream`] is the seam: [`sdk::SdkUpstream`] speaks to Deadline Cloud (or the emulator)
+//! through `aws-sdk-deadline`; unit tests put in-memory fakes behind it. Errors arrive as the
+//! small [`UpstreamError`] enum, never as SDK types.
+
+mod host_prefix;
+pub mod sdk;
+
+use crate::domain::{AggregationRequest, AggregationStatus, StatisticsRow};
+use std::time::Duration;
+
+/// One page of a `GetSessionsStatisticsAggregation` answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamPage {
+    pub status: AggregationStatus,
+    pub status_message: Option<String>,
+    pub rows: Vec<StatisticsRow>,
+    /// `Some` while more pages follow.
+    pub next_token: Option<String>,
+}
+
+/// One field the upstream rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidField {
+    pub name: String,
+    pub message: String,
+}
+
+/// What can go wrong upstream, in the gateway's terms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// ThrottlingException: a rate quota, or an aggregation already running on the farm.
+    #[error("upstream throttled the request: {message}")]
+    Throttled {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// ValidationException, with the fields it names.
+    #[error("upstream rejected the request as invalid: {message}")]
+    Invalid {
+        message: String,
+        fields: Vec<InvalidField>,
+    },
+    /// ResourceNotFoundException: an unknown farm or aggregation, or expired results.
+    #[error("upstream resource not found: {message}")]
+    NotFound { message: String },
+    /// AccessDeniedException.
+    #[error("upstream denied access: {message}")]
+    AccessDenied { message: String },
+    /// Worth retrying later: InternalServerErrorException, timeouts, connection failures.
+    #[error("upstream unavailable: {message}")]
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Anything else: a response that could not be understood, a misconfigured client.
+    #[error("upstream call failed: {message}")]
+    Other { message: String },
+}
+
+/// The two upstream operations the gateway needs.
+#[async_trait::async_trait]
+pub trait Upstream: Send + Sync + 'static {
+    /// `StartSessionsStatisticsAggregation`; returns the upstream aggregation id. Never retried
+    /// blindly: a lost response may mean the aggregation is running.
+    async fn start(&self, request: &AggregationRequest) -> Result<String, UpstreamError>;
+
+    /// One page of `GetSessionsStatisticsAggregation` (`max_results` 1..=100).
+    async fn get_page(
+        &self,
+        farm_id: &str,
+        aggregation_id: &str,
+        max_results: u32,
+        next_token: Option<&str>,
+    ) -> Result<UpstreamPage, UpstreamError>;
+}
