@@ -115,7 +115,7 @@ fn activities(req: &AggregationRequest) -> Vec<Activity> {
                 )),
                 user_id: Some(format!(
                     "{:08x}-{:04x}-4000-8000-{:012x}",
-                    mix(farm ^ (h >> 24) % USERS) as u32,
+                    mix(farm ^ ((h >> 24) % USERS)) as u32,
                     0x1e57,
                     farm & 0xffff_ffff_ffff
                 )),

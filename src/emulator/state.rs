@@ -87,10 +87,8 @@ impl Emulator {
     /// Counts one API call for `farm_id` and remembers the `Host` it was sent to.
     pub fn record_call(&self, farm_id: &str, op: Operation, host: Option<&str>) {
         let mut inner = self.lock();
-        if let Some(host) = host {
-            if !inner.hosts.contains(host) {
-                inner.hosts.insert(host.to_owned());
-            }
+        if let Some(host) = host.filter(|h| !inner.hosts.contains(*h)) {
+            inner.hosts.insert(host.to_owned());
         }
         let stats = &mut inner.farms.entry(farm_id.to_owned()).or_default().stats;
         match op {
