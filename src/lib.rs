@@ -16,4 +16,6 @@
 pub mod cli;
 pub mod domain;
 pub mod emulator;
+pub mod gateway;
+pub mod grpc;
 pub mod upstream;

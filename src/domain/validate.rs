@@ -29,6 +29,8 @@ pub enum Field {
     AggregationId,
     MaxResults,
     NextToken,
+    /// The gateway's long-poll duration.
+    Wait,
 }
 
 /// One broken rule: which field (and which element of a list), and why.

@@ -45,6 +45,7 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
         Field::AggregationId => "aggregationId",
         Field::MaxResults => "maxResults",
         Field::NextToken => "nextToken",
+        Field::Wait => "wait",
     };
     match index {
         Some(i) => format!("{name}[{i}]"),

@@ -1,32 +1,12 @@
-//! The command line: `emulator` (and, as the gateway lands, `serve` and `query`).
-//!
-//! Every flag has a `DSG_*` environment variable. Parsing and validation happen here; the
-//! work is done by the library modules.
+//! `emulator`: run the Deadline Cloud emulator as a process.
 
+use super::{RunError, announce, shutdown_signal};
 use crate::emulator::{
     EmulatorConfig, EmulatorHandle, ErrorKind, FaultSpec, ForcedStatus, Operation,
 };
-use clap::{Args, Parser, Subcommand};
-use std::io::Write as _;
+use clap::Args;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "deadline-stats-gateway",
-    version,
-    about = "A gRPC gateway for AWS Deadline Cloud's sessions-statistics API"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the Deadline Cloud emulator (the sessions-statistics REST-JSON API) over HTTP.
-    Emulator(EmulatorArgs),
-}
 
 #[derive(Debug, Args)]
 pub struct EmulatorArgs {
@@ -124,26 +104,7 @@ fn parse_operation(s: &str) -> Result<Operation, String> {
     }
 }
 
-/// A failure that ends the process with a non-zero status.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot wait for a shutdown signal: {0}")]
-    Signal(std::io::Error),
-}
-
-/// Runs a parsed command to completion.
-pub async fn run(cli: Cli) -> Result<(), RunError> {
-    match cli.command {
-        Command::Emulator(args) => run_emulator(args).await,
-    }
-}
-
-async fn run_emulator(args: EmulatorArgs) -> Result<(), RunError> {
+pub async fn run(args: EmulatorArgs) -> Result<(), RunError> {
     let handle = EmulatorHandle::spawn(args.config(), args.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -154,27 +115,4 @@ async fn run_emulator(args: EmulatorArgs) -> Result<(), RunError> {
     shutdown_signal().await.map_err(RunError::Signal)?;
     handle.shutdown().await;
     Ok(())
-}
-
-/// The first line on stdout, which scripts and tests wait for.
-fn announce(url: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "listening on {url}");
-    let _ = out.flush();
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
-    }
 }

@@ -1,0 +1,16 @@
+//! Compiles `proto/` with protox (a pure-Rust protobuf compiler: no system `protoc`), generates
+//! the tonic server and client, and writes the descriptor set that server reflection serves.
+
+use prost::Message as _;
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["deadline/stats/v1/aggregation.proto"], ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("aggregation_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .extern_path(".google.rpc", "::tonic_types::pb")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The command line: `serve` (the gateway), `query` (a client of it) and `emulator`.
+//!
+//! Every `serve` and `emulator` flag also reads a `DSG_*` environment variable. Parsing and
+//! validation happen here; the work is done by the library modules.
+
+pub mod emulator;
+pub mod query;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+use std::io::Write as _;
+use std::net::SocketAddr;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deadline-stats-gateway",
+    version,
+    about = "A gRPC gateway for AWS Deadline Cloud's sessions-statistics API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(Box<serve::ServeArgs>),
+    /// Start an aggregation through a gateway, wait for it, and print every row.
+    Query(query::QueryArgs),
+    /// Run the Deadline Cloud emulator (the sessions-statistics REST-JSON API) over HTTP.
+    Emulator(emulator::EmulatorArgs),
+}
+
+/// A failure that ends the process with a non-zero status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot wait for a shutdown signal: {0}")]
+    Signal(std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Serve(#[from] crate::grpc::server::ServeError),
+    #[error("{0}")]
+    Query(String),
+}
+
+/// Runs a parsed command to completion.
+pub async fn run(cli: Cli) -> Result<(), RunError> {
+    match cli.command {
+        Command::Serve(args) => serve::run(*args).await,
+        Command::Query(args) => query::run(args).await,
+        Command::Emulator(args) => emulator::run(args).await,
+    }
+}
+
+/// Prints the first line on stdout, which scripts and tests wait for.
+fn announce(what: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening on {what}");
+    let _ = out.flush();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
+
+/// A non-negative number of events per second.
+fn parse_per_second(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "'{s}' is not a non-negative number (per second; 0 = unlimited)"
+        )),
+    }
+}

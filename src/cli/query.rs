@@ -1,0 +1,361 @@
+//! `query`: a client of the gateway. Starts an aggregation, long-polls it to a terminal state,
+//! pages through every row and prints them as a table, JSON lines or CSV.
+
+use super::RunError;
+use crate::grpc::convert::timestamp;
+use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
+use crate::grpc::pb::{self, start_aggregation_request::Resources};
+use chrono::{DateTime, Utc};
+use clap::{Args, ValueEnum};
+use std::io::Write as _;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The gateway's URL.
+    #[arg(long, env = "DSG_GATEWAY", default_value = "http://127.0.0.1:50051")]
+    pub gateway: String,
+    #[arg(long)]
+    pub farm_id: String,
+    /// Comma-separated queue ids (or use --fleet-ids).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "fleet_ids",
+        required_unless_present = "fleet_ids"
+    )]
+    pub queue_ids: Vec<String>,
+    /// Comma-separated fleet ids.
+    #[arg(long, value_delimiter = ',')]
+    pub fleet_ids: Vec<String>,
+    /// Start of the window, RFC 3339 (2026-10-01T00:00:00Z).
+    #[arg(long)]
+    pub start: DateTime<Utc>,
+    /// End of the window, RFC 3339.
+    #[arg(long)]
+    pub end: DateTime<Utc>,
+    /// Comma-separated: queue-id, fleet-id, job-id, user-id, usage-type, instance-type, license-product.
+    #[arg(long, value_delimiter = ',', value_enum, required = true)]
+    pub group_by: Vec<GroupByArg>,
+    /// Comma-separated: sum, min, max, avg.
+    #[arg(long, value_delimiter = ',', value_enum, required = true)]
+    pub statistics: Vec<StatisticArg>,
+    #[arg(long, value_enum)]
+    pub period: Option<PeriodArg>,
+    /// UTC+08:00
+    #[arg(long)]
+    pub timezone: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Sent as x-caller-id.
+    #[arg(long, env = "DSG_CALLER_ID")]
+    pub caller_id: Option<String>,
+    /// Give up waiting for the aggregation after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupByArg {
+    QueueId,
+    FleetId,
+    JobId,
+    UserId,
+    UsageType,
+    InstanceType,
+    LicenseProduct,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatisticArg {
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeriodArg {
+    Hourly,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+impl QueryArgs {
+    fn request(&self) -> pb::StartAggregationRequest {
+        let resources = if self.fleet_ids.is_empty() {
+            Resources::QueueIds(pb::ResourceIds {
+                ids: self.queue_ids.clone(),
+            })
+        } else {
+            Resources::FleetIds(pb::ResourceIds {
+                ids: self.fleet_ids.clone(),
+            })
+        };
+        pb::StartAggregationRequest {
+            farm_id: self.farm_id.clone(),
+            resources: Some(resources),
+            start_time: Some(timestamp(self.start)),
+            end_time: Some(timestamp(self.end)),
+            timezone: self.timezone.clone().unwrap_or_default(),
+            period: self.period.map_or(pb::Period::Unspecified, |p| match p {
+                PeriodArg::Hourly => pb::Period::Hourly,
+                PeriodArg::Daily => pb::Period::Daily,
+                PeriodArg::Weekly => pb::Period::Weekly,
+                PeriodArg::Monthly => pb::Period::Monthly,
+            }) as i32,
+            group_by: self.group_by.iter().map(|g| group_by(*g) as i32).collect(),
+            statistics: self
+                .statistics
+                .iter()
+                .map(|s| statistic(*s) as i32)
+                .collect(),
+        }
+    }
+}
+
+fn group_by(g: GroupByArg) -> pb::GroupBy {
+    match g {
+        GroupByArg::QueueId => pb::GroupBy::QueueId,
+        GroupByArg::FleetId => pb::GroupBy::FleetId,
+        GroupByArg::JobId => pb::GroupBy::JobId,
+        GroupByArg::UserId => pb::GroupBy::UserId,
+        GroupByArg::UsageType => pb::GroupBy::UsageType,
+        GroupByArg::InstanceType => pb::GroupBy::InstanceType,
+        GroupByArg::LicenseProduct => pb::GroupBy::LicenseProduct,
+    }
+}
+
+fn statistic(s: StatisticArg) -> pb::Statistic {
+    match s {
+        StatisticArg::Sum => pb::Statistic::Sum,
+        StatisticArg::Min => pb::Statistic::Min,
+        StatisticArg::Max => pb::Statistic::Max,
+        StatisticArg::Avg => pb::Statistic::Avg,
+    }
+}
+
+/// Longest single long-poll the client asks for.
+const POLL_WAIT: Duration = Duration::from_secs(30);
+
+pub async fn run(args: QueryArgs) -> Result<(), RunError> {
+    let channel = Channel::from_shared(args.gateway.clone())
+        .map_err(|e| RunError::Query(format!("bad --gateway URL {}: {e}", args.gateway)))?
+        .connect()
+        .await
+        .map_err(|e| {
+            RunError::Query(format!("cannot reach the gateway at {}: {e}", args.gateway))
+        })?;
+    let mut client = AggregationServiceClient::new(channel);
+    let started = client
+        .start_aggregation(with_caller(args.request(), &args))
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let id = started
+        .aggregation
+        .map(|a| a.aggregation_id)
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let (mut rows, mut token) = (Vec::new(), String::new());
+    loop {
+        let get = pb::GetAggregationRequest {
+            aggregation_id: id.clone(),
+            page_size: 1000,
+            page_token: token.clone(),
+            wait: prost_types::Duration::try_from(POLL_WAIT).ok(),
+        };
+        let page = client
+            .get_aggregation(with_caller(get, &args))
+            .await
+            .map_err(describe)?
+            .into_inner();
+        let agg = page.aggregation.unwrap_or_default();
+        match pb::AggregationState::try_from(agg.state) {
+            Ok(pb::AggregationState::Completed) => {}
+            Ok(pb::AggregationState::Failed | pb::AggregationState::TimedOut) => {
+                let code = agg.error.as_ref().map_or(0, |e| e.code);
+                return Err(RunError::Query(format!(
+                    "aggregation {id} ended {:?} (code {code}): {}",
+                    agg.state(),
+                    agg.status_message
+                )));
+            }
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(RunError::Query(format!(
+                    "aggregation {id} did not finish within {:?}",
+                    args.timeout
+                )));
+            }
+            _ => continue,
+        }
+        rows.extend(page.statistics);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    print(&rows, args.format).map_err(|e| RunError::Query(format!("cannot write the rows: {e}")))
+}
+
+fn with_caller<T>(message: T, args: &QueryArgs) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(id) = args.caller_id.as_deref().and_then(|id| id.parse().ok()) {
+        request
+            .metadata_mut()
+            .insert(crate::grpc::service::CALLER_ID_HEADER, id);
+    }
+    request
+}
+
+fn describe(status: tonic::Status) -> RunError {
+    use tonic_types::StatusExt as _;
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(bad) = status.get_details_bad_request() {
+        for v in bad.field_violations {
+            text.push_str(&format!("\n  {}: {}", v.field, v.description));
+        }
+    }
+    if let Some(retry) = status.get_details_retry_info().and_then(|r| r.retry_delay) {
+        text.push_str(&format!("\n  retry in {retry:?}"));
+    }
+    RunError::Query(text)
+}
+
+/// The printable columns of a row, in a fixed order.
+fn cells(r: &pb::StatisticsRow) -> Vec<(&'static str, String)> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+    let num = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_default();
+    let time = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    };
+    let usage = pb::UsageType::try_from(r.usage_type)
+        .ok()
+        .filter(|u| *u != pb::UsageType::Unspecified);
+    let (cost, runtime) = (
+        r.cost_in_usd.unwrap_or_default(),
+        r.runtime_in_seconds.unwrap_or_default(),
+    );
+    vec![
+        ("start", time(&r.aggregation_start_time)),
+        ("end", time(&r.aggregation_end_time)),
+        ("queue_id", opt(&r.queue_id)),
+        ("fleet_id", opt(&r.fleet_id)),
+        ("job_id", opt(&r.job_id)),
+        ("job_name", opt(&r.job_name)),
+        ("user_id", opt(&r.user_id)),
+        (
+            "usage_type",
+            usage
+                .map(|u| u.as_str_name().trim_start_matches("USAGE_TYPE_").to_owned())
+                .unwrap_or_default(),
+        ),
+        ("instance_type", opt(&r.instance_type)),
+        ("license_product", opt(&r.license_product)),
+        ("count", r.count.to_string()),
+        ("cost_sum", num(cost.sum)),
+        ("cost_min", num(cost.min)),
+        ("cost_max", num(cost.max)),
+        ("cost_avg", num(cost.avg)),
+        ("runtime_sum", num(runtime.sum)),
+        ("runtime_min", num(runtime.min)),
+        ("runtime_max", num(runtime.max)),
+        ("runtime_avg", num(runtime.avg)),
+    ]
+}
+
+fn print(rows: &[pb::StatisticsRow], format: Format) -> std::io::Result<()> {
+    let table: Vec<Vec<(&str, String)>> = rows.iter().map(cells).collect();
+    let Some(first) = table.first() else {
+        return Ok(());
+    };
+    // Only the columns some row fills.
+    let keep: Vec<usize> = (0..first.len())
+        .filter(|&i| table.iter().any(|r| !r[i].1.is_empty()))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            for r in &table {
+                let obj: serde_json::Map<String, serde_json::Value> = keep
+                    .iter()
+                    .map(|&i| (r[i].0.to_owned(), r[i].1.clone().into()))
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Object(obj))?;
+            }
+        }
+        Format::Csv => {
+            writeln!(
+                out,
+                "{}",
+                keep.iter()
+                    .map(|&i| first[i].0)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )?;
+            for r in &table {
+                writeln!(
+                    out,
+                    "{}",
+                    keep.iter()
+                        .map(|&i| csv_field(&r[i].1))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )?;
+            }
+        }
+        Format::Table => {
+            let widths: Vec<usize> = keep
+                .iter()
+                .map(|&i| {
+                    table
+                        .iter()
+                        .map(|r| r[i].1.len())
+                        .max()
+                        .unwrap_or(0)
+                        .max(first[i].0.len())
+                })
+                .collect();
+            let line = |cols: Vec<&str>| {
+                cols.iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            };
+            writeln!(
+                out,
+                "{}",
+                line(keep.iter().map(|&i| first[i].0).collect()).trim_end()
+            )?;
+            for r in &table {
+                writeln!(
+                    out,
+                    "{}",
+                    line(keep.iter().map(|&i| r[i].1.as_str()).collect()).trim_end()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}

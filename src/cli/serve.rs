@@ -1,0 +1,256 @@
+//! `serve`: run the gateway against the real upstream (`--upstream aws`) or an in-process
+//! emulator reached through the real SDK over loopback HTTP (`--upstream emulator`).
+
+use super::{RunError, announce, parse_per_second, shutdown_signal};
+use crate::emulator::{EmulatorConfig, EmulatorHandle};
+use crate::gateway::backoff::BackoffPolicy;
+use crate::gateway::lifecycle::LifecycleConfig;
+use crate::gateway::throttle::Rate;
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::grpc::server;
+use crate::upstream::sdk::{CredentialSource, SdkUpstream, SdkUpstreamConfig};
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which upstream the gateway talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamKind {
+    /// AWS Deadline Cloud, with the standard credential chain, region and endpoint variables.
+    Aws,
+    /// The built-in emulator, started in-process on a loopback port.
+    Emulator,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "DSG_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// The upstream: aws or emulator.
+    #[arg(long, env = "DSG_UPSTREAM", value_enum)]
+    pub upstream: UpstreamKind,
+    /// Deadline Cloud endpoint URL (else AWS_ENDPOINT_URL_DEADLINE, AWS_ENDPOINT_URL, the default).
+    #[arg(long, env = "DSG_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    /// AWS region (else the standard region chain).
+    #[arg(long, env = "DSG_REGION")]
+    pub region: Option<String>,
+    /// Connect timeout of upstream calls.
+    #[arg(long, env = "DSG_UPSTREAM_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    /// Timeout of one upstream HTTP attempt.
+    #[arg(long, env = "DSG_UPSTREAM_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_attempt_timeout: Duration,
+    /// Timeout of one upstream call, retries included.
+    #[arg(long, env = "DSG_UPSTREAM_OPERATION_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_operation_timeout: Duration,
+    /// Attempts per upstream Get (Start is never retried by the SDK).
+    #[arg(long, env = "DSG_UPSTREAM_GET_MAX_ATTEMPTS", default_value_t = 3)]
+    pub upstream_get_max_attempts: u32,
+    /// Aggregations that may wait per farm behind the running one.
+    #[arg(long, env = "DSG_FARM_QUEUE_CAPACITY", default_value_t = 100)]
+    pub farm_queue_capacity: usize,
+    /// How long upstream results live after the Start call.
+    #[arg(long, env = "DSG_RESULT_VALIDITY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub result_validity: Duration,
+    /// Safety margin: cached results expire this much before the upstream's do.
+    #[arg(long, env = "DSG_VALIDITY_MARGIN", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub validity_margin: Duration,
+    /// How long FAILED / TIMED_OUT aggregations are kept before a new Start retries.
+    #[arg(long, env = "DSG_FAILED_RESULT_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub failed_result_ttl: Duration,
+    /// Memory budget of the results cache, in bytes.
+    #[arg(long, env = "DSG_CACHE_MAX_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub cache_max_bytes: u64,
+    /// First delay between status polls of a running aggregation.
+    #[arg(long, env = "DSG_POLL_INITIAL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub poll_initial_interval: Duration,
+    /// Longest delay between status polls.
+    #[arg(long, env = "DSG_POLL_MAX_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub poll_max_interval: Duration,
+    /// First delay before retrying a throttled or unavailable upstream Start.
+    #[arg(long, env = "DSG_START_RETRY_INITIAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub start_retry_initial: Duration,
+    /// Longest delay between Start retries.
+    #[arg(long, env = "DSG_START_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub start_retry_max: Duration,
+    /// How long a throttled or unavailable upstream Start is retried before the aggregation fails.
+    #[arg(long, env = "DSG_START_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub start_deadline: Duration,
+    /// StartAggregation calls per second per caller (0 = unlimited).
+    #[arg(long, env = "DSG_CALLER_START_RATE", default_value = "10", value_parser = parse_per_second)]
+    pub caller_start_rate: f64,
+    /// Burst of StartAggregation calls per caller.
+    #[arg(long, env = "DSG_CALLER_START_BURST", default_value_t = 20)]
+    pub caller_start_burst: u32,
+    /// GetAggregation calls per second per caller (0 = unlimited).
+    #[arg(long, env = "DSG_CALLER_GET_RATE", default_value = "100", value_parser = parse_per_second)]
+    pub caller_get_rate: f64,
+    /// Burst of GetAggregation calls per caller.
+    #[arg(long, env = "DSG_CALLER_GET_BURST", default_value_t = 200)]
+    pub caller_get_burst: u32,
+    /// Upstream Start calls per second, across all farms (0 = unpaced).
+    #[arg(long, env = "DSG_UPSTREAM_START_RATE", default_value = "5", value_parser = parse_per_second)]
+    pub upstream_start_rate: f64,
+    /// Upstream Get calls per second, across all farms (0 = unpaced).
+    #[arg(long, env = "DSG_UPSTREAM_GET_RATE", default_value = "25", value_parser = parse_per_second)]
+    pub upstream_get_rate: f64,
+    /// The longest long-poll a Get may ask for.
+    #[arg(long, env = "DSG_MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// With --upstream emulator: how long each aggregation stays IN_PROGRESS.
+    #[arg(long, env = "DSG_EMULATOR_AGGREGATION_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub emulator_aggregation_duration: Duration,
+    /// With --upstream emulator: the largest result before an aggregation ends FAILED.
+    #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = 100_000)]
+    pub emulator_max_rows: u64,
+}
+
+impl ServeArgs {
+    /// The gateway core's settings, checked.
+    pub fn gateway_config(&self) -> Result<GatewayConfig, RunError> {
+        if self.farm_queue_capacity == 0 {
+            return Err(RunError::Config(
+                "--farm-queue-capacity must be at least 1".into(),
+            ));
+        }
+        if self.validity_margin >= self.result_validity {
+            return Err(RunError::Config(
+                "--validity-margin must be shorter than --result-validity".into(),
+            ));
+        }
+        if self.poll_initial_interval.is_zero()
+            || self.poll_initial_interval > self.poll_max_interval
+        {
+            return Err(RunError::Config(
+                "--poll-initial-interval must be positive and at most --poll-max-interval".into(),
+            ));
+        }
+        if self.start_retry_initial.is_zero() || self.start_retry_initial > self.start_retry_max {
+            return Err(RunError::Config(
+                "--start-retry-initial must be positive and at most --start-retry-max".into(),
+            ));
+        }
+        let defaults = GatewayConfig::default();
+        Ok(GatewayConfig {
+            farm_queue_capacity: self.farm_queue_capacity,
+            cache_max_bytes: self.cache_max_bytes,
+            lifecycle: LifecycleConfig {
+                result_validity: self.result_validity,
+                validity_margin: self.validity_margin,
+                failed_ttl: self.failed_result_ttl,
+                poll: BackoffPolicy {
+                    initial: self.poll_initial_interval,
+                    max: self.poll_max_interval,
+                    multiplier: 1.5,
+                },
+                start_retry: BackoffPolicy {
+                    initial: self.start_retry_initial,
+                    max: self.start_retry_max,
+                    multiplier: 2.0,
+                },
+                start_deadline: self.start_deadline,
+                ..defaults.lifecycle
+            },
+            caller_start: Rate {
+                per_second: self.caller_start_rate,
+                burst: self.caller_start_burst,
+            },
+            caller_get: Rate {
+                per_second: self.caller_get_rate,
+                burst: self.caller_get_burst,
+            },
+            upstream_start: Rate {
+                per_second: self.upstream_start_rate,
+                burst: 1,
+            },
+            upstream_get: Rate {
+                per_second: self.upstream_get_rate,
+                burst: rate_burst(self.upstream_get_rate),
+            },
+            max_wait: self.max_wait,
+            ..defaults
+        })
+    }
+
+    fn upstream_config(
+        &self,
+        endpoint_url: Option<String>,
+        credentials: CredentialSource,
+    ) -> SdkUpstreamConfig {
+        SdkUpstreamConfig {
+            endpoint_url,
+            region: self.region.clone(),
+            credentials,
+            connect_timeout: self.upstream_connect_timeout,
+            attempt_timeout: self.upstream_attempt_timeout,
+            operation_timeout: self.upstream_operation_timeout,
+            get_max_attempts: self.upstream_get_max_attempts,
+        }
+    }
+}
+
+/// A pacer's burst: one second's worth of calls, at least one.
+fn rate_burst(per_second: f64) -> u32 {
+    (per_second.ceil() as u32).max(1)
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), RunError> {
+    let config = args.gateway_config()?;
+    let (sdk_config, emulator) = match args.upstream {
+        UpstreamKind::Aws => (
+            args.upstream_config(args.endpoint_url.clone(), CredentialSource::Chain),
+            None,
+        ),
+        UpstreamKind::Emulator => {
+            let emulator_config = EmulatorConfig {
+                aggregation_duration: args.emulator_aggregation_duration,
+                result_validity: args.result_validity,
+                max_rows: args.emulator_max_rows,
+                ..EmulatorConfig::default()
+            };
+            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+            let handle = EmulatorHandle::spawn(emulator_config, loopback)
+                .await
+                .map_err(|source| RunError::Listen {
+                    addr: loopback,
+                    source,
+                })?;
+            tracing::info!(endpoint = %handle.endpoint_url(), "emulator upstream started");
+            let mut sdk = args.upstream_config(
+                Some(handle.endpoint_url()),
+                CredentialSource::Static {
+                    access_key_id: "emulator".into(),
+                    secret_access_key: "emulator".into(),
+                },
+            );
+            sdk.region = Some(args.region.clone().unwrap_or_else(|| "us-west-2".into()));
+            (sdk, Some(handle))
+        }
+    };
+    let upstream = SdkUpstream::connect(&sdk_config)
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let gateway = Arc::new(Gateway::new(config, Arc::new(upstream)));
+    let listener = server::bind(args.listen).await?;
+    let addr = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: args.listen,
+        source,
+    })?;
+    announce(&format!("http://{addr}"));
+    tracing::info!(%addr, upstream = ?args.upstream, "gateway serving");
+    let stop = gateway.clone();
+    server::serve(listener, gateway, async move {
+        if let Err(e) = shutdown_signal().await {
+            tracing::error!(error = %e, "cannot wait for shutdown signals; stopping");
+        }
+        stop.shutdown();
+    })
+    .await?;
+    if let Some(emulator) = emulator {
+        emulator.shutdown().await;
+    }
+    Ok(())
+}

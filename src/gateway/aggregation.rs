@@ -1,0 +1,168 @@
+//! One aggregation as the gateway tracks it: identity, the request it stands for, and a
+//! watched snapshot of its lifecycle (QUEUED → RUNNING → COMPLETED / FAILED / TIMED_OUT).
+//!
+//! Every caller of the same aggregation shares one `Arc<Aggregation>`; the farm worker is the
+//! only writer of its snapshot. Long-polls wait on the watch channel.
+
+use super::key::CanonicalKey;
+use crate::domain::StatisticsRow;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+/// The gateway's aggregation id: `agg-` and 32 random hex digits (128 bits), unguessable.
+pub type AggregationId = Arc<str>;
+
+/// Where an aggregation is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    TimedOut,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::TimedOut)
+    }
+}
+
+/// The canonical code of a failure, in gRPC's vocabulary but free of any transport type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    DeadlineExceeded,
+    Unavailable,
+    Internal,
+}
+
+/// Why an aggregation ended FAILED or TIMED_OUT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: FailureCode,
+    pub message: String,
+}
+
+/// The results of a completed aggregation, shared by every reader.
+pub type Rows = Arc<[StatisticsRow]>;
+
+/// What an aggregation looks like at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub state: State,
+    /// While QUEUED: how many aggregations run on the farm before this one.
+    pub queue_position: u32,
+    pub upstream_id: Option<String>,
+    pub status_message: String,
+    pub error: Option<Failure>,
+    /// Set when COMPLETED.
+    pub rows: Option<Rows>,
+    /// When the results stop being served: wall-clock for callers, monotonic for the cache.
+    pub expire_time: Option<SystemTime>,
+    pub expire_at: Option<Instant>,
+}
+
+impl Snapshot {
+    fn queued(position: u32) -> Self {
+        Self {
+            state: State::Queued,
+            queue_position: position,
+            upstream_id: None,
+            status_message: String::new(),
+            error: None,
+            rows: None,
+            expire_time: None,
+            expire_at: None,
+        }
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.rows.as_ref().map_or(0, |r| r.len())
+    }
+
+    /// Whether the results are past their validity at `now`.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expire_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// One aggregation, shared by every caller that started or joined it.
+#[derive(Debug)]
+pub struct Aggregation {
+    pub id: AggregationId,
+    pub key: CanonicalKey,
+    pub create_time: SystemTime,
+    snapshot: watch::Sender<Snapshot>,
+}
+
+impl Aggregation {
+    /// A new QUEUED aggregation with a fresh random id.
+    pub fn new(key: CanonicalKey) -> Self {
+        let bytes: [u8; 16] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            id: format!("agg-{hex}").into(),
+            key,
+            create_time: SystemTime::now(),
+            snapshot: watch::Sender::new(Snapshot::queued(0)),
+        }
+    }
+
+    pub fn farm_id(&self) -> &str {
+        self.key.farm_id()
+    }
+
+    /// A copy of the current snapshot (the rows are shared, not copied).
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Reads the current snapshot without copying it.
+    pub fn with_snapshot<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {
+        f(&self.snapshot.borrow())
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.snapshot.send_modify(f);
+    }
+
+    /// Waits until the aggregation is terminal or `limit` has passed, then returns a snapshot.
+    pub async fn wait_terminal(&self, limit: Duration) -> Snapshot {
+        let mut rx = self.snapshot.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.state.is_terminal())).await;
+        self.snapshot()
+    }
+
+    /// Approximate bytes held by the results, for the cache's memory budget.
+    pub fn weight(&self) -> usize {
+        self.with_snapshot(|s| {
+            s.rows
+                .as_deref()
+                .map_or(0, |rows| rows.iter().map(row_bytes).sum())
+        })
+    }
+}
+
+fn row_bytes(r: &StatisticsRow) -> usize {
+    let strings = [
+        &r.queue_id,
+        &r.fleet_id,
+        &r.job_id,
+        &r.job_name,
+        &r.user_id,
+        &r.license_product,
+        &r.instance_type,
+    ];
+    std::mem::size_of::<StatisticsRow>()
+        + strings
+            .iter()
+            .map(|s| s.as_ref().map_or(0, String::capacity))
+            .sum::<usize>()
+}

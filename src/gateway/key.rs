@@ -1,0 +1,112 @@
+//! The canonical form of a request: what makes two requests "the same aggregation".
+//!
+//! Order and repeats in the id lists, `group_by` and `statistics` do not matter; times count to
+//! the millisecond (what the upstream sees). An omitted period or timezone stays omitted: the
+//! upstream's defaults are its own business, so an explicit default is a different key.
+
+use crate::domain::{AggregationRequest, Resources};
+use chrono::{DateTime, SubsecRound, Utc};
+use std::sync::Arc;
+
+/// The coalescing key: the canonical request itself, cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CanonicalKey(Arc<AggregationRequest>);
+
+impl CanonicalKey {
+    /// Canonicalises a validated request.
+    pub fn new(request: &AggregationRequest) -> Self {
+        let resources = match &request.resources {
+            Resources::Queues(ids) => Resources::Queues(sorted(ids)),
+            Resources::Fleets(ids) => Resources::Fleets(sorted(ids)),
+        };
+        Self(Arc::new(AggregationRequest {
+            farm_id: request.farm_id.clone(),
+            resources,
+            start_time: millis(request.start_time),
+            end_time: millis(request.end_time),
+            timezone: request.timezone,
+            period: request.period,
+            group_by: sorted(&request.group_by),
+            statistics: sorted(&request.statistics),
+        }))
+    }
+
+    /// The request to send upstream.
+    pub fn request(&self) -> &AggregationRequest {
+        &self.0
+    }
+
+    pub fn farm_id(&self) -> &str {
+        &self.0.farm_id
+    }
+}
+
+fn sorted<T: Ord + Clone>(list: &[T]) -> Vec<T> {
+    let mut v = list.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{GroupBy, Period, Statistic, ids::format_id};
+    use chrono::TimeZone;
+
+    fn request() -> AggregationRequest {
+        let start = Utc
+            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+            .single()
+            .expect("start");
+        AggregationRequest {
+            farm_id: format_id("farm-", 1, 1),
+            resources: Resources::Queues(vec![
+                format_id("queue-", 0, 2),
+                format_id("queue-", 0, 1),
+            ]),
+            start_time: start,
+            end_time: start + chrono::Duration::days(1),
+            timezone: None,
+            period: None,
+            group_by: vec![GroupBy::UserId, GroupBy::QueueId],
+            statistics: vec![Statistic::Max, Statistic::Sum],
+        }
+    }
+
+    #[test]
+    fn order_and_repeats_do_not_matter() {
+        let a = request();
+        let mut b = request();
+        if let Resources::Queues(ids) = &mut b.resources {
+            ids.reverse();
+            ids.push(ids[0].clone());
+        }
+        b.group_by.reverse();
+        b.statistics = vec![Statistic::Sum, Statistic::Max, Statistic::Sum];
+        b.start_time += chrono::Duration::microseconds(300);
+        assert_eq!(CanonicalKey::new(&a), CanonicalKey::new(&b));
+    }
+
+    #[test]
+    fn anything_else_makes_a_different_key() {
+        let base = CanonicalKey::new(&request());
+        let mut other = request();
+        other.period = Some(Period::Daily);
+        assert_ne!(
+            base,
+            CanonicalKey::new(&other),
+            "an explicit default is not the omitted one"
+        );
+        let mut other = request();
+        other.resources = Resources::Fleets(vec![format_id("fleet-", 0, 1)]);
+        assert_ne!(base, CanonicalKey::new(&other));
+        let mut other = request();
+        other.end_time += chrono::Duration::milliseconds(1);
+        assert_ne!(base, CanonicalKey::new(&other));
+    }
+}

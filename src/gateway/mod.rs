@@ -1,0 +1,305 @@
+//! The gateway's core, free of any transport: coalescing on a canonical key, the per-farm
+//! queues, the results cache, caller throttling and long-polls.
+//!
+//! - [`key`]: what makes two requests the same aggregation.
+//! - [`aggregation`]: one aggregation and its watched lifecycle snapshot.
+//! - [`store`]: the coordination state (who answers a key, what an id names, cached results).
+//! - [`scheduler`]: per-farm FIFO queues, one upstream aggregation at a time per farm.
+//! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
+//! - [`throttle`]: token buckets for callers and for our own upstream traffic.
+//! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
+//!
+//! A Start validates nothing itself (the transport hands it a validated request), takes a
+//! caller token, and either joins, reuses or queues; it never waits on the upstream.
+
+pub mod aggregation;
+pub mod backoff;
+pub mod error;
+pub mod key;
+pub mod lifecycle;
+pub mod paging;
+pub mod scheduler;
+pub mod store;
+pub mod throttle;
+
+pub use aggregation::{Aggregation, AggregationId, Failure, FailureCode, Rows, Snapshot, State};
+pub use error::GatewayError;
+pub use store::Disposition;
+
+use crate::domain::AggregationRequest;
+use crate::upstream::Upstream;
+use backoff::BackoffPolicy;
+use key::CanonicalKey;
+use lifecycle::{LifecycleConfig, UpstreamRunner};
+use scheduler::{FarmLoad, FarmScheduler};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use store::{CoordinationStore, Found, MemoryStore, StoreStats};
+use throttle::{CallerBuckets, Pacer, Rate};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Everything the gateway core can be tuned by.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Aggregations that may wait per farm behind the running one.
+    pub farm_queue_capacity: usize,
+    /// Memory budget of the results cache, in bytes.
+    pub cache_max_bytes: u64,
+    pub lifecycle: LifecycleConfig,
+    pub caller_start: Rate,
+    pub caller_get: Rate,
+    pub upstream_start: Rate,
+    pub upstream_get: Rate,
+    /// The longest long-poll.
+    pub max_wait: Duration,
+    /// How often expired entries and idle caller buckets are dropped.
+    pub housekeeping_interval: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            farm_queue_capacity: 100,
+            cache_max_bytes: 512 * 1024 * 1024,
+            lifecycle: LifecycleConfig {
+                result_validity: Duration::from_secs(3600),
+                validity_margin: Duration::from_secs(30),
+                failed_ttl: Duration::from_secs(60),
+                poll: BackoffPolicy {
+                    initial: Duration::from_millis(500),
+                    max: Duration::from_secs(10),
+                    multiplier: 1.5,
+                },
+                start_retry: BackoffPolicy {
+                    initial: Duration::from_secs(1),
+                    max: Duration::from_secs(30),
+                    multiplier: 2.0,
+                },
+                start_deadline: Duration::from_secs(600),
+                page_retries: 3,
+            },
+            caller_start: Rate {
+                per_second: 10.0,
+                burst: 20,
+            },
+            caller_get: Rate {
+                per_second: 100.0,
+                burst: 200,
+            },
+            upstream_start: Rate {
+                per_second: 5.0,
+                burst: 5,
+            },
+            upstream_get: Rate {
+                per_second: 25.0,
+                burst: 25,
+            },
+            max_wait: Duration::from_secs(60),
+            housekeeping_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One page of an aggregation, as Get answers it.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub aggregation: Arc<Aggregation>,
+    pub snapshot: Snapshot,
+    /// The rows of this page: a range of the shared results.
+    pub rows: Option<(Rows, Range<usize>)>,
+    pub next_page_token: Option<String>,
+}
+
+/// What the gateway holds right now, for metrics and tests.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayStats {
+    pub store: StoreStats,
+    pub farms: HashMap<String, FarmLoad>,
+    pub start_callers: usize,
+    pub get_callers: usize,
+}
+
+/// The gateway core. Dropping it stops its background work.
+pub struct Gateway {
+    store: Arc<dyn CoordinationStore>,
+    scheduler: FarmScheduler,
+    start_buckets: Arc<Option<CallerBuckets>>,
+    get_buckets: Arc<Option<CallerBuckets>>,
+    max_wait: Duration,
+    cancel: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl Gateway {
+    /// Builds the gateway over `upstream` and starts its housekeeping; needs a Tokio runtime.
+    pub fn new(config: GatewayConfig, upstream: Arc<dyn Upstream>) -> Self {
+        let store: Arc<dyn CoordinationStore> = Arc::new(MemoryStore::new(config.cache_max_bytes));
+        let cancel = CancellationToken::new();
+        let runner = Arc::new(UpstreamRunner {
+            upstream,
+            store: store.clone(),
+            start_pacer: Pacer::new(config.upstream_start),
+            get_pacer: Pacer::new(config.upstream_get),
+            config: config.lifecycle.clone(),
+        });
+        let scheduler = FarmScheduler::new(config.farm_queue_capacity, runner, cancel.clone());
+        let gateway = Self {
+            store,
+            scheduler,
+            start_buckets: Arc::new(CallerBuckets::new(config.caller_start)),
+            get_buckets: Arc::new(CallerBuckets::new(config.caller_get)),
+            max_wait: config.max_wait,
+            _stop_on_drop: cancel.clone().drop_guard(),
+            cancel,
+        };
+        tokio::spawn(housekeeping(
+            gateway.store.clone(),
+            [gateway.start_buckets.clone(), gateway.get_buckets.clone()],
+            config.housekeeping_interval,
+            gateway.cancel.clone(),
+        ));
+        gateway
+    }
+
+    /// Starts, joins or reuses the aggregation for `request`.
+    pub fn start(
+        &self,
+        caller: &str,
+        request: &AggregationRequest,
+    ) -> Result<(Arc<Aggregation>, Disposition), GatewayError> {
+        if self.cancel.is_cancelled() {
+            return Err(GatewayError::ShuttingDown);
+        }
+        take_token(&self.start_buckets, caller, "StartAggregation")?;
+        let key = CanonicalKey::new(request);
+        self.store.find_or_insert(&key, &mut || {
+            let aggregation = Arc::new(Aggregation::new(key.clone()));
+            self.scheduler.enqueue(aggregation.clone())?;
+            Ok(aggregation)
+        })
+    }
+
+    /// Reads an aggregation and one page of its rows, waiting up to `wait` (capped by the
+    /// configured maximum) for it to become terminal.
+    pub async fn get(
+        &self,
+        caller: &str,
+        id: &str,
+        page_size: i32,
+        page_token: &str,
+        wait: Duration,
+    ) -> Result<Page, GatewayError> {
+        take_token(&self.get_buckets, caller, "GetAggregation")?;
+        let size = paging::page_size(page_size)?;
+        let aggregation = match self.store.get(id) {
+            Found::Live(a) => a,
+            Found::Expired(at) => {
+                return Err(GatewayError::Expired {
+                    id: id.to_owned(),
+                    at,
+                });
+            }
+            Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
+            Found::Unknown => return Err(GatewayError::NotFound { id: id.to_owned() }),
+        };
+        let offset = if page_token.is_empty() {
+            0
+        } else {
+            paging::decode(page_token, &aggregation.id)?
+        };
+        let snapshot = if wait.is_zero() {
+            aggregation.snapshot()
+        } else {
+            tokio::select! {
+                s = aggregation.wait_terminal(wait.min(self.max_wait)) => s,
+                () = self.cancel.cancelled() => aggregation.snapshot(),
+            }
+        };
+        if snapshot.is_expired(Instant::now()) && snapshot.state == State::Completed {
+            let at = snapshot
+                .expire_time
+                .unwrap_or_else(std::time::SystemTime::now);
+            return Err(GatewayError::Expired {
+                id: id.to_owned(),
+                at,
+            });
+        }
+        let (rows, next_page_token) = match &snapshot.rows {
+            Some(all) => {
+                if offset > all.len() {
+                    return Err(paging::past_the_end());
+                }
+                let end = all.len().min(offset + size);
+                let next = (end < all.len()).then(|| paging::encode(&aggregation.id, end));
+                (Some((all.clone(), offset..end)), next)
+            }
+            None => (None, None),
+        };
+        Ok(Page {
+            aggregation,
+            snapshot,
+            rows,
+            next_page_token,
+        })
+    }
+
+    /// Stops queue workers and housekeeping, and makes long-polls return at once.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            store: self.store.stats(),
+            farms: self.scheduler.load(),
+            start_callers: self
+                .start_buckets
+                .as_ref()
+                .as_ref()
+                .map_or(0, CallerBuckets::len),
+            get_callers: self
+                .get_buckets
+                .as_ref()
+                .as_ref()
+                .map_or(0, CallerBuckets::len),
+        }
+    }
+}
+
+fn take_token(
+    buckets: &Option<CallerBuckets>,
+    caller: &str,
+    operation: &'static str,
+) -> Result<(), GatewayError> {
+    match buckets {
+        Some(b) => b
+            .check(caller)
+            .map_err(|retry_after| GatewayError::RateLimited {
+                operation,
+                retry_after,
+            }),
+        None => Ok(()),
+    }
+}
+
+async fn housekeeping(
+    store: Arc<dyn CoordinationStore>,
+    buckets: [Arc<Option<CallerBuckets>>; 2],
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        store.housekeeping();
+        for b in buckets.iter().filter_map(|b| b.as_ref().as_ref()) {
+            b.housekeeping();
+        }
+    }
+}

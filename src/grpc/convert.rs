@@ -1,0 +1,330 @@
+//! Proto ⇄ domain: requests into validated domain requests (every bad field reported with its
+//! proto path), aggregations and rows into proto messages.
+
+use super::pb;
+use crate::domain::validate::{Field, FieldViolation, RequestDraft};
+use crate::domain::{
+    AggregationRequest, GroupBy, Period, Statistic, StatisticsRow, Stats, UsageType,
+};
+use crate::gateway::{
+    Aggregation, Disposition, Failure, FailureCode, GatewayError, Snapshot, State,
+};
+use chrono::{DateTime, Utc};
+use std::time::SystemTime;
+
+/// The proto path of a request field, with `[i]` for a list element.
+pub fn field_name(field: Field, index: Option<usize>) -> String {
+    let name = match field {
+        Field::FarmId => "farm_id",
+        Field::ResourceIds => "resources",
+        Field::QueueIds => "queue_ids.ids",
+        Field::FleetIds => "fleet_ids.ids",
+        Field::StartTime => "start_time",
+        Field::EndTime => "end_time",
+        Field::Timezone => "timezone",
+        Field::Period => "period",
+        Field::GroupBy => "group_by",
+        Field::Statistics => "statistics",
+        Field::AggregationId => "aggregation_id",
+        Field::MaxResults => "page_size",
+        Field::NextToken => "page_token",
+        Field::Wait => "wait",
+    };
+    match index {
+        Some(i) => format!("{name}[{i}]"),
+        None => name.to_owned(),
+    }
+}
+
+/// Decodes and validates a StartAggregation request.
+pub fn start_request(req: pb::StartAggregationRequest) -> Result<AggregationRequest, GatewayError> {
+    let mut draft = RequestDraft {
+        farm_id: req.farm_id,
+        timezone: Some(req.timezone).filter(|tz| !tz.is_empty()),
+        ..RequestDraft::default()
+    };
+    match req.resources {
+        Some(pb::start_aggregation_request::Resources::QueueIds(r)) => {
+            draft.queue_ids = Some(r.ids)
+        }
+        Some(pb::start_aggregation_request::Resources::FleetIds(r)) => {
+            draft.fleet_ids = Some(r.ids)
+        }
+        None => {}
+    }
+    draft.start_time = req
+        .start_time
+        .and_then(|t| time(&t, Field::StartTime, &mut draft.violations));
+    draft.end_time = req
+        .end_time
+        .and_then(|t| time(&t, Field::EndTime, &mut draft.violations));
+    draft.period = match pb::Period::try_from(req.period) {
+        Ok(pb::Period::Unspecified) => None,
+        Ok(p) => period(p),
+        Err(_) => {
+            draft.violations.push(FieldViolation::new(
+                Field::Period,
+                format!("{} is not a Period", req.period),
+            ));
+            None
+        }
+    };
+    for (i, g) in req.group_by.iter().enumerate() {
+        match pb::GroupBy::try_from(*g).ok().and_then(group_by) {
+            Some(g) => draft.group_by.push(g),
+            None => draft.violations.push(FieldViolation::at(
+                Field::GroupBy,
+                i,
+                format!("{g} is not a GroupBy value"),
+            )),
+        }
+    }
+    for (i, s) in req.statistics.iter().enumerate() {
+        match pb::Statistic::try_from(*s).ok().and_then(statistic) {
+            Some(s) => draft.statistics.push(s),
+            None => draft.violations.push(FieldViolation::at(
+                Field::Statistics,
+                i,
+                format!("{s} is not a Statistic value"),
+            )),
+        }
+    }
+    draft.validate().map_err(GatewayError::Invalid)
+}
+
+fn time(
+    t: &prost_types::Timestamp,
+    field: Field,
+    v: &mut Vec<FieldViolation>,
+) -> Option<DateTime<Utc>> {
+    let parsed = u32::try_from(t.nanos)
+        .ok()
+        .and_then(|n| DateTime::from_timestamp(t.seconds, n));
+    if parsed.is_none() {
+        v.push(FieldViolation::new(field, "is not a valid timestamp"));
+    }
+    parsed
+}
+
+fn period(p: pb::Period) -> Option<Period> {
+    Some(match p {
+        pb::Period::Unspecified => return None,
+        pb::Period::Hourly => Period::Hourly,
+        pb::Period::Daily => Period::Daily,
+        pb::Period::Weekly => Period::Weekly,
+        pb::Period::Monthly => Period::Monthly,
+    })
+}
+
+fn group_by(g: pb::GroupBy) -> Option<GroupBy> {
+    Some(match g {
+        pb::GroupBy::Unspecified => return None,
+        pb::GroupBy::QueueId => GroupBy::QueueId,
+        pb::GroupBy::FleetId => GroupBy::FleetId,
+        pb::GroupBy::JobId => GroupBy::JobId,
+        pb::GroupBy::UserId => GroupBy::UserId,
+        pb::GroupBy::UsageType => GroupBy::UsageType,
+        pb::GroupBy::InstanceType => GroupBy::InstanceType,
+        pb::GroupBy::LicenseProduct => GroupBy::LicenseProduct,
+    })
+}
+
+fn statistic(s: pb::Statistic) -> Option<Statistic> {
+    Some(match s {
+        pb::Statistic::Unspecified => return None,
+        pb::Statistic::Sum => Statistic::Sum,
+        pb::Statistic::Min => Statistic::Min,
+        pb::Statistic::Max => Statistic::Max,
+        pb::Statistic::Avg => Statistic::Avg,
+    })
+}
+
+pub fn disposition(d: Disposition) -> pb::Disposition {
+    match d {
+        Disposition::Started => pb::Disposition::Started,
+        Disposition::Joined => pb::Disposition::Joined,
+        Disposition::Cached => pb::Disposition::Cached,
+    }
+}
+
+/// The proto view of an aggregation at one snapshot.
+pub fn aggregation(agg: &Aggregation, s: &Snapshot) -> pb::Aggregation {
+    pb::Aggregation {
+        aggregation_id: agg.id.to_string(),
+        farm_id: agg.farm_id().to_owned(),
+        state: state(s.state) as i32,
+        queue_position: if s.state == State::Queued {
+            s.queue_position
+        } else {
+            0
+        },
+        create_time: Some(agg.create_time.into()),
+        expire_time: s.expire_time.map(prost_types::Timestamp::from),
+        status_message: s.status_message.clone(),
+        error: s.error.as_ref().map(status),
+        row_count: s.row_count() as u64,
+    }
+}
+
+fn state(s: State) -> pb::AggregationState {
+    match s {
+        State::Queued => pb::AggregationState::Queued,
+        State::Running => pb::AggregationState::Running,
+        State::Completed => pb::AggregationState::Completed,
+        State::Failed => pb::AggregationState::Failed,
+        State::TimedOut => pb::AggregationState::TimedOut,
+    }
+}
+
+fn status(f: &Failure) -> tonic_types::pb::Status {
+    tonic_types::pb::Status {
+        code: code(f.code) as i32,
+        message: f.message.clone(),
+        details: vec![],
+    }
+}
+
+/// The gRPC code of a failure.
+pub fn code(c: FailureCode) -> tonic::Code {
+    match c {
+        FailureCode::InvalidArgument => tonic::Code::InvalidArgument,
+        FailureCode::NotFound => tonic::Code::NotFound,
+        FailureCode::PermissionDenied => tonic::Code::PermissionDenied,
+        FailureCode::ResourceExhausted => tonic::Code::ResourceExhausted,
+        FailureCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        FailureCode::Aborted => tonic::Code::Aborted,
+        FailureCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        FailureCode::Unavailable => tonic::Code::Unavailable,
+        FailureCode::Internal => tonic::Code::Internal,
+    }
+}
+
+/// The proto form of one row.
+pub fn row(r: &StatisticsRow) -> pb::StatisticsRow {
+    pb::StatisticsRow {
+        queue_id: r.queue_id.clone(),
+        fleet_id: r.fleet_id.clone(),
+        job_id: r.job_id.clone(),
+        job_name: r.job_name.clone(),
+        user_id: r.user_id.clone(),
+        license_product: r.license_product.clone(),
+        instance_type: r.instance_type.clone(),
+        usage_type: r.usage_type.map_or(pb::UsageType::Unspecified, usage_type) as i32,
+        count: r.count,
+        cost_in_usd: Some(stats(&r.cost_in_usd)),
+        runtime_in_seconds: Some(stats(&r.runtime_in_seconds)),
+        aggregation_start_time: r.aggregation_start_time.map(timestamp),
+        aggregation_end_time: r.aggregation_end_time.map(timestamp),
+    }
+}
+
+fn usage_type(u: UsageType) -> pb::UsageType {
+    match u {
+        UsageType::Compute => pb::UsageType::Compute,
+        UsageType::License => pb::UsageType::License,
+        UsageType::PersistentVolume => pb::UsageType::PersistentVolume,
+    }
+}
+
+fn stats(s: &Stats) -> pb::Stats {
+    pb::Stats {
+        min: s.min,
+        max: s.max,
+        avg: s.avg,
+        sum: s.sum,
+    }
+}
+
+/// A chrono time as a protobuf timestamp.
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::from(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> pb::StartAggregationRequest {
+        pb::StartAggregationRequest {
+            farm_id: format!("farm-{}", "a".repeat(32)),
+            resources: Some(pb::start_aggregation_request::Resources::QueueIds(
+                pb::ResourceIds {
+                    ids: vec![format!("queue-{}", "b".repeat(32))],
+                },
+            )),
+            start_time: Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: 1_767_312_000,
+                nanos: 0,
+            }),
+            timezone: String::new(),
+            period: pb::Period::Hourly as i32,
+            group_by: vec![pb::GroupBy::QueueId as i32],
+            statistics: vec![pb::Statistic::Sum as i32],
+        }
+    }
+
+    fn violations(req: pb::StartAggregationRequest) -> Vec<String> {
+        match start_request(req) {
+            Err(GatewayError::Invalid(v)) => v
+                .into_iter()
+                .map(|f| field_name(f.field, f.index))
+                .collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_request_converts() {
+        let r = start_request(good()).expect("valid");
+        assert_eq!((r.period, r.timezone), (Some(Period::Hourly), None));
+    }
+
+    #[test]
+    fn every_bad_field_is_named_by_its_proto_path() {
+        let mut req = good();
+        req.resources = Some(pb::start_aggregation_request::Resources::QueueIds(
+            pb::ResourceIds {
+                ids: vec![
+                    format!("queue-{}", "b".repeat(32)),
+                    "q".into(),
+                    "r".into(),
+                    "queue-x".into(),
+                ],
+            },
+        ));
+        req.group_by = vec![pb::GroupBy::QueueId as i32, 0, 99];
+        req.statistics = vec![];
+        req.period = 42;
+        req.start_time = Some(prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        });
+        req.timezone = "UTC+8".into();
+        assert_eq!(
+            violations(req),
+            vec![
+                "start_time",
+                "period",
+                "group_by[1]",
+                "group_by[2]",
+                "queue_ids.ids[1]",
+                "queue_ids.ids[2]",
+                "queue_ids.ids[3]",
+                "timezone",
+                "statistics"
+            ]
+        );
+    }
+
+    #[test]
+    fn resources_are_required() {
+        let mut req = good();
+        req.resources = None;
+        req.farm_id = String::new();
+        assert_eq!(violations(req), vec!["farm_id", "resources"]);
+    }
+}

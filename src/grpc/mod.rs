@@ -1,0 +1,17 @@
+//! The gRPC transport: generated types, proto ⇄ domain conversion, the one error mapping, the
+//! tonic service and the server with health and reflection.
+
+pub mod convert;
+pub mod server;
+pub mod service;
+pub mod status;
+
+/// Code generated from `proto/deadline/stats/v1/aggregation.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("deadline.stats.v1");
+
+    /// The encoded descriptor set of our protos, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("aggregation_descriptor");
+}

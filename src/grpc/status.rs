@@ -1,0 +1,83 @@
+//! The one mapping from the gateway's refusals to gRPC statuses with rich details
+//! (`google.rpc.BadRequest`, `RetryInfo`, `ErrorInfo`).
+
+use super::convert::field_name;
+use crate::gateway::GatewayError;
+use std::collections::HashMap;
+use std::time::Duration;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// The `ErrorInfo.domain` of every error this service raises.
+pub const ERROR_DOMAIN: &str = "deadline-stats-gateway";
+/// What a full farm queue tells callers to wait.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(5);
+
+impl From<GatewayError> for Status {
+    fn from(err: GatewayError) -> Status {
+        let message = err.to_string();
+        let mut details = ErrorDetails::new();
+        let code = match err {
+            GatewayError::Invalid(violations) => {
+                let v: Vec<FieldViolation> = violations
+                    .into_iter()
+                    .map(|f| FieldViolation::new(field_name(f.field, f.index), f.description))
+                    .collect();
+                details.set_bad_request(v);
+                Code::InvalidArgument
+            }
+            GatewayError::NotFound { id } => {
+                details.set_error_info(
+                    "AGGREGATION_NOT_FOUND",
+                    ERROR_DOMAIN,
+                    meta([("aggregation_id", id)]),
+                );
+                Code::NotFound
+            }
+            GatewayError::Expired { id, at } => {
+                let at = chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339();
+                details.set_error_info(
+                    "AGGREGATION_EXPIRED",
+                    ERROR_DOMAIN,
+                    meta([("aggregation_id", id), ("expire_time", at)]),
+                );
+                Code::NotFound
+            }
+            GatewayError::Evicted { id } => {
+                details.set_error_info(
+                    "AGGREGATION_EVICTED",
+                    ERROR_DOMAIN,
+                    meta([("aggregation_id", id)]),
+                );
+                Code::NotFound
+            }
+            GatewayError::QueueFull { farm_id, capacity } => {
+                details.set_retry_info(Some(QUEUE_FULL_RETRY));
+                details.set_error_info(
+                    "FARM_QUEUE_FULL",
+                    ERROR_DOMAIN,
+                    meta([("farm_id", farm_id), ("capacity", capacity.to_string())]),
+                );
+                Code::ResourceExhausted
+            }
+            GatewayError::RateLimited {
+                operation,
+                retry_after,
+            } => {
+                details.set_retry_info(Some(retry_after));
+                details.set_error_info(
+                    "RATE_LIMITED",
+                    ERROR_DOMAIN,
+                    meta([("method", operation.to_owned())]),
+                );
+                Code::ResourceExhausted
+            }
+            GatewayError::ShuttingDown => Code::Unavailable,
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+fn meta<const N: usize>(pairs: [(&str, String); N]) -> HashMap<String, String> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
