@@ -1,0 +1,167 @@
+//! The binary end to end: `serve --upstream emulator` on a loopback port, then `query` against
+//! it, as a user would run them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_deadline-stats-gateway");
+
+/// Kills the process if the test fails before stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn first_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the server announces its address")
+}
+
+#[test]
+fn serve_with_the_emulator_then_query_prints_every_row() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--upstream",
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--emulator-aggregation-duration",
+            "300ms",
+            "--poll-initial-interval",
+            "50ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let line = first_line(&mut child);
+    let server = Running(child);
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+
+    let farm = format!("farm-{}", "1".repeat(32));
+    let queue = format!("queue-{}", "2".repeat(32));
+    let query = |format: &str| {
+        Command::new(BIN)
+            .args([
+                "query",
+                "--gateway",
+                &url,
+                "--farm-id",
+                &farm,
+                "--queue-ids",
+                &queue,
+            ])
+            .args([
+                "--start",
+                "2026-10-01T00:00:00Z",
+                "--end",
+                "2026-10-02T00:00:00Z",
+            ])
+            .args([
+                "--group-by",
+                "usage-type",
+                "--statistics",
+                "sum,avg",
+                "--period",
+                "hourly",
+                "--format",
+                format,
+            ])
+            .output()
+            .expect("query runs")
+    };
+    let out = query("csv");
+    assert!(
+        out.status.success(),
+        "query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("start,end,usage_type,count,cost_sum,cost_avg,runtime_sum,runtime_avg")
+    );
+    assert_eq!(
+        lines.count(),
+        3 * 24,
+        "three usage types for each of 24 hours"
+    );
+    assert!(text.contains("PERSISTENT_VOLUME"));
+
+    let out = query("table");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("start "));
+
+    let bad = Command::new(BIN)
+        .args([
+            "query",
+            "--gateway",
+            &url,
+            "--farm-id",
+            "farm-x",
+            "--queue-ids",
+            "queue-y",
+        ])
+        .args([
+            "--start",
+            "2026-10-01T00:00:00Z",
+            "--end",
+            "2026-10-02T00:00:00Z",
+            "--group-by",
+            "queue-id",
+            "--statistics",
+            "sum",
+        ])
+        .output()
+        .expect("query runs");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("InvalidArgument")
+            && err.contains("farm_id")
+            && err.contains("queue_ids.ids[0]"),
+        "{err}"
+    );
+    drop(server);
+}
+
+#[test]
+fn a_bad_setting_stops_serve_with_a_message() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--upstream",
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--farm-queue-capacity",
+            "0",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--farm-queue-capacity"));
+    let out = Command::new(BIN)
+        .args(["serve", "--upstream", "mars"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+}
