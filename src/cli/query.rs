@@ -204,7 +204,12 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
         }
         token = page.next_page_token;
     }
-    print(&rows, args.format).map_err(|e| RunError::Query(format!("cannot write the rows: {e}")))
+    match print(&rows, args.format) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(RunError::Query(format!("cannot write the rows: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn with_caller<T>(message: T, args: &QueryArgs) -> tonic::Request<T> {
