@@ -143,6 +143,96 @@ fn serve_with_the_emulator_then_query_prints_every_row() {
     drop(server);
 }
 
+#[tokio::test]
+async fn serve_with_the_aws_upstream_uses_the_standard_credential_and_endpoint_variables() {
+    let emu = deadline_stats_gateway::emulator::EmulatorHandle::spawn(
+        deadline_stats_gateway::emulator::EmulatorConfig {
+            aggregation_duration: Duration::from_millis(100),
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().expect("addr"),
+    )
+    .await
+    .expect("emulator");
+    let endpoint = format!("http://localhost:{}", emu.addr().port());
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--upstream",
+            "aws",
+            "--listen",
+            "127.0.0.1:0",
+            "--poll-initial-interval",
+            "50ms",
+        ])
+        .env("AWS_REGION", "eu-west-1")
+        .env("AWS_ACCESS_KEY_ID", "AKIDFROMENV")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_ENDPOINT_URL_DEADLINE", &endpoint)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent/config")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let line = tokio::task::spawn_blocking(move || {
+        let line = first_line(&mut child);
+        (line, child)
+    })
+    .await
+    .expect("joins");
+    let (line, child) = line;
+    let _server = Running(child);
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "query",
+            "--gateway",
+            &url,
+            "--farm-id",
+            &format!("farm-{}", "3".repeat(32)),
+            "--fleet-ids",
+            &format!("fleet-{}", "4".repeat(32)),
+        ])
+        .args([
+            "--start",
+            "2026-10-01T00:00:00Z",
+            "--end",
+            "2026-10-08T00:00:00Z",
+            "--group-by",
+            "fleet-id",
+            "--statistics",
+            "max",
+            "--format",
+            "json",
+        ])
+        .output()
+        .await
+        .expect("query runs");
+    assert!(
+        out.status.success(),
+        "query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        7,
+        "seven daily rows (the upstream's default period)"
+    );
+    let stats = emu.emulator().stats();
+    assert_eq!(
+        stats.hosts.into_iter().collect::<Vec<_>>(),
+        vec![format!("localhost:{}", emu.addr().port())]
+    );
+}
+
 #[test]
 fn a_bad_setting_stops_serve_with_a_message() {
     let out = Command::new(BIN)

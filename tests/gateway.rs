@@ -227,6 +227,51 @@ async fn distinct_requests_run_one_at_a_time_per_farm_in_order() {
 }
 
 #[tokio::test]
+async fn many_concurrent_distinct_requests_never_break_the_one_running_rule() {
+    let gw = gateway(Duration::from_millis(50), fast_config(HOUR)).await;
+    let client = gw.client().await;
+    let calls: Vec<_> = (0..30u64)
+        .map(|n| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let resp = client
+                    .start_aggregation(start_request(
+                        30 + n % 3,
+                        1,
+                        1 + (n / 3) as i64,
+                        &[GroupBy::QueueId],
+                    ))
+                    .await
+                    .expect("start")
+                    .into_inner();
+                assert_eq!(resp.disposition(), Disposition::Started);
+                let id = aggregation(&resp).aggregation_id.clone();
+                wait_terminal(&mut client, &id)
+                    .await
+                    .aggregation
+                    .expect("aggregation")
+                    .state()
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.expect("joins"), AggregationState::Completed);
+    }
+    for f in 30..33 {
+        let upstream = gw.upstream(&farm(f)).await;
+        assert_eq!(
+            (
+                upstream["start_calls"].as_u64(),
+                upstream["throttled_starts"].as_u64(),
+                upstream["max_in_progress"].as_u64()
+            ),
+            (Some(10), Some(0), Some(1)),
+            "farm {f}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_full_farm_queue_is_resource_exhausted_with_retry_info() {
     let mut config = fast_config(HOUR);
     config.farm_queue_capacity = 2;

@@ -105,6 +105,38 @@ mod tests {
     }
 
     #[test]
+    fn idle_callers_are_forgotten() {
+        let buckets = CallerBuckets::new(Rate {
+            per_second: 1000.0,
+            burst: 1,
+        })
+        .expect("limited");
+        for n in 0..100 {
+            assert!(buckets.check(&format!("caller-{n}")).is_ok());
+        }
+        assert_eq!(buckets.len(), 100);
+        std::thread::sleep(Duration::from_millis(20));
+        buckets.housekeeping();
+        assert!(buckets.is_empty(), "full buckets hold no state");
+    }
+
+    #[tokio::test]
+    async fn the_upstream_pacer_waits_instead_of_refusing() {
+        let pacer = Pacer::new(Rate {
+            per_second: 20.0,
+            burst: 1,
+        });
+        let begin = std::time::Instant::now();
+        for _ in 0..5 {
+            pacer.ready().await;
+        }
+        assert!(
+            begin.elapsed() >= Duration::from_millis(190),
+            "five calls at 20/s need four gaps of 50 ms"
+        );
+    }
+
+    #[test]
     fn zero_means_unlimited() {
         assert!(
             CallerBuckets::new(Rate {
