@@ -18,4 +18,5 @@ pub mod domain;
 pub mod emulator;
 pub mod gateway;
 pub mod grpc;
+pub mod telemetry;
 pub mod upstream;

@@ -1,20 +1,31 @@
-//! The `deadline-stats-gateway` binary: parse the command line, start logging, run.
+//! The `deadline-stats-gateway` binary: parse the command line (and `serve --config`), start
+//! telemetry, run, flush telemetry.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-use deadline_stats_gateway::cli::{self, Cli};
+use deadline_stats_gateway::cli::{self, config};
+use deadline_stats_gateway::telemetry;
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match cli::run(cli).await {
+    let cli = match config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(config::ParseError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let telemetry = match telemetry::init(cli.log_format()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = cli::run(cli).await;
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

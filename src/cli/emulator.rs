@@ -105,6 +105,7 @@ fn parse_operation(s: &str) -> Result<Operation, String> {
 }
 
 pub async fn run(args: EmulatorArgs) -> Result<(), RunError> {
+    let signal = shutdown_signal().map_err(RunError::Signal)?;
     let handle = EmulatorHandle::spawn(args.config(), args.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -112,7 +113,7 @@ pub async fn run(args: EmulatorArgs) -> Result<(), RunError> {
             source,
         })?;
     announce(&handle.endpoint_url());
-    shutdown_signal().await.map_err(RunError::Signal)?;
+    signal.await;
     handle.shutdown().await;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Every `serve` and `emulator` flag also reads a `DSG_*` environment variable. Parsing and
 //! validation happen here; the work is done by the library modules.
 
+pub mod config;
 pub mod emulator;
 pub mod query;
 pub mod serve;
@@ -61,24 +62,38 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
 
 /// Prints the first line on stdout, which scripts and tests wait for.
 fn announce(what: &str) {
+    print_line(&format!("listening on {what}"));
+}
+
+/// Prints a line on stdout at once.
+fn print_line(line: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "listening on {what}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() -> std::io::Result<()> {
+/// Installs SIGINT and SIGTERM handlers now; the future resolves on the first signal.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+impl Cli {
+    /// The log format the command asks for.
+    pub fn log_format(&self) -> crate::telemetry::LogFormat {
+        match &self.command {
+            Command::Serve(args) => args.log_format,
+            Command::Query(_) | Command::Emulator(_) => crate::telemetry::LogFormat::Text,
+        }
     }
 }
 

@@ -7,12 +7,14 @@ use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::lifecycle::LifecycleConfig;
 use crate::gateway::throttle::Rate;
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::grpc::server;
+use crate::grpc::server::{self, ServerOptions, Serving};
+use crate::telemetry::{Metrics, admin};
 use crate::upstream::sdk::{CredentialSource, SdkUpstream, SdkUpstreamConfig};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Which upstream the gateway talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -25,9 +27,40 @@ pub enum UpstreamKind {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A TOML file of settings named like these flags (`farm-queue-capacity = 50`); flags and
+    /// environment variables take precedence over it.
+    #[arg(long, env = "DSG_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// Address of the gRPC listener.
     #[arg(long, env = "DSG_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "DSG_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Log format: json, text, or auto (JSON unless stderr is a terminal).
+    #[arg(long, env = "DSG_LOG_FORMAT", value_enum, default_value = "auto")]
+    pub log_format: crate::telemetry::LogFormat,
+    /// On SIGTERM/SIGINT: how long in-flight RPCs may take before the process exits anyway.
+    #[arg(long, env = "DSG_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "DSG_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[arg(long, env = "DSG_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Longest an RPC may run (must exceed --max-wait).
+    #[arg(long, env = "DSG_REQUEST_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings to idle clients.
+    #[arg(long, env = "DSG_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "DSG_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// Connections are closed gracefully after this age, so HTTP/2 clients rebalance across replicas.
+    #[arg(long, env = "DSG_MAX_CONNECTION_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
     /// The upstream: aws or emulator.
     #[arg(long, env = "DSG_UPSTREAM", value_enum)]
     pub upstream: UpstreamKind,
@@ -133,6 +166,22 @@ impl ServeArgs {
                 "--start-retry-initial must be positive and at most --start-retry-max".into(),
             ));
         }
+        if self.request_timeout <= self.max_wait {
+            return Err(RunError::Config(
+                "--request-timeout must be longer than --max-wait".into(),
+            ));
+        }
+        if self.max_message_bytes < 1024 || self.max_concurrent_streams == 0 {
+            return Err(RunError::Config(
+                "--max-message-bytes must be at least 1024 and --max-concurrent-streams at least 1"
+                    .into(),
+            ));
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(RunError::Config(
+                "--admin-listen must differ from --listen".into(),
+            ));
+        }
         let defaults = GatewayConfig::default();
         Ok(GatewayConfig {
             farm_queue_capacity: self.farm_queue_capacity,
@@ -197,13 +246,105 @@ fn rate_burst(per_second: f64) -> u32 {
     (per_second.ceil() as u32).max(1)
 }
 
+impl ServeArgs {
+    /// The gRPC server's limits.
+    pub fn server_options(&self) -> ServerOptions {
+        ServerOptions {
+            max_message_bytes: self.max_message_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            request_timeout: self.request_timeout,
+            http2_keepalive_interval: self.http2_keepalive_interval,
+            http2_keepalive_timeout: self.http2_keepalive_timeout,
+            max_connection_age: self.max_connection_age,
+        }
+    }
+}
+
 pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let config = args.gateway_config()?;
-    let (sdk_config, emulator) = match args.upstream {
-        UpstreamKind::Aws => (
+    let signal = shutdown_signal().map_err(RunError::Signal)?;
+    let metrics = Arc::new(Metrics::new());
+    let (sdk_config, emulator) = upstream(&args).await?;
+    let upstream = SdkUpstream::connect(&sdk_config)
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let gateway = Arc::new(Gateway::new(config, Arc::new(upstream), metrics.clone()));
+    let listener = server::bind(args.listen).await?;
+    let admin_listener = server::bind(args.admin_listen).await?;
+    let addr = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: args.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| RunError::Listen {
+            addr: args.admin_listen,
+            source,
+        })?;
+    announce(&format!("http://{addr}"));
+    super::print_line(&format!("admin on http://{admin_addr}"));
+    tracing::info!(%addr, %admin_addr, upstream = ?args.upstream, "gateway serving");
+
+    let (ready, ready_rx) = watch::channel(false);
+    let (stop, stopped) = watch::channel(false);
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        metrics.clone(),
+        ready_rx,
+        until_true(stopped.clone()),
+    ));
+    let serving = Serving {
+        gateway: gateway.clone(),
+        metrics,
+        options: args.server_options(),
+        ready,
+    };
+    let server = server::serve(listener, serving, until_true(stopped));
+    tokio::pin!(server);
+    let outcome = tokio::select! {
+        ended = &mut server => ended,
+        () = signal => {
+            tracing::info!(grace = ?args.shutdown_grace, "shutdown requested; draining in-flight RPCs");
+            gateway.shutdown();
+            stop.send_replace(true);
+            match tokio::time::timeout(args.shutdown_grace, &mut server).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::warn!("RPCs still in flight at the end of the shutdown grace; exiting anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
+    stop.send_replace(true);
+    gateway.shutdown();
+    if tokio::time::timeout(Duration::from_secs(5), admin)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the admin listener did not stop in time");
+    }
+    if let Some(emulator) = emulator {
+        emulator.shutdown().await;
+    }
+    tracing::info!("gateway stopped");
+    Ok(outcome?)
+}
+
+/// Resolves once the flag turns true.
+async fn until_true(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}
+
+/// The SDK settings for the chosen upstream, and the in-process emulator when it is the one.
+async fn upstream(
+    args: &ServeArgs,
+) -> Result<(SdkUpstreamConfig, Option<EmulatorHandle>), RunError> {
+    match args.upstream {
+        UpstreamKind::Aws => Ok((
             args.upstream_config(args.endpoint_url.clone(), CredentialSource::Chain),
             None,
-        ),
+        )),
         UpstreamKind::Emulator => {
             let emulator_config = EmulatorConfig {
                 aggregation_duration: args.emulator_aggregation_duration,
@@ -219,38 +360,13 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
                     source,
                 })?;
             tracing::info!(endpoint = %handle.endpoint_url(), "emulator upstream started");
-            let mut sdk = args.upstream_config(
-                Some(handle.endpoint_url()),
-                CredentialSource::Static {
-                    access_key_id: "emulator".into(),
-                    secret_access_key: "emulator".into(),
-                },
-            );
+            let credentials = CredentialSource::Static {
+                access_key_id: "emulator".into(),
+                secret_access_key: "emulator".into(),
+            };
+            let mut sdk = args.upstream_config(Some(handle.endpoint_url()), credentials);
             sdk.region = Some(args.region.clone().unwrap_or_else(|| "us-west-2".into()));
-            (sdk, Some(handle))
+            Ok((sdk, Some(handle)))
         }
-    };
-    let upstream = SdkUpstream::connect(&sdk_config)
-        .await
-        .map_err(|e| RunError::Config(e.to_string()))?;
-    let gateway = Arc::new(Gateway::new(config, Arc::new(upstream)));
-    let listener = server::bind(args.listen).await?;
-    let addr = listener.local_addr().map_err(|source| RunError::Listen {
-        addr: args.listen,
-        source,
-    })?;
-    announce(&format!("http://{addr}"));
-    tracing::info!(%addr, upstream = ?args.upstream, "gateway serving");
-    let stop = gateway.clone();
-    server::serve(listener, gateway, async move {
-        if let Err(e) = shutdown_signal().await {
-            tracing::error!(error = %e, "cannot wait for shutdown signals; stopping");
-        }
-        stop.shutdown();
-    })
-    .await?;
-    if let Some(emulator) = emulator {
-        emulator.shutdown().await;
     }
-    Ok(())
 }

@@ -6,7 +6,7 @@
 
 use super::key::CanonicalKey;
 use crate::domain::StatisticsRow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
@@ -99,7 +99,12 @@ pub struct Aggregation {
     pub id: AggregationId,
     pub key: CanonicalKey,
     pub create_time: SystemTime,
+    /// When it was created, for the time-to-complete metric.
+    pub created: Instant,
     snapshot: watch::Sender<Snapshot>,
+    /// The lifecycle span (a trace of its own, linked from every Start that started or joined
+    /// it); taken and closed when the aggregation ends.
+    span: Mutex<Option<tracing::Span>>,
 }
 
 impl Aggregation {
@@ -107,12 +112,60 @@ impl Aggregation {
     pub fn new(key: CanonicalKey) -> Self {
         let bytes: [u8; 16] = rand::random();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let id: AggregationId = format!("agg-{hex}").into();
+        let span = tracing::info_span!(
+            parent: None,
+            "aggregation",
+            otel.name = "aggregation.lifecycle",
+            aggregation.id = %id,
+            farm.id = %key.farm_id(),
+            upstream.aggregation_id = tracing::field::Empty,
+            aggregation.state = "QUEUED",
+            otel.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        crate::telemetry::traces::record_ids(&span);
         Self {
-            id: format!("agg-{hex}").into(),
+            id,
             key,
             create_time: SystemTime::now(),
+            created: Instant::now(),
             snapshot: watch::Sender::new(Snapshot::queued(0)),
+            span: Mutex::new(Some(span)),
         }
+    }
+
+    /// The lifecycle span while the aggregation is live (a disabled span afterwards).
+    pub fn span(&self) -> tracing::Span {
+        self.lock_span().clone().unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Links the lifecycle span from the caller's current span (a Start that started or
+    /// joined this aggregation).
+    pub fn link_from_current(&self) {
+        if let Some(span) = self.lock_span().as_ref() {
+            let caller = crate::telemetry::traces::span_context(&tracing::Span::current());
+            if caller.is_valid() {
+                tracing_opentelemetry::OpenTelemetrySpanExt::add_link(span, caller);
+            }
+        }
+    }
+
+    /// Records the final state on the lifecycle span and closes it.
+    pub(crate) fn end_span(&self, state: &'static str, failed: bool) {
+        if let Some(span) = self.lock_span().take() {
+            span.record("aggregation.state", state);
+            if failed {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+
+    fn lock_span(&self) -> std::sync::MutexGuard<'_, Option<tracing::Span>> {
+        self.span
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn farm_id(&self) -> &str {

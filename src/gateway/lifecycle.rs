@@ -3,7 +3,8 @@
 //! hand the aggregation to the store's results cache.
 //!
 //! Never surfaces upstream errors to callers directly: they end up in the aggregation's state
-//! and error.
+//! and error. Every upstream call is a child span of the aggregation's lifecycle span, carrying
+//! the farm, both aggregation ids and the outcome, and is counted in the metrics.
 
 use super::aggregation::{Aggregation, Failure, FailureCode, State};
 use super::backoff::BackoffPolicy;
@@ -11,14 +12,19 @@ use super::scheduler::Runner;
 use super::store::CoordinationStore;
 use super::throttle::Pacer;
 use crate::domain::{AggregationStatus, StatisticsRow};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::StateLabels;
 use crate::upstream::{Upstream, UpstreamError, UpstreamPage};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tracing::Instrument as _;
 
 /// The upstream's page size limit.
 const UPSTREAM_PAGE_SIZE: u32 = 100;
+const START: &str = "StartSessionsStatisticsAggregation";
+const GET: &str = "GetSessionsStatisticsAggregation";
 
 /// Timing of the lifecycle.
 #[derive(Debug, Clone)]
@@ -65,11 +71,13 @@ pub struct UpstreamRunner {
     pub(crate) start_pacer: Pacer,
     pub(crate) get_pacer: Pacer,
     pub(crate) config: LifecycleConfig,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Runner for UpstreamRunner {
     fn run(&self, aggregation: Arc<Aggregation>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(self.drive(aggregation))
+        let span = aggregation.span();
+        Box::pin(self.drive(aggregation).instrument(span))
     }
 }
 
@@ -79,6 +87,7 @@ impl UpstreamRunner {
             s.state = State::Running;
             s.queue_position = 0;
         });
+        tracing::info!(aggregation = %agg.id, farm = %agg.farm_id(), "aggregation running");
         let (outcome, started) = match self.start(&agg).await {
             Ok((id, started)) => (self.follow(&agg, &id, started).await, Some(started)),
             Err(failure) => (
@@ -95,13 +104,14 @@ impl UpstreamRunner {
 
     fn record(&self, agg: &Aggregation, outcome: Outcome, started: Option<Started>) {
         let c = &self.config;
-        match outcome {
+        let (state, failed) = match outcome {
             Outcome::Completed { rows, message } => {
                 let started = started.unwrap_or(Started {
                     wall: SystemTime::now(),
                     mono: Instant::now(),
                 });
                 let life = c.result_validity.saturating_sub(c.validity_margin);
+                tracing::info!(aggregation = %agg.id, rows = rows.len(), "aggregation completed");
                 agg.update(|s| {
                     s.state = State::Completed;
                     s.status_message = message.unwrap_or_default();
@@ -109,15 +119,78 @@ impl UpstreamRunner {
                     s.expire_time = Some(started.wall + life);
                     s.expire_at = Some(started.mono + life);
                 });
+                self.metrics
+                    .time_to_complete
+                    .observe(agg.created.elapsed().as_secs_f64());
+                ("COMPLETED", false)
             }
-            Outcome::Ended { state, failure } => agg.update(|s| {
-                s.state = state;
-                s.status_message.clone_from(&failure.message);
-                s.error = Some(failure);
-                s.expire_time = Some(SystemTime::now() + c.failed_ttl);
-                s.expire_at = Some(Instant::now() + c.failed_ttl);
-            }),
+            Outcome::Ended { state, failure } => {
+                tracing::warn!(aggregation = %agg.id, ?state, code = ?failure.code, message = %failure.message, "aggregation ended without results");
+                agg.update(|s| {
+                    s.state = state;
+                    s.status_message.clone_from(&failure.message);
+                    s.error = Some(failure);
+                    s.expire_time = Some(SystemTime::now() + c.failed_ttl);
+                    s.expire_at = Some(Instant::now() + c.failed_ttl);
+                });
+                (
+                    if state == State::TimedOut {
+                        "TIMED_OUT"
+                    } else {
+                        "FAILED"
+                    },
+                    true,
+                )
+            }
+        };
+        self.metrics
+            .finished
+            .get_or_create(&StateLabels { state })
+            .inc();
+        agg.end_span(state, failed);
+    }
+
+    /// One upstream call as a client span with its outcome, timed into the metrics.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        agg: &Aggregation,
+        upstream_id: Option<&str>,
+        call: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = operation,
+            otel.kind = "client",
+            rpc.system = "aws-api",
+            rpc.service = "deadline",
+            rpc.method = operation,
+            farm.id = %agg.farm_id(),
+            aggregation.id = %agg.id,
+            upstream.aggregation_id = upstream_id.unwrap_or_default(),
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        crate::telemetry::traces::record_ids(&span);
+        let begin = Instant::now();
+        let result = call.instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(UpstreamError::Throttled { .. }) => "throttled",
+            Err(UpstreamError::Invalid { .. }) => "invalid",
+            Err(UpstreamError::NotFound { .. }) => "not_found",
+            Err(UpstreamError::AccessDenied { .. }) => "access_denied",
+            Err(UpstreamError::Transient { .. }) => "transient",
+            Err(UpstreamError::Other { .. }) => "other",
+        };
+        span.record("outcome", outcome);
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
         }
+        self.metrics.upstream(operation, outcome, begin.elapsed());
+        result
     }
 
     /// Starts the upstream aggregation, waiting out throttling (another aggregation running on
@@ -131,9 +204,13 @@ impl UpstreamRunner {
                 wall: SystemTime::now(),
                 mono: Instant::now(),
             };
-            let err = match self.upstream.start(agg.key.request()).await {
+            let err = match self
+                .call(START, agg, None, self.upstream.start(agg.key.request()))
+                .await
+            {
                 Ok(id) => {
                     agg.update(|s| s.upstream_id = Some(id.clone()));
+                    agg.span().record("upstream.aggregation_id", id.as_str());
                     return Ok((id, started));
                 }
                 Err(e) => e,
@@ -221,11 +298,10 @@ impl UpstreamRunner {
                 });
             }
             self.get_pacer.ready().await;
-            match self
+            let page = self
                 .upstream
-                .get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, None)
-                .await
-            {
+                .get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, None);
+            match self.call(GET, agg, Some(upstream_id), page).await {
                 Ok(page) if page.status == AggregationStatus::InProgress => {}
                 Ok(page) => return Ok(page),
                 Err(UpstreamError::Throttled { .. } | UpstreamError::Transient { .. }) => {}
@@ -267,11 +343,10 @@ impl UpstreamRunner {
         let mut attempts_left = self.config.page_retries;
         loop {
             self.get_pacer.ready().await;
-            match self
-                .upstream
-                .get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, Some(token))
-                .await
-            {
+            let page =
+                self.upstream
+                    .get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, Some(token));
+            match self.call(GET, agg, Some(upstream_id), page).await {
                 Ok(page) => return Ok(page),
                 Err(UpstreamError::Throttled { .. } | UpstreamError::Transient { .. })
                     if attempts_left > 0 =>

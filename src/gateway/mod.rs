@@ -27,6 +27,10 @@ pub use error::GatewayError;
 pub use store::Disposition;
 
 use crate::domain::AggregationRequest;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::{
+    DispositionLabel, DispositionLabels, FarmLevel, Levels, MethodLabels,
+};
 use crate::upstream::Upstream;
 use backoff::BackoffPolicy;
 use key::CanonicalKey;
@@ -128,13 +132,15 @@ pub struct Gateway {
     start_buckets: Arc<Option<CallerBuckets>>,
     get_buckets: Arc<Option<CallerBuckets>>,
     max_wait: Duration,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     _stop_on_drop: DropGuard,
 }
 
 impl Gateway {
-    /// Builds the gateway over `upstream` and starts its housekeeping; needs a Tokio runtime.
-    pub fn new(config: GatewayConfig, upstream: Arc<dyn Upstream>) -> Self {
+    /// Builds the gateway over `upstream`, reporting to `metrics`, and starts its
+    /// housekeeping; needs a Tokio runtime.
+    pub fn new(config: GatewayConfig, upstream: Arc<dyn Upstream>, metrics: Arc<Metrics>) -> Self {
         let store: Arc<dyn CoordinationStore> = Arc::new(MemoryStore::new(config.cache_max_bytes));
         let cancel = CancellationToken::new();
         let runner = Arc::new(UpstreamRunner {
@@ -143,6 +149,7 @@ impl Gateway {
             start_pacer: Pacer::new(config.upstream_start),
             get_pacer: Pacer::new(config.upstream_get),
             config: config.lifecycle.clone(),
+            metrics: metrics.clone(),
         });
         let scheduler = FarmScheduler::new(config.farm_queue_capacity, runner, cancel.clone());
         let gateway = Self {
@@ -151,9 +158,11 @@ impl Gateway {
             start_buckets: Arc::new(CallerBuckets::new(config.caller_start)),
             get_buckets: Arc::new(CallerBuckets::new(config.caller_get)),
             max_wait: config.max_wait,
+            metrics,
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
         };
+        gateway.metrics.observe_levels(gateway.levels_source());
         tokio::spawn(housekeeping(
             gateway.store.clone(),
             [gateway.start_buckets.clone(), gateway.get_buckets.clone()],
@@ -161,6 +170,42 @@ impl Gateway {
             gateway.cancel.clone(),
         ));
         gateway
+    }
+
+    /// A scrape-time view of the gateway's levels that does not keep the gateway alive.
+    fn levels_source(&self) -> impl Fn() -> Levels + Send + Sync + 'static {
+        let (store, scheduler) = (Arc::downgrade(&self.store), self.scheduler.clone());
+        let buckets = [
+            Arc::downgrade(&self.start_buckets),
+            Arc::downgrade(&self.get_buckets),
+        ];
+        move || {
+            let Some(store) = store.upgrade() else {
+                return Levels::default();
+            };
+            let s = store.stats();
+            Levels {
+                active_aggregations: s.active as u64,
+                cache_entries: s.cached,
+                cache_bytes: s.cached_bytes,
+                cache_expirations: s.expirations,
+                cache_evictions: s.evictions,
+                farms: scheduler
+                    .load()
+                    .into_iter()
+                    .map(|(farm_id, l)| FarmLevel {
+                        farm_id,
+                        queued: l.queued as u64,
+                        running: l.running as u64,
+                    })
+                    .collect(),
+                caller_buckets: buckets
+                    .iter()
+                    .filter_map(std::sync::Weak::upgrade)
+                    .map(|b| b.as_ref().as_ref().map_or(0, |b| b.len() as u64))
+                    .sum(),
+            }
+        }
     }
 
     /// Starts, joins or reuses the aggregation for `request`.
@@ -172,13 +217,33 @@ impl Gateway {
         if self.cancel.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
-        take_token(&self.start_buckets, caller, "StartAggregation")?;
+        self.take_token(&self.start_buckets, caller, "StartAggregation")?;
         let key = CanonicalKey::new(request);
-        self.store.find_or_insert(&key, &mut || {
+        let (aggregation, disposition) = self.store.find_or_insert(&key, &mut || {
             let aggregation = Arc::new(Aggregation::new(key.clone()));
             self.scheduler.enqueue(aggregation.clone())?;
             Ok(aggregation)
-        })
+        })?;
+        let label = match disposition {
+            Disposition::Started => {
+                self.metrics.cache_misses.inc();
+                "started"
+            }
+            Disposition::Joined => "joined",
+            Disposition::Cached => {
+                self.metrics.cache_hits.inc();
+                "cached"
+            }
+        };
+        self.metrics
+            .dispositions
+            .get_or_create(&DispositionLabels { disposition: label })
+            .inc();
+        if disposition != Disposition::Cached {
+            aggregation.link_from_current();
+        }
+        tracing::debug!(aggregation = %aggregation.id, ?disposition, "start answered");
+        Ok((aggregation, disposition))
     }
 
     /// Reads an aggregation and one page of its rows, waiting up to `wait` (capped by the
@@ -191,7 +256,7 @@ impl Gateway {
         page_token: &str,
         wait: Duration,
     ) -> Result<Page, GatewayError> {
-        take_token(&self.get_buckets, caller, "GetAggregation")?;
+        self.take_token(&self.get_buckets, caller, "GetAggregation")?;
         let size = paging::page_size(page_size)?;
         let aggregation = match self.store.get(id) {
             Found::Live(a) => a,
@@ -250,6 +315,25 @@ impl Gateway {
         self.cancel.cancel();
     }
 
+    fn take_token(
+        &self,
+        buckets: &Option<CallerBuckets>,
+        caller: &str,
+        operation: &'static str,
+    ) -> Result<(), GatewayError> {
+        let Some(b) = buckets else { return Ok(()) };
+        b.check(caller).map_err(|retry_after| {
+            self.metrics
+                .throttled
+                .get_or_create(&MethodLabels { method: operation })
+                .inc();
+            GatewayError::RateLimited {
+                operation,
+                retry_after,
+            }
+        })
+    }
+
     pub fn stats(&self) -> GatewayStats {
         GatewayStats {
             store: self.store.stats(),
@@ -265,22 +349,6 @@ impl Gateway {
                 .as_ref()
                 .map_or(0, CallerBuckets::len),
         }
-    }
-}
-
-fn take_token(
-    buckets: &Option<CallerBuckets>,
-    caller: &str,
-    operation: &'static str,
-) -> Result<(), GatewayError> {
-    match buckets {
-        Some(b) => b
-            .check(caller)
-            .map_err(|retry_after| GatewayError::RateLimited {
-                operation,
-                retry_after,
-            }),
-        None => Ok(()),
     }
 }
 

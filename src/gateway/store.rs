@@ -10,6 +10,7 @@ use super::key::CanonicalKey;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -42,6 +43,10 @@ pub struct StoreStats {
     pub cached: u64,
     pub cached_bytes: u64,
     pub keys: usize,
+    /// Cached results dropped at the end of their validity, since start.
+    pub expirations: u64,
+    /// Cached results dropped to stay within the memory budget, since start.
+    pub evictions: u64,
 }
 
 /// The coordination state of the gateway.
@@ -87,6 +92,8 @@ pub struct MemoryStore {
     index: Mutex<Index>,
     results: Cache<AggregationId, Arc<Aggregation>>,
     tombstones: Cache<AggregationId, Tombstone>,
+    /// Expirations and evictions, counted by the cache's eviction listener.
+    removals: Arc<[AtomicU64; 2]>,
 }
 
 /// How long Get remembers why an id went away.
@@ -102,6 +109,8 @@ impl MemoryStore {
             .time_to_live(TOMBSTONE_TTL)
             .build();
         let graves = tombstones.clone();
+        let removals: Arc<[AtomicU64; 2]> = Arc::default();
+        let counted = removals.clone();
         let results = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_, agg: &Arc<Aggregation>| {
@@ -110,14 +119,18 @@ impl MemoryStore {
             .expire_after(ExpireAtSnapshot)
             .eviction_listener(
                 move |id: Arc<AggregationId>, agg: Arc<Aggregation>, cause| {
-                    let tomb = match cause {
-                        RemovalCause::Expired => Tombstone::Expired(
-                            agg.with_snapshot(|s| s.expire_time)
-                                .unwrap_or_else(SystemTime::now),
+                    let (tomb, counter) = match cause {
+                        RemovalCause::Expired => (
+                            Tombstone::Expired(
+                                agg.with_snapshot(|s| s.expire_time)
+                                    .unwrap_or_else(SystemTime::now),
+                            ),
+                            0,
                         ),
-                        RemovalCause::Size => Tombstone::Evicted,
+                        RemovalCause::Size => (Tombstone::Evicted, 1),
                         RemovalCause::Explicit | RemovalCause::Replaced => return,
                     };
+                    counted[counter].fetch_add(1, Ordering::Relaxed);
                     graves.insert(AggregationId::clone(&id), tomb);
                 },
             )
@@ -126,6 +139,7 @@ impl MemoryStore {
             index: Mutex::default(),
             results,
             tombstones,
+            removals,
         }
     }
 
@@ -211,6 +225,8 @@ impl CoordinationStore for MemoryStore {
             cached: self.results.entry_count(),
             cached_bytes: self.results.weighted_size(),
             keys: index.by_key.len(),
+            expirations: self.removals[0].load(Ordering::Relaxed),
+            evictions: self.removals[1].load(Ordering::Relaxed),
         }
     }
 }

@@ -1,14 +1,21 @@
-//! The gRPC server: the aggregation service, `grpc.health.v1` and server reflection, served on
-//! a listener until a shutdown future resolves.
+//! The gRPC server: the aggregation service, `grpc.health.v1` and server reflection, with the
+//! hardening limits of [`ServerOptions`], served on a listener until a shutdown future
+//! resolves.
+//!
+//! Health (and the readiness flag the admin listener reports) is NOT_SERVING until the server
+//! is about to accept, and turns NOT_SERVING again the moment shutdown begins.
 
 use super::pb;
 use super::pb::aggregation_service_server::AggregationServiceServer;
 use super::service::AggregationApi;
 use crate::gateway::Gateway;
+use crate::telemetry::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// Why the server could not be built or stopped serving.
@@ -25,6 +32,30 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Limits that protect the server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub request_timeout: Duration,
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    pub max_connection_age: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            request_timeout: Duration::from_secs(90),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(300),
+        }
+    }
+}
+
 /// Binds `addr` (port 0 picks a free one).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
@@ -32,29 +63,73 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
         .map_err(|source| ServeError::Listen { addr, source })
 }
 
-/// Serves `gateway` on `listener` until `shutdown` resolves.
+/// What [`serve`] needs besides the listener.
+pub struct Serving {
+    pub gateway: Arc<Gateway>,
+    pub metrics: Arc<Metrics>,
+    pub options: ServerOptions,
+    /// Set while the server accepts work.
+    pub ready: watch::Sender<bool>,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then lets in-flight RPCs finish.
 pub async fn serve(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    serving: Serving,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let Serving {
+        gateway,
+        metrics,
+        options,
+        ready,
+    } = serving;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<AggregationServiceServer<AggregationApi>>()
+        .set_not_serving::<AggregationServiceServer<AggregationApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET);
-    let reflection_v1 = reflection.build_v1()?;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    tonic::transport::Server::builder()
+    let api = AggregationServiceServer::new(AggregationApi::new(gateway, metrics))
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes);
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .timeout(options.request_timeout)
+        .http2_keepalive_interval(Some(options.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(options.http2_keepalive_timeout))
+        .max_connection_age(options.max_connection_age)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AggregationServiceServer::new(AggregationApi::new(gateway)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(api);
+    health
+        .set_serving::<AggregationServiceServer<AggregationApi>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    ready.send_replace(true);
+    let draining = async {
+        shutdown.await;
+        ready.send_replace(false);
+        health
+            .set_not_serving::<AggregationServiceServer<AggregationApi>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining)
         .await?;
     Ok(())
 }

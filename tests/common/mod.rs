@@ -237,13 +237,21 @@ pub async fn gateway_over(
     upstream: Arc<dyn deadline_stats_gateway::upstream::Upstream>,
     config: GatewayConfig,
 ) -> TestGateway {
-    let gateway = Arc::new(Gateway::new(config, upstream));
+    let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
+    let gateway = Arc::new(Gateway::new(config, upstream, metrics.clone()));
     let listener = server::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("binds");
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve(listener, gateway.clone(), async {
+    let (ready, _) = tokio::sync::watch::channel(false);
+    let serving = server::Serving {
+        gateway: gateway.clone(),
+        metrics,
+        options: server::ServerOptions::default(),
+        ready,
+    };
+    tokio::spawn(server::serve(listener, serving, async {
         let _ = stopped.await;
     }));
     TestGateway {

@@ -1,0 +1,337 @@
+//! Prometheus metrics (prometheus-client), named by Prometheus conventions: base units,
+//! `_total` counters, `_seconds` histograms, all prefixed `dsg_`.
+//!
+//! Event counters are updated where things happen; levels (queue depth, cache size, active
+//! aggregations) are read from the gateway at scrape time, so they can never drift.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Labels of an RPC's outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DispositionLabels {
+    /// `started`, `joined` or `cached`.
+    pub disposition: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub operation: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+/// Levels read from the gateway at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Levels {
+    pub active_aggregations: u64,
+    pub cache_entries: u64,
+    pub cache_bytes: u64,
+    pub cache_expirations: u64,
+    pub cache_evictions: u64,
+    /// Every farm with work.
+    pub farms: Vec<FarmLevel>,
+    pub caller_buckets: u64,
+}
+
+/// Queue depth and running count of one farm.
+#[derive(Debug, Clone, Default)]
+pub struct FarmLevel {
+    pub farm_id: String,
+    pub queued: u64,
+    pub running: u64,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub rpc_requests: Family<RpcLabels, Counter>,
+    pub rpc_duration: Family<MethodLabels, Histogram>,
+    pub dispositions: Family<DispositionLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub throttled: Family<MethodLabels, Counter>,
+    pub upstream_calls: Family<UpstreamLabels, Counter>,
+    pub upstream_duration: Family<OperationLabels, Histogram>,
+    pub finished: Family<StateLabels, Counter>,
+    pub time_to_complete: Histogram,
+    levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dsg");
+        let rpc_requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "gRPC requests handled, by method and status code",
+            rpc_requests.clone(),
+        );
+        let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 3.0, 13))
+        });
+        registry.register_with_unit(
+            "rpc_duration",
+            "gRPC handling time, long-polls included",
+            Unit::Seconds,
+            rpc_duration.clone(),
+        );
+        let dispositions = Family::<DispositionLabels, Counter>::default();
+        registry.register(
+            "start_dispositions",
+            "StartAggregation answers: started, joined or cached",
+            dispositions.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Starts answered from a valid cached result",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Starts that found neither a running nor a cached aggregation",
+            cache_misses.clone(),
+        );
+        let throttled = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "throttled_requests",
+            "requests refused by a caller's token bucket",
+            throttled.clone(),
+        );
+        let upstream_calls = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "calls to Deadline Cloud, by operation and outcome",
+            upstream_calls.clone(),
+        );
+        let upstream_duration = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        registry.register_with_unit(
+            "upstream_call_duration",
+            "time of one call to Deadline Cloud",
+            Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let finished = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "aggregations_finished",
+            "aggregations that reached a terminal state",
+            finished.clone(),
+        );
+        let time_to_complete = Histogram::new(exponential_buckets(0.25, 2.0, 16));
+        registry.register_with_unit(
+            "aggregation_time_to_complete",
+            "time from the first Start to COMPLETED",
+            Unit::Seconds,
+            time_to_complete.clone(),
+        );
+        let levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>> = Arc::default();
+        registry.register_collector(Box::new(LevelsCollector(levels.clone())));
+        Self {
+            registry,
+            rpc_requests,
+            rpc_duration,
+            dispositions,
+            cache_hits,
+            cache_misses,
+            throttled,
+            upstream_calls,
+            upstream_duration,
+            finished,
+            time_to_complete,
+            levels,
+        }
+    }
+
+    /// Names where scrape-time levels come from; the first call wins.
+    pub fn observe_levels(&self, source: impl Fn() -> Levels + Send + Sync + 'static) {
+        let _ = self.levels.set(Box::new(source));
+    }
+
+    pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        self.rpc_requests
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream(&self, operation: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.upstream_calls
+            .get_or_create(&UpstreamLabels { operation, outcome })
+            .inc();
+        self.upstream_duration
+            .get_or_create(&OperationLabels { operation })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The canonical name of a gRPC code, as label value.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FarmLabels {
+    farm_id: String,
+}
+
+struct LevelsCollector(Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>);
+
+impl std::fmt::Debug for LevelsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LevelsCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for LevelsCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let Some(source) = self.0.get() else {
+            return Ok(());
+        };
+        let l = source();
+        let gauges = [
+            (
+                "aggregations_active",
+                "queued and running aggregations",
+                l.active_aggregations,
+            ),
+            (
+                "cache_entries",
+                "terminal aggregations held in the results cache",
+                l.cache_entries,
+            ),
+            (
+                "cache_bytes",
+                "bytes of rows held in the results cache",
+                l.cache_bytes,
+            ),
+            (
+                "caller_buckets",
+                "callers with a partly used token bucket",
+                l.caller_buckets,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let metric = ConstGauge::new(value as i64);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let counters = [
+            (
+                "cache_expirations",
+                "cached results dropped at the end of their validity",
+                l.cache_expirations,
+            ),
+            (
+                "cache_evictions",
+                "cached results dropped to stay within the memory budget",
+                l.cache_evictions,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let families = [
+            ("farm_queue_depth", "aggregations waiting per farm", false),
+            (
+                "farm_running",
+                "aggregations running upstream per farm (0 or 1)",
+                true,
+            ),
+        ];
+        for (name, help, running) in families {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for farm in &l.farms {
+                let labels = FarmLabels {
+                    farm_id: farm.farm_id.clone(),
+                };
+                let value = if running { farm.running } else { farm.queued };
+                ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

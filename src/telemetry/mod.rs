@@ -1,0 +1,87 @@
+//! Observability: logs (text or JSON lines carrying trace and span ids), OpenTelemetry traces
+//! exported over OTLP/gRPC when the standard variables ask for it, Prometheus metrics, and the
+//! admin HTTP listener that serves them with liveness and readiness.
+//!
+//! Nothing here decides anything about aggregations; the gateway and the gRPC layer report
+//! to it.
+
+pub mod admin;
+pub mod logs;
+pub mod metrics;
+pub mod traces;
+
+pub use metrics::Metrics;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::io::IsTerminal as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// JSON lines unless stderr is a terminal.
+    Auto,
+    Json,
+    Text,
+}
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot build the OTLP trace exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("a global tracing subscriber is already installed: {0}")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes pending spans.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl TelemetryGuard {
+    /// Exports what is pending and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("telemetry: flushing spans failed: {e}");
+        }
+    }
+}
+
+/// Installs the global subscriber: `RUST_LOG`-style filtering (default `info`), logs in
+/// `format`, and the OpenTelemetry layer. Needs a Tokio runtime (the span exporter runs on it).
+pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
+    let provider = traces::provider()?;
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let otel =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("deadline-stats-gateway"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let fmt = if json {
+        tracing_subscriber::fmt::layer()
+            .event_format(logs::JsonLines)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(logs::TraceIdsLayer)
+        .with(fmt)
+        .try_init()?;
+    Ok(TelemetryGuard { provider })
+}
