@@ -28,9 +28,7 @@ pub use store::Disposition;
 
 use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{
-    DispositionLabel, DispositionLabels, FarmLevel, Levels, MethodLabels,
-};
+use crate::telemetry::metrics::{DispositionLabels, FarmLevel, Levels, MethodLabels};
 use crate::upstream::Upstream;
 use backoff::BackoffPolicy;
 use key::CanonicalKey;
