@@ -9,8 +9,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["deadline/stats/v1/aggregation.proto"], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("aggregation_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .extern_path(".google.rpc", "::tonic_types::pb")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().extern_path(".google.rpc", "::tonic_types::pb").compile_fds(fds)?;
     Ok(())
 }

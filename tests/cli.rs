@@ -1,32 +1,14 @@
 //! The binary end to end: `serve --upstream emulator` on a loopback port, then `query` against
 //! it, as a user would run them.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{BIN, Running, stdout_lines};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_deadline-stats-gateway");
-
-/// Kills the process if the test fails before stopping it.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn first_line(child: &mut Child) -> String {
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("the server announces its address")
+fn first_line(child: &mut std::process::Child) -> String {
+    stdout_lines(child, 1).remove(0)
 }
 
 #[test]
@@ -51,61 +33,24 @@ fn serve_with_the_emulator_then_query_prints_every_row() {
         .expect("serve starts");
     let line = first_line(&mut child);
     let server = Running(child);
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_owned();
+    let url = line.trim().strip_prefix("listening on ").expect("address line").to_owned();
 
     let farm = format!("farm-{}", "1".repeat(32));
     let queue = format!("queue-{}", "2".repeat(32));
     let query = |format: &str| {
         Command::new(BIN)
-            .args([
-                "query",
-                "--gateway",
-                &url,
-                "--farm-id",
-                &farm,
-                "--queue-ids",
-                &queue,
-            ])
-            .args([
-                "--start",
-                "2026-10-01T00:00:00Z",
-                "--end",
-                "2026-10-02T00:00:00Z",
-            ])
-            .args([
-                "--group-by",
-                "usage-type",
-                "--statistics",
-                "sum,avg",
-                "--period",
-                "hourly",
-                "--format",
-                format,
-            ])
+            .args(["query", "--gateway", &url, "--farm-id", &farm, "--queue-ids", &queue])
+            .args(["--start", "2026-10-01T00:00:00Z", "--end", "2026-10-02T00:00:00Z"])
+            .args(["--group-by", "usage-type", "--statistics", "sum,avg", "--period", "hourly", "--format", format])
             .output()
             .expect("query runs")
     };
     let out = query("csv");
-    assert!(
-        out.status.success(),
-        "query failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "query failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
-    assert_eq!(
-        lines.next(),
-        Some("start,end,usage_type,count,cost_sum,cost_avg,runtime_sum,runtime_avg")
-    );
-    assert_eq!(
-        lines.count(),
-        3 * 24,
-        "three usage types for each of 24 hours"
-    );
+    assert_eq!(lines.next(), Some("start,end,usage_type,count,cost_sum,cost_avg,runtime_sum,runtime_avg"));
+    assert_eq!(lines.count(), 3 * 24, "three usage types for each of 24 hours");
     assert!(text.contains("PERSISTENT_VOLUME"));
 
     let out = query("table");
@@ -113,15 +58,7 @@ fn serve_with_the_emulator_then_query_prints_every_row() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("start "));
 
     let bad = Command::new(BIN)
-        .args([
-            "query",
-            "--gateway",
-            &url,
-            "--farm-id",
-            "farm-x",
-            "--queue-ids",
-            "queue-y",
-        ])
+        .args(["query", "--gateway", &url, "--farm-id", "farm-x", "--queue-ids", "queue-y"])
         .args([
             "--start",
             "2026-10-01T00:00:00Z",
@@ -136,12 +73,7 @@ fn serve_with_the_emulator_then_query_prints_every_row() {
         .expect("query runs");
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(
-        err.contains("InvalidArgument")
-            && err.contains("farm_id")
-            && err.contains("queue_ids.ids[0]"),
-        "{err}"
-    );
+    assert!(err.contains("InvalidArgument") && err.contains("farm_id") && err.contains("queue_ids.ids[0]"), "{err}");
     drop(server);
 }
 
@@ -190,11 +122,7 @@ async fn serve_with_the_aws_upstream_uses_the_standard_credential_and_endpoint_v
     .expect("joins");
     let (line, child) = line;
     let _server = Running(child);
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_owned();
+    let url = line.trim().strip_prefix("listening on ").expect("address line").to_owned();
     let out = tokio::process::Command::new(BIN)
         .args([
             "query",
@@ -220,21 +148,14 @@ async fn serve_with_the_aws_upstream_uses_the_standard_credential_and_endpoint_v
         .output()
         .await
         .expect("query runs");
-    assert!(
-        out.status.success(),
-        "query failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "query failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),
         7,
         "seven daily rows (the upstream's default period)"
     );
     let stats = emu.emulator().stats();
-    assert_eq!(
-        stats.hosts.into_iter().collect::<Vec<_>>(),
-        vec![format!("localhost:{}", emu.addr().port())]
-    );
+    assert_eq!(stats.hosts.into_iter().collect::<Vec<_>>(), vec![format!("localhost:{}", emu.addr().port())]);
 }
 
 #[test]
@@ -255,9 +176,6 @@ fn a_bad_setting_stops_serve_with_a_message() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--farm-queue-capacity"));
-    let out = Command::new(BIN)
-        .args(["serve", "--upstream", "mars"])
-        .output()
-        .expect("runs");
+    let out = Command::new(BIN).args(["serve", "--upstream", "mars"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
 }

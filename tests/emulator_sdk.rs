@@ -24,28 +24,17 @@ async fn finished(
     page_size: u32,
 ) -> deadline_stats_gateway::upstream::UpstreamPage {
     eventually(WAIT, || async {
-        let page = client
-            .get_page(farm, id, page_size, None)
-            .await
-            .expect("get succeeds");
+        let page = client.get_page(farm, id, page_size, None).await.expect("get succeeds");
         page.status.is_terminal().then_some(page)
     })
     .await
 }
 
 /// Every row, following next tokens with pages of `page_size`.
-async fn all_rows(
-    client: &SdkUpstream,
-    farm: &str,
-    id: &str,
-    page_size: u32,
-) -> Vec<StatisticsRow> {
+async fn all_rows(client: &SdkUpstream, farm: &str, id: &str, page_size: u32) -> Vec<StatisticsRow> {
     let (mut rows, mut token) = (Vec::new(), None::<String>);
     loop {
-        let page = client
-            .get_page(farm, id, page_size, token.as_deref())
-            .await
-            .expect("page");
+        let page = client.get_page(farm, id, page_size, token.as_deref()).await.expect("page");
         assert_eq!(page.status, AggregationStatus::Completed);
         assert!(page.rows.len() <= page_size as usize);
         rows.extend(page.rows);
@@ -62,10 +51,7 @@ async fn pages_through_more_than_a_thousand_rows_with_several_page_sizes() {
     let client = sdk(&emu.endpoint_url()).await;
     let req = request(1, 2, 4, vec![GroupBy::QueueId, GroupBy::JobId]);
     let id = client.start(&req).await.expect("start");
-    let in_progress = client
-        .get_page(&req.farm_id, &id, 100, None)
-        .await
-        .expect("get");
+    let in_progress = client.get_page(&req.farm_id, &id, 100, None).await.expect("get");
     assert_eq!(in_progress.status, AggregationStatus::InProgress);
     assert!(in_progress.rows.is_empty() && in_progress.next_token.is_none());
     finished(&client, &req.farm_id, &id, 100).await;
@@ -74,32 +60,18 @@ async fn pages_through_more_than_a_thousand_rows_with_several_page_sizes() {
     assert_eq!(reference.len(), 2 * 6 * 96, "2 queues x 6 jobs x 96 hours");
     for size in [1, 37, 99] {
         if size == 1 {
-            let first = client
-                .get_page(&req.farm_id, &id, 1, None)
-                .await
-                .expect("page of one");
+            let first = client.get_page(&req.farm_id, &id, 1, None).await.expect("page of one");
             assert_eq!(first.rows.len(), 1);
             assert!(first.next_token.is_some());
             continue;
         }
-        assert_eq!(
-            all_rows(&client, &req.farm_id, &id, size).await,
-            reference,
-            "page size {size}"
-        );
+        assert_eq!(all_rows(&client, &req.farm_id, &id, size).await, reference, "page size {size}");
     }
     let row = &reference[0];
     assert!(row.queue_id.is_some() && row.job_id.is_some() && row.job_name.is_some());
-    assert!(
-        row.cost_in_usd.sum.is_some()
-            && row.cost_in_usd.avg.is_some()
-            && row.cost_in_usd.min.is_none()
-    );
+    assert!(row.cost_in_usd.sum.is_some() && row.cost_in_usd.avg.is_some() && row.cost_in_usd.min.is_none());
     assert_eq!(row.aggregation_start_time, Some(req.start_time));
-    assert_eq!(
-        row.aggregation_end_time,
-        Some(req.start_time + chrono::Duration::hours(1))
-    );
+    assert_eq!(row.aggregation_end_time, Some(req.start_time + chrono::Duration::hours(1)));
 }
 
 #[tokio::test]
@@ -107,9 +79,7 @@ async fn rows_decode_every_member_including_persistent_volume() {
     let emu = emulator(QUICK, HOUR).await;
     let client = sdk(&emu.endpoint_url()).await;
     let mut req = request(2, 1, 1, vec![GroupBy::UsageType, GroupBy::InstanceType]);
-    req.resources = Resources::Fleets(vec![deadline_stats_gateway::domain::ids::format_id(
-        "fleet-", 1, 1,
-    )]);
+    req.resources = Resources::Fleets(vec![deadline_stats_gateway::domain::ids::format_id("fleet-", 1, 1)]);
     req.period = Some(Period::Daily);
     req.timezone = Timezone::parse("UTC+08:00");
     let id = client.start(&req).await.expect("start");
@@ -123,10 +93,7 @@ async fn rows_decode_every_member_including_persistent_volume() {
     );
     assert!(rows.iter().any(|r| r.instance_type.is_some()));
     // A day in UTC+08:00 starting at 00:00 UTC spans two local days.
-    let starts: std::collections::BTreeSet<_> = rows
-        .iter()
-        .filter_map(|r| r.aggregation_start_time)
-        .collect();
+    let starts: std::collections::BTreeSet<_> = rows.iter().filter_map(|r| r.aggregation_start_time).collect();
     assert_eq!(starts.len(), 2);
 }
 
@@ -143,24 +110,14 @@ async fn one_running_aggregation_per_farm() {
         }
         other => panic!("expected ThrottlingException, got {other:?}"),
     }
-    client
-        .start(&request(4, 1, 1, vec![GroupBy::QueueId]))
-        .await
-        .expect("another farm is independent");
+    client.start(&request(4, 1, 1, vec![GroupBy::QueueId])).await.expect("another farm is independent");
     finished(&client, &first.farm_id, &id, 10).await;
-    client
-        .start(&second)
-        .await
-        .expect("the farm is free once the first completed");
+    client.start(&second).await.expect("the farm is free once the first completed");
 
     let s = stats(&emu).await;
     let f = &s["farms"][&first.farm_id];
     assert_eq!(
-        (
-            f["start_calls"].as_u64(),
-            f["throttled_starts"].as_u64(),
-            f["max_in_progress"].as_u64()
-        ),
+        (f["start_calls"].as_u64(), f["throttled_starts"].as_u64(), f["max_in_progress"].as_u64()),
         (Some(3), Some(1), Some(1))
     );
     assert!(f["get_calls"].as_u64().is_some_and(|n| n >= 1));
@@ -192,33 +149,16 @@ async fn unknown_ids_other_farms_and_bad_tokens_are_rejected() {
     let id = client.start(&req).await.expect("start");
     let page = finished(&client, &req.farm_id, &id, 10).await;
     let unknown = "0123456789abcdef0123456789abcdef";
-    assert!(matches!(
-        client.get_page(&req.farm_id, unknown, 10, None).await,
-        Err(UpstreamError::NotFound { .. })
-    ));
-    assert!(matches!(
-        client.get_page(&farm(99), &id, 10, None).await,
-        Err(UpstreamError::NotFound { .. })
-    ));
-    match client
-        .get_page(&req.farm_id, &id, 10, Some("not-a-token"))
-        .await
-    {
+    assert!(matches!(client.get_page(&req.farm_id, unknown, 10, None).await, Err(UpstreamError::NotFound { .. })));
+    assert!(matches!(client.get_page(&farm(99), &id, 10, None).await, Err(UpstreamError::NotFound { .. })));
+    match client.get_page(&req.farm_id, &id, 10, Some("not-a-token")).await {
         Err(UpstreamError::Invalid { fields, .. }) => assert_eq!(fields[0].name, "nextToken"),
         other => panic!("expected ValidationException, got {other:?}"),
     }
-    let other = client
-        .start(&request(7, 1, 1, vec![GroupBy::JobId]))
-        .await
-        .expect("start on another farm");
-    let other_token = finished(&client, &farm(7), &other, 1)
-        .await
-        .next_token
-        .expect("more pages");
+    let other = client.start(&request(7, 1, 1, vec![GroupBy::JobId])).await.expect("start on another farm");
+    let other_token = finished(&client, &farm(7), &other, 1).await.next_token.expect("more pages");
     assert!(matches!(
-        client
-            .get_page(&req.farm_id, &id, 10, Some(&other_token))
-            .await,
+        client.get_page(&req.farm_id, &id, 10, Some(&other_token)).await,
         Err(UpstreamError::Invalid { .. })
     ));
     assert!(page.next_token.is_some());
@@ -239,14 +179,9 @@ async fn invalid_requests_come_back_with_every_field_named() {
         }
         other => panic!("expected ValidationException, got {other:?}"),
     }
+    assert!(matches!(client.get_page(&farm(8), "tooshort", 10, None).await, Err(UpstreamError::Invalid { .. })));
     assert!(matches!(
-        client.get_page(&farm(8), "tooshort", 10, None).await,
-        Err(UpstreamError::Invalid { .. })
-    ));
-    assert!(matches!(
-        client
-            .get_page(&farm(8), "0123456789abcdef0123456789abcdef", 101, None)
-            .await,
+        client.get_page(&farm(8), "0123456789abcdef0123456789abcdef", 101, None).await,
         Err(UpstreamError::Invalid { .. })
     ));
 }
@@ -263,11 +198,7 @@ async fn every_exception_kind_maps_to_its_domain_error_and_start_is_never_retrie
         "ValidationException",
     ];
     for (n, kind) in kinds.into_iter().enumerate() {
-        set_faults(
-            &emu,
-            json!({"error_rates": {kind: 1.0}, "operations": ["start"]}),
-        )
-        .await;
+        set_faults(&emu, json!({"error_rates": {kind: 1.0}, "operations": ["start"]})).await;
         let req = request(10 + n as u64, 1, 1, vec![GroupBy::QueueId]);
         let err = client.start(&req).await.expect_err("fault fires");
         let ok = match (kind, &err) {
@@ -282,11 +213,7 @@ async fn every_exception_kind_maps_to_its_domain_error_and_start_is_never_retrie
         };
         assert!(ok, "{kind} became {err:?}");
         let s = stats(&emu).await;
-        assert_eq!(
-            s["farms"][&req.farm_id]["start_calls"].as_u64(),
-            Some(1),
-            "{kind}: Start made exactly one attempt"
-        );
+        assert_eq!(s["farms"][&req.farm_id]["start_calls"].as_u64(), Some(1), "{kind}: Start made exactly one attempt");
     }
 }
 
@@ -297,50 +224,26 @@ async fn get_retries_transient_failures_and_dropped_connections() {
     let req = request(20, 1, 1, vec![GroupBy::QueueId]);
     let id = client.start(&req).await.expect("start");
     finished(&client, &req.farm_id, &id, 10).await;
-    let before = stats(&emu).await["farms"][&req.farm_id]["get_calls"]
-        .as_u64()
-        .unwrap_or(0);
-
-    set_faults(&emu, json!({"error_rates": {"InternalServerErrorException": 1.0}, "operations": ["get"], "remaining": 1})).await;
-    client
-        .get_page(&req.farm_id, &id, 10, None)
-        .await
-        .expect("a 500 is retried");
-    set_faults(
-        &emu,
-        json!({"drop_rate": 1.0, "operations": ["get"], "remaining": 1}),
-    )
-    .await;
-    client
-        .get_page(&req.farm_id, &id, 10, None)
-        .await
-        .expect("a dropped connection is retried");
-    let after = stats(&emu).await["farms"][&req.farm_id]["get_calls"]
-        .as_u64()
-        .unwrap_or(0);
-    assert_eq!(
-        after - before,
-        4,
-        "two calls, each failed once and retried once"
-    );
+    let before = stats(&emu).await["farms"][&req.farm_id]["get_calls"].as_u64().unwrap_or(0);
 
     set_faults(
         &emu,
-        json!({"drop_rate": 1.0, "operations": ["start"], "remaining": 1}),
+        json!({"error_rates": {"InternalServerErrorException": 1.0}, "operations": ["get"], "remaining": 1}),
     )
     .await;
+    client.get_page(&req.farm_id, &id, 10, None).await.expect("a 500 is retried");
+    set_faults(&emu, json!({"drop_rate": 1.0, "operations": ["get"], "remaining": 1})).await;
+    client.get_page(&req.farm_id, &id, 10, None).await.expect("a dropped connection is retried");
+    let after = stats(&emu).await["farms"][&req.farm_id]["get_calls"].as_u64().unwrap_or(0);
+    assert_eq!(after - before, 4, "two calls, each failed once and retried once");
+
+    set_faults(&emu, json!({"drop_rate": 1.0, "operations": ["start"], "remaining": 1})).await;
     let next = request(21, 1, 1, vec![GroupBy::QueueId]);
     assert!(
-        matches!(
-            client.start(&next).await,
-            Err(UpstreamError::Transient { .. })
-        ),
+        matches!(client.start(&next).await, Err(UpstreamError::Transient { .. })),
         "a dropped Start is surfaced, not retried"
     );
-    assert_eq!(
-        stats(&emu).await["farms"][&next.farm_id]["start_calls"].as_u64(),
-        Some(1)
-    );
+    assert_eq!(stats(&emu).await["farms"][&next.farm_id]["start_calls"].as_u64(), Some(1));
 }
 
 #[tokio::test]
@@ -351,39 +254,23 @@ async fn latency_beyond_the_attempt_timeout_is_a_transient_timeout() {
     config.operation_timeout = Duration::from_millis(500);
     let client = SdkUpstream::connect(&config).await.expect("client");
     set_faults(&emu, json!({"latency_ms": 2000, "operations": ["start"]})).await;
-    match client
-        .start(&request(30, 1, 1, vec![GroupBy::QueueId]))
-        .await
-    {
+    match client.start(&request(30, 1, 1, vec![GroupBy::QueueId])).await {
         Err(UpstreamError::Transient { message, .. }) => {
             assert!(message.contains("timed out"), "{message}")
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
-    let (status, _, _) = http(
-        "DELETE",
-        &format!("{}/_emulator/faults", emu.endpoint_url()),
-        None,
-        &[],
-    )
-    .await;
+    let (status, _, _) = http("DELETE", &format!("{}/_emulator/faults", emu.endpoint_url()), None, &[]).await;
     assert_eq!(status, 204);
-    client
-        .start(&request(31, 1, 1, vec![GroupBy::QueueId]))
-        .await
-        .expect("faults cleared");
+    client.start(&request(31, 1, 1, vec![GroupBy::QueueId])).await.expect("faults cleared");
 }
 
 #[tokio::test]
 async fn forced_outcomes_end_failed_or_timeout_with_a_message() {
     let emu = emulator(Duration::from_millis(20), HOUR).await;
     let client = sdk(&emu.endpoint_url()).await;
-    for (n, (forced, status)) in [
-        ("FAILED", AggregationStatus::Failed),
-        ("TIMEOUT", AggregationStatus::Timeout),
-    ]
-    .into_iter()
-    .enumerate()
+    for (n, (forced, status)) in
+        [("FAILED", AggregationStatus::Failed), ("TIMEOUT", AggregationStatus::Timeout)].into_iter().enumerate()
     {
         set_faults(&emu, json!({"force_status": forced})).await;
         let req = request(40 + n as u64, 1, 1, vec![GroupBy::QueueId]);
@@ -402,12 +289,9 @@ async fn too_large_results_end_failed() {
         max_rows: 500,
         ..Default::default()
     };
-    let emu = deadline_stats_gateway::emulator::EmulatorHandle::spawn(
-        config,
-        "127.0.0.1:0".parse().expect("addr"),
-    )
-    .await
-    .expect("emulator");
+    let emu = deadline_stats_gateway::emulator::EmulatorHandle::spawn(config, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("emulator");
     let client = sdk(&emu.endpoint_url()).await;
     let req = request(50, 2, 4, vec![GroupBy::JobId]);
     let id = client.start(&req).await.expect("start");
@@ -421,31 +305,17 @@ async fn requests_go_only_to_the_configured_host() {
     let emu = emulator(QUICK, HOUR).await;
     let port = emu.addr().port();
     // `management.localhost` resolves on many systems, so only the Host header tells the truth.
-    for endpoint in [
-        format!("http://localhost:{port}"),
-        format!("http://127.0.0.1:{port}"),
-    ] {
+    for endpoint in [format!("http://localhost:{port}"), format!("http://127.0.0.1:{port}")] {
         let client = sdk(&endpoint).await;
         let req = request(60, 1, 1, vec![GroupBy::QueueId]);
-        let id = client
-            .start(&req)
-            .await
-            .expect("start reaches the emulator");
-        client
-            .get_page(&req.farm_id, &id, 10, None)
-            .await
-            .expect("get reaches the emulator");
+        let id = client.start(&req).await.expect("start reaches the emulator");
+        client.get_page(&req.farm_id, &id, 10, None).await.expect("get reaches the emulator");
         emu.emulator().reset();
     }
-    let hosts: Vec<String> =
-        serde_json::from_value(stats(&emu).await["hosts"].clone()).expect("hosts list");
+    let hosts: Vec<String> = serde_json::from_value(stats(&emu).await["hosts"].clone()).expect("hosts list");
     assert!(hosts.is_empty(), "reset clears hosts");
     let client = sdk(&format!("http://localhost:{port}")).await;
-    client
-        .start(&request(61, 1, 1, vec![GroupBy::QueueId]))
-        .await
-        .expect("start");
-    let hosts: Vec<String> =
-        serde_json::from_value(stats(&emu).await["hosts"].clone()).expect("hosts list");
+    client.start(&request(61, 1, 1, vec![GroupBy::QueueId])).await.expect("start");
+    let hosts: Vec<String> = serde_json::from_value(stats(&emu).await["hosts"].clone()).expect("hosts list");
     assert_eq!(hosts, vec![format!("localhost:{port}")]);
 }

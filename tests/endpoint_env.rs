@@ -25,15 +25,8 @@ async fn the_service_specific_endpoint_variable_is_honoured_without_host_prefix(
     config.endpoint_url = None;
     let client = SdkUpstream::connect(&config).await.expect("client");
     let req = request(1, 1, 1, vec![GroupBy::QueueId]);
-    let id = client
-        .start(&req)
-        .await
-        .expect("start reaches the emulator through the variable");
-    client
-        .get_page(&req.farm_id, &id, 10, None)
-        .await
-        .expect("get too");
-    let hosts: Vec<String> =
-        serde_json::from_value(stats(&emu).await["hosts"].clone()).expect("hosts");
+    let id = client.start(&req).await.expect("start reaches the emulator through the variable");
+    client.get_page(&req.farm_id, &id, 10, None).await.expect("get too");
+    let hosts: Vec<String> = serde_json::from_value(stats(&emu).await["hosts"].clone()).expect("hosts");
     assert_eq!(hosts, vec![format!("localhost:{}", emu.addr().port())]);
 }

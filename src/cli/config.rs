@@ -31,29 +31,18 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, ParseError> {
     if extra.is_empty() {
         return Ok(Cli::from_arg_matches(&matches)?);
     }
-    let all: Vec<OsString> = args
-        .into_iter()
-        .chain(extra.into_iter().map(OsString::from))
-        .collect();
-    Ok(Cli::from_arg_matches(
-        &Cli::command().try_get_matches_from(all)?,
-    )?)
+    let all: Vec<OsString> = args.into_iter().chain(extra.into_iter().map(OsString::from)).collect();
+    Ok(Cli::from_arg_matches(&Cli::command().try_get_matches_from(all)?)?)
 }
 
 /// `--flag=value` for each setting of the file that neither a flag nor a variable set.
 fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<String>, ParseError> {
-    let fail = |message: String| ParseError::File {
-        path: path.display().to_string(),
-        message,
-    };
+    let fail = |message: String| ParseError::File { path: path.display().to_string(), message };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| fail(format!("not valid TOML: {}", e.message())))?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| fail(format!("not valid TOML: {}", e.message())))?;
     let command = Cli::command();
-    let serve = command
-        .find_subcommand("serve")
-        .ok_or_else(|| fail("no serve command".into()))?;
+    let serve = command.find_subcommand("serve").ok_or_else(|| fail("no serve command".into()))?;
     let mut out = Vec::new();
     for (key, value) in table {
         let id = key.replace('-', "_");
@@ -61,10 +50,7 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<String>, Parse
             .get_arguments()
             .find(|a| a.get_id().as_str() == id && a.get_long().is_some() && id != "config")
             .ok_or_else(|| fail(format!("unknown setting '{key}'")))?;
-        if matches!(
-            given.value_source(&id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
+        if matches!(given.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
             continue;
         }
         let text = match value {
@@ -73,10 +59,7 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<String>, Parse
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
             other => {
-                return Err(fail(format!(
-                    "'{key}' must be a string, number or boolean, not {}",
-                    other.type_str()
-                )));
+                return Err(fail(format!("'{key}' must be a string, number or boolean, not {}", other.type_str())));
             }
         };
         out.push(format!("--{}={text}", arg.get_long().unwrap_or(&key)));
@@ -90,10 +73,7 @@ mod tests {
     use crate::cli::Command;
 
     fn args(list: &[&str]) -> Vec<OsString> {
-        std::iter::once("deadline-stats-gateway")
-            .chain(list.iter().copied())
-            .map(OsString::from)
-            .collect()
+        std::iter::once("deadline-stats-gateway").chain(list.iter().copied()).map(OsString::from).collect()
     }
 
     fn serve(cli: Cli) -> Box<crate::cli::serve::ServeArgs> {
@@ -108,40 +88,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dsg-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("gateway.toml");
-        std::fs::write(
-            &path,
-            "farm-queue-capacity = 7\nmax_wait = \"5s\"\nlisten = \"127.0.0.1:6000\"\n",
-        )
-        .expect("write");
+        std::fs::write(&path, "farm-queue-capacity = 7\nmax_wait = \"5s\"\nlisten = \"127.0.0.1:6000\"\n")
+            .expect("write");
         let p = path.to_string_lossy().into_owned();
         let s = serve(
-            parse(args(&[
-                "serve",
-                "--upstream",
-                "emulator",
-                "--config",
-                &p,
-                "--listen",
-                "127.0.0.1:7000",
-            ]))
-            .expect("parses"),
+            parse(args(&["serve", "--upstream", "emulator", "--config", &p, "--listen", "127.0.0.1:7000"]))
+                .expect("parses"),
         );
         assert_eq!(s.farm_queue_capacity, 7);
         assert_eq!(s.max_wait, std::time::Duration::from_secs(5));
         assert_eq!(s.listen.port(), 7000, "the flag wins over the file");
 
         std::fs::write(&path, "farm-queue-size = 7\n").expect("write");
-        let err = parse(args(&["serve", "--upstream", "emulator", "--config", &p]))
-            .expect_err("unknown key");
-        assert!(
-            err.to_string()
-                .contains("unknown setting 'farm-queue-size'"),
-            "{err}"
-        );
+        let err = parse(args(&["serve", "--upstream", "emulator", "--config", &p])).expect_err("unknown key");
+        assert!(err.to_string().contains("unknown setting 'farm-queue-size'"), "{err}");
 
         std::fs::write(&path, "farm-queue-capacity = \"lots\"\n").expect("write");
-        let err = parse(args(&["serve", "--upstream", "emulator", "--config", &p]))
-            .expect_err("bad value");
+        let err = parse(args(&["serve", "--upstream", "emulator", "--config", &p])).expect_err("bad value");
         assert!(err.to_string().contains("--farm-queue-capacity"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,9 +1,7 @@
 //! `emulator`: run the Deadline Cloud emulator as a process.
 
 use super::{RunError, announce, shutdown_signal};
-use crate::emulator::{
-    EmulatorConfig, EmulatorHandle, ErrorKind, FaultSpec, ForcedStatus, Operation,
-};
+use crate::emulator::{EmulatorConfig, EmulatorHandle, ErrorKind, FaultSpec, ForcedStatus, Operation};
 use clap::Args;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -71,17 +69,11 @@ impl EmulatorArgs {
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if (0.0..=1.0).contains(&rate) {
-        Ok(rate)
-    } else {
-        Err(format!("{rate} is not between 0 and 1"))
-    }
+    if (0.0..=1.0).contains(&rate) { Ok(rate) } else { Err(format!("{rate} is not between 0 and 1")) }
 }
 
 fn parse_error_rate(s: &str) -> Result<(ErrorKind, f64), String> {
-    let (kind, rate) = s
-        .split_once('=')
-        .ok_or_else(|| format!("'{s}' is not KIND=RATE"))?;
+    let (kind, rate) = s.split_once('=').ok_or_else(|| format!("'{s}' is not KIND=RATE"))?;
     let kind = ErrorKind::parse(kind).ok_or_else(|| {
         format!("'{kind}' is not an exception of the API (AccessDeniedException, InternalServerErrorException, ResourceNotFoundException, ThrottlingException, ValidationException)")
     })?;
@@ -108,10 +100,7 @@ pub async fn run(args: EmulatorArgs) -> Result<(), RunError> {
     let signal = shutdown_signal().map_err(RunError::Signal)?;
     let handle = EmulatorHandle::spawn(args.config(), args.listen)
         .await
-        .map_err(|source| RunError::Listen {
-            addr: args.listen,
-            source,
-        })?;
+        .map_err(|source| RunError::Listen { addr: args.listen, source })?;
     announce(&handle.endpoint_url());
     signal.await;
     handle.shutdown().await;

@@ -37,10 +37,7 @@ pub enum Command {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot wait for a shutdown signal: {0}")]
     Signal(std::io::Error),
     #[error("invalid configuration: {0}")]
@@ -101,8 +98,6 @@ impl Cli {
 fn parse_per_second(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err(format!(
-            "'{s}' is not a non-negative number (per second; 0 = unlimited)"
-        )),
+        _ => Err(format!("'{s}' is not a non-negative number (per second; 0 = unlimited)")),
     }
 }

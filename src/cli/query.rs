@@ -26,12 +26,7 @@ pub struct QueryArgs {
     #[arg(long)]
     pub farm_id: String,
     /// Comma-separated queue ids (or use --fleet-ids).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        conflicts_with = "fleet_ids",
-        required_unless_present = "fleet_ids"
-    )]
+    #[arg(long, value_delimiter = ',', conflicts_with = "fleet_ids", required_unless_present = "fleet_ids")]
     pub queue_ids: Vec<String>,
     /// Comma-separated fleet ids.
     #[arg(long, value_delimiter = ',')]
@@ -93,13 +88,9 @@ pub enum PeriodArg {
 impl QueryArgs {
     fn request(&self) -> pb::StartAggregationRequest {
         let resources = if self.fleet_ids.is_empty() {
-            Resources::QueueIds(pb::ResourceIds {
-                ids: self.queue_ids.clone(),
-            })
+            Resources::QueueIds(pb::ResourceIds { ids: self.queue_ids.clone() })
         } else {
-            Resources::FleetIds(pb::ResourceIds {
-                ids: self.fleet_ids.clone(),
-            })
+            Resources::FleetIds(pb::ResourceIds { ids: self.fleet_ids.clone() })
         };
         pb::StartAggregationRequest {
             farm_id: self.farm_id.clone(),
@@ -114,11 +105,7 @@ impl QueryArgs {
                 PeriodArg::Monthly => pb::Period::Monthly,
             }) as i32,
             group_by: self.group_by.iter().map(|g| group_by(*g) as i32).collect(),
-            statistics: self
-                .statistics
-                .iter()
-                .map(|s| statistic(*s) as i32)
-                .collect(),
+            statistics: self.statistics.iter().map(|s| statistic(*s) as i32).collect(),
         }
     }
 }
@@ -152,19 +139,10 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
         .map_err(|e| RunError::Query(format!("bad --gateway URL {}: {e}", args.gateway)))?
         .connect()
         .await
-        .map_err(|e| {
-            RunError::Query(format!("cannot reach the gateway at {}: {e}", args.gateway))
-        })?;
+        .map_err(|e| RunError::Query(format!("cannot reach the gateway at {}: {e}", args.gateway)))?;
     let mut client = AggregationServiceClient::new(channel);
-    let started = client
-        .start_aggregation(with_caller(args.request(), &args))
-        .await
-        .map_err(describe)?
-        .into_inner();
-    let id = started
-        .aggregation
-        .map(|a| a.aggregation_id)
-        .unwrap_or_default();
+    let started = client.start_aggregation(with_caller(args.request(), &args)).await.map_err(describe)?.into_inner();
+    let id = started.aggregation.map(|a| a.aggregation_id).unwrap_or_default();
     let deadline = tokio::time::Instant::now() + args.timeout;
     let (mut rows, mut token) = (Vec::new(), String::new());
     loop {
@@ -174,11 +152,7 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
             page_token: token.clone(),
             wait: prost_types::Duration::try_from(POLL_WAIT).ok(),
         };
-        let page = client
-            .get_aggregation(with_caller(get, &args))
-            .await
-            .map_err(describe)?
-            .into_inner();
+        let page = client.get_aggregation(with_caller(get, &args)).await.map_err(describe)?.into_inner();
         let agg = page.aggregation.unwrap_or_default();
         match pb::AggregationState::try_from(agg.state) {
             Ok(pb::AggregationState::Completed) => {}
@@ -191,10 +165,7 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
                 )));
             }
             _ if tokio::time::Instant::now() >= deadline => {
-                return Err(RunError::Query(format!(
-                    "aggregation {id} did not finish within {:?}",
-                    args.timeout
-                )));
+                return Err(RunError::Query(format!("aggregation {id} did not finish within {:?}", args.timeout)));
             }
             _ => continue,
         }
@@ -215,9 +186,7 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
 fn with_caller<T>(message: T, args: &QueryArgs) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(id) = args.caller_id.as_deref().and_then(|id| id.parse().ok()) {
-        request
-            .metadata_mut()
-            .insert(crate::grpc::service::CALLER_ID_HEADER, id);
+        request.metadata_mut().insert(crate::grpc::service::CALLER_ID_HEADER, id);
     }
     request
 }
@@ -246,13 +215,8 @@ fn cells(r: &pb::StatisticsRow) -> Vec<(&'static str, String)> {
             .map(|t| t.to_rfc3339())
             .unwrap_or_default()
     };
-    let usage = pb::UsageType::try_from(r.usage_type)
-        .ok()
-        .filter(|u| *u != pb::UsageType::Unspecified);
-    let (cost, runtime) = (
-        r.cost_in_usd.unwrap_or_default(),
-        r.runtime_in_seconds.unwrap_or_default(),
-    );
+    let usage = pb::UsageType::try_from(r.usage_type).ok().filter(|u| *u != pb::UsageType::Unspecified);
+    let (cost, runtime) = (r.cost_in_usd.unwrap_or_default(), r.runtime_in_seconds.unwrap_or_default());
     vec![
         ("start", time(&r.aggregation_start_time)),
         ("end", time(&r.aggregation_end_time)),
@@ -261,12 +225,7 @@ fn cells(r: &pb::StatisticsRow) -> Vec<(&'static str, String)> {
         ("job_id", opt(&r.job_id)),
         ("job_name", opt(&r.job_name)),
         ("user_id", opt(&r.user_id)),
-        (
-            "usage_type",
-            usage
-                .map(|u| u.as_str_name().trim_start_matches("USAGE_TYPE_").to_owned())
-                .unwrap_or_default(),
-        ),
+        ("usage_type", usage.map(|u| u.as_str_name().trim_start_matches("USAGE_TYPE_").to_owned()).unwrap_or_default()),
         ("instance_type", opt(&r.instance_type)),
         ("license_product", opt(&r.license_product)),
         ("count", r.count.to_string()),
@@ -287,70 +246,33 @@ fn print(rows: &[pb::StatisticsRow], format: Format) -> std::io::Result<()> {
         return Ok(());
     };
     // Only the columns some row fills.
-    let keep: Vec<usize> = (0..first.len())
-        .filter(|&i| table.iter().any(|r| !r[i].1.is_empty()))
-        .collect();
+    let keep: Vec<usize> = (0..first.len()).filter(|&i| table.iter().any(|r| !r[i].1.is_empty())).collect();
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
             for r in &table {
-                let obj: serde_json::Map<String, serde_json::Value> = keep
-                    .iter()
-                    .map(|&i| (r[i].0.to_owned(), r[i].1.clone().into()))
-                    .collect();
+                let obj: serde_json::Map<String, serde_json::Value> =
+                    keep.iter().map(|&i| (r[i].0.to_owned(), r[i].1.clone().into())).collect();
                 writeln!(out, "{}", serde_json::Value::Object(obj))?;
             }
         }
         Format::Csv => {
-            writeln!(
-                out,
-                "{}",
-                keep.iter()
-                    .map(|&i| first[i].0)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )?;
+            writeln!(out, "{}", keep.iter().map(|&i| first[i].0).collect::<Vec<_>>().join(","))?;
             for r in &table {
-                writeln!(
-                    out,
-                    "{}",
-                    keep.iter()
-                        .map(|&i| csv_field(&r[i].1))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )?;
+                writeln!(out, "{}", keep.iter().map(|&i| csv_field(&r[i].1)).collect::<Vec<_>>().join(","))?;
             }
         }
         Format::Table => {
             let widths: Vec<usize> = keep
                 .iter()
-                .map(|&i| {
-                    table
-                        .iter()
-                        .map(|r| r[i].1.len())
-                        .max()
-                        .unwrap_or(0)
-                        .max(first[i].0.len())
-                })
+                .map(|&i| table.iter().map(|r| r[i].1.len()).max().unwrap_or(0).max(first[i].0.len()))
                 .collect();
             let line = |cols: Vec<&str>| {
-                cols.iter()
-                    .zip(&widths)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ")
+                cols.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ")
             };
-            writeln!(
-                out,
-                "{}",
-                line(keep.iter().map(|&i| first[i].0).collect()).trim_end()
-            )?;
+            writeln!(out, "{}", line(keep.iter().map(|&i| first[i].0).collect()).trim_end())?;
             for r in &table {
-                writeln!(
-                    out,
-                    "{}",
-                    line(keep.iter().map(|&i| r[i].1.as_str()).collect()).trim_end()
-                )?;
+                writeln!(out, "{}", line(keep.iter().map(|&i| r[i].1.as_str()).collect()).trim_end())?;
             }
         }
     }
@@ -358,9 +280,5 @@ fn print(rows: &[pb::StatisticsRow], format: Format) -> std::io::Result<()> {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
+    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
 }

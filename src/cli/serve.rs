@@ -145,18 +145,12 @@ impl ServeArgs {
     /// The gateway core's settings, checked.
     pub fn gateway_config(&self) -> Result<GatewayConfig, RunError> {
         if self.farm_queue_capacity == 0 {
-            return Err(RunError::Config(
-                "--farm-queue-capacity must be at least 1".into(),
-            ));
+            return Err(RunError::Config("--farm-queue-capacity must be at least 1".into()));
         }
         if self.validity_margin >= self.result_validity {
-            return Err(RunError::Config(
-                "--validity-margin must be shorter than --result-validity".into(),
-            ));
+            return Err(RunError::Config("--validity-margin must be shorter than --result-validity".into()));
         }
-        if self.poll_initial_interval.is_zero()
-            || self.poll_initial_interval > self.poll_max_interval
-        {
+        if self.poll_initial_interval.is_zero() || self.poll_initial_interval > self.poll_max_interval {
             return Err(RunError::Config(
                 "--poll-initial-interval must be positive and at most --poll-max-interval".into(),
             ));
@@ -167,20 +161,15 @@ impl ServeArgs {
             ));
         }
         if self.request_timeout <= self.max_wait {
-            return Err(RunError::Config(
-                "--request-timeout must be longer than --max-wait".into(),
-            ));
+            return Err(RunError::Config("--request-timeout must be longer than --max-wait".into()));
         }
         if self.max_message_bytes < 1024 || self.max_concurrent_streams == 0 {
             return Err(RunError::Config(
-                "--max-message-bytes must be at least 1024 and --max-concurrent-streams at least 1"
-                    .into(),
+                "--max-message-bytes must be at least 1024 and --max-concurrent-streams at least 1".into(),
             ));
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
-            return Err(RunError::Config(
-                "--admin-listen must differ from --listen".into(),
-            ));
+            return Err(RunError::Config("--admin-listen must differ from --listen".into()));
         }
         let defaults = GatewayConfig::default();
         Ok(GatewayConfig {
@@ -203,32 +192,16 @@ impl ServeArgs {
                 start_deadline: self.start_deadline,
                 ..defaults.lifecycle
             },
-            caller_start: Rate {
-                per_second: self.caller_start_rate,
-                burst: self.caller_start_burst,
-            },
-            caller_get: Rate {
-                per_second: self.caller_get_rate,
-                burst: self.caller_get_burst,
-            },
-            upstream_start: Rate {
-                per_second: self.upstream_start_rate,
-                burst: 1,
-            },
-            upstream_get: Rate {
-                per_second: self.upstream_get_rate,
-                burst: rate_burst(self.upstream_get_rate),
-            },
+            caller_start: Rate { per_second: self.caller_start_rate, burst: self.caller_start_burst },
+            caller_get: Rate { per_second: self.caller_get_rate, burst: self.caller_get_burst },
+            upstream_start: Rate { per_second: self.upstream_start_rate, burst: 1 },
+            upstream_get: Rate { per_second: self.upstream_get_rate, burst: rate_burst(self.upstream_get_rate) },
             max_wait: self.max_wait,
             ..defaults
         })
     }
 
-    fn upstream_config(
-        &self,
-        endpoint_url: Option<String>,
-        credentials: CredentialSource,
-    ) -> SdkUpstreamConfig {
+    fn upstream_config(&self, endpoint_url: Option<String>, credentials: CredentialSource) -> SdkUpstreamConfig {
         SdkUpstreamConfig {
             endpoint_url,
             region: self.region.clone(),
@@ -265,40 +238,21 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let signal = shutdown_signal().map_err(RunError::Signal)?;
     let metrics = Arc::new(Metrics::new());
     let (sdk_config, emulator) = upstream(&args).await?;
-    let upstream = SdkUpstream::connect(&sdk_config)
-        .await
-        .map_err(|e| RunError::Config(e.to_string()))?;
+    let upstream = SdkUpstream::connect(&sdk_config).await.map_err(|e| RunError::Config(e.to_string()))?;
     let gateway = Arc::new(Gateway::new(config, Arc::new(upstream), metrics.clone()));
     let listener = server::bind(args.listen).await?;
     let admin_listener = server::bind(args.admin_listen).await?;
-    let addr = listener.local_addr().map_err(|source| RunError::Listen {
-        addr: args.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| RunError::Listen {
-            addr: args.admin_listen,
-            source,
-        })?;
+    let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
+    let admin_addr =
+        admin_listener.local_addr().map_err(|source| RunError::Listen { addr: args.admin_listen, source })?;
     announce(&format!("http://{addr}"));
     super::print_line(&format!("admin on http://{admin_addr}"));
     tracing::info!(%addr, %admin_addr, upstream = ?args.upstream, "gateway serving");
 
     let (ready, ready_rx) = watch::channel(false);
     let (stop, stopped) = watch::channel(false);
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        metrics.clone(),
-        ready_rx,
-        until_true(stopped.clone()),
-    ));
-    let serving = Serving {
-        gateway: gateway.clone(),
-        metrics,
-        options: args.server_options(),
-        ready,
-    };
+    let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready_rx, until_true(stopped.clone())));
+    let serving = Serving { gateway: gateway.clone(), metrics, options: args.server_options(), ready };
     let server = server::serve(listener, serving, until_true(stopped));
     tokio::pin!(server);
     let outcome = tokio::select! {
@@ -318,10 +272,7 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     };
     stop.send_replace(true);
     gateway.shutdown();
-    if tokio::time::timeout(Duration::from_secs(5), admin)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), admin).await.is_err() {
         tracing::warn!("the admin listener did not stop in time");
     }
     if let Some(emulator) = emulator {
@@ -337,14 +288,9 @@ async fn until_true(mut flag: watch::Receiver<bool>) {
 }
 
 /// The SDK settings for the chosen upstream, and the in-process emulator when it is the one.
-async fn upstream(
-    args: &ServeArgs,
-) -> Result<(SdkUpstreamConfig, Option<EmulatorHandle>), RunError> {
+async fn upstream(args: &ServeArgs) -> Result<(SdkUpstreamConfig, Option<EmulatorHandle>), RunError> {
     match args.upstream {
-        UpstreamKind::Aws => Ok((
-            args.upstream_config(args.endpoint_url.clone(), CredentialSource::Chain),
-            None,
-        )),
+        UpstreamKind::Aws => Ok((args.upstream_config(args.endpoint_url.clone(), CredentialSource::Chain), None)),
         UpstreamKind::Emulator => {
             let emulator_config = EmulatorConfig {
                 aggregation_duration: args.emulator_aggregation_duration,
@@ -355,15 +301,10 @@ async fn upstream(
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
             let handle = EmulatorHandle::spawn(emulator_config, loopback)
                 .await
-                .map_err(|source| RunError::Listen {
-                    addr: loopback,
-                    source,
-                })?;
+                .map_err(|source| RunError::Listen { addr: loopback, source })?;
             tracing::info!(endpoint = %handle.endpoint_url(), "emulator upstream started");
-            let credentials = CredentialSource::Static {
-                access_key_id: "emulator".into(),
-                secret_access_key: "emulator".into(),
-            };
+            let credentials =
+                CredentialSource::Static { access_key_id: "emulator".into(), secret_access_key: "emulator".into() };
             let mut sdk = args.upstream_config(Some(handle.endpoint_url()), credentials);
             sdk.region = Some(args.region.clone().unwrap_or_else(|| "us-west-2".into()));
             Ok((sdk, Some(handle)))

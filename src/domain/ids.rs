@@ -29,9 +29,8 @@ pub fn is_aggregation_id(s: &str) -> bool {
 }
 
 fn is_prefixed_hex(s: &str, prefix: &str) -> bool {
-    s.strip_prefix(prefix).is_some_and(|hex| {
-        hex.len() == ID_HEX_LEN && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    })
+    s.strip_prefix(prefix)
+        .is_some_and(|hex| hex.len() == ID_HEX_LEN && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 /// Formats `prefix` followed by 32 lowercase hex digits taken from two 64-bit words.

@@ -32,9 +32,7 @@ impl Timezone {
             _ => return None,
         };
         let hours = i32::from(b[4] - b'0') * 10 + i32::from(b[5] - b'0');
-        Some(Self {
-            offset_minutes: sign * (hours * 60 + minutes),
-        })
+        Some(Self { offset_minutes: sign * (hours * 60 + minutes) })
     }
 
     /// The offset in minutes east of UTC.
@@ -63,34 +61,16 @@ mod tests {
 
     #[test]
     fn parses_and_prints_the_model_pattern() {
-        for s in [
-            "UTC+08:00",
-            "UTC-05:30",
-            "UTC+00:00",
-            "UTC+19:30",
-            "UTC-10:00",
-        ] {
+        for s in ["UTC+08:00", "UTC-05:30", "UTC+00:00", "UTC+19:30", "UTC-10:00"] {
             let tz = Timezone::parse(s).unwrap_or_else(|| panic!("{s} should parse"));
             assert_eq!(tz.to_string(), s);
         }
-        assert_eq!(
-            Timezone::parse("UTC-05:30").map(Timezone::offset_minutes),
-            Some(-330)
-        );
+        assert_eq!(Timezone::parse("UTC-05:30").map(Timezone::offset_minutes), Some(-330));
     }
 
     #[test]
     fn rejects_what_the_pattern_rejects() {
-        for s in [
-            "UTC+8",
-            "UTC+8:00",
-            "UTC+20:00",
-            "UTC+08:15",
-            "GMT+08:00",
-            "UTC 08:00",
-            "UTC+08:000",
-            "",
-        ] {
+        for s in ["UTC+8", "UTC+8:00", "UTC+20:00", "UTC+08:15", "GMT+08:00", "UTC 08:00", "UTC+08:000", ""] {
             assert_eq!(Timezone::parse(s), None, "{s} should be rejected");
         }
     }

@@ -43,19 +43,11 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: Field, description: impl Into<String>) -> Self {
-        Self {
-            field,
-            index: None,
-            description: description.into(),
-        }
+        Self { field, index: None, description: description.into() }
     }
 
     pub fn at(field: Field, index: usize, description: impl Into<String>) -> Self {
-        Self {
-            field,
-            index: Some(index),
-            description: description.into(),
-        }
+        Self { field, index: Some(index), description: description.into() }
     }
 }
 
@@ -116,10 +108,7 @@ pub fn check_farm_id(farm_id: &str, v: &mut Vec<FieldViolation>) {
     if farm_id.is_empty() {
         v.push(FieldViolation::new(Field::FarmId, "is required"));
     } else if !ids::is_farm_id(farm_id) {
-        v.push(FieldViolation::new(
-            Field::FarmId,
-            format!("'{farm_id}' must match farm-[0-9a-f]{{32}}"),
-        ));
+        v.push(FieldViolation::new(Field::FarmId, format!("'{farm_id}' must match farm-[0-9a-f]{{32}}")));
     }
 }
 
@@ -130,25 +119,15 @@ fn check_resources(
 ) -> Option<Resources> {
     match (queues, fleets) {
         (Some(_), Some(_)) => {
-            v.push(FieldViolation::new(
-                Field::ResourceIds,
-                "give queue ids or fleet ids, not both",
-            ));
+            v.push(FieldViolation::new(Field::ResourceIds, "give queue ids or fleet ids, not both"));
             None
         }
         (None, None) => {
-            v.push(FieldViolation::new(
-                Field::ResourceIds,
-                "queue ids or fleet ids are required",
-            ));
+            v.push(FieldViolation::new(Field::ResourceIds, "queue ids or fleet ids are required"));
             None
         }
-        (Some(q), None) => {
-            check_ids(q, Field::QueueIds, "queue-", ids::is_queue_id, v).map(Resources::Queues)
-        }
-        (None, Some(f)) => {
-            check_ids(f, Field::FleetIds, "fleet-", ids::is_fleet_id, v).map(Resources::Fleets)
-        }
+        (Some(q), None) => check_ids(q, Field::QueueIds, "queue-", ids::is_queue_id, v).map(Resources::Queues),
+        (None, Some(f)) => check_ids(f, Field::FleetIds, "fleet-", ids::is_fleet_id, v).map(Resources::Fleets),
     }
 }
 
@@ -162,11 +141,7 @@ fn check_ids(
     let before = v.len();
     for (i, id) in list.iter().enumerate() {
         if !valid(id) {
-            v.push(FieldViolation::at(
-                field,
-                i,
-                format!("'{id}' must match {prefix}[0-9a-f]{{32}}"),
-            ));
+            v.push(FieldViolation::at(field, i, format!("'{id}' must match {prefix}[0-9a-f]{{32}}")));
         }
     }
     let ok = v.len() == before;
@@ -186,22 +161,14 @@ fn check_window(
     }
     let (start, end) = (start?, end?);
     if start >= end {
-        v.push(FieldViolation::new(
-            Field::EndTime,
-            format!("must be after the start time ({})", start.to_rfc3339()),
-        ));
+        v.push(FieldViolation::new(Field::EndTime, format!("must be after the start time ({})", start.to_rfc3339())));
         return None;
     }
     Some((start, end))
 }
 
 /// Drops repeats (keeping first occurrences in order) and checks `1..=max` distinct values.
-fn dedup_counted<T: PartialEq>(
-    list: Vec<T>,
-    field: Field,
-    max: usize,
-    v: &mut Vec<FieldViolation>,
-) -> Vec<T> {
+fn dedup_counted<T: PartialEq>(list: Vec<T>, field: Field, max: usize, v: &mut Vec<FieldViolation>) -> Vec<T> {
     let mut unique: Vec<T> = Vec::with_capacity(list.len());
     for item in list {
         if !unique.contains(&item) {
@@ -209,18 +176,9 @@ fn dedup_counted<T: PartialEq>(
         }
     }
     if unique.is_empty() {
-        v.push(FieldViolation::new(
-            field,
-            format!("needs 1 to {max} values"),
-        ));
+        v.push(FieldViolation::new(field, format!("needs 1 to {max} values")));
     } else if unique.len() > max {
-        v.push(FieldViolation::new(
-            field,
-            format!(
-                "has {} distinct values; at most {max} are allowed",
-                unique.len()
-            ),
-        ));
+        v.push(FieldViolation::new(field, format!("has {} distinct values; at most {max} are allowed", unique.len())));
     }
     unique
 }
@@ -283,35 +241,19 @@ mod tests {
     fn resources_are_one_kind_and_at_most_ten() {
         let mut d = good();
         d.fleet_ids = Some(vec![ids::format_id("fleet-", 1, 1)]);
-        assert_eq!(
-            fields(d.validate().expect_err("both")),
-            vec![(Field::ResourceIds, None)]
-        );
+        assert_eq!(fields(d.validate().expect_err("both")), vec![(Field::ResourceIds, None)]);
 
         let mut d = good();
         d.queue_ids = None;
-        assert_eq!(
-            fields(d.validate().expect_err("neither")),
-            vec![(Field::ResourceIds, None)]
-        );
+        assert_eq!(fields(d.validate().expect_err("neither")), vec![(Field::ResourceIds, None)]);
 
         let mut d = good();
         d.queue_ids = Some((0..11).map(|i| ids::format_id("queue-", 0, i)).collect());
-        assert_eq!(
-            fields(d.validate().expect_err("eleven")),
-            vec![(Field::QueueIds, None)]
-        );
+        assert_eq!(fields(d.validate().expect_err("eleven")), vec![(Field::QueueIds, None)]);
 
         let mut d = good();
-        d.queue_ids = Some(
-            (0..11)
-                .map(|i| ids::format_id("queue-", 0, i % 10))
-                .collect(),
-        );
-        assert_eq!(
-            d.validate().expect("ten distinct").resources.ids().len(),
-            10
-        );
+        d.queue_ids = Some((0..11).map(|i| ids::format_id("queue-", 0, i % 10)).collect());
+        assert_eq!(d.validate().expect("ten distinct").resources.ids().len(), 10);
     }
 
     #[test]
@@ -319,9 +261,6 @@ mod tests {
         let mut d = good();
         d.start_time = None;
         d.end_time = None;
-        assert_eq!(
-            fields(d.validate().expect_err("no times")),
-            vec![(Field::StartTime, None), (Field::EndTime, None)]
-        );
+        assert_eq!(fields(d.validate().expect_err("no times")), vec![(Field::StartTime, None), (Field::EndTime, None)]);
     }
 }

@@ -14,13 +14,7 @@ pub struct Bucket {
 /// The buckets covering `[start, end)`, each clipped to that window.
 pub fn buckets(start: DateTime<Utc>, end: DateTime<Utc>, period: Period, tz: Timezone) -> Buckets {
     let offset = Duration::minutes(i64::from(tz.offset_minutes()));
-    Buckets {
-        cursor: floor(start.naive_utc() + offset, period) - offset,
-        start,
-        end,
-        period,
-        offset,
-    }
+    Buckets { cursor: floor(start.naive_utc() + offset, period) - offset, start, end, period, offset }
 }
 
 /// Iterator over [`Bucket`]s; see [`buckets`].
@@ -44,10 +38,7 @@ impl Iterator for Buckets {
         }
         let next = step(self.cursor + self.offset, self.period)? - self.offset;
         self.cursor = next;
-        Some(Bucket {
-            start: bucket_start.max(self.start),
-            end: next.and_utc().min(self.end),
-        })
+        Some(Bucket { start: bucket_start.max(self.start), end: next.and_utc().min(self.end) })
     }
 }
 
@@ -80,9 +71,7 @@ mod tests {
     use super::*;
 
     fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("test timestamp")
-            .with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(s).expect("test timestamp").with_timezone(&Utc)
     }
 
     fn tz(s: &str) -> Timezone {
@@ -90,72 +79,34 @@ mod tests {
     }
 
     fn spans(start: &str, end: &str, period: Period, zone: &str) -> Vec<(String, String)> {
-        buckets(t(start), t(end), period, tz(zone))
-            .map(|b| (b.start.to_rfc3339(), b.end.to_rfc3339()))
-            .collect()
+        buckets(t(start), t(end), period, tz(zone)).map(|b| (b.start.to_rfc3339(), b.end.to_rfc3339())).collect()
     }
 
     #[test]
     fn hourly_buckets_follow_half_hour_offsets() {
-        let b = spans(
-            "2026-03-01T00:00:00Z",
-            "2026-03-01T02:00:00Z",
-            Period::Hourly,
-            "UTC+05:30",
-        );
+        let b = spans("2026-03-01T00:00:00Z", "2026-03-01T02:00:00Z", Period::Hourly, "UTC+05:30");
         assert_eq!(
             b,
             vec![
-                (
-                    "2026-03-01T00:00:00+00:00".into(),
-                    "2026-03-01T00:30:00+00:00".into()
-                ),
-                (
-                    "2026-03-01T00:30:00+00:00".into(),
-                    "2026-03-01T01:30:00+00:00".into()
-                ),
-                (
-                    "2026-03-01T01:30:00+00:00".into(),
-                    "2026-03-01T02:00:00+00:00".into()
-                ),
+                ("2026-03-01T00:00:00+00:00".into(), "2026-03-01T00:30:00+00:00".into()),
+                ("2026-03-01T00:30:00+00:00".into(), "2026-03-01T01:30:00+00:00".into()),
+                ("2026-03-01T01:30:00+00:00".into(), "2026-03-01T02:00:00+00:00".into()),
             ]
         );
     }
 
     #[test]
     fn daily_buckets_start_at_local_midnight() {
-        let b = spans(
-            "2026-03-01T12:00:00Z",
-            "2026-03-03T00:00:00Z",
-            Period::Daily,
-            "UTC-08:00",
-        );
-        assert_eq!(
-            b[0],
-            (
-                "2026-03-01T12:00:00+00:00".into(),
-                "2026-03-02T08:00:00+00:00".into()
-            )
-        );
-        assert_eq!(
-            b[1],
-            (
-                "2026-03-02T08:00:00+00:00".into(),
-                "2026-03-03T00:00:00+00:00".into()
-            )
-        );
+        let b = spans("2026-03-01T12:00:00Z", "2026-03-03T00:00:00Z", Period::Daily, "UTC-08:00");
+        assert_eq!(b[0], ("2026-03-01T12:00:00+00:00".into(), "2026-03-02T08:00:00+00:00".into()));
+        assert_eq!(b[1], ("2026-03-02T08:00:00+00:00".into(), "2026-03-03T00:00:00+00:00".into()));
         assert_eq!(b.len(), 2);
     }
 
     #[test]
     fn weekly_buckets_start_on_monday() {
         // 2026-03-04 is a Wednesday; the week began Monday 2026-03-02 local (UTC+08:00).
-        let b = spans(
-            "2026-03-04T00:00:00Z",
-            "2026-03-20T00:00:00Z",
-            Period::Weekly,
-            "UTC+08:00",
-        );
+        let b = spans("2026-03-04T00:00:00Z", "2026-03-20T00:00:00Z", Period::Weekly, "UTC+08:00");
         assert_eq!(b[1].0, "2026-03-08T16:00:00+00:00");
         assert_eq!(b[2].0, "2026-03-15T16:00:00+00:00");
         assert_eq!(b.len(), 3);
@@ -164,12 +115,7 @@ mod tests {
     #[test]
     fn monthly_buckets_cross_month_and_year_ends_in_local_time() {
         // In UTC+10:00, 2025-12-31T15:00Z is already 2026-01-01 01:00 local.
-        let b = spans(
-            "2025-12-15T00:00:00Z",
-            "2026-03-05T00:00:00Z",
-            Period::Monthly,
-            "UTC+10:00",
-        );
+        let b = spans("2025-12-15T00:00:00Z", "2026-03-05T00:00:00Z", Period::Monthly, "UTC+10:00");
         let starts: Vec<&str> = b.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(
             starts,
@@ -192,10 +138,7 @@ mod tests {
                 let all: Vec<Bucket> = buckets(start, end, *period, tz(zone)).collect();
                 assert_eq!(all.first().map(|b| b.start), Some(start));
                 assert_eq!(all.last().map(|b| b.end), Some(end));
-                assert!(
-                    all.windows(2)
-                        .all(|w| w[0].end == w[1].start && w[0].start < w[0].end)
-                );
+                assert!(all.windows(2).all(|w| w[0].end == w[1].start && w[0].start < w[0].end));
             }
         }
     }

@@ -7,34 +7,17 @@
 
 use super::buckets::{Bucket, buckets};
 use crate::domain::ids::format_id;
-use crate::domain::{
-    AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow, Stats, UsageType,
-};
+use crate::domain::{AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow, Stats, UsageType};
 use std::collections::BTreeSet;
 
 const JOBS_PER_RESOURCE: u64 = 6;
 const USERS: u64 = 5;
-const INSTANCE_TYPES: &[(&str, f64)] = &[
-    ("c5.4xlarge", 0.68),
-    ("m5.8xlarge", 1.54),
-    ("g4dn.xlarge", 0.53),
-    ("r5.2xlarge", 0.50),
-];
-const LICENSE_PRODUCTS: &[(&str, f64)] = &[
-    ("maya", 0.86),
-    ("nuke", 0.92),
-    ("houdini", 0.61),
-    ("arnold", 0.30),
-    ("vray", 0.24),
-];
+const INSTANCE_TYPES: &[(&str, f64)] =
+    &[("c5.4xlarge", 0.68), ("m5.8xlarge", 1.54), ("g4dn.xlarge", 0.53), ("r5.2xlarge", 0.50)];
+const LICENSE_PRODUCTS: &[(&str, f64)] =
+    &[("maya", 0.86), ("nuke", 0.92), ("houdini", 0.61), ("arnold", 0.30), ("vray", 0.24)];
 const VOLUME_USD_PER_HOUR: f64 = 0.02;
-const SHOTS: &[&str] = &[
-    "sq010_sh0040",
-    "sq020_sh0110",
-    "sq030_sh0080",
-    "sq040_sh0200",
-    "sq050_sh0010",
-];
+const SHOTS: &[&str] = &["sq010_sh0040", "sq020_sh0110", "sq030_sh0080", "sq040_sh0200", "sq050_sh0010"];
 const TASKS: &[&str] = &["lighting", "fx_sim", "comp", "lookdev", "layout"];
 
 /// How many rows a request yields, counting at most `limit + 1` so a huge request stays cheap.
@@ -51,18 +34,11 @@ pub fn row_count(req: &AggregationRequest, limit: u64) -> u64 {
 /// Every row of a request: buckets in time order, groups in a stable order within each.
 pub fn rows(req: &AggregationRequest) -> Vec<StatisticsRow> {
     let groups = groups(req);
-    bucket_list(req)
-        .flat_map(|bucket| groups.iter().map(move |g| row(req, g, bucket)))
-        .collect()
+    bucket_list(req).flat_map(|bucket| groups.iter().map(move |g| row(req, g, bucket))).collect()
 }
 
 fn bucket_list(req: &AggregationRequest) -> super::buckets::Buckets {
-    buckets(
-        req.start_time,
-        req.end_time,
-        req.effective_period(),
-        req.effective_timezone(),
-    )
+    buckets(req.start_time, req.end_time, req.effective_period(), req.effective_timezone())
 }
 
 /// One unit of synthetic activity; a group is its projection onto the `groupBy` fields.
@@ -94,25 +70,14 @@ fn activities(req: &AggregationRequest) -> Vec<Activity> {
         for j in 0..JOBS_PER_RESOURCE {
             let h = mix(r ^ j);
             let (queue_id, fleet_id) = match &req.resources {
-                Resources::Queues(_) => (
-                    resource.clone(),
-                    format_id("fleet-", farm, mix(farm ^ (h % 2))),
-                ),
-                Resources::Fleets(_) => (
-                    format_id("queue-", farm, mix(farm ^ (h % 3) ^ 0x51)),
-                    resource.clone(),
-                ),
+                Resources::Queues(_) => (resource.clone(), format_id("fleet-", farm, mix(farm ^ (h % 2)))),
+                Resources::Fleets(_) => (format_id("queue-", farm, mix(farm ^ (h % 3) ^ 0x51)), resource.clone()),
             };
             let job = Activity {
                 queue_id: Some(queue_id),
                 fleet_id: Some(fleet_id),
                 job_id: Some(format_id("job-", r, h)),
-                job_name: Some(format!(
-                    "{}_{}_v{:03}",
-                    pick(SHOTS, h),
-                    pick(TASKS, h >> 8),
-                    1 + (h >> 16) % 40
-                )),
+                job_name: Some(format!("{}_{}_v{:03}", pick(SHOTS, h), pick(TASKS, h >> 8), 1 + (h >> 16) % 40)),
                 user_id: Some(format!(
                     "{:08x}-{:04x}-4000-8000-{:012x}",
                     mix(farm ^ ((h >> 24) % USERS)) as u32,
@@ -131,10 +96,7 @@ fn activities(req: &AggregationRequest) -> Vec<Activity> {
                 license_product: Some(index(LICENSE_PRODUCTS.len(), h >> 40)),
                 ..job.clone()
             });
-            out.push(Activity {
-                usage_type: Some(UsageType::PersistentVolume),
-                ..job
-            });
+            out.push(Activity { usage_type: Some(UsageType::PersistentVolume), ..job });
         }
     }
     out
@@ -155,11 +117,7 @@ fn project(a: Activity, group_by: &[GroupBy]) -> Activity {
 }
 
 fn row(req: &AggregationRequest, g: &Activity, bucket: Bucket) -> StatisticsRow {
-    let seed = hash(&[
-        format!("{g:?}").as_bytes(),
-        &bucket.start.timestamp().to_le_bytes(),
-        req.farm_id.as_bytes(),
-    ]);
+    let seed = hash(&[format!("{g:?}").as_bytes(), &bucket.start.timestamp().to_le_bytes(), req.farm_id.as_bytes()]);
     let count = 1 + (seed % 12) as i32;
     let avg = 600.0 + ((seed >> 8) % 7200) as f64;
     let min = avg * (0.2 + ((seed >> 24) % 70) as f64 / 100.0);
@@ -236,17 +194,10 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     fn request(group_by: Vec<GroupBy>, queues: u64, days: i64) -> AggregationRequest {
-        let start = Utc
-            .with_ymd_and_hms(2026, 2, 1, 0, 0, 0)
-            .single()
-            .expect("start");
+        let start = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).single().expect("start");
         AggregationRequest {
             farm_id: ids::format_id("farm-", 9, 9),
-            resources: Resources::Queues(
-                (0..queues)
-                    .map(|i| ids::format_id("queue-", 0, i))
-                    .collect(),
-            ),
+            resources: Resources::Queues((0..queues).map(|i| ids::format_id("queue-", 0, i)).collect()),
             start_time: start,
             end_time: start + chrono::Duration::days(days),
             timezone: None,

@@ -74,26 +74,11 @@ impl ValidationReason {
 /// An error response of the emulated API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
-    Validation {
-        reason: ValidationReason,
-        message: String,
-        fields: Vec<(String, String)>,
-    },
-    NotFound {
-        message: String,
-        resource_id: String,
-        resource_type: &'static str,
-    },
-    Throttling {
-        message: String,
-        retry_after_secs: u64,
-    },
-    AccessDenied {
-        message: String,
-    },
-    Internal {
-        message: String,
-    },
+    Validation { reason: ValidationReason, message: String, fields: Vec<(String, String)> },
+    NotFound { message: String, resource_id: String, resource_type: &'static str },
+    Throttling { message: String, retry_after_secs: u64 },
+    AccessDenied { message: String },
+    Internal { message: String },
 }
 
 impl ApiError {
@@ -113,20 +98,13 @@ impl ApiError {
         match kind {
             ErrorKind::AccessDeniedException => Self::AccessDenied { message },
             ErrorKind::InternalServerErrorException => Self::Internal { message },
-            ErrorKind::ResourceNotFoundException => Self::NotFound {
-                message,
-                resource_id: "injected".into(),
-                resource_type: "farm",
-            },
-            ErrorKind::ThrottlingException => Self::Throttling {
-                message,
-                retry_after_secs: 1,
-            },
-            ErrorKind::ValidationException => Self::Validation {
-                reason: ValidationReason::Other,
-                message,
-                fields: vec![],
-            },
+            ErrorKind::ResourceNotFoundException => {
+                Self::NotFound { message, resource_id: "injected".into(), resource_type: "farm" }
+            }
+            ErrorKind::ThrottlingException => Self::Throttling { message, retry_after_secs: 1 },
+            ErrorKind::ValidationException => {
+                Self::Validation { reason: ValidationReason::Other, message, fields: vec![] }
+            }
         }
     }
 
@@ -145,38 +123,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = self.kind();
         let (body, retry_after) = match self {
-            Self::Validation {
-                reason,
-                message,
-                fields,
-            } => {
-                let list: Vec<_> = fields
-                    .into_iter()
-                    .map(|(name, message)| json!({"name": name, "message": message}))
-                    .collect();
-                (
-                    json!({"message": message, "reason": reason.as_str(), "fieldList": list}),
-                    None,
-                )
+            Self::Validation { reason, message, fields } => {
+                let list: Vec<_> =
+                    fields.into_iter().map(|(name, message)| json!({"name": name, "message": message})).collect();
+                (json!({"message": message, "reason": reason.as_str(), "fieldList": list}), None)
             }
-            Self::NotFound {
-                message,
-                resource_id,
-                resource_type,
-            } => (
-                json!({"message": message, "resourceId": resource_id, "resourceType": resource_type}),
-                None,
-            ),
-            Self::Throttling {
-                message,
-                retry_after_secs,
-            } => (
+            Self::NotFound { message, resource_id, resource_type } => {
+                (json!({"message": message, "resourceId": resource_id, "resourceType": resource_type}), None)
+            }
+            Self::Throttling { message, retry_after_secs } => (
                 json!({"message": message, "serviceCode": "deadline", "quotaCode": "sessions-statistics-aggregation"}),
                 Some(retry_after_secs),
             ),
-            Self::AccessDenied { message } | Self::Internal { message } => {
-                (json!({ "message": message }), None)
-            }
+            Self::AccessDenied { message } | Self::Internal { message } => (json!({ "message": message }), None),
         };
         let mut response = (kind.status(), axum::Json(body)).into_response();
         let headers = response.headers_mut();

@@ -55,11 +55,7 @@ pub struct FaultSpec {
 impl FaultSpec {
     /// Checks that every rate is a probability.
     pub fn validate(&self) -> Result<(), String> {
-        let rates = self
-            .error_rates
-            .iter()
-            .map(|(k, r)| (k.as_str(), *r))
-            .chain([("drop_rate", self.drop_rate)]);
+        let rates = self.error_rates.iter().map(|(k, r)| (k.as_str(), *r)).chain([("drop_rate", self.drop_rate)]);
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("{name}: rate {rate} must be between 0 and 1"));
@@ -89,9 +85,7 @@ pub struct Faults {
 
 impl Faults {
     pub fn new(spec: FaultSpec) -> Self {
-        Self {
-            spec: Mutex::new(spec),
-        }
+        Self { spec: Mutex::new(spec) }
     }
 
     pub fn get(&self) -> FaultSpec {
@@ -105,11 +99,7 @@ impl Faults {
     /// The latency to add to a request for `op`.
     pub fn latency(&self, op: Operation) -> Duration {
         let spec = self.lock();
-        if spec.affects(op) {
-            Duration::from_millis(spec.latency_ms)
-        } else {
-            Duration::ZERO
-        }
+        if spec.affects(op) { Duration::from_millis(spec.latency_ms) } else { Duration::ZERO }
     }
 
     /// The forced final status for a new aggregation, if any.
@@ -139,9 +129,7 @@ impl Faults {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FaultSpec> {
-        self.spec
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.spec.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -158,23 +146,14 @@ mod tests {
             ..FaultSpec::default()
         });
         assert_eq!(faults.decide(Operation::Get), Action::Proceed);
-        assert_eq!(
-            faults.decide(Operation::Start),
-            Action::Fail(ErrorKind::ThrottlingException)
-        );
-        assert_eq!(
-            faults.decide(Operation::Start),
-            Action::Fail(ErrorKind::ThrottlingException)
-        );
+        assert_eq!(faults.decide(Operation::Start), Action::Fail(ErrorKind::ThrottlingException));
+        assert_eq!(faults.decide(Operation::Start), Action::Fail(ErrorKind::ThrottlingException));
         assert_eq!(faults.decide(Operation::Start), Action::Proceed);
     }
 
     #[test]
     fn rates_must_be_probabilities() {
-        let spec = FaultSpec {
-            drop_rate: 1.5,
-            ..FaultSpec::default()
-        };
+        let spec = FaultSpec { drop_rate: 1.5, ..FaultSpec::default() };
         assert!(spec.validate().is_err());
         assert!(FaultSpec::default().validate().is_ok());
     }

@@ -69,12 +69,7 @@ impl EmulatorHandle {
         let task = tokio::spawn(server::serve(listener, emulator.clone(), async {
             let _ = rx.await;
         }));
-        Ok(Self {
-            addr,
-            emulator,
-            shutdown: Some(tx),
-            task: Some(task),
-        })
+        Ok(Self { addr, emulator, shutdown: Some(tx), task: Some(task) })
     }
 
     /// The bound address.

@@ -27,10 +27,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
     Router::new()
         .route(API_PATH, post(start).get(get_aggregation))
         .route("/_emulator/stats", get(stats))
-        .route(
-            "/_emulator/faults",
-            get(faults).post(set_faults).delete(clear_faults),
-        )
+        .route("/_emulator/faults", get(faults).post(set_faults).delete(clear_faults))
         .route("/_emulator/reset", post(reset))
         .route("/_emulator/health", get(|| async { "ok" }))
         .fallback(unknown_operation)
@@ -39,9 +36,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
 
 /// Which API operation a request is, and for which farm; `None` for everything else.
 pub fn operation_of<'p>(method: &Method, path: &'p str) -> Option<(Operation, &'p str)> {
-    let farm = path
-        .strip_prefix("/2023-10-12/farms/")?
-        .strip_suffix("/sessions-statistics-aggregation")?;
+    let farm = path.strip_prefix("/2023-10-12/farms/")?.strip_suffix("/sessions-statistics-aggregation")?;
     match *method {
         Method::POST => Some((Operation::Start, farm)),
         Method::GET => Some((Operation::Get, farm)),
@@ -70,59 +65,38 @@ async fn get_aggregation(
     authenticate(&headers)?;
     let mut v = Vec::new();
     check_farm_id(&farm_id, &mut v);
-    let aggregation_id = query
-        .get("aggregationId")
-        .map(String::as_str)
-        .unwrap_or_default();
+    let aggregation_id = query.get("aggregationId").map(String::as_str).unwrap_or_default();
     if !ids::is_aggregation_id(aggregation_id) {
-        v.push(FieldViolation::new(
-            Field::AggregationId,
-            format!("'{aggregation_id}' must match [0-9a-f]{{32}}"),
-        ));
+        v.push(FieldViolation::new(Field::AggregationId, format!("'{aggregation_id}' must match [0-9a-f]{{32}}")));
     }
     let max_results = match query.get("maxResults").map(|m| m.parse::<usize>()) {
         None => MAX_RESULTS,
         Some(Ok(n)) if (1..=MAX_RESULTS).contains(&n) => n,
         Some(_) => {
-            v.push(FieldViolation::new(
-                Field::MaxResults,
-                format!("must be a whole number from 1 to {MAX_RESULTS}"),
-            ));
+            v.push(FieldViolation::new(Field::MaxResults, format!("must be a whole number from 1 to {MAX_RESULTS}")));
             MAX_RESULTS
         }
     };
     let next_token = query.get("nextToken").filter(|t| !t.is_empty());
     if next_token.is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
-        v.push(FieldViolation::new(
-            Field::NextToken,
-            format!("is longer than {MAX_TOKEN_LEN} characters"),
-        ));
+        v.push(FieldViolation::new(Field::NextToken, format!("is longer than {MAX_TOKEN_LEN} characters")));
     }
     if !v.is_empty() {
         return Err(wire::violations(v));
     }
-    let page = emu.get(
-        &farm_id,
-        aggregation_id,
-        max_results,
-        next_token.map(String::as_str),
-    )?;
+    let page = emu.get(&farm_id, aggregation_id, max_results, next_token.map(String::as_str))?;
     Ok(Json(page.into()))
 }
 
 /// Requires a SigV4 `Authorization` header, as the real service does (the signature itself is
 /// not checked: the emulator has no secrets).
 fn authenticate(headers: &HeaderMap) -> Result<(), ApiError> {
-    let signed = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256 "));
+    let signed =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256 "));
     if signed {
         Ok(())
     } else {
-        Err(ApiError::AccessDenied {
-            message: "the request is not signed with AWS Signature Version 4".into(),
-        })
+        Err(ApiError::AccessDenied { message: "the request is not signed with AWS Signature Version 4".into() })
     }
 }
 
@@ -149,11 +123,7 @@ async fn set_faults(State(emu): State<Arc<Emulator>>, body: Bytes) -> Response {
     {
         Ok(spec) => spec,
         Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "message": e })),
-            )
-                .into_response();
+            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "message": e }))).into_response();
         }
     };
     emu.faults.set(spec.clone());

@@ -27,11 +27,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 struct Dropped;
 
 /// Serves `emulator` on `listener` until `shutdown` resolves, then drains connections.
-pub async fn serve(
-    listener: TcpListener,
-    emulator: Arc<Emulator>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: impl Future<Output = ()>) {
     let router = router(emulator.clone());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -53,10 +49,7 @@ pub async fn serve(
             let (router, emulator) = (router.clone(), emulator.clone());
             async move {
                 if let Some((op, farm)) = operation_of(req.method(), req.uri().path()) {
-                    let host = req
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok());
+                    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
                     emulator.record_call(farm, op, host);
                     let latency = emulator.faults.latency(op);
                     if !latency.is_zero() {
@@ -68,10 +61,7 @@ pub async fn serve(
                         Action::Proceed => {}
                     }
                 }
-                Ok(router
-                    .oneshot(req)
-                    .await
-                    .unwrap_or_else(|never| match never {}))
+                Ok(router.oneshot(req).await.unwrap_or_else(|never| match never {}))
             }
         });
         let conn = auto::Builder::new(TokioExecutor::new())
@@ -85,10 +75,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
         tracing::warn!("emulator connections still open after the drain timeout");
     }
 }

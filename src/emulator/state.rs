@@ -77,11 +77,7 @@ pub struct Emulator {
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Self {
         let faults = Faults::new(config.faults.clone());
-        Self {
-            config,
-            faults,
-            inner: Mutex::default(),
-        }
+        Self { config, faults, inner: Mutex::default() }
     }
 
     /// Counts one API call for `farm_id` and remembers the `Host` it was sent to.
@@ -124,18 +120,10 @@ impl Emulator {
         let id = new_aggregation_id();
         farm.aggregations.insert(
             id.clone(),
-            Aggregation {
-                request: Arc::new(request),
-                started: now,
-                outcome,
-                rows: Arc::default(),
-            },
+            Aggregation { request: Arc::new(request), started: now, outcome, rows: Arc::default() },
         );
-        let running = farm
-            .aggregations
-            .values()
-            .filter(|a| a.started + self.config.aggregation_duration > now)
-            .count() as u64;
+        let running =
+            farm.aggregations.values().filter(|a| a.started + self.config.aggregation_duration > now).count() as u64;
         farm.stats.max_in_progress = farm.stats.max_in_progress.max(running);
         Ok(id)
     }
@@ -172,17 +160,9 @@ impl Emulator {
             }
             (agg.request.clone(), agg.rows.clone(), agg.outcome.clone())
         };
-        let offset = next_token
-            .map(|t| decode_token(t, aggregation_id))
-            .transpose()?
-            .unwrap_or(0);
+        let offset = next_token.map(|t| decode_token(t, aggregation_id)).transpose()?.unwrap_or(0);
         if status != AggregationStatus::Completed {
-            return Ok(Page {
-                status,
-                status_message,
-                rows: None,
-                next_token: None,
-            });
+            return Ok(Page { status, status_message, rows: None, next_token: None });
         }
         let all = rows.get_or_init(|| Arc::new(dataset::rows(&request)));
         if offset > all.len() {
@@ -201,11 +181,7 @@ impl Emulator {
     pub fn stats(&self) -> StatsReport {
         let inner = self.lock();
         StatsReport {
-            farms: inner
-                .farms
-                .iter()
-                .map(|(id, f)| (id.clone(), f.stats.clone()))
-                .collect(),
+            farms: inner.farms.iter().map(|(id, f)| (id.clone(), f.stats.clone())).collect(),
             hosts: inner.hosts.clone(),
         }
     }
@@ -219,10 +195,7 @@ impl Emulator {
         if let Some(forced) = self.faults.forced_status() {
             return (
                 forced.status(),
-                Some(format!(
-                    "aggregation ended {} (forced by the emulator's faults)",
-                    forced.status().as_str()
-                )),
+                Some(format!("aggregation ended {} (forced by the emulator's faults)", forced.status().as_str())),
             );
         }
         let limit = self.config.max_rows;
@@ -237,14 +210,11 @@ impl Emulator {
     }
 
     fn prune(&self, farm: &mut Farm, now: Instant) {
-        farm.aggregations
-            .retain(|_, a| now < a.started + self.config.result_validity);
+        farm.aggregations.retain(|_, a| now < a.started + self.config.result_validity);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -261,14 +231,9 @@ fn decode_token(token: &str, aggregation_id: &str) -> Result<usize, ApiError> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| bad_token("is not a token this service issued"))?;
-    let text =
-        String::from_utf8(raw).map_err(|_| bad_token("is not a token this service issued"))?;
+    let text = String::from_utf8(raw).map_err(|_| bad_token("is not a token this service issued"))?;
     let mut parts = text.splitn(3, ':');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next().and_then(|o| o.parse().ok()),
-    ) {
+    match (parts.next(), parts.next(), parts.next().and_then(|o| o.parse().ok())) {
         (Some("v1"), Some(id), Some(offset)) if id == aggregation_id => Ok(offset),
         (Some("v1"), Some(_), Some(_)) => Err(bad_token("belongs to another aggregation")),
         _ => Err(bad_token("is not a token this service issued")),
@@ -276,10 +241,7 @@ fn decode_token(token: &str, aggregation_id: &str) -> Result<usize, ApiError> {
 }
 
 fn bad_token(why: &str) -> ApiError {
-    ApiError::fields(vec![(
-        super::wire::field_name(Field::NextToken, None),
-        format!("the token {why}"),
-    )])
+    ApiError::fields(vec![(super::wire::field_name(Field::NextToken, None), format!("the token {why}"))])
 }
 
 #[cfg(test)]
@@ -299,10 +261,7 @@ mod tests {
     }
 
     fn request(farm: u64, days: i64) -> AggregationRequest {
-        let start = Utc
-            .with_ymd_and_hms(2026, 2, 1, 0, 0, 0)
-            .single()
-            .expect("start");
+        let start = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).single().expect("start");
         AggregationRequest {
             farm_id: ids::format_id("farm-", farm, farm),
             resources: Resources::Queues(vec![ids::format_id("queue-", 0, 1)]),
@@ -321,22 +280,10 @@ mod tests {
         let farm = request(1, 1).farm_id;
         let id = emu.start(request(1, 1)).expect("first start");
         assert!(ids::is_aggregation_id(&id));
-        let err = emu
-            .start(request(1, 2))
-            .expect_err("second start while running");
-        assert_eq!(
-            err,
-            ApiError::Throttling {
-                message: err_message(&err),
-                retry_after_secs: 2
-            }
-        );
-        emu.start(request(2, 1))
-            .expect("another farm is independent");
-        assert_eq!(
-            emu.get(&farm, &id, 100, None).map(|p| p.status),
-            Ok(AggregationStatus::InProgress)
-        );
+        let err = emu.start(request(1, 2)).expect_err("second start while running");
+        assert_eq!(err, ApiError::Throttling { message: err_message(&err), retry_after_secs: 2 });
+        emu.start(request(2, 1)).expect("another farm is independent");
+        assert_eq!(emu.get(&farm, &id, 100, None).map(|p| p.status), Ok(AggregationStatus::InProgress));
 
         tokio::time::advance(Duration::from_secs(2)).await;
         let page = emu.get(&farm, &id, 100, None).expect("completed");
@@ -345,20 +292,9 @@ mod tests {
         emu.start(request(1, 2)).expect("the farm is free again");
 
         tokio::time::advance(Duration::from_secs(58)).await;
-        assert!(matches!(
-            emu.get(&farm, &id, 100, None),
-            Err(ApiError::NotFound { .. })
-        ));
+        assert!(matches!(emu.get(&farm, &id, 100, None), Err(ApiError::NotFound { .. })));
         let stats = emu.stats().farms[&farm].clone();
-        assert_eq!(
-            stats,
-            FarmStats {
-                start_calls: 0,
-                get_calls: 0,
-                throttled_starts: 1,
-                max_in_progress: 1
-            }
-        );
+        assert_eq!(stats, FarmStats { start_calls: 0, get_calls: 0, throttled_starts: 1, max_in_progress: 1 });
     }
 
     fn err_message(e: &ApiError) -> String {
@@ -388,19 +324,10 @@ mod tests {
 
         let other = emu.start(request(4, 1)).expect("other farm");
         let foreign = encode_token(&other, 1);
-        assert!(matches!(
-            emu.get(&farm, &id, 7, Some(&foreign)),
-            Err(ApiError::Validation { .. })
-        ));
-        assert!(matches!(
-            emu.get(&farm, &id, 7, Some("garbage!")),
-            Err(ApiError::Validation { .. })
-        ));
+        assert!(matches!(emu.get(&farm, &id, 7, Some(&foreign)), Err(ApiError::Validation { .. })));
+        assert!(matches!(emu.get(&farm, &id, 7, Some("garbage!")), Err(ApiError::Validation { .. })));
         assert!(
-            matches!(
-                emu.get(&farm, &other, 7, None),
-                Err(ApiError::NotFound { .. })
-            ),
+            matches!(emu.get(&farm, &other, 7, None), Err(ApiError::NotFound { .. })),
             "an id of another farm is not found"
         );
     }

@@ -55,11 +55,7 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
 
 /// Renders violations as a FIELD_VALIDATION_FAILED ValidationException.
 pub fn violations(v: Vec<FieldViolation>) -> ApiError {
-    ApiError::fields(
-        v.into_iter()
-            .map(|f| (field_name(f.field, f.index), f.description))
-            .collect(),
-    )
+    ApiError::fields(v.into_iter().map(|f| (field_name(f.field, f.index), f.description)).collect())
 }
 
 /// Decodes and validates a Start request.
@@ -69,71 +65,32 @@ pub fn start_request(farm_id: String, body: &[u8]) -> Result<AggregationRequest,
         message: format!("the request body is not valid JSON for this operation: {e}"),
         fields: vec![],
     })?;
-    let mut draft = RequestDraft {
-        farm_id,
-        timezone: body.timezone,
-        ..RequestDraft::default()
-    };
+    let mut draft = RequestDraft { farm_id, timezone: body.timezone, ..RequestDraft::default() };
     if let Some(r) = body.resource_ids {
         draft.queue_ids = r.queue_ids;
         draft.fleet_ids = r.fleet_ids;
     }
-    draft.start_time = body
-        .start_time
-        .and_then(|t| timestamp(&t, Field::StartTime, &mut draft.violations));
-    draft.end_time = body
-        .end_time
-        .and_then(|t| timestamp(&t, Field::EndTime, &mut draft.violations));
-    draft.period = body.period.and_then(|p| {
-        parse_enum(
-            &p,
-            Period::parse,
-            Field::Period,
-            None,
-            &mut draft.violations,
-        )
-    });
+    draft.start_time = body.start_time.and_then(|t| timestamp(&t, Field::StartTime, &mut draft.violations));
+    draft.end_time = body.end_time.and_then(|t| timestamp(&t, Field::EndTime, &mut draft.violations));
+    draft.period = body.period.and_then(|p| parse_enum(&p, Period::parse, Field::Period, None, &mut draft.violations));
     for (i, g) in body.group_by.unwrap_or_default().iter().enumerate() {
-        draft.group_by.extend(parse_enum(
-            g,
-            GroupBy::parse,
-            Field::GroupBy,
-            Some(i),
-            &mut draft.violations,
-        ));
+        draft.group_by.extend(parse_enum(g, GroupBy::parse, Field::GroupBy, Some(i), &mut draft.violations));
     }
     for (i, s) in body.statistics.unwrap_or_default().iter().enumerate() {
-        draft.statistics.extend(parse_enum(
-            s,
-            Statistic::parse,
-            Field::Statistics,
-            Some(i),
-            &mut draft.violations,
-        ));
+        draft.statistics.extend(parse_enum(s, Statistic::parse, Field::Statistics, Some(i), &mut draft.violations));
     }
     draft.validate().map_err(violations)
 }
 
 /// ISO-8601 text, or epoch seconds as some clients send them.
-fn timestamp(
-    v: &Value,
-    field: Field,
-    violations: &mut Vec<FieldViolation>,
-) -> Option<DateTime<Utc>> {
+fn timestamp(v: &Value, field: Field, violations: &mut Vec<FieldViolation>) -> Option<DateTime<Utc>> {
     let parsed = match v {
-        Value::String(s) => DateTime::parse_from_rfc3339(s)
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
-        Value::Number(n) => n
-            .as_f64()
-            .and_then(|secs| DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)),
+        Value::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)),
+        Value::Number(n) => n.as_f64().and_then(|secs| DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)),
         _ => None,
     };
     if parsed.is_none() {
-        violations.push(FieldViolation::new(
-            field,
-            format!("{v} is not an ISO-8601 timestamp"),
-        ));
+        violations.push(FieldViolation::new(field, format!("{v} is not an ISO-8601 timestamp")));
     }
     parsed
 }
@@ -147,11 +104,7 @@ fn parse_enum<T>(
 ) -> Option<T> {
     let parsed = parse(s);
     if parsed.is_none() {
-        v.push(FieldViolation {
-            field,
-            index,
-            description: format!("'{s}' is not a valid value"),
-        });
+        v.push(FieldViolation { field, index, description: format!("'{s}' is not a valid value") });
     }
     parsed
 }
@@ -220,9 +173,7 @@ impl From<Page> for GetOutput {
     fn from(page: Page) -> Self {
         Self {
             next_token: page.next_token,
-            statistics: page
-                .rows
-                .map(|rows| rows.into_iter().map(RowOut::from).collect()),
+            statistics: page.rows.map(|rows| rows.into_iter().map(RowOut::from).collect()),
             status: page.status.as_str(),
             status_message: page.status_message,
         }
@@ -251,12 +202,7 @@ impl From<StatisticsRow> for RowOut {
 
 impl From<Stats> for StatsOut {
     fn from(s: Stats) -> Self {
-        Self {
-            min: s.min,
-            max: s.max,
-            avg: s.avg,
-            sum: s.sum,
-        }
+        Self { min: s.min, max: s.max, avg: s.avg, sum: s.sum }
     }
 }
 
@@ -292,28 +238,12 @@ mod tests {
         };
         assert_eq!(reason, ValidationReason::FieldValidationFailed);
         let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            vec![
-                "startTime",
-                "period",
-                "groupBy[1]",
-                "farmId",
-                "resourceIds.queueIds[0]",
-                "endTime"
-            ]
-        );
+        assert_eq!(names, vec!["startTime", "period", "groupBy[1]", "farmId", "resourceIds.queueIds[0]", "endTime"]);
     }
 
     #[test]
     fn malformed_json_cannot_be_parsed() {
         let err = start_request(FARM.into(), b"{not json").expect_err("invalid");
-        assert!(matches!(
-            err,
-            ApiError::Validation {
-                reason: ValidationReason::CannotParse,
-                ..
-            }
-        ));
+        assert!(matches!(err, ApiError::Validation { reason: ValidationReason::CannotParse, .. }));
     }
 }

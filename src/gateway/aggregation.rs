@@ -120,7 +120,7 @@ impl Aggregation {
             aggregation.id = %id,
             farm.id = %key.farm_id(),
             upstream.aggregation_id = tracing::field::Empty,
-            aggregation.state = "QUEUED",
+            aggregation.state = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
@@ -163,9 +163,7 @@ impl Aggregation {
     }
 
     fn lock_span(&self) -> std::sync::MutexGuard<'_, Option<tracing::Span>> {
-        self.span
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.span.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn farm_id(&self) -> &str {
@@ -195,27 +193,11 @@ impl Aggregation {
 
     /// Approximate bytes held by the results, for the cache's memory budget.
     pub fn weight(&self) -> usize {
-        self.with_snapshot(|s| {
-            s.rows
-                .as_deref()
-                .map_or(0, |rows| rows.iter().map(row_bytes).sum())
-        })
+        self.with_snapshot(|s| s.rows.as_deref().map_or(0, |rows| rows.iter().map(row_bytes).sum()))
     }
 }
 
 fn row_bytes(r: &StatisticsRow) -> usize {
-    let strings = [
-        &r.queue_id,
-        &r.fleet_id,
-        &r.job_id,
-        &r.job_name,
-        &r.user_id,
-        &r.license_product,
-        &r.instance_type,
-    ];
-    std::mem::size_of::<StatisticsRow>()
-        + strings
-            .iter()
-            .map(|s| s.as_ref().map_or(0, String::capacity))
-            .sum::<usize>()
+    let strings = [&r.queue_id, &r.fleet_id, &r.job_id, &r.job_name, &r.user_id, &r.license_product, &r.instance_type];
+    std::mem::size_of::<StatisticsRow>() + strings.iter().map(|s| s.as_ref().map_or(0, String::capacity)).sum::<usize>()
 }

@@ -13,10 +13,7 @@ pub struct BackoffPolicy {
 
 impl BackoffPolicy {
     pub fn start(&self) -> Backoff {
-        Backoff {
-            policy: *self,
-            next: self.initial,
-        }
+        Backoff { policy: *self, next: self.initial }
     }
 }
 
@@ -32,10 +29,7 @@ impl Backoff {
     /// The next delay.
     pub fn next_delay(&mut self) -> Duration {
         let current = self.next;
-        self.next = current
-            .mul_f64(self.policy.multiplier)
-            .min(self.policy.max)
-            .max(self.policy.initial);
+        self.next = current.mul_f64(self.policy.multiplier).min(self.policy.max).max(self.policy.initial);
         let half = current / 2;
         half + rand::rng().random_range(Duration::ZERO..=current - half)
     }
@@ -47,18 +41,12 @@ mod tests {
 
     #[test]
     fn delays_grow_within_bounds() {
-        let policy = BackoffPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            multiplier: 2.0,
-        };
+        let policy =
+            BackoffPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 };
         let mut b = policy.start();
         let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
         assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        assert!(
-            delays[9] >= Duration::from_secs(1),
-            "reaches the cap: {delays:?}"
-        );
+        assert!(delays[9] >= Duration::from_secs(1), "reaches the cap: {delays:?}");
     }
 }

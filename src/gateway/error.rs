@@ -14,24 +14,16 @@ pub enum GatewayError {
     NotFound { id: String },
     #[error("the results of aggregation {id} expired")]
     Expired { id: String, at: SystemTime },
-    #[error(
-        "the results of aggregation {id} were evicted to stay within the cache's memory budget; start it again"
-    )]
+    #[error("the results of aggregation {id} were evicted to stay within the cache's memory budget; start it again")]
     Evicted { id: String },
     #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
     QueueFull { farm_id: String, capacity: usize },
     #[error("too many {operation} calls from this caller; retry in {retry_after:?}")]
-    RateLimited {
-        operation: &'static str,
-        retry_after: Duration,
-    },
+    RateLimited { operation: &'static str, retry_after: Duration },
     #[error("the gateway is shutting down")]
     ShuttingDown,
 }
 
 fn describe(v: &[FieldViolation]) -> String {
-    v.iter()
-        .map(|f| f.description.as_str())
-        .collect::<Vec<_>>()
-        .join("; ")
+    v.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ")
 }

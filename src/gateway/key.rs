@@ -59,16 +59,10 @@ mod tests {
     use chrono::TimeZone;
 
     fn request() -> AggregationRequest {
-        let start = Utc
-            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-            .single()
-            .expect("start");
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("start");
         AggregationRequest {
             farm_id: format_id("farm-", 1, 1),
-            resources: Resources::Queues(vec![
-                format_id("queue-", 0, 2),
-                format_id("queue-", 0, 1),
-            ]),
+            resources: Resources::Queues(vec![format_id("queue-", 0, 2), format_id("queue-", 0, 1)]),
             start_time: start,
             end_time: start + chrono::Duration::days(1),
             timezone: None,
@@ -97,11 +91,7 @@ mod tests {
         let base = CanonicalKey::new(&request());
         let mut other = request();
         other.period = Some(Period::Daily);
-        assert_ne!(
-            base,
-            CanonicalKey::new(&other),
-            "an explicit default is not the omitted one"
-        );
+        assert_ne!(base, CanonicalKey::new(&other), "an explicit default is not the omitted one");
         let mut other = request();
         other.resources = Resources::Fleets(vec![format_id("fleet-", 0, 1)]);
         assert_ne!(base, CanonicalKey::new(&other));

@@ -47,14 +47,8 @@ pub struct LifecycleConfig {
 
 /// A terminal outcome, before it is written to the aggregation.
 enum Outcome {
-    Completed {
-        rows: Vec<StatisticsRow>,
-        message: Option<String>,
-    },
-    Ended {
-        state: State,
-        failure: Failure,
-    },
+    Completed { rows: Vec<StatisticsRow>, message: Option<String> },
+    Ended { state: State, failure: Failure },
 }
 
 /// When the upstream aggregation was started, in both clocks.
@@ -90,13 +84,7 @@ impl UpstreamRunner {
         tracing::info!(aggregation = %agg.id, farm = %agg.farm_id(), "aggregation running");
         let (outcome, started) = match self.start(&agg).await {
             Ok((id, started)) => (self.follow(&agg, &id, started).await, Some(started)),
-            Err(failure) => (
-                Outcome::Ended {
-                    state: State::Failed,
-                    failure,
-                },
-                None,
-            ),
+            Err(failure) => (Outcome::Ended { state: State::Failed, failure }, None),
         };
         self.record(&agg, outcome, started);
         self.store.finish(&agg);
@@ -106,10 +94,7 @@ impl UpstreamRunner {
         let c = &self.config;
         let (state, failed) = match outcome {
             Outcome::Completed { rows, message } => {
-                let started = started.unwrap_or(Started {
-                    wall: SystemTime::now(),
-                    mono: Instant::now(),
-                });
+                let started = started.unwrap_or(Started { wall: SystemTime::now(), mono: Instant::now() });
                 let life = c.result_validity.saturating_sub(c.validity_margin);
                 tracing::info!(aggregation = %agg.id, rows = rows.len(), "aggregation completed");
                 agg.update(|s| {
@@ -119,9 +104,7 @@ impl UpstreamRunner {
                     s.expire_time = Some(started.wall + life);
                     s.expire_at = Some(started.mono + life);
                 });
-                self.metrics
-                    .time_to_complete
-                    .observe(agg.created.elapsed().as_secs_f64());
+                self.metrics.time_to_complete.observe(agg.created.elapsed().as_secs_f64());
                 ("COMPLETED", false)
             }
             Outcome::Ended { state, failure } => {
@@ -133,20 +116,10 @@ impl UpstreamRunner {
                     s.expire_time = Some(SystemTime::now() + c.failed_ttl);
                     s.expire_at = Some(Instant::now() + c.failed_ttl);
                 });
-                (
-                    if state == State::TimedOut {
-                        "TIMED_OUT"
-                    } else {
-                        "FAILED"
-                    },
-                    true,
-                )
+                (if state == State::TimedOut { "TIMED_OUT" } else { "FAILED" }, true)
             }
         };
-        self.metrics
-            .finished
-            .get_or_create(&StateLabels { state })
-            .inc();
+        self.metrics.finished.get_or_create(&StateLabels { state }).inc();
         agg.end_span(state, failed);
     }
 
@@ -200,14 +173,8 @@ impl UpstreamRunner {
         let mut backoff = self.config.start_retry.start();
         loop {
             self.start_pacer.ready().await;
-            let started = Started {
-                wall: SystemTime::now(),
-                mono: Instant::now(),
-            };
-            let err = match self
-                .call(START, agg, None, self.upstream.start(agg.key.request()))
-                .await
-            {
+            let started = Started { wall: SystemTime::now(), mono: Instant::now() };
+            let err = match self.call(START, agg, None, self.upstream.start(agg.key.request())).await {
                 Ok(id) => {
                     agg.update(|s| s.upstream_id = Some(id.clone()));
                     agg.span().record("upstream.aggregation_id", id.as_str());
@@ -216,26 +183,17 @@ impl UpstreamRunner {
                 Err(e) => e,
             };
             let hint = match &err {
-                UpstreamError::Throttled { retry_after, .. }
-                | UpstreamError::Transient { retry_after, .. } => *retry_after,
+                UpstreamError::Throttled { retry_after, .. } | UpstreamError::Transient { retry_after, .. } => {
+                    *retry_after
+                }
                 _ => {
-                    return Err(failure(
-                        "upstream Start failed",
-                        &err,
-                        FailureCode::NotFound,
-                    ));
+                    return Err(failure("upstream Start failed", &err, FailureCode::NotFound));
                 }
             };
             let delay = backoff.next_delay().max(hint.unwrap_or_default());
             if Instant::now() + delay > deadline {
-                let message = format!(
-                    "upstream kept refusing Start for {:?}: {err}",
-                    self.config.start_deadline
-                );
-                return Err(Failure {
-                    code: FailureCode::Unavailable,
-                    message,
-                });
+                let message = format!("upstream kept refusing Start for {:?}: {err}", self.config.start_deadline);
+                return Err(Failure { code: FailureCode::Unavailable, message });
             }
             tracing::debug!(aggregation = %agg.id, error = %err, ?delay, "upstream Start refused; waiting");
             tokio::time::sleep(delay).await;
@@ -247,19 +205,13 @@ impl UpstreamRunner {
         let first = match self.poll(agg, upstream_id, started).await {
             Ok(page) => page,
             Err(failure) => {
-                return Outcome::Ended {
-                    state: State::Failed,
-                    failure,
-                };
+                return Outcome::Ended { state: State::Failed, failure };
             }
         };
         match first.status {
             AggregationStatus::Completed => match self.fetch_rest(agg, upstream_id, first).await {
                 Ok((rows, message)) => Outcome::Completed { rows, message },
-                Err(failure) => Outcome::Ended {
-                    state: State::Failed,
-                    failure,
-                },
+                Err(failure) => Outcome::Ended { state: State::Failed, failure },
             },
             AggregationStatus::Timeout => Outcome::Ended {
                 state: State::TimedOut,
@@ -280,37 +232,24 @@ impl UpstreamRunner {
         }
     }
 
-    async fn poll(
-        &self,
-        agg: &Aggregation,
-        upstream_id: &str,
-        started: Started,
-    ) -> Result<UpstreamPage, Failure> {
+    async fn poll(&self, agg: &Aggregation, upstream_id: &str, started: Started) -> Result<UpstreamPage, Failure> {
         let deadline = started.mono + self.config.result_validity;
         let mut backoff = self.config.poll.start();
         loop {
             tokio::time::sleep(backoff.next_delay()).await;
             if Instant::now() >= deadline {
-                let message = "the upstream aggregation did not finish while its results would have been valid".to_owned();
-                return Err(Failure {
-                    code: FailureCode::DeadlineExceeded,
-                    message,
-                });
+                let message =
+                    "the upstream aggregation did not finish while its results would have been valid".to_owned();
+                return Err(Failure { code: FailureCode::DeadlineExceeded, message });
             }
             self.get_pacer.ready().await;
-            let page = self
-                .upstream
-                .get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, None);
+            let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, None);
             match self.call(GET, agg, Some(upstream_id), page).await {
                 Ok(page) if page.status == AggregationStatus::InProgress => {}
                 Ok(page) => return Ok(page),
                 Err(UpstreamError::Throttled { .. } | UpstreamError::Transient { .. }) => {}
                 Err(e) => {
-                    return Err(failure(
-                        "upstream Get failed while polling",
-                        &e,
-                        FailureCode::Aborted,
-                    ));
+                    return Err(failure("upstream Get failed while polling", &e, FailureCode::Aborted));
                 }
             }
         }
@@ -333,33 +272,20 @@ impl UpstreamRunner {
         Ok((rows, first.status_message))
     }
 
-    async fn page(
-        &self,
-        agg: &Aggregation,
-        upstream_id: &str,
-        token: &str,
-    ) -> Result<UpstreamPage, Failure> {
+    async fn page(&self, agg: &Aggregation, upstream_id: &str, token: &str) -> Result<UpstreamPage, Failure> {
         let mut backoff = self.config.start_retry.start();
         let mut attempts_left = self.config.page_retries;
         loop {
             self.get_pacer.ready().await;
-            let page =
-                self.upstream
-                    .get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, Some(token));
+            let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, Some(token));
             match self.call(GET, agg, Some(upstream_id), page).await {
                 Ok(page) => return Ok(page),
-                Err(UpstreamError::Throttled { .. } | UpstreamError::Transient { .. })
-                    if attempts_left > 0 =>
-                {
+                Err(UpstreamError::Throttled { .. } | UpstreamError::Transient { .. }) if attempts_left > 0 => {
                     attempts_left -= 1;
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(e) => {
-                    return Err(failure(
-                        "upstream Get failed while fetching results",
-                        &e,
-                        FailureCode::Aborted,
-                    ));
+                    return Err(failure("upstream Get failed while fetching results", &e, FailureCode::Aborted));
                 }
             }
         }
@@ -372,22 +298,12 @@ fn failure(context: &str, err: &UpstreamError, not_found: FailureCode) -> Failur
         UpstreamError::Invalid { .. } => FailureCode::InvalidArgument,
         UpstreamError::NotFound { .. } => not_found,
         UpstreamError::AccessDenied { .. } => FailureCode::PermissionDenied,
-        UpstreamError::Throttled { .. } | UpstreamError::Transient { .. } => {
-            FailureCode::Unavailable
-        }
+        UpstreamError::Throttled { .. } | UpstreamError::Transient { .. } => FailureCode::Unavailable,
         UpstreamError::Other { .. } => FailureCode::Internal,
     };
-    Failure {
-        code,
-        message: format!("{context}: {err}"),
-    }
+    Failure { code, message: format!("{context}: {err}") }
 }
 
 fn ended(message: Option<String>, code: FailureCode, fallback: &str) -> Failure {
-    Failure {
-        code,
-        message: message
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| fallback.to_owned()),
-    }
+    Failure { code, message: message.filter(|m| !m.is_empty()).unwrap_or_else(|| fallback.to_owned()) }
 }

@@ -82,22 +82,10 @@ impl Default for GatewayConfig {
                 start_deadline: Duration::from_secs(600),
                 page_retries: 3,
             },
-            caller_start: Rate {
-                per_second: 10.0,
-                burst: 20,
-            },
-            caller_get: Rate {
-                per_second: 100.0,
-                burst: 200,
-            },
-            upstream_start: Rate {
-                per_second: 5.0,
-                burst: 5,
-            },
-            upstream_get: Rate {
-                per_second: 25.0,
-                burst: 25,
-            },
+            caller_start: Rate { per_second: 10.0, burst: 20 },
+            caller_get: Rate { per_second: 100.0, burst: 200 },
+            upstream_start: Rate { per_second: 5.0, burst: 5 },
+            upstream_get: Rate { per_second: 25.0, burst: 25 },
             max_wait: Duration::from_secs(60),
             housekeeping_interval: Duration::from_secs(1),
         }
@@ -173,10 +161,7 @@ impl Gateway {
     /// A scrape-time view of the gateway's levels that does not keep the gateway alive.
     fn levels_source(&self) -> impl Fn() -> Levels + Send + Sync + 'static {
         let (store, scheduler) = (Arc::downgrade(&self.store), self.scheduler.clone());
-        let buckets = [
-            Arc::downgrade(&self.start_buckets),
-            Arc::downgrade(&self.get_buckets),
-        ];
+        let buckets = [Arc::downgrade(&self.start_buckets), Arc::downgrade(&self.get_buckets)];
         move || {
             let Some(store) = store.upgrade() else {
                 return Levels::default();
@@ -191,11 +176,7 @@ impl Gateway {
                 farms: scheduler
                     .load()
                     .into_iter()
-                    .map(|(farm_id, l)| FarmLevel {
-                        farm_id,
-                        queued: l.queued as u64,
-                        running: l.running as u64,
-                    })
+                    .map(|(farm_id, l)| FarmLevel { farm_id, queued: l.queued as u64, running: l.running as u64 })
                     .collect(),
                 caller_buckets: buckets
                     .iter()
@@ -233,10 +214,7 @@ impl Gateway {
                 "cached"
             }
         };
-        self.metrics
-            .dispositions
-            .get_or_create(&DispositionLabels { disposition: label })
-            .inc();
+        self.metrics.dispositions.get_or_create(&DispositionLabels { disposition: label }).inc();
         if disposition != Disposition::Cached {
             aggregation.link_from_current();
         }
@@ -259,19 +237,12 @@ impl Gateway {
         let aggregation = match self.store.get(id) {
             Found::Live(a) => a,
             Found::Expired(at) => {
-                return Err(GatewayError::Expired {
-                    id: id.to_owned(),
-                    at,
-                });
+                return Err(GatewayError::Expired { id: id.to_owned(), at });
             }
             Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
             Found::Unknown => return Err(GatewayError::NotFound { id: id.to_owned() }),
         };
-        let offset = if page_token.is_empty() {
-            0
-        } else {
-            paging::decode(page_token, &aggregation.id)?
-        };
+        let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, &aggregation.id)? };
         let snapshot = if wait.is_zero() {
             aggregation.snapshot()
         } else {
@@ -281,13 +252,8 @@ impl Gateway {
             }
         };
         if snapshot.is_expired(Instant::now()) && snapshot.state == State::Completed {
-            let at = snapshot
-                .expire_time
-                .unwrap_or_else(std::time::SystemTime::now);
-            return Err(GatewayError::Expired {
-                id: id.to_owned(),
-                at,
-            });
+            let at = snapshot.expire_time.unwrap_or_else(std::time::SystemTime::now);
+            return Err(GatewayError::Expired { id: id.to_owned(), at });
         }
         let (rows, next_page_token) = match &snapshot.rows {
             Some(all) => {
@@ -300,12 +266,7 @@ impl Gateway {
             }
             None => (None, None),
         };
-        Ok(Page {
-            aggregation,
-            snapshot,
-            rows,
-            next_page_token,
-        })
+        Ok(Page { aggregation, snapshot, rows, next_page_token })
     }
 
     /// Stops queue workers and housekeeping, and makes long-polls return at once.
@@ -321,14 +282,8 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let Some(b) = buckets else { return Ok(()) };
         b.check(caller).map_err(|retry_after| {
-            self.metrics
-                .throttled
-                .get_or_create(&MethodLabels { method: operation })
-                .inc();
-            GatewayError::RateLimited {
-                operation,
-                retry_after,
-            }
+            self.metrics.throttled.get_or_create(&MethodLabels { method: operation }).inc();
+            GatewayError::RateLimited { operation, retry_after }
         })
     }
 
@@ -336,16 +291,8 @@ impl Gateway {
         GatewayStats {
             store: self.store.stats(),
             farms: self.scheduler.load(),
-            start_callers: self
-                .start_buckets
-                .as_ref()
-                .as_ref()
-                .map_or(0, CallerBuckets::len),
-            get_callers: self
-                .get_buckets
-                .as_ref()
-                .as_ref()
-                .map_or(0, CallerBuckets::len),
+            start_callers: self.start_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
+            get_callers: self.get_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
         }
     }
 }

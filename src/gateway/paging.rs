@@ -15,10 +15,7 @@ pub fn page_size(requested: i32) -> Result<usize, GatewayError> {
     match usize::try_from(requested) {
         Ok(0) => Ok(DEFAULT_PAGE_SIZE),
         Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
-        Err(_) => Err(GatewayError::Invalid(vec![FieldViolation::new(
-            Field::MaxResults,
-            "must not be negative",
-        )])),
+        Err(_) => Err(GatewayError::Invalid(vec![FieldViolation::new(Field::MaxResults, "must not be negative")])),
     }
 }
 
@@ -29,10 +26,7 @@ pub fn encode(id: &str, offset: usize) -> String {
 
 /// The refusal of a token that points past the last row.
 pub fn past_the_end() -> GatewayError {
-    GatewayError::Invalid(vec![FieldViolation::new(
-        Field::NextToken,
-        "points past the last row",
-    )])
+    GatewayError::Invalid(vec![FieldViolation::new(Field::NextToken, "points past the last row")])
 }
 
 /// The offset a token points at; the token must belong to aggregation `id`.
@@ -43,15 +37,11 @@ pub fn decode(token: &str, id: &str) -> Result<usize, GatewayError> {
         .ok()
         .and_then(|raw| String::from_utf8(raw).ok())
         .ok_or_else(|| bad("is not a page token of this gateway"))?;
-    let (owner, offset) = text
-        .rsplit_once('/')
-        .ok_or_else(|| bad("is not a page token of this gateway"))?;
+    let (owner, offset) = text.rsplit_once('/').ok_or_else(|| bad("is not a page token of this gateway"))?;
     if owner != id {
         return Err(bad("belongs to another aggregation"));
     }
-    offset
-        .parse()
-        .map_err(|_| bad("is not a page token of this gateway"))
+    offset.parse().map_err(|_| bad("is not a page token of this gateway"))
 }
 
 #[cfg(test)]

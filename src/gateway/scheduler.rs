@@ -47,14 +47,7 @@ pub struct FarmScheduler {
 impl FarmScheduler {
     /// `capacity`: how many aggregations may wait per farm (the running one not counted).
     pub fn new(capacity: usize, runner: Arc<dyn Runner>, cancel: CancellationToken) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                farms: Mutex::default(),
-                capacity,
-                runner,
-                cancel,
-            }),
-        }
+        Self { shared: Arc::new(Shared { farms: Mutex::default(), capacity, runner, cancel }) }
     }
 
     /// Queues `aggregation` on its farm and sets its queue position.
@@ -66,10 +59,7 @@ impl FarmScheduler {
             if !queue.running && queue.waiting.is_empty() {
                 farms.remove(&farm);
             }
-            return Err(GatewayError::QueueFull {
-                farm_id: farm,
-                capacity: self.shared.capacity,
-            });
+            return Err(GatewayError::QueueFull { farm_id: farm, capacity: self.shared.capacity });
         }
         let position = queue.waiting.len() + usize::from(queue.running);
         aggregation.update(|s| s.queue_position = u32::try_from(position).unwrap_or(u32::MAX));
@@ -86,24 +76,14 @@ impl FarmScheduler {
         self.shared
             .lock()
             .iter()
-            .map(|(farm, q)| {
-                (
-                    farm.clone(),
-                    FarmLoad {
-                        queued: q.waiting.len(),
-                        running: usize::from(q.running),
-                    },
-                )
-            })
+            .map(|(farm, q)| (farm.clone(), FarmLoad { queued: q.waiting.len(), running: usize::from(q.running) }))
             .collect()
     }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, FarmQueue>> {
-        self.farms
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.farms.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The next aggregation of `farm`, or `None` (and the farm forgotten) when there is none.
@@ -113,9 +93,7 @@ impl Shared {
         match queue.waiting.pop_front() {
             Some(next) => {
                 for (ahead, waiting) in queue.waiting.iter().enumerate() {
-                    waiting.update(|s| {
-                        s.queue_position = u32::try_from(ahead + 1).unwrap_or(u32::MAX)
-                    });
+                    waiting.update(|s| s.queue_position = u32::try_from(ahead + 1).unwrap_or(u32::MAX));
                 }
                 Some(next)
             }
@@ -165,10 +143,7 @@ mod tests {
     }
 
     fn aggregation(farm: u64, n: u64) -> Arc<Aggregation> {
-        let start = Utc
-            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-            .single()
-            .expect("start");
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("start");
         Arc::new(Aggregation::new(CanonicalKey::new(&AggregationRequest {
             farm_id: format_id("farm-", 0, farm),
             resources: Resources::Queues(vec![format_id("queue-", 0, n)]),
@@ -184,45 +159,23 @@ mod tests {
     #[tokio::test]
     async fn one_at_a_time_per_farm_in_order_and_bounded() {
         let (tx, mut started) = mpsc::unbounded_channel();
-        let gate = Arc::new(Gate {
-            started: tx,
-            release: tokio::sync::Semaphore::new(0),
-        });
+        let gate = Arc::new(Gate { started: tx, release: tokio::sync::Semaphore::new(0) });
         let scheduler = FarmScheduler::new(2, gate.clone(), CancellationToken::new());
-        let (a, b, c, d) = (
-            aggregation(1, 1),
-            aggregation(1, 2),
-            aggregation(1, 3),
-            aggregation(1, 4),
-        );
+        let (a, b, c, d) = (aggregation(1, 1), aggregation(1, 2), aggregation(1, 3), aggregation(1, 4));
         scheduler.enqueue(a.clone()).expect("room");
         assert_eq!(started.recv().await, Some(a.id.clone()));
         for agg in [&b, &c] {
             scheduler.enqueue(agg.clone()).expect("room");
         }
-        assert_eq!(
-            (b.snapshot().queue_position, c.snapshot().queue_position),
-            (1, 2)
-        );
-        assert!(matches!(
-            scheduler.enqueue(d.clone()),
-            Err(GatewayError::QueueFull { capacity: 2, .. })
-        ));
+        assert_eq!((b.snapshot().queue_position, c.snapshot().queue_position), (1, 2));
+        assert!(matches!(scheduler.enqueue(d.clone()), Err(GatewayError::QueueFull { capacity: 2, .. })));
 
         let other = aggregation(2, 1);
         scheduler.enqueue(other.clone()).expect("another farm");
-        assert_eq!(
-            started.recv().await,
-            Some(other.id.clone()),
-            "farms are independent"
-        );
+        assert_eq!(started.recv().await, Some(other.id.clone()), "farms are independent");
 
         gate.release.add_permits(1);
-        assert_eq!(
-            started.recv().await,
-            Some(b.id.clone()),
-            "FIFO: b runs once a is done"
-        );
+        assert_eq!(started.recv().await, Some(b.id.clone()), "FIFO: b runs once a is done");
         assert_eq!(c.snapshot().queue_position, 1);
         gate.release.add_permits(3);
         assert_eq!(started.recv().await, Some(c.id.clone()));

@@ -104,56 +104,37 @@ const MAX_TOMBSTONES: u64 = 100_000;
 impl MemoryStore {
     /// A store whose results cache holds at most `max_bytes` of rows.
     pub fn new(max_bytes: u64) -> Self {
-        let tombstones: Cache<AggregationId, Tombstone> = Cache::builder()
-            .max_capacity(MAX_TOMBSTONES)
-            .time_to_live(TOMBSTONE_TTL)
-            .build();
+        let tombstones: Cache<AggregationId, Tombstone> =
+            Cache::builder().max_capacity(MAX_TOMBSTONES).time_to_live(TOMBSTONE_TTL).build();
         let graves = tombstones.clone();
         let removals: Arc<[AtomicU64; 2]> = Arc::default();
         let counted = removals.clone();
         let results = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_, agg: &Arc<Aggregation>| {
-                u32::try_from(agg.weight()).unwrap_or(u32::MAX).max(1)
-            })
+            .weigher(|_, agg: &Arc<Aggregation>| u32::try_from(agg.weight()).unwrap_or(u32::MAX).max(1))
             .expire_after(ExpireAtSnapshot)
-            .eviction_listener(
-                move |id: Arc<AggregationId>, agg: Arc<Aggregation>, cause| {
-                    let (tomb, counter) = match cause {
-                        RemovalCause::Expired => (
-                            Tombstone::Expired(
-                                agg.with_snapshot(|s| s.expire_time)
-                                    .unwrap_or_else(SystemTime::now),
-                            ),
-                            0,
-                        ),
-                        RemovalCause::Size => (Tombstone::Evicted, 1),
-                        RemovalCause::Explicit | RemovalCause::Replaced => return,
-                    };
-                    counted[counter].fetch_add(1, Ordering::Relaxed);
-                    graves.insert(AggregationId::clone(&id), tomb);
-                },
-            )
+            .eviction_listener(move |id: Arc<AggregationId>, agg: Arc<Aggregation>, cause| {
+                let (tomb, counter) = match cause {
+                    RemovalCause::Expired => {
+                        (Tombstone::Expired(agg.with_snapshot(|s| s.expire_time).unwrap_or_else(SystemTime::now)), 0)
+                    }
+                    RemovalCause::Size => (Tombstone::Evicted, 1),
+                    RemovalCause::Explicit | RemovalCause::Replaced => return,
+                };
+                counted[counter].fetch_add(1, Ordering::Relaxed);
+                graves.insert(AggregationId::clone(&id), tomb);
+            })
             .build();
-        Self {
-            index: Mutex::default(),
-            results,
-            tombstones,
-            removals,
-        }
+        Self { index: Mutex::default(), results, tombstones, removals }
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
-        self.index
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A cached aggregation that is still valid.
     fn valid_result(&self, id: &str) -> Option<Arc<Aggregation>> {
-        self.results
-            .get(id)
-            .filter(|a| !a.with_snapshot(|s| s.is_expired(Instant::now())))
+        self.results.get(id).filter(|a| !a.with_snapshot(|s| s.is_expired(Instant::now())))
     }
 }
 
@@ -198,15 +179,11 @@ impl CoordinationStore for MemoryStore {
     fn finish(&self, aggregation: &Arc<Aggregation>) {
         // The cache checks expiry exactly on reads but reports it about a second late (its
         // timer wheel's granularity), so the tombstone is laid now and replaced on eviction.
-        let expired_at = aggregation
-            .with_snapshot(|s| s.expire_time)
-            .unwrap_or_else(SystemTime::now);
-        self.tombstones
-            .insert(aggregation.id.clone(), Tombstone::Expired(expired_at));
+        let expired_at = aggregation.with_snapshot(|s| s.expire_time).unwrap_or_else(SystemTime::now);
+        self.tombstones.insert(aggregation.id.clone(), Tombstone::Expired(expired_at));
         let mut index = self.lock();
         // Into the cache before out of `active`, so a concurrent Start never sees neither.
-        self.results
-            .insert(aggregation.id.clone(), aggregation.clone());
+        self.results.insert(aggregation.id.clone(), aggregation.clone());
         index.active.remove(&aggregation.id);
     }
 
@@ -219,6 +196,8 @@ impl CoordinationStore for MemoryStore {
     }
 
     fn stats(&self) -> StoreStats {
+        // The cache's counts lag its writes until its pending work runs.
+        self.results.run_pending_tasks();
         let index = self.lock();
         StoreStats {
             active: index.active.len(),
@@ -235,16 +214,8 @@ impl CoordinationStore for MemoryStore {
 struct ExpireAtSnapshot;
 
 impl moka::Expiry<AggregationId, Arc<Aggregation>> for ExpireAtSnapshot {
-    fn expire_after_create(
-        &self,
-        _id: &AggregationId,
-        agg: &Arc<Aggregation>,
-        now: Instant,
-    ) -> Option<Duration> {
-        Some(
-            agg.with_snapshot(|s| s.expire_at)
-                .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
-        )
+    fn expire_after_create(&self, _id: &AggregationId, agg: &Arc<Aggregation>, now: Instant) -> Option<Duration> {
+        Some(agg.with_snapshot(|s| s.expire_at).map_or(Duration::ZERO, |at| at.saturating_duration_since(now)))
     }
 
     fn expire_after_update(
@@ -267,10 +238,7 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     fn key(n: u64) -> CanonicalKey {
-        let start = Utc
-            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-            .single()
-            .expect("start");
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("start");
         CanonicalKey::new(&AggregationRequest {
             farm_id: format_id("farm-", 1, 1),
             resources: Resources::Queues(vec![format_id("queue-", 0, n)]),
@@ -284,9 +252,7 @@ mod tests {
     }
 
     fn start(store: &MemoryStore, k: &CanonicalKey) -> (Arc<Aggregation>, Disposition) {
-        store
-            .find_or_insert(k, &mut || Ok(Arc::new(Aggregation::new(k.clone()))))
-            .expect("inserted")
+        store.find_or_insert(k, &mut || Ok(Arc::new(Aggregation::new(k.clone())))).expect("inserted")
     }
 
     fn complete(agg: &Aggregation, rows: usize, valid_for: Duration) {
@@ -319,23 +285,15 @@ mod tests {
         assert_eq!(d, Disposition::Started);
         assert_ne!(fresh.id, a.id);
         store.housekeeping();
-        assert_eq!(
-            store.stats().keys,
-            1,
-            "the expired key's index entry is gone, the fresh one stays"
-        );
+        assert_eq!(store.stats().keys, 1, "the expired key's index entry is gone, the fresh one stays");
     }
 
     #[test]
     fn a_refused_creation_leaves_nothing_behind() {
         let store = MemoryStore::new(1 << 20);
         let k = key(2);
-        let refused = store.find_or_insert(&k, &mut || {
-            Err(GatewayError::QueueFull {
-                farm_id: "f".into(),
-                capacity: 0,
-            })
-        });
+        let refused =
+            store.find_or_insert(&k, &mut || Err(GatewayError::QueueFull { farm_id: "f".into(), capacity: 0 }));
         assert!(refused.is_err());
         assert_eq!(store.stats(), StoreStats::default());
     }

@@ -34,18 +34,13 @@ pub struct CallerBuckets {
 impl CallerBuckets {
     /// `None` when `rate` is zero: no limit.
     pub fn new(rate: Rate) -> Option<Self> {
-        Some(Self {
-            limiter: DefaultKeyedRateLimiter::keyed(rate.quota()?),
-            clock: DefaultClock::default(),
-        })
+        Some(Self { limiter: DefaultKeyedRateLimiter::keyed(rate.quota()?), clock: DefaultClock::default() })
     }
 
     /// Takes a token for `caller`, or says how long until one is available.
     pub fn check(&self, caller: &str) -> Result<(), Duration> {
         let key = caller.to_owned();
-        self.limiter
-            .check_key(&key)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        self.limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     /// Forgets callers whose buckets are full again, so the keyed state stays bounded by the
@@ -72,9 +67,7 @@ pub struct Pacer {
 impl Pacer {
     /// A zero rate does not pace.
     pub fn new(rate: Rate) -> Self {
-        Self {
-            limiter: rate.quota().map(DefaultDirectRateLimiter::direct),
-        }
+        Self { limiter: rate.quota().map(DefaultDirectRateLimiter::direct) }
     }
 
     /// Waits for a token.
@@ -91,11 +84,7 @@ mod tests {
 
     #[test]
     fn a_caller_over_its_burst_is_told_when_to_retry_and_others_are_not_affected() {
-        let buckets = CallerBuckets::new(Rate {
-            per_second: 1.0,
-            burst: 2,
-        })
-        .expect("limited");
+        let buckets = CallerBuckets::new(Rate { per_second: 1.0, burst: 2 }).expect("limited");
         assert!(buckets.check("a").is_ok());
         assert!(buckets.check("a").is_ok());
         let wait = buckets.check("a").expect_err("over the burst");
@@ -106,11 +95,7 @@ mod tests {
 
     #[test]
     fn idle_callers_are_forgotten() {
-        let buckets = CallerBuckets::new(Rate {
-            per_second: 1000.0,
-            burst: 1,
-        })
-        .expect("limited");
+        let buckets = CallerBuckets::new(Rate { per_second: 1000.0, burst: 1 }).expect("limited");
         for n in 0..100 {
             assert!(buckets.check(&format!("caller-{n}")).is_ok());
         }
@@ -122,28 +107,16 @@ mod tests {
 
     #[tokio::test]
     async fn the_upstream_pacer_waits_instead_of_refusing() {
-        let pacer = Pacer::new(Rate {
-            per_second: 20.0,
-            burst: 1,
-        });
+        let pacer = Pacer::new(Rate { per_second: 20.0, burst: 1 });
         let begin = std::time::Instant::now();
         for _ in 0..5 {
             pacer.ready().await;
         }
-        assert!(
-            begin.elapsed() >= Duration::from_millis(190),
-            "five calls at 20/s need four gaps of 50 ms"
-        );
+        assert!(begin.elapsed() >= Duration::from_millis(190), "five calls at 20/s need four gaps of 50 ms");
     }
 
     #[test]
     fn zero_means_unlimited() {
-        assert!(
-            CallerBuckets::new(Rate {
-                per_second: 0.0,
-                burst: 1
-            })
-            .is_none()
-        );
+        assert!(CallerBuckets::new(Rate { per_second: 0.0, burst: 1 }).is_none());
     }
 }

@@ -3,12 +3,8 @@
 
 use super::pb;
 use crate::domain::validate::{Field, FieldViolation, RequestDraft};
-use crate::domain::{
-    AggregationRequest, GroupBy, Period, Statistic, StatisticsRow, Stats, UsageType,
-};
-use crate::gateway::{
-    Aggregation, Disposition, Failure, FailureCode, GatewayError, Snapshot, State,
-};
+use crate::domain::{AggregationRequest, GroupBy, Period, Statistic, StatisticsRow, Stats, UsageType};
+use crate::gateway::{Aggregation, Disposition, Failure, FailureCode, GatewayError, Snapshot, State};
 use chrono::{DateTime, Utc};
 use std::time::SystemTime;
 
@@ -44,62 +40,39 @@ pub fn start_request(req: pb::StartAggregationRequest) -> Result<AggregationRequ
         ..RequestDraft::default()
     };
     match req.resources {
-        Some(pb::start_aggregation_request::Resources::QueueIds(r)) => {
-            draft.queue_ids = Some(r.ids)
-        }
-        Some(pb::start_aggregation_request::Resources::FleetIds(r)) => {
-            draft.fleet_ids = Some(r.ids)
-        }
+        Some(pb::start_aggregation_request::Resources::QueueIds(r)) => draft.queue_ids = Some(r.ids),
+        Some(pb::start_aggregation_request::Resources::FleetIds(r)) => draft.fleet_ids = Some(r.ids),
         None => {}
     }
-    draft.start_time = req
-        .start_time
-        .and_then(|t| time(&t, Field::StartTime, &mut draft.violations));
-    draft.end_time = req
-        .end_time
-        .and_then(|t| time(&t, Field::EndTime, &mut draft.violations));
+    draft.start_time = req.start_time.and_then(|t| time(&t, Field::StartTime, &mut draft.violations));
+    draft.end_time = req.end_time.and_then(|t| time(&t, Field::EndTime, &mut draft.violations));
     draft.period = match pb::Period::try_from(req.period) {
         Ok(pb::Period::Unspecified) => None,
         Ok(p) => period(p),
         Err(_) => {
-            draft.violations.push(FieldViolation::new(
-                Field::Period,
-                format!("{} is not a Period", req.period),
-            ));
+            draft.violations.push(FieldViolation::new(Field::Period, format!("{} is not a Period", req.period)));
             None
         }
     };
     for (i, g) in req.group_by.iter().enumerate() {
         match pb::GroupBy::try_from(*g).ok().and_then(group_by) {
             Some(g) => draft.group_by.push(g),
-            None => draft.violations.push(FieldViolation::at(
-                Field::GroupBy,
-                i,
-                format!("{g} is not a GroupBy value"),
-            )),
+            None => draft.violations.push(FieldViolation::at(Field::GroupBy, i, format!("{g} is not a GroupBy value"))),
         }
     }
     for (i, s) in req.statistics.iter().enumerate() {
         match pb::Statistic::try_from(*s).ok().and_then(statistic) {
             Some(s) => draft.statistics.push(s),
-            None => draft.violations.push(FieldViolation::at(
-                Field::Statistics,
-                i,
-                format!("{s} is not a Statistic value"),
-            )),
+            None => {
+                draft.violations.push(FieldViolation::at(Field::Statistics, i, format!("{s} is not a Statistic value")))
+            }
         }
     }
     draft.validate().map_err(GatewayError::Invalid)
 }
 
-fn time(
-    t: &prost_types::Timestamp,
-    field: Field,
-    v: &mut Vec<FieldViolation>,
-) -> Option<DateTime<Utc>> {
-    let parsed = u32::try_from(t.nanos)
-        .ok()
-        .and_then(|n| DateTime::from_timestamp(t.seconds, n));
+fn time(t: &prost_types::Timestamp, field: Field, v: &mut Vec<FieldViolation>) -> Option<DateTime<Utc>> {
+    let parsed = u32::try_from(t.nanos).ok().and_then(|n| DateTime::from_timestamp(t.seconds, n));
     if parsed.is_none() {
         v.push(FieldViolation::new(field, "is not a valid timestamp"));
     }
@@ -153,11 +126,7 @@ pub fn aggregation(agg: &Aggregation, s: &Snapshot) -> pb::Aggregation {
         aggregation_id: agg.id.to_string(),
         farm_id: agg.farm_id().to_owned(),
         state: state(s.state) as i32,
-        queue_position: if s.state == State::Queued {
-            s.queue_position
-        } else {
-            0
-        },
+        queue_position: if s.state == State::Queued { s.queue_position } else { 0 },
         create_time: Some(agg.create_time.into()),
         expire_time: s.expire_time.map(prost_types::Timestamp::from),
         status_message: s.status_message.clone(),
@@ -177,11 +146,7 @@ fn state(s: State) -> pb::AggregationState {
 }
 
 fn status(f: &Failure) -> tonic_types::pb::Status {
-    tonic_types::pb::Status {
-        code: code(f.code) as i32,
-        message: f.message.clone(),
-        details: vec![],
-    }
+    tonic_types::pb::Status { code: code(f.code) as i32, message: f.message.clone(), details: vec![] }
 }
 
 /// The gRPC code of a failure.
@@ -227,12 +192,7 @@ fn usage_type(u: UsageType) -> pb::UsageType {
 }
 
 fn stats(s: &Stats) -> pb::Stats {
-    pb::Stats {
-        min: s.min,
-        max: s.max,
-        avg: s.avg,
-        sum: s.sum,
-    }
+    pb::Stats { min: s.min, max: s.max, avg: s.avg, sum: s.sum }
 }
 
 /// A chrono time as a protobuf timestamp.
@@ -247,19 +207,11 @@ mod tests {
     fn good() -> pb::StartAggregationRequest {
         pb::StartAggregationRequest {
             farm_id: format!("farm-{}", "a".repeat(32)),
-            resources: Some(pb::start_aggregation_request::Resources::QueueIds(
-                pb::ResourceIds {
-                    ids: vec![format!("queue-{}", "b".repeat(32))],
-                },
-            )),
-            start_time: Some(prost_types::Timestamp {
-                seconds: 1_767_225_600,
-                nanos: 0,
-            }),
-            end_time: Some(prost_types::Timestamp {
-                seconds: 1_767_312_000,
-                nanos: 0,
-            }),
+            resources: Some(pb::start_aggregation_request::Resources::QueueIds(pb::ResourceIds {
+                ids: vec![format!("queue-{}", "b".repeat(32))],
+            })),
+            start_time: Some(prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 }),
+            end_time: Some(prost_types::Timestamp { seconds: 1_767_312_000, nanos: 0 }),
             timezone: String::new(),
             period: pb::Period::Hourly as i32,
             group_by: vec![pb::GroupBy::QueueId as i32],
@@ -269,10 +221,7 @@ mod tests {
 
     fn violations(req: pb::StartAggregationRequest) -> Vec<String> {
         match start_request(req) {
-            Err(GatewayError::Invalid(v)) => v
-                .into_iter()
-                .map(|f| field_name(f.field, f.index))
-                .collect(),
+            Err(GatewayError::Invalid(v)) => v.into_iter().map(|f| field_name(f.field, f.index)).collect(),
             other => panic!("expected invalid, got {other:?}"),
         }
     }
@@ -286,23 +235,13 @@ mod tests {
     #[test]
     fn every_bad_field_is_named_by_its_proto_path() {
         let mut req = good();
-        req.resources = Some(pb::start_aggregation_request::Resources::QueueIds(
-            pb::ResourceIds {
-                ids: vec![
-                    format!("queue-{}", "b".repeat(32)),
-                    "q".into(),
-                    "r".into(),
-                    "queue-x".into(),
-                ],
-            },
-        ));
+        req.resources = Some(pb::start_aggregation_request::Resources::QueueIds(pb::ResourceIds {
+            ids: vec![format!("queue-{}", "b".repeat(32)), "q".into(), "r".into(), "queue-x".into()],
+        }));
         req.group_by = vec![pb::GroupBy::QueueId as i32, 0, 99];
         req.statistics = vec![];
         req.period = 42;
-        req.start_time = Some(prost_types::Timestamp {
-            seconds: 0,
-            nanos: -1,
-        });
+        req.start_time = Some(prost_types::Timestamp { seconds: 0, nanos: -1 });
         req.timezone = "UTC+8".into();
         assert_eq!(
             violations(req),

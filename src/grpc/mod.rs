@@ -12,6 +12,5 @@ pub mod pb {
     tonic::include_proto!("deadline.stats.v1");
 
     /// The encoded descriptor set of our protos, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("aggregation_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("aggregation_descriptor");
 }

@@ -22,10 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport failed: {0}")]
@@ -58,9 +55,7 @@ impl Default for ServerOptions {
 
 /// Binds `addr` (port 0 picks a free one).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })
 }
 
 /// What [`serve`] needs besides the listener.
@@ -78,19 +73,10 @@ pub async fn serve(
     serving: Serving,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let Serving {
-        gateway,
-        metrics,
-        options,
-        ready,
-    } = serving;
+    let Serving { gateway, metrics, options, ready } = serving;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_not_serving::<AggregationServiceServer<AggregationApi>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    health.set_not_serving::<AggregationServiceServer<AggregationApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -111,25 +97,15 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(api);
-    health
-        .set_serving::<AggregationServiceServer<AggregationApi>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    health.set_serving::<AggregationServiceServer<AggregationApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     ready.send_replace(true);
     let draining = async {
         shutdown.await;
         ready.send_replace(false);
-        health
-            .set_not_serving::<AggregationServiceServer<AggregationApi>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        health.set_not_serving::<AggregationServiceServer<AggregationApi>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
-    router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining)
-        .await?;
+    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining).await?;
     Ok(())
 }

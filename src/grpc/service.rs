@@ -6,10 +6,7 @@
 
 use super::convert;
 use super::pb::aggregation_service_server::AggregationService;
-use super::pb::{
-    GetAggregationRequest, GetAggregationResponse, StartAggregationRequest,
-    StartAggregationResponse,
-};
+use super::pb::{GetAggregationRequest, GetAggregationResponse, StartAggregationRequest, StartAggregationResponse};
 use crate::domain::validate::{Field, FieldViolation};
 use crate::gateway::{Gateway, GatewayError};
 use crate::telemetry::{Metrics, traces};
@@ -62,9 +59,7 @@ impl AggregationApi {
         traces::record_ids(&span);
         let begin = Instant::now();
         let result = rpc.instrument(span.clone()).await;
-        let code = result
-            .as_ref()
-            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         span.record("rpc.grpc.status_code", code as i64);
         if matches!(
             code,
@@ -78,9 +73,7 @@ impl AggregationApi {
             span.record("otel.status_code", "ERROR");
         }
         if let Err(status) = &result {
-            span.in_scope(
-                || tracing::info!(code = ?status.code(), status_message = status.message(), "rpc refused"),
-            );
+            span.in_scope(|| tracing::info!(code = ?status.code(), status_message = status.message(), "rpc refused"));
         }
         self.metrics.rpc(method, code, begin.elapsed());
         result
@@ -115,16 +108,7 @@ impl AggregationService for AggregationApi {
         let (metadata, _, req) = request.into_parts();
         self.observe("GetAggregation", &metadata, &caller, async {
             let wait = wait(&req)?;
-            let page = self
-                .gateway
-                .get(
-                    &caller,
-                    &req.aggregation_id,
-                    req.page_size,
-                    &req.page_token,
-                    wait,
-                )
-                .await?;
+            let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
             Ok(Response::new(GetAggregationResponse {
                 aggregation: Some(convert::aggregation(&page.aggregation, &page.snapshot)),
                 statistics: page
@@ -148,18 +132,11 @@ fn wait(req: &GetAggregationRequest) -> Result<Duration, GatewayError> {
         None => Duration::ZERO,
         Some(Ok(d)) => d,
         Some(Err(_)) => {
-            violations.push(FieldViolation::new(
-                Field::Wait,
-                "must be a non-negative duration",
-            ));
+            violations.push(FieldViolation::new(Field::Wait, "must be a non-negative duration"));
             Duration::ZERO
         }
     };
-    if violations.is_empty() {
-        Ok(wait)
-    } else {
-        Err(GatewayError::Invalid(violations))
-    }
+    if violations.is_empty() { Ok(wait) } else { Err(GatewayError::Invalid(violations)) }
 }
 
 /// `x-caller-id` when the caller sends a sensible one, else the peer's IP address.

@@ -27,11 +27,7 @@ impl From<GatewayError> for Status {
                 Code::InvalidArgument
             }
             GatewayError::NotFound { id } => {
-                details.set_error_info(
-                    "AGGREGATION_NOT_FOUND",
-                    ERROR_DOMAIN,
-                    meta([("aggregation_id", id)]),
-                );
+                details.set_error_info("AGGREGATION_NOT_FOUND", ERROR_DOMAIN, meta([("aggregation_id", id)]));
                 Code::NotFound
             }
             GatewayError::Expired { id, at } => {
@@ -44,11 +40,7 @@ impl From<GatewayError> for Status {
                 Code::NotFound
             }
             GatewayError::Evicted { id } => {
-                details.set_error_info(
-                    "AGGREGATION_EVICTED",
-                    ERROR_DOMAIN,
-                    meta([("aggregation_id", id)]),
-                );
+                details.set_error_info("AGGREGATION_EVICTED", ERROR_DOMAIN, meta([("aggregation_id", id)]));
                 Code::NotFound
             }
             GatewayError::QueueFull { farm_id, capacity } => {
@@ -60,16 +52,9 @@ impl From<GatewayError> for Status {
                 );
                 Code::ResourceExhausted
             }
-            GatewayError::RateLimited {
-                operation,
-                retry_after,
-            } => {
+            GatewayError::RateLimited { operation, retry_after } => {
                 details.set_retry_info(Some(retry_after));
-                details.set_error_info(
-                    "RATE_LIMITED",
-                    ERROR_DOMAIN,
-                    meta([("method", operation.to_owned())]),
-                );
+                details.set_error_info("RATE_LIMITED", ERROR_DOMAIN, meta([("method", operation.to_owned())]));
                 Code::ResourceExhausted
             }
             GatewayError::ShuttingDown => Code::Unavailable,

@@ -100,11 +100,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dsg");
         let rpc_requests = Family::<RpcLabels, Counter>::default();
-        registry.register(
-            "rpc_requests",
-            "gRPC requests handled, by method and status code",
-            rpc_requests.clone(),
-        );
+        registry.register("rpc_requests", "gRPC requests handled, by method and status code", rpc_requests.clone());
         let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 3.0, 13))
         });
@@ -121,11 +117,7 @@ impl Metrics {
             dispositions.clone(),
         );
         let cache_hits = Counter::default();
-        registry.register(
-            "cache_hits",
-            "Starts answered from a valid cached result",
-            cache_hits.clone(),
-        );
+        registry.register("cache_hits", "Starts answered from a valid cached result", cache_hits.clone());
         let cache_misses = Counter::default();
         registry.register(
             "cache_misses",
@@ -133,11 +125,7 @@ impl Metrics {
             cache_misses.clone(),
         );
         let throttled = Family::<MethodLabels, Counter>::default();
-        registry.register(
-            "throttled_requests",
-            "requests refused by a caller's token bucket",
-            throttled.clone(),
-        );
+        registry.register("throttled_requests", "requests refused by a caller's token bucket", throttled.clone());
         let upstream_calls = Family::<UpstreamLabels, Counter>::default();
         registry.register(
             "upstream_calls",
@@ -154,11 +142,7 @@ impl Metrics {
             upstream_duration.clone(),
         );
         let finished = Family::<StateLabels, Counter>::default();
-        registry.register(
-            "aggregations_finished",
-            "aggregations that reached a terminal state",
-            finished.clone(),
-        );
+        registry.register("aggregations_finished", "aggregations that reached a terminal state", finished.clone());
         let time_to_complete = Histogram::new(exponential_buckets(0.25, 2.0, 16));
         registry.register_with_unit(
             "aggregation_time_to_complete",
@@ -166,6 +150,23 @@ impl Metrics {
             Unit::Seconds,
             time_to_complete.clone(),
         );
+        // Series known in advance start at zero, so every family is exported from the start
+        // and rate() sees the first increment.
+        for method in ["StartAggregation", "GetAggregation"] {
+            let _ = rpc_requests.get_or_create(&RpcLabels { method, code: "OK" });
+            let _ = rpc_duration.get_or_create(&MethodLabels { method });
+            let _ = throttled.get_or_create(&MethodLabels { method });
+        }
+        for disposition in ["started", "joined", "cached"] {
+            let _ = dispositions.get_or_create(&DispositionLabels { disposition });
+        }
+        for operation in ["StartSessionsStatisticsAggregation", "GetSessionsStatisticsAggregation"] {
+            let _ = upstream_calls.get_or_create(&UpstreamLabels { operation, outcome: "ok" });
+            let _ = upstream_duration.get_or_create(&OperationLabels { operation });
+        }
+        for state in ["COMPLETED", "FAILED", "TIMED_OUT"] {
+            let _ = finished.get_or_create(&StateLabels { state });
+        }
         let levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>> = Arc::default();
         registry.register_collector(Box::new(LevelsCollector(levels.clone())));
         Self {
@@ -190,24 +191,13 @@ impl Metrics {
     }
 
     pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
-        self.rpc_requests
-            .get_or_create(&RpcLabels {
-                method,
-                code: code_name(code),
-            })
-            .inc();
-        self.rpc_duration
-            .get_or_create(&MethodLabels { method })
-            .observe(elapsed.as_secs_f64());
+        self.rpc_requests.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
+        self.rpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
     }
 
     pub fn upstream(&self, operation: &'static str, outcome: &'static str, elapsed: Duration) {
-        self.upstream_calls
-            .get_or_create(&UpstreamLabels { operation, outcome })
-            .inc();
-        self.upstream_duration
-            .get_or_create(&OperationLabels { operation })
-            .observe(elapsed.as_secs_f64());
+        self.upstream_calls.get_or_create(&UpstreamLabels { operation, outcome }).inc();
+        self.upstream_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
     }
 
     /// The Prometheus text exposition of every metric.
@@ -258,52 +248,25 @@ impl std::fmt::Debug for LevelsCollector {
 }
 
 impl prometheus_client::collector::Collector for LevelsCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric as _;
         let Some(source) = self.0.get() else {
             return Ok(());
         };
         let l = source();
         let gauges = [
-            (
-                "aggregations_active",
-                "queued and running aggregations",
-                l.active_aggregations,
-            ),
-            (
-                "cache_entries",
-                "terminal aggregations held in the results cache",
-                l.cache_entries,
-            ),
-            (
-                "cache_bytes",
-                "bytes of rows held in the results cache",
-                l.cache_bytes,
-            ),
-            (
-                "caller_buckets",
-                "callers with a partly used token bucket",
-                l.caller_buckets,
-            ),
+            ("aggregations_active", "queued and running aggregations", l.active_aggregations),
+            ("cache_entries", "terminal aggregations held in the results cache", l.cache_entries),
+            ("cache_bytes", "bytes of rows held in the results cache", l.cache_bytes),
+            ("caller_buckets", "callers with a partly used token bucket", l.caller_buckets),
         ];
         for (name, help, value) in gauges {
             let metric = ConstGauge::new(value as i64);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
         let counters = [
-            (
-                "cache_expirations",
-                "cached results dropped at the end of their validity",
-                l.cache_expirations,
-            ),
-            (
-                "cache_evictions",
-                "cached results dropped to stay within the memory budget",
-                l.cache_evictions,
-            ),
+            ("cache_expirations", "cached results dropped at the end of their validity", l.cache_expirations),
+            ("cache_evictions", "cached results dropped to stay within the memory budget", l.cache_evictions),
         ];
         for (name, help, value) in counters {
             let metric = ConstCounter::new(value);
@@ -311,23 +274,13 @@ impl prometheus_client::collector::Collector for LevelsCollector {
         }
         let families = [
             ("farm_queue_depth", "aggregations waiting per farm", false),
-            (
-                "farm_running",
-                "aggregations running upstream per farm (0 or 1)",
-                true,
-            ),
+            ("farm_running", "aggregations running upstream per farm (0 or 1)", true),
         ];
         for (name, help, running) in families {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
             for farm in &l.farms {
-                let labels = FarmLabels {
-                    farm_id: farm.farm_id.clone(),
-                };
+                let labels = FarmLabels { farm_id: farm.farm_id.clone() };
                 let value = if running { farm.running } else { farm.queued };
                 ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?;
             }

@@ -55,11 +55,8 @@ impl TelemetryGuard {
 /// `format`, and the OpenTelemetry layer. Needs a Tokio runtime (the span exporter runs on it).
 pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
     let provider = traces::provider()?;
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
-    let otel =
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("deadline-stats-gateway"));
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("deadline-stats-gateway"));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
@@ -67,21 +64,10 @@ pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let fmt = if json {
-        tracing_subscriber::fmt::layer()
-            .event_format(logs::JsonLines)
-            .with_writer(std::io::stderr)
-            .boxed()
+        tracing_subscriber::fmt::layer().event_format(logs::JsonLines).with_writer(std::io::stderr).boxed()
     } else {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .boxed()
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed()
     };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(otel)
-        .with(logs::TraceIdsLayer)
-        .with(fmt)
-        .try_init()?;
+    tracing_subscriber::registry().with(filter).with(otel).with(logs::TraceIdsLayer).with(fmt).try_init()?;
     Ok(TelemetryGuard { provider })
 }

@@ -9,22 +9,14 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The variables that turn the exporter on.
-const ENDPOINT_VARS: [&str; 2] = [
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-];
+const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
 
 /// The tracer provider: sampler from `OTEL_TRACES_SAMPLER`, resource from `OTEL_SERVICE_NAME`
 /// and `OTEL_RESOURCE_ATTRIBUTES`, and a batch OTLP/gRPC exporter when an endpoint is set.
 pub fn provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let mut builder = SdkTracerProvider::builder().with_resource(resource());
-    if ENDPOINT_VARS
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
-    {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()?;
+    if ENDPOINT_VARS.iter().any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty())) {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
             exporter,
             opentelemetry_sdk::runtime::Tokio,
@@ -39,17 +31,8 @@ fn resource() -> Resource {
     let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.is_empty())
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|s| s.contains("service.name="));
     let builder = Resource::builder();
-    let builder = if named {
-        builder
-    } else {
-        builder.with_service_name(env!("CARGO_PKG_NAME"))
-    };
-    builder
-        .with_attribute(opentelemetry::KeyValue::new(
-            "service.version",
-            env!("CARGO_PKG_VERSION"),
-        ))
-        .build()
+    let builder = if named { builder } else { builder.with_service_name(env!("CARGO_PKG_NAME")) };
+    builder.with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))).build()
 }
 
 /// Reads W3C `traceparent`/`tracestate` from gRPC metadata.
@@ -73,8 +56,7 @@ impl Extractor for MetadataExtractor<'_> {
 
 /// Makes `span` a child of the caller's span named in `metadata`, if any.
 pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }

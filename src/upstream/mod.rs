@@ -32,16 +32,10 @@ pub struct InvalidField {
 pub enum UpstreamError {
     /// ThrottlingException: a rate quota, or an aggregation already running on the farm.
     #[error("upstream throttled the request: {message}")]
-    Throttled {
-        message: String,
-        retry_after: Option<Duration>,
-    },
+    Throttled { message: String, retry_after: Option<Duration> },
     /// ValidationException, with the fields it names.
     #[error("upstream rejected the request as invalid: {message}")]
-    Invalid {
-        message: String,
-        fields: Vec<InvalidField>,
-    },
+    Invalid { message: String, fields: Vec<InvalidField> },
     /// ResourceNotFoundException: an unknown farm or aggregation, or expired results.
     #[error("upstream resource not found: {message}")]
     NotFound { message: String },
@@ -50,10 +44,7 @@ pub enum UpstreamError {
     AccessDenied { message: String },
     /// Worth retrying later: InternalServerErrorException, timeouts, connection failures.
     #[error("upstream unavailable: {message}")]
-    Transient {
-        message: String,
-        retry_after: Option<Duration>,
-    },
+    Transient { message: String, retry_after: Option<Duration> },
     /// Anything else: a response that could not be understood, a misconfigured client.
     #[error("upstream call failed: {message}")]
     Other { message: String },

@@ -8,17 +8,13 @@
 
 use super::host_prefix::NoHostPrefixOnCustomEndpoint;
 use super::{InvalidField, Upstream, UpstreamError, UpstreamPage};
-use crate::domain::{
-    AggregationRequest, AggregationStatus, Resources, StatisticsRow, Stats, UsageType,
-};
+use crate::domain::{AggregationRequest, AggregationStatus, Resources, StatisticsRow, Stats, UsageType};
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_deadline::Client;
 use aws_sdk_deadline::error::{DisplayErrorContext, SdkError};
-use aws_sdk_deadline::types::{
-    self, SessionsStatisticsResources, UsageGroupByField, UsageStatistic,
-};
+use aws_sdk_deadline::types::{self, SessionsStatisticsResources, UsageGroupByField, UsageStatistic};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
@@ -28,10 +24,7 @@ pub enum CredentialSource {
     /// The standard AWS chain.
     Chain,
     /// Fixed keys: for the emulator, which checks no signature.
-    Static {
-        access_key_id: String,
-        secret_access_key: String,
-    },
+    Static { access_key_id: String, secret_access_key: String },
 }
 
 /// How to build the SDK client.
@@ -93,11 +86,7 @@ impl SdkUpstream {
         if let Some(region) = &config.region {
             loader = loader.region(Region::new(region.clone()));
         }
-        if let CredentialSource::Static {
-            access_key_id,
-            secret_access_key,
-        } = &config.credentials
-        {
+        if let CredentialSource::Static { access_key_id, secret_access_key } = &config.credentials {
             let creds = aws_sdk_deadline::config::Credentials::new(
                 access_key_id,
                 secret_access_key,
@@ -124,12 +113,7 @@ impl SdkUpstream {
         }
         let get_retry = RetryConfig::standard().with_max_attempts(config.get_max_attempts);
         Ok(Self {
-            start_client: Client::from_conf(
-                builder
-                    .clone()
-                    .retry_config(RetryConfig::disabled())
-                    .build(),
-            ),
+            start_client: Client::from_conf(builder.clone().retry_config(RetryConfig::disabled()).build()),
             get_client: Client::from_conf(builder.retry_config(get_retry).build()),
         })
     }
@@ -151,18 +135,8 @@ impl Upstream for SdkUpstream {
             .end_time(smithy_time(req.end_time))
             .set_timezone(req.timezone.map(|tz| tz.to_string()))
             .set_period(req.period.map(|p| types::Period::from(p.as_str())))
-            .set_group_by(Some(
-                req.group_by
-                    .iter()
-                    .map(|g| UsageGroupByField::from(g.as_str()))
-                    .collect(),
-            ))
-            .set_statistics(Some(
-                req.statistics
-                    .iter()
-                    .map(|s| UsageStatistic::from(s.as_str()))
-                    .collect(),
-            ))
+            .set_group_by(Some(req.group_by.iter().map(|g| UsageGroupByField::from(g.as_str())).collect()))
+            .set_statistics(Some(req.statistics.iter().map(|s| UsageStatistic::from(s.as_str())).collect()))
             .send()
             .await
             .map_err(map_sdk_error)?;
@@ -186,22 +160,14 @@ impl Upstream for SdkUpstream {
             .send()
             .await
             .map_err(map_sdk_error)?;
-        let status = AggregationStatus::parse(out.status().as_str()).ok_or_else(|| {
-            UpstreamError::Other {
-                message: format!(
-                    "upstream returned an unknown status '{}'",
-                    out.status().as_str()
-                ),
-            }
+        let status = AggregationStatus::parse(out.status().as_str()).ok_or_else(|| UpstreamError::Other {
+            message: format!("upstream returned an unknown status '{}'", out.status().as_str()),
         })?;
         Ok(UpstreamPage {
             status,
             status_message: out.status_message().map(str::to_owned),
             rows: out.statistics().iter().map(row).collect(),
-            next_token: out
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned),
+            next_token: out.next_token().filter(|t| !t.is_empty()).map(str::to_owned),
         })
     }
 }
@@ -233,12 +199,7 @@ fn row(s: &types::Statistics) -> StatisticsRow {
 }
 
 fn stats(s: &types::Stats) -> Stats {
-    Stats {
-        min: s.min(),
-        max: s.max(),
-        avg: s.avg(),
-        sum: s.sum(),
-    }
+    Stats { min: s.min(), max: s.max(), avg: s.avg(), sum: s.sum() }
 }
 
 /// Maps any SDK failure of either operation to the domain's [`UpstreamError`].
@@ -250,52 +211,36 @@ where
     let message = DisplayErrorContext(&err).to_string();
     match err {
         SdkError::ServiceError(e) => map_service_error(e.into_err().into()),
-        SdkError::TimeoutError(_) => UpstreamError::Transient {
-            message: format!("timed out: {message}"),
-            retry_after: None,
-        },
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => UpstreamError::Transient {
-            message,
-            retry_after: None,
-        },
+        SdkError::TimeoutError(_) => {
+            UpstreamError::Transient { message: format!("timed out: {message}"), retry_after: None }
+        }
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            UpstreamError::Transient { message, retry_after: None }
+        }
         _ => UpstreamError::Other { message },
     }
 }
 
 fn map_service_error(err: aws_sdk_deadline::Error) -> UpstreamError {
     use aws_sdk_deadline::Error as E;
-    let seconds = |s: Option<i32>| {
-        s.and_then(|s| u64::try_from(s).ok())
-            .map(Duration::from_secs)
-    };
+    let seconds = |s: Option<i32>| s.and_then(|s| u64::try_from(s).ok()).map(Duration::from_secs);
     match err {
-        E::ThrottlingException(e) => UpstreamError::Throttled {
-            message: e.message().to_owned(),
-            retry_after: seconds(e.retry_after_seconds()),
-        },
+        E::ThrottlingException(e) => {
+            UpstreamError::Throttled { message: e.message().to_owned(), retry_after: seconds(e.retry_after_seconds()) }
+        }
         E::ValidationException(e) => UpstreamError::Invalid {
             message: e.message().to_owned(),
             fields: e
                 .field_list()
                 .iter()
-                .map(|f| InvalidField {
-                    name: f.name().to_owned(),
-                    message: f.message().to_owned(),
-                })
+                .map(|f| InvalidField { name: f.name().to_owned(), message: f.message().to_owned() })
                 .collect(),
         },
-        E::ResourceNotFoundException(e) => UpstreamError::NotFound {
-            message: e.message().to_owned(),
-        },
-        E::AccessDeniedException(e) => UpstreamError::AccessDenied {
-            message: e.message().to_owned(),
-        },
-        E::InternalServerErrorException(e) => UpstreamError::Transient {
-            message: e.message().to_owned(),
-            retry_after: seconds(e.retry_after_seconds()),
-        },
-        other => UpstreamError::Other {
-            message: DisplayErrorContext(&other).to_string(),
-        },
+        E::ResourceNotFoundException(e) => UpstreamError::NotFound { message: e.message().to_owned() },
+        E::AccessDeniedException(e) => UpstreamError::AccessDenied { message: e.message().to_owned() },
+        E::InternalServerErrorException(e) => {
+            UpstreamError::Transient { message: e.message().to_owned(), retry_after: seconds(e.retry_after_seconds()) }
+        }
+        other => UpstreamError::Other { message: DisplayErrorContext(&other).to_string() },
     }
 }
