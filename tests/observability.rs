@@ -298,6 +298,39 @@ async fn sigterm_drains_long_polls_and_starts_then_exits_cleanly() {
     );
 }
 
+#[tokio::test]
+async fn json_log_lines_of_a_request_carry_its_trace_and_span_ids() {
+    let path = std::env::temp_dir().join(format!("dsg-logs-{}.jsonl", std::process::id()));
+    let file = std::fs::File::create(&path).expect("log file");
+    let (mut gateway, url, _) = spawn_serve_logging(&["--log-format", "json"], &[], file.into());
+    let mut client = client(&url).await;
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let mut bad = start_request(5, 1, 1, &[GroupBy::QueueId]);
+    bad.farm_id = "farm-nope".into();
+    let status =
+        client.start_aggregation(traced(bad, &format!("00-{trace}-10f067aa0ba902b7-01"))).await.expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    client.start_aggregation(start_request(5, 1, 1, &[GroupBy::QueueId])).await.expect("start");
+    gateway.terminate();
+    assert!(
+        tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(20))).await.expect("joins").success()
+    );
+
+    let text = std::fs::read_to_string(&path).expect("logs");
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
+    assert!(lines.iter().all(|l| l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string()));
+    let in_spans: Vec<&serde_json::Value> = lines.iter().filter(|l| l["span"].is_string()).collect();
+    assert!(in_spans.len() >= 2, "a refusal and the lifecycle logged: {text}");
+    for line in &in_spans {
+        let (t, s) = (line["trace_id"].as_str().unwrap_or_default(), line["span_id"].as_str().unwrap_or_default());
+        assert!(t.len() == 32 && s.len() == 16, "trace and span ids on {line}");
+    }
+    let refused = in_spans.iter().find(|l| l["message"] == "rpc refused").expect("the refusal is logged");
+    assert_eq!(refused["trace_id"], trace, "the caller's trace id");
+    let _ = std::fs::remove_file(&path);
+}
+
 #[test]
 fn bad_configuration_stops_start_up_with_a_message_naming_it() {
     let dir = std::env::temp_dir().join(format!("dsg-obs-{}", std::process::id()));

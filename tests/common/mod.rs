@@ -306,12 +306,21 @@ pub fn stdout_lines(child: &mut std::process::Child, n: usize) -> Vec<String> {
 /// `serve --upstream emulator` on loopback ports with `extra` flags and `env`; returns the
 /// process, the gRPC URL and the admin URL.
 pub fn spawn_serve(extra: &[&str], env: &[(&str, &str)]) -> (Running, String, String) {
+    spawn_serve_logging(extra, env, std::process::Stdio::null())
+}
+
+/// [`spawn_serve`] with its stderr (the logs) sent to `stderr`.
+pub fn spawn_serve_logging(
+    extra: &[&str],
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (Running, String, String) {
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(["serve", "--upstream", "emulator", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(extra)
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .stderr(stderr);
     let mut child = cmd.spawn().expect("serve starts");
     let lines = stdout_lines(&mut child, 2);
     let grpc = lines[0].strip_prefix("listening on ").expect("gRPC address line").to_owned();
