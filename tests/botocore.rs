@@ -4,32 +4,17 @@
 
 mod common;
 
-use common::emulator;
+use common::{emulator, python_packages};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 /// A `PYTHONPATH` under which `import botocore` works with a model that knows Deadline Cloud.
 fn botocore_path() -> PathBuf {
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("pydeps");
-    let probe = |path: &Path| {
-        Command::new("python3")
-            .args(["-c", "import botocore.session as s; assert 'deadline' in s.get_session().get_available_services()"])
-            .env("PYTHONPATH", path)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !probe(&target) {
-        let installed = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target"])
-            .arg(&target)
-            .arg("botocore")
-            .status()
-            .expect("python3 -m pip runs");
-        assert!(installed.success(), "pip could not install botocore into {}", target.display());
-        assert!(probe(&target), "botocore installed but cannot be imported");
-    }
-    target
+    python_packages(
+        "pydeps",
+        &["botocore"],
+        "import botocore.session as s; assert 'deadline' in s.get_session().get_available_services()",
+    )
 }
 
 #[tokio::test]

@@ -48,7 +48,11 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<String>, Parse
         let id = key.replace('-', "_");
         let arg = serve
             .get_arguments()
-            .find(|a| a.get_id().as_str() == id && a.get_long().is_some() && id != "config")
+            .find(|a| {
+                a.get_id().as_str() == id
+                    && a.get_long().is_some()
+                    && !["config", "check_config"].contains(&id.as_str())
+            })
             .ok_or_else(|| fail(format!("unknown setting '{key}'")))?;
         if matches!(given.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
             continue;

@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// environment variables take precedence over it.
     #[arg(long, env = "DSG_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Check every setting, print "configuration ok" and exit without serving.
+    #[arg(long)]
+    pub check_config: bool,
     /// Address of the gRPC listener.
     #[arg(long, env = "DSG_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -235,6 +238,10 @@ impl ServeArgs {
 
 pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let config = args.gateway_config()?;
+    if args.check_config {
+        super::print_line("configuration ok");
+        return Ok(());
+    }
     let signal = shutdown_signal().map_err(RunError::Signal)?;
     let metrics = Arc::new(Metrics::new());
     let (sdk_config, emulator) = upstream(&args).await?;

@@ -152,3 +152,17 @@ fn caller_id<T>(request: &Request<T>) -> String {
         (None, None) => "unknown".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::server::NamedService as _;
+
+    #[test]
+    fn the_service_name_is_the_one_tonic_serves() {
+        assert_eq!(
+            SERVICE_NAME,
+            <super::super::pb::aggregation_service_server::AggregationServiceServer<AggregationApi>>::NAME
+        );
+    }
+}

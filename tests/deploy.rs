@@ -1,0 +1,236 @@
+//! The deployment files: every kustomize overlay renders, passes `kubernetes-validate --strict`
+//! and `yamllint`, and agrees with what the binary really accepts (flags, environment
+//! variables, ports, probe service), as does the Dockerfile.
+
+mod common;
+
+use common::{BIN, python_packages};
+use deadline_stats_gateway::grpc::service::SERVICE_NAME;
+use serde::Deserialize as _;
+use serde_yaml_ng::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Kubernetes version the manifests are validated against.
+const KUBERNETES_VERSION: &str = "1.34.0";
+const OVERLAYS: [&str; 2] = ["dev", "production"];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tools() -> PathBuf {
+    python_packages("pydeps-deploy", &["kubernetes-validate", "yamllint"], "import kubernetes_validate, yamllint")
+}
+
+/// `kubectl kustomize` of an overlay.
+fn render(overlay: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root().join("deploy/kubernetes/overlays").join(overlay))
+        .output()
+        .expect("kubectl (with kustomize) is on the machine");
+    assert!(out.status.success(), "kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 manifests")
+}
+
+/// An overlay rendered into `target/deploy/`, for the validators.
+fn render_to_file(overlay: &str) -> PathBuf {
+    let dir = root().join("target/deploy");
+    std::fs::create_dir_all(&dir).expect("target/deploy");
+    let path = dir.join(format!("{overlay}.yaml"));
+    std::fs::write(&path, render(overlay)).expect("write rendered manifests");
+    path
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text).map(|d| Value::deserialize(d).expect("valid YAML")).collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect()
+}
+
+fn python(path: &Path, module: &str, args: &[&str], files: &[PathBuf]) -> std::process::Output {
+    Command::new("python3")
+        .args(["-m", module])
+        .args(args)
+        .args(files)
+        .env("PYTHONPATH", path)
+        .output()
+        .expect("python3 runs")
+}
+
+#[test]
+fn every_overlay_renders_and_passes_strict_validation_and_yamllint() {
+    let tools = tools();
+    let rendered: Vec<PathBuf> = OVERLAYS.iter().map(|o| render_to_file(o)).collect();
+    let out = python(
+        &tools,
+        "kubernetes_validate",
+        &["--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION],
+        &rendered,
+    );
+    assert!(
+        out.status.success(),
+        "kubernetes-validate:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let config = root().join("deploy/.yamllint.yaml");
+    let mut files = vec![root().join("deploy/kubernetes")];
+    files.extend(rendered);
+    let out = python(&tools, "yamllint", &["--strict", "--config-file", &config.to_string_lossy()], &files);
+    assert!(out.status.success(), "yamllint:\n{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// What `serve --help` says the binary accepts: long flags and environment variables.
+fn accepted() -> (HashSet<String>, HashSet<String>) {
+    let out = Command::new(BIN).args(["serve", "--help"]).output().expect("the binary runs");
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words = |prefix: &str| -> HashSet<String> {
+        help.split(|c: char| c.is_whitespace() || c == '[' || c == ']' || c == '=' || c == ',')
+            .filter(|w| w.starts_with(prefix))
+            .map(|w| w.trim_end_matches(':').to_owned())
+            .collect()
+    };
+    (words("--"), words("DSG_"))
+}
+
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("an address with a port")
+}
+
+#[test]
+fn manifests_agree_with_what_the_binary_accepts() {
+    let (flags, vars) = accepted();
+    assert!(flags.contains("--upstream") && vars.contains("DSG_LISTEN"), "the help lists flags and variables");
+    for overlay in OVERLAYS {
+        let docs = documents(&render(overlay));
+        let config = of_kind(&docs, "ConfigMap")[0];
+        let env: BTreeMap<String, String> = config["data"]
+            .as_mapping()
+            .expect("ConfigMap data")
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap_or_default().to_owned(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        for name in env.keys() {
+            let known = if name.starts_with("DSG_") {
+                vars.contains(name)
+            } else {
+                ["OTEL_", "RUST_LOG", "AWS_"].iter().any(|p| name.starts_with(p))
+            };
+            assert!(known, "{overlay}: the binary does not read {name}");
+        }
+
+        let deployment = of_kind(&docs, "Deployment")[0];
+        let pod = &deployment["spec"]["template"];
+        let container = &pod["spec"]["containers"][0];
+        let args: Vec<String> = container["args"]
+            .as_sequence()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        for flag in args.iter().filter(|a| a.starts_with("--")) {
+            assert!(flags.contains(flag.split('=').next().unwrap_or_default()), "{overlay}: the binary has no {flag}");
+        }
+        let port = |name: &str| {
+            container["ports"]
+                .as_sequence()
+                .expect("ports")
+                .iter()
+                .find(|p| p["name"].as_str() == Some(name))
+                .and_then(|p| p["containerPort"].as_u64())
+                .expect("named port")
+        };
+        assert_eq!(port("grpc"), port_of(&env["DSG_LISTEN"]), "{overlay}: gRPC port");
+        assert_eq!(port("admin"), port_of(&env["DSG_ADMIN_LISTEN"]), "{overlay}: admin port");
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(container[probe]["grpc"]["port"].as_u64(), Some(port("grpc")), "{overlay}: {probe} port");
+        }
+        assert_eq!(
+            container["readinessProbe"]["grpc"]["service"].as_str(),
+            Some(SERVICE_NAME),
+            "{overlay}: readiness checks our service"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["prometheus.io/port"].as_str().and_then(|p| p.parse().ok()),
+            Some(port("admin"))
+        );
+
+        let grace = humantime::parse_duration(&env["DSG_SHUTDOWN_GRACE"]).expect("grace").as_secs();
+        let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().expect("preStop sleep");
+        let termination = pod["spec"]["terminationGracePeriodSeconds"].as_u64().expect("termination grace");
+        assert!(termination > pre_stop + grace, "{overlay}: the pod is killed before the gateway drains");
+
+        assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(1), "{overlay}: one replica until state is shared");
+        assert_eq!(
+            deployment["spec"]["strategy"]["type"].as_str(),
+            Some("Recreate"),
+            "{overlay}: never two replicas at once"
+        );
+        assert_eq!(of_kind(&docs, "HorizontalPodAutoscaler")[0]["spec"]["maxReplicas"].as_u64(), Some(1));
+        for service in of_kind(&docs, "Service") {
+            for p in service["spec"]["ports"].as_sequence().expect("ports") {
+                let target = p["targetPort"].as_str().expect("named target port");
+                assert!(["grpc", "admin"].contains(&target), "{overlay}: service targets unknown port {target}");
+            }
+        }
+
+        // The settings as the pod gets them pass the binary's own checks.
+        let mut check = Command::new(BIN);
+        check.args(&args).arg("--check-config").env_clear().envs(&env);
+        check
+            .env("DSG_LISTEN", "127.0.0.1:0")
+            .env("DSG_ADMIN_LISTEN", "127.0.0.1:1")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let out = check.output().expect("the binary runs");
+        assert!(out.status.success(), "{overlay}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration ok");
+    }
+}
+
+#[test]
+fn the_dockerfile_agrees_with_the_binary_and_the_manifests() {
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let mut env = BTreeMap::new();
+    let (mut exposed, mut cmd) = (Vec::new(), Vec::new());
+    let joined = dockerfile.replace("\\\n", " ");
+    for line in joined.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("ENV ") {
+            for pair in rest.split_whitespace() {
+                let (k, v) = pair.split_once('=').expect("ENV K=V");
+                env.insert(k.to_owned(), v.to_owned());
+            }
+        } else if let Some(rest) = line.strip_prefix("EXPOSE ") {
+            exposed.extend(rest.split_whitespace().map(|p| p.parse::<u64>().expect("port")));
+        } else if let Some(rest) = line.strip_prefix("CMD ") {
+            cmd = serde_json::from_str::<Vec<String>>(rest).expect("CMD in exec form");
+        }
+    }
+    assert!(dockerfile.contains("cargo build --locked --release"));
+    assert!(dockerfile.contains("USER 65532"), "runs as non-root");
+    assert_eq!(exposed, vec![port_of(&env["DSG_LISTEN"]), port_of(&env["DSG_ADMIN_LISTEN"])]);
+    assert_eq!(cmd, vec!["serve", "--upstream", "aws"]);
+    let (_, vars) = accepted();
+    assert!(env.keys().all(|k| vars.contains(k)), "every ENV is a variable the binary reads: {env:?}");
+    let base = documents(&render("production"));
+    let container = &of_kind(&base, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    let ports: Vec<u64> =
+        container["ports"].as_sequence().expect("ports").iter().filter_map(|p| p["containerPort"].as_u64()).collect();
+    assert_eq!(ports, exposed, "the image exposes what the pod declares");
+
+    let out = Command::new(BIN)
+        .args(&cmd)
+        .arg("--check-config")
+        .env_clear()
+        .envs(&env)
+        .env("DSG_REGION", "us-west-2")
+        .env("DSG_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("the binary runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
