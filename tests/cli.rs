@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{BIN, Running, stdout_lines};
+use common::{BIN, Running, spawn_serve, stdout_lines};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,27 +13,8 @@ fn first_line(child: &mut std::process::Child) -> String {
 
 #[test]
 fn serve_with_the_emulator_then_query_prints_every_row() {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--upstream",
-            "emulator",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--emulator-aggregation-duration",
-            "300ms",
-            "--poll-initial-interval",
-            "50ms",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve starts");
-    let line = first_line(&mut child);
-    let server = Running(child);
-    let url = line.trim().strip_prefix("listening on ").expect("address line").to_owned();
+    let (server, url, _) =
+        spawn_serve(&["--emulator-aggregation-duration", "300ms", "--poll-initial-interval", "50ms"], &[]);
 
     let farm = format!("farm-{}", "1".repeat(32));
     let queue = format!("queue-{}", "2".repeat(32));

@@ -52,6 +52,24 @@ fn millis(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(3)
 }
 
+/// A small valid key for unit tests: farm `farm`, queue `queue`, one day.
+#[cfg(test)]
+pub(crate) fn test_key(farm: u64, queue: u64) -> CanonicalKey {
+    use crate::domain::{GroupBy, Statistic, ids::format_id};
+    use chrono::TimeZone as _;
+    let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("start");
+    CanonicalKey::new(&AggregationRequest {
+        farm_id: format_id("farm-", 0, farm),
+        resources: Resources::Queues(vec![format_id("queue-", 0, queue)]),
+        start_time: start,
+        end_time: start + chrono::Duration::days(1),
+        timezone: None,
+        period: None,
+        group_by: vec![GroupBy::QueueId],
+        statistics: vec![Statistic::Sum],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,11 +117,7 @@ async fn worker(shared: Arc<Shared>, farm: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ids::format_id;
-    use crate::domain::{AggregationRequest, GroupBy, Resources, Statistic};
     use crate::gateway::aggregation::State;
-    use crate::gateway::key::CanonicalKey;
-    use chrono::{TimeZone, Utc};
     use tokio::sync::mpsc;
 
     /// Records the order of runs and holds each until the test releases it.
@@ -143,17 +139,7 @@ mod tests {
     }
 
     fn aggregation(farm: u64, n: u64) -> Arc<Aggregation> {
-        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("start");
-        Arc::new(Aggregation::new(CanonicalKey::new(&AggregationRequest {
-            farm_id: format_id("farm-", 0, farm),
-            resources: Resources::Queues(vec![format_id("queue-", 0, n)]),
-            start_time: start,
-            end_time: start + chrono::Duration::days(1),
-            timezone: None,
-            period: None,
-            group_by: vec![GroupBy::QueueId],
-            statistics: vec![Statistic::Sum],
-        })))
+        Arc::new(Aggregation::new(crate::gateway::key::test_key(farm, n)))
     }
 
     #[tokio::test]

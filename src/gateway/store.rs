@@ -232,23 +232,11 @@ impl moka::Expiry<AggregationId, Arc<Aggregation>> for ExpireAtSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ids::format_id;
-    use crate::domain::{AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow};
+    use crate::domain::StatisticsRow;
     use crate::gateway::aggregation::State;
-    use chrono::{TimeZone, Utc};
 
     fn key(n: u64) -> CanonicalKey {
-        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("start");
-        CanonicalKey::new(&AggregationRequest {
-            farm_id: format_id("farm-", 1, 1),
-            resources: Resources::Queues(vec![format_id("queue-", 0, n)]),
-            start_time: start,
-            end_time: start + chrono::Duration::days(1),
-            timezone: None,
-            period: None,
-            group_by: vec![GroupBy::QueueId],
-            statistics: vec![Statistic::Sum],
-        })
+        crate::gateway::key::test_key(1, n)
     }
 
     fn start(store: &MemoryStore, k: &CanonicalKey) -> (Arc<Aggregation>, Disposition) {
