@@ -7,12 +7,14 @@
 //!   over `aws-sdk-deadline`; SDK errors become [`upstream::UpstreamError`].
 //! - [`emulator`]: a Deadline Cloud emulator served over HTTP, the upstream of every test, demo
 //!   and benchmark.
+//! - [`bench`]: the load generator, the bare-tonic baseline and the benchmark scenarios.
 //! - [`cli`]: the command line; `main` parses it and calls [`cli::run`].
 //!
 //! Data flows caller → (gateway) → [`upstream::sdk::SdkUpstream`] → HTTP → Deadline Cloud or
 //! the [`emulator`].
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod domain;
 pub mod emulator;

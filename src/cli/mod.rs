@@ -3,6 +3,7 @@
 //! Every `serve` and `emulator` flag also reads a `DSG_*` environment variable. Parsing and
 //! validation happen here; the work is done by the library modules.
 
+pub mod bench;
 pub mod config;
 pub mod emulator;
 pub mod query;
@@ -31,6 +32,11 @@ pub enum Command {
     Query(query::QueryArgs),
     /// Run the Deadline Cloud emulator (the sessions-statistics REST-JSON API) over HTTP.
     Emulator(emulator::EmulatorArgs),
+    /// Run a benchmark scenario against the gateway (and the bare-tonic baseline).
+    Bench(bench::BenchArgs),
+    /// The bare-tonic baseline server of `bench cache-hit`.
+    #[command(hide = true)]
+    BenchBaseline(bench::BaselineArgs),
 }
 
 /// A failure that ends the process with a non-zero status.
@@ -54,6 +60,8 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         Command::Serve(args) => serve::run(*args).await,
         Command::Query(args) => query::run(args).await,
         Command::Emulator(args) => emulator::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::BenchBaseline(args) => bench::baseline(args).await,
     }
 }
 
@@ -89,7 +97,7 @@ impl Cli {
     pub fn log_format(&self) -> crate::telemetry::LogFormat {
         match &self.command {
             Command::Serve(args) => args.log_format,
-            Command::Query(_) | Command::Emulator(_) => crate::telemetry::LogFormat::Text,
+            _ => crate::telemetry::LogFormat::Text,
         }
     }
 }

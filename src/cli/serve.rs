@@ -254,6 +254,9 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
         admin_listener.local_addr().map_err(|source| RunError::Listen { addr: args.admin_listen, source })?;
     announce(&format!("http://{addr}"));
     super::print_line(&format!("admin on http://{admin_addr}"));
+    if let Some(emulator) = &emulator {
+        super::print_line(&format!("upstream on {}", emulator.endpoint_url()));
+    }
     tracing::info!(%addr, %admin_addr, upstream = ?args.upstream, "gateway serving");
 
     let (ready, ready_rx) = watch::channel(false);

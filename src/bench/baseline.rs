@@ -1,0 +1,124 @@
+//! The baseline: a tonic server exposing the same `GetAggregation` method that returns a
+//! pre-encoded response of the same size — no lookup, no throttling, no cache.
+
+use crate::grpc::service::SERVICE_NAME;
+use bytes::{Buf as _, BufMut as _, Bytes};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::net::TcpListener;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Request, Response, Status};
+
+/// Passes bytes through: requests are skipped, responses written as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = ();
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+        let n = src.remaining();
+        src.advance(n);
+        Ok(Some(()))
+    }
+}
+
+/// Answers every GetAggregation with the same bytes.
+#[derive(Debug, Clone)]
+pub struct BaselineService {
+    response: Bytes,
+}
+
+impl BaselineService {
+    pub fn new(response: Bytes) -> Self {
+        Self { response }
+    }
+}
+
+impl tonic::server::NamedService for BaselineService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+struct Unary(Bytes);
+
+impl tonic::server::UnaryService<()> for Unary {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<Response<Bytes>, Status>>;
+
+    fn call(&mut self, _request: Request<()>) -> Self::Future {
+        std::future::ready(Ok(Response::new(self.0.clone())))
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl<B> tower::Service<http::Request<B>> for BaselineService
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let response = self.response.clone();
+        Box::pin(async move {
+            if req.uri().path() != "/deadline.stats.v1.AggregationService/GetAggregation" {
+                return Ok(Status::unimplemented("the baseline serves GetAggregation only").into_http());
+            }
+            Ok(tonic::server::Grpc::new(RawCodec).unary(Unary(response), req).await)
+        })
+    }
+}
+
+/// Serves the baseline on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    response: Bytes,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(BaselineService::new(response))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,133 @@
+//! Processes under test: started from this executable, pinned to a core with `taskset`, their
+//! CPU time and resident memory read from `/proc`.
+
+use std::io::BufRead as _;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A child process that is killed when dropped.
+pub struct Server {
+    child: Child,
+    /// The lines it announced on stdout.
+    pub lines: Vec<String>,
+}
+
+impl Server {
+    /// Starts this executable with `args` (pinned to `core` when given), and reads the first
+    /// `announced` lines of its stdout.
+    pub fn start(core: Option<usize>, args: &[String], announced: usize) -> std::io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = match core {
+            Some(core) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(core.to_string()).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            for _ in 0..announced {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let _ = tx.send(line.trim().to_owned());
+            }
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let mut lines = Vec::new();
+        for _ in 0..announced {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => lines.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    return Err(std::io::Error::other(format!("{args:?} did not announce itself")));
+                }
+            }
+        }
+        Ok(Self { child, lines })
+    }
+
+    /// The URL in the announced line that starts with `prefix`.
+    pub fn url(&self, prefix: &str) -> Option<String> {
+        self.lines.iter().find_map(|l| l.strip_prefix(prefix)).map(str::to_owned)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU time used so far.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time(self.pid()).unwrap_or_default()
+    }
+
+    /// Resident set size in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.pid()).unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Clock ticks per second of `/proc/*/stat` times (`getconf CLK_TCK`, 100 on Linux).
+fn ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// utime + stime of a process (all its threads).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), closed by ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some(Duration::from_secs_f64((utime + stime) as f64 / ticks_per_second() as f64))
+}
+
+/// VmRSS of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The cores the benchmark may use: (server core, load generator core), or `None` on a
+/// single-core machine.
+pub fn cores() -> Option<(usize, usize)> {
+    (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) >= 2).then_some((0, 1))
+}
+
+/// Pins every thread of this process to `core`.
+pub fn pin_self(core: usize) {
+    let pid = std::process::id().to_string();
+    let _ = Command::new("taskset").args(["-a", "-p", "-c", &core.to_string(), &pid]).stdout(Stdio::null()).status();
+}
+
+/// `GET path` over plain HTTP/1.0 on loopback; the body.
+pub async fn http_get(base: &str, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}

@@ -1,0 +1,372 @@
+//! The scenarios of `deadline-stats-gateway bench`. Each starts what it measures as separate
+//! processes of this executable, pinned to core 0, drives them from this process pinned to
+//! core 1, and returns a JSON report.
+
+use super::loadgen::{LoadReport, closed_loop, open_loop};
+use super::process::{Server, cores, http_get, pin_self};
+use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
+use crate::grpc::pb::{self, AggregationState, Disposition};
+use prost::Message as _;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// How a scenario runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Length of each measured load phase.
+    pub duration: Duration,
+    /// Closed-loop workers.
+    pub concurrency: usize,
+    /// gRPC connections the workers share.
+    pub connections: usize,
+    /// Seconds-long, small-sized runs that check the harness, not the speed.
+    pub smoke: bool,
+}
+
+type Client = AggregationServiceClient<Channel>;
+
+/// Why a scenario could not run.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+fn string(s: impl Into<String>) -> String {
+    s.into()
+}
+
+/// Starts the gateway with the emulator as upstream; `extra` flags are appended.
+fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
+    let mut args: Vec<String> =
+        ["serve", "--upstream", "emulator", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+            .into_iter()
+            .map(string)
+            .collect();
+    args.extend(["--log-format", "text", "--caller-start-rate", "0", "--caller-get-rate", "0"].into_iter().map(string));
+    args.extend(extra.iter().map(|s| string(*s)));
+    Ok(Server::start(core, &args, 3)?)
+}
+
+async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchError> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+        out.push(AggregationServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024));
+    }
+    Ok(out)
+}
+
+fn farm(n: u64) -> String {
+    format!("farm-{:032x}", 0xbe0c_0000_0000u64 + n)
+}
+
+fn queue(n: u64) -> String {
+    format!("queue-{:032x}", 0x9e0e_0000_0000u64 + n)
+}
+
+/// A request over `queues` queues of farm `farm_n` for `days` days, hourly, by `group_by`.
+fn request(farm_n: u64, queues: u64, days: i64, group_by: pb::GroupBy) -> pb::StartAggregationRequest {
+    let start = 1_790_812_800; // 2026-10-01T00:00:00Z
+    pb::StartAggregationRequest {
+        farm_id: farm(farm_n),
+        resources: Some(pb::start_aggregation_request::Resources::QueueIds(pb::ResourceIds {
+            ids: (0..queues).map(queue).collect(),
+        })),
+        start_time: Some(prost_types::Timestamp { seconds: start, nanos: 0 }),
+        end_time: Some(prost_types::Timestamp { seconds: start + days * 86_400, nanos: 0 }),
+        timezone: String::new(),
+        period: pb::Period::Hourly as i32,
+        group_by: vec![group_by as i32],
+        statistics: vec![pb::Statistic::Sum as i32, pb::Statistic::Avg as i32],
+    }
+}
+
+fn get(id: &str, page_size: i32, token: &str, wait: Duration) -> pb::GetAggregationRequest {
+    pb::GetAggregationRequest {
+        aggregation_id: id.to_owned(),
+        page_size,
+        page_token: token.to_owned(),
+        wait: prost_types::Duration::try_from(wait).ok(),
+    }
+}
+
+/// Long-polls an aggregation until it is terminal; its final view.
+async fn finish(client: &mut Client, id: &str) -> Result<pb::Aggregation, BenchError> {
+    loop {
+        let page = client.get_aggregation(get(id, 1, "", Duration::from_secs(30))).await?.into_inner();
+        let agg = page.aggregation.unwrap_or_default();
+        match agg.state() {
+            AggregationState::Completed => return Ok(agg),
+            AggregationState::Failed | AggregationState::TimedOut => {
+                return Err(format!("aggregation {id} ended {:?}: {}", agg.state(), agg.status_message).into());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Upstream counters of the emulator behind a gateway.
+async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
+    let url = server.url("upstream on ").ok_or("the gateway did not name its emulator")?;
+    Ok(serde_json::from_str(&http_get(&url, "/_emulator/stats").await?)?)
+}
+
+/// One closed-loop phase against `clients`, with the server's CPU time per request.
+async fn closed_phase(
+    server: &Server,
+    clients: &[Client],
+    opts: &BenchOptions,
+    request: &pb::GetAggregationRequest,
+) -> (LoadReport, f64) {
+    let call = |request: pb::GetAggregationRequest| {
+        move |mut c: Client| {
+            let request = request.clone();
+            async move { c.get_aggregation(request).await.is_ok() }
+        }
+    };
+    closed_loop(clients, opts.concurrency, Duration::from_millis(300).min(opts.duration), call(request.clone())).await;
+    let cpu_before = server.cpu_time();
+    let report = closed_loop(clients, opts.concurrency, opts.duration, call(request.clone())).await;
+    let cpu = server.cpu_time().saturating_sub(cpu_before);
+    let per_request_us = cpu.as_secs_f64() * 1e6 / (report.requests.max(1) as f64);
+    (report, per_request_us)
+}
+
+async fn open_phase(
+    clients: &[Client],
+    rate: f64,
+    opts: &BenchOptions,
+    request: &pb::GetAggregationRequest,
+) -> LoadReport {
+    let request = request.clone();
+    open_loop(clients, rate, opts.duration, 10_000, move |mut c: Client| {
+        let request = request.clone();
+        async move { c.get_aggregation(request).await.is_ok() }
+    })
+    .await
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    ((a / b.max(1e-9)) * 1000.0).round() / 1000.0
+}
+
+/// GetAggregation of a completed aggregation, pages of 100 rows: the gateway against the
+/// bare-tonic baseline answering the same bytes.
+pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
+    let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
+    if let Some(core) = load_core {
+        pin_self(core);
+    }
+    let gw = gateway(server_core, &["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms"])?;
+    let url = gw.url("listening on ").ok_or("no gRPC address")?;
+    let mut clients = connect(&url, opts.connections).await?;
+    let started = clients[0].start_aggregation(request(1, 1, 1, pb::GroupBy::JobId)).await?.into_inner();
+    let id = started.aggregation.unwrap_or_default().aggregation_id;
+    finish(&mut clients[0], &id).await?;
+    let page = get(&id, 100, "", Duration::ZERO);
+    let response = clients[0].get_aggregation(page.clone()).await?.into_inner();
+    if response.statistics.len() != 100 {
+        return Err(format!("expected a page of 100 rows, got {}", response.statistics.len()).into());
+    }
+    let encoded = response.encode_to_vec();
+    let (gateway_closed, gateway_cpu_us) = closed_phase(&gw, &clients, opts, &page).await;
+    drop(clients);
+
+    let file = std::env::temp_dir().join(format!("dsg-baseline-{}.bin", std::process::id()));
+    std::fs::write(&file, &encoded)?;
+    let baseline_args: Vec<String> = ["bench-baseline", "--listen", "127.0.0.1:0", "--response"]
+        .into_iter()
+        .map(string)
+        .chain([file.to_string_lossy().into_owned()])
+        .collect();
+    let base = Server::start(server_core, &baseline_args, 1)?;
+    let base_url = base.url("listening on ").ok_or("no baseline address")?;
+    let base_clients = connect(&base_url, opts.connections).await?;
+    let (baseline_closed, baseline_cpu_us) = closed_phase(&base, &base_clients, opts, &page).await;
+    let rate = (baseline_closed.rps() / 2.0).max(10.0);
+    let baseline_open = open_phase(&base_clients, rate, opts, &page).await;
+    drop(base_clients);
+    drop(base);
+    let _ = std::fs::remove_file(&file);
+
+    let gw_clients = connect(&url, opts.connections).await?;
+    let gateway_open = open_phase(&gw_clients, rate, opts, &page).await;
+    Ok(json!({
+        "scenario": "cache-hit",
+        "response_bytes": encoded.len(),
+        "gateway_rps": gateway_closed.rps().round(),
+        "baseline_rps": baseline_closed.rps().round(),
+        "throughput_ratio": ratio(gateway_closed.rps(), baseline_closed.rps()),
+        "gateway_p99_us": gateway_closed.percentile_us(0.99),
+        "baseline_p99_us": baseline_closed.percentile_us(0.99),
+        "p99_ratio": ratio(gateway_closed.percentile_us(0.99) as f64, baseline_closed.percentile_us(0.99) as f64),
+        "gateway_cpu_us_per_request": (gateway_cpu_us * 10.0).round() / 10.0,
+        "baseline_cpu_us_per_request": (baseline_cpu_us * 10.0).round() / 10.0,
+        "cpu_per_request_ratio": ratio(gateway_cpu_us, baseline_cpu_us),
+        "open_loop_rate": rate.round(),
+        "gateway_open_p99_us": gateway_open.percentile_us(0.99),
+        "baseline_open_p99_us": baseline_open.percentile_us(0.99),
+        "gateway": { "closed": gateway_closed.json(), "open": gateway_open.json() },
+        "baseline": { "closed": baseline_closed.json(), "open": baseline_open.json() },
+        "pinned": server_core.is_some(),
+        "concurrency": opts.concurrency,
+        "connections": opts.connections,
+    }))
+}
+
+/// 1,000 concurrent identical StartAggregation calls.
+pub async fn coalesce(opts: &BenchOptions) -> Result<Value, BenchError> {
+    let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
+    if let Some(core) = load_core {
+        pin_self(core);
+    }
+    let gw = gateway(server_core, &["--emulator-aggregation-duration", "2s"])?;
+    let url = gw.url("listening on ").ok_or("no gRPC address")?;
+    let clients = connect(&url, opts.connections).await?;
+    let callers = 1000;
+    let request = request(2, 3, 7, pb::GroupBy::UserId);
+    let calls: Vec<_> = (0..callers)
+        .map(|i| {
+            let (mut client, request) = (clients[i % clients.len()].clone(), request.clone());
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                let resp = client.start_aggregation(request).await.map(|r| r.into_inner());
+                (resp, sent.elapsed())
+            })
+        })
+        .collect();
+    let mut joiners = hdrhistogram::Histogram::<u64>::new(3)?;
+    let (mut ids, mut errors) = (std::collections::HashSet::new(), 0);
+    for call in calls {
+        match call.await? {
+            (Ok(resp), latency) => {
+                if resp.disposition() == Disposition::Joined {
+                    joiners.record(latency.as_micros().max(1) as u64)?;
+                }
+                ids.insert(resp.aggregation.unwrap_or_default().aggregation_id);
+            }
+            (Err(_), _) => errors += 1,
+        }
+    }
+    let stats = upstream_stats(&gw).await?;
+    let upstream_starts = stats["farms"][farm(2)]["start_calls"].as_u64().unwrap_or(0);
+    Ok(json!({
+        "scenario": "coalesce",
+        "callers": callers,
+        "errors": errors,
+        "aggregations": ids.len(),
+        "upstream_starts": upstream_starts,
+        "joiner_p99_us": joiners.value_at_quantile(0.99),
+        "joiner_p50_us": joiners.value_at_quantile(0.5),
+        "smoke": opts.smoke,
+    }))
+}
+
+/// 100 distinct aggregations over 10 farms against the emulator.
+pub async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
+    let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
+    if let Some(core) = load_core {
+        pin_self(core);
+    }
+    let in_progress = if opts.smoke { Duration::from_millis(100) } else { Duration::from_secs(2) };
+    let in_progress_flag = format!("{}ms", in_progress.as_millis());
+    let gw = gateway(
+        server_core,
+        &[
+            "--emulator-aggregation-duration",
+            &in_progress_flag,
+            "--poll-initial-interval",
+            "25ms",
+            "--poll-max-interval",
+            "100ms",
+            "--upstream-start-rate",
+            "0",
+            "--upstream-get-rate",
+            "0",
+        ],
+    )?;
+    let url = gw.url("listening on ").ok_or("no gRPC address")?;
+    let clients = connect(&url, opts.connections).await?;
+    let (farms, per_farm) = (10u64, 10u64);
+    let begin = Instant::now();
+    let runs: Vec<_> = (0..farms * per_farm)
+        .map(|i| {
+            let mut client = clients[i as usize % clients.len()].clone();
+            let request = request(100 + i % farms, 1, 1 + (i / farms) as i64, pb::GroupBy::QueueId);
+            tokio::spawn(async move {
+                let id = client
+                    .start_aggregation(request)
+                    .await?
+                    .into_inner()
+                    .aggregation
+                    .unwrap_or_default()
+                    .aggregation_id;
+                finish(&mut client, &id).await?;
+                Ok::<Duration, BenchError>(begin.elapsed())
+            })
+        })
+        .collect();
+    let mut makespan = Duration::ZERO;
+    for run in runs {
+        makespan = makespan.max(run.await??);
+    }
+    let stats = upstream_stats(&gw).await?;
+    let (mut calls, mut throttled) = (0, 0);
+    for f in 0..farms {
+        let s = &stats["farms"][farm(100 + f)];
+        calls += s["start_calls"].as_u64().unwrap_or(0) + s["get_calls"].as_u64().unwrap_or(0);
+        throttled += s["throttled_starts"].as_u64().unwrap_or(0);
+    }
+    let lower_bound = in_progress * per_farm as u32;
+    Ok(json!({
+        "scenario": "farm-queue",
+        "aggregations": farms * per_farm,
+        "farms": farms,
+        "in_progress_s": in_progress.as_secs_f64(),
+        "makespan_s": (makespan.as_secs_f64() * 1000.0).round() / 1000.0,
+        "lower_bound_s": lower_bound.as_secs_f64(),
+        "makespan_ratio": ratio(makespan.as_secs_f64(), lower_bound.as_secs_f64()),
+        "upstream_calls_per_aggregation": ratio(calls as f64, (farms * per_farm) as f64),
+        "upstream_throttled": throttled,
+    }))
+}
+
+/// 100,000 rows cached: the gateway's resident memory growth against the rows' encoded size.
+pub async fn memory(opts: &BenchOptions) -> Result<Value, BenchError> {
+    let gw = gateway(
+        None,
+        &["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms", "--upstream-get-rate", "0"],
+    )?;
+    let url = gw.url("listening on ").ok_or("no gRPC address")?;
+    let mut client = connect(&url, 1).await?.remove(0);
+    let warm = client.start_aggregation(request(3, 1, 1, pb::GroupBy::QueueId)).await?.into_inner();
+    finish(&mut client, &warm.aggregation.unwrap_or_default().aggregation_id).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = gw.rss_bytes();
+    // 10 queues x 6 jobs x 1,656 hours = 99,360 rows (1 queue x 6 jobs x 168 hours when smoke).
+    let big = if opts.smoke { request(4, 1, 7, pb::GroupBy::JobId) } else { request(4, 10, 69, pb::GroupBy::JobId) };
+    let id = client.start_aggregation(big).await?.into_inner().aggregation.unwrap_or_default().aggregation_id;
+    let done = finish(&mut client, &id).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gw.rss_bytes();
+    let (mut encoded, mut rows, mut token) = (0usize, 0u64, String::new());
+    loop {
+        let page = client.get_aggregation(get(&id, 1000, &token, Duration::ZERO)).await?.into_inner();
+        rows += page.statistics.len() as u64;
+        encoded += page.statistics.iter().map(|r| r.encoded_len()).sum::<usize>();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let delta = after.saturating_sub(before);
+    Ok(json!({
+        "scenario": "memory",
+        "rows": rows,
+        "row_count": done.row_count,
+        "encoded_bytes": encoded,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "rss_bytes_delta": delta,
+        "overhead_bytes_per_row": ((delta as f64 - encoded as f64) / rows.max(1) as f64).round(),
+    }))
+}

@@ -1,0 +1,86 @@
+//! `bench`: run a benchmark scenario and print its report; `bench-baseline`: the bare-tonic
+//! baseline server the cache-hit scenario compares against.
+
+use super::{RunError, announce, shutdown_signal};
+use crate::bench::scenarios::{self, BenchOptions};
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// GetAggregation of a completed aggregation against the bare-tonic baseline.
+    CacheHit,
+    /// 1,000 concurrent identical StartAggregation calls.
+    Coalesce,
+    /// 100 distinct aggregations over 10 farms.
+    FarmQueue,
+    /// 100,000 cached rows: memory per row.
+    Memory,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    pub scenario: Scenario,
+    /// Length of each measured load phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Closed-loop workers.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// gRPC connections the workers share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// A seconds-long run that checks the harness, not the speed.
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BaselineArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// The encoded GetAggregationResponse to answer with.
+    #[arg(long)]
+    pub response: PathBuf,
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), RunError> {
+    let opts = BenchOptions {
+        duration: if args.smoke { args.duration.min(Duration::from_secs(1)) } else { args.duration },
+        concurrency: args.concurrency.max(1),
+        connections: args.connections.max(1),
+        smoke: args.smoke,
+    };
+    let report = match args.scenario {
+        Scenario::CacheHit => scenarios::cache_hit(&opts).await,
+        Scenario::Coalesce => scenarios::coalesce(&opts).await,
+        Scenario::FarmQueue => scenarios::farm_queue(&opts).await,
+        Scenario::Memory => scenarios::memory(&opts).await,
+    }
+    .map_err(|e| RunError::Query(format!("benchmark failed: {e}")))?;
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    }
+    Ok(())
+}
+
+pub async fn baseline(args: BaselineArgs) -> Result<(), RunError> {
+    let response = std::fs::read(&args.response)
+        .map_err(|e| RunError::Config(format!("cannot read {}: {e}", args.response.display())))?;
+    let signal = shutdown_signal().map_err(RunError::Signal)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| RunError::Listen { addr: args.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
+    announce(&format!("http://{addr}"));
+    crate::bench::baseline::serve(listener, response.into(), signal)
+        .await
+        .map_err(|e| RunError::Serve(crate::grpc::server::ServeError::Transport(e)))
+}
