@@ -246,7 +246,7 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let (sdk_config, emulator) = upstream(&args).await?;
     let upstream = SdkUpstream::connect(&sdk_config).await.map_err(|e| RunError::Config(e.to_string()))?;
-    let gateway = Arc::new(Gateway::new(config, Arc::new(upstream), metrics.clone()));
+    let gateway = Arc::new(Gateway::new(config, Arc::new(upstream), metrics.clone(), crate::grpc::convert::encode_row));
     let listener = server::bind(args.listen).await?;
     let admin_listener = server::bind(args.admin_listen).await?;
     let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;

@@ -5,7 +5,6 @@
 //! only writer of its snapshot. Long-polls wait on the watch channel.
 
 use super::key::CanonicalKey;
-use crate::domain::StatisticsRow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -50,8 +49,8 @@ pub struct Failure {
     pub message: String,
 }
 
-/// The results of a completed aggregation, shared by every reader.
-pub type Rows = Arc<[StatisticsRow]>;
+/// The results of a completed aggregation, encoded, shared by every reader.
+pub type Rows = Arc<super::rows::RowBlock>;
 
 /// What an aggregation looks like at one moment.
 #[derive(Debug, Clone)]
@@ -184,6 +183,12 @@ impl Aggregation {
         self.snapshot.send_modify(f);
     }
 
+    /// Sets the snapshot from outside the lifecycle: for benchmarks of the read path only.
+    #[doc(hidden)]
+    pub fn update_for_bench(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.update(f);
+    }
+
     /// Waits until the aggregation is terminal or `limit` has passed, then returns a snapshot.
     pub async fn wait_terminal(&self, limit: Duration) -> Snapshot {
         let mut rx = self.snapshot.subscribe();
@@ -191,13 +196,8 @@ impl Aggregation {
         self.snapshot()
     }
 
-    /// Approximate bytes held by the results, for the cache's memory budget.
+    /// Bytes held by the results, for the cache's memory budget.
     pub fn weight(&self) -> usize {
-        self.with_snapshot(|s| s.rows.as_deref().map_or(0, |rows| rows.iter().map(row_bytes).sum()))
+        self.with_snapshot(|s| s.rows.as_ref().map_or(0, |rows| rows.heap_bytes()))
     }
-}
-
-fn row_bytes(r: &StatisticsRow) -> usize {
-    let strings = [&r.queue_id, &r.fleet_id, &r.job_id, &r.job_name, &r.user_id, &r.license_product, &r.instance_type];
-    std::mem::size_of::<StatisticsRow>() + strings.iter().map(|s| s.as_ref().map_or(0, String::capacity)).sum::<usize>()
 }

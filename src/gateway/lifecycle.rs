@@ -8,10 +8,11 @@
 
 use super::aggregation::{Aggregation, Failure, FailureCode, State};
 use super::backoff::BackoffPolicy;
+use super::rows::{RowBlock, RowBlockBuilder, RowEncoder};
 use super::scheduler::Runner;
 use super::store::CoordinationStore;
 use super::throttle::Pacer;
-use crate::domain::{AggregationStatus, StatisticsRow};
+use crate::domain::AggregationStatus;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::StateLabels;
 use crate::upstream::{Upstream, UpstreamError, UpstreamPage};
@@ -47,7 +48,7 @@ pub struct LifecycleConfig {
 
 /// A terminal outcome, before it is written to the aggregation.
 enum Outcome {
-    Completed { rows: Vec<StatisticsRow>, message: Option<String> },
+    Completed { rows: RowBlock, message: Option<String> },
     Ended { state: State, failure: Failure },
 }
 
@@ -66,6 +67,7 @@ pub struct UpstreamRunner {
     pub(crate) get_pacer: Pacer,
     pub(crate) config: LifecycleConfig,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) encoder: RowEncoder,
 }
 
 impl Runner for UpstreamRunner {
@@ -100,7 +102,7 @@ impl UpstreamRunner {
                 agg.update(|s| {
                     s.state = State::Completed;
                     s.status_message = message.unwrap_or_default();
-                    s.rows = Some(rows.into());
+                    s.rows = Some(Arc::new(rows));
                     s.expire_time = Some(started.wall + life);
                     s.expire_at = Some(started.mono + life);
                 });
@@ -255,21 +257,22 @@ impl UpstreamRunner {
         }
     }
 
-    /// Every row, starting from the first page already in hand.
+    /// Every row, starting from the first page already in hand, encoded as it arrives.
     async fn fetch_rest(
         &self,
         agg: &Aggregation,
         upstream_id: &str,
         first: UpstreamPage,
-    ) -> Result<(Vec<StatisticsRow>, Option<String>), Failure> {
-        let mut rows = first.rows;
+    ) -> Result<(RowBlock, Option<String>), Failure> {
+        let mut rows = RowBlockBuilder::new(self.encoder);
+        first.rows.iter().for_each(|r| rows.push(r));
         let mut token = first.next_token;
         while let Some(t) = token.take() {
             let page = self.page(agg, upstream_id, &t).await?;
-            rows.extend(page.rows);
+            page.rows.iter().for_each(|r| rows.push(r));
             token = page.next_token;
         }
-        Ok((rows, first.status_message))
+        Ok((rows.finish(), first.status_message))
     }
 
     async fn page(&self, agg: &Aggregation, upstream_id: &str, token: &str) -> Result<UpstreamPage, Failure> {

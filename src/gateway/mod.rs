@@ -18,6 +18,7 @@ pub mod error;
 pub mod key;
 pub mod lifecycle;
 pub mod paging;
+pub mod rows;
 pub mod scheduler;
 pub mod store;
 pub mod throttle;
@@ -124,9 +125,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway over `upstream`, reporting to `metrics`, and starts its
-    /// housekeeping; needs a Tokio runtime.
-    pub fn new(config: GatewayConfig, upstream: Arc<dyn Upstream>, metrics: Arc<Metrics>) -> Self {
+    /// Builds the gateway over `upstream`, reporting to `metrics` and keeping results as
+    /// `encoder` writes them, and starts its housekeeping; needs a Tokio runtime.
+    pub fn new(
+        config: GatewayConfig,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+        encoder: rows::RowEncoder,
+    ) -> Self {
         let store: Arc<dyn CoordinationStore> = Arc::new(MemoryStore::new(config.cache_max_bytes));
         let cancel = CancellationToken::new();
         let runner = Arc::new(UpstreamRunner {
@@ -136,6 +142,7 @@ impl Gateway {
             get_pacer: Pacer::new(config.upstream_get),
             config: config.lifecycle.clone(),
             metrics: metrics.clone(),
+            encoder,
         });
         let scheduler = FarmScheduler::new(config.farm_queue_capacity, runner, cancel.clone());
         let gateway = Self {

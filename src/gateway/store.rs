@@ -246,7 +246,9 @@ mod tests {
     fn complete(agg: &Aggregation, rows: usize, valid_for: Duration) {
         agg.update(|s| {
             s.state = State::Completed;
-            s.rows = Some(vec![StatisticsRow::default(); rows].into());
+            let mut block = crate::gateway::rows::RowBlockBuilder::new(|_, buf| buf.extend_from_slice(&[0; 100]));
+            (0..rows).for_each(|_| block.push(&StatisticsRow::default()));
+            s.rows = Some(Arc::new(block.finish()));
             s.expire_at = Some(Instant::now() + valid_for);
             s.expire_time = Some(SystemTime::now() + valid_for);
         });

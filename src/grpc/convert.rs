@@ -164,6 +164,13 @@ pub fn code(c: FailureCode) -> tonic::Code {
     }
 }
 
+/// Appends the protobuf encoding of one row (a `StatisticsRow` message) to `buf`: the
+/// gateway's [`crate::gateway::rows::RowEncoder`].
+pub fn encode_row(r: &StatisticsRow, buf: &mut Vec<u8>) {
+    use prost::Message as _;
+    row(r).encode_raw(buf);
+}
+
 /// The proto form of one row.
 pub fn row(r: &StatisticsRow) -> pb::StatisticsRow {
     pb::StatisticsRow {

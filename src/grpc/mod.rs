@@ -5,6 +5,7 @@ pub mod convert;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod wire;
 
 /// Code generated from `proto/deadline/stats/v1/aggregation.proto`.
 #[allow(clippy::all, missing_docs)]

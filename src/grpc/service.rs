@@ -7,6 +7,7 @@
 use super::convert;
 use super::pb::aggregation_service_server::AggregationService;
 use super::pb::{GetAggregationRequest, GetAggregationResponse, StartAggregationRequest, StartAggregationResponse};
+use super::wire::EncodedRows;
 use crate::domain::validate::{Field, FieldViolation};
 use crate::gateway::{Gateway, GatewayError};
 use crate::telemetry::{Metrics, traces};
@@ -111,11 +112,9 @@ impl AggregationService for AggregationApi {
             let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
             Ok(Response::new(GetAggregationResponse {
                 aggregation: Some(convert::aggregation(&page.aggregation, &page.snapshot)),
-                statistics: page
-                    .rows
-                    .map(|(rows, range)| rows[range].iter().map(convert::row).collect())
-                    .unwrap_or_default(),
+                statistics: Vec::new(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
+                encoded_statistics: page.rows.map(|(rows, range)| EncodedRows { rows, range }),
             }))
         })
         .await

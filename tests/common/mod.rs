@@ -186,7 +186,8 @@ pub async fn gateway_over(
     config: GatewayConfig,
 ) -> TestGateway {
     let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
-    let gateway = Arc::new(Gateway::new(config, upstream, metrics.clone()));
+    let gateway =
+        Arc::new(Gateway::new(config, upstream, metrics.clone(), deadline_stats_gateway::grpc::convert::encode_row));
     let listener = server::bind("127.0.0.1:0".parse().expect("addr")).await.expect("binds");
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,90 @@
+//! Micro-benchmarks of the hot path: the canonical key, a cache lookup, encoding a page of 100
+//! rows, and a caller's token-bucket check.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use deadline_stats_gateway::domain::{
+    AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow, Stats, UsageType, ids::format_id,
+};
+use deadline_stats_gateway::gateway::key::CanonicalKey;
+use deadline_stats_gateway::gateway::rows::RowBlockBuilder;
+use deadline_stats_gateway::gateway::store::{CoordinationStore, MemoryStore};
+use deadline_stats_gateway::gateway::throttle::{CallerBuckets, Rate};
+use deadline_stats_gateway::gateway::{Aggregation, State};
+use deadline_stats_gateway::grpc::convert;
+use deadline_stats_gateway::grpc::pb;
+use deadline_stats_gateway::grpc::wire::EncodedRows;
+use prost::Message as _;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+fn request() -> AggregationRequest {
+    let start = chrono::DateTime::from_timestamp(1_790_812_800, 0).expect("start");
+    AggregationRequest {
+        farm_id: format_id("farm-", 1, 2),
+        resources: Resources::Queues((0..5).rev().map(|i| format_id("queue-", 3, i)).collect()),
+        start_time: start,
+        end_time: start + chrono::Duration::days(7),
+        timezone: None,
+        period: None,
+        group_by: vec![GroupBy::UserId, GroupBy::QueueId],
+        statistics: vec![Statistic::Max, Statistic::Sum, Statistic::Avg],
+    }
+}
+
+fn rows(n: u64) -> Vec<StatisticsRow> {
+    let t = chrono::DateTime::from_timestamp(1_790_812_800, 0);
+    (0..n)
+        .map(|i| StatisticsRow {
+            queue_id: Some(format_id("queue-", 3, i % 5)),
+            job_id: Some(format_id("job-", 4, i)),
+            job_name: Some(format!("sq010_sh{i:04}_lighting_v012")),
+            usage_type: Some(UsageType::Compute),
+            instance_type: Some("c5.4xlarge".into()),
+            count: 7,
+            cost_in_usd: Stats { sum: Some(12.5), avg: Some(1.78), ..Stats::default() },
+            runtime_in_seconds: Stats { sum: Some(43_200.0), avg: Some(6171.4), ..Stats::default() },
+            aggregation_start_time: t,
+            aggregation_end_time: t,
+            ..StatisticsRow::default()
+        })
+        .collect()
+}
+
+fn hot_path(c: &mut Criterion) {
+    let req = request();
+    c.bench_function("canonical_key", |b| b.iter(|| CanonicalKey::new(black_box(&req))));
+
+    let store = MemoryStore::new(1 << 30);
+    let key = CanonicalKey::new(&req);
+    let (agg, _) = store.find_or_insert(&key, &mut || Ok(Arc::new(Aggregation::new(key.clone())))).expect("inserted");
+    let mut block = RowBlockBuilder::new(convert::encode_row);
+    rows(100).iter().for_each(|r| block.push(r));
+    let all = Arc::new(block.finish());
+    agg.update_for_bench(|s| {
+        s.state = State::Completed;
+        s.rows = Some(all.clone());
+        s.expire_at = Some(Instant::now() + Duration::from_secs(3600));
+        s.expire_time = Some(SystemTime::now() + Duration::from_secs(3600));
+    });
+    store.finish(&agg);
+    let id = agg.id.to_string();
+    c.bench_function("cache_lookup", |b| b.iter(|| store.get(black_box(&id))));
+
+    c.bench_function("encode_page_100_rows", |b| {
+        b.iter(|| {
+            let response = pb::GetAggregationResponse {
+                aggregation: Some(agg.with_snapshot(|s| convert::aggregation(&agg, s))),
+                encoded_statistics: Some(EncodedRows { rows: all.clone(), range: 0..100 }),
+                ..Default::default()
+            };
+            black_box(response.encode_to_vec())
+        })
+    });
+
+    let buckets = CallerBuckets::new(Rate { per_second: 1e9, burst: 1_000_000 }).expect("limited");
+    c.bench_function("governor_check", |b| b.iter(|| buckets.check(black_box("caller-17"))));
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);

@@ -1,0 +1,109 @@
+//! Completed results as the transport will serve them: every row encoded once, when it arrives
+//! from the upstream, into one buffer with one end offset per row. Serving a page is then a
+//! copy of bytes, and holding a row costs its encoded size plus one offset.
+//!
+//! The gateway does not know the encoding: the transport supplies the [`RowEncoder`].
+
+use crate::domain::StatisticsRow;
+use std::ops::Range;
+
+/// Appends the encoding of one row to a buffer.
+pub type RowEncoder = fn(&StatisticsRow, &mut Vec<u8>);
+
+/// Encoded rows, in order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RowBlock {
+    buf: Vec<u8>,
+    /// `ends[i]` is where row `i` ends in `buf`.
+    ends: Vec<usize>,
+}
+
+impl RowBlock {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The encoding of row `i`.
+    pub fn row(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[start..self.ends[i]]
+    }
+
+    /// The encodings of the rows in `range`.
+    pub fn rows(&self, range: Range<usize>) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        range.map(|i| self.row(i))
+    }
+
+    /// The bytes the rows of `range` take, encoded.
+    pub fn encoded_len(&self, range: Range<usize>) -> usize {
+        if range.is_empty() {
+            return 0;
+        }
+        let start = if range.start == 0 { 0 } else { self.ends[range.start - 1] };
+        self.ends[range.end - 1] - start
+    }
+
+    /// Heap bytes held, for the cache's memory budget.
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+    }
+}
+
+/// Builds a [`RowBlock`] row by row.
+pub struct RowBlockBuilder {
+    block: RowBlock,
+    encoder: RowEncoder,
+}
+
+impl RowBlockBuilder {
+    pub fn new(encoder: RowEncoder) -> Self {
+        Self { block: RowBlock::default(), encoder }
+    }
+
+    pub fn push(&mut self, row: &StatisticsRow) {
+        (self.encoder)(row, &mut self.block.buf);
+        self.block.ends.push(self.block.buf.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.block.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.block.is_empty()
+    }
+
+    /// The block, with spare capacity returned.
+    pub fn finish(mut self) -> RowBlock {
+        self.block.buf.shrink_to_fit();
+        self.block.ends.shrink_to_fit();
+        self.block
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_only(row: &StatisticsRow, buf: &mut Vec<u8>) {
+        buf.extend(std::iter::repeat_n(b'x', row.count as usize));
+    }
+
+    #[test]
+    fn rows_come_back_as_they_were_encoded() {
+        let mut b = RowBlockBuilder::new(count_only);
+        for count in [3, 0, 5] {
+            b.push(&StatisticsRow { count, ..StatisticsRow::default() });
+        }
+        let block = b.finish();
+        assert_eq!(block.len(), 3);
+        assert_eq!(block.rows(0..3).map(<[u8]>::len).collect::<Vec<_>>(), vec![3, 0, 5]);
+        assert_eq!(block.encoded_len(1..3), 5);
+        assert_eq!(block.encoded_len(2..2), 0);
+        assert!(block.heap_bytes() >= 8);
+    }
+}

@@ -1,0 +1,132 @@
+//! `GetAggregationResponse` written by hand so a page of cached rows goes out as the bytes the
+//! gateway already holds: field 2 (`repeated StatisticsRow statistics`) is length-delimited on
+//! the wire, so each pre-encoded row is framed and copied, never decoded or re-encoded.
+//!
+//! Decoding is the ordinary one (clients see `statistics`); the build maps the proto message
+//! to this type, so the generated server and client both use it.
+
+use super::pb::{Aggregation, StatisticsRow};
+use crate::gateway::Rows;
+use bytes::{Buf, BufMut};
+use prost::DecodeError;
+use prost::encoding::{self, DecodeContext, WireType};
+use std::ops::Range;
+
+/// A page of pre-encoded rows: a range of a completed aggregation's results.
+#[derive(Debug, Clone)]
+pub struct EncodedRows {
+    pub rows: Rows,
+    pub range: Range<usize>,
+}
+
+impl PartialEq for EncodedRows {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.rows, &other.rows) && self.range == other.range
+    }
+}
+
+/// The response of GetAggregation (see the proto for the fields' meaning).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GetAggregationResponse {
+    pub aggregation: Option<Aggregation>,
+    pub statistics: Vec<StatisticsRow>,
+    pub next_page_token: String,
+    /// Rows already encoded, sent after `statistics` (server side only; never decoded into).
+    pub encoded_statistics: Option<EncodedRows>,
+}
+
+const AGGREGATION: u32 = 1;
+const STATISTICS: u32 = 2;
+const NEXT_PAGE_TOKEN: u32 = 3;
+
+impl prost::Message for GetAggregationResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if let Some(a) = &self.aggregation {
+            encoding::message::encode(AGGREGATION, a, buf);
+        }
+        for row in &self.statistics {
+            encoding::message::encode(STATISTICS, row, buf);
+        }
+        if let Some(page) = &self.encoded_statistics {
+            for row in page.rows.rows(page.range.clone()) {
+                encoding::encode_key(STATISTICS, WireType::LengthDelimited, buf);
+                encoding::encode_varint(row.len() as u64, buf);
+                buf.put_slice(row);
+            }
+        }
+        if !self.next_page_token.is_empty() {
+            encoding::string::encode(NEXT_PAGE_TOKEN, &self.next_page_token, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            AGGREGATION => {
+                encoding::message::merge(wire_type, self.aggregation.get_or_insert_with(Default::default), buf, ctx)
+            }
+            STATISTICS => encoding::message::merge_repeated(wire_type, &mut self.statistics, buf, ctx),
+            NEXT_PAGE_TOKEN => encoding::string::merge(wire_type, &mut self.next_page_token, buf, ctx),
+            _ => encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        let aggregation = self.aggregation.as_ref().map_or(0, |a| encoding::message::encoded_len(AGGREGATION, a));
+        let statistics = encoding::message::encoded_len_repeated(STATISTICS, &self.statistics);
+        let encoded = self.encoded_statistics.as_ref().map_or(0, |page| {
+            page.rows
+                .rows(page.range.clone())
+                .map(|row| encoding::key_len(STATISTICS) + encoding::encoded_len_varint(row.len() as u64) + row.len())
+                .sum()
+        });
+        let token = if self.next_page_token.is_empty() {
+            0
+        } else {
+            encoding::string::encoded_len(NEXT_PAGE_TOKEN, &self.next_page_token)
+        };
+        aggregation + statistics + encoded + token
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::rows::RowBlockBuilder;
+    use prost::Message as _;
+    use std::sync::Arc;
+
+    fn row(n: i32) -> crate::domain::StatisticsRow {
+        crate::domain::StatisticsRow { count: n, job_id: Some(format!("job-{n:032x}")), ..Default::default() }
+    }
+
+    #[test]
+    fn pre_encoded_rows_decode_as_ordinary_rows() {
+        let mut block = RowBlockBuilder::new(super::super::convert::encode_row);
+        (0..5).for_each(|n| block.push(&row(n)));
+        let rows: Rows = Arc::new(block.finish());
+        let sent = GetAggregationResponse {
+            aggregation: Some(Aggregation { aggregation_id: "agg-1".into(), ..Default::default() }),
+            next_page_token: "next".into(),
+            encoded_statistics: Some(EncodedRows { rows, range: 1..4 }),
+            ..Default::default()
+        };
+        let bytes = sent.encode_to_vec();
+        assert_eq!(bytes.len(), sent.encoded_len());
+        let got = GetAggregationResponse::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(got.statistics, (1..4).map(|n| super::super::convert::row(&row(n))).collect::<Vec<_>>());
+        assert_eq!(
+            (got.next_page_token.as_str(), got.aggregation.map(|a| a.aggregation_id)),
+            ("next", Some("agg-1".into()))
+        );
+    }
+}

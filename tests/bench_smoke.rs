@@ -1,0 +1,79 @@
+//! A seconds-long run of every benchmark scenario: the harness works and reports what it
+//! promises. Speed is not judged here (see BENCHMARKS.md).
+
+mod common;
+
+use common::BIN;
+use std::process::Command;
+
+fn run(scenario: &str) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            scenario,
+            "--smoke",
+            "--json",
+            "--duration",
+            "300ms",
+            "--concurrency",
+            "8",
+            "--connections",
+            "2",
+        ])
+        .output()
+        .expect("bench runs");
+    assert!(out.status.success(), "{scenario}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON report")
+}
+
+fn has_numbers(report: &serde_json::Value, keys: &[&str]) {
+    for key in keys {
+        assert!(report[key].is_number(), "{key} missing from {report}");
+    }
+}
+
+#[test]
+fn cache_hit_compares_the_gateway_with_the_baseline() {
+    let r = run("cache-hit");
+    has_numbers(
+        &r,
+        &[
+            "gateway_rps",
+            "baseline_rps",
+            "throughput_ratio",
+            "gateway_p99_us",
+            "baseline_p99_us",
+            "p99_ratio",
+            "cpu_per_request_ratio",
+        ],
+    );
+    assert_eq!(r["gateway"]["closed"]["errors"], 0);
+    assert_eq!(r["baseline"]["closed"]["errors"], 0);
+    assert!(r["gateway_rps"].as_f64().is_some_and(|v| v > 0.0) && r["baseline_rps"].as_f64().is_some_and(|v| v > 0.0));
+}
+
+#[test]
+fn coalesce_makes_one_upstream_start() {
+    let r = run("coalesce");
+    has_numbers(&r, &["callers", "upstream_starts", "joiner_p99_us"]);
+    assert_eq!(
+        (r["callers"].as_u64(), r["upstream_starts"].as_u64(), r["errors"].as_u64()),
+        (Some(1000), Some(1), Some(0))
+    );
+}
+
+#[test]
+fn farm_queue_never_throttles_itself() {
+    let r = run("farm-queue");
+    has_numbers(&r, &["makespan_s", "lower_bound_s", "upstream_calls_per_aggregation", "upstream_throttled"]);
+    assert_eq!(r["upstream_throttled"], 0);
+    assert!(r["makespan_s"].as_f64() >= r["lower_bound_s"].as_f64(), "no aggregation beats the emulator");
+}
+
+#[test]
+fn memory_reports_rows_and_bytes() {
+    let r = run("memory");
+    has_numbers(&r, &["rows", "encoded_bytes", "rss_bytes_delta", "overhead_bytes_per_row"]);
+    assert_eq!(r["rows"], r["row_count"]);
+    assert!(r["rows"].as_u64().is_some_and(|n| n > 0));
+}
