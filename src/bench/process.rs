@@ -16,6 +16,16 @@ impl Server {
     /// Starts this executable with `args` (pinned to `core` when given), and reads the first
     /// `announced` lines of its stdout.
     pub fn start(core: Option<usize>, args: &[String], announced: usize) -> std::io::Result<Self> {
+        Self::start_with_env(core, args, &[], announced)
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(
+        core: Option<usize>,
+        args: &[String],
+        env: &[(&str, &str)],
+        announced: usize,
+    ) -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut cmd = match core {
             Some(core) => {
@@ -25,7 +35,7 @@ impl Server {
             }
             None => Command::new(exe),
         };
-        cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.args(args).env("RUST_LOG", "warn").envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
         let (tx, rx) = std::sync::mpsc::channel();

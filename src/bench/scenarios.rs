@@ -331,11 +331,39 @@ pub async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
 }
 
 /// 100,000 rows cached: the gateway's resident memory growth against the rows' encoded size.
+/// The emulator runs as a process of its own so that only the gateway's memory is counted.
 pub async fn memory(opts: &BenchOptions) -> Result<Value, BenchError> {
-    let gw = gateway(
-        None,
-        &["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms", "--upstream-get-rate", "0"],
-    )?;
+    let emulator_args: Vec<String> =
+        ["emulator", "--listen", "127.0.0.1:0", "--aggregation-duration", "50ms"].into_iter().map(string).collect();
+    let emulator = Server::start(None, &emulator_args, 1)?;
+    let endpoint = emulator.url("listening on ").ok_or("no emulator address")?;
+    let gateway_args: Vec<String> = [
+        "serve",
+        "--upstream",
+        "aws",
+        "--endpoint-url",
+        &endpoint,
+        "--region",
+        "us-west-2",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--caller-start-rate",
+        "0",
+        "--caller-get-rate",
+        "0",
+        "--upstream-get-rate",
+        "0",
+        "--poll-initial-interval",
+        "20ms",
+    ]
+    .into_iter()
+    .map(string)
+    .collect();
+    let credentials =
+        [("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_EC2_METADATA_DISABLED", "true")];
+    let gw = Server::start_with_env(None, &gateway_args, &credentials, 2)?;
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let mut client = connect(&url, 1).await?.remove(0);
     let warm = client.start_aggregation(request(3, 1, 1, pb::GroupBy::QueueId)).await?.into_inner();
