@@ -2,6 +2,7 @@
 //! processes of this executable, pinned to core 0, drives them from this process pinned to
 //! core 1, and returns a JSON report.
 
+use super::baseline::RawCodec;
 use super::loadgen::{LoadReport, closed_loop, open_loop};
 use super::process::{Server, cores, http_get, pin_self};
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
@@ -110,19 +111,36 @@ async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
     Ok(serde_json::from_str(&http_get(&url, "/_emulator/stats").await?)?)
 }
 
+/// A client that sends a pre-encoded GetAggregation request and skips the response bytes, so
+/// the load generator spends next to nothing per call and the server is what is measured.
+type RawClient = tonic::client::Grpc<Channel>;
+
+const GET_PATH: &str = "/deadline.stats.v1.AggregationService/GetAggregation";
+
+async fn raw_clients(url: &str, n: usize) -> Result<Vec<RawClient>, BenchError> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        out.push(tonic::client::Grpc::new(Channel::from_shared(url.to_owned())?.connect().await?));
+    }
+    Ok(out)
+}
+
+async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
+    if client.ready().await.is_err() {
+        return false;
+    }
+    let path = http::uri::PathAndQuery::from_static(GET_PATH);
+    client.unary(tonic::Request::new(request), path, RawCodec).await.is_ok()
+}
+
 /// One closed-loop phase against `clients`, with the server's CPU time per request.
 async fn closed_phase(
     server: &Server,
-    clients: &[Client],
+    clients: &[RawClient],
     opts: &BenchOptions,
-    request: &pb::GetAggregationRequest,
+    request: &bytes::Bytes,
 ) -> (LoadReport, f64) {
-    let call = |request: pb::GetAggregationRequest| {
-        move |mut c: Client| {
-            let request = request.clone();
-            async move { c.get_aggregation(request).await.is_ok() }
-        }
-    };
+    let call = |request: bytes::Bytes| move |c: RawClient| raw_get(c, request.clone());
     closed_loop(clients, opts.concurrency, Duration::from_millis(300).min(opts.duration), call(request.clone())).await;
     let cpu_before = server.cpu_time();
     let report = closed_loop(clients, opts.concurrency, opts.duration, call(request.clone())).await;
@@ -131,18 +149,9 @@ async fn closed_phase(
     (report, per_request_us)
 }
 
-async fn open_phase(
-    clients: &[Client],
-    rate: f64,
-    opts: &BenchOptions,
-    request: &pb::GetAggregationRequest,
-) -> LoadReport {
+async fn open_phase(clients: &[RawClient], rate: f64, opts: &BenchOptions, request: &bytes::Bytes) -> LoadReport {
     let request = request.clone();
-    open_loop(clients, rate, opts.duration, 10_000, move |mut c: Client| {
-        let request = request.clone();
-        async move { c.get_aggregation(request).await.is_ok() }
-    })
-    .await
+    open_loop(clients, rate, opts.duration, 10_000, move |c: RawClient| raw_get(c, request.clone())).await
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -168,8 +177,10 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         return Err(format!("expected a page of 100 rows, got {}", response.statistics.len()).into());
     }
     let encoded = response.encode_to_vec();
-    let (gateway_closed, gateway_cpu_us) = closed_phase(&gw, &clients, opts, &page).await;
+    let request_bytes = bytes::Bytes::from(page.encode_to_vec());
     drop(clients);
+    let gw_clients = raw_clients(&url, opts.connections).await?;
+    let (gateway_closed, gateway_cpu_us) = closed_phase(&gw, &gw_clients, opts, &request_bytes).await;
 
     let file = std::env::temp_dir().join(format!("dsg-baseline-{}.bin", std::process::id()));
     std::fs::write(&file, &encoded)?;
@@ -180,16 +191,15 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         .collect();
     let base = Server::start(server_core, &baseline_args, 1)?;
     let base_url = base.url("listening on ").ok_or("no baseline address")?;
-    let base_clients = connect(&base_url, opts.connections).await?;
-    let (baseline_closed, baseline_cpu_us) = closed_phase(&base, &base_clients, opts, &page).await;
+    let base_clients = raw_clients(&base_url, opts.connections).await?;
+    let (baseline_closed, baseline_cpu_us) = closed_phase(&base, &base_clients, opts, &request_bytes).await;
     let rate = (baseline_closed.rps() / 2.0).max(10.0);
-    let baseline_open = open_phase(&base_clients, rate, opts, &page).await;
+    let baseline_open = open_phase(&base_clients, rate, opts, &request_bytes).await;
     drop(base_clients);
     drop(base);
     let _ = std::fs::remove_file(&file);
 
-    let gw_clients = connect(&url, opts.connections).await?;
-    let gateway_open = open_phase(&gw_clients, rate, opts, &page).await;
+    let gateway_open = open_phase(&gw_clients, rate, opts, &request_bytes).await;
     Ok(json!({
         "scenario": "cache-hit",
         "response_bytes": encoded.len(),
