@@ -100,7 +100,8 @@ pub struct Aggregation {
     pub create_time: SystemTime,
     /// When it was created, for the time-to-complete metric.
     pub created: Instant,
-    snapshot: watch::Sender<Snapshot>,
+    /// Shared snapshots: readers clone an `Arc`, the single writer copies on write.
+    snapshot: watch::Sender<Arc<Snapshot>>,
     /// The lifecycle span (a trace of its own, linked from every Start that started or joined
     /// it); taken and closed when the aggregation ends.
     span: Mutex<Option<tracing::Span>>,
@@ -130,7 +131,7 @@ impl Aggregation {
             key,
             create_time: SystemTime::now(),
             created: Instant::now(),
-            snapshot: watch::Sender::new(Snapshot::queued(0)),
+            snapshot: watch::Sender::new(Arc::new(Snapshot::queued(0))),
             span: Mutex::new(Some(span)),
         }
     }
@@ -169,8 +170,8 @@ impl Aggregation {
         self.key.farm_id()
     }
 
-    /// A copy of the current snapshot (the rows are shared, not copied).
-    pub fn snapshot(&self) -> Snapshot {
+    /// The current snapshot, shared.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
     }
 
@@ -180,7 +181,7 @@ impl Aggregation {
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        self.snapshot.send_modify(f);
+        self.snapshot.send_modify(|s| f(Arc::make_mut(s)));
     }
 
     /// Sets the snapshot from outside the lifecycle: for benchmarks of the read path only.
@@ -190,7 +191,7 @@ impl Aggregation {
     }
 
     /// Waits until the aggregation is terminal or `limit` has passed, then returns a snapshot.
-    pub async fn wait_terminal(&self, limit: Duration) -> Snapshot {
+    pub async fn wait_terminal(&self, limit: Duration) -> Arc<Snapshot> {
         let mut rx = self.snapshot.subscribe();
         let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.state.is_terminal())).await;
         self.snapshot()

@@ -97,7 +97,7 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone)]
 pub struct Page {
     pub aggregation: Arc<Aggregation>,
-    pub snapshot: Snapshot,
+    pub snapshot: Arc<Snapshot>,
     /// The rows of this page: a range of the shared results.
     pub rows: Option<(Rows, Range<usize>)>,
     pub next_page_token: Option<String>,

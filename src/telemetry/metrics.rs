@@ -81,6 +81,8 @@ pub struct Metrics {
     pub upstream_duration: Family<OperationLabels, Histogram>,
     pub finished: Family<StateLabels, Counter>,
     pub time_to_complete: Histogram,
+    /// Per method: the OK counter and the latency histogram, resolved once.
+    rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
 }
 
@@ -152,9 +154,11 @@ impl Metrics {
         );
         // Series known in advance start at zero, so every family is exported from the start
         // and rate() sees the first increment.
+        let mut rpc_fast = Vec::new();
         for method in ["StartAggregation", "GetAggregation"] {
-            let _ = rpc_requests.get_or_create(&RpcLabels { method, code: "OK" });
-            let _ = rpc_duration.get_or_create(&MethodLabels { method });
+            let ok = rpc_requests.get_or_create(&RpcLabels { method, code: "OK" }).clone();
+            let duration = rpc_duration.get_or_create(&MethodLabels { method }).clone();
+            rpc_fast.push((method, ok, duration));
             let _ = throttled.get_or_create(&MethodLabels { method });
         }
         for disposition in ["started", "joined", "cached"] {
@@ -181,6 +185,7 @@ impl Metrics {
             upstream_duration,
             finished,
             time_to_complete,
+            rpc_fast,
             levels,
         }
     }
@@ -191,6 +196,16 @@ impl Metrics {
     }
 
     pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        // The common case skips the families' label lookups.
+        if let Some((_, ok, duration)) = self.rpc_fast.iter().find(|(m, _, _)| *m == method) {
+            if code == tonic::Code::Ok {
+                ok.inc();
+            } else {
+                self.rpc_requests.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
+            }
+            duration.observe(elapsed.as_secs_f64());
+            return;
+        }
         self.rpc_requests.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
         self.rpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
     }
