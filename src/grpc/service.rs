@@ -56,8 +56,10 @@ impl AggregationApi {
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
         );
-        traces::adopt_remote_parent(&span, metadata);
-        traces::record_ids(&span);
+        if !span.is_disabled() {
+            traces::adopt_remote_parent(&span, metadata);
+            traces::record_ids(&span);
+        }
         let begin = Instant::now();
         let result = rpc.instrument(span.clone()).await;
         let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
