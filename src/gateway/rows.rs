@@ -38,13 +38,18 @@ impl RowBlock {
         range.map(|i| self.row(i))
     }
 
-    /// The bytes the rows of `range` take, encoded.
-    pub fn encoded_len(&self, range: Range<usize>) -> usize {
+    /// The encodings of the rows in `range`, back to back: rows are stored contiguously.
+    pub fn slice(&self, range: Range<usize>) -> &[u8] {
         if range.is_empty() {
-            return 0;
+            return &[];
         }
         let start = if range.start == 0 { 0 } else { self.ends[range.start - 1] };
-        self.ends[range.end - 1] - start
+        &self.buf[start..self.ends[range.end - 1]]
+    }
+
+    /// The bytes the rows of `range` take, encoded.
+    pub fn encoded_len(&self, range: Range<usize>) -> usize {
+        self.slice(range).len()
     }
 
     /// Heap bytes held, for the cache's memory budget.
@@ -103,6 +108,7 @@ mod tests {
         assert_eq!(block.len(), 3);
         assert_eq!(block.rows(0..3).map(<[u8]>::len).collect::<Vec<_>>(), vec![3, 0, 5]);
         assert_eq!(block.encoded_len(1..3), 5);
+        assert_eq!(block.slice(0..2), b"xxx");
         assert_eq!(block.encoded_len(2..2), 0);
         assert!(block.heap_bytes() >= 8);
     }

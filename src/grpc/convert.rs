@@ -164,11 +164,11 @@ pub fn code(c: FailureCode) -> tonic::Code {
     }
 }
 
-/// Appends the protobuf encoding of one row (a `StatisticsRow` message) to `buf`: the
-/// gateway's [`crate::gateway::rows::RowEncoder`].
+/// Appends one row to `buf` exactly as it appears inside a `GetAggregationResponse`: field 2
+/// (`statistics`), length-delimited. Stored so, a page of rows is one contiguous slice that goes
+/// to the wire as it is. This is the gateway's [`crate::gateway::rows::RowEncoder`].
 pub fn encode_row(r: &StatisticsRow, buf: &mut Vec<u8>) {
-    use prost::Message as _;
-    row(r).encode_raw(buf);
+    prost::encoding::message::encode(super::wire::STATISTICS, &row(r), buf);
 }
 
 /// The proto form of one row.

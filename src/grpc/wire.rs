@@ -1,6 +1,7 @@
 //! `GetAggregationResponse` written by hand so a page of cached rows goes out as the bytes the
-//! gateway already holds: field 2 (`repeated StatisticsRow statistics`) is length-delimited on
-//! the wire, so each pre-encoded row is framed and copied, never decoded or re-encoded.
+//! gateway already holds: the rows are stored already framed as field 2 (`repeated
+//! StatisticsRow statistics`, see `convert::encode_row`), so a page is one contiguous slice,
+//! copied once, never decoded or re-encoded.
 //!
 //! Decoding is the ordinary one (clients see `statistics`); the build maps the proto message
 //! to this type, so the generated server and client both use it.
@@ -36,7 +37,8 @@ pub struct GetAggregationResponse {
 }
 
 const AGGREGATION: u32 = 1;
-const STATISTICS: u32 = 2;
+/// The field number of `statistics`.
+pub const STATISTICS: u32 = 2;
 const NEXT_PAGE_TOKEN: u32 = 3;
 
 impl prost::Message for GetAggregationResponse {
@@ -48,11 +50,7 @@ impl prost::Message for GetAggregationResponse {
             encoding::message::encode(STATISTICS, row, buf);
         }
         if let Some(page) = &self.encoded_statistics {
-            for row in page.rows.rows(page.range.clone()) {
-                encoding::encode_key(STATISTICS, WireType::LengthDelimited, buf);
-                encoding::encode_varint(row.len() as u64, buf);
-                buf.put_slice(row);
-            }
+            buf.put_slice(page.rows.slice(page.range.clone()));
         }
         if !self.next_page_token.is_empty() {
             encoding::string::encode(NEXT_PAGE_TOKEN, &self.next_page_token, buf);
@@ -79,12 +77,7 @@ impl prost::Message for GetAggregationResponse {
     fn encoded_len(&self) -> usize {
         let aggregation = self.aggregation.as_ref().map_or(0, |a| encoding::message::encoded_len(AGGREGATION, a));
         let statistics = encoding::message::encoded_len_repeated(STATISTICS, &self.statistics);
-        let encoded = self.encoded_statistics.as_ref().map_or(0, |page| {
-            page.rows
-                .rows(page.range.clone())
-                .map(|row| encoding::key_len(STATISTICS) + encoding::encoded_len_varint(row.len() as u64) + row.len())
-                .sum()
-        });
+        let encoded = self.encoded_statistics.as_ref().map_or(0, |page| page.rows.encoded_len(page.range.clone()));
         let token = if self.next_page_token.is_empty() {
             0
         } else {
