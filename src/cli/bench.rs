@@ -62,7 +62,7 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
         Scenario::FarmQueue => scenarios::farm_queue(&opts).await,
         Scenario::Memory => scenarios::memory(&opts).await,
     }
-    .map_err(|e| RunError::Query(format!("benchmark failed: {e}")))?;
+    .map_err(|e| RunError::Bench(e.to_string()))?;
     if args.json {
         println!("{report}");
     } else {

@@ -52,6 +52,8 @@ pub enum RunError {
     Serve(#[from] crate::grpc::server::ServeError),
     #[error("{0}")]
     Query(String),
+    #[error("benchmark failed: {0}")]
+    Bench(String),
 }
 
 /// Runs a parsed command to completion.
