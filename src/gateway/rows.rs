@@ -27,17 +27,6 @@ impl RowBlock {
         self.ends.is_empty()
     }
 
-    /// The encoding of row `i`.
-    pub fn row(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.buf[start..self.ends[i]]
-    }
-
-    /// The encodings of the rows in `range`.
-    pub fn rows(&self, range: Range<usize>) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
-        range.map(|i| self.row(i))
-    }
-
     /// The encodings of the rows in `range`, back to back: rows are stored contiguously.
     pub fn slice(&self, range: Range<usize>) -> &[u8] {
         if range.is_empty() {
@@ -106,7 +95,7 @@ mod tests {
         }
         let block = b.finish();
         assert_eq!(block.len(), 3);
-        assert_eq!(block.rows(0..3).map(<[u8]>::len).collect::<Vec<_>>(), vec![3, 0, 5]);
+        assert_eq!((0..3).map(|i| block.encoded_len(i..i + 1)).collect::<Vec<_>>(), vec![3, 0, 5]);
         assert_eq!(block.encoded_len(1..3), 5);
         assert_eq!(block.slice(0..2), b"xxx");
         assert_eq!(block.encoded_len(2..2), 0);
