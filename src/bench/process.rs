@@ -37,30 +37,13 @@ impl Server {
         };
         cmd.args(args).env("RUST_LOG", "warn").envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = std::io::BufReader::new(stdout);
-            for _ in 0..announced {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                let _ = tx.send(line.trim().to_owned());
-            }
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let mut lines = Vec::new();
-        for _ in 0..announced {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) => lines.push(line),
-                Err(_) => {
-                    let _ = child.kill();
-                    return Err(std::io::Error::other(format!("{args:?} did not announce itself")));
-                }
+        match announced_lines(&mut child, announced, Duration::from_secs(60)) {
+            Ok(lines) => Ok(Self { child, lines }),
+            Err(e) => {
+                let _ = child.kill();
+                Err(std::io::Error::other(format!("{args:?}: {e}")))
             }
         }
-        Ok(Self { child, lines })
     }
 
     /// The URL in the announced line that starts with `prefix`.
@@ -88,6 +71,27 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The first `n` lines the child prints on stdout (which must be piped), trimmed, waiting at
+/// most `limit` for each; the rest of its output is drained so it never blocks on the pipe.
+pub fn announced_lines(child: &mut Child, n: usize, limit: Duration) -> std::io::Result<Vec<String>> {
+    let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("stdout is not piped"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        for _ in 0..n {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            let _ = tx.send(line.trim().to_owned());
+        }
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    (0..n)
+        .map(|_| rx.recv_timeout(limit).map_err(|_| std::io::Error::other("the process did not announce itself")))
+        .collect()
 }
 
 /// Clock ticks per second of `/proc/*/stat` times (`getconf CLK_TCK`, 100 on Linux).

@@ -144,9 +144,8 @@ fn check_ids(
             v.push(FieldViolation::at(field, i, format!("'{id}' must match {prefix}[0-9a-f]{{32}}")));
         }
     }
-    let ok = v.len() == before;
     let unique = dedup_counted(list, field, MAX_RESOURCE_IDS, v);
-    (ok && v.len() == before).then_some(unique)
+    (v.len() == before).then_some(unique)
 }
 
 fn check_window(

@@ -281,7 +281,7 @@ mod tests {
         let id = emu.start(request(1, 1)).expect("first start");
         assert!(ids::is_aggregation_id(&id));
         let err = emu.start(request(1, 2)).expect_err("second start while running");
-        assert_eq!(err, ApiError::Throttling { message: err_message(&err), retry_after_secs: 2 });
+        assert!(matches!(err, ApiError::Throttling { retry_after_secs: 2, .. }), "{err:?}");
         emu.start(request(2, 1)).expect("another farm is independent");
         assert_eq!(emu.get(&farm, &id, 100, None).map(|p| p.status), Ok(AggregationStatus::InProgress));
 
@@ -295,13 +295,6 @@ mod tests {
         assert!(matches!(emu.get(&farm, &id, 100, None), Err(ApiError::NotFound { .. })));
         let stats = emu.stats().farms[&farm].clone();
         assert_eq!(stats, FarmStats { start_calls: 0, get_calls: 0, throttled_starts: 1, max_in_progress: 1 });
-    }
-
-    fn err_message(e: &ApiError) -> String {
-        match e {
-            ApiError::Throttling { message, .. } => message.clone(),
-            _ => String::new(),
-        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -286,22 +286,8 @@ impl Running {
 
 /// Reads `n` lines of the child's stdout (waiting at most 30 s).
 pub fn stdout_lines(child: &mut std::process::Child, n: usize) -> Vec<String> {
-    use std::io::BufRead as _;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = std::io::BufReader::new(stdout);
-        for _ in 0..n {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            let _ = tx.send(line.trim().to_owned());
-        }
-        // Keep draining so the child never blocks on a full pipe.
-        let _ = std::io::copy(&mut reader, &mut std::io::sink());
-    });
-    (0..n).map(|_| rx.recv_timeout(Duration::from_secs(30)).expect("the process announces itself")).collect()
+    deadline_stats_gateway::bench::process::announced_lines(child, n, Duration::from_secs(30))
+        .expect("the process announces itself")
 }
 
 /// `serve --upstream emulator` on loopback ports with `extra` flags and `env`; returns the
