@@ -1,7 +1,8 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler: no system `protoc`), generates
 //! the tonic server and client, and writes the descriptor set that server reflection serves.
 //!
-//! `GetAggregationResponse` is then swapped for the hand-written `grpc::wire` type (same wire
+//! The service and client use our codec (`grpc::codec`), which reserves a message's size
+//! before writing it. `GetAggregationResponse` is then swapped for the hand-written `grpc::wire` type (same wire
 //! format, but able to send pre-encoded rows): prost offers no way to skip one message.
 
 use prost::Message as _;
@@ -15,7 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["deadline/stats/v1/aggregation.proto"], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("aggregation_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().extern_path(".google.rpc", "::tonic_types::pb").compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .extern_path(".google.rpc", "::tonic_types::pb")
+        .codec_path("crate::grpc::codec::ExactCodec")
+        .compile_fds(fds)?;
     let path = out.join(GENERATED);
     let code = std::fs::read_to_string(&path)?;
     std::fs::write(&path, swap_response(&code)?)?;

@@ -298,13 +298,13 @@ async fn sigterm_drains_long_polls_and_starts_then_exits_cleanly() {
     );
 }
 
-#[tokio::test]
-async fn json_log_lines_of_a_request_carry_its_trace_and_span_ids() {
-    let path = std::env::temp_dir().join(format!("dsg-logs-{}.jsonl", std::process::id()));
+/// Runs a gateway logging JSON with `rust_log`, sends one refused Start carrying the caller's
+/// trace context `trace` and one good Start, and returns the log lines.
+async fn json_logs_of_a_refusal(name: &str, rust_log: &str, trace: &str) -> Vec<serde_json::Value> {
+    let path = std::env::temp_dir().join(format!("dsg-logs-{name}-{}.jsonl", std::process::id()));
     let file = std::fs::File::create(&path).expect("log file");
-    let (mut gateway, url, _) = spawn_serve_logging(&["--log-format", "json"], &[], file.into());
+    let (mut gateway, url, _) = spawn_serve_logging(&["--log-format", "json"], &[("RUST_LOG", rust_log)], file.into());
     let mut client = client(&url).await;
-    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
     let mut bad = start_request(5, 1, 1, &[GroupBy::QueueId]);
     bad.farm_id = "farm-nope".into();
     let status =
@@ -315,20 +315,45 @@ async fn json_log_lines_of_a_request_carry_its_trace_and_span_ids() {
     assert!(
         tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(20))).await.expect("joins").success()
     );
-
     let text = std::fs::read_to_string(&path).expect("logs");
+    let _ = std::fs::remove_file(&path);
     let lines: Vec<serde_json::Value> =
         text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
     assert!(lines.iter().all(|l| l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string()));
     let in_spans: Vec<&serde_json::Value> = lines.iter().filter(|l| l["span"].is_string()).collect();
-    assert!(in_spans.len() >= 2, "a refusal and the lifecycle logged: {text}");
+    assert!(!in_spans.is_empty(), "the lifecycle logged: {text}");
     for line in &in_spans {
         let (t, s) = (line["trace_id"].as_str().unwrap_or_default(), line["span_id"].as_str().unwrap_or_default());
         assert!(t.len() == 32 && s.len() == 16, "trace and span ids on {line}");
     }
-    let refused = in_spans.iter().find(|l| l["message"] == "rpc refused").expect("the refusal is logged");
+    lines
+}
+
+fn refusal(lines: &[serde_json::Value]) -> &serde_json::Value {
+    let refused = lines.iter().find(|l| l["message"] == "rpc refused").expect("the refusal is logged");
+    assert_eq!(
+        (refused["rpc.method"].as_str(), refused["code"].as_str()),
+        (Some("StartAggregation"), Some("InvalidArgument"))
+    );
+    refused
+}
+
+#[tokio::test]
+async fn json_log_lines_of_a_request_carry_its_trace_and_span_ids() {
+    // At `info` without trace export RPCs get no span; the refusal names the caller's trace.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let lines = json_logs_of_a_refusal("info", "info", trace).await;
+    let refused = refusal(&lines);
     assert_eq!(refused["trace_id"], trace, "the caller's trace id");
-    let _ = std::fs::remove_file(&path);
+    assert!(refused["span"].is_null(), "no RPC span at info: {refused}");
+
+    // With debug logs the RPC has its span, a child of the caller's.
+    let trace = "6cf92f3577b34da6a3ce929d0e0e4736";
+    let lines = json_logs_of_a_refusal("debug", "info,deadline_stats_gateway::grpc=debug", trace).await;
+    let refused = refusal(&lines);
+    assert_eq!((refused["span"].as_str(), refused["trace_id"].as_str()), (Some("rpc"), Some(trace)));
+    assert_eq!(refused["span_id"].as_str().map(str::len), Some(16));
+    assert_ne!(refused["span_id"], "10f067aa0ba902b7", "the RPC's own span, not the caller's");
 }
 
 #[test]

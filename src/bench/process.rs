@@ -35,7 +35,11 @@ impl Server {
             }
             None => Command::new(exe),
         };
-        cmd.args(args).env("RUST_LOG", "warn").envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
+        // The servers run with their production defaults: `info` logs, no trace export.
+        for var in ["RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] {
+            cmd.env_remove(var);
+        }
+        cmd.args(args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn()?;
         match announced_lines(&mut child, announced, Duration::from_secs(60)) {
             Ok(lines) => Ok(Self { child, lines }),

@@ -42,7 +42,7 @@ fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
             .into_iter()
             .map(string)
             .collect();
-    args.extend(["--log-format", "text", "--caller-start-rate", "0", "--caller-get-rate", "0"].into_iter().map(string));
+    args.extend(["--log-format", "json", "--caller-start-rate", "0", "--caller-get-rate", "0"].into_iter().map(string));
     args.extend(extra.iter().map(|s| string(*s)));
     Ok(Server::start(core, &args, 3)?)
 }

@@ -122,10 +122,7 @@ impl Aggregation {
             upstream.aggregation_id = tracing::field::Empty,
             aggregation.state = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
         );
-        crate::telemetry::traces::record_ids(&span);
         Self {
             id,
             key,

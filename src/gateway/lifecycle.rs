@@ -145,10 +145,7 @@ impl UpstreamRunner {
             upstream.aggregation_id = upstream_id.unwrap_or_default(),
             outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
         );
-        crate::telemetry::traces::record_ids(&span);
         let begin = Instant::now();
         let result = call.instrument(span.clone()).await;
         let outcome = match &result {

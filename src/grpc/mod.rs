@@ -1,6 +1,7 @@
 //! The gRPC transport: generated types, proto ⇄ domain conversion, the one error mapping, the
 //! tonic service and the server with health and reflection.
 
+pub mod codec;
 pub mod convert;
 pub mod server;
 pub mod service;

@@ -1,67 +1,38 @@
 //! JSON log lines, each carrying the `trace_id` and `span_id` of the span it was emitted in.
 //!
-//! Spans that take part in traces declare `trace_id` and `span_id` fields and record them once
-//! their OpenTelemetry context is known ([`super::traces::record_ids`]); [`TraceIdsLayer`]
-//! keeps them in the span's extensions, and [`JsonLines`] writes the innermost ones.
+//! The ids are read from the span's OpenTelemetry context when a line is written, not stored
+//! when the span opens: a request that logs nothing pays nothing for them. Span fields are not
+//! written into JSON lines either, so the JSON layer formats none ([`NoFields`]); events carry
+//! what they need.
 
+use opentelemetry::trace::TraceContextExt as _;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::OnceLock;
+use tracing::dispatcher::WeakDispatch;
 use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
-/// The ids a span recorded.
-#[derive(Debug, Clone, Default)]
-struct TraceIds {
-    trace_id: Option<String>,
-    span_id: Option<String>,
+/// The installed subscriber, which knows each span's OpenTelemetry context.
+static DISPATCH: OnceLock<WeakDispatch> = OnceLock::new();
+
+/// Lets [`JsonLines`] reach the span contexts of the global subscriber; call once it is set.
+pub fn remember_global_dispatch() {
+    tracing::dispatcher::get_default(|d| {
+        let _ = DISPATCH.set(d.downgrade());
+    });
 }
 
-impl Visit for TraceIds {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.record_debug(field, &value);
-    }
+/// Formats no span fields: JSON lines do not show them, so nothing is spent on them.
+pub struct NoFields;
 
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let text = format!("{value:?}").trim_matches('"').to_owned();
-        match field.name() {
-            "trace_id" => self.trace_id = Some(text),
-            "span_id" => self.span_id = Some(text),
-            _ => {}
-        }
-    }
-}
-
-/// Stores recorded `trace_id`/`span_id` fields in span extensions.
-pub struct TraceIdsLayer;
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for TraceIdsLayer {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let mut ids = TraceIds::default();
-        attrs.record(&mut ids);
-        if ids.trace_id.is_some()
-            && let Some(span) = ctx.span(id)
-        {
-            span.extensions_mut().insert(ids);
-        }
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let mut ext = span.extensions_mut();
-        if let Some(ids) = ext.get_mut::<TraceIds>() {
-            values.record(ids);
-            return;
-        }
-        let mut ids = TraceIds::default();
-        values.record(&mut ids);
-        if ids.trace_id.is_some() || ids.span_id.is_some() {
-            ext.insert(ids);
-        }
+impl<'writer> FormatFields<'writer> for NoFields {
+    fn format_fields<R: RecordFields>(&self, _writer: Writer<'writer>, _fields: R) -> fmt::Result {
+        Ok(())
     }
 }
 
@@ -104,14 +75,19 @@ where
         line.insert("level".into(), event.metadata().level().as_str().into());
         line.insert("target".into(), event.metadata().target().into());
         event.record(&mut JsonFields(&mut line));
-        if let Some(scope) = ctx.event_scope() {
-            let mut spans = scope.into_iter().peekable();
-            if let Some(leaf) = spans.peek() {
-                line.insert("span".into(), leaf.name().into());
-            }
-            if let Some(ids) = spans.find_map(|s| s.extensions().get::<TraceIds>().cloned()) {
-                line.insert("trace_id".into(), ids.trace_id.unwrap_or_default().into());
-                line.insert("span_id".into(), ids.span_id.unwrap_or_default().into());
+        if let Some(leaf) = ctx.event_scope().and_then(|mut scope| scope.next()) {
+            line.insert("span".into(), leaf.name().into());
+            let cx = DISPATCH
+                .get()
+                .and_then(WeakDispatch::upgrade)
+                .and_then(|d| tracing_opentelemetry::get_otel_context(&leaf.id(), &d));
+            if let Some(cx) = cx {
+                let span = cx.span();
+                let ids = span.span_context();
+                if ids.is_valid() {
+                    line.insert("trace_id".into(), ids.trace_id().to_string().into());
+                    line.insert("span_id".into(), ids.span_id().to_string().into());
+                }
             }
         }
         writeln!(writer, "{}", Value::Object(line))

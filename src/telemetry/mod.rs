@@ -56,7 +56,15 @@ impl TelemetryGuard {
 pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
     let provider = traces::provider()?;
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("deadline-stats-gateway"));
+    // Busy/idle times, thread attributes and making each entered span the current
+    // OpenTelemetry context would cost clock reads, allocations and thread-local updates on
+    // every span of every request; nothing here reads them (span contexts are taken from the
+    // tracing span itself).
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("deadline-stats-gateway"))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_context_activation(false);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
@@ -64,10 +72,15 @@ pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let fmt = if json {
-        tracing_subscriber::fmt::layer().event_format(logs::JsonLines).with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .event_format(logs::JsonLines)
+            .fmt_fields(logs::NoFields)
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed()
     };
-    tracing_subscriber::registry().with(filter).with(otel).with(logs::TraceIdsLayer).with(fmt).try_init()?;
+    tracing_subscriber::registry().with(filter).with(otel).with(fmt).try_init()?;
+    logs::remember_global_dispatch();
     Ok(TelemetryGuard { provider })
 }

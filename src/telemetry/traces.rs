@@ -1,18 +1,29 @@
 //! Trace plumbing: the tracer provider (OTLP/gRPC exporter only when an endpoint is configured
-//! by the standard `OTEL_*` variables), W3C trace-context extraction from gRPC metadata, and
-//! helpers that put a span's ids into its fields so log lines carry them.
+//! by the standard `OTEL_*` variables) and W3C trace-context extraction from gRPC metadata.
 
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The variables that turn the exporter on.
 const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
 
+/// Set once [`provider`] has built an exporter.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: per-request spans are only worth making when they are.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// The tracer provider: sampler from `OTEL_TRACES_SAMPLER`, resource from `OTEL_SERVICE_NAME`
 /// and `OTEL_RESOURCE_ATTRIBUTES`, and a batch OTLP/gRPC exporter when an endpoint is set.
+///
+/// Without an exporter no span is recorded (nothing would read it), but spans still get trace
+/// and span ids, continuing the caller's trace, so log lines can be correlated.
 pub fn provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let mut builder = SdkTracerProvider::builder().with_resource(resource());
     if ENDPOINT_VARS.iter().any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty())) {
@@ -23,6 +34,9 @@ pub fn provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuild
         )
         .build();
         builder = builder.with_span_processor(processor);
+        EXPORTING.store(true, Ordering::Relaxed);
+    } else {
+        builder = builder.with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff);
     }
     Ok(builder.build())
 }
@@ -54,6 +68,14 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
+/// The trace id of the caller's span named in `metadata` (W3C `traceparent`), if any.
+pub fn remote_trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let span = parent.span();
+    let cx = span.span_context();
+    cx.is_valid().then(|| cx.trace_id().to_string())
+}
+
 /// Makes `span` a child of the caller's span named in `metadata`, if any.
 pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
@@ -65,13 +87,4 @@ pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::Met
 /// The OpenTelemetry context of `span`.
 pub fn span_context(span: &tracing::Span) -> SpanContext {
     span.context().span().span_context().clone()
-}
-
-/// Records `trace_id` and `span_id` into the span's fields (declared `Empty`), for the logs.
-pub fn record_ids(span: &tracing::Span) {
-    let cx = span_context(span);
-    if cx.is_valid() {
-        span.record("trace_id", tracing::field::display(cx.trace_id()));
-        span.record("span_id", tracing::field::display(cx.span_id()));
-    }
 }
