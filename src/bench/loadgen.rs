@@ -27,6 +27,19 @@ impl LoadReport {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// An empty report, to [`LoadReport::merge`] phases into.
+    pub fn empty() -> Self {
+        Self { requests: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram() }
+    }
+
+    /// Adds another phase's requests, errors, time and latencies to this one.
+    pub fn merge(&mut self, other: &LoadReport) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        let _ = self.latency_us.add(&other.latency_us);
+    }
+
     pub fn percentile_us(&self, q: f64) -> u64 {
         self.latency_us.value_at_quantile(q)
     }

@@ -59,8 +59,8 @@ impl Server {
         self.child.id()
     }
 
-    /// User + system CPU time used so far.
-    pub fn cpu_time(&self) -> Duration {
+    /// CPU time used so far.
+    pub fn cpu_time(&self) -> CpuTime {
         cpu_time(self.pid()).unwrap_or_default()
     }
 
@@ -109,14 +109,41 @@ fn ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
-/// utime + stime of a process (all its threads).
-pub fn cpu_time(pid: u32) -> Option<Duration> {
+/// CPU time of a process (all its threads), in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTime {
+    pub user: Duration,
+    pub system: Duration,
+}
+
+impl CpuTime {
+    pub fn total(&self) -> Duration {
+        self.user + self.system
+    }
+
+    /// The time used between `earlier` and `self`.
+    pub fn since(&self, earlier: CpuTime) -> CpuTime {
+        CpuTime { user: self.user.saturating_sub(earlier.user), system: self.system.saturating_sub(earlier.system) }
+    }
+
+    pub fn add(&mut self, other: CpuTime) {
+        self.user += other.user;
+        self.system += other.system;
+    }
+}
+
+/// utime and stime of a process, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Option<CpuTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces), closed by ')'.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-    Some(Duration::from_secs_f64((utime + stime) as f64 / ticks_per_second() as f64))
+    let tick = 1.0 / ticks_per_second() as f64;
+    Some(CpuTime {
+        user: Duration::from_secs_f64(utime as f64 * tick),
+        system: Duration::from_secs_f64(stime as f64 * tick),
+    })
 }
 
 /// VmRSS of a process, in bytes.

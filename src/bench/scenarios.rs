@@ -4,7 +4,7 @@
 
 use super::baseline::RawCodec;
 use super::loadgen::{LoadReport, closed_loop, open_loop};
-use super::process::{Server, cores, http_get, pin_self};
+use super::process::{CpuTime, Server, cores, http_get, pin_self};
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
 use crate::grpc::pb::{self, AggregationState, Disposition};
 use prost::Message as _;
@@ -133,29 +133,61 @@ async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
     client.unary(tonic::Request::new(request), path, RawCodec).await.is_ok()
 }
 
-/// One closed-loop phase against `clients`, with the server's CPU time per request.
-async fn closed_phase(
-    server: &Server,
-    clients: &[RawClient],
-    opts: &BenchOptions,
-    request: &bytes::Bytes,
-) -> (LoadReport, f64) {
-    let call = |request: bytes::Bytes| move |c: RawClient| raw_get(c, request.clone());
-    closed_loop(clients, opts.concurrency, Duration::from_millis(300).min(opts.duration), call(request.clone())).await;
-    let cpu_before = server.cpu_time();
-    let report = closed_loop(clients, opts.concurrency, opts.duration, call(request.clone())).await;
-    let cpu = server.cpu_time().saturating_sub(cpu_before);
-    let per_request_us = cpu.as_secs_f64() * 1e6 / (report.requests.max(1) as f64);
-    (report, per_request_us)
+/// A server under measurement, with the connections the load goes over.
+struct Target<'a> {
+    server: &'a Server,
+    clients: Vec<RawClient>,
 }
 
-async fn open_phase(clients: &[RawClient], rate: f64, opts: &BenchOptions, request: &bytes::Bytes) -> LoadReport {
+/// What the rounds of one target added up to.
+struct Measured {
+    closed: LoadReport,
+    cpu: CpuTime,
+    open: LoadReport,
+}
+
+impl Measured {
+    fn new() -> Self {
+        Self { closed: LoadReport::empty(), cpu: CpuTime::default(), open: LoadReport::empty() }
+    }
+
+    /// Server CPU per closed-loop request, in µs: (total, user, system).
+    fn cpu_us(&self) -> (f64, f64, f64) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / (self.closed.requests.max(1) as f64);
+        (per(self.cpu.total()), per(self.cpu.user), per(self.cpu.system))
+    }
+}
+
+/// One closed-loop phase of `length` against `target`: the load and the server CPU it cost.
+async fn closed_phase(
+    target: &Target<'_>,
+    length: Duration,
+    opts: &BenchOptions,
+    request: &bytes::Bytes,
+) -> (LoadReport, CpuTime) {
+    let call = |request: bytes::Bytes| move |c: RawClient| raw_get(c, request.clone());
+    let before = target.server.cpu_time();
+    let report = closed_loop(&target.clients, opts.concurrency, length, call(request.clone())).await;
+    (report, target.server.cpu_time().since(before))
+}
+
+async fn open_phase(target: &Target<'_>, rate: f64, length: Duration, request: &bytes::Bytes) -> LoadReport {
     let request = request.clone();
-    open_loop(clients, rate, opts.duration, 10_000, move |c: RawClient| raw_get(c, request.clone())).await
+    open_loop(&target.clients, rate, length, 10_000, move |c: RawClient| raw_get(c, request.clone())).await
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
     ((a / b.max(1e-9)) * 1000.0).round() / 1000.0
+}
+
+fn one_decimal(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Measurement rounds: the two servers take turns (gateway first in even rounds, baseline
+/// first in odd ones) so drift on a shared machine hits both alike.
+fn rounds(opts: &BenchOptions) -> u32 {
+    if opts.smoke { 1 } else { (opts.duration.as_secs() / 2).clamp(1, 10) as u32 }
 }
 
 /// GetAggregation of a completed aggregation, pages of 100 rows: the gateway against the
@@ -179,8 +211,6 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     let encoded = response.encode_to_vec();
     let request_bytes = bytes::Bytes::from(page.encode_to_vec());
     drop(clients);
-    let gw_clients = raw_clients(&url, opts.connections).await?;
-    let (gateway_closed, gateway_cpu_us) = closed_phase(&gw, &gw_clients, opts, &request_bytes).await;
 
     let file = std::env::temp_dir().join(format!("dsg-baseline-{}.bin", std::process::id()));
     std::fs::write(&file, &encoded)?;
@@ -189,38 +219,76 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         .map(string)
         .chain([file.to_string_lossy().into_owned()])
         .collect();
-    let base = Server::start(server_core, &baseline_args, 1)?;
-    let base_url = base.url("listening on ").ok_or("no baseline address")?;
-    let base_clients = raw_clients(&base_url, opts.connections).await?;
-    let (baseline_closed, baseline_cpu_us) = closed_phase(&base, &base_clients, opts, &request_bytes).await;
-    let rate = (baseline_closed.rps() / 2.0).max(10.0);
-    let baseline_open = open_phase(&base_clients, rate, opts, &request_bytes).await;
-    drop(base_clients);
-    drop(base);
+    let base = Server::start(server_core, &baseline_args, 1);
     let _ = std::fs::remove_file(&file);
+    let base = base?;
+    let base_url = base.url("listening on ").ok_or("no baseline address")?;
+    let targets = [
+        Target { server: &gw, clients: raw_clients(&url, opts.connections).await? },
+        Target { server: &base, clients: raw_clients(&base_url, opts.connections).await? },
+    ];
 
-    let gateway_open = open_phase(&gw_clients, rate, opts, &request_bytes).await;
+    let rounds = rounds(opts);
+    let length = opts.duration / rounds;
+    for t in &targets {
+        closed_phase(t, Duration::from_millis(300).min(opts.duration), opts, &request_bytes).await;
+    }
+    let mut measured = [Measured::new(), Measured::new()];
+    let mut round_cpu_ratios = Vec::new();
+    for round in 0..rounds {
+        let mut cpu_us = [0.0; 2];
+        for i in turn(round) {
+            let (report, cpu) = closed_phase(&targets[i], length, opts, &request_bytes).await;
+            cpu_us[i] = cpu.total().as_secs_f64() * 1e6 / (report.requests.max(1) as f64);
+            measured[i].closed.merge(&report);
+            measured[i].cpu.add(cpu);
+        }
+        round_cpu_ratios.push(ratio(cpu_us[0], cpu_us[1]));
+    }
+    let rate = (measured[1].closed.rps() / 2.0).max(10.0);
+    for round in 0..rounds {
+        for i in turn(round) {
+            let report = open_phase(&targets[i], rate, length, &request_bytes).await;
+            measured[i].open.merge(&report);
+        }
+    }
+    drop(targets);
+    drop(base);
+
+    let [g, b] = &measured;
+    let ((g_cpu, g_user, g_sys), (b_cpu, b_user, b_sys)) = (g.cpu_us(), b.cpu_us());
     Ok(json!({
         "scenario": "cache-hit",
         "response_bytes": encoded.len(),
-        "gateway_rps": gateway_closed.rps().round(),
-        "baseline_rps": baseline_closed.rps().round(),
-        "throughput_ratio": ratio(gateway_closed.rps(), baseline_closed.rps()),
-        "gateway_p99_us": gateway_closed.percentile_us(0.99),
-        "baseline_p99_us": baseline_closed.percentile_us(0.99),
-        "p99_ratio": ratio(gateway_closed.percentile_us(0.99) as f64, baseline_closed.percentile_us(0.99) as f64),
-        "gateway_cpu_us_per_request": (gateway_cpu_us * 10.0).round() / 10.0,
-        "baseline_cpu_us_per_request": (baseline_cpu_us * 10.0).round() / 10.0,
-        "cpu_per_request_ratio": ratio(gateway_cpu_us, baseline_cpu_us),
+        "gateway_rps": g.closed.rps().round(),
+        "baseline_rps": b.closed.rps().round(),
+        "throughput_ratio": ratio(g.closed.rps(), b.closed.rps()),
+        "gateway_p99_us": g.closed.percentile_us(0.99),
+        "baseline_p99_us": b.closed.percentile_us(0.99),
+        "p99_ratio": ratio(g.closed.percentile_us(0.99) as f64, b.closed.percentile_us(0.99) as f64),
+        "gateway_cpu_us_per_request": one_decimal(g_cpu),
+        "baseline_cpu_us_per_request": one_decimal(b_cpu),
+        "cpu_per_request_ratio": ratio(g_cpu, b_cpu),
+        "cpu_per_request_ratio_by_round": round_cpu_ratios,
+        "gateway_cpu_user_us_per_request": one_decimal(g_user),
+        "gateway_cpu_system_us_per_request": one_decimal(g_sys),
+        "baseline_cpu_user_us_per_request": one_decimal(b_user),
+        "baseline_cpu_system_us_per_request": one_decimal(b_sys),
         "open_loop_rate": rate.round(),
-        "gateway_open_p99_us": gateway_open.percentile_us(0.99),
-        "baseline_open_p99_us": baseline_open.percentile_us(0.99),
-        "gateway": { "closed": gateway_closed.json(), "open": gateway_open.json() },
-        "baseline": { "closed": baseline_closed.json(), "open": baseline_open.json() },
+        "gateway_open_p99_us": g.open.percentile_us(0.99),
+        "baseline_open_p99_us": b.open.percentile_us(0.99),
+        "gateway": { "closed": g.closed.json(), "open": g.open.json() },
+        "baseline": { "closed": b.closed.json(), "open": b.open.json() },
+        "rounds": rounds,
         "pinned": server_core.is_some(),
         "concurrency": opts.concurrency,
         "connections": opts.connections,
     }))
+}
+
+/// The order the two targets (0 the gateway, 1 the baseline) take in `round`.
+fn turn(round: u32) -> [usize; 2] {
+    if round % 2 == 0 { [0, 1] } else { [1, 0] }
 }
 
 /// 1,000 concurrent identical StartAggregation calls.

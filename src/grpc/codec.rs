@@ -1,10 +1,11 @@
 //! The codec of the generated service and client: prost's wire format, with each message
 //! encoded into space reserved for its exact size up front.
 //!
-//! tonic's prost codec lets the buffer grow as the message is written. A page of rows is
-//! written as one slice of 10–130 kB, so growing meant one to four reallocations, each copying
-//! what the buffer held; reserving the encoded length first makes it at most one, with nothing
-//! but the 5-byte frame header to copy.
+//! tonic's prost codec starts every response in an 8 KiB buffer and lets it grow as the
+//! message is written. A page of rows is written as one slice of 10–130 kB, so growing meant
+//! one to four reallocations, each copying all the buffer held. Here the buffer starts small
+//! and the encoded length is reserved before writing: one reallocation at most, copying only
+//! the 5-byte frame header.
 
 use prost::Message;
 use std::marker::PhantomData;
@@ -45,9 +46,19 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct ExactEncoder<T>(PhantomData<T>);
 
+/// The first allocation of a response buffer: enough for the small messages (a
+/// StartAggregation response, a status), no more.
+const INITIAL_BUFFER: usize = 512;
+/// tonic's default: for streams, bytes gathered before they are handed to the transport.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
 impl<T: Message> Encoder for ExactEncoder<T> {
     type Item = T;
     type Error = Status;
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD)
+    }
 
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         buf.reserve(item.encoded_len());
