@@ -1,10 +1,12 @@
 //! Completed results as the transport will serve them: every row encoded once, when it arrives
 //! from the upstream, into one buffer with one end offset per row. Serving a page is then a
-//! copy of bytes, and holding a row costs its encoded size plus one offset.
+//! reference-counted slice of that buffer, handed to the socket without a copy, and holding a
+//! row costs its encoded size plus one offset.
 //!
 //! The gateway does not know the encoding: the transport supplies the [`RowEncoder`].
 
 use crate::domain::StatisticsRow;
+use bytes::Bytes;
 use std::ops::Range;
 
 /// Appends the encoding of one row to a buffer.
@@ -13,7 +15,7 @@ pub type RowEncoder = fn(&StatisticsRow, &mut Vec<u8>);
 /// Encoded rows, in order.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RowBlock {
-    buf: Vec<u8>,
+    buf: Bytes,
     /// `ends[i]` is where row `i` ends in `buf`.
     ends: Vec<usize>,
 }
@@ -29,11 +31,20 @@ impl RowBlock {
 
     /// The encodings of the rows in `range`, back to back: rows are stored contiguously.
     pub fn slice(&self, range: Range<usize>) -> &[u8] {
+        &self.buf[self.span(range)]
+    }
+
+    /// [`RowBlock::slice`] as a handle sharing this block's buffer: no bytes are copied.
+    pub fn shared(&self, range: Range<usize>) -> Bytes {
+        self.buf.slice(self.span(range))
+    }
+
+    fn span(&self, range: Range<usize>) -> Range<usize> {
         if range.is_empty() {
-            return &[];
+            return 0..0;
         }
         let start = if range.start == 0 { 0 } else { self.ends[range.start - 1] };
-        &self.buf[start..self.ends[range.end - 1]]
+        start..self.ends[range.end - 1]
     }
 
     /// The bytes the rows of `range` take, encoded.
@@ -43,39 +54,40 @@ impl RowBlock {
 
     /// Heap bytes held, for the cache's memory budget.
     pub fn heap_bytes(&self) -> usize {
-        self.buf.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+        self.buf.len() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
 }
 
 /// Builds a [`RowBlock`] row by row.
 pub struct RowBlockBuilder {
-    block: RowBlock,
+    buf: Vec<u8>,
+    ends: Vec<usize>,
     encoder: RowEncoder,
 }
 
 impl RowBlockBuilder {
     pub fn new(encoder: RowEncoder) -> Self {
-        Self { block: RowBlock::default(), encoder }
+        Self { buf: Vec::new(), ends: Vec::new(), encoder }
     }
 
     pub fn push(&mut self, row: &StatisticsRow) {
-        (self.encoder)(row, &mut self.block.buf);
-        self.block.ends.push(self.block.buf.len());
+        (self.encoder)(row, &mut self.buf);
+        self.ends.push(self.buf.len());
     }
 
     pub fn len(&self) -> usize {
-        self.block.len()
+        self.ends.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.block.is_empty()
+        self.ends.is_empty()
     }
 
     /// The block, with spare capacity returned.
     pub fn finish(mut self) -> RowBlock {
-        self.block.buf.shrink_to_fit();
-        self.block.ends.shrink_to_fit();
-        self.block
+        self.buf.shrink_to_fit();
+        self.ends.shrink_to_fit();
+        RowBlock { buf: Bytes::from(self.buf), ends: self.ends }
     }
 }
 
@@ -98,6 +110,8 @@ mod tests {
         assert_eq!((0..3).map(|i| block.encoded_len(i..i + 1)).collect::<Vec<_>>(), vec![3, 0, 5]);
         assert_eq!(block.encoded_len(1..3), 5);
         assert_eq!(block.slice(0..2), b"xxx");
+        assert_eq!(block.shared(1..3), &b"xxxxx"[..]);
+        assert!(block.shared(1..1).is_empty());
         assert_eq!(block.encoded_len(2..2), 0);
         assert!(block.heap_bytes() >= 8);
     }

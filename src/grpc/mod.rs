@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod convert;
+pub mod page_route;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -5,6 +5,7 @@
 //! Health (and the readiness flag the admin listener reports) is NOT_SERVING until the server
 //! is about to accept, and turns NOT_SERVING again the moment shutdown begins.
 
+use super::page_route::AggregationRoutes;
 use super::pb;
 use super::pb::aggregation_service_server::AggregationServiceServer;
 use super::service::AggregationApi;
@@ -83,9 +84,7 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let api = AggregationServiceServer::new(AggregationApi::new(gateway, metrics))
-        .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(options.max_message_bytes);
+    let api = AggregationRoutes::new(AggregationApi::new(gateway, metrics), options.max_message_bytes);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(options.max_concurrent_streams)

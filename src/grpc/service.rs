@@ -25,17 +25,26 @@ const MAX_CALLER_ID_LEN: usize = 128;
 /// The full name of the service, as spans and metrics name it.
 pub use super::pb::aggregation_service_server::SERVICE_NAME;
 
-/// A method of the service, named both ways once so no request formats its name.
+/// A method of the service, named every way once so no request formats its name.
 #[derive(Debug, Clone, Copy)]
-struct Method {
-    name: &'static str,
+pub struct Method {
+    pub name: &'static str,
     /// `service/method`, the span name the RPC conventions ask for.
-    full_name: &'static str,
+    pub full_name: &'static str,
+    /// The HTTP/2 path it is called at.
+    pub path: &'static str,
 }
 
-const START: Method =
-    Method { name: "StartAggregation", full_name: "deadline.stats.v1.AggregationService/StartAggregation" };
-const GET: Method = Method { name: "GetAggregation", full_name: "deadline.stats.v1.AggregationService/GetAggregation" };
+pub const START: Method = Method {
+    name: "StartAggregation",
+    full_name: "deadline.stats.v1.AggregationService/StartAggregation",
+    path: "/deadline.stats.v1.AggregationService/StartAggregation",
+};
+pub const GET: Method = Method {
+    name: "GetAggregation",
+    full_name: "deadline.stats.v1.AggregationService/GetAggregation",
+    path: "/deadline.stats.v1.AggregationService/GetAggregation",
+};
 
 /// The server span of one RPC, following the OpenTelemetry RPC conventions, at `level`.
 macro_rules! rpc_span {
@@ -142,17 +151,24 @@ impl AggregationService for AggregationApi {
         &self,
         request: Request<GetAggregationRequest>,
     ) -> Result<Response<GetAggregationResponse>, Status> {
+        self.get_page(request).await.map(Response::new)
+    }
+}
+
+impl AggregationApi {
+    /// GetAggregation, whether tonic's generated route or [`super::page_route`] serves it.
+    pub async fn get_page(&self, request: Request<GetAggregationRequest>) -> Result<GetAggregationResponse, Status> {
         let caller = caller_id(&request);
         let (metadata, _, req) = request.into_parts();
         self.observe(GET, &metadata, &caller, async {
             let wait = wait(&req)?;
             let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
-            Ok(Response::new(GetAggregationResponse {
+            Ok(GetAggregationResponse {
                 aggregation: Some(convert::aggregation(&page.aggregation, &page.snapshot)),
                 statistics: Vec::new(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
                 encoded_statistics: page.rows.map(|(rows, range)| EncodedRows { rows, range }),
-            }))
+            })
         })
         .await
     }
@@ -250,6 +266,7 @@ mod tests {
     fn method_full_names_follow_the_generated_service_name() {
         for m in [START, GET] {
             assert_eq!(m.full_name, format!("{SERVICE_NAME}/{}", m.name));
+            assert_eq!(m.path, format!("/{}", m.full_name));
         }
     }
 }

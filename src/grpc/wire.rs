@@ -3,12 +3,15 @@
 //! StatisticsRow statistics`, see `convert::encode_row`), so a page is one contiguous slice,
 //! copied once, never decoded or re-encoded.
 //!
+//! [`GetAggregationResponse::into_parts`] gives the same bytes in three pieces, the rows
+//! sharing the cache's buffer, for [`super::page_route`] to send without copying them.
+//!
 //! Decoding is the ordinary one (clients see `statistics`); the build maps the proto message
 //! to this type, so the generated server and client both use it.
 
 use super::pb::{Aggregation, StatisticsRow};
 use crate::gateway::Rows;
-use bytes::{Buf, BufMut};
+use bytes::{Buf, BufMut, Bytes};
 use prost::DecodeError;
 use prost::encoding::{self, DecodeContext, WireType};
 use std::ops::Range;
@@ -40,6 +43,26 @@ const AGGREGATION: u32 = 1;
 /// The field number of `statistics`.
 pub const STATISTICS: u32 = 2;
 const NEXT_PAGE_TOKEN: u32 = 3;
+
+impl GetAggregationResponse {
+    /// The encoding in three pieces, back to back: the fields before the pre-encoded rows, the
+    /// rows themselves (sharing the cached buffer, not copied) and the fields after them.
+    pub fn into_parts(self) -> [Bytes; 3] {
+        let mut head = Vec::new();
+        if let Some(a) = &self.aggregation {
+            encoding::message::encode(AGGREGATION, a, &mut head);
+        }
+        for row in &self.statistics {
+            encoding::message::encode(STATISTICS, row, &mut head);
+        }
+        let rows = self.encoded_statistics.map(|page| page.rows.shared(page.range)).unwrap_or_default();
+        let mut tail = Vec::new();
+        if !self.next_page_token.is_empty() {
+            encoding::string::encode(NEXT_PAGE_TOKEN, &self.next_page_token, &mut tail);
+        }
+        [head.into(), rows, tail.into()]
+    }
+}
 
 impl prost::Message for GetAggregationResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
@@ -115,6 +138,7 @@ mod tests {
         };
         let bytes = sent.encode_to_vec();
         assert_eq!(bytes.len(), sent.encoded_len());
+        assert_eq!(sent.clone().into_parts().concat(), bytes, "the three parts are the same encoding");
         let got = GetAggregationResponse::decode(bytes.as_slice()).expect("decodes");
         assert_eq!(got.statistics, (1..4).map(|n| super::super::convert::row(&row(n))).collect::<Vec<_>>());
         assert_eq!(

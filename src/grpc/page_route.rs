@@ -1,0 +1,209 @@
+//! GetAggregation served without copying the page.
+//!
+//! tonic encodes every response into a fresh buffer, so a 100-row page (about 12.6 kB) would be
+//! copied from the cache into it before HTTP/2 copies it again into the socket. This route
+//! answers GetAggregation itself: it reads the request frame, calls the same
+//! [`AggregationApi::get_page`] the generated service would, and sends the response as three
+//! DATA chunks, the middle one being the cached rows themselves (a shared [`Bytes`] slice).
+//! Every other method goes to tonic's generated service; the server's layers (timeouts,
+//! limits) apply to both alike.
+
+use super::pb::GetAggregationRequest;
+use super::pb::aggregation_service_server::{AggregationServiceServer, SERVICE_NAME};
+use super::service::{AggregationApi, GET};
+use bytes::{BufMut as _, Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::Status;
+use tonic::body::Body;
+
+/// The gRPC frame header: a compression flag and a big-endian length.
+const FRAME_HEADER: usize = 5;
+
+/// The aggregation service as the server routes it.
+#[derive(Clone)]
+pub struct AggregationRoutes {
+    api: Arc<AggregationApi>,
+    generated: AggregationServiceServer<AggregationApi>,
+    max_message_bytes: usize,
+}
+
+impl AggregationRoutes {
+    /// Serves `api`, refusing requests and responses larger than `max_message_bytes`.
+    pub fn new(api: AggregationApi, max_message_bytes: usize) -> Self {
+        let api = Arc::new(api);
+        let generated = AggregationServiceServer::from_arc(api.clone())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        Self { api, generated, max_message_bytes }
+    }
+}
+
+impl tonic::server::NamedService for AggregationRoutes {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl tower::Service<http::Request<Body>> for AggregationRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != GET.path {
+            return self.generated.call(request);
+        }
+        let (api, limit) = (self.api.clone(), self.max_message_bytes);
+        Box::pin(async move {
+            Ok(match get_aggregation(&api, request, limit).await {
+                Ok(response) => response,
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+async fn get_aggregation(
+    api: &AggregationApi,
+    request: http::Request<Body>,
+    limit: usize,
+) -> Result<http::Response<Body>, Status> {
+    let (parts, body) = request.into_parts();
+    let message = read_message(body, limit).await?;
+    let message = GetAggregationRequest::decode(message)
+        .map_err(|e| Status::internal(format!("cannot decode the GetAggregationRequest: {e}")))?;
+    let response = api.get_page(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
+    respond(response.into_parts(), limit)
+}
+
+/// The one message of a unary request body.
+async fn read_message(body: Body, limit: usize) -> Result<Bytes, Status> {
+    let body = http_body_util::Limited::new(body, limit.saturating_add(FRAME_HEADER))
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Status::resource_exhausted(format!("the request is larger than {limit} bytes"))
+            } else {
+                Status::cancelled(format!("reading the request failed: {e}"))
+            }
+        })?
+        .to_bytes();
+    let Some(header) = body.get(..FRAME_HEADER) else {
+        return Err(Status::internal("the request holds no gRPC message"));
+    };
+    if header[0] != 0 {
+        return Err(Status::unimplemented("compressed requests are not supported; send them uncompressed"));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if body.len() - FRAME_HEADER != len {
+        return Err(Status::internal("a unary request must hold exactly one whole gRPC message"));
+    }
+    Ok(body.slice(FRAME_HEADER..))
+}
+
+/// A 200 response whose body is the message in `parts`, framed, then `grpc-status: 0`.
+fn respond(parts: [Bytes; 3], limit: usize) -> Result<http::Response<Body>, Status> {
+    let len: usize = parts.iter().map(Bytes::len).sum();
+    let framed_len = u32::try_from(len).ok().filter(|_| len <= limit).ok_or_else(|| {
+        Status::resource_exhausted(format!("the response would be {len} bytes, more than the {limit} allowed"))
+    })?;
+    let [head, rows, tail] = parts;
+    let mut first = BytesMut::with_capacity(FRAME_HEADER + head.len());
+    first.put_u8(0);
+    first.put_u32(framed_len);
+    first.put_slice(&head);
+    let chunks = [first.freeze(), rows, tail].into_iter().filter(|c| !c.is_empty()).collect();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let mut response = http::Response::new(Body::new(Chunks { chunks, trailers: Some(trailers) }));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
+    Ok(response)
+}
+
+/// A body of ready chunks followed by trailers.
+struct Chunks {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        Poll::Ready(match this.chunks.pop_front() {
+            Some(chunk) => Some(Ok(Frame::data(chunk))),
+            None => this.trailers.take().map(|t| Ok(Frame::trailers(t))),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn frames(response: http::Response<Body>) -> (Vec<Bytes>, Option<http::HeaderMap>) {
+        let mut body = response.into_body();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("frame");
+            match frame.into_data() {
+                Ok(d) => data.push(d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn a_response_is_one_framed_message_in_chunks_then_status_ok() {
+        let rows = Bytes::from_static(b"rows-rows-rows");
+        let response =
+            respond([Bytes::from_static(b"head"), rows.clone(), Bytes::from_static(b"tail")], 1024).expect("fits");
+        let (data, trailers) = frames(response).await;
+        assert_eq!(data.len(), 3);
+        assert_eq!(data[1].as_ptr(), rows.as_ptr(), "the rows are the caller's bytes, not a copy");
+        let all = data.concat();
+        assert_eq!(&all[..5], &[0, 0, 0, 0, 22]);
+        assert_eq!(&all[5..], b"headrows-rows-rowstail");
+        assert_eq!(trailers.and_then(|t| t.get("grpc-status").cloned()), Some(http::HeaderValue::from_static("0")));
+    }
+
+    #[tokio::test]
+    async fn oversized_responses_and_malformed_requests_are_refused() {
+        let err = respond([Bytes::from_static(b"0123456789"), Bytes::new(), Bytes::new()], 9).expect_err("too big");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let body = |b: &'static [u8]| Body::new(http_body_util::Full::new(Bytes::from_static(b)));
+        let cases: [(&'static [u8], tonic::Code); 4] = [
+            (b"\0\0\0", tonic::Code::Internal),
+            (b"\x01\0\0\0\x01x", tonic::Code::Unimplemented),
+            (b"\0\0\0\0\x05xy", tonic::Code::Internal),
+            (
+                b"\0\0\0\0\x40xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                tonic::Code::ResourceExhausted,
+            ),
+        ];
+        for (bytes, code) in cases {
+            assert_eq!(read_message(body(bytes), 16).await.expect_err("refused").code(), code, "{bytes:?}");
+        }
+        assert_eq!(read_message(body(b"\0\0\0\0\x02ab"), 16).await.expect("one message"), &b"ab"[..]);
+    }
+}
