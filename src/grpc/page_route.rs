@@ -3,8 +3,9 @@
 //! tonic encodes every response into a fresh buffer, so a 100-row page (about 12.6 kB) would be
 //! copied from the cache into it before HTTP/2 copies it again into the socket. This route
 //! answers GetAggregation itself: it reads the request frame, calls the same
-//! [`AggregationApi::get_page`] the generated service would, and sends the response as three
-//! DATA chunks, the middle one being the cached rows themselves (a shared [`Bytes`] slice).
+//! [`AggregationApi::get_page`] the generated service would, and sends the response as two
+//! DATA chunks: the frame header with the small fields, then the cached rows themselves (a
+//! shared [`Bytes`] slice).
 //! Every other method goes to tonic's generated service; the server's layers (timeouts,
 //! limits) apply to both alike.
 
@@ -115,17 +116,17 @@ async fn read_message(body: Body, limit: usize) -> Result<Bytes, Status> {
 }
 
 /// A 200 response whose body is the message in `parts`, framed, then `grpc-status: 0`.
-fn respond(parts: [Bytes; 3], limit: usize) -> Result<http::Response<Body>, Status> {
+fn respond(parts: [Bytes; 2], limit: usize) -> Result<http::Response<Body>, Status> {
     let len: usize = parts.iter().map(Bytes::len).sum();
     let framed_len = u32::try_from(len).ok().filter(|_| len <= limit).ok_or_else(|| {
         Status::resource_exhausted(format!("the response would be {len} bytes, more than the {limit} allowed"))
     })?;
-    let [head, rows, tail] = parts;
+    let [head, rows] = parts;
     let mut first = BytesMut::with_capacity(FRAME_HEADER + head.len());
     first.put_u8(0);
     first.put_u32(framed_len);
     first.put_slice(&head);
-    let chunks = [first.freeze(), rows, tail].into_iter().filter(|c| !c.is_empty()).collect();
+    let chunks = [first.freeze(), rows].into_iter().filter(|c| !c.is_empty()).collect();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
     let mut response = http::Response::new(Body::new(Chunks { chunks, trailers: Some(trailers) }));
@@ -176,20 +177,19 @@ mod tests {
     #[tokio::test]
     async fn a_response_is_one_framed_message_in_chunks_then_status_ok() {
         let rows = Bytes::from_static(b"rows-rows-rows");
-        let response =
-            respond([Bytes::from_static(b"head"), rows.clone(), Bytes::from_static(b"tail")], 1024).expect("fits");
+        let response = respond([Bytes::from_static(b"head"), rows.clone()], 1024).expect("fits");
         let (data, trailers) = frames(response).await;
-        assert_eq!(data.len(), 3);
+        assert_eq!(data.len(), 2);
         assert_eq!(data[1].as_ptr(), rows.as_ptr(), "the rows are the caller's bytes, not a copy");
         let all = data.concat();
-        assert_eq!(&all[..5], &[0, 0, 0, 0, 22]);
-        assert_eq!(&all[5..], b"headrows-rows-rowstail");
+        assert_eq!(&all[..5], &[0, 0, 0, 0, 18]);
+        assert_eq!(&all[5..], b"headrows-rows-rows");
         assert_eq!(trailers.and_then(|t| t.get("grpc-status").cloned()), Some(http::HeaderValue::from_static("0")));
     }
 
     #[tokio::test]
     async fn oversized_responses_and_malformed_requests_are_refused() {
-        let err = respond([Bytes::from_static(b"0123456789"), Bytes::new(), Bytes::new()], 9).expect_err("too big");
+        let err = respond([Bytes::from_static(b"0123456789"), Bytes::new()], 9).expect_err("too big");
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         let body = |b: &'static [u8]| Body::new(http_body_util::Full::new(Bytes::from_static(b)));
         let cases: [(&'static [u8], tonic::Code); 4] = [
