@@ -288,7 +288,7 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
 
 /// The order the two targets (0 the gateway, 1 the baseline) take in `round`.
 fn turn(round: u32) -> [usize; 2] {
-    if round % 2 == 0 { [0, 1] } else { [1, 0] }
+    if round.is_multiple_of(2) { [0, 1] } else { [1, 0] }
 }
 
 /// 1,000 concurrent identical StartAggregation calls.
