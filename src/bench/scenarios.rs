@@ -144,11 +144,22 @@ struct Measured {
     closed: LoadReport,
     cpu: CpuTime,
     open: LoadReport,
+    open_cpu: CpuTime,
 }
 
 impl Measured {
     fn new() -> Self {
-        Self { closed: LoadReport::empty(), cpu: CpuTime::default(), open: LoadReport::empty() }
+        Self {
+            closed: LoadReport::empty(),
+            cpu: CpuTime::default(),
+            open: LoadReport::empty(),
+            open_cpu: CpuTime::default(),
+        }
+    }
+
+    /// Server CPU per open-loop request, in µs: both servers at the same rate.
+    fn open_cpu_us(&self) -> f64 {
+        self.open_cpu.total().as_secs_f64() * 1e6 / (self.open.requests.max(1) as f64)
     }
 
     /// Server CPU per closed-loop request, in µs: (total, user, system).
@@ -171,9 +182,12 @@ async fn closed_phase(
     (report, target.server.cpu_time().since(before))
 }
 
-async fn open_phase(target: &Target<'_>, rate: f64, length: Duration, request: &bytes::Bytes) -> LoadReport {
+async fn open_phase(target: &Target<'_>, rate: f64, length: Duration, request: &bytes::Bytes) -> (LoadReport, CpuTime) {
     let request = request.clone();
-    open_loop(&target.clients, rate, length, 10_000, move |c: RawClient| raw_get(c, request.clone())).await
+    let before = target.server.cpu_time();
+    let report =
+        open_loop(&target.clients, rate, length, 10_000, move |c: RawClient| raw_get(c, request.clone())).await;
+    (report, target.server.cpu_time().since(before))
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -248,8 +262,9 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     let rate = (measured[1].closed.rps() / 2.0).max(10.0);
     for round in 0..rounds {
         for i in turn(round) {
-            let report = open_phase(&targets[i], rate, length, &request_bytes).await;
+            let (report, cpu) = open_phase(&targets[i], rate, length, &request_bytes).await;
             measured[i].open.merge(&report);
+            measured[i].open_cpu.add(cpu);
         }
     }
     drop(targets);
@@ -275,6 +290,9 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         "baseline_cpu_user_us_per_request": one_decimal(b_user),
         "baseline_cpu_system_us_per_request": one_decimal(b_sys),
         "open_loop_rate": rate.round(),
+        "gateway_open_cpu_us_per_request": one_decimal(g.open_cpu_us()),
+        "baseline_open_cpu_us_per_request": one_decimal(b.open_cpu_us()),
+        "equal_rate_cpu_per_request_ratio": ratio(g.open_cpu_us(), b.open_cpu_us()),
         "gateway_open_p99_us": g.open.percentile_us(0.99),
         "baseline_open_p99_us": b.open.percentile_us(0.99),
         "gateway": { "closed": g.closed.json(), "open": g.open.json() },

@@ -5,7 +5,8 @@
 //! only writer of its snapshot. Long-polls wait on the watch channel.
 
 use super::key::CanonicalKey;
-use std::sync::{Arc, Mutex};
+use bytes::Bytes;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
@@ -66,6 +67,28 @@ pub struct Snapshot {
     /// When the results stop being served: wall-clock for callers, monotonic for the cache.
     pub expire_time: Option<SystemTime>,
     pub expire_at: Option<Instant>,
+    /// The transport's encoding of the aggregation as of this snapshot.
+    pub encoded_view: EncodedView,
+}
+
+/// The transport's encoding of a snapshot's public view, made by the first reader and shared
+/// by the rest: a cached result is read many times and never changes. The gateway never reads
+/// it; a changed snapshot starts without one (cloning gives an empty cell, and
+/// [`Aggregation::update`] clears it).
+#[derive(Debug, Default)]
+pub struct EncodedView(OnceLock<Bytes>);
+
+impl Clone for EncodedView {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl EncodedView {
+    /// The encoding, made by `encode` if no reader has made it yet.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Bytes) -> Bytes {
+        self.0.get_or_init(encode).clone()
+    }
 }
 
 impl Snapshot {
@@ -79,6 +102,7 @@ impl Snapshot {
             rows: None,
             expire_time: None,
             expire_at: None,
+            encoded_view: EncodedView::default(),
         }
     }
 
@@ -178,7 +202,11 @@ impl Aggregation {
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        self.snapshot.send_modify(|s| f(Arc::make_mut(s)));
+        self.snapshot.send_modify(|s| {
+            let s = Arc::make_mut(s);
+            f(s);
+            s.encoded_view = EncodedView::default();
+        });
     }
 
     /// Sets the snapshot from outside the lifecycle: for benchmarks of the read path only.
@@ -197,5 +225,23 @@ impl Aggregation {
     /// Bytes held by the results, for the cache's memory budget.
     pub fn weight(&self) -> usize {
         self.with_snapshot(|s| s.rows.as_ref().map_or(0, |rows| rows.heap_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encoded_view_lasts_as_long_as_its_snapshot() {
+        let agg = Aggregation::new(super::super::key::test_key(1, 1));
+        let first = agg.snapshot();
+        assert_eq!(first.encoded_view.get_or_init(|| Bytes::from_static(b"queued")), &b"queued"[..]);
+        assert_eq!(agg.snapshot().encoded_view.get_or_init(|| Bytes::from_static(b"again")), &b"queued"[..]);
+        agg.update(|s| s.state = State::Running);
+        assert_eq!(agg.snapshot().encoded_view.get_or_init(|| Bytes::from_static(b"running")), &b"running"[..]);
+        drop(first);
+        agg.update(|s| s.queue_position = 0);
+        assert_eq!(agg.snapshot().encoded_view.get_or_init(|| Bytes::from_static(b"fresh")), &b"fresh"[..]);
     }
 }

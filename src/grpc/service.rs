@@ -7,7 +7,7 @@
 use super::convert;
 use super::pb::aggregation_service_server::AggregationService;
 use super::pb::{GetAggregationRequest, GetAggregationResponse, StartAggregationRequest, StartAggregationResponse};
-use super::wire::EncodedRows;
+use super::wire::{self, EncodedRows};
 use crate::domain::validate::{Field, FieldViolation};
 use crate::gateway::{Gateway, GatewayError};
 use crate::telemetry::{Metrics, traces};
@@ -163,8 +163,13 @@ impl AggregationApi {
         self.observe(GET, &metadata, &caller, async {
             let wait = wait(&req)?;
             let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
+            let view = page
+                .snapshot
+                .encoded_view
+                .get_or_init(|| wire::encode_aggregation(&convert::aggregation(&page.aggregation, &page.snapshot)));
             Ok(GetAggregationResponse {
-                aggregation: Some(convert::aggregation(&page.aggregation, &page.snapshot)),
+                aggregation: None,
+                encoded_aggregation: Some(view),
                 statistics: Vec::new(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
                 encoded_statistics: page.rows.map(|(rows, range)| EncodedRows { rows, range }),

@@ -33,6 +33,8 @@ impl PartialEq for EncodedRows {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GetAggregationResponse {
     pub aggregation: Option<Aggregation>,
+    /// `aggregation` already encoded as field 1, sent in its place (server side only).
+    pub encoded_aggregation: Option<Bytes>,
     pub statistics: Vec<StatisticsRow>,
     pub next_page_token: String,
     /// Rows already encoded, sent after `statistics` (server side only; never decoded into).
@@ -44,6 +46,13 @@ const AGGREGATION: u32 = 1;
 pub const STATISTICS: u32 = 2;
 const NEXT_PAGE_TOKEN: u32 = 3;
 
+/// `aggregation` encoded as the response's field 1, for [`GetAggregationResponse::encoded_aggregation`].
+pub fn encode_aggregation(aggregation: &Aggregation) -> Bytes {
+    let mut buf = Vec::with_capacity(encoding::message::encoded_len(AGGREGATION, aggregation));
+    encoding::message::encode(AGGREGATION, aggregation, &mut buf);
+    buf.into()
+}
+
 impl GetAggregationResponse {
     /// The message in two pieces, back to back: every other field, then the pre-encoded rows
     /// (sharing the cached buffer, not copied). The page token is written before the rows
@@ -51,7 +60,9 @@ impl GetAggregationResponse {
     /// the one large piece, handed to HTTP/2 as they are.
     pub fn into_parts(self) -> [Bytes; 2] {
         let mut head = Vec::new();
-        if let Some(a) = &self.aggregation {
+        if let Some(a) = &self.encoded_aggregation {
+            head.extend_from_slice(a);
+        } else if let Some(a) = &self.aggregation {
             encoding::message::encode(AGGREGATION, a, &mut head);
         }
         if !self.next_page_token.is_empty() {
@@ -67,7 +78,9 @@ impl GetAggregationResponse {
 
 impl prost::Message for GetAggregationResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        if let Some(a) = &self.aggregation {
+        if let Some(a) = &self.encoded_aggregation {
+            buf.put_slice(a);
+        } else if let Some(a) = &self.aggregation {
             encoding::message::encode(AGGREGATION, a, buf);
         }
         for row in &self.statistics {
@@ -99,7 +112,11 @@ impl prost::Message for GetAggregationResponse {
     }
 
     fn encoded_len(&self) -> usize {
-        let aggregation = self.aggregation.as_ref().map_or(0, |a| encoding::message::encoded_len(AGGREGATION, a));
+        let aggregation = match (&self.encoded_aggregation, &self.aggregation) {
+            (Some(a), _) => a.len(),
+            (None, Some(a)) => encoding::message::encoded_len(AGGREGATION, a),
+            (None, None) => 0,
+        };
         let statistics = encoding::message::encoded_len_repeated(STATISTICS, &self.statistics);
         let encoded = self.encoded_statistics.as_ref().map_or(0, |page| page.rows.encoded_len(page.range.clone()));
         let token = if self.next_page_token.is_empty() {
@@ -139,6 +156,13 @@ mod tests {
         };
         let bytes = sent.encode_to_vec();
         assert_eq!(bytes.len(), sent.encoded_len());
+        let pre = GetAggregationResponse {
+            encoded_aggregation: sent.aggregation.as_ref().map(encode_aggregation),
+            aggregation: None,
+            ..sent.clone()
+        };
+        assert_eq!(pre.encode_to_vec(), bytes, "a pre-encoded aggregation is the same bytes");
+        assert_eq!(pre.encoded_len(), bytes.len());
         let parts = sent.clone().into_parts().concat();
         assert_eq!(parts.len(), bytes.len());
         assert_eq!(
