@@ -76,9 +76,8 @@ fn hot_path(c: &mut Criterion) {
             // What GetAggregation does per page: the snapshot's shared encoded view, the rows as
             // a shared slice, the small fields framed (see grpc::page_route).
             let snapshot = agg.snapshot();
-            let view = snapshot
-                .encoded_view
-                .get_or_init(|| wire::encode_aggregation(&convert::aggregation(&agg, &snapshot)));
+            let view =
+                snapshot.encoded_view.get_or_init(|| wire::encode_aggregation(&convert::aggregation(&agg, &snapshot)));
             let response = pb::GetAggregationResponse {
                 encoded_aggregation: Some(view),
                 encoded_statistics: Some(EncodedRows { rows: all.clone(), range: 0..100 }),

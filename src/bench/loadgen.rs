@@ -117,7 +117,7 @@ where
     let mut tasks = Vec::new();
     for i in 0..total {
         let intended = begin + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(intended).await;
+        pace_until(intended).await;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
             continue;
@@ -140,4 +140,19 @@ where
     let elapsed = begin.elapsed();
     let (latency_us, errors) = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
     LoadReport { requests: latency_us.len(), errors, elapsed, latency_us }
+}
+
+/// Waits until `at` to within microseconds. Tokio's timer has millisecond granularity, so
+/// sleeping alone would send requests in bursts once a millisecond or two and measure the
+/// bursts' queueing; the timer covers the bulk of the wait, yielding to the other tasks the
+/// last stretch.
+async fn pace_until(at: Instant) {
+    if let Some(early) = at.checked_sub(Duration::from_millis(2))
+        && Instant::now() < early
+    {
+        tokio::time::sleep_until(early).await;
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
+    }
 }

@@ -112,19 +112,49 @@ async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
 }
 
 /// A client that sends a pre-encoded GetAggregation request and skips the response bytes, so
-/// the load generator spends next to nothing per call and the server is what is measured.
-type RawClient = tonic::client::Grpc<Channel>;
+/// the load generator spends as little as it can per call and the server is what is measured.
+/// It is tonic's client over one HTTP/2 connection driven by hyper directly: a tonic `Channel`
+/// would add a queue and a worker task between every call and the connection, which on the
+/// load generator's single core cost as much as the server's work.
+type RawClient = tonic::client::Grpc<Connection>;
 
 const GET_PATH: &str = "/deadline.stats.v1.AggregationService/GetAggregation";
 
+/// One HTTP/2 connection as a tower service, for [`tonic::client::Grpc`].
+#[derive(Clone)]
+struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
 async fn raw_clients(url: &str, n: usize) -> Result<Vec<RawClient>, BenchError> {
+    let origin: http::Uri = url.parse()?;
+    let authority = origin.authority().ok_or("the URL names no host")?.as_str().to_owned();
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
-        out.push(tonic::client::Grpc::new(Channel::from_shared(url.to_owned())?.connect().await?));
+        let stream = tokio::net::TcpStream::connect(&authority).await?;
+        stream.set_nodelay(true)?;
+        let (send, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await?;
+        tokio::spawn(connection);
+        out.push(tonic::client::Grpc::with_origin(Connection(send), origin.clone()));
     }
     Ok(out)
 }
-
 async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
     if client.ready().await.is_err() {
         return false;

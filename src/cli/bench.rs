@@ -56,12 +56,23 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
         connections: args.connections.max(1),
         smoke: args.smoke,
     };
-    let report = match args.scenario {
-        Scenario::CacheHit => scenarios::cache_hit(&opts).await,
-        Scenario::Coalesce => scenarios::coalesce(&opts).await,
-        Scenario::FarmQueue => scenarios::farm_queue(&opts).await,
-        Scenario::Memory => scenarios::memory(&opts).await,
-    }
+    // The load generator gets one core; it runs as one thread so that two runtime workers do
+    // not take turns on that core in time slices of milliseconds, which would show up as
+    // latency of the server under test.
+    let scenario = args.scenario;
+    let report = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            match scenario {
+                Scenario::CacheHit => scenarios::cache_hit(&opts).await,
+                Scenario::Coalesce => scenarios::coalesce(&opts).await,
+                Scenario::FarmQueue => scenarios::farm_queue(&opts).await,
+                Scenario::Memory => scenarios::memory(&opts).await,
+            }
+        })
+    })
+    .await
+    .map_err(|e| RunError::Bench(e.to_string()))?
     .map_err(|e| RunError::Bench(e.to_string()))?;
     if args.json {
         println!("{report}");
