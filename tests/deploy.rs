@@ -211,7 +211,8 @@ fn the_dockerfile_agrees_with_the_binary_and_the_manifests() {
             cmd = serde_json::from_str::<Vec<String>>(rest).expect("CMD in exec form");
         }
     }
-    assert!(dockerfile.contains("cargo build --locked --release"));
+    assert!(dockerfile.contains("cargo build --locked --profile production"));
+    assert!(dockerfile.contains("COPY --from=build /src/target/production/deadline-stats-gateway"));
     assert!(dockerfile.contains("USER 65532"), "runs as non-root");
     assert_eq!(exposed, vec![port_of(&env["DSG_LISTEN"]), port_of(&env["DSG_ADMIN_LISTEN"])]);
     assert_eq!(cmd, vec!["serve", "--upstream", "aws"]);
