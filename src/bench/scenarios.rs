@@ -169,6 +169,11 @@ struct Target<'a> {
     clients: Vec<RawClient>,
 }
 
+/// `time` spread over `requests`, in µs.
+fn us_per_request(time: Duration, requests: u64) -> f64 {
+    time.as_secs_f64() * 1e6 / (requests.max(1) as f64)
+}
+
 /// What the rounds of one target added up to.
 struct Measured {
     closed: LoadReport,
@@ -189,12 +194,12 @@ impl Measured {
 
     /// Server CPU per open-loop request, in µs: both servers at the same rate.
     fn open_cpu_us(&self) -> f64 {
-        self.open_cpu.total().as_secs_f64() * 1e6 / (self.open.requests.max(1) as f64)
+        us_per_request(self.open_cpu.total(), self.open.requests)
     }
 
     /// Server CPU per closed-loop request, in µs: (total, user, system).
     fn cpu_us(&self) -> (f64, f64, f64) {
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / (self.closed.requests.max(1) as f64);
+        let per = |d: Duration| us_per_request(d, self.closed.requests);
         (per(self.cpu.total()), per(self.cpu.user), per(self.cpu.system))
     }
 }
@@ -283,7 +288,7 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         let mut cpu_us = [0.0; 2];
         for i in turn(round) {
             let (report, cpu) = closed_phase(&targets[i], length, opts, &request_bytes).await;
-            cpu_us[i] = cpu.total().as_secs_f64() * 1e6 / (report.requests.max(1) as f64);
+            cpu_us[i] = us_per_request(cpu.total(), report.requests);
             measured[i].closed.merge(&report);
             measured[i].cpu.add(cpu);
         }

@@ -68,18 +68,20 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
-/// The trace id of the caller's span named in `metadata` (W3C `traceparent`), if any.
-pub fn remote_trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+/// The caller's span named in `metadata` (W3C `traceparent`/`tracestate`), if it names a valid one.
+fn remote_parent(metadata: &tonic::metadata::MetadataMap) -> Option<opentelemetry::Context> {
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
-    let span = parent.span();
-    let cx = span.span_context();
-    cx.is_valid().then(|| cx.trace_id().to_string())
+    parent.span().span_context().is_valid().then_some(parent)
+}
+
+/// The trace id of the caller's span named in `metadata`, if any.
+pub fn remote_trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    remote_parent(metadata).map(|parent| parent.span().span_context().trace_id().to_string())
 }
 
 /// Makes `span` a child of the caller's span named in `metadata`, if any.
 pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
-    if parent.span().span_context().is_valid() {
+    if let Some(parent) = remote_parent(metadata) {
         let _ = span.set_parent(parent);
     }
 }
