@@ -19,24 +19,12 @@ pub fn page_size(requested: i32) -> Result<usize, GatewayError> {
     }
 }
 
-/// The token for the page starting at `offset` of aggregation `id`: `base64url("{id}/{offset}")`,
-/// built without the formatting machinery (it is made for every page served).
+/// The token for the page starting at `offset` of aggregation `id`: `base64url("{id}/{offset}")`.
 pub fn encode(id: &str, offset: usize) -> String {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = offset;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let mut plain = Vec::with_capacity(id.len() + 1 + digits.len() - at);
-    plain.extend_from_slice(id.as_bytes());
-    plain.push(b'/');
-    plain.extend_from_slice(&digits[at..]);
+    use std::fmt::Write as _;
+    let mut plain = String::with_capacity(id.len() + 21);
+    plain.push_str(id);
+    let _ = write!(plain, "/{offset}");
     URL_SAFE_NO_PAD.encode(plain)
 }
 

@@ -37,7 +37,7 @@ pub struct GetAggregationResponse {
     pub encoded_aggregation: Option<Bytes>,
     pub statistics: Vec<StatisticsRow>,
     pub next_page_token: String,
-    /// Rows already encoded, sent after `statistics` (server side only; never decoded into).
+    /// Rows already encoded, sent last, after `statistics` (server side only; never decoded into).
     pub encoded_statistics: Option<EncodedRows>,
 }
 
@@ -55,42 +55,37 @@ pub fn encode_aggregation(aggregation: &Aggregation) -> Bytes {
 
 impl GetAggregationResponse {
     /// The message in two pieces, back to back: every other field, then the pre-encoded rows
-    /// (sharing the cached buffer, not copied). The page token is written before the rows
-    /// rather than after: protobuf lets fields come in any order, and this way the rows are
-    /// the one large piece, handed to HTTP/2 as they are.
+    /// (sharing the cached buffer, not copied).
     pub fn into_parts(self) -> [Bytes; 2] {
         let mut head = Vec::new();
-        if let Some(a) = &self.encoded_aggregation {
-            head.extend_from_slice(a);
-        } else if let Some(a) = &self.aggregation {
-            encoding::message::encode(AGGREGATION, a, &mut head);
-        }
-        if !self.next_page_token.is_empty() {
-            encoding::string::encode(NEXT_PAGE_TOKEN, &self.next_page_token, &mut head);
-        }
-        for row in &self.statistics {
-            encoding::message::encode(STATISTICS, row, &mut head);
-        }
+        self.encode_head(&mut head);
         let rows = self.encoded_statistics.map(|page| page.rows.shared(page.range)).unwrap_or_default();
         [head.into(), rows]
     }
-}
 
-impl prost::Message for GetAggregationResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+    /// Every field but the pre-encoded rows. The page token comes before the rows rather than
+    /// after: protobuf lets fields come in any order, and this way the rows are the one large
+    /// piece at the end, which [`GetAggregationResponse::into_parts`] hands over as it is.
+    fn encode_head(&self, buf: &mut impl BufMut) {
         if let Some(a) = &self.encoded_aggregation {
             buf.put_slice(a);
         } else if let Some(a) = &self.aggregation {
             encoding::message::encode(AGGREGATION, a, buf);
         }
+        if !self.next_page_token.is_empty() {
+            encoding::string::encode(NEXT_PAGE_TOKEN, &self.next_page_token, buf);
+        }
         for row in &self.statistics {
             encoding::message::encode(STATISTICS, row, buf);
         }
+    }
+}
+
+impl prost::Message for GetAggregationResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.encode_head(buf);
         if let Some(page) = &self.encoded_statistics {
             buf.put_slice(page.rows.slice(page.range.clone()));
-        }
-        if !self.next_page_token.is_empty() {
-            encoding::string::encode(NEXT_PAGE_TOKEN, &self.next_page_token, buf);
         }
     }
 
