@@ -233,10 +233,22 @@ fn one_decimal(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// Measurement rounds: the two servers take turns (gateway first in even rounds, baseline
-/// first in odd ones) so drift on a shared machine hits both alike.
+/// How long one server is measured before the other takes its turn.
+const ROUND: Duration = Duration::from_millis(250);
+
+/// Measurement rounds: the two servers take turns of [`ROUND`] (gateway first in even rounds,
+/// baseline first in odd ones) so that drift and bursts of load from elsewhere on a shared
+/// machine, which last seconds, fall on both alike.
 fn rounds(opts: &BenchOptions) -> u32 {
-    if opts.smoke { 1 } else { (opts.duration.as_secs() / 2).clamp(1, 10) as u32 }
+    if opts.smoke { 1 } else { (opts.duration.as_millis() / ROUND.as_millis()).clamp(1, 400) as u32 }
+}
+
+/// Minimum, quartiles and maximum of `values`, each to three decimals.
+fn spread(mut values: Vec<f64>) -> Value {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values.get(((values.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(0.0);
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({ "min": r(at(0.0)), "p25": r(at(0.25)), "median": r(at(0.5)), "p75": r(at(0.75)), "max": r(at(1.0)) })
 }
 
 /// GetAggregation of a completed aggregation, pages of 100 rows: the gateway against the
@@ -319,7 +331,7 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         "gateway_cpu_us_per_request": one_decimal(g_cpu),
         "baseline_cpu_us_per_request": one_decimal(b_cpu),
         "cpu_per_request_ratio": ratio(g_cpu, b_cpu),
-        "cpu_per_request_ratio_by_round": round_cpu_ratios,
+        "cpu_per_request_ratio_of_rounds": spread(round_cpu_ratios),
         "gateway_cpu_user_us_per_request": one_decimal(g_user),
         "gateway_cpu_system_us_per_request": one_decimal(g_sys),
         "baseline_cpu_user_us_per_request": one_decimal(b_user),
@@ -528,4 +540,29 @@ pub async fn memory(opts: &BenchOptions) -> Result<Value, BenchError> {
         "rss_bytes_delta": delta,
         "overhead_bytes_per_row": ((delta as f64 - encoded as f64) / rows.max(1) as f64).round(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(duration: Duration, smoke: bool) -> BenchOptions {
+        BenchOptions { duration, concurrency: 1, connections: 1, smoke }
+    }
+
+    #[test]
+    fn the_servers_take_turns_of_a_quarter_second() {
+        assert_eq!(rounds(&opts(Duration::from_secs(10), false)), 40);
+        assert_eq!(rounds(&opts(Duration::from_millis(100), false)), 1);
+        assert_eq!(rounds(&opts(Duration::from_secs(10), true)), 1);
+        assert_eq!(turn(0), [0, 1]);
+        assert_eq!(turn(1), [1, 0]);
+    }
+
+    #[test]
+    fn spread_reports_extremes_and_quartiles() {
+        let s = spread(vec![1.3, 0.9, 1.1, 1.0, 1.2]);
+        assert_eq!(s, json!({ "min": 0.9, "p25": 1.0, "median": 1.1, "p75": 1.2, "max": 1.3 }));
+        assert_eq!(spread(Vec::new())["median"], 0.0);
+    }
 }
