@@ -20,6 +20,9 @@ pub struct LoadReport {
     pub errors: u64,
     pub elapsed: Duration,
     pub latency_us: Histogram<u64>,
+    /// Open loop only: how late the load generator sent each request after its intended time.
+    /// A tail here is the load generator's own (or the machine's), not the server's.
+    pub send_lag_us: Histogram<u64>,
 }
 
 impl LoadReport {
@@ -29,7 +32,7 @@ impl LoadReport {
 
     /// An empty report, to [`LoadReport::merge`] phases into.
     pub fn empty() -> Self {
-        Self { requests: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram() }
+        Self { requests: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram(), send_lag_us: histogram() }
     }
 
     /// Adds another phase's requests, errors, time and latencies to this one.
@@ -38,15 +41,17 @@ impl LoadReport {
         self.errors += other.errors;
         self.elapsed += other.elapsed;
         let _ = self.latency_us.add(&other.latency_us);
+        let _ = self.send_lag_us.add(&other.send_lag_us);
     }
 
     pub fn percentile_us(&self, q: f64) -> u64 {
         self.latency_us.value_at_quantile(q)
     }
 
-    /// throughput, p50/p90/p99/p99.9 and errors, as JSON.
+    /// throughput, p50/p90/p99/p99.9 and errors, as JSON; in the open loop also the p99 and
+    /// p99.9 of the send lag.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut out = serde_json::json!({
             "requests": self.requests,
             "errors": self.errors,
             "rps": self.rps().round(),
@@ -54,7 +59,12 @@ impl LoadReport {
             "p90_us": self.percentile_us(0.9),
             "p99_us": self.percentile_us(0.99),
             "p999_us": self.percentile_us(0.999),
-        })
+        });
+        if !self.send_lag_us.is_empty() {
+            out["send_lag_p99_us"] = self.send_lag_us.value_at_quantile(0.99).into();
+            out["send_lag_p999_us"] = self.send_lag_us.value_at_quantile(0.999).into();
+        }
+        out
     }
 }
 
@@ -91,7 +101,7 @@ where
             errors += e;
         }
     }
-    LoadReport { requests: latency_us.len(), errors, elapsed: begin.elapsed(), latency_us }
+    LoadReport { requests: latency_us.len(), errors, elapsed: begin.elapsed(), latency_us, send_lag_us: histogram() }
 }
 
 /// Requests at `rate` per second for `duration`; each latency counts from the request's
@@ -112,12 +122,14 @@ where
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
     let shared = Arc::new(Mutex::new((histogram(), 0u64)));
+    let mut send_lag_us = histogram();
     let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     let begin = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..total {
         let intended = begin + interval.mul_f64(i as f64);
         pace_until(intended).await;
+        let _ = send_lag_us.record(intended.elapsed().as_micros().max(1) as u64);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
             continue;
@@ -139,7 +151,7 @@ where
     }
     let elapsed = begin.elapsed();
     let (latency_us, errors) = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    LoadReport { requests: latency_us.len(), errors, elapsed, latency_us }
+    LoadReport { requests: latency_us.len(), errors, elapsed, latency_us, send_lag_us }
 }
 
 /// Waits until `at` to within microseconds. Tokio's timer has millisecond granularity, so

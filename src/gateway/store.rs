@@ -160,14 +160,23 @@ impl CoordinationStore for MemoryStore {
     }
 
     fn get(&self, id: &str) -> Found {
+        // Finished results first: they are what most Gets ask for. `finish` puts an aggregation
+        // into the cache before it takes it out of `active`, so one that finishes between the
+        // first two lookups is found by the third.
+        let cached = || {
+            self.results.get(id).map(|agg| match agg.with_snapshot(|s| (s.is_expired(Instant::now()), s.expire_time)) {
+                (true, at) => Found::Expired(at.unwrap_or_else(SystemTime::now)),
+                (false, _) => Found::Live(agg),
+            })
+        };
+        if let Some(found) = cached() {
+            return found;
+        }
         if let Some(agg) = self.lock().active.get(id) {
             return Found::Live(agg.clone());
         }
-        if let Some(agg) = self.results.get(id) {
-            return match agg.with_snapshot(|s| (s.is_expired(Instant::now()), s.expire_time)) {
-                (true, at) => Found::Expired(at.unwrap_or_else(SystemTime::now)),
-                (false, _) => Found::Live(agg),
-            };
+        if let Some(found) = cached() {
+            return found;
         }
         match self.tombstones.get(id) {
             Some(Tombstone::Expired(at)) => Found::Expired(at),

@@ -16,7 +16,6 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt as _;
 use prost::Message as _;
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -126,17 +125,18 @@ fn respond(parts: [Bytes; 2], limit: usize) -> Result<http::Response<Body>, Stat
     first.put_u8(0);
     first.put_u32(framed_len);
     first.put_slice(&head);
-    let chunks = [first.freeze(), rows].into_iter().filter(|c| !c.is_empty()).collect();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let mut response = http::Response::new(Body::new(Chunks { chunks, trailers: Some(trailers) }));
+    let chunks =
+        Chunks { chunks: [Some(first.freeze()), (!rows.is_empty()).then_some(rows)], trailers: Some(trailers) };
+    let mut response = http::Response::new(Body::new(chunks));
     response.headers_mut().insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
     Ok(response)
 }
 
-/// A body of ready chunks followed by trailers.
+/// A body of up to two ready chunks followed by trailers.
 struct Chunks {
-    chunks: VecDeque<Bytes>,
+    chunks: [Option<Bytes>; 2],
     trailers: Option<http::HeaderMap>,
 }
 
@@ -146,14 +146,14 @@ impl http_body::Body for Chunks {
 
     fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        Poll::Ready(match this.chunks.pop_front() {
+        Poll::Ready(match this.chunks.iter_mut().find_map(Option::take) {
             Some(chunk) => Some(Ok(Frame::data(chunk))),
             None => this.trailers.take().map(|t| Ok(Frame::trailers(t))),
         })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty() && self.trailers.is_none()
+        self.chunks.iter().all(Option::is_none) && self.trailers.is_none()
     }
 }
 
