@@ -49,6 +49,10 @@ fn cache_hit_compares_the_gateway_with_the_baseline() {
     );
     assert_eq!(r["gateway"]["closed"]["errors"], 0);
     assert_eq!(r["baseline"]["closed"]["errors"], 0);
+    for target in ["gateway", "baseline"] {
+        assert!(r[target]["open"]["send_lag_p99_us"].is_number(), "no send lag for the {target} in {r}");
+    }
+    assert!(r["cpu_per_request_ratio_of_rounds"]["median"].is_number(), "no per-round CPU ratios in {r}");
     assert!(r["gateway_rps"].as_f64().is_some_and(|v| v > 0.0) && r["baseline_rps"].as_f64().is_some_and(|v| v > 0.0));
 }
 
