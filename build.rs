@@ -2,8 +2,9 @@
 //! the tonic server and client, and writes the descriptor set that server reflection serves.
 //!
 //! The service and client use our codec (`grpc::codec`), which reserves a message's size
-//! before writing it. `GetAggregationResponse` is then swapped for the hand-written `grpc::wire` type (same wire
-//! format, but able to send pre-encoded rows): prost offers no way to skip one message.
+//! before writing it. `GetAggregationResponse` is then swapped for the hand-written
+//! `grpc::wire` type (same wire format, but able to send pre-encoded rows): prost offers no way
+//! to skip one message.
 
 use prost::Message as _;
 use std::path::PathBuf;

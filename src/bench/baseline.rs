@@ -1,7 +1,7 @@
 //! The baseline: a tonic server exposing the same `GetAggregation` method that returns a
 //! pre-encoded response of the same size — no lookup, no throttling, no cache.
 
-use crate::grpc::service::SERVICE_NAME;
+use crate::grpc::service::{GET, SERVICE_NAME};
 use bytes::{Buf as _, BufMut as _, Bytes};
 use std::convert::Infallible;
 use std::future::Future;
@@ -102,7 +102,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let response = self.response.clone();
         Box::pin(async move {
-            if req.uri().path() != "/deadline.stats.v1.AggregationService/GetAggregation" {
+            if req.uri().path() != GET.path {
                 return Ok(Status::unimplemented("the baseline serves GetAggregation only").into_http());
             }
             Ok(tonic::server::Grpc::new(RawCodec).unary(Unary(response), req).await)

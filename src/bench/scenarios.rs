@@ -7,6 +7,7 @@ use super::loadgen::{LoadReport, closed_loop, open_loop};
 use super::process::{CpuTime, Server, cores, http_get, pin_self};
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
 use crate::grpc::pb::{self, AggregationState, Disposition};
+use crate::grpc::service::GET;
 use prost::Message as _;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -118,8 +119,6 @@ async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
 /// load generator's single core cost as much as the server's work.
 type RawClient = tonic::client::Grpc<Connection>;
 
-const GET_PATH: &str = "/deadline.stats.v1.AggregationService/GetAggregation";
-
 /// One HTTP/2 connection as a tower service, for [`tonic::client::Grpc`].
 #[derive(Clone)]
 struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
@@ -159,7 +158,7 @@ async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
     if client.ready().await.is_err() {
         return false;
     }
-    let path = http::uri::PathAndQuery::from_static(GET_PATH);
+    let path = http::uri::PathAndQuery::from_static(GET.path);
     client.unary(tonic::Request::new(request), path, RawCodec).await.is_ok()
 }
 
