@@ -8,6 +8,8 @@ use deadline_stats_gateway::domain::{
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::paging;
 use deadline_stats_gateway::gateway::rows::RowBlockBuilder;
+use deadline_stats_gateway::gateway::Freshness;
+use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::store::{CoordinationStore, MemoryStore};
 use deadline_stats_gateway::gateway::throttle::{CallerBuckets, Rate};
 use deadline_stats_gateway::gateway::{Aggregation, State};
@@ -55,9 +57,12 @@ fn hot_path(c: &mut Criterion) {
     let req = request();
     c.bench_function("canonical_key", |b| b.iter(|| CanonicalKey::new(black_box(&req))));
 
-    let store = MemoryStore::new(1 << 30);
+    let store = MemoryStore::new(1 << 30, Duration::ZERO);
     let key = CanonicalKey::new(&req);
-    let (agg, _) = store.find_or_insert(&key, &mut || Ok(Arc::new(Aggregation::new(key.clone())))).expect("inserted");
+    let ids = IdMinter::new();
+    let (agg, _) = store
+        .find_or_insert(&key, &Freshness::default(), &mut || Ok(Arc::new(Aggregation::new(ids.mint(), key.clone()))))
+        .expect("inserted");
     let mut block = RowBlockBuilder::new(convert::encode_row);
     rows(100).iter().for_each(|r| block.push(r));
     let all = Arc::new(block.finish());

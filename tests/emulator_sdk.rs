@@ -203,7 +203,7 @@ async fn every_exception_kind_maps_to_its_domain_error_and_start_is_never_retrie
         let err = client.start(&req).await.expect_err("fault fires");
         let ok = match (kind, &err) {
             ("AccessDeniedException", UpstreamError::AccessDenied { .. }) => true,
-            ("InternalServerErrorException", UpstreamError::Transient { .. }) => true,
+            ("InternalServerErrorException", UpstreamError::OutcomeUnknown { .. }) => true,
             ("ResourceNotFoundException", UpstreamError::NotFound { .. }) => true,
             ("ThrottlingException", UpstreamError::Throttled { retry_after, .. }) => {
                 *retry_after == Some(Duration::from_secs(1))
@@ -240,10 +240,28 @@ async fn get_retries_transient_failures_and_dropped_connections() {
     set_faults(&emu, json!({"drop_rate": 1.0, "operations": ["start"], "remaining": 1})).await;
     let next = request(21, 1, 1, vec![GroupBy::QueueId]);
     assert!(
-        matches!(client.start(&next).await, Err(UpstreamError::Transient { .. })),
-        "a dropped Start is surfaced, not retried"
+        matches!(client.start(&next).await, Err(UpstreamError::OutcomeUnknown { .. })),
+        "a dropped Start is surfaced as of unknown outcome, not retried"
     );
     assert_eq!(stats(&emu).await["farms"][&next.farm_id]["start_calls"].as_u64(), Some(1));
+}
+
+#[tokio::test]
+async fn a_start_whose_response_is_lost_may_have_started_and_a_refused_connection_did_not() {
+    let emu = emulator(Duration::from_secs(30), HOUR).await;
+    let client = sdk(&emu.endpoint_url()).await;
+    set_faults(&emu, json!({"lose_response_rate": 1.0, "operations": ["start"], "remaining": 1})).await;
+    let req = request(22, 1, 1, vec![GroupBy::QueueId]);
+    let err = client.start(&req).await.expect_err("the response is lost");
+    assert!(matches!(err, UpstreamError::OutcomeUnknown { .. }), "{err:?}");
+    let again = client.start(&request(22, 1, 2, vec![GroupBy::QueueId])).await.expect_err("the farm is busy");
+    assert!(matches!(again, UpstreamError::Throttled { .. }), "the lost Start did start: {again:?}");
+
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let dead_end = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let refused = sdk(&dead_end).await.start(&req).await.expect_err("nothing listens");
+    assert!(matches!(refused, UpstreamError::Transient { .. }), "never sent: {refused:?}");
 }
 
 #[tokio::test]
@@ -255,7 +273,7 @@ async fn latency_beyond_the_attempt_timeout_is_a_transient_timeout() {
     let client = SdkUpstream::connect(&config).await.expect("client");
     set_faults(&emu, json!({"latency_ms": 2000, "operations": ["start"]})).await;
     match client.start(&request(30, 1, 1, vec![GroupBy::QueueId])).await {
-        Err(UpstreamError::Transient { message, .. }) => {
+        Err(UpstreamError::OutcomeUnknown { message, .. }) => {
             assert!(message.contains("timed out"), "{message}")
         }
         other => panic!("expected a timeout, got {other:?}"),

@@ -79,6 +79,7 @@ fn request(farm_n: u64, queues: u64, days: i64, group_by: pb::GroupBy) -> pb::St
         period: pb::Period::Hourly as i32,
         group_by: vec![group_by as i32],
         statistics: vec![pb::Statistic::Sum as i32, pb::Statistic::Avg as i32],
+        max_staleness: None,
     }
 }
 

@@ -52,6 +52,7 @@ impl FaultArgs {
             force_status: self.force_status,
             operations: self.operations.clone(),
             remaining: None,
+            ..FaultSpec::default()
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct QueryArgs {
     /// Sent as x-caller-id.
     #[arg(long, env = "DSG_CALLER_ID")]
     pub caller_id: Option<String>,
+    /// Accept a cached result only if its data is at most this old (e.g. 5m); else it runs
+    /// afresh. Omitted: any valid result.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_staleness: Option<Duration>,
     /// Give up waiting for the aggregation after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -106,6 +110,7 @@ impl QueryArgs {
             }) as i32,
             group_by: self.group_by.iter().map(|g| group_by(*g) as i32).collect(),
             statistics: self.statistics.iter().map(|s| statistic(*s) as i32).collect(),
+            max_staleness: self.max_staleness.and_then(|d| prost_types::Duration::try_from(d).ok()),
         }
     }
 }

@@ -43,7 +43,8 @@ pub struct ServeArgs {
     /// Log format: json, text, or auto (JSON unless stderr is a terminal).
     #[arg(long, env = "DSG_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: crate::telemetry::LogFormat,
-    /// On SIGTERM/SIGINT: how long in-flight RPCs may take before the process exits anyway.
+    /// On SIGTERM/SIGINT: how long running aggregations and in-flight RPCs (long-polls
+    /// included) may take to finish before the process exits anyway.
     #[arg(long, env = "DSG_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// Largest gRPC message accepted or sent, in bytes.
@@ -97,9 +98,28 @@ pub struct ServeArgs {
     /// How long FAILED / TIMED_OUT aggregations are kept before a new Start retries.
     #[arg(long, env = "DSG_FAILED_RESULT_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub failed_result_ttl: Duration,
-    /// Memory budget of the results cache, in bytes.
+    /// Memory budget of the results cache, in bytes (rows plus ~1 KiB per entry); the least
+    /// recently used results are evicted first.
     #[arg(long, env = "DSG_CACHE_MAX_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub cache_max_bytes: u64,
+    /// A finished result is held at least this long whatever the cache's budget, so its own
+    /// long-polls and first pages are served.
+    #[arg(long, env = "DSG_RESULT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub result_grace: Duration,
+    /// A completed result answers a Start as CACHED only with at least this much validity left
+    /// (time to read its pages); otherwise the Start runs afresh.
+    #[arg(long, env = "DSG_MIN_REMAINING_VALIDITY", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub min_remaining_validity: Duration,
+    /// Queued and running aggregations across all farms; beyond it Start answers GATEWAY_BUSY.
+    #[arg(long, env = "DSG_MAX_ACTIVE_AGGREGATIONS", default_value_t = 10_000)]
+    pub max_active_aggregations: usize,
+    /// Farms with queued or running work at once; beyond it Start answers GATEWAY_BUSY.
+    #[arg(long, env = "DSG_MAX_FARMS", default_value_t = 1_000)]
+    pub max_farms: usize,
+    /// Longest one aggregation may run before it is ended FAILED (DEADLINE_EXCEEDED) and its
+    /// farm moves on (default: --result-validity).
+    #[arg(long, env = "DSG_AGGREGATION_RUN_LIMIT", value_parser = humantime::parse_duration)]
+    pub aggregation_run_limit: Option<Duration>,
     /// First delay between status polls of a running aggregation.
     #[arg(long, env = "DSG_POLL_INITIAL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub poll_initial_interval: Duration,
@@ -147,8 +167,13 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The gateway core's settings, checked.
     pub fn gateway_config(&self) -> Result<GatewayConfig, RunError> {
-        if self.farm_queue_capacity == 0 {
-            return Err(RunError::Config("--farm-queue-capacity must be at least 1".into()));
+        if self.farm_queue_capacity == 0 || self.max_active_aggregations == 0 || self.max_farms == 0 {
+            return Err(RunError::Config(
+                "--farm-queue-capacity, --max-active-aggregations and --max-farms must be at least 1".into(),
+            ));
+        }
+        if self.aggregation_run_limit.is_some_and(|d| d.is_zero()) {
+            return Err(RunError::Config("--aggregation-run-limit must be positive".into()));
         }
         if self.validity_margin >= self.result_validity {
             return Err(RunError::Config("--validity-margin must be shorter than --result-validity".into()));
@@ -178,6 +203,11 @@ impl ServeArgs {
         Ok(GatewayConfig {
             farm_queue_capacity: self.farm_queue_capacity,
             cache_max_bytes: self.cache_max_bytes,
+            result_grace: self.result_grace,
+            min_remaining_validity: self.min_remaining_validity,
+            max_active_aggregations: self.max_active_aggregations,
+            max_farms: self.max_farms,
+            run_limit: self.aggregation_run_limit,
             lifecycle: LifecycleConfig {
                 result_validity: self.result_validity,
                 validity_margin: self.validity_margin,
@@ -268,16 +298,8 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let outcome = tokio::select! {
         ended = &mut server => ended,
         () = signal => {
-            tracing::info!(grace = ?args.shutdown_grace, "shutdown requested; draining in-flight RPCs");
-            gateway.shutdown();
-            stop.send_replace(true);
-            match tokio::time::timeout(args.shutdown_grace, &mut server).await {
-                Ok(ended) => ended,
-                Err(_) => {
-                    tracing::warn!("RPCs still in flight at the end of the shutdown grace; exiting anyway");
-                    Ok(())
-                }
-            }
+            tracing::info!(grace = ?args.shutdown_grace, "shutdown requested; draining running aggregations and in-flight RPCs");
+            drain(&gateway, &mut server, &stop, args.shutdown_grace).await
         }
     };
     stop.send_replace(true);
@@ -290,6 +312,49 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     }
     tracing::info!("gateway stopped");
     Ok(outcome?)
+}
+
+/// The drain on SIGTERM: no new connections or Starts; running aggregations get the whole
+/// grace to finish and be cached, long-polls on them keep waiting; when the grace ends (or
+/// nothing is left to run) the gateway stops and every long-poll answers with the state it
+/// sees.
+async fn drain<F>(gateway: &Gateway, server: &mut std::pin::Pin<&mut F>, stop: &watch::Sender<bool>, grace: Duration) -> Result<(), server::ServeError>
+where
+    F: std::future::Future<Output = Result<(), server::ServeError>>,
+{
+    let deadline = tokio::time::Instant::now() + grace;
+    gateway.begin_drain();
+    stop.send_replace(true);
+    let finished = async {
+        tokio::select! {
+            () = gateway.drained() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    };
+    tokio::pin!(finished);
+    let mut served = None;
+    loop {
+        tokio::select! {
+            () = &mut finished => break,
+            ended = &mut *server, if served.is_none() => served = Some(ended),
+        }
+    }
+    if tokio::time::Instant::now() >= deadline {
+        tracing::warn!("aggregations still running at the end of the shutdown grace; they are abandoned");
+    }
+    gateway.shutdown();
+    if let Some(ended) = served {
+        return ended;
+    }
+    // Long-polls answer at once now; the rest of the grace (at least a moment) for them.
+    let rest = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(2));
+    match tokio::time::timeout(rest, &mut *server).await {
+        Ok(ended) => ended,
+        Err(_) => {
+            tracing::warn!("RPCs still in flight at the end of the shutdown grace; exiting anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Resolves once the flag turns true.

@@ -6,6 +6,7 @@
 //! tonic or the AWS SDK.
 
 pub mod ids;
+pub mod quote;
 pub mod request;
 pub mod rows;
 pub mod timezone;

@@ -2,9 +2,16 @@
 //!
 //! Transports fill a [`RequestDraft`] (adding their own parse failures, such as an unknown enum
 //! value) and render the resulting [`FieldViolation`]s in their own field naming.
+//!
+//! Hostile input costs almost nothing: a list longer than [`MAX_LIST_ITEMS`] is refused before
+//! any of its items is looked at, every check is linear, and a caller's value is only ever
+//! quoted by a short prefix.
 
+use super::quote::quoted;
 use super::{AggregationRequest, GroupBy, Period, Resources, Statistic, Timezone, ids};
 use chrono::{DateTime, Utc};
+use std::collections::HashSet;
+use std::hash::Hash;
 
 /// Most queue or fleet ids one aggregation may name.
 pub const MAX_RESOURCE_IDS: usize = 10;
@@ -12,6 +19,16 @@ pub const MAX_RESOURCE_IDS: usize = 10;
 pub const MAX_GROUP_BY: usize = 2;
 /// Most statistics.
 pub const MAX_STATISTICS: usize = 4;
+/// Most items a list may hold, repeats included: beyond it a list is refused whole, before
+/// any item is checked.
+pub const MAX_LIST_ITEMS: usize = 100;
+
+/// The refusal of a list longer than [`MAX_LIST_ITEMS`], or `None` when it is not.
+pub fn oversized_list(field: Field, len: usize) -> Option<FieldViolation> {
+    (len > MAX_LIST_ITEMS).then(|| {
+        FieldViolation::new(field, format!("has {len} values; at most {MAX_LIST_ITEMS} are accepted"))
+    })
+}
 
 /// A request field, named by each transport in its own convention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +48,8 @@ pub enum Field {
     NextToken,
     /// The gateway's long-poll duration.
     Wait,
+    /// The gateway's freshness bound on cached answers.
+    MaxStaleness,
 }
 
 /// One broken rule: which field (and which element of a list), and why.
@@ -80,7 +99,7 @@ impl RequestDraft {
             if parsed.is_none() {
                 v.push(FieldViolation::new(
                     Field::Timezone,
-                    format!("'{tz}' must look like UTC+08:00 (UTC[-+][01][0-9]:(30|00))"),
+                    format!("'{}' must look like UTC+08:00 (UTC[-+][01][0-9]:(30|00))", quoted(&tz)),
                 ));
             }
             parsed
@@ -108,7 +127,7 @@ pub fn check_farm_id(farm_id: &str, v: &mut Vec<FieldViolation>) {
     if farm_id.is_empty() {
         v.push(FieldViolation::new(Field::FarmId, "is required"));
     } else if !ids::is_farm_id(farm_id) {
-        v.push(FieldViolation::new(Field::FarmId, format!("'{farm_id}' must match farm-[0-9a-f]{{32}}")));
+        v.push(FieldViolation::new(Field::FarmId, format!("'{}' must match farm-[0-9a-f]{{32}}", quoted(farm_id))));
     }
 }
 
@@ -138,10 +157,14 @@ fn check_ids(
     valid: fn(&str) -> bool,
     v: &mut Vec<FieldViolation>,
 ) -> Option<Vec<String>> {
+    if let Some(refusal) = oversized_list(field, list.len()) {
+        v.push(refusal);
+        return None;
+    }
     let before = v.len();
     for (i, id) in list.iter().enumerate() {
         if !valid(id) {
-            v.push(FieldViolation::at(field, i, format!("'{id}' must match {prefix}[0-9a-f]{{32}}")));
+            v.push(FieldViolation::at(field, i, format!("'{}' must match {prefix}[0-9a-f]{{32}}", quoted(id))));
         }
     }
     let unique = dedup_counted(list, field, MAX_RESOURCE_IDS, v);
@@ -166,14 +189,11 @@ fn check_window(
     Some((start, end))
 }
 
-/// Drops repeats (keeping first occurrences in order) and checks `1..=max` distinct values.
-fn dedup_counted<T: PartialEq>(list: Vec<T>, field: Field, max: usize, v: &mut Vec<FieldViolation>) -> Vec<T> {
-    let mut unique: Vec<T> = Vec::with_capacity(list.len());
-    for item in list {
-        if !unique.contains(&item) {
-            unique.push(item);
-        }
-    }
+/// Drops repeats (keeping first occurrences in order) and checks `1..=max` distinct values;
+/// linear in the list's length.
+fn dedup_counted<T: Eq + Hash + Clone>(list: Vec<T>, field: Field, max: usize, v: &mut Vec<FieldViolation>) -> Vec<T> {
+    let mut seen: HashSet<T> = HashSet::with_capacity(list.len());
+    let unique: Vec<T> = list.into_iter().filter(|item| seen.insert(item.clone())).collect();
     if unique.is_empty() {
         v.push(FieldViolation::new(field, format!("needs 1 to {max} values")));
     } else if unique.len() > max {
@@ -253,6 +273,31 @@ mod tests {
         let mut d = good();
         d.queue_ids = Some((0..11).map(|i| ids::format_id("queue-", 0, i % 10)).collect());
         assert_eq!(d.validate().expect("ten distinct").resources.ids().len(), 10);
+    }
+
+    #[test]
+    fn huge_lists_are_refused_before_their_items_are_looked_at() {
+        let mut d = good();
+        d.queue_ids = Some((0..100_000).map(|i| format!("queue-{i}")).collect());
+        let begin = std::time::Instant::now();
+        let err = d.validate().expect_err("too many");
+        assert_eq!(fields(err.clone()), vec![(Field::QueueIds, None)], "one violation, not 100,000");
+        assert!(err[0].description.contains("100000 values"), "{}", err[0].description);
+        assert!(begin.elapsed() < std::time::Duration::from_secs(1));
+
+        let mut d = good();
+        d.queue_ids = Some(vec![ids::format_id("queue-", 1, 2); MAX_LIST_ITEMS]);
+        assert_eq!(d.validate().expect("repeats within the limit are fine").resources.ids().len(), 1);
+    }
+
+    #[test]
+    fn caller_values_are_quoted_by_a_short_prefix() {
+        let mut d = good();
+        d.farm_id = "f".repeat(3000);
+        d.timezone = Some("z".repeat(3000));
+        for violation in d.validate().expect_err("invalid") {
+            assert!(violation.description.len() < 200, "{}", violation.description);
+        }
     }
 
     #[test]

@@ -92,8 +92,8 @@ impl ApiError {
         }
     }
 
-    /// What a fault of `kind` answers.
-    pub fn injected(kind: ErrorKind) -> Self {
+    /// What a fault of `kind` answers (a throttle asks to retry after `retry_after_secs`).
+    pub fn injected(kind: ErrorKind, retry_after_secs: u64) -> Self {
         let message = format!("{} injected by the emulator's faults", kind.as_str());
         match kind {
             ErrorKind::AccessDeniedException => Self::AccessDenied { message },
@@ -101,7 +101,7 @@ impl ApiError {
             ErrorKind::ResourceNotFoundException => {
                 Self::NotFound { message, resource_id: "injected".into(), resource_type: "farm" }
             }
-            ErrorKind::ThrottlingException => Self::Throttling { message, retry_after_secs: 1 },
+            ErrorKind::ThrottlingException => Self::Throttling { message, retry_after_secs },
             ErrorKind::ValidationException => {
                 Self::Validation { reason: ValidationReason::Other, message, fields: vec![] }
             }

@@ -42,6 +42,11 @@ pub struct FaultSpec {
     pub error_rates: BTreeMap<ErrorKind, f64>,
     /// Probability (0..=1) that the connection is closed without a response.
     pub drop_rate: f64,
+    /// Probability (0..=1) that the request is carried out and then its connection is closed
+    /// without the response: the caller cannot know whether it happened.
+    pub lose_response_rate: f64,
+    /// The `Retry-After` seconds of injected ThrottlingExceptions (default 1).
+    pub retry_after_secs: Option<u64>,
     /// Delay added before every affected request is handled.
     pub latency_ms: u64,
     /// New aggregations end with this status instead of COMPLETED.
@@ -55,7 +60,11 @@ pub struct FaultSpec {
 impl FaultSpec {
     /// Checks that every rate is a probability.
     pub fn validate(&self) -> Result<(), String> {
-        let rates = self.error_rates.iter().map(|(k, r)| (k.as_str(), *r)).chain([("drop_rate", self.drop_rate)]);
+        let rates = self
+            .error_rates
+            .iter()
+            .map(|(k, r)| (k.as_str(), *r))
+            .chain([("drop_rate", self.drop_rate), ("lose_response_rate", self.lose_response_rate)]);
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("{name}: rate {rate} must be between 0 and 1"));
@@ -73,8 +82,11 @@ impl FaultSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Proceed,
-    Fail(ErrorKind),
+    /// Answer with this exception; the `Retry-After` seconds of a throttle.
+    Fail(ErrorKind, u64),
     Drop,
+    /// Carry the request out, then close the connection without the response.
+    LoseResponse,
 }
 
 /// The live fault settings, shared by every connection.
@@ -114,13 +126,16 @@ impl Faults {
             return Action::Proceed;
         }
         let mut rng = rand::rng();
+        let retry_after = spec.retry_after_secs.unwrap_or(1);
         let action = if rng.random_bool(spec.drop_rate) {
             Action::Drop
+        } else if rng.random_bool(spec.lose_response_rate) {
+            Action::LoseResponse
         } else {
             spec.error_rates
                 .iter()
                 .find(|(_, rate)| rng.random_bool(**rate))
-                .map_or(Action::Proceed, |(kind, _)| Action::Fail(*kind))
+                .map_or(Action::Proceed, |(kind, _)| Action::Fail(*kind, retry_after))
         };
         if action != Action::Proceed {
             spec.remaining = spec.remaining.map(|n| n.saturating_sub(1));
@@ -146,8 +161,8 @@ mod tests {
             ..FaultSpec::default()
         });
         assert_eq!(faults.decide(Operation::Get), Action::Proceed);
-        assert_eq!(faults.decide(Operation::Start), Action::Fail(ErrorKind::ThrottlingException));
-        assert_eq!(faults.decide(Operation::Start), Action::Fail(ErrorKind::ThrottlingException));
+        assert_eq!(faults.decide(Operation::Start), Action::Fail(ErrorKind::ThrottlingException, 1));
+        assert_eq!(faults.decide(Operation::Start), Action::Fail(ErrorKind::ThrottlingException, 1));
         assert_eq!(faults.decide(Operation::Start), Action::Proceed);
     }
 

@@ -48,6 +48,7 @@ pub async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: imp
         let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let (router, emulator) = (router.clone(), emulator.clone());
             async move {
+                let mut lose_response = false;
                 if let Some((op, farm)) = operation_of(req.method(), req.uri().path()) {
                     let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
                     emulator.record_call(farm, op, host);
@@ -57,11 +58,15 @@ pub async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: imp
                     }
                     match emulator.faults.decide(op) {
                         Action::Drop => return Err(Dropped),
-                        Action::Fail(kind) => return Ok(ApiError::injected(kind).into_response()),
+                        Action::Fail(kind, retry_after) => {
+                            return Ok(ApiError::injected(kind, retry_after).into_response());
+                        }
+                        Action::LoseResponse => lose_response = true,
                         Action::Proceed => {}
                     }
                 }
-                Ok(router.oneshot(req).await.unwrap_or_else(|never| match never {}))
+                let response = router.oneshot(req).await.unwrap_or_else(|never| match never {});
+                if lose_response { Err(Dropped) } else { Ok(response) }
             }
         });
         let conn = auto::Builder::new(TokioExecutor::new())

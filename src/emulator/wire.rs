@@ -46,6 +46,7 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
         Field::MaxResults => "maxResults",
         Field::NextToken => "nextToken",
         Field::Wait => "wait",
+        Field::MaxStaleness => "maxStaleness",
     };
     match index {
         Some(i) => format!("{name}[{i}]"),

@@ -10,8 +10,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
-/// The gateway's aggregation id: `agg-` and 32 random hex digits (128 bits), unguessable.
+/// The gateway's id: `agg-` and 32 hex digits (see [`super::ids`]), unguessable.
 pub type AggregationId = Arc<str>;
+
+/// What a cache entry costs beyond its rows: the aggregation, its snapshot, the key's index
+/// entry and the cache's own bookkeeping. Counted so that results without rows (FAILED, or
+/// zero rows) still weigh what they hold, and the byte budget bounds the number of entries.
+pub const ENTRY_OVERHEAD_BYTES: usize = 1024;
 
 /// Where an aggregation is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,6 +72,9 @@ pub struct Snapshot {
     /// When the results stop being served: wall-clock for callers, monotonic for the cache.
     pub expire_time: Option<SystemTime>,
     pub expire_at: Option<Instant>,
+    /// When the data was current: the upstream Start of a COMPLETED result, the end of a
+    /// failed one. How stale a cached answer is counts from here.
+    pub data_at: Option<Instant>,
     /// The transport's encoding of the aggregation as of this snapshot.
     pub encoded_view: EncodedView,
 }
@@ -102,6 +110,7 @@ impl Snapshot {
             rows: None,
             expire_time: None,
             expire_at: None,
+            data_at: None,
             encoded_view: EncodedView::default(),
         }
     }
@@ -132,11 +141,8 @@ pub struct Aggregation {
 }
 
 impl Aggregation {
-    /// A new QUEUED aggregation with a fresh random id.
-    pub fn new(key: CanonicalKey) -> Self {
-        let bytes: [u8; 16] = rand::random();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let id: AggregationId = format!("agg-{hex}").into();
+    /// A new QUEUED aggregation named `id` (minted by [`super::ids::IdMinter`]).
+    pub fn new(id: AggregationId, key: CanonicalKey) -> Self {
         let span = tracing::info_span!(
             parent: None,
             "aggregation",
@@ -222,9 +228,15 @@ impl Aggregation {
         self.snapshot()
     }
 
-    /// Bytes held by the results, for the cache's memory budget.
+    /// Bytes held by the entry, for the cache's memory budget: its rows, its messages, its
+    /// key and a fixed overhead.
     pub fn weight(&self) -> usize {
-        self.with_snapshot(|s| s.rows.as_ref().map_or(0, |rows| rows.heap_bytes()))
+        let held = self.with_snapshot(|s| {
+            s.rows.as_ref().map_or(0, |rows| rows.heap_bytes())
+                + s.status_message.len()
+                + s.error.as_ref().map_or(0, |e| e.message.len())
+        });
+        held + self.key.heap_bytes() + ENTRY_OVERHEAD_BYTES
     }
 }
 
@@ -234,7 +246,7 @@ mod tests {
 
     #[test]
     fn an_encoded_view_lasts_as_long_as_its_snapshot() {
-        let agg = Aggregation::new(super::super::key::test_key(1, 1));
+        let agg = Aggregation::new("agg-1".into(), super::super::key::test_key(1, 1));
         let first = agg.snapshot();
         assert_eq!(first.encoded_view.get_or_init(|| Bytes::from_static(b"queued")), &b"queued"[..]);
         assert_eq!(agg.snapshot().encoded_view.get_or_init(|| Bytes::from_static(b"again")), &b"queued"[..]);

@@ -1,8 +1,12 @@
 //! What the gateway refuses, in its own terms. The gRPC layer maps each variant to a status
 //! code with details in one place (`grpc::status`).
 
+use crate::domain::quote::quoted;
 use crate::domain::validate::FieldViolation;
 use std::time::{Duration, SystemTime};
+
+/// The most field violations a refusal lists; the rest are counted ("and N more").
+pub const MAX_VIOLATIONS: usize = 20;
 
 /// Why the gateway refused a call. Upstream failures of an accepted aggregation are not here:
 /// they show in the aggregation's state and error.
@@ -10,14 +14,22 @@ use std::time::{Duration, SystemTime};
 pub enum GatewayError {
     #[error("invalid request: {}", describe(.0))]
     Invalid(Vec<FieldViolation>),
-    #[error("aggregation {id} does not exist")]
+    #[error("aggregation {} does not exist", quoted(.id))]
     NotFound { id: String },
-    #[error("the results of aggregation {id} expired")]
+    #[error(
+        "aggregation {} was held by a gateway process that has since restarted, and its state was lost with it; \
+         start the aggregation again",
+        quoted(.id)
+    )]
+    Lost { id: String },
+    #[error("the results of aggregation {} expired", quoted(.id))]
     Expired { id: String, at: SystemTime },
-    #[error("the results of aggregation {id} were evicted to stay within the cache's memory budget; start it again")]
+    #[error("the results of aggregation {} were evicted to stay within the cache's memory budget; start it again", quoted(.id))]
     Evicted { id: String },
     #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
     QueueFull { farm_id: String, capacity: usize },
+    #[error("the gateway holds as much work as it is allowed ({bound} = {limit}); retry later")]
+    Busy { bound: &'static str, limit: usize },
     #[error("too many {operation} calls from this caller; retry in {retry_after:?}")]
     RateLimited { operation: &'static str, retry_after: Duration },
     #[error("the gateway is shutting down")]
@@ -25,5 +37,9 @@ pub enum GatewayError {
 }
 
 fn describe(v: &[FieldViolation]) -> String {
-    v.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ")
+    let mut text = v.iter().take(MAX_VIOLATIONS).map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
+    if v.len() > MAX_VIOLATIONS {
+        text.push_str(&format!("; and {} more", v.len() - MAX_VIOLATIONS));
+    }
+    text
 }

@@ -1,12 +1,17 @@
 //! The canonical form of a request: what makes two requests "the same aggregation".
 //!
 //! Order and repeats in the id lists, `group_by` and `statistics` do not matter; times count to
-//! the millisecond (what the upstream sees). An omitted period or timezone stays omitted: the
-//! upstream's defaults are its own business, so an explicit default is a different key.
+//! the millisecond (what the upstream sees). The upstream documents no defaults for the period
+//! and the timezone, so the gateway defines them ([`DEFAULT_PERIOD`], UTC) and fills them in:
+//! an omitted field and its default given explicitly are the same key and the same upstream
+//! request.
 
-use crate::domain::{AggregationRequest, Resources};
+use crate::domain::{AggregationRequest, Period, Resources, Timezone};
 use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
+
+/// The period of a request that names none.
+pub const DEFAULT_PERIOD: Period = Period::Daily;
 
 /// The coalescing key: the canonical request itself, cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -24,8 +29,8 @@ impl CanonicalKey {
             resources,
             start_time: millis(request.start_time),
             end_time: millis(request.end_time),
-            timezone: request.timezone,
-            period: request.period,
+            timezone: Some(request.timezone.unwrap_or(Timezone::UTC)),
+            period: Some(request.period.unwrap_or(DEFAULT_PERIOD)),
             group_by: sorted(&request.group_by),
             statistics: sorted(&request.statistics),
         }))
@@ -38,6 +43,16 @@ impl CanonicalKey {
 
     pub fn farm_id(&self) -> &str {
         &self.0.farm_id
+    }
+
+    /// Heap bytes the request holds, for the cache's memory budget.
+    pub fn heap_bytes(&self) -> usize {
+        let r = &self.0;
+        std::mem::size_of::<AggregationRequest>()
+            + r.farm_id.len()
+            + r.resources.ids().iter().map(|id| id.len() + std::mem::size_of::<String>()).sum::<usize>()
+            + r.group_by.len()
+            + r.statistics.len()
     }
 }
 
@@ -105,11 +120,22 @@ mod tests {
     }
 
     #[test]
+    fn an_omitted_period_or_timezone_is_its_default_given_explicitly() {
+        let omitted = CanonicalKey::new(&request());
+        let mut explicit = request();
+        explicit.period = Some(Period::Daily);
+        explicit.timezone = Timezone::parse("UTC+00:00");
+        assert_eq!(omitted, CanonicalKey::new(&explicit));
+        assert_eq!(omitted.request().period, Some(Period::Daily), "sent upstream explicitly");
+        assert_eq!(omitted.request().timezone, Some(Timezone::UTC), "sent upstream explicitly");
+        let mut hourly = request();
+        hourly.period = Some(Period::Hourly);
+        assert_ne!(omitted, CanonicalKey::new(&hourly));
+    }
+
+    #[test]
     fn anything_else_makes_a_different_key() {
         let base = CanonicalKey::new(&request());
-        let mut other = request();
-        other.period = Some(Period::Daily);
-        assert_ne!(base, CanonicalKey::new(&other), "an explicit default is not the omitted one");
         let mut other = request();
         other.resources = Resources::Fleets(vec![format_id("fleet-", 0, 1)]);
         assert_ne!(base, CanonicalKey::new(&other));

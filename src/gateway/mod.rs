@@ -3,6 +3,7 @@
 //!
 //! - [`key`]: what makes two requests the same aggregation.
 //! - [`aggregation`]: one aggregation and its watched lifecycle snapshot.
+//! - [`ids`]: minting aggregation ids that say which process made them.
 //! - [`store`]: the coordination state (who answers a key, what an id names, cached results).
 //! - [`scheduler`]: per-farm FIFO queues, one upstream aggregation at a time per farm.
 //! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
@@ -15,6 +16,7 @@
 pub mod aggregation;
 pub mod backoff;
 pub mod error;
+pub mod ids;
 pub mod key;
 pub mod lifecycle;
 pub mod paging;
@@ -25,7 +27,7 @@ pub mod throttle;
 
 pub use aggregation::{Aggregation, AggregationId, Failure, FailureCode, Rows, Snapshot, State};
 pub use error::GatewayError;
-pub use store::Disposition;
+pub use store::{Disposition, Freshness};
 
 use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;
@@ -33,8 +35,9 @@ use crate::telemetry::metrics::{DispositionLabels, FarmLevel, Levels, MethodLabe
 use crate::upstream::Upstream;
 use backoff::BackoffPolicy;
 use key::CanonicalKey;
+use ids::{IdMinter, Origin};
 use lifecycle::{LifecycleConfig, UpstreamRunner};
-use scheduler::{FarmLoad, FarmScheduler};
+use scheduler::{FarmLoad, FarmScheduler, Limits};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -50,6 +53,18 @@ pub struct GatewayConfig {
     pub farm_queue_capacity: usize,
     /// Memory budget of the results cache, in bytes.
     pub cache_max_bytes: u64,
+    /// How long a finished result is held whatever the cache's budget: its own long-polls and
+    /// first pages are served before it can be evicted.
+    pub result_grace: Duration,
+    /// A COMPLETED result answers a Start as CACHED only with at least this much validity left.
+    pub min_remaining_validity: Duration,
+    /// Queued and running aggregations across all farms.
+    pub max_active_aggregations: usize,
+    /// Farms with queued or running work at once.
+    pub max_farms: usize,
+    /// Longest one aggregation may run before the farm's supervisor ends it; `None`: the
+    /// result validity.
+    pub run_limit: Option<Duration>,
     pub lifecycle: LifecycleConfig,
     pub caller_start: Rate,
     pub caller_get: Rate,
@@ -66,6 +81,11 @@ impl Default for GatewayConfig {
         Self {
             farm_queue_capacity: 100,
             cache_max_bytes: 512 * 1024 * 1024,
+            result_grace: Duration::from_secs(30),
+            min_remaining_validity: Duration::from_secs(120),
+            max_active_aggregations: 10_000,
+            max_farms: 1_000,
+            run_limit: None,
             lifecycle: LifecycleConfig {
                 result_validity: Duration::from_secs(3600),
                 validity_margin: Duration::from_secs(30),
@@ -81,7 +101,6 @@ impl Default for GatewayConfig {
                     multiplier: 2.0,
                 },
                 start_deadline: Duration::from_secs(600),
-                page_retries: 3,
             },
             caller_start: Rate { per_second: 10.0, burst: 20 },
             caller_get: Rate { per_second: 100.0, burst: 200 },
@@ -116,6 +135,10 @@ pub struct GatewayStats {
 pub struct Gateway {
     store: Arc<dyn CoordinationStore>,
     scheduler: FarmScheduler,
+    ids: IdMinter,
+    min_remaining_validity: Duration,
+    /// Set once a drain began: Starts are refused, running work goes on.
+    draining: CancellationToken,
     start_buckets: Arc<Option<CallerBuckets>>,
     get_buckets: Arc<Option<CallerBuckets>>,
     max_wait: Duration,
@@ -133,8 +156,15 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let store: Arc<dyn CoordinationStore> = Arc::new(MemoryStore::new(config.cache_max_bytes));
+        let store: Arc<dyn CoordinationStore> =
+            Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace));
         let cancel = CancellationToken::new();
+        let limits = Limits {
+            queue_capacity: config.farm_queue_capacity,
+            max_live: config.max_active_aggregations,
+            max_farms: config.max_farms,
+            run_limit: config.run_limit.unwrap_or(config.lifecycle.result_validity),
+        };
         let runner = Arc::new(UpstreamRunner {
             upstream,
             store: store.clone(),
@@ -144,10 +174,13 @@ impl Gateway {
             metrics: metrics.clone(),
             encoder,
         });
-        let scheduler = FarmScheduler::new(config.farm_queue_capacity, runner, cancel.clone());
+        let scheduler = FarmScheduler::new(limits, runner, cancel.clone());
         let gateway = Self {
             store,
             scheduler,
+            ids: IdMinter::new(),
+            min_remaining_validity: config.min_remaining_validity,
+            draining: CancellationToken::new(),
             start_buckets: Arc::new(CallerBuckets::new(config.caller_start)),
             get_buckets: Arc::new(CallerBuckets::new(config.caller_get)),
             max_wait: config.max_wait,
@@ -194,22 +227,32 @@ impl Gateway {
         }
     }
 
-    /// Starts, joins or reuses the aggregation for `request`.
+    /// Starts, joins or reuses the aggregation for `request`; a cached result older than
+    /// `max_staleness` is not reused.
     pub fn start(
         &self,
         caller: &str,
         request: &AggregationRequest,
+        max_staleness: Option<Duration>,
     ) -> Result<(Arc<Aggregation>, Disposition), GatewayError> {
-        if self.cancel.is_cancelled() {
+        if self.draining.is_cancelled() || self.cancel.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
         self.take_token(&self.start_buckets, caller, "StartAggregation")?;
         let key = CanonicalKey::new(request);
-        let (aggregation, disposition) = self.store.find_or_insert(&key, &mut || {
-            let aggregation = Arc::new(Aggregation::new(key.clone()));
-            self.scheduler.enqueue(aggregation.clone())?;
-            Ok(aggregation)
-        })?;
+        let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
+        let (aggregation, disposition) = self
+            .store
+            .find_or_insert(&key, &freshness, &mut || {
+                let aggregation = Arc::new(Aggregation::new(self.ids.mint(), key.clone()));
+                self.scheduler.enqueue(aggregation.clone())?;
+                Ok(aggregation)
+            })
+            .inspect_err(|e| {
+                if let GatewayError::Busy { bound, .. } = e {
+                    self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: bound }).inc();
+                }
+            })?;
         let label = match disposition {
             Disposition::Started => {
                 self.metrics.cache_misses.inc();
@@ -247,7 +290,12 @@ impl Gateway {
                 return Err(GatewayError::Expired { id: id.to_owned(), at });
             }
             Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
-            Found::Unknown => return Err(GatewayError::NotFound { id: id.to_owned() }),
+            Found::Unknown => {
+                return Err(match self.ids.origin(id) {
+                    Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
+                    Origin::Ours | Origin::Malformed => GatewayError::NotFound { id: id.to_owned() },
+                });
+            }
         };
         let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, &aggregation.id)? };
         let snapshot = if wait.is_zero() {
@@ -276,8 +324,23 @@ impl Gateway {
         Ok(Page { aggregation, snapshot, rows, next_page_token })
     }
 
-    /// Stops queue workers and housekeeping, and makes long-polls return at once.
+    /// Begins a drain: Starts are refused from now on, while queued and running aggregations
+    /// go on and long-polls keep waiting for them.
+    pub fn begin_drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Resolves once no aggregation is queued or running.
+    pub async fn drained(&self) {
+        while self.scheduler.live() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops queue workers and housekeeping, and makes long-polls return at once with the
+    /// state they see.
     pub fn shutdown(&self) {
+        self.draining.cancel();
         self.cancel.cancel();
     }
 

@@ -59,20 +59,26 @@ impl CallerBuckets {
     }
 }
 
-/// A bucket the gateway's own upstream calls wait on.
+/// A bucket the gateway's own upstream calls wait on, served in arrival order.
+///
+/// Each farm's worker has at most one call waiting at a time, so first-come-first-served is
+/// round-robin across farms: a farm with a long backlog gets one turn per round like any other.
 pub struct Pacer {
     limiter: Option<DefaultDirectRateLimiter>,
+    /// The line: tokio's mutex hands itself to waiters in the order they asked.
+    line: tokio::sync::Mutex<()>,
 }
 
 impl Pacer {
     /// A zero rate does not pace.
     pub fn new(rate: Rate) -> Self {
-        Self { limiter: rate.quota().map(DefaultDirectRateLimiter::direct) }
+        Self { limiter: rate.quota().map(DefaultDirectRateLimiter::direct), line: tokio::sync::Mutex::new(()) }
     }
 
-    /// Waits for a token.
+    /// Waits for a token, behind every caller that asked before.
     pub async fn ready(&self) {
         if let Some(limiter) = &self.limiter {
+            let _turn = self.line.lock().await;
             limiter.until_ready().await;
         }
     }
@@ -113,6 +119,27 @@ mod tests {
             pacer.ready().await;
         }
         assert!(begin.elapsed() >= Duration::from_millis(190), "five calls at 20/s need four gaps of 50 ms");
+    }
+
+    #[tokio::test]
+    async fn the_upstream_pacer_serves_waiters_in_arrival_order() {
+        let pacer = std::sync::Arc::new(Pacer::new(Rate { per_second: 50.0, burst: 1 }));
+        pacer.ready().await;
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for farm in 0..8 {
+            let (pacer, order) = (pacer.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                pacer.ready().await;
+                order.lock().expect("lock").push(farm);
+            }));
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for w in waiters {
+            w.await.expect("waiter");
+        }
+        assert_eq!(*order.lock().expect("lock"), (0..8).collect::<Vec<_>>(), "first come, first served");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! proto path), aggregations and rows into proto messages.
 
 use super::pb;
-use crate::domain::validate::{Field, FieldViolation, RequestDraft};
+use crate::domain::validate::{Field, FieldViolation, RequestDraft, oversized_list};
 use crate::domain::{AggregationRequest, GroupBy, Period, Statistic, StatisticsRow, Stats, UsageType};
 use crate::gateway::{Aggregation, Disposition, Failure, FailureCode, GatewayError, Snapshot, State};
 use chrono::{DateTime, Utc};
@@ -25,6 +25,7 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
         Field::MaxResults => "page_size",
         Field::NextToken => "page_token",
         Field::Wait => "wait",
+        Field::MaxStaleness => "max_staleness",
     };
     match index {
         Some(i) => format!("{name}[{i}]"),
@@ -32,8 +33,34 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
     }
 }
 
+/// A StartAggregation request, decoded and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartRequest {
+    pub request: AggregationRequest,
+    /// The oldest cached answer the caller accepts.
+    pub max_staleness: Option<std::time::Duration>,
+}
+
 /// Decodes and validates a StartAggregation request.
-pub fn start_request(req: pb::StartAggregationRequest) -> Result<AggregationRequest, GatewayError> {
+pub fn start_request(mut req: pb::StartAggregationRequest) -> Result<StartRequest, GatewayError> {
+    let max_staleness = req.max_staleness.take().map(std::time::Duration::try_from);
+    let mut staleness_violation = None;
+    let max_staleness = match max_staleness {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(_)) => {
+            staleness_violation = Some(FieldViolation::new(Field::MaxStaleness, "must be a non-negative duration"));
+            None
+        }
+    };
+    let request = aggregation_request(req, staleness_violation)?;
+    Ok(StartRequest { request, max_staleness })
+}
+
+fn aggregation_request(
+    req: pb::StartAggregationRequest,
+    violation: Option<FieldViolation>,
+) -> Result<AggregationRequest, GatewayError> {
     let mut draft = RequestDraft {
         farm_id: req.farm_id,
         timezone: Some(req.timezone).filter(|tz| !tz.is_empty()),
@@ -44,6 +71,7 @@ pub fn start_request(req: pb::StartAggregationRequest) -> Result<AggregationRequ
         Some(pb::start_aggregation_request::Resources::FleetIds(r)) => draft.fleet_ids = Some(r.ids),
         None => {}
     }
+    draft.violations.extend(violation);
     draft.start_time = req.start_time.and_then(|t| time(&t, Field::StartTime, &mut draft.violations));
     draft.end_time = req.end_time.and_then(|t| time(&t, Field::EndTime, &mut draft.violations));
     draft.period = match pb::Period::try_from(req.period) {
@@ -54,6 +82,15 @@ pub fn start_request(req: pb::StartAggregationRequest) -> Result<AggregationRequ
             None
         }
     };
+    // Lists too long to be sensible are refused before their items are decoded.
+    let oversized = [
+        oversized_list(Field::GroupBy, req.group_by.len()),
+        oversized_list(Field::Statistics, req.statistics.len()),
+    ];
+    if oversized.iter().any(Option::is_some) {
+        draft.violations.extend(oversized.into_iter().flatten());
+        return Err(GatewayError::Invalid(draft.violations));
+    }
     for (i, g) in req.group_by.iter().enumerate() {
         match pb::GroupBy::try_from(*g).ok().and_then(group_by) {
             Some(g) => draft.group_by.push(g),
@@ -223,6 +260,7 @@ mod tests {
             period: pb::Period::Hourly as i32,
             group_by: vec![pb::GroupBy::QueueId as i32],
             statistics: vec![pb::Statistic::Sum as i32],
+            max_staleness: None,
         }
     }
 
@@ -235,7 +273,7 @@ mod tests {
 
     #[test]
     fn a_good_request_converts() {
-        let r = start_request(good()).expect("valid");
+        let r = start_request(good()).expect("valid").request;
         assert_eq!((r.period, r.timezone), (Some(Period::Hourly), None));
     }
 
@@ -264,6 +302,24 @@ mod tests {
                 "statistics"
             ]
         );
+    }
+
+    #[test]
+    fn max_staleness_is_read_and_checked() {
+        let mut req = good();
+        req.max_staleness = Some(prost_types::Duration { seconds: 300, nanos: 0 });
+        assert_eq!(start_request(req).expect("valid").max_staleness, Some(std::time::Duration::from_secs(300)));
+        let mut req = good();
+        req.max_staleness = Some(prost_types::Duration { seconds: -1, nanos: 0 });
+        assert_eq!(violations(req), vec!["max_staleness"]);
+    }
+
+    #[test]
+    fn oversized_enum_lists_are_refused_whole() {
+        let mut req = good();
+        req.group_by = vec![99; 1_000_000];
+        req.statistics = vec![pb::Statistic::Sum as i32; 1_000_000];
+        assert_eq!(violations(req), vec!["group_by", "statistics"]);
     }
 
     #[test]

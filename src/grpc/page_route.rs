@@ -6,12 +6,15 @@
 //! [`AggregationApi::get_page`] the generated service would, and sends the response as two
 //! DATA chunks: the frame header with the small fields, then the cached rows themselves (a
 //! shared [`Bytes`] slice).
-//! Every other method goes to tonic's generated service; the server's layers (timeouts,
-//! limits) apply to both alike.
+//! StartAggregation is read the same way (its response encoded by prost), so both methods
+//! answer malformed input alike: a message that does not decode (bad protobuf, invalid UTF-8
+//! in a string field) or is not framed right is INVALID_ARGUMENT, one larger than the limit
+//! RESOURCE_EXHAUSTED. Every other method goes to tonic's generated service; the server's
+//! layers (timeouts, limits) apply to all alike.
 
-use super::pb::GetAggregationRequest;
-use super::pb::aggregation_service_server::{AggregationServiceServer, SERVICE_NAME};
-use super::service::{AggregationApi, GET};
+use super::pb::aggregation_service_server::{AggregationService as _, AggregationServiceServer, SERVICE_NAME};
+use super::pb::{GetAggregationRequest, StartAggregationRequest};
+use super::service::{AggregationApi, GET, START};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt as _;
@@ -62,17 +65,35 @@ impl tower::Service<http::Request<Body>> for AggregationRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != GET.path {
+        let path = request.uri().path();
+        let get = path == GET.path;
+        if !get && path != START.path {
             return self.generated.call(request);
         }
         let (api, limit) = (self.api.clone(), self.max_message_bytes);
         Box::pin(async move {
-            Ok(match get_aggregation(&api, request, limit).await {
-                Ok(response) => response,
-                Err(status) => status.into_http(),
-            })
+            let answered =
+                if get { get_aggregation(&api, request, limit).await } else { start_aggregation(&api, request, limit).await };
+            Ok(answered.unwrap_or_else(Status::into_http))
         })
     }
+}
+
+async fn start_aggregation(
+    api: &AggregationApi,
+    request: http::Request<Body>,
+    limit: usize,
+) -> Result<http::Response<Body>, Status> {
+    let (parts, body) = request.into_parts();
+    let message = read_message(body, limit).await?;
+    let message = StartAggregationRequest::decode(message).map_err(|e| undecodable("StartAggregationRequest", &e))?;
+    let response = api.start_aggregation(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
+    respond([Bytes::from(response.into_inner().encode_to_vec()), Bytes::new()], limit)
+}
+
+/// The refusal of a request body that is not the message it should be.
+fn undecodable(message: &str, e: &prost::DecodeError) -> Status {
+    Status::invalid_argument(format!("the request is not a valid {message}: {e}"))
 }
 
 async fn get_aggregation(
@@ -82,8 +103,7 @@ async fn get_aggregation(
 ) -> Result<http::Response<Body>, Status> {
     let (parts, body) = request.into_parts();
     let message = read_message(body, limit).await?;
-    let message = GetAggregationRequest::decode(message)
-        .map_err(|e| Status::internal(format!("cannot decode the GetAggregationRequest: {e}")))?;
+    let message = GetAggregationRequest::decode(message).map_err(|e| undecodable("GetAggregationRequest", &e))?;
     let response = api.get_page(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
     respond(response.into_parts(), limit)
 }
@@ -102,14 +122,14 @@ async fn read_message(body: Body, limit: usize) -> Result<Bytes, Status> {
         })?
         .to_bytes();
     let Some(header) = body.get(..FRAME_HEADER) else {
-        return Err(Status::internal("the request holds no gRPC message"));
+        return Err(Status::invalid_argument("the request holds no gRPC message"));
     };
     if header[0] != 0 {
         return Err(Status::unimplemented("compressed requests are not supported; send them uncompressed"));
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
     if body.len() - FRAME_HEADER != len {
-        return Err(Status::internal("a unary request must hold exactly one whole gRPC message"));
+        return Err(Status::invalid_argument("a unary request must hold exactly one whole gRPC message"));
     }
     Ok(body.slice(FRAME_HEADER..))
 }
@@ -193,9 +213,9 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         let body = |b: &'static [u8]| Body::new(http_body_util::Full::new(Bytes::from_static(b)));
         let cases: [(&'static [u8], tonic::Code); 4] = [
-            (b"\0\0\0", tonic::Code::Internal),
+            (b"\0\0\0", tonic::Code::InvalidArgument),
             (b"\x01\0\0\0\x01x", tonic::Code::Unimplemented),
-            (b"\0\0\0\0\x05xy", tonic::Code::Internal),
+            (b"\0\0\0\0\x05xy", tonic::Code::InvalidArgument),
             (
                 b"\0\0\0\0\x40xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
                 tonic::Code::ResourceExhausted,

@@ -137,7 +137,7 @@ impl AggregationService for AggregationApi {
         let (metadata, _, message) = request.into_parts();
         self.observe(START, &metadata, &caller, async {
             let req = convert::start_request(message)?;
-            let (agg, disposition) = self.gateway.start(&caller, &req)?;
+            let (agg, disposition) = self.gateway.start(&caller, &req.request, req.max_staleness)?;
             let aggregation = agg.with_snapshot(|s| convert::aggregation(&agg, s));
             Ok(Response::new(StartAggregationResponse {
                 aggregation: Some(aggregation),
@@ -161,7 +161,7 @@ impl AggregationApi {
         let caller = caller_id(&request);
         let (metadata, _, req) = request.into_parts();
         self.observe(GET, &metadata, &caller, async {
-            let wait = wait(&req)?;
+            let wait = within_deadline(wait(&req)?, caller_timeout(&metadata));
             let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
             let view = page
                 .snapshot
@@ -194,6 +194,38 @@ fn wait(req: &GetAggregationRequest) -> Result<Duration, GatewayError> {
         }
     };
     if violations.is_empty() { Ok(wait) } else { Err(GatewayError::Invalid(violations)) }
+}
+
+/// How long before the caller's own deadline a long-poll returns what it has.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
+
+/// A long-poll of `wait`, ended shortly before the caller's `timeout` (its `grpc-timeout`), so
+/// the caller gets the current state instead of DEADLINE_EXCEEDED.
+fn within_deadline(wait: Duration, timeout: Option<Duration>) -> Duration {
+    match timeout {
+        Some(t) => wait.min(t.saturating_sub(DEADLINE_MARGIN.min(t / 10))),
+        None => wait,
+    }
+}
+
+/// The caller's deadline as its `grpc-timeout` header states it: at most eight digits and a
+/// unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn caller_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// `x-caller-id` when the caller sends a sensible one, else the peer's IP address. Made for
@@ -265,6 +297,25 @@ mod tests {
         named.metadata_mut().insert(CALLER_ID_HEADER, "render-farm".parse().expect("ascii"));
         assert_eq!(caller_id(&named), "id:render-farm");
         assert_eq!(caller_id(&Request::new(())), "unknown");
+    }
+
+    #[test]
+    fn long_polls_end_shortly_before_the_callers_deadline() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(caller_timeout(&metadata), None);
+        for (header, want) in [("10S", 10_000), ("1500m", 1_500), ("2M", 120_000), ("1H", 3_600_000)] {
+            metadata.insert("grpc-timeout", header.parse().expect("ascii"));
+            assert_eq!(caller_timeout(&metadata), Some(Duration::from_millis(want)), "{header}");
+        }
+        for bad in ["", "S", "10", "123456789S", "10x", "-1S"] {
+            metadata.insert("grpc-timeout", bad.parse().expect("ascii"));
+            assert_eq!(caller_timeout(&metadata), None, "{bad:?}");
+        }
+        let thirty = Duration::from_secs(30);
+        assert_eq!(within_deadline(thirty, Some(Duration::from_secs(10))), Duration::from_millis(9_500));
+        assert_eq!(within_deadline(thirty, Some(Duration::from_secs(1))), Duration::from_millis(900));
+        assert_eq!(within_deadline(thirty, None), thirty);
+        assert_eq!(within_deadline(Duration::from_secs(2), Some(Duration::from_secs(10))), Duration::from_secs(2));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! (`google.rpc.BadRequest`, `RetryInfo`, `ErrorInfo`).
 
 use super::convert::field_name;
+use crate::domain::quote::quoted;
 use crate::gateway::GatewayError;
+use crate::gateway::error::MAX_VIOLATIONS;
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::{Code, Status};
@@ -12,6 +14,8 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 pub const ERROR_DOMAIN: &str = "deadline-stats-gateway";
 /// What a full farm queue tells callers to wait.
 const QUEUE_FULL_RETRY: Duration = Duration::from_secs(5);
+/// What a busy gateway tells callers to wait.
+const BUSY_RETRY: Duration = Duration::from_secs(10);
 
 impl From<GatewayError> for Status {
     fn from(err: GatewayError) -> Status {
@@ -21,13 +25,18 @@ impl From<GatewayError> for Status {
             GatewayError::Invalid(violations) => {
                 let v: Vec<FieldViolation> = violations
                     .into_iter()
+                    .take(MAX_VIOLATIONS)
                     .map(|f| FieldViolation::new(field_name(f.field, f.index), f.description))
                     .collect();
                 details.set_bad_request(v);
                 Code::InvalidArgument
             }
             GatewayError::NotFound { id } => {
-                details.set_error_info("AGGREGATION_NOT_FOUND", ERROR_DOMAIN, meta([("aggregation_id", id)]));
+                details.set_error_info("AGGREGATION_NOT_FOUND", ERROR_DOMAIN, meta([("aggregation_id", quoted(&id))]));
+                Code::NotFound
+            }
+            GatewayError::Lost { id } => {
+                details.set_error_info("AGGREGATION_LOST", ERROR_DOMAIN, meta([("aggregation_id", quoted(&id))]));
                 Code::NotFound
             }
             GatewayError::Expired { id, at } => {
@@ -35,13 +44,22 @@ impl From<GatewayError> for Status {
                 details.set_error_info(
                     "AGGREGATION_EXPIRED",
                     ERROR_DOMAIN,
-                    meta([("aggregation_id", id), ("expire_time", at)]),
+                    meta([("aggregation_id", quoted(&id)), ("expire_time", at)]),
                 );
                 Code::NotFound
             }
             GatewayError::Evicted { id } => {
-                details.set_error_info("AGGREGATION_EVICTED", ERROR_DOMAIN, meta([("aggregation_id", id)]));
+                details.set_error_info("AGGREGATION_EVICTED", ERROR_DOMAIN, meta([("aggregation_id", quoted(&id))]));
                 Code::NotFound
+            }
+            GatewayError::Busy { bound, limit } => {
+                details.set_retry_info(Some(BUSY_RETRY));
+                details.set_error_info(
+                    "GATEWAY_BUSY",
+                    ERROR_DOMAIN,
+                    meta([("bound", bound.to_owned()), ("limit", limit.to_string())]),
+                );
+                Code::ResourceExhausted
             }
             GatewayError::QueueFull { farm_id, capacity } => {
                 details.set_retry_info(Some(QUEUE_FULL_RETRY));

@@ -1,4 +1,4 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process is
+//! The admin HTTP listener: `/metrics` (OpenMetrics text format), `/healthz` (the process is
 //! alive) and `/readyz` (the gRPC server is serving and not shutting down).
 
 use super::Metrics;
@@ -38,7 +38,7 @@ pub async fn serve(
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode())
+    ([(header::CONTENT_TYPE, super::metrics::OPENMETRICS_CONTENT_TYPE)], s.metrics.encode())
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -47,6 +47,15 @@ pub struct StateLabels {
     pub state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// How many farms get series of their own in the per-farm gauges; the rest are summed under
+/// `farm_id="other"`, so a scrape stays small whatever farm ids callers send.
+pub const MAX_FARM_SERIES: usize = 50;
+
 /// Levels read from the gateway at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct Levels {
@@ -55,7 +64,7 @@ pub struct Levels {
     pub cache_bytes: u64,
     pub cache_expirations: u64,
     pub cache_evictions: u64,
-    /// Every farm with work.
+    /// Every farm with work (the collector bounds how many get their own series).
     pub farms: Vec<FarmLevel>,
     pub caller_buckets: u64,
 }
@@ -81,6 +90,12 @@ pub struct Metrics {
     pub upstream_duration: Family<OperationLabels, Histogram>,
     pub finished: Family<StateLabels, Counter>,
     pub time_to_complete: Histogram,
+    /// Aggregations the farm's supervisor ended: `crashed` or `overran`.
+    pub abandoned: Family<ReasonLabels, Counter>,
+    /// Upstream Starts whose outcome is unknown (timeout, 5xx, lost response).
+    pub start_outcome_unknown: Counter,
+    /// Starts refused by a gateway-wide bound: `max_active_aggregations` or `max_farms`.
+    pub busy: Family<ReasonLabels, Counter>,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -152,6 +167,26 @@ impl Metrics {
             Unit::Seconds,
             time_to_complete.clone(),
         );
+        let abandoned = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "aggregations_abandoned",
+            "aggregations ended by the farm supervisor: crashed (the task died) or overran (the run limit)",
+            abandoned.clone(),
+        );
+        let start_outcome_unknown = Counter::default();
+        registry.register(
+            "upstream_start_outcome_unknown",
+            "upstream Starts whose outcome is unknown (timeout, 5xx, lost response)",
+            start_outcome_unknown.clone(),
+        );
+        let busy = Family::<ReasonLabels, Counter>::default();
+        registry.register("gateway_busy", "Starts refused by a gateway-wide bound, by bound", busy.clone());
+        for reason in ["crashed", "overran"] {
+            let _ = abandoned.get_or_create(&ReasonLabels { reason });
+        }
+        for reason in ["max_active_aggregations", "max_farms"] {
+            let _ = busy.get_or_create(&ReasonLabels { reason });
+        }
         // Series known in advance start at zero, so every family is exported from the start
         // and rate() sees the first increment.
         let mut rpc_fast = Vec::new();
@@ -185,6 +220,9 @@ impl Metrics {
             upstream_duration,
             finished,
             time_to_complete,
+            abandoned,
+            start_outcome_unknown,
+            busy,
             rpc_fast,
             levels,
         }
@@ -215,7 +253,8 @@ impl Metrics {
         self.upstream_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric (what the library writes, `# EOF`
+    /// included); served as [`OPENMETRICS_CONTENT_TYPE`].
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -224,6 +263,9 @@ impl Metrics {
         out
     }
 }
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The canonical name of a gRPC code, as label value.
 pub fn code_name(code: tonic::Code) -> &'static str {
@@ -287,19 +329,55 @@ impl prometheus_client::collector::Collector for LevelsCollector {
             let metric = ConstCounter::new(value);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
+        let farms = bounded_farms(l.farms);
         let families = [
-            ("farm_queue_depth", "aggregations waiting per farm", false),
-            ("farm_running", "aggregations running upstream per farm (0 or 1)", true),
+            ("farm_queue_depth", "aggregations waiting per farm (the busiest farms; the rest as farm_id=other)", false),
+            ("farm_running", "aggregations running upstream per farm (the busiest farms; the rest as farm_id=other)", true),
         ];
         for (name, help, running) in families {
             let mut family =
                 encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
-            for farm in &l.farms {
+            for farm in &farms {
                 let labels = FarmLabels { farm_id: farm.farm_id.clone() };
                 let value = if running { farm.running } else { farm.queued };
                 ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
+    }
+}
+
+/// The [`MAX_FARM_SERIES`] busiest farms, then the rest summed as `other`.
+fn bounded_farms(mut farms: Vec<FarmLevel>) -> Vec<FarmLevel> {
+    if farms.len() <= MAX_FARM_SERIES {
+        return farms;
+    }
+    farms.sort_unstable_by(|a, b| (b.queued + b.running, &a.farm_id).cmp(&(a.queued + a.running, &b.farm_id)));
+    let rest = farms.split_off(MAX_FARM_SERIES);
+    let other = rest.into_iter().fold(FarmLevel { farm_id: "other".into(), queued: 0, running: 0 }, |mut o, f| {
+        o.queued += f.queued;
+        o.running += f.running;
+        o
+    });
+    farms.push(other);
+    farms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_farm_series_are_bounded_and_the_rest_summed() {
+        let farms: Vec<FarmLevel> = (0..1000u64)
+            .map(|n| FarmLevel { farm_id: format!("farm-{n:04}"), queued: n % 7, running: 1 })
+            .collect();
+        let bounded = bounded_farms(farms);
+        assert_eq!(bounded.len(), MAX_FARM_SERIES + 1);
+        assert!(bounded[..MAX_FARM_SERIES].iter().all(|f| f.queued == 6), "the busiest farms are named");
+        let other = bounded.last().expect("other");
+        assert_eq!(other.farm_id, "other");
+        let total: u64 = bounded.iter().map(|f| f.queued + f.running).sum();
+        assert_eq!(total, (0..1000u64).map(|n| n % 7 + 1).sum::<u64>(), "nothing is lost in the sum");
     }
 }

@@ -42,9 +42,14 @@ pub enum UpstreamError {
     /// AccessDeniedException.
     #[error("upstream denied access: {message}")]
     AccessDenied { message: String },
-    /// Worth retrying later: InternalServerErrorException, timeouts, connection failures.
+    /// Worth retrying later, and certainly not carried out: the connection was refused.
     #[error("upstream unavailable: {message}")]
     Transient { message: String, retry_after: Option<Duration> },
+    /// Worth retrying later, but the request may have been carried out: a timeout, a 5xx
+    /// (InternalServerErrorException), a connection lost before the response was read. For a
+    /// Start this means an upstream aggregation may be running.
+    #[error("upstream outcome unknown: {message}")]
+    OutcomeUnknown { message: String, retry_after: Option<Duration> },
     /// Anything else: a response that could not be understood, a misconfigured client.
     #[error("upstream call failed: {message}")]
     Other { message: String },
@@ -65,4 +70,17 @@ pub trait Upstream: Send + Sync + 'static {
         max_results: u32,
         next_token: Option<&str>,
     ) -> Result<UpstreamPage, UpstreamError>;
+}
+
+impl UpstreamError {
+    /// The upstream's own word on when to retry, for the errors worth retrying; `None` for the
+    /// rest.
+    pub fn retryable(&self) -> Option<Option<Duration>> {
+        match self {
+            Self::Throttled { retry_after, .. }
+            | Self::Transient { retry_after, .. }
+            | Self::OutcomeUnknown { retry_after, .. } => Some(*retry_after),
+            Self::Invalid { .. } | Self::NotFound { .. } | Self::AccessDenied { .. } | Self::Other { .. } => None,
+        }
+    }
 }

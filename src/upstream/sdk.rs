@@ -212,13 +212,36 @@ where
     match err {
         SdkError::ServiceError(e) => map_service_error(e.into_err().into()),
         SdkError::TimeoutError(_) => {
-            UpstreamError::Transient { message: format!("timed out: {message}"), retry_after: None }
+            UpstreamError::OutcomeUnknown { message: format!("timed out: {message}"), retry_after: None }
+        }
+        SdkError::DispatchFailure(ref failure) if never_sent(failure) => {
+            UpstreamError::Transient { message, retry_after: None }
         }
         SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            UpstreamError::Transient { message, retry_after: None }
+            UpstreamError::OutcomeUnknown { message, retry_after: None }
         }
         _ => UpstreamError::Other { message },
     }
+}
+
+/// Whether a dispatch failure happened before any byte of the request could reach the
+/// upstream: no connection was made.
+fn never_sent(failure: &aws_smithy_runtime_api::client::result::DispatchFailure) -> bool {
+    let Some(connector) = failure.as_connector_error() else { return false };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(connector);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::HostUnreachable
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn map_service_error(err: aws_sdk_deadline::Error) -> UpstreamError {
@@ -238,9 +261,10 @@ fn map_service_error(err: aws_sdk_deadline::Error) -> UpstreamError {
         },
         E::ResourceNotFoundException(e) => UpstreamError::NotFound { message: e.message().to_owned() },
         E::AccessDeniedException(e) => UpstreamError::AccessDenied { message: e.message().to_owned() },
-        E::InternalServerErrorException(e) => {
-            UpstreamError::Transient { message: e.message().to_owned(), retry_after: seconds(e.retry_after_seconds()) }
-        }
+        E::InternalServerErrorException(e) => UpstreamError::OutcomeUnknown {
+            message: e.message().to_owned(),
+            retry_after: seconds(e.retry_after_seconds()),
+        },
         other => UpstreamError::Other { message: DisplayErrorContext(&other).to_string() },
     }
 }

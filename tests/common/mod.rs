@@ -221,6 +221,7 @@ pub fn start_request(farm_n: u64, queues: u64, days: i64, group_by: &[pb::GroupB
         period: pb::Period::Hourly as i32,
         group_by: group_by.iter().map(|g| *g as i32).collect(),
         statistics: vec![pb::Statistic::Sum as i32, pb::Statistic::Avg as i32],
+        max_staleness: None,
     }
 }
 
