@@ -318,7 +318,12 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
 /// grace to finish and be cached, long-polls on them keep waiting; when the grace ends (or
 /// nothing is left to run) the gateway stops and every long-poll answers with the state it
 /// sees.
-async fn drain<F>(gateway: &Gateway, server: &mut std::pin::Pin<&mut F>, stop: &watch::Sender<bool>, grace: Duration) -> Result<(), server::ServeError>
+async fn drain<F>(
+    gateway: &Gateway,
+    server: &mut std::pin::Pin<&mut F>,
+    stop: &watch::Sender<bool>,
+    grace: Duration,
+) -> Result<(), server::ServeError>
 where
     F: std::future::Future<Output = Result<(), server::ServeError>>,
 {

@@ -25,9 +25,8 @@ pub const MAX_LIST_ITEMS: usize = 100;
 
 /// The refusal of a list longer than [`MAX_LIST_ITEMS`], or `None` when it is not.
 pub fn oversized_list(field: Field, len: usize) -> Option<FieldViolation> {
-    (len > MAX_LIST_ITEMS).then(|| {
-        FieldViolation::new(field, format!("has {len} values; at most {MAX_LIST_ITEMS} are accepted"))
-    })
+    (len > MAX_LIST_ITEMS)
+        .then(|| FieldViolation::new(field, format!("has {len} values; at most {MAX_LIST_ITEMS} are accepted")))
 }
 
 /// A request field, named by each transport in its own convention.

@@ -72,6 +72,9 @@ pub struct Snapshot {
     /// When the results stop being served: wall-clock for callers, monotonic for the cache.
     pub expire_time: Option<SystemTime>,
     pub expire_at: Option<Instant>,
+    /// Since when the aggregation has been RUNNING, restarted when the upstream accepts its
+    /// Start: what the farm supervisor's run limit counts from.
+    pub running_since: Option<Instant>,
     /// When the data was current: the upstream Start of a COMPLETED result, the end of a
     /// failed one. How stale a cached answer is counts from here.
     pub data_at: Option<Instant>,
@@ -111,6 +114,7 @@ impl Snapshot {
             expire_time: None,
             expire_at: None,
             data_at: None,
+            running_since: None,
             encoded_view: EncodedView::default(),
         }
     }
@@ -219,6 +223,11 @@ impl Aggregation {
     #[doc(hidden)]
     pub fn update_for_bench(&self, f: impl FnOnce(&mut Snapshot)) {
         self.update(f);
+    }
+
+    /// A receiver of every change of the snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
     }
 
     /// Waits until the aggregation is terminal or `limit` has passed, then returns a snapshot.

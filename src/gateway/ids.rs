@@ -83,7 +83,9 @@ mod tests {
         assert_ne!(a, ours.mint());
         assert_eq!(ours.origin(&a), Origin::Ours);
         assert_eq!(ours.origin(&other.mint()), if ours.tag == 7 { Origin::Ours } else { Origin::Elsewhere });
-        for bad in ["", "agg-", "agg-xyz", "agg-0123456789ABCDEF0123456789abcdef", "farm-0123456789abcdef0123456789abcdef"] {
+        for bad in
+            ["", "agg-", "agg-xyz", "agg-0123456789ABCDEF0123456789abcdef", "farm-0123456789abcdef0123456789abcdef"]
+        {
             assert_eq!(ours.origin(bad), Origin::Malformed, "{bad}");
         }
     }

@@ -219,7 +219,10 @@ impl UpstreamRunner {
         loop {
             self.start_pacer.ready().await;
             if agg.with_snapshot(|s| s.state == State::Queued) {
-                agg.update(|s| s.state = State::Running);
+                agg.update(|s| {
+                    s.state = State::Running;
+                    s.running_since = Some(Instant::now());
+                });
                 tracing::info!(aggregation = %agg.id, farm = %agg.farm_id(), "aggregation running");
             }
             let started = Started { wall: SystemTime::now(), mono: Instant::now() };
@@ -227,6 +230,7 @@ impl UpstreamRunner {
                 Ok(id) => {
                     agg.update(|s| {
                         s.upstream_id = Some(id.clone());
+                        s.running_since = Some(Instant::now());
                         if unknown_since.is_some() {
                             s.status_message.clear();
                         }

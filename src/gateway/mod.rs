@@ -34,8 +34,8 @@ use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{DispositionLabels, FarmLevel, Levels, MethodLabels};
 use crate::upstream::Upstream;
 use backoff::BackoffPolicy;
-use key::CanonicalKey;
 use ids::{IdMinter, Origin};
+use key::CanonicalKey;
 use lifecycle::{LifecycleConfig, UpstreamRunner};
 use scheduler::{FarmLoad, FarmScheduler, Limits};
 use std::collections::HashMap;
@@ -156,8 +156,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let store: Arc<dyn CoordinationStore> =
-            Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace));
+        let store: Arc<dyn CoordinationStore> = Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace));
         let cancel = CancellationToken::new();
         let limits = Limits {
             queue_capacity: config.farm_queue_capacity,

@@ -42,7 +42,8 @@ pub struct Limits {
     pub max_live: usize,
     /// Farms with work at once.
     pub max_farms: usize,
-    /// Longest one aggregation may run before its supervisor ends it.
+    /// Longest one aggregation may stay RUNNING (counted from its `running_since`) before its
+    /// supervisor ends it.
     pub run_limit: Duration,
 }
 
@@ -164,12 +165,24 @@ impl Shared {
     /// Runs one aggregation in a task of its own and makes sure it ends, whatever ends the task.
     /// `false` when the scheduler was cancelled meanwhile.
     async fn supervise(&self, next: Arc<Aggregation>) -> bool {
-        let task = tokio::spawn(self.runner.clone().run(next.clone()));
+        let mut task = tokio::spawn(self.runner.clone().run(next.clone()));
         let abort = task.abort_handle();
         let _abort_on_drop = AbortOnDrop(abort.clone());
-        let ended = tokio::select! {
-            ended = tokio::time::timeout(self.limits.run_limit, task) => ended,
-            () = self.cancel.cancelled() => return false,
+        let mut changes = next.subscribe();
+        let ended = loop {
+            let deadline = next.with_snapshot(|s| s.running_since).map(|at| at + self.limits.run_limit);
+            let overdue = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                joined = &mut task => break Ok(joined),
+                () = overdue => break Err(()),
+                Ok(()) = changes.changed() => {}
+                () = self.cancel.cancelled() => return false,
+            }
         };
         match ended {
             Ok(Ok(())) => {
@@ -280,6 +293,10 @@ mod tests {
                 let queue = agg.key.request().resources.ids()[0].clone();
                 assert!(!queue.ends_with("666"), "a bug in the runner");
                 if queue.ends_with("777") {
+                    agg.update(|s| {
+                        s.state = State::Running;
+                        s.running_since = Some(std::time::Instant::now());
+                    });
                     std::future::pending::<()>().await;
                 }
                 if let Ok(permit) = self.release.acquire().await {
@@ -369,7 +386,7 @@ mod tests {
         scheduler.enqueue(next.clone()).expect("room");
         assert_eq!(started.recv().await, Some(stuck.id.clone()));
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(stuck.snapshot().state, State::Queued, "within its limit");
+        assert_eq!(stuck.snapshot().state, State::Running, "within its limit");
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(started.recv().await, Some(next.id.clone()));
         let abandoned = gate.abandoned.lock().expect("lock").clone();

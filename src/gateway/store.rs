@@ -232,9 +232,9 @@ impl CoordinationStore for MemoryStore {
         // Finished results first: they are what most Gets ask for. `finish` puts an aggregation
         // into the cache before it takes it out of `active`, so one that finishes between the
         // first two lookups is found by the third.
-        let live = |agg: Arc<Aggregation>| match agg.with_snapshot(|s| {
-            (s.state == State::Completed && s.is_expired(Instant::now()), s.expire_time)
-        }) {
+        let live = |agg: Arc<Aggregation>| match agg
+            .with_snapshot(|s| (s.state == State::Completed && s.is_expired(Instant::now()), s.expire_time))
+        {
             (true, at) => Found::Expired(at.unwrap_or_else(SystemTime::now)),
             (false, _) => Found::Live(agg),
         };
@@ -392,9 +392,8 @@ mod tests {
     fn a_refused_creation_leaves_nothing_behind() {
         let store = MemoryStore::new(1 << 20, Duration::ZERO);
         let k = key(2);
-        let refused = store.find_or_insert(&k, &ANY, &mut || {
-            Err(GatewayError::QueueFull { farm_id: "f".into(), capacity: 0 })
-        });
+        let refused =
+            store.find_or_insert(&k, &ANY, &mut || Err(GatewayError::QueueFull { farm_id: "f".into(), capacity: 0 }));
         assert!(refused.is_err());
         assert_eq!(store.stats(), StoreStats::default());
     }

@@ -83,10 +83,8 @@ fn aggregation_request(
         }
     };
     // Lists too long to be sensible are refused before their items are decoded.
-    let oversized = [
-        oversized_list(Field::GroupBy, req.group_by.len()),
-        oversized_list(Field::Statistics, req.statistics.len()),
-    ];
+    let oversized =
+        [oversized_list(Field::GroupBy, req.group_by.len()), oversized_list(Field::Statistics, req.statistics.len())];
     if oversized.iter().any(Option::is_some) {
         draft.violations.extend(oversized.into_iter().flatten());
         return Err(GatewayError::Invalid(draft.violations));

@@ -72,8 +72,11 @@ impl tower::Service<http::Request<Body>> for AggregationRoutes {
         }
         let (api, limit) = (self.api.clone(), self.max_message_bytes);
         Box::pin(async move {
-            let answered =
-                if get { get_aggregation(&api, request, limit).await } else { start_aggregation(&api, request, limit).await };
+            let answered = if get {
+                get_aggregation(&api, request, limit).await
+            } else {
+                start_aggregation(&api, request, limit).await
+            };
             Ok(answered.unwrap_or_else(Status::into_http))
         })
     }

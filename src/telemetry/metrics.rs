@@ -332,7 +332,11 @@ impl prometheus_client::collector::Collector for LevelsCollector {
         let farms = bounded_farms(l.farms);
         let families = [
             ("farm_queue_depth", "aggregations waiting per farm (the busiest farms; the rest as farm_id=other)", false),
-            ("farm_running", "aggregations running upstream per farm (the busiest farms; the rest as farm_id=other)", true),
+            (
+                "farm_running",
+                "aggregations running upstream per farm (the busiest farms; the rest as farm_id=other)",
+                true,
+            ),
         ];
         for (name, help, running) in families {
             let mut family =
@@ -369,9 +373,8 @@ mod tests {
 
     #[test]
     fn per_farm_series_are_bounded_and_the_rest_summed() {
-        let farms: Vec<FarmLevel> = (0..1000u64)
-            .map(|n| FarmLevel { farm_id: format!("farm-{n:04}"), queued: n % 7, running: 1 })
-            .collect();
+        let farms: Vec<FarmLevel> =
+            (0..1000u64).map(|n| FarmLevel { farm_id: format!("farm-{n:04}"), queued: n % 7, running: 1 }).collect();
         let bounded = bounded_farms(farms);
         assert_eq!(bounded.len(), MAX_FARM_SERIES + 1);
         assert!(bounded[..MAX_FARM_SERIES].iter().all(|f| f.queued == 6), "the busiest farms are named");

@@ -137,6 +137,7 @@ pub fn fast_config(result_validity: Duration) -> GatewayConfig {
     c.upstream_start = Rate { per_second: 0.0, burst: 1 };
     c.upstream_get = Rate { per_second: 0.0, burst: 1 };
     c.housekeeping_interval = Duration::from_millis(100);
+    c.min_remaining_validity = Duration::ZERO;
     c
 }
 
