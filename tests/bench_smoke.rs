@@ -81,3 +81,23 @@ fn memory_reports_rows_and_bytes() {
     assert_eq!(r["rows"], r["row_count"]);
     assert!(r["rows"].as_u64().is_some_and(|n| n > 0));
 }
+
+#[test]
+fn hostile_input_is_refused_while_health_checks_run() {
+    let r = run("hostile");
+    has_numbers(&r, &["hostile_requests", "gateway_rss_bytes"]);
+    for kind in ["start_4mb", "get_4mb", "start_250kb"] {
+        assert!(r["refusal"][kind]["p99_ms"].is_number(), "{kind} missing from {r}");
+    }
+    assert_eq!(r["codes"]["start_4mb ResourceExhausted"], r["refusal"]["start_4mb"]["count"]);
+    assert_eq!(r["codes"]["start_250kb InvalidArgument"], r["refusal"]["start_250kb"]["count"]);
+    assert!(r["health"]["count"].as_u64().is_some_and(|n| n > 0), "health was checked: {r}");
+}
+
+#[test]
+fn caller_churn_reports_memory_and_forgets_idle_callers() {
+    let r = run("callers");
+    has_numbers(&r, &["callers", "rss_peak_bytes", "rss_idle_bytes", "rss_growth_per_caller_bytes"]);
+    assert_eq!(r["unexpected_answers"], 0);
+    assert_eq!(r["caller_buckets_idle"], 0.0, "idle callers are forgotten: {r}");
+}

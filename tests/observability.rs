@@ -165,7 +165,7 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     let scrape = || async {
         let (status, headers, body) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
         assert_eq!(status, 200);
-        assert!(headers["content-type"].to_str().is_ok_and(|c| c.starts_with("text/plain")));
+        assert_eq!(headers["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
         parse_metrics(&body)
     };
     let value = |m: &std::collections::HashMap<String, f64>, series: &str| m.get(series).copied().unwrap_or(0.0);
@@ -201,6 +201,81 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     assert_eq!(value(&m, "dsg_aggregation_time_to_complete_seconds_count"), 1.0);
     assert_eq!(value(&m, r#"dsg_rpc_requests_total{method="GetAggregation",code="NOT_FOUND"}"#), 1.0);
     assert!(value(&m, r#"dsg_rpc_duration_seconds_count{method="GetAggregation"}"#) >= 2.0);
+}
+
+/// Python's `prometheus_client` OpenMetrics parser (strict: it refuses what Prometheus would
+/// mis-read) reads a scrape; prints `name type` per family.
+const OPENMETRICS_CHECK: &str = r#"
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    print(family.name, family.type)
+"#;
+
+#[tokio::test]
+async fn metrics_are_valid_openmetrics_with_typed_counters() {
+    let path = tokio::task::spawn_blocking(|| {
+        python_packages("pydeps-openmetrics", &["prometheus-client"], "import prometheus_client.openmetrics.parser")
+    })
+    .await
+    .expect("joins");
+    let (gateway, _url, admin) = spawn_serve(&["--caller-start-rate", "0"], &[]);
+    let (status, headers, body) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+    drop(gateway);
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", OPENMETRICS_CHECK])
+        .env("PYTHONPATH", path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    use std::io::Write as _;
+    child.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("writes");
+    let out = child.wait_with_output().expect("finishes");
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the scrape: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: std::collections::HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(n, t)| (n.to_owned(), t.to_owned())))
+        .collect();
+    for counter in ["dsg_rpc_requests", "dsg_upstream_calls", "dsg_aggregations_abandoned", "dsg_gateway_busy"] {
+        assert_eq!(families.get(counter).map(String::as_str), Some("counter"), "{counter}: {families:?}");
+    }
+    assert_eq!(families.get("dsg_rpc_duration_seconds").map(String::as_str), Some("histogram"));
+    assert_eq!(families.get("dsg_aggregations_active").map(String::as_str), Some("gauge"));
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_aggregations_finish_and_answers_their_long_polls() {
+    let (mut gateway, url, admin) = spawn_serve(
+        &["--emulator-aggregation-duration", "2s", "--shutdown-grace", "20s", "--caller-start-rate", "0"],
+        &[],
+    );
+    eventually(Duration::from_secs(10), || async {
+        (http("GET", &format!("{admin}/readyz"), None, &[]).await.0 == 200).then_some(())
+    })
+    .await;
+    let mut client = client(&url).await;
+    let resp = client.start_aggregation(start_request(5, 1, 1, &[GroupBy::QueueId])).await.expect("start").into_inner();
+    let id = resp.aggregation.expect("aggregation").aggregation_id;
+    let poll = {
+        let (mut client, id) = (client.clone(), id.clone());
+        tokio::spawn(async move { client.get_aggregation(get_request(&id, 0, "", Duration::from_secs(60))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.terminate();
+    let page = poll.await.expect("joins").expect("the long-poll is answered").into_inner();
+    let agg = page.aggregation.expect("aggregation");
+    assert_eq!(agg.state(), AggregationState::Completed, "answered when the aggregation finished, not at SIGTERM");
+    assert_eq!(agg.row_count, 24);
+    let exit = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(15))).await.expect("joins");
+    assert!(exit.success(), "exit status {exit:?}");
 }
 
 #[tokio::test]

@@ -1,10 +1,12 @@
 //! Benchmarks: a load generator (closed and open loop, HDR histograms), a bare-tonic baseline
 //! server that answers `GetAggregation` with pre-encoded bytes (the physical limit of our stack
 //! here), helpers that pin processes to cores and read their CPU time and RSS from `/proc`, and
-//! the scenarios `bench` runs.
+//! the scenarios `bench` runs ([`scenarios`] for speed and memory, [`abuse`] for hostile input
+//! and caller churn).
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.
 
+pub mod abuse;
 pub mod baseline;
 pub mod loadgen;
 pub mod process;

@@ -32,12 +32,12 @@ type Client = AggregationServiceClient<Channel>;
 /// Why a scenario could not run.
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 
-fn string(s: impl Into<String>) -> String {
+pub(crate) fn string(s: impl Into<String>) -> String {
     s.into()
 }
 
 /// Starts the gateway with the emulator as upstream; `extra` flags are appended.
-fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
+pub(crate) fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
     let mut args: Vec<String> =
         ["serve", "--upstream", "emulator", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
             .into_iter()
@@ -48,7 +48,7 @@ fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
     Ok(Server::start(core, &args, 3)?)
 }
 
-async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchError> {
+pub(crate) async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchError> {
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
         let channel = Channel::from_shared(url.to_owned())?.connect().await?;
@@ -57,7 +57,7 @@ async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchError> {
     Ok(out)
 }
 
-fn farm(n: u64) -> String {
+pub(crate) fn farm(n: u64) -> String {
     format!("farm-{:032x}", 0xbe0c_0000_0000u64 + n)
 }
 
@@ -66,7 +66,7 @@ fn queue(n: u64) -> String {
 }
 
 /// A request over `queues` queues of farm `farm_n` for `days` days, hourly, by `group_by`.
-fn request(farm_n: u64, queues: u64, days: i64, group_by: pb::GroupBy) -> pb::StartAggregationRequest {
+pub(crate) fn request(farm_n: u64, queues: u64, days: i64, group_by: pb::GroupBy) -> pb::StartAggregationRequest {
     let start = 1_790_812_800; // 2026-10-01T00:00:00Z
     pb::StartAggregationRequest {
         farm_id: farm(farm_n),
@@ -83,7 +83,7 @@ fn request(farm_n: u64, queues: u64, days: i64, group_by: pb::GroupBy) -> pb::St
     }
 }
 
-fn get(id: &str, page_size: i32, token: &str, wait: Duration) -> pb::GetAggregationRequest {
+pub(crate) fn get(id: &str, page_size: i32, token: &str, wait: Duration) -> pb::GetAggregationRequest {
     pb::GetAggregationRequest {
         aggregation_id: id.to_owned(),
         page_size,
@@ -118,11 +118,11 @@ async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
 /// It is tonic's client over one HTTP/2 connection driven by hyper directly: a tonic `Channel`
 /// would add a queue and a worker task between every call and the connection, which on the
 /// load generator's single core cost as much as the server's work.
-type RawClient = tonic::client::Grpc<Connection>;
+pub(crate) type RawClient = tonic::client::Grpc<Connection>;
 
 /// One HTTP/2 connection as a tower service, for [`tonic::client::Grpc`].
 #[derive(Clone)]
-struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+pub(crate) struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
 impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     type Response = http::Response<hyper::body::Incoming>;
@@ -138,7 +138,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     }
 }
 
-async fn raw_clients(url: &str, n: usize) -> Result<Vec<RawClient>, BenchError> {
+pub(crate) async fn raw_clients(url: &str, n: usize) -> Result<Vec<RawClient>, BenchError> {
     let origin: http::Uri = url.parse()?;
     let authority = origin.authority().ok_or("the URL names no host")?.as_str().to_owned();
     let mut out = Vec::new();

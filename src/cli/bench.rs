@@ -18,6 +18,10 @@ pub enum Scenario {
     FarmQueue,
     /// 100,000 cached rows: memory per row.
     Memory,
+    /// Four concurrent 4 MB hostile requests at a time, while health checks run.
+    Hostile,
+    /// 50,000 distinct caller ids in a few seconds: memory of the caller buckets.
+    Callers,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +72,8 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
                 Scenario::Coalesce => scenarios::coalesce(&opts).await,
                 Scenario::FarmQueue => scenarios::farm_queue(&opts).await,
                 Scenario::Memory => scenarios::memory(&opts).await,
+                Scenario::Hostile => crate::bench::abuse::hostile(&opts).await,
+                Scenario::Callers => crate::bench::abuse::callers(&opts).await,
             }
         })
     })

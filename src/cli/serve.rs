@@ -47,9 +47,13 @@ pub struct ServeArgs {
     /// included) may take to finish before the process exits anyway.
     #[arg(long, env = "DSG_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// Largest gRPC response sent (a page of rows), in bytes.
     #[arg(long, env = "DSG_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Largest gRPC request accepted, in bytes: a larger one is refused (RESOURCE_EXHAUSTED)
+    /// before it is decoded. A StartAggregation of 100 queue ids is about 5 KB.
+    #[arg(long, env = "DSG_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
+    pub max_request_bytes: usize,
     /// Most concurrent HTTP/2 streams per connection.
     #[arg(long, env = "DSG_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -191,9 +195,10 @@ impl ServeArgs {
         if self.request_timeout <= self.max_wait {
             return Err(RunError::Config("--request-timeout must be longer than --max-wait".into()));
         }
-        if self.max_message_bytes < 1024 || self.max_concurrent_streams == 0 {
+        if self.max_message_bytes < 1024 || self.max_request_bytes < 1024 || self.max_concurrent_streams == 0 {
             return Err(RunError::Config(
-                "--max-message-bytes must be at least 1024 and --max-concurrent-streams at least 1".into(),
+                "--max-message-bytes and --max-request-bytes must be at least 1024 and --max-concurrent-streams at least 1"
+                    .into(),
             ));
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
@@ -223,7 +228,6 @@ impl ServeArgs {
                     multiplier: 2.0,
                 },
                 start_deadline: self.start_deadline,
-                ..defaults.lifecycle
             },
             caller_start: Rate { per_second: self.caller_start_rate, burst: self.caller_start_burst },
             caller_get: Rate { per_second: self.caller_get_rate, burst: self.caller_get_burst },
@@ -257,6 +261,7 @@ impl ServeArgs {
     pub fn server_options(&self) -> ServerOptions {
         ServerOptions {
             max_message_bytes: self.max_message_bytes,
+            max_request_bytes: self.max_request_bytes,
             max_concurrent_streams: self.max_concurrent_streams,
             request_timeout: self.request_timeout,
             http2_keepalive_interval: self.http2_keepalive_interval,

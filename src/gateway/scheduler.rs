@@ -20,6 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// How long past the run limit the supervisor waits before it ends a run: the lifecycle's own
+/// deadlines (the result validity, the default limit) fall on the same moment and end the
+/// aggregation with the more specific reason.
+const SUPERVISOR_SLACK: Duration = Duration::from_secs(2);
+
 /// The future of one aggregation's run.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -170,7 +175,8 @@ impl Shared {
         let _abort_on_drop = AbortOnDrop(abort.clone());
         let mut changes = next.subscribe();
         let ended = loop {
-            let deadline = next.with_snapshot(|s| s.running_since).map(|at| at + self.limits.run_limit);
+            let deadline =
+                next.with_snapshot(|s| s.running_since).map(|at| at + self.limits.run_limit + SUPERVISOR_SLACK);
             let overdue = async move {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
@@ -385,9 +391,9 @@ mod tests {
         scheduler.enqueue(stuck.clone()).expect("room");
         scheduler.enqueue(next.clone()).expect("room");
         assert_eq!(started.recv().await, Some(stuck.id.clone()));
-        tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(stuck.snapshot().state, State::Running, "within its limit");
-        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(stuck.snapshot().state, State::Running, "within its limit and the slack");
+        tokio::time::advance(SUPERVISOR_SLACK).await;
         assert_eq!(started.recv().await, Some(next.id.clone()));
         let abandoned = gate.abandoned.lock().expect("lock").clone();
         assert!(abandoned[0].1.contains("Overran"), "{abandoned:?}");

@@ -35,17 +35,25 @@ const FRAME_HEADER: usize = 5;
 pub struct AggregationRoutes {
     api: Arc<AggregationApi>,
     generated: AggregationServiceServer<AggregationApi>,
-    max_message_bytes: usize,
+    limits: Limits,
+}
+
+/// The largest request and response, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    request: usize,
+    response: usize,
 }
 
 impl AggregationRoutes {
-    /// Serves `api`, refusing requests and responses larger than `max_message_bytes`.
-    pub fn new(api: AggregationApi, max_message_bytes: usize) -> Self {
+    /// Serves `api`, refusing requests larger than `max_request_bytes` and responses larger
+    /// than `max_response_bytes`.
+    pub fn new(api: AggregationApi, max_request_bytes: usize, max_response_bytes: usize) -> Self {
         let api = Arc::new(api);
         let generated = AggregationServiceServer::from_arc(api.clone())
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        Self { api, generated, max_message_bytes }
+            .max_decoding_message_size(max_request_bytes)
+            .max_encoding_message_size(max_response_bytes);
+        Self { api, generated, limits: Limits { request: max_request_bytes, response: max_response_bytes } }
     }
 }
 
@@ -70,7 +78,7 @@ impl tower::Service<http::Request<Body>> for AggregationRoutes {
         if !get && path != START.path {
             return self.generated.call(request);
         }
-        let (api, limit) = (self.api.clone(), self.max_message_bytes);
+        let (api, limit) = (self.api.clone(), self.limits);
         Box::pin(async move {
             let answered = if get {
                 get_aggregation(&api, request, limit).await
@@ -85,13 +93,13 @@ impl tower::Service<http::Request<Body>> for AggregationRoutes {
 async fn start_aggregation(
     api: &AggregationApi,
     request: http::Request<Body>,
-    limit: usize,
+    limit: Limits,
 ) -> Result<http::Response<Body>, Status> {
     let (parts, body) = request.into_parts();
-    let message = read_message(body, limit).await?;
+    let message = read_message(body, limit.request).await?;
     let message = StartAggregationRequest::decode(message).map_err(|e| undecodable("StartAggregationRequest", &e))?;
     let response = api.start_aggregation(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
-    respond([Bytes::from(response.into_inner().encode_to_vec()), Bytes::new()], limit)
+    respond([Bytes::from(response.into_inner().encode_to_vec()), Bytes::new()], limit.response)
 }
 
 /// The refusal of a request body that is not the message it should be.
@@ -102,13 +110,13 @@ fn undecodable(message: &str, e: &prost::DecodeError) -> Status {
 async fn get_aggregation(
     api: &AggregationApi,
     request: http::Request<Body>,
-    limit: usize,
+    limit: Limits,
 ) -> Result<http::Response<Body>, Status> {
     let (parts, body) = request.into_parts();
-    let message = read_message(body, limit).await?;
+    let message = read_message(body, limit.request).await?;
     let message = GetAggregationRequest::decode(message).map_err(|e| undecodable("GetAggregationRequest", &e))?;
     let response = api.get_page(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
-    respond(response.into_parts(), limit)
+    respond(response.into_parts(), limit.response)
 }
 
 /// The one message of a unary request body.

@@ -33,7 +33,11 @@ pub enum ServeError {
 /// Limits that protect the server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
+    /// Largest response (a page of rows).
     pub max_message_bytes: usize,
+    /// Largest request: a sensible one is a few kilobytes, so a hostile one is refused after
+    /// reading this much, before anything decodes it.
+    pub max_request_bytes: usize,
     pub max_concurrent_streams: u32,
     pub request_timeout: Duration,
     pub http2_keepalive_interval: Duration,
@@ -45,6 +49,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
+            max_request_bytes: 256 * 1024,
             max_concurrent_streams: 1024,
             request_timeout: Duration::from_secs(90),
             http2_keepalive_interval: Duration::from_secs(30),
@@ -84,7 +89,11 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let api = AggregationRoutes::new(AggregationApi::new(gateway, metrics), options.max_message_bytes);
+    let api = AggregationRoutes::new(
+        AggregationApi::new(gateway, metrics),
+        options.max_request_bytes,
+        options.max_message_bytes,
+    );
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(options.max_concurrent_streams)
