@@ -5,8 +5,11 @@ use crate::domain::quote::quoted;
 use crate::domain::validate::FieldViolation;
 use std::time::{Duration, SystemTime};
 
-/// The most field violations a refusal lists; the rest are counted ("and N more").
+/// The most field violations a refusal's details list.
 pub const MAX_VIOLATIONS: usize = 20;
+/// The most its message names; the rest are counted ("and N more"), so the message (and the
+/// log line that carries it) stays small.
+const MESSAGE_VIOLATIONS: usize = 3;
 
 /// Why the gateway refused a call. Upstream failures of an accepted aggregation are not here:
 /// they show in the aggregation's state and error.
@@ -37,9 +40,22 @@ pub enum GatewayError {
 }
 
 fn describe(v: &[FieldViolation]) -> String {
-    let mut text = v.iter().take(MAX_VIOLATIONS).map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
-    if v.len() > MAX_VIOLATIONS {
-        text.push_str(&format!("; and {} more", v.len() - MAX_VIOLATIONS));
+    let mut text = v.iter().take(MESSAGE_VIOLATIONS).map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
+    if v.len() > MESSAGE_VIOLATIONS {
+        text.push_str(&format!("; and {} more", v.len() - MESSAGE_VIOLATIONS));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::validate::Field;
+
+    #[test]
+    fn a_refusal_names_three_violations_and_counts_the_rest() {
+        let many = (0..100).map(|i| FieldViolation::at(Field::QueueIds, i, format!("bad {i}"))).collect();
+        let text = GatewayError::Invalid(many).to_string();
+        assert_eq!(text, "invalid request: bad 0; bad 1; bad 2; and 97 more");
+    }
 }
