@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use deadline_stats_gateway::grpc::pb::{self, GroupBy};
-use prost::Message as _;
 use std::path::Path;
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 
 use super::baseline::RawCodec;
 use super::process::{Server, cores, http_get, pin_self};
-use super::scenarios::{BenchError, BenchOptions, RawClient, connect, gateway, get, raw_clients, request};
+use super::scenarios::{BenchError, BenchOptions, RawClient, connect, gateway, get, raw_clients, request, serve_args};
 use crate::grpc::pb;
 use crate::grpc::service::{GET, START};
 use prost::Message as _;
@@ -134,20 +134,7 @@ pub async fn callers(opts: &BenchOptions) -> Result<Value, BenchError> {
     if let Some(core) = load_core {
         pin_self(core);
     }
-    let args: Vec<String> = [
-        "serve",
-        "--upstream",
-        "emulator",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
+    let args = serve_args();
     let gw = Server::start(server_core, &args, 3)?;
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let admin = gw.url("admin on ").ok_or("no admin address")?;

@@ -36,16 +36,32 @@ pub(crate) fn string(s: impl Into<String>) -> String {
     s.into()
 }
 
-/// Starts the gateway with the emulator as upstream; `extra` flags are appended.
+/// Starts the gateway with the emulator as upstream and no caller limits (one load generator
+/// would exceed them); `extra` flags are appended.
 pub(crate) fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
-    let mut args: Vec<String> =
-        ["serve", "--upstream", "emulator", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-            .into_iter()
-            .map(string)
-            .collect();
-    args.extend(["--log-format", "json", "--caller-start-rate", "0", "--caller-get-rate", "0"].into_iter().map(string));
+    let mut args = serve_args();
+    args.extend(["--caller-start-rate", "0", "--caller-get-rate", "0"].into_iter().map(string));
     args.extend(extra.iter().map(|s| string(*s)));
     Ok(Server::start(core, &args, 3)?)
+}
+
+/// `serve` with the emulator as upstream on loopback ports, JSON logs, every other setting at
+/// its default.
+pub(crate) fn serve_args() -> Vec<String> {
+    [
+        "serve",
+        "--upstream",
+        "emulator",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]
+    .into_iter()
+    .map(string)
+    .collect()
 }
 
 pub(crate) async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchError> {

@@ -95,16 +95,9 @@ async fn start_aggregation(
     request: http::Request<Body>,
     limit: Limits,
 ) -> Result<http::Response<Body>, Status> {
-    let (parts, body) = request.into_parts();
-    let message = read_message(body, limit.request).await?;
-    let message = StartAggregationRequest::decode(message).map_err(|e| undecodable("StartAggregationRequest", &e))?;
-    let response = api.start_aggregation(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
+    let request = read_request::<StartAggregationRequest>(request, limit.request).await?;
+    let response = api.start_aggregation(request).await?;
     respond([Bytes::from(response.into_inner().encode_to_vec()), Bytes::new()], limit.response)
-}
-
-/// The refusal of a request body that is not the message it should be.
-fn undecodable(message: &str, e: &prost::DecodeError) -> Status {
-    Status::invalid_argument(format!("the request is not a valid {message}: {e}"))
 }
 
 async fn get_aggregation(
@@ -112,11 +105,22 @@ async fn get_aggregation(
     request: http::Request<Body>,
     limit: Limits,
 ) -> Result<http::Response<Body>, Status> {
+    let request = read_request::<GetAggregationRequest>(request, limit.request).await?;
+    respond(api.get_page(request).await?.into_parts(), limit.response)
+}
+
+/// The request as tonic would hand it to the service: its metadata and extensions, and its one
+/// message decoded; a body that is not a `M` is INVALID_ARGUMENT.
+async fn read_request<M: prost::Message + Default>(
+    request: http::Request<Body>,
+    limit: usize,
+) -> Result<tonic::Request<M>, Status> {
     let (parts, body) = request.into_parts();
-    let message = read_message(body, limit.request).await?;
-    let message = GetAggregationRequest::decode(message).map_err(|e| undecodable("GetAggregationRequest", &e))?;
-    let response = api.get_page(tonic::Request::from_http(http::Request::from_parts(parts, message))).await?;
-    respond(response.into_parts(), limit.response)
+    let message = M::decode(read_message(body, limit).await?).map_err(|e| {
+        let name = std::any::type_name::<M>().rsplit("::").next().unwrap_or_default();
+        Status::invalid_argument(format!("the request is not a valid {name}: {e}"))
+    })?;
+    Ok(tonic::Request::from_http(http::Request::from_parts(parts, message)))
 }
 
 /// The one message of a unary request body.
