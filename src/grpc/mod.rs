@@ -14,6 +14,9 @@ pub mod wire;
 pub mod pb {
     tonic::include_proto!("deadline.stats.v1");
 
+    /// Hand-written (see `build.rs`): the same wire format, able to send pre-encoded rows.
+    pub use super::wire::GetAggregationResponse;
+
     /// The encoded descriptor set of our protos, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("aggregation_descriptor");
 }
