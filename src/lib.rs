@@ -1,17 +1,41 @@
 //! deadline-stats-gateway: a gRPC gateway in front of AWS Deadline Cloud's sessions-statistics
 //! aggregation API.
 //!
-//! - [`domain`]: the upstream's vocabulary (ids, the aggregation request and its validation,
-//!   statistics rows); no transport.
+//! # Modules
+//! - [`domain`]: the upstream's vocabulary: ids, the aggregation request and its validation,
+//!   statistics rows, quoting of caller values. No transport.
+//! - [`grpc`]: the transport. Generated types, proto ⇄ domain conversion, the one mapping of
+//!   refusals to `Status`, the service, the route that reads both unary methods and sends cached
+//!   rows without copying, and the server with health and reflection.
+//! - [`gateway`]: the core, free of tonic and the SDK. Coalescing on a canonical key, the
+//!   coordination store and results cache, per-farm queues with supervised workers, the
+//!   lifecycle that drives one aggregation upstream, caller and upstream throttling, long-polls.
 //! - [`upstream`]: the [`upstream::Upstream`] trait (start, get a page) and its implementation
 //!   over `aws-sdk-deadline`; SDK errors become [`upstream::UpstreamError`].
 //! - [`emulator`]: a Deadline Cloud emulator served over HTTP, the upstream of every test, demo
 //!   and benchmark.
+//! - [`telemetry`]: logs, OpenTelemetry traces, metrics, and the admin HTTP listener.
 //! - [`bench`]: the load generator, the bare-tonic baseline and the benchmark scenarios.
 //! - [`cli`]: the command line; `main` parses it and calls [`cli::run`].
 //!
-//! Data flows caller → (gateway) → [`upstream::sdk::SdkUpstream`] → HTTP → Deadline Cloud or
-//! the [`emulator`].
+//! # Data flow
+//! ```text
+//! caller ──gRPC──▶ grpc (decode, validate into domain, caller id)
+//!                   │
+//!                   ▼
+//!                 gateway ── throttle ── store (claim a key: start / join / cached;
+//!                   │                           read an id; results cache)
+//!                   │ queued on its farm
+//!                   ▼
+//!                 scheduler (one supervised worker per farm with work)
+//!                   │
+//!                   ▼
+//!                 lifecycle ── pacer ──▶ upstream::SdkUpstream ──HTTP──▶ Deadline Cloud
+//!                   │                                                   (or the emulator)
+//!                   ▼
+//!                 store (terminal state, rows) ──▶ long-polls wake; Get pages out the rows
+//! ```
+//! Telemetry observes every step; nothing flows back from it.
 #![forbid(unsafe_code)]
 
 pub mod bench;
