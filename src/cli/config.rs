@@ -88,6 +88,16 @@ mod tests {
     }
 
     #[test]
+    fn the_command_lines_defaults_are_the_libraries_defaults() {
+        let s = serve(parse(args(&["serve", "--upstream", "emulator"])).expect("parses"));
+        let config = s.gateway_config().expect("the defaults are valid");
+        assert_eq!(format!("{config:?}"), format!("{:?}", crate::gateway::GatewayConfig::default()));
+        assert_eq!(format!("{:?}", s.server_options()), format!("{:?}", crate::grpc::server::ServerOptions::default()));
+        assert_eq!(*s.emulator_aggregation_duration, crate::emulator::defaults::AGGREGATION_DURATION);
+        assert_eq!(*s.upstream_attempt_timeout, crate::upstream::sdk::defaults::ATTEMPT_TIMEOUT);
+    }
+
+    #[test]
     fn the_file_fills_in_what_flags_do_not_set() {
         let dir = std::env::temp_dir().join(format!("dsg-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -100,7 +110,7 @@ mod tests {
                 .expect("parses"),
         );
         assert_eq!(s.farm_queue_capacity, 7);
-        assert_eq!(s.max_wait, std::time::Duration::from_secs(5));
+        assert_eq!(*s.max_wait, std::time::Duration::from_secs(5));
         assert_eq!(s.listen.port(), 7000, "the flag wins over the file");
 
         std::fs::write(&path, "farm-queue-size = 7\n").expect("write");

@@ -1,7 +1,7 @@
 //! `emulator`: run the Deadline Cloud emulator as a process.
 
 use super::{RunError, announce, shutdown_signal};
-use crate::emulator::{EmulatorConfig, EmulatorHandle, ErrorKind, FaultSpec, ForcedStatus, Operation};
+use crate::emulator::{EmulatorConfig, EmulatorHandle, ErrorKind, FaultSpec, ForcedStatus, Operation, defaults};
 use clap::Args;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,13 +12,13 @@ pub struct EmulatorArgs {
     #[arg(long, env = "DSG_EMULATOR_LISTEN", default_value = "127.0.0.1:4567")]
     pub listen: SocketAddr,
     /// How long each aggregation stays IN_PROGRESS.
-    #[arg(long, env = "DSG_EMULATOR_AGGREGATION_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub aggregation_duration: Duration,
+    #[arg(long, env = "DSG_EMULATOR_AGGREGATION_DURATION", default_value_t = defaults::AGGREGATION_DURATION.into())]
+    pub aggregation_duration: humantime::Duration,
     /// How long results stay retrievable after the Start call.
-    #[arg(long, env = "DSG_EMULATOR_RESULT_VALIDITY", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub result_validity: Duration,
+    #[arg(long, env = "DSG_EMULATOR_RESULT_VALIDITY", default_value_t = defaults::RESULT_VALIDITY.into())]
+    pub result_validity: humantime::Duration,
     /// Aggregations with more rows end FAILED as too large.
-    #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = 100_000)]
+    #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = defaults::MAX_ROWS)]
     pub max_rows: u64,
     #[command(flatten)]
     pub faults: FaultArgs,
@@ -60,8 +60,8 @@ impl FaultArgs {
 impl EmulatorArgs {
     pub fn config(&self) -> EmulatorConfig {
         EmulatorConfig {
-            aggregation_duration: self.aggregation_duration,
-            result_validity: self.result_validity,
+            aggregation_duration: *self.aggregation_duration,
+            result_validity: *self.result_validity,
             max_rows: self.max_rows,
             faults: self.faults.spec(),
         }

@@ -2,19 +2,25 @@
 //! emulator reached through the real SDK over loopback HTTP (`--upstream emulator`).
 
 use super::{RunError, announce, parse_per_second, shutdown_signal};
+use crate::emulator::defaults as emulator_defaults;
 use crate::emulator::{EmulatorConfig, EmulatorHandle};
 use crate::gateway::backoff::BackoffPolicy;
+use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
 use crate::gateway::throttle::Rate;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::grpc::server::{self, ServerOptions, Serving};
 use crate::telemetry::{Metrics, admin};
+use crate::upstream::sdk::defaults as sdk_defaults;
 use crate::upstream::sdk::{CredentialSource, SdkUpstream, SdkUpstreamConfig};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// How long running work and in-flight RPCs may take once SIGTERM arrives.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Which upstream the gateway talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,30 +51,30 @@ pub struct ServeArgs {
     pub log_format: crate::telemetry::LogFormat,
     /// On SIGTERM/SIGINT: how long running aggregations and in-flight RPCs (long-polls
     /// included) may take to finish before the process exits anyway.
-    #[arg(long, env = "DSG_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "DSG_SHUTDOWN_GRACE", default_value_t = SHUTDOWN_GRACE.into())]
+    pub shutdown_grace: humantime::Duration,
     /// Largest gRPC response sent (a page of rows), in bytes.
-    #[arg(long, env = "DSG_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "DSG_MAX_MESSAGE_BYTES", default_value_t = server::defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
     /// Largest gRPC request accepted, in bytes: a larger one is refused (RESOURCE_EXHAUSTED)
     /// before it is decoded. A StartAggregation of 100 queue ids is about 5 KB.
-    #[arg(long, env = "DSG_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
+    #[arg(long, env = "DSG_MAX_REQUEST_BYTES", default_value_t = server::defaults::MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
     /// Most concurrent HTTP/2 streams per connection.
-    #[arg(long, env = "DSG_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    #[arg(long, env = "DSG_MAX_CONCURRENT_STREAMS", default_value_t = server::defaults::MAX_CONCURRENT_STREAMS)]
     pub max_concurrent_streams: u32,
     /// Longest an RPC may run (must exceed --max-wait).
-    #[arg(long, env = "DSG_REQUEST_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
+    #[arg(long, env = "DSG_REQUEST_TIMEOUT", default_value_t = server::defaults::REQUEST_TIMEOUT.into())]
+    pub request_timeout: humantime::Duration,
     /// Interval of HTTP/2 keepalive pings to idle clients.
-    #[arg(long, env = "DSG_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub http2_keepalive_interval: Duration,
+    #[arg(long, env = "DSG_HTTP2_KEEPALIVE_INTERVAL", default_value_t = server::defaults::HTTP2_KEEPALIVE_INTERVAL.into())]
+    pub http2_keepalive_interval: humantime::Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "DSG_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub http2_keepalive_timeout: Duration,
+    #[arg(long, env = "DSG_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = server::defaults::HTTP2_KEEPALIVE_TIMEOUT.into())]
+    pub http2_keepalive_timeout: humantime::Duration,
     /// Connections are closed gracefully after this age, so HTTP/2 clients rebalance across replicas.
-    #[arg(long, env = "DSG_MAX_CONNECTION_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub max_connection_age: Duration,
+    #[arg(long, env = "DSG_MAX_CONNECTION_AGE", default_value_t = server::defaults::MAX_CONNECTION_AGE.into())]
+    pub max_connection_age: humantime::Duration,
     /// The upstream: aws or emulator.
     #[arg(long, env = "DSG_UPSTREAM", value_enum)]
     pub upstream: UpstreamKind,
@@ -79,92 +85,92 @@ pub struct ServeArgs {
     #[arg(long, env = "DSG_REGION")]
     pub region: Option<String>,
     /// Connect timeout of upstream calls.
-    #[arg(long, env = "DSG_UPSTREAM_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
-    pub upstream_connect_timeout: Duration,
+    #[arg(long, env = "DSG_UPSTREAM_CONNECT_TIMEOUT", default_value_t = sdk_defaults::CONNECT_TIMEOUT.into())]
+    pub upstream_connect_timeout: humantime::Duration,
     /// Timeout of one upstream HTTP attempt.
-    #[arg(long, env = "DSG_UPSTREAM_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub upstream_attempt_timeout: Duration,
+    #[arg(long, env = "DSG_UPSTREAM_ATTEMPT_TIMEOUT", default_value_t = sdk_defaults::ATTEMPT_TIMEOUT.into())]
+    pub upstream_attempt_timeout: humantime::Duration,
     /// Timeout of one upstream call, retries included.
-    #[arg(long, env = "DSG_UPSTREAM_OPERATION_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub upstream_operation_timeout: Duration,
+    #[arg(long, env = "DSG_UPSTREAM_OPERATION_TIMEOUT", default_value_t = sdk_defaults::OPERATION_TIMEOUT.into())]
+    pub upstream_operation_timeout: humantime::Duration,
     /// Attempts per upstream Get (Start is never retried by the SDK).
-    #[arg(long, env = "DSG_UPSTREAM_GET_MAX_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "DSG_UPSTREAM_GET_MAX_ATTEMPTS", default_value_t = sdk_defaults::GET_MAX_ATTEMPTS)]
     pub upstream_get_max_attempts: u32,
     /// Aggregations that may wait per farm behind the running one.
-    #[arg(long, env = "DSG_FARM_QUEUE_CAPACITY", default_value_t = 100)]
+    #[arg(long, env = "DSG_FARM_QUEUE_CAPACITY", default_value_t = g::FARM_QUEUE_CAPACITY)]
     pub farm_queue_capacity: usize,
     /// How long upstream results live after the Start call.
-    #[arg(long, env = "DSG_RESULT_VALIDITY", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub result_validity: Duration,
+    #[arg(long, env = "DSG_RESULT_VALIDITY", default_value_t = g::RESULT_VALIDITY.into())]
+    pub result_validity: humantime::Duration,
     /// Safety margin: cached results expire this much before the upstream's do.
-    #[arg(long, env = "DSG_VALIDITY_MARGIN", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub validity_margin: Duration,
+    #[arg(long, env = "DSG_VALIDITY_MARGIN", default_value_t = g::VALIDITY_MARGIN.into())]
+    pub validity_margin: humantime::Duration,
     /// How long FAILED / TIMED_OUT aggregations are kept before a new Start retries.
-    #[arg(long, env = "DSG_FAILED_RESULT_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub failed_result_ttl: Duration,
+    #[arg(long, env = "DSG_FAILED_RESULT_TTL", default_value_t = g::FAILED_RESULT_TTL.into())]
+    pub failed_result_ttl: humantime::Duration,
     /// Memory budget of the results cache, in bytes (rows plus ~1 KiB per entry); the least
     /// recently used results are evicted first.
-    #[arg(long, env = "DSG_CACHE_MAX_BYTES", default_value_t = 512 * 1024 * 1024)]
+    #[arg(long, env = "DSG_CACHE_MAX_BYTES", default_value_t = g::CACHE_MAX_BYTES)]
     pub cache_max_bytes: u64,
     /// A finished result is held at least this long whatever the cache's budget, so its own
     /// long-polls and first pages are served.
-    #[arg(long, env = "DSG_RESULT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub result_grace: Duration,
+    #[arg(long, env = "DSG_RESULT_GRACE", default_value_t = g::RESULT_GRACE.into())]
+    pub result_grace: humantime::Duration,
     /// A completed result answers a Start as CACHED only with at least this much validity left
     /// (time to read its pages); otherwise the Start runs afresh.
-    #[arg(long, env = "DSG_MIN_REMAINING_VALIDITY", default_value = "2m", value_parser = humantime::parse_duration)]
-    pub min_remaining_validity: Duration,
+    #[arg(long, env = "DSG_MIN_REMAINING_VALIDITY", default_value_t = g::MIN_REMAINING_VALIDITY.into())]
+    pub min_remaining_validity: humantime::Duration,
     /// Queued and running aggregations across all farms; beyond it Start answers GATEWAY_BUSY.
-    #[arg(long, env = "DSG_MAX_ACTIVE_AGGREGATIONS", default_value_t = 10_000)]
+    #[arg(long, env = "DSG_MAX_ACTIVE_AGGREGATIONS", default_value_t = g::MAX_ACTIVE_AGGREGATIONS)]
     pub max_active_aggregations: usize,
     /// Farms with queued or running work at once; beyond it Start answers GATEWAY_BUSY.
-    #[arg(long, env = "DSG_MAX_FARMS", default_value_t = 1_000)]
+    #[arg(long, env = "DSG_MAX_FARMS", default_value_t = g::MAX_FARMS)]
     pub max_farms: usize,
     /// Longest one aggregation may run before it is ended FAILED (DEADLINE_EXCEEDED) and its
     /// farm moves on (default: --result-validity).
     #[arg(long, env = "DSG_AGGREGATION_RUN_LIMIT", value_parser = humantime::parse_duration)]
     pub aggregation_run_limit: Option<Duration>,
     /// First delay between status polls of a running aggregation.
-    #[arg(long, env = "DSG_POLL_INITIAL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub poll_initial_interval: Duration,
+    #[arg(long, env = "DSG_POLL_INITIAL_INTERVAL", default_value_t = g::POLL_INITIAL_INTERVAL.into())]
+    pub poll_initial_interval: humantime::Duration,
     /// Longest delay between status polls.
-    #[arg(long, env = "DSG_POLL_MAX_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub poll_max_interval: Duration,
+    #[arg(long, env = "DSG_POLL_MAX_INTERVAL", default_value_t = g::POLL_MAX_INTERVAL.into())]
+    pub poll_max_interval: humantime::Duration,
     /// First delay before retrying a throttled or unavailable upstream Start.
-    #[arg(long, env = "DSG_START_RETRY_INITIAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub start_retry_initial: Duration,
+    #[arg(long, env = "DSG_START_RETRY_INITIAL", default_value_t = g::START_RETRY_INITIAL.into())]
+    pub start_retry_initial: humantime::Duration,
     /// Longest delay between Start retries.
-    #[arg(long, env = "DSG_START_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub start_retry_max: Duration,
+    #[arg(long, env = "DSG_START_RETRY_MAX", default_value_t = g::START_RETRY_MAX.into())]
+    pub start_retry_max: humantime::Duration,
     /// How long a throttled or unavailable upstream Start is retried before the aggregation fails.
-    #[arg(long, env = "DSG_START_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub start_deadline: Duration,
+    #[arg(long, env = "DSG_START_DEADLINE", default_value_t = g::START_DEADLINE.into())]
+    pub start_deadline: humantime::Duration,
     /// StartAggregation calls per second per caller (0 = unlimited).
-    #[arg(long, env = "DSG_CALLER_START_RATE", default_value = "10", value_parser = parse_per_second)]
+    #[arg(long, env = "DSG_CALLER_START_RATE", default_value_t = g::CALLER_START_RATE, value_parser = parse_per_second)]
     pub caller_start_rate: f64,
     /// Burst of StartAggregation calls per caller.
-    #[arg(long, env = "DSG_CALLER_START_BURST", default_value_t = 20)]
+    #[arg(long, env = "DSG_CALLER_START_BURST", default_value_t = g::CALLER_START_BURST)]
     pub caller_start_burst: u32,
     /// GetAggregation calls per second per caller (0 = unlimited).
-    #[arg(long, env = "DSG_CALLER_GET_RATE", default_value = "100", value_parser = parse_per_second)]
+    #[arg(long, env = "DSG_CALLER_GET_RATE", default_value_t = g::CALLER_GET_RATE, value_parser = parse_per_second)]
     pub caller_get_rate: f64,
     /// Burst of GetAggregation calls per caller.
-    #[arg(long, env = "DSG_CALLER_GET_BURST", default_value_t = 200)]
+    #[arg(long, env = "DSG_CALLER_GET_BURST", default_value_t = g::CALLER_GET_BURST)]
     pub caller_get_burst: u32,
     /// Upstream Start calls per second, across all farms (0 = unpaced).
-    #[arg(long, env = "DSG_UPSTREAM_START_RATE", default_value = "5", value_parser = parse_per_second)]
+    #[arg(long, env = "DSG_UPSTREAM_START_RATE", default_value_t = g::UPSTREAM_START_RATE, value_parser = parse_per_second)]
     pub upstream_start_rate: f64,
     /// Upstream Get calls per second, across all farms (0 = unpaced).
-    #[arg(long, env = "DSG_UPSTREAM_GET_RATE", default_value = "25", value_parser = parse_per_second)]
+    #[arg(long, env = "DSG_UPSTREAM_GET_RATE", default_value_t = g::UPSTREAM_GET_RATE, value_parser = parse_per_second)]
     pub upstream_get_rate: f64,
     /// The longest long-poll a Get may ask for.
-    #[arg(long, env = "DSG_MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub max_wait: Duration,
+    #[arg(long, env = "DSG_MAX_WAIT", default_value_t = g::MAX_WAIT.into())]
+    pub max_wait: humantime::Duration,
     /// With --upstream emulator: how long each aggregation stays IN_PROGRESS.
-    #[arg(long, env = "DSG_EMULATOR_AGGREGATION_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub emulator_aggregation_duration: Duration,
+    #[arg(long, env = "DSG_EMULATOR_AGGREGATION_DURATION", default_value_t = emulator_defaults::AGGREGATION_DURATION.into())]
+    pub emulator_aggregation_duration: humantime::Duration,
     /// With --upstream emulator: the largest result before an aggregation ends FAILED.
-    #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = 100_000)]
+    #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = emulator_defaults::MAX_ROWS)]
     pub emulator_max_rows: u64,
 }
 
@@ -179,20 +185,20 @@ impl ServeArgs {
         if self.aggregation_run_limit.is_some_and(|d| d.is_zero()) {
             return Err(RunError::Config("--aggregation-run-limit must be positive".into()));
         }
-        if self.validity_margin >= self.result_validity {
+        if *self.validity_margin >= *self.result_validity {
             return Err(RunError::Config("--validity-margin must be shorter than --result-validity".into()));
         }
-        if self.poll_initial_interval.is_zero() || self.poll_initial_interval > self.poll_max_interval {
+        if self.poll_initial_interval.is_zero() || *self.poll_initial_interval > *self.poll_max_interval {
             return Err(RunError::Config(
                 "--poll-initial-interval must be positive and at most --poll-max-interval".into(),
             ));
         }
-        if self.start_retry_initial.is_zero() || self.start_retry_initial > self.start_retry_max {
+        if self.start_retry_initial.is_zero() || *self.start_retry_initial > *self.start_retry_max {
             return Err(RunError::Config(
                 "--start-retry-initial must be positive and at most --start-retry-max".into(),
             ));
         }
-        if self.request_timeout <= self.max_wait {
+        if *self.request_timeout <= *self.max_wait {
             return Err(RunError::Config("--request-timeout must be longer than --max-wait".into()));
         }
         if self.max_message_bytes < 1024 || self.max_request_bytes < 1024 || self.max_concurrent_streams == 0 {
@@ -208,32 +214,32 @@ impl ServeArgs {
         Ok(GatewayConfig {
             farm_queue_capacity: self.farm_queue_capacity,
             cache_max_bytes: self.cache_max_bytes,
-            result_grace: self.result_grace,
-            min_remaining_validity: self.min_remaining_validity,
+            result_grace: *self.result_grace,
+            min_remaining_validity: *self.min_remaining_validity,
             max_active_aggregations: self.max_active_aggregations,
             max_farms: self.max_farms,
             run_limit: self.aggregation_run_limit,
             lifecycle: LifecycleConfig {
-                result_validity: self.result_validity,
-                validity_margin: self.validity_margin,
-                failed_ttl: self.failed_result_ttl,
+                result_validity: *self.result_validity,
+                validity_margin: *self.validity_margin,
+                failed_ttl: *self.failed_result_ttl,
                 poll: BackoffPolicy {
-                    initial: self.poll_initial_interval,
-                    max: self.poll_max_interval,
-                    multiplier: 1.5,
+                    initial: *self.poll_initial_interval,
+                    max: *self.poll_max_interval,
+                    multiplier: g::POLL_MULTIPLIER,
                 },
                 start_retry: BackoffPolicy {
-                    initial: self.start_retry_initial,
-                    max: self.start_retry_max,
-                    multiplier: 2.0,
+                    initial: *self.start_retry_initial,
+                    max: *self.start_retry_max,
+                    multiplier: g::START_RETRY_MULTIPLIER,
                 },
-                start_deadline: self.start_deadline,
+                start_deadline: *self.start_deadline,
             },
             caller_start: Rate { per_second: self.caller_start_rate, burst: self.caller_start_burst },
             caller_get: Rate { per_second: self.caller_get_rate, burst: self.caller_get_burst },
-            upstream_start: Rate { per_second: self.upstream_start_rate, burst: 1 },
-            upstream_get: Rate { per_second: self.upstream_get_rate, burst: rate_burst(self.upstream_get_rate) },
-            max_wait: self.max_wait,
+            upstream_start: Rate::upstream_start(self.upstream_start_rate),
+            upstream_get: Rate::upstream_get(self.upstream_get_rate),
+            max_wait: *self.max_wait,
             ..defaults
         })
     }
@@ -243,17 +249,12 @@ impl ServeArgs {
             endpoint_url,
             region: self.region.clone(),
             credentials,
-            connect_timeout: self.upstream_connect_timeout,
-            attempt_timeout: self.upstream_attempt_timeout,
-            operation_timeout: self.upstream_operation_timeout,
+            connect_timeout: *self.upstream_connect_timeout,
+            attempt_timeout: *self.upstream_attempt_timeout,
+            operation_timeout: *self.upstream_operation_timeout,
             get_max_attempts: self.upstream_get_max_attempts,
         }
     }
-}
-
-/// A pacer's burst: one second's worth of calls, at least one.
-fn rate_burst(per_second: f64) -> u32 {
-    (per_second.ceil() as u32).max(1)
 }
 
 impl ServeArgs {
@@ -263,10 +264,10 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             max_request_bytes: self.max_request_bytes,
             max_concurrent_streams: self.max_concurrent_streams,
-            request_timeout: self.request_timeout,
-            http2_keepalive_interval: self.http2_keepalive_interval,
-            http2_keepalive_timeout: self.http2_keepalive_timeout,
-            max_connection_age: self.max_connection_age,
+            request_timeout: *self.request_timeout,
+            http2_keepalive_interval: *self.http2_keepalive_interval,
+            http2_keepalive_timeout: *self.http2_keepalive_timeout,
+            max_connection_age: *self.max_connection_age,
         }
     }
 }
@@ -303,8 +304,8 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let outcome = tokio::select! {
         ended = &mut server => ended,
         () = signal => {
-            tracing::info!(grace = ?args.shutdown_grace, "shutdown requested; draining running aggregations and in-flight RPCs");
-            drain(&gateway, &mut server, &stop, args.shutdown_grace).await
+            tracing::info!(grace = ?*args.shutdown_grace, "shutdown requested; draining running aggregations and in-flight RPCs");
+            drain(&gateway, &mut server, &stop, *args.shutdown_grace).await
         }
     };
     stop.send_replace(true);
@@ -378,8 +379,8 @@ async fn upstream(args: &ServeArgs) -> Result<(SdkUpstreamConfig, Option<Emulato
         UpstreamKind::Aws => Ok((args.upstream_config(args.endpoint_url.clone(), CredentialSource::Chain), None)),
         UpstreamKind::Emulator => {
             let emulator_config = EmulatorConfig {
-                aggregation_duration: args.emulator_aggregation_duration,
-                result_validity: args.result_validity,
+                aggregation_duration: *args.emulator_aggregation_duration,
+                result_validity: *args.result_validity,
                 max_rows: args.emulator_max_rows,
                 ..EmulatorConfig::default()
             };

@@ -39,12 +39,21 @@ pub struct EmulatorConfig {
     pub faults: FaultSpec,
 }
 
+/// The default of every emulator setting, for [`EmulatorConfig::default`] and the command line.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const AGGREGATION_DURATION: Duration = Duration::from_secs(2);
+    pub const RESULT_VALIDITY: Duration = Duration::from_secs(3600);
+    pub const MAX_ROWS: u64 = 100_000;
+}
+
 impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
-            aggregation_duration: Duration::from_secs(2),
-            result_validity: Duration::from_secs(3600),
-            max_rows: 100_000,
+            aggregation_duration: defaults::AGGREGATION_DURATION,
+            result_validity: defaults::RESULT_VALIDITY,
+            max_rows: defaults::MAX_ROWS,
             faults: FaultSpec::default(),
         }
     }

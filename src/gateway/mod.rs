@@ -76,38 +76,70 @@ pub struct GatewayConfig {
     pub housekeeping_interval: Duration,
 }
 
+/// The default of every gateway setting. [`GatewayConfig::default`] and the command line's
+/// defaults are both made of these, so they cannot disagree.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const FARM_QUEUE_CAPACITY: usize = 100;
+    pub const CACHE_MAX_BYTES: u64 = 512 * 1024 * 1024;
+    pub const RESULT_GRACE: Duration = Duration::from_secs(30);
+    pub const MIN_REMAINING_VALIDITY: Duration = Duration::from_secs(120);
+    pub const MAX_ACTIVE_AGGREGATIONS: usize = 10_000;
+    pub const MAX_FARMS: usize = 1_000;
+    pub const RESULT_VALIDITY: Duration = Duration::from_secs(3600);
+    pub const VALIDITY_MARGIN: Duration = Duration::from_secs(30);
+    pub const FAILED_RESULT_TTL: Duration = Duration::from_secs(60);
+    pub const POLL_INITIAL_INTERVAL: Duration = Duration::from_millis(500);
+    pub const POLL_MAX_INTERVAL: Duration = Duration::from_secs(10);
+    pub const POLL_MULTIPLIER: f64 = 1.5;
+    pub const START_RETRY_INITIAL: Duration = Duration::from_secs(1);
+    pub const START_RETRY_MAX: Duration = Duration::from_secs(30);
+    pub const START_RETRY_MULTIPLIER: f64 = 2.0;
+    pub const START_DEADLINE: Duration = Duration::from_secs(600);
+    pub const CALLER_START_RATE: f64 = 10.0;
+    pub const CALLER_START_BURST: u32 = 20;
+    pub const CALLER_GET_RATE: f64 = 100.0;
+    pub const CALLER_GET_BURST: u32 = 200;
+    pub const UPSTREAM_START_RATE: f64 = 5.0;
+    pub const UPSTREAM_GET_RATE: f64 = 25.0;
+    pub const MAX_WAIT: Duration = Duration::from_secs(60);
+    pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
+        use defaults as d;
         Self {
-            farm_queue_capacity: 100,
-            cache_max_bytes: 512 * 1024 * 1024,
-            result_grace: Duration::from_secs(30),
-            min_remaining_validity: Duration::from_secs(120),
-            max_active_aggregations: 10_000,
-            max_farms: 1_000,
+            farm_queue_capacity: d::FARM_QUEUE_CAPACITY,
+            cache_max_bytes: d::CACHE_MAX_BYTES,
+            result_grace: d::RESULT_GRACE,
+            min_remaining_validity: d::MIN_REMAINING_VALIDITY,
+            max_active_aggregations: d::MAX_ACTIVE_AGGREGATIONS,
+            max_farms: d::MAX_FARMS,
             run_limit: None,
             lifecycle: LifecycleConfig {
-                result_validity: Duration::from_secs(3600),
-                validity_margin: Duration::from_secs(30),
-                failed_ttl: Duration::from_secs(60),
+                result_validity: d::RESULT_VALIDITY,
+                validity_margin: d::VALIDITY_MARGIN,
+                failed_ttl: d::FAILED_RESULT_TTL,
                 poll: BackoffPolicy {
-                    initial: Duration::from_millis(500),
-                    max: Duration::from_secs(10),
-                    multiplier: 1.5,
+                    initial: d::POLL_INITIAL_INTERVAL,
+                    max: d::POLL_MAX_INTERVAL,
+                    multiplier: d::POLL_MULTIPLIER,
                 },
                 start_retry: BackoffPolicy {
-                    initial: Duration::from_secs(1),
-                    max: Duration::from_secs(30),
-                    multiplier: 2.0,
+                    initial: d::START_RETRY_INITIAL,
+                    max: d::START_RETRY_MAX,
+                    multiplier: d::START_RETRY_MULTIPLIER,
                 },
-                start_deadline: Duration::from_secs(600),
+                start_deadline: d::START_DEADLINE,
             },
-            caller_start: Rate { per_second: 10.0, burst: 20 },
-            caller_get: Rate { per_second: 100.0, burst: 200 },
-            upstream_start: Rate { per_second: 5.0, burst: 5 },
-            upstream_get: Rate { per_second: 25.0, burst: 25 },
-            max_wait: Duration::from_secs(60),
-            housekeeping_interval: Duration::from_secs(1),
+            caller_start: Rate { per_second: d::CALLER_START_RATE, burst: d::CALLER_START_BURST },
+            caller_get: Rate { per_second: d::CALLER_GET_RATE, burst: d::CALLER_GET_BURST },
+            upstream_start: Rate::upstream_start(d::UPSTREAM_START_RATE),
+            upstream_get: Rate::upstream_get(d::UPSTREAM_GET_RATE),
+            max_wait: d::MAX_WAIT,
+            housekeeping_interval: d::HOUSEKEEPING_INTERVAL,
         }
     }
 }

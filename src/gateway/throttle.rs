@@ -14,6 +14,18 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// The pacing of upstream Starts: no burst, so Starts are spread evenly.
+    pub fn upstream_start(per_second: f64) -> Self {
+        Self { per_second, burst: 1 }
+    }
+
+    /// The pacing of upstream Gets: a burst of one second's worth (at least one), so a page
+    /// fetch is not slowed while the bucket is full.
+    pub fn upstream_get(per_second: f64) -> Self {
+        let burst = if per_second.is_finite() && per_second > 1.0 { per_second.ceil() as u32 } else { 1 };
+        Self { per_second, burst }
+    }
+
     /// `None` when the rate is not a positive number.
     fn quota(self) -> Option<Quota> {
         if !(self.per_second.is_finite() && self.per_second > 0.0) {

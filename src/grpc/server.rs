@@ -45,16 +45,29 @@ pub struct ServerOptions {
     pub max_connection_age: Duration,
 }
 
+/// The default of every server limit, for [`ServerOptions::default`] and the command line.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+    pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+    pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+    pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+}
+
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
-            max_message_bytes: 16 * 1024 * 1024,
-            max_request_bytes: 256 * 1024,
-            max_concurrent_streams: 1024,
-            request_timeout: Duration::from_secs(90),
-            http2_keepalive_interval: Duration::from_secs(30),
-            http2_keepalive_timeout: Duration::from_secs(10),
-            max_connection_age: Duration::from_secs(300),
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            max_request_bytes: defaults::MAX_REQUEST_BYTES,
+            max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+            http2_keepalive_interval: defaults::HTTP2_KEEPALIVE_INTERVAL,
+            http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
+            max_connection_age: defaults::MAX_CONNECTION_AGE,
         }
     }
 }

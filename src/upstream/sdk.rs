@@ -44,16 +44,26 @@ pub struct SdkUpstreamConfig {
     pub get_max_attempts: u32,
 }
 
+/// The default of every client setting, for [`SdkUpstreamConfig::default`] and the command line.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+    pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const GET_MAX_ATTEMPTS: u32 = 3;
+}
+
 impl Default for SdkUpstreamConfig {
     fn default() -> Self {
         Self {
             endpoint_url: None,
             region: None,
             credentials: CredentialSource::Chain,
-            connect_timeout: Duration::from_secs(3),
-            attempt_timeout: Duration::from_secs(10),
-            operation_timeout: Duration::from_secs(30),
-            get_max_attempts: 3,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            attempt_timeout: defaults::ATTEMPT_TIMEOUT,
+            operation_timeout: defaults::OPERATION_TIMEOUT,
+            get_max_attempts: defaults::GET_MAX_ATTEMPTS,
         }
     }
 }
