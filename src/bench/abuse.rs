@@ -8,7 +8,8 @@
 
 use super::baseline::RawCodec;
 use super::process::{Server, cores, http_get, pin_self};
-use super::scenarios::{BenchError, BenchOptions, RawClient, connect, gateway, get, raw_clients, request, serve_args};
+use super::requests::{get_request, start_request};
+use super::scenarios::{BenchError, BenchOptions, RawClient, connect, gateway, raw_clients, serve_args};
 use crate::grpc::pb;
 use crate::grpc::service::{GET, START};
 use prost::Message as _;
@@ -28,7 +29,7 @@ fn percentiles(mut samples: Vec<u64>) -> Value {
 
 /// A Start that names `n` distinct queue ids (40 bytes each on the wire).
 fn hostile_start(n: u64) -> bytes::Bytes {
-    let mut req = request(1, 1, 1, pb::GroupBy::QueueId);
+    let mut req = start_request(1, 1, 1, &[pb::GroupBy::QueueId]);
     req.resources = Some(pb::start_aggregation_request::Resources::QueueIds(pb::ResourceIds {
         ids: (0..n).map(|n| format!("queue-{n:032x}")).collect(),
     }));
@@ -48,7 +49,7 @@ pub async fn hostile(opts: &BenchOptions) -> Result<Value, BenchError> {
         move || probe_health(&url, stopped)
     });
     let clients = raw_clients(&url, 4).await?;
-    let bogus = bytes::Bytes::from(get(&"x".repeat(4 * 1024 * 1024), 0, "", Duration::ZERO).encode_to_vec());
+    let bogus = bytes::Bytes::from(get_request(&"x".repeat(4 * 1024 * 1024), 0, "", Duration::ZERO).encode_to_vec());
     // 4 MB Starts and Gets, and a Start just under the request limit that must be decoded.
     let kinds = [
         ("start_4mb", START.path, hostile_start(100_000)),
@@ -150,7 +151,7 @@ pub async fn callers(opts: &BenchOptions) -> Result<Value, BenchError> {
             tokio::spawn(async move {
                 let mut refused = 0u64;
                 for n in (w..callers).step_by(workers as usize) {
-                    let mut req = tonic::Request::new(get("agg-unknown", 0, "", Duration::ZERO));
+                    let mut req = tonic::Request::new(get_request("agg-unknown", 0, "", Duration::ZERO));
                     let caller = format!("caller-{n:08}-{}", "c".repeat(100));
                     if let Ok(value) = caller.parse() {
                         req.metadata_mut().insert("x-caller-id", value);

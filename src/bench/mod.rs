@@ -10,4 +10,5 @@ pub mod abuse;
 pub mod baseline;
 pub mod loadgen;
 pub mod process;
+pub mod requests;
 pub mod scenarios;

@@ -5,6 +5,7 @@
 use super::baseline::RawCodec;
 use super::loadgen::{LoadReport, closed_loop, open_loop};
 use super::process::{CpuTime, Server, cores, http_get, pin_self};
+use super::requests::{farm, get_request, start_request};
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
 use crate::grpc::pb::{self, AggregationState, Disposition};
 use crate::grpc::service::GET;
@@ -73,45 +74,10 @@ pub(crate) async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchErr
     Ok(out)
 }
 
-pub(crate) fn farm(n: u64) -> String {
-    format!("farm-{:032x}", 0xbe0c_0000_0000u64 + n)
-}
-
-fn queue(n: u64) -> String {
-    format!("queue-{:032x}", 0x9e0e_0000_0000u64 + n)
-}
-
-/// A request over `queues` queues of farm `farm_n` for `days` days, hourly, by `group_by`.
-pub(crate) fn request(farm_n: u64, queues: u64, days: i64, group_by: pb::GroupBy) -> pb::StartAggregationRequest {
-    let start = 1_790_812_800; // 2026-10-01T00:00:00Z
-    pb::StartAggregationRequest {
-        farm_id: farm(farm_n),
-        resources: Some(pb::start_aggregation_request::Resources::QueueIds(pb::ResourceIds {
-            ids: (0..queues).map(queue).collect(),
-        })),
-        start_time: Some(prost_types::Timestamp { seconds: start, nanos: 0 }),
-        end_time: Some(prost_types::Timestamp { seconds: start + days * 86_400, nanos: 0 }),
-        timezone: String::new(),
-        period: pb::Period::Hourly as i32,
-        group_by: vec![group_by as i32],
-        statistics: vec![pb::Statistic::Sum as i32, pb::Statistic::Avg as i32],
-        max_staleness: None,
-    }
-}
-
-pub(crate) fn get(id: &str, page_size: i32, token: &str, wait: Duration) -> pb::GetAggregationRequest {
-    pb::GetAggregationRequest {
-        aggregation_id: id.to_owned(),
-        page_size,
-        page_token: token.to_owned(),
-        wait: prost_types::Duration::try_from(wait).ok(),
-    }
-}
-
 /// Long-polls an aggregation until it is terminal; its final view.
 async fn finish(client: &mut Client, id: &str) -> Result<pb::Aggregation, BenchError> {
     loop {
-        let page = client.get_aggregation(get(id, 1, "", Duration::from_secs(30))).await?.into_inner();
+        let page = client.get_aggregation(get_request(id, 1, "", Duration::from_secs(30))).await?.into_inner();
         let agg = page.aggregation.unwrap_or_default();
         match agg.state() {
             AggregationState::Completed => return Ok(agg),
@@ -277,10 +243,10 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     let gw = gateway(server_core, &["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms"])?;
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let mut clients = connect(&url, opts.connections).await?;
-    let started = clients[0].start_aggregation(request(1, 1, 1, pb::GroupBy::JobId)).await?.into_inner();
+    let started = clients[0].start_aggregation(start_request(1, 1, 1, &[pb::GroupBy::JobId])).await?.into_inner();
     let id = started.aggregation.unwrap_or_default().aggregation_id;
     finish(&mut clients[0], &id).await?;
-    let page = get(&id, 100, "", Duration::ZERO);
+    let page = get_request(&id, 100, "", Duration::ZERO);
     let response = clients[0].get_aggregation(page.clone()).await?.into_inner();
     if response.statistics.len() != 100 {
         return Err(format!("expected a page of 100 rows, got {}", response.statistics.len()).into());
@@ -382,7 +348,7 @@ pub async fn coalesce(opts: &BenchOptions) -> Result<Value, BenchError> {
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let clients = connect(&url, opts.connections).await?;
     let callers = 1000;
-    let request = request(2, 3, 7, pb::GroupBy::UserId);
+    let request = start_request(2, 3, 7, &[pb::GroupBy::UserId]);
     let calls: Vec<_> = (0..callers)
         .map(|i| {
             let (mut client, request) = (clients[i % clients.len()].clone(), request.clone());
@@ -450,7 +416,7 @@ pub async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
     let runs: Vec<_> = (0..farms * per_farm)
         .map(|i| {
             let mut client = clients[i as usize % clients.len()].clone();
-            let request = request(100 + i % farms, 1, 1 + (i / farms) as i64, pb::GroupBy::QueueId);
+            let request = start_request(100 + i % farms, 1, 1 + (i / farms) as i64, &[pb::GroupBy::QueueId]);
             tokio::spawn(async move {
                 let id = client
                     .start_aggregation(request)
@@ -525,19 +491,23 @@ pub async fn memory(opts: &BenchOptions) -> Result<Value, BenchError> {
     let gw = Server::start_with_env(None, &gateway_args, &credentials, 2)?;
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let mut client = connect(&url, 1).await?.remove(0);
-    let warm = client.start_aggregation(request(3, 1, 1, pb::GroupBy::QueueId)).await?.into_inner();
+    let warm = client.start_aggregation(start_request(3, 1, 1, &[pb::GroupBy::QueueId])).await?.into_inner();
     finish(&mut client, &warm.aggregation.unwrap_or_default().aggregation_id).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = gw.rss_bytes();
     // 10 queues x 6 jobs x 1,656 hours = 99,360 rows (1 queue x 6 jobs x 168 hours when smoke).
-    let big = if opts.smoke { request(4, 1, 7, pb::GroupBy::JobId) } else { request(4, 10, 69, pb::GroupBy::JobId) };
+    let big = if opts.smoke {
+        start_request(4, 1, 7, &[pb::GroupBy::JobId])
+    } else {
+        start_request(4, 10, 69, &[pb::GroupBy::JobId])
+    };
     let id = client.start_aggregation(big).await?.into_inner().aggregation.unwrap_or_default().aggregation_id;
     let done = finish(&mut client, &id).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = gw.rss_bytes();
     let (mut encoded, mut rows, mut token) = (0usize, 0u64, String::new());
     loop {
-        let page = client.get_aggregation(get(&id, 1000, &token, Duration::ZERO)).await?.into_inner();
+        let page = client.get_aggregation(get_request(&id, 1000, &token, Duration::ZERO)).await?.into_inner();
         rows += page.statistics.len() as u64;
         encoded += page.statistics.iter().map(|r| r.encoded_len()).sum::<usize>();
         if page.next_page_token.is_empty() {

@@ -1,0 +1,117 @@
+//! A gateway served in-process on a loopback port in front of its own emulator, with test
+//! settings, a tonic client, and the gRPC requests the benchmarks send too.
+
+use super::{emulator, sdk, stats};
+use deadline_stats_gateway::emulator::EmulatorHandle;
+use deadline_stats_gateway::gateway::backoff::BackoffPolicy;
+use deadline_stats_gateway::gateway::throttle::Rate;
+use deadline_stats_gateway::gateway::{Gateway, GatewayConfig};
+use deadline_stats_gateway::grpc::pb;
+use deadline_stats_gateway::grpc::pb::aggregation_service_client::AggregationServiceClient;
+use deadline_stats_gateway::grpc::server;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub use deadline_stats_gateway::bench::requests::{get_request, start_request};
+
+/// Gateway settings for tests: quick polling, no caller limits, upstream unpaced.
+pub fn fast_config(result_validity: Duration) -> GatewayConfig {
+    let mut c = GatewayConfig::default();
+    c.lifecycle.result_validity = result_validity;
+    c.lifecycle.validity_margin = Duration::from_millis(100).min(result_validity / 4);
+    c.lifecycle.failed_ttl = Duration::from_millis(500);
+    c.lifecycle.poll =
+        BackoffPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(100), multiplier: 1.5 };
+    c.lifecycle.start_retry =
+        BackoffPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(200), multiplier: 2.0 };
+    c.lifecycle.start_deadline = Duration::from_secs(20);
+    c.caller_start = Rate { per_second: 0.0, burst: 1 };
+    c.caller_get = Rate { per_second: 0.0, burst: 1 };
+    c.upstream_start = Rate { per_second: 0.0, burst: 1 };
+    c.upstream_get = Rate { per_second: 0.0, burst: 1 };
+    c.housekeeping_interval = Duration::from_millis(100);
+    c.min_remaining_validity = Duration::ZERO;
+    c
+}
+
+/// A gateway served on a loopback port, in front of its own emulator.
+pub struct TestGateway {
+    pub emu: EmulatorHandle,
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub metrics: Arc<deadline_stats_gateway::telemetry::Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.gateway.shutdown();
+    }
+}
+
+impl TestGateway {
+    /// A tonic client on a fresh connection.
+    pub async fn client(&self) -> AggregationServiceClient<Channel> {
+        let channel =
+            Channel::from_shared(format!("http://{}", self.addr)).expect("URL").connect().await.expect("connects");
+        AggregationServiceClient::new(channel)
+    }
+
+    /// The emulator's counters for `farm`.
+    pub async fn upstream(&self, farm: &str) -> serde_json::Value {
+        stats(&self.emu).await["farms"][farm].clone()
+    }
+}
+
+/// An emulator with `aggregation_duration` and a gateway with `config` in front of it.
+pub async fn gateway(aggregation_duration: Duration, config: GatewayConfig) -> TestGateway {
+    let emu = emulator(aggregation_duration, config.lifecycle.result_validity).await;
+    let upstream = sdk(&emu.endpoint_url()).await;
+    gateway_over(emu, Arc::new(upstream), config).await
+}
+
+/// A gateway over any upstream, with `emu` kept alive beside it.
+pub async fn gateway_over(
+    emu: EmulatorHandle,
+    upstream: Arc<dyn deadline_stats_gateway::upstream::Upstream>,
+    config: GatewayConfig,
+) -> TestGateway {
+    let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
+    let gateway =
+        Arc::new(Gateway::new(config, upstream, metrics.clone(), deadline_stats_gateway::grpc::convert::encode_row));
+    let listener = server::bind("127.0.0.1:0".parse().expect("addr")).await.expect("binds");
+    let addr = listener.local_addr().expect("local addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, _) = tokio::sync::watch::channel(false);
+    let serving = server::Serving {
+        gateway: gateway.clone(),
+        metrics: metrics.clone(),
+        options: server::ServerOptions::default(),
+        ready,
+    };
+    tokio::spawn(server::serve(listener, serving, async {
+        let _ = stopped.await;
+    }));
+    TestGateway { emu, addr, gateway, metrics, stop: Some(stop) }
+}
+
+/// Long-polls until the aggregation is terminal; returns the first page.
+pub async fn wait_terminal(client: &mut AggregationServiceClient<Channel>, id: &str) -> pb::GetAggregationResponse {
+    for _ in 0..20 {
+        let page =
+            client.get_aggregation(get_request(id, 0, "", Duration::from_secs(10))).await.expect("get").into_inner();
+        let state = page.aggregation.as_ref().map(|a| a.state()).unwrap_or_default();
+        if matches!(
+            state,
+            pb::AggregationState::Completed | pb::AggregationState::Failed | pb::AggregationState::TimedOut
+        ) {
+            return page;
+        }
+    }
+    panic!("aggregation {id} never became terminal");
+}
