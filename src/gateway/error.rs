@@ -39,6 +39,15 @@ pub enum GatewayError {
     ShuttingDown,
 }
 
+/// Why the coordination store (Redis, when shared) could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("the shared store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the shared store answered something this gateway does not understand: {0}")]
+    Protocol(String),
+}
+
 fn describe(v: &[FieldViolation]) -> String {
     let mut text = v.iter().take(MESSAGE_VIOLATIONS).map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
     if v.len() > MESSAGE_VIOLATIONS {

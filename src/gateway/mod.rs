@@ -8,6 +8,8 @@
 //! - [`scheduler`]: per-farm FIFO queues, one upstream aggregation at a time per farm.
 //! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
 //! - [`throttle`]: token buckets for callers and for our own upstream traffic.
+//! - [`lease`]: farm leases with fencing tokens (who drives a farm's queue).
+//! - [`redis`]: leases and the upstream rate shared by replicas through Redis.
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
@@ -18,8 +20,10 @@ pub mod backoff;
 pub mod error;
 pub mod ids;
 pub mod key;
+pub mod lease;
 pub mod lifecycle;
 pub mod paging;
+pub mod redis;
 pub mod rows;
 pub mod scheduler;
 pub mod store;

@@ -1,9 +1,12 @@
 //! Token buckets (governor): per caller for Start and Get, rejecting with a retry delay; and for
-//! the gateway's own upstream traffic, waiting instead of rejecting.
+//! the gateway's own upstream traffic, waiting instead of rejecting, on a bucket of this process
+//! or one shared by every replica.
 
+use super::error::StoreError;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A rate in events per second and the burst allowed on top of it.
@@ -24,6 +27,13 @@ impl Rate {
     pub fn upstream_get(per_second: f64) -> Self {
         let burst = if per_second.is_finite() && per_second > 1.0 { per_second.ceil() as u32 } else { 1 };
         Self { per_second, burst }
+    }
+
+    /// The time between two tokens, and how many may be taken at once; `None` when the rate
+    /// is not a positive number.
+    pub fn interval_and_burst(self) -> Option<(Duration, u32)> {
+        let quota = self.quota()?;
+        Some((quota.replenish_interval(), quota.burst_size().get()))
     }
 
     /// `None` when the rate is not a positive number.
@@ -71,27 +81,76 @@ impl CallerBuckets {
     }
 }
 
-/// A bucket the gateway's own upstream calls wait on, served in arrival order.
+/// Where a pacer's tokens come from: a bucket in this process ([`LocalRate`]), or one shared by
+/// every replica (`gateway::redis::RedisRate`, a GCRA updated atomically in Redis), since the
+/// upstream's quota is per account, not per pod.
+#[async_trait::async_trait]
+pub trait RateSource: Send + Sync + 'static {
+    /// Takes a token now (`None`), or says how long until the next one is due.
+    async fn try_take(&self) -> Result<Option<Duration>, StoreError>;
+}
+
+/// A token bucket of this process.
+pub struct LocalRate {
+    limiter: DefaultDirectRateLimiter,
+    clock: DefaultClock,
+}
+
+impl LocalRate {
+    /// `None` when `rate` is zero: nothing to pace.
+    pub fn new(rate: Rate) -> Option<Self> {
+        Some(Self { limiter: DefaultDirectRateLimiter::direct(rate.quota()?), clock: DefaultClock::default() })
+    }
+}
+
+#[async_trait::async_trait]
+impl RateSource for LocalRate {
+    async fn try_take(&self) -> Result<Option<Duration>, StoreError> {
+        Ok(self.limiter.check().err().map(|not_until| not_until.wait_time_from(self.clock.now())))
+    }
+}
+
+/// What the gateway's own upstream calls wait on, served in arrival order.
 ///
 /// Each farm's worker has at most one call waiting at a time, so first-come-first-served is
 /// round-robin across farms: a farm with a long backlog gets one turn per round like any other.
 pub struct Pacer {
-    limiter: Option<DefaultDirectRateLimiter>,
+    source: Option<Arc<dyn RateSource>>,
     /// The line: tokio's mutex hands itself to waiters in the order they asked.
     line: tokio::sync::Mutex<()>,
 }
 
+/// The longest pause between attempts when the rate source cannot be reached.
+const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 impl Pacer {
-    /// A zero rate does not pace.
+    /// Paces at `rate` in this process; a zero rate does not pace.
     pub fn new(rate: Rate) -> Self {
-        Self { limiter: rate.quota().map(DefaultDirectRateLimiter::direct), line: tokio::sync::Mutex::new(()) }
+        Self::with_source(LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>))
     }
 
-    /// Waits for a token, behind every caller that asked before.
+    /// Paces on `source`; `None` does not pace.
+    pub fn with_source(source: Option<Arc<dyn RateSource>>) -> Self {
+        Self { source, line: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Waits for a token, behind every caller of this process that asked before. While the
+    /// source cannot be reached it keeps trying (a shared source's holder loses its farm lease
+    /// meanwhile and is stopped by that, not by this).
     pub async fn ready(&self) {
-        if let Some(limiter) = &self.limiter {
-            let _turn = self.line.lock().await;
-            limiter.until_ready().await;
+        let Some(source) = &self.source else { return };
+        let _turn = self.line.lock().await;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match source.try_take().await {
+                Ok(None) => return,
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "no upstream pacing token: the rate source is unreachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(UNREACHABLE_BACKOFF_MAX);
+                }
+            }
         }
     }
 }

@@ -1,18 +1,20 @@
 //! Shared pieces of the integration tests, one file per concern: the upstream (emulator, SDK,
 //! faults), the in-process gateway and its requests, the binary as a process, HTTP and metric
-//! scrapes, Python tools. `use common::*` brings them all.
+//! scrapes, Python tools, a real redis-server. `use common::*` brings them all.
 #![allow(dead_code, unused_imports)]
 
 mod gateway;
 mod http;
 mod process;
 mod python;
+mod redis;
 mod upstream;
 
 pub use gateway::*;
 pub use http::*;
 pub use process::*;
 pub use python::*;
+pub use redis::*;
 pub use upstream::*;
 
 use std::time::Duration;

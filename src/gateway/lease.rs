@@ -1,0 +1,105 @@
+//! Farm leases: which replica drives a farm's queue. One holder at a time, for a time-to-live
+//! the holder keeps renewing; every new holder gets a larger fencing token, and every write a
+//! holder makes is checked against the farm's newest token, so a holder that paused past its
+//! lease (and was replaced) can no longer change anything.
+//!
+//! [`MemoryLeases`] serves one process; `gateway::redis::RedisCoordination` shares leases
+//! between replicas. Both pass the same conformance suite (`tests/coordination.rs`).
+
+use super::error::StoreError;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A held lease on one farm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub farm: String,
+    /// The replica holding it (its instance id).
+    pub holder: String,
+    /// Larger than the token of every earlier holder of this farm.
+    pub token: u64,
+}
+
+/// Leases on farms, with fencing tokens.
+#[async_trait::async_trait]
+pub trait FarmLeases: Send + Sync + 'static {
+    /// Takes `farm`'s lease for `holder` for `ttl`, unless someone holds it.
+    async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError>;
+
+    /// Extends the lease by `ttl` from now; `false` when it is no longer held under this token
+    /// (it expired, and perhaps another holder took it): the holder must stop at once.
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Gives the lease up, if it is still held under this token.
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Whether no newer holder exists: the check every fenced write makes.
+    async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError>;
+}
+
+#[derive(Debug, Default)]
+struct Farm {
+    /// The newest token handed out for the farm.
+    fence: u64,
+    held: Option<(String, u64, Instant)>,
+}
+
+/// Leases of one process.
+#[derive(Debug, Default)]
+pub struct MemoryLeases {
+    farms: Mutex<HashMap<String, Farm>>,
+}
+
+impl MemoryLeases {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Farm>> {
+        self.farms.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Farm {
+    /// The holder's name and token while the lease is live at `now`.
+    fn live(&self, now: Instant) -> Option<(&str, u64)> {
+        self.held.as_ref().filter(|(_, _, until)| *until > now).map(|(holder, token, _)| (holder.as_str(), *token))
+    }
+}
+
+#[async_trait::async_trait]
+impl FarmLeases for MemoryLeases {
+    async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        let now = Instant::now();
+        let mut farms = self.lock();
+        let state = farms.entry(farm.to_owned()).or_default();
+        if state.live(now).is_some() {
+            return Ok(None);
+        }
+        state.fence += 1;
+        state.held = Some((holder.to_owned(), state.fence, now + ttl));
+        Ok(Some(Lease { farm: farm.to_owned(), holder: holder.to_owned(), token: state.fence }))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut farms = self.lock();
+        let Some(state) = farms.get_mut(&lease.farm) else { return Ok(false) };
+        if state.live(now) != Some((lease.holder.as_str(), lease.token)) {
+            return Ok(false);
+        }
+        state.held = Some((lease.holder.clone(), lease.token, now + ttl));
+        Ok(true)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut farms = self.lock();
+        if let Some(state) = farms.get_mut(&lease.farm)
+            && state.held.as_ref().is_some_and(|(h, t, _)| *h == lease.holder && *t == lease.token)
+        {
+            state.held = None;
+        }
+        Ok(())
+    }
+
+    async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
+        Ok(self.lock().get(&lease.farm).is_some_and(|state| state.fence == lease.token))
+    }
+}

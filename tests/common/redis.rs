@@ -1,0 +1,84 @@
+//! A real `redis-server` per test, on a free loopback port with its own directory, stopped when
+//! dropped. Debian's `redis-server` package is installed (apt-get, once per machine) when the
+//! machine lacks it, as the Python tools are.
+
+use std::io::{Read as _, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisServer {
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The path of `redis-server`, installing Debian's package first when it is missing.
+fn redis_binary() -> &'static str {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let present = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
+        if present.is_ok_and(|s| s.success()) {
+            return;
+        }
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        assert!(apt(&["update", "-q"]), "apt-get update failed: redis-server cannot be installed");
+        assert!(apt(&["install", "-y", "-q", "redis-server"]), "apt-get install redis-server failed");
+    });
+    "redis-server"
+}
+
+/// A fresh `redis-server` with the gateway's required settings (no persistence, `noeviction`),
+/// answering PING.
+pub fn redis_server() -> RedisServer {
+    let binary = redis_binary();
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port();
+    let dir = std::env::temp_dir().join(format!("dsg-redis-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for redis");
+    let child = Command::new(binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--maxmemory-policy", "noeviction", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let server = RedisServer { child, port, dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pong(port) {
+        assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+fn pong(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut answer = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+}

@@ -1,0 +1,124 @@
+//! The coordination conformance suite: every property is one function over the trait, run
+//! against the in-memory implementation and against a real `redis-server` (started per test on
+//! a free loopback port). Leases exclude and fence; an expired lease is taken over and its old
+//! holder fenced off; a rate shared through the store paces every replica together.
+
+mod common;
+
+use common::*;
+use deadline_stats_gateway::gateway::error::StoreError;
+use deadline_stats_gateway::gateway::lease::{FarmLeases, MemoryLeases};
+use deadline_stats_gateway::gateway::redis::RedisCoordination;
+use deadline_stats_gateway::gateway::throttle::{LocalRate, Pacer, Rate, RateSource};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TTL: Duration = Duration::from_secs(30);
+
+async fn redis(server: &RedisServer, prefix: &str) -> RedisCoordination {
+    RedisCoordination::connect(&server.url(), prefix).await.expect("connects to redis-server")
+}
+
+/// One holder at a time; release lets the next in with a larger token, and fences the first.
+async fn leases_exclude_and_fence(a: &dyn FarmLeases, b: &dyn FarmLeases) {
+    let first = a.acquire("farm-1", "replica-a", TTL).await.expect("store").expect("free");
+    assert_eq!(b.acquire("farm-1", "replica-b", TTL).await.expect("store"), None, "held by a");
+    assert!(a.renew(&first, TTL).await.expect("store"));
+    assert!(a.is_current(&first).await.expect("store"));
+    let other = b.acquire("farm-2", "replica-b", TTL).await.expect("store").expect("another farm is free");
+    assert_eq!(other.holder, "replica-b");
+
+    a.release(&first).await.expect("store");
+    let second = b.acquire("farm-1", "replica-b", TTL).await.expect("store").expect("released");
+    assert!(second.token > first.token, "tokens only grow: {} then {}", first.token, second.token);
+    assert!(!a.renew(&first, TTL).await.expect("store"), "the old holder cannot renew");
+    assert!(!a.is_current(&first).await.expect("store"), "the old holder is fenced off");
+    assert!(b.is_current(&second).await.expect("store"));
+    a.release(&first).await.expect("store");
+    assert!(b.renew(&second, TTL).await.expect("store"), "a stale release does not drop the new holder's lease");
+}
+
+/// A lease not renewed expires; the next holder takes over and the paused one is fenced.
+async fn an_expired_lease_is_taken_over(a: &dyn FarmLeases, b: &dyn FarmLeases) {
+    let short = Duration::from_millis(200);
+    let paused = a.acquire("farm-3", "replica-a", short).await.expect("store").expect("free");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let next = b.acquire("farm-3", "replica-b", TTL).await.expect("store").expect("expired");
+    assert!(next.token > paused.token);
+    assert!(!a.renew(&paused, TTL).await.expect("store"), "the paused holder learns it lost the farm");
+    assert!(!a.is_current(&paused).await.expect("store"), "and none of its writes may land");
+}
+
+/// Two replicas taking `n` tokens each from one shared rate are paced together.
+async fn a_shared_rate_paces_every_replica_together(a: Arc<Pacer>, b: Arc<Pacer>, rate: Rate) {
+    let n = 10;
+    let begin = Instant::now();
+    let take = |pacer: Arc<Pacer>| {
+        tokio::spawn(async move {
+            for _ in 0..n {
+                pacer.ready().await;
+            }
+        })
+    };
+    let (x, y) = (take(a), take(b));
+    x.await.expect("joins");
+    y.await.expect("joins");
+    let least = Duration::from_secs_f64((2 * n - rate.burst) as f64 / rate.per_second);
+    assert!(begin.elapsed() >= least.mul_f64(0.95), "{} tokens in {:?}, at least {least:?}", 2 * n, begin.elapsed());
+}
+
+#[tokio::test]
+async fn memory_leases_conform() {
+    let leases = MemoryLeases::default();
+    leases_exclude_and_fence(&leases, &leases).await;
+    an_expired_lease_is_taken_over(&leases, &leases).await;
+}
+
+#[tokio::test]
+async fn redis_leases_conform_across_two_replicas() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (a, b) = (redis(&server, "dsg:").await, redis(&server, "dsg:").await);
+    leases_exclude_and_fence(&a, &b).await;
+    an_expired_lease_is_taken_over(&a, &b).await;
+}
+
+#[tokio::test]
+async fn gateways_with_different_prefixes_share_a_redis_without_meeting() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (blue, green) = (redis(&server, "blue:").await, redis(&server, "green:").await);
+    assert!(blue.acquire("farm-1", "a", TTL).await.expect("store").is_some());
+    assert!(green.acquire("farm-1", "a", TTL).await.expect("store").is_some(), "a different prefix, a different lease");
+}
+
+#[tokio::test]
+async fn a_rate_in_memory_paces_the_handles_that_share_it() {
+    let rate = Rate { per_second: 40.0, burst: 1 };
+    let source: Arc<dyn RateSource> = Arc::new(LocalRate::new(rate).expect("paces"));
+    let (a, b) = (Pacer::with_source(Some(source.clone())), Pacer::with_source(Some(source)));
+    a_shared_rate_paces_every_replica_together(Arc::new(a), Arc::new(b), rate).await;
+}
+
+#[tokio::test]
+async fn a_rate_in_redis_paces_two_replicas_together() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let rate = Rate { per_second: 40.0, burst: 2 };
+    let pacer = |r: RedisCoordination| {
+        let source = r.rate("upstream-start", rate).map(|s| Arc::new(s) as Arc<dyn RateSource>);
+        Arc::new(Pacer::with_source(source))
+    };
+    let (a, b) = (pacer(redis(&server, "dsg:").await), pacer(redis(&server, "dsg:").await));
+    a_shared_rate_paces_every_replica_together(a, b, rate).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_an_error_never_a_lease() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let leases = redis(&server, "dsg:").await;
+    let held = leases.acquire("farm-1", "a", TTL).await.expect("store").expect("free");
+    drop(server);
+    let refused = leases.acquire("farm-2", "a", TTL).await;
+    assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
+    assert!(matches!(leases.renew(&held, TTL).await, Err(StoreError::Unavailable(_))), "renewal fails: stop working");
+    let rate = leases.rate("upstream-get", Rate { per_second: 10.0, burst: 1 }).expect("paces");
+    assert!(matches!(rate.try_take().await, Err(StoreError::Unavailable(_))), "no token is granted blindly");
+}
