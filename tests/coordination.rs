@@ -1,7 +1,9 @@
 //! The coordination conformance suite: every property is one function over the trait, run
 //! against the in-memory implementation and against a real `redis-server` (started per test on
 //! a free loopback port). Leases exclude and fence; an expired lease is taken over and its old
-//! holder fenced off; a rate shared through the store paces every replica together.
+//! holder fenced off; a rate shared through the store paces every replica together. Redis
+//! alone: a policy that may evict keys is refused, and a change published by one replica wakes
+//! another's waiters, also after Redis restarts.
 
 mod common;
 
@@ -10,6 +12,7 @@ use deadline_stats_gateway::gateway::error::StoreError;
 use deadline_stats_gateway::gateway::lease::{FarmLeases, MemoryLeases};
 use deadline_stats_gateway::gateway::redis::RedisCoordination;
 use deadline_stats_gateway::gateway::throttle::{LocalRate, Pacer, Rate, RateSource};
+use deadline_stats_gateway::gateway::wakeups::{Waiter, Wakeups};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,4 +124,56 @@ async fn an_unreachable_redis_is_an_error_never_a_lease() {
     assert!(matches!(leases.renew(&held, TTL).await, Err(StoreError::Unavailable(_))), "renewal fails: stop working");
     let rate = leases.rate("upstream-get", Rate { per_second: 10.0, burst: 1 }).expect("paces");
     assert!(matches!(rate.try_take().await, Err(StoreError::Unavailable(_))), "no token is granted blindly");
+}
+
+#[tokio::test]
+async fn a_redis_that_may_evict_keys_is_refused() {
+    let safe = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    redis(&safe, "dsg:").await.check_eviction_policy().await.expect("noeviction is safe");
+    for policy in ["allkeys-lru", "volatile-lru"] {
+        let server = tokio::task::spawn_blocking(move || redis_server_with(&["--maxmemory-policy", policy]))
+            .await
+            .expect("joins");
+        let refused = redis(&server, "dsg:").await.check_eviction_policy().await;
+        match refused {
+            Err(StoreError::Misconfigured(message)) => {
+                assert!(message.contains(policy) && message.contains("noeviction"), "{message}")
+            }
+            other => panic!("{policy} accepted: {other:?}"),
+        }
+    }
+}
+
+async fn woken(waiter: &mut Waiter, limit: Duration) -> bool {
+    tokio::time::timeout(limit, waiter.woken()).await.is_ok()
+}
+
+#[tokio::test]
+async fn a_change_on_one_replica_wakes_the_waiters_of_another_even_across_a_redis_restart() {
+    let mut server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (a, b) = (redis(&server, "dsg:").await, redis(&server, "dsg:").await);
+    let wakeups = Arc::new(Wakeups::default());
+    let (mut one, mut two) = (wakeups.waiter("agg-1"), wakeups.waiter("agg-2"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn({
+        let (a, wakeups, stop) = (a.clone(), wakeups.clone(), stop.clone());
+        async move { a.relay_changes(wakeups, stop).await }
+    });
+    // The relay wakes everyone once it has subscribed; from then on, changes arrive.
+    assert!(woken(&mut one, Duration::from_secs(10)).await, "subscribed");
+    assert!(woken(&mut two, Duration::from_secs(1)).await);
+    b.publish_change("agg-1").await.expect("publishes");
+    assert!(woken(&mut one, Duration::from_secs(10)).await, "replica b's change reached replica a");
+    assert!(!woken(&mut two, Duration::from_millis(200)).await, "only that aggregation's waiters");
+
+    server.restart();
+    assert!(woken(&mut two, Duration::from_secs(30)).await, "re-subscribed: every waiter re-reads");
+    eventually(Duration::from_secs(30), || {
+        let b = b.clone();
+        async move { b.publish_change("agg-1").await.ok() }
+    })
+    .await;
+    assert!(woken(&mut one, Duration::from_secs(10)).await, "changes flow again without restarting anything");
+    stop.cancel();
+    relay.await.expect("the relay stops when told");
 }

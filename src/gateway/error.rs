@@ -46,6 +46,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the shared store answered something this gateway does not understand: {0}")]
     Protocol(String),
+    #[error("the shared store is not configured safely: {0}")]
+    Misconfigured(String),
 }
 
 fn describe(v: &[FieldViolation]) -> String {

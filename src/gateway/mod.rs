@@ -9,7 +9,9 @@
 //! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
 //! - [`throttle`]: token buckets for callers and for our own upstream traffic.
 //! - [`lease`]: farm leases with fencing tokens (who drives a farm's queue).
-//! - [`redis`]: leases and the upstream rate shared by replicas through Redis.
+//! - [`redis`]: leases, the upstream rate and change notifications shared by replicas
+//!   through Redis.
+//! - [`wakeups`]: long-poll wake-ups of one process, by aggregation id.
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
@@ -28,6 +30,7 @@ pub mod rows;
 pub mod scheduler;
 pub mod store;
 pub mod throttle;
+pub mod wakeups;
 
 pub use aggregation::{Aggregation, AggregationId, Failure, FailureCode, Rows, Snapshot, State};
 pub use error::GatewayError;

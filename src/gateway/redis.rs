@@ -7,14 +7,22 @@
 //! farm's keys stay in one slot of a cluster:
 //! - `{prefix}{farm-…}:lease`: `token:holder`, expiring with the lease;
 //! - `{prefix}{farm-…}:fence`: the farm's newest token (`INCR`), never expiring;
-//! - `{prefix}rate:{name}`: a GCRA's theoretical arrival time, in microseconds.
+//! - `{prefix}rate:{name}`: a GCRA's theoretical arrival time, in microseconds;
+//! - `{prefix}changes`: the channel on which an aggregation's id is published when it changes.
+//!
+//! A replica keeps one subscription to the channel and fans it out to its local waiters
+//! ([`super::wakeups::Wakeups`]); after every (re)connect it wakes them all, since messages
+//! published while it was disconnected are lost.
 
 use super::error::StoreError;
 use super::lease::{FarmLeases, Lease};
 use super::throttle::{Rate, RateSource};
+use super::wakeups::Wakeups;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::LazyLock;
 use std::time::Duration;
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
 
 /// How long one Redis command may take before it counts as unreachable.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,6 +89,7 @@ static GCRA: LazyLock<redis::Script> = LazyLock::new(|| {
 /// gateway's data there.
 #[derive(Clone)]
 pub struct RedisCoordination {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
 }
@@ -103,7 +112,85 @@ impl RedisCoordination {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECTION_TIMEOUT));
         let conn = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
-        Ok(Self { conn, prefix: prefix.to_owned() })
+        Ok(Self { client, conn, prefix: prefix.to_owned() })
+    }
+
+    /// Refuses a Redis that may evict keys: leases, fences and records must never be evicted,
+    /// or the one-running rule and accepted aggregations could be lost. Only `noeviction` is
+    /// safe (the `volatile-*` policies may evict leases and records, which expire). Reads
+    /// `INFO memory`, which managed services (ElastiCache, MemoryDB) allow where `CONFIG` is not.
+    pub async fn check_eviction_policy(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(unavailable)?;
+        let policy = info
+            .lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(str::trim)
+            .ok_or_else(|| StoreError::Protocol("INFO memory names no maxmemory_policy".into()))?;
+        if policy == "noeviction" {
+            Ok(())
+        } else {
+            Err(StoreError::Misconfigured(format!(
+                "Redis maxmemory-policy is {policy}: it may evict the gateway's leases and records; set it to noeviction"
+            )))
+        }
+    }
+
+    fn changes_channel(&self) -> String {
+        format!("{}changes", self.prefix)
+    }
+
+    /// Tells every replica that aggregation `id` changed.
+    pub async fn publish_change(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.changes_channel())
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Relays every published change to `wakeups` until `stop` fires: one subscription,
+    /// re-made after any loss (with backoff), and every waiter woken after each (re)connect.
+    pub async fn relay_changes(&self, wakeups: std::sync::Arc<Wakeups>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(self.changes_channel()).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::select! { s = subscribed => s, () = stop.cancelled() => return } {
+                Ok(pubsub) => {
+                    backoff = Duration::from_millis(100);
+                    wakeups.wake_all();
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => match message {
+                                Some(m) => match std::str::from_utf8(m.get_payload_bytes()) {
+                                    Ok(id) => wakeups.wake(id),
+                                    Err(_) => tracing::warn!("a change notification that is not an id"),
+                                },
+                                None => break,
+                            },
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                    tracing::warn!("the change subscription to Redis was lost; re-subscribing");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "cannot subscribe to changes in Redis; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     fn farm_key(&self, farm: &str, what: &str) -> String {

@@ -12,6 +12,7 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     dir: std::path::PathBuf,
+    extra: Vec<String>,
 }
 
 impl Drop for RedisServer {
@@ -26,6 +27,19 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (its data is gone: no persistence).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(self.port, &self.dir, &self.extra);
+        wait_for_pong(self.port);
     }
 }
 
@@ -54,26 +68,40 @@ fn redis_binary() -> &'static str {
 /// A fresh `redis-server` with the gateway's required settings (no persistence, `noeviction`),
 /// answering PING.
 pub fn redis_server() -> RedisServer {
-    let binary = redis_binary();
+    redis_server_with(&[])
+}
+
+/// [`redis_server`] with `extra` arguments (`--maxmemory-policy allkeys-lru`) after the defaults.
+pub fn redis_server_with(extra: &[&str]) -> RedisServer {
     let port =
         std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port();
     let dir = std::env::temp_dir().join(format!("dsg-redis-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a directory for redis");
-    let child = Command::new(binary)
+    let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    let child = spawn(port, &dir, &extra);
+    let server = RedisServer { child, port, dir, extra };
+    wait_for_pong(port);
+    server
+}
+
+fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
+    Command::new(redis_binary())
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--maxmemory-policy", "noeviction", "--dir"])
-        .arg(&dir)
+        .arg(dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("redis-server starts");
-    let server = RedisServer { child, port, dir };
+        .expect("redis-server starts")
+}
+
+fn wait_for_pong(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pong(port) {
         assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING within 10 s");
         std::thread::sleep(Duration::from_millis(20));
     }
-    server
 }
 
 fn pong(port: u16) -> bool {
