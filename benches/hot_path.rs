@@ -5,20 +5,19 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use deadline_stats_gateway::domain::{
     AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow, Stats, UsageType, ids::format_id,
 };
-use deadline_stats_gateway::gateway::Freshness;
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::paging;
+use deadline_stats_gateway::gateway::results::ResultsCache;
 use deadline_stats_gateway::gateway::rows::RowBlockBuilder;
-use deadline_stats_gateway::gateway::store::{CoordinationStore, MemoryStore};
 use deadline_stats_gateway::gateway::throttle::{CallerBuckets, Rate};
-use deadline_stats_gateway::gateway::{Aggregation, State};
+use deadline_stats_gateway::gateway::{AggregationRecord, CachedResult, State};
 use deadline_stats_gateway::grpc::convert;
 use deadline_stats_gateway::grpc::pb;
 use deadline_stats_gateway::grpc::wire::{self, EncodedRows};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 fn request() -> AggregationRequest {
     let start = chrono::DateTime::from_timestamp(1_790_812_800, 0).expect("start");
@@ -57,36 +56,29 @@ fn hot_path(c: &mut Criterion) {
     let req = request();
     c.bench_function("canonical_key", |b| b.iter(|| CanonicalKey::new(black_box(&req))));
 
-    let store = MemoryStore::new(1 << 30, Duration::ZERO);
+    let results = ResultsCache::new(1 << 30, Duration::ZERO, Box::new(|_, _| {}));
     let key = CanonicalKey::new(&req);
-    let ids = IdMinter::new();
-    let (agg, _) = store
-        .find_or_insert(&key, &Freshness::default(), &mut || Ok(Arc::new(Aggregation::new(ids.mint(), key.clone()))))
-        .expect("inserted");
+    let mut record = AggregationRecord::queued(IdMinter::new().mint(), key);
     let mut block = RowBlockBuilder::new(convert::encode_row);
     rows(100).iter().for_each(|r| block.push(r));
     let all = Arc::new(block.finish());
-    agg.update_for_bench(|s| {
-        s.state = State::Completed;
-        s.rows = Some(all.clone());
-        s.expire_at = Some(Instant::now() + Duration::from_secs(3600));
-        s.expire_time = Some(SystemTime::now() + Duration::from_secs(3600));
-    });
-    store.finish(&agg);
-    let id = agg.id.to_string();
-    c.bench_function("cache_lookup", |b| b.iter(|| store.get(black_box(&id))));
+    record.state = State::Completed;
+    record.row_count = 100;
+    record.expire_time = Some(SystemTime::now() + Duration::from_secs(3600));
+    let result = Arc::new(CachedResult::new(Arc::new(record), Some(all.clone())));
+    results.insert(result.clone());
+    let id = result.record.id.to_string();
+    c.bench_function("cache_lookup", |b| b.iter(|| results.get(black_box(&id))));
 
     c.bench_function("encode_page_100_rows", |b| {
         b.iter(|| {
-            // What GetAggregation does per page: the snapshot's shared encoded view, the rows as
+            // What GetAggregation does per page: the result's shared encoded view, the rows as
             // a shared slice, the small fields framed (see grpc::page_route).
-            let snapshot = agg.snapshot();
-            let view =
-                snapshot.encoded_view.get_or_init(|| wire::encode_aggregation(&convert::aggregation(&agg, &snapshot)));
+            let view = result.view.get_or_init(|| wire::encode_aggregation(&convert::aggregation(&result.record, 0)));
             let response = pb::GetAggregationResponse {
                 encoded_aggregation: Some(view),
                 encoded_statistics: Some(EncodedRows { rows: all.clone(), range: 0..100 }),
-                next_page_token: paging::encode(&agg.id, 100),
+                next_page_token: paging::encode(&result.record.id, 100),
                 ..Default::default()
             };
             black_box(response.into_parts())

@@ -37,6 +37,8 @@ pub enum GatewayError {
     RateLimited { operation: &'static str, retry_after: Duration },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("the gateway's coordination store is unavailable; retry shortly ({0})")]
+    StoreUnavailable(StoreError),
 }
 
 /// Why the coordination store (Redis, when shared) could not do what was asked.

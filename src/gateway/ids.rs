@@ -2,7 +2,7 @@
 //! process that minted them, so an id from before a restart can be told from one that never
 //! existed. Callers treat ids as opaque; only this module reads the tag.
 
-use super::aggregation::AggregationId;
+use super::record::AggregationId;
 
 /// Hex digits of the instance tag at the start of an id's hex part.
 const TAG_HEX: usize = 8;

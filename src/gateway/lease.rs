@@ -52,6 +52,11 @@ pub struct MemoryLeases {
 }
 
 impl MemoryLeases {
+    /// The newest token handed out for `farm` (0 before the first).
+    pub fn newest_token(&self, farm: &str) -> u64 {
+        self.lock().get(farm).map_or(0, |state| state.fence)
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Farm>> {
         self.farms.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

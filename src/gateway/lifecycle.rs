@@ -1,6 +1,11 @@
 //! Driving one aggregation upstream: Start (waiting out throttling), poll with backoff until
 //! terminal, then fetch every page at once (upstream results die an hour after the Start) and
-//! hand the aggregation to the store's results cache.
+//! hand the terminal record and its rows to the store.
+//!
+//! Every write is the next state of the aggregation's record, fenced by the farm's lease: the
+//! moment a newer holder exists, this one stops. A record found RUNNING is resumed where the
+//! last holder left it: polling its upstream id, or, without one, as a Start whose outcome is
+//! unknown.
 //!
 //! A Start whose outcome is unknown (a timeout, a 5xx, a lost response) may have started an
 //! upstream aggregation: the farm is then waited out for as long as such an orphan can live
@@ -12,11 +17,14 @@
 //! and error. Every upstream call is a child span of the aggregation's lifecycle span, carrying
 //! the farm, both aggregation ids and the outcome, and is counted in the metrics.
 
-use super::aggregation::{Aggregation, Failure, FailureCode, State};
 use super::backoff::BackoffPolicy;
+use super::error::StoreError;
+use super::lease::Lease;
+use super::record::{AggregationRecord, Failure, FailureCode, State};
 use super::rows::{RowBlock, RowBlockBuilder, RowEncoder};
 use super::scheduler::{BoxFuture, Runner};
-use super::store::CoordinationStore;
+use super::spans::Spans;
+use super::store::{AggregationStore, Found, Written};
 use super::throttle::Pacer;
 use crate::domain::AggregationStatus;
 use crate::telemetry::Metrics;
@@ -75,103 +83,172 @@ struct Started {
     mono: Instant,
 }
 
-/// Runs aggregations against an [`Upstream`]; the farm scheduler calls it.
+impl Started {
+    fn now() -> Self {
+        Self { wall: SystemTime::now(), mono: Instant::now() }
+    }
+
+    /// A start recorded by wall clock (perhaps by another replica).
+    fn at(wall: SystemTime) -> Self {
+        let ago = SystemTime::now().duration_since(wall).unwrap_or_default();
+        Self { wall, mono: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now) }
+    }
+}
+
+/// Why a holder stops driving an aggregation before it is terminal.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("a newer holder of the farm's lease exists")]
+    Fenced,
+    #[error("the store could not take the write: {0}")]
+    Store(StoreError),
+}
+
+/// The aggregation being driven: its record as last written, and the lease its writes carry.
+struct Driven<'a> {
+    store: &'a dyn AggregationStore,
+    lease: Lease,
+    record: AggregationRecord,
+}
+
+impl Driven<'_> {
+    /// Changes the record and writes it, fenced.
+    async fn set(&mut self, change: impl FnOnce(&mut AggregationRecord)) -> Result<(), Stop> {
+        change(&mut self.record);
+        match self.store.update(&self.lease, self.record.clone()).await {
+            Ok(Written::Done) => Ok(()),
+            Ok(Written::Fenced) => Err(Stop::Fenced),
+            Err(e) => Err(Stop::Store(e)),
+        }
+    }
+}
+
+/// Runs aggregations against an [`Upstream`]; farm workers call it.
 pub struct UpstreamRunner {
     pub(crate) upstream: Arc<dyn Upstream>,
-    pub(crate) store: Arc<dyn CoordinationStore>,
+    pub(crate) store: Arc<dyn AggregationStore>,
     pub(crate) start_pacer: Pacer,
     pub(crate) get_pacer: Pacer,
     pub(crate) config: LifecycleConfig,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) encoder: RowEncoder,
+    pub(crate) spans: Arc<Spans>,
 }
 
 impl Runner for UpstreamRunner {
-    fn run(self: Arc<Self>, aggregation: Arc<Aggregation>) -> BoxFuture {
-        let span = aggregation.span();
-        Box::pin(async move { self.drive(aggregation).await }.instrument(span))
+    fn run(self: Arc<Self>, record: Arc<AggregationRecord>, lease: Lease) -> BoxFuture {
+        let span = self.spans.of(&record);
+        Box::pin(
+            async move {
+                let id = record.id.clone();
+                let mut agg = Driven { store: self.store.as_ref(), lease, record: (*record).clone() };
+                if let Err(stop) = self.drive(&mut agg).await {
+                    tracing::warn!(aggregation = %id, reason = %stop, "stopped driving the aggregation; another holder takes over");
+                }
+            }
+            .instrument(span),
+        )
     }
 
-    fn abandon(&self, agg: &Arc<Aggregation>, why: Abandoned) {
-        if agg.with_snapshot(|s| s.state.is_terminal()) {
-            self.store.finish(agg);
-            return;
-        }
-        let (reason, failure) = match why {
-            Abandoned::Crashed(cause) => (
-                "crashed",
-                Failure {
-                    code: FailureCode::Internal,
-                    message: format!("the gateway task driving this aggregation failed ({cause}); start it again"),
-                },
-            ),
-            Abandoned::Overran(limit) => (
-                "overran",
-                Failure {
-                    code: FailureCode::DeadlineExceeded,
-                    message: format!("the aggregation ran longer than the gateway's run limit ({limit:?})"),
-                },
-            ),
-        };
-        tracing::error!(aggregation = %agg.id, farm = %agg.farm_id(), reason, message = %failure.message, "aggregation abandoned; the farm moves on");
-        self.metrics.abandoned.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason }).inc();
-        self.record(agg, Outcome::Ended { state: State::Failed, failure }, None);
-        self.store.finish(agg);
+    fn abandon(self: Arc<Self>, id: Arc<str>, lease: Lease, why: Abandoned) -> BoxFuture {
+        Box::pin(async move {
+            let record = match self.store.read(&id).await {
+                Ok(Found::Active { record, .. }) => record,
+                _ => return,
+            };
+            let (reason, failure) = match why {
+                Abandoned::Crashed(cause) => (
+                    "crashed",
+                    Failure {
+                        code: FailureCode::Internal,
+                        message: format!("the gateway task driving this aggregation failed ({cause}); start it again"),
+                    },
+                ),
+                Abandoned::Overran(limit) => (
+                    "overran",
+                    Failure {
+                        code: FailureCode::DeadlineExceeded,
+                        message: format!("the aggregation ran longer than the gateway's run limit ({limit:?})"),
+                    },
+                ),
+            };
+            tracing::error!(aggregation = %id, farm = %record.farm_id(), reason, message = %failure.message, "aggregation abandoned; the farm moves on");
+            self.metrics.abandoned.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason }).inc();
+            let mut agg = Driven { store: self.store.as_ref(), lease, record: (*record).clone() };
+            if let Err(stop) = self.record(&mut agg, Outcome::Ended { state: State::Failed, failure }, None).await {
+                tracing::warn!(aggregation = %id, reason = %stop, "could not record the abandoned aggregation");
+            }
+        })
     }
 }
 
 impl UpstreamRunner {
-    async fn drive(&self, agg: Arc<Aggregation>) {
-        // At the head of the queue, but QUEUED until the Start is actually sent.
-        agg.update(|s| s.queue_position = 0);
-        let (outcome, started) = match self.start(&agg).await {
-            Ok((id, started)) => (self.follow(&agg, &id, started).await, Some(started)),
-            Err(failure) => (Outcome::Ended { state: State::Failed, failure }, None),
+    async fn drive(&self, agg: &mut Driven<'_>) -> Result<(), Stop> {
+        let resumed = match (agg.record.state, agg.record.upstream_id.clone(), agg.record.running_since) {
+            (State::Running, Some(upstream_id), Some(since)) => Some((upstream_id, Started::at(since))),
+            _ => None,
         };
-        self.record(&agg, outcome, started);
-        self.store.finish(&agg);
+        // RUNNING without an upstream id: an earlier holder's Start may have reached the upstream.
+        let unknown = agg.record.state == State::Running && resumed.is_none();
+        let (outcome, started) = match resumed {
+            Some((upstream_id, started)) => {
+                tracing::info!(aggregation = %agg.record.id, upstream = %upstream_id, "resuming an aggregation an earlier holder started");
+                (self.follow(&agg.record, &upstream_id, started).await, Some(started))
+            }
+            None => match self.start(agg, unknown).await? {
+                Ok((upstream_id, started)) => (self.follow(&agg.record, &upstream_id, started).await, Some(started)),
+                Err(failure) => (Outcome::Ended { state: State::Failed, failure }, None),
+            },
+        };
+        self.record(agg, outcome, started).await
     }
 
-    fn record(&self, agg: &Aggregation, outcome: Outcome, started: Option<Started>) {
+    /// Writes the terminal state, with the rows, and closes the lifecycle span.
+    async fn record(&self, agg: &mut Driven<'_>, outcome: Outcome, started: Option<Started>) -> Result<(), Stop> {
         let c = &self.config;
-        let (state, failed) = match outcome {
+        let now = SystemTime::now();
+        let r = &mut agg.record;
+        let (state, failed, rows) = match outcome {
             Outcome::Completed { rows, message } => {
-                let started = started.unwrap_or(Started { wall: SystemTime::now(), mono: Instant::now() });
+                let started = started.unwrap_or_else(Started::now);
                 let life = c.result_validity.saturating_sub(c.validity_margin);
-                tracing::info!(aggregation = %agg.id, rows = rows.len(), "aggregation completed");
-                agg.update(|s| {
-                    s.state = State::Completed;
-                    s.status_message = message.unwrap_or_default();
-                    s.rows = Some(Arc::new(rows));
-                    s.expire_time = Some(started.wall + life);
-                    s.expire_at = Some(started.mono + life);
-                    s.data_at = Some(started.mono);
-                });
-                self.metrics.time_to_complete.observe(agg.created.elapsed().as_secs_f64());
-                ("COMPLETED", false)
+                tracing::info!(aggregation = %r.id, rows = rows.len(), "aggregation completed");
+                r.state = State::Completed;
+                r.status_message = message.unwrap_or_default();
+                r.row_count = rows.len() as u64;
+                r.expire_time = Some(started.wall + life);
+                r.data_time = Some(started.wall);
+                let elapsed = now.duration_since(r.create_time).unwrap_or_default();
+                self.metrics.time_to_complete.observe(elapsed.as_secs_f64());
+                ("COMPLETED", false, Some(Arc::new(rows)))
             }
             Outcome::Ended { state, failure } => {
-                tracing::warn!(aggregation = %agg.id, ?state, code = ?failure.code, message = %failure.message, "aggregation ended without results");
-                agg.update(|s| {
-                    s.state = state;
-                    s.status_message.clone_from(&failure.message);
-                    s.error = Some(failure);
-                    s.expire_time = Some(SystemTime::now() + c.failed_ttl);
-                    s.expire_at = Some(Instant::now() + c.failed_ttl);
-                    s.data_at = Some(Instant::now());
-                });
-                (if state == State::TimedOut { "TIMED_OUT" } else { "FAILED" }, true)
+                tracing::warn!(aggregation = %r.id, ?state, code = ?failure.code, message = %failure.message, "aggregation ended without results");
+                r.state = state;
+                r.status_message.clone_from(&failure.message);
+                r.error = Some(failure);
+                r.expire_time = Some(now + c.failed_ttl);
+                r.data_time = Some(now);
+                (if state == State::TimedOut { "TIMED_OUT" } else { "FAILED" }, true, None)
             }
         };
-        self.metrics.finished.get_or_create(&StateLabels { state }).inc();
-        agg.end_span(state, failed);
+        let written = agg.store.finish(&agg.lease, agg.record.clone(), rows).await;
+        match written {
+            Ok(Written::Done) => {
+                self.metrics.finished.get_or_create(&StateLabels { state }).inc();
+                self.spans.end(&agg.record.id, state, failed);
+                Ok(())
+            }
+            Ok(Written::Fenced) => Err(Stop::Fenced),
+            Err(e) => Err(Stop::Store(e)),
+        }
     }
 
     /// One upstream call as a client span with its outcome, timed into the metrics.
     async fn call<T>(
         &self,
         operation: &'static str,
-        agg: &Aggregation,
+        agg: &AggregationRecord,
         upstream_id: Option<&str>,
         call: impl Future<Output = Result<T, UpstreamError>>,
     ) -> Result<T, UpstreamError> {
@@ -210,45 +287,53 @@ impl UpstreamRunner {
 
     /// Starts the upstream aggregation, waiting out throttling (another aggregation running on
     /// the farm) and unavailability until the start deadline, or, once a Start's outcome is
-    /// unknown, for as long as the orphan it may have started can keep the farm busy.
-    async fn start(&self, agg: &Aggregation) -> Result<(String, Started), Failure> {
+    /// unknown (`unknown` from the start: an earlier holder's), for as long as the orphan it may
+    /// have started can keep the farm busy.
+    async fn start(&self, agg: &mut Driven<'_>, unknown: bool) -> Result<Result<(String, Started), Failure>, Stop> {
         let c = &self.config;
         let begin = Instant::now();
         let mut backoff = c.start_retry.start();
         let mut unknown_since: Option<Instant> = None;
+        if unknown {
+            unknown_since = Some(begin);
+            agg.set(|r| r.status_message = OUTCOME_UNKNOWN_WAITING.to_owned()).await?;
+        }
         loop {
             self.start_pacer.ready().await;
-            if agg.with_snapshot(|s| s.state == State::Queued) {
-                agg.update(|s| {
-                    s.state = State::Running;
-                    s.running_since = Some(Instant::now());
-                });
-                tracing::info!(aggregation = %agg.id, farm = %agg.farm_id(), "aggregation running");
+            if agg.record.state == State::Queued {
+                agg.set(|r| {
+                    r.state = State::Running;
+                    r.running_since = Some(SystemTime::now());
+                })
+                .await?;
+                tracing::info!(aggregation = %agg.record.id, farm = %agg.record.farm_id(), "aggregation running");
             }
-            let started = Started { wall: SystemTime::now(), mono: Instant::now() };
-            let err = match self.call(START, agg, None, self.upstream.start(agg.key.request())).await {
+            let started = Started::now();
+            let err = match self.call(START, &agg.record, None, self.upstream.start(agg.record.key.request())).await {
                 Ok(id) => {
-                    agg.update(|s| {
-                        s.upstream_id = Some(id.clone());
-                        s.running_since = Some(Instant::now());
-                        if unknown_since.is_some() {
-                            s.status_message.clear();
+                    let waited = unknown_since.is_some();
+                    agg.set(|r| {
+                        r.upstream_id = Some(id.clone());
+                        r.running_since = Some(started.wall);
+                        if waited {
+                            r.status_message.clear();
                         }
-                    });
-                    agg.span().record("upstream.aggregation_id", id.as_str());
-                    return Ok((id, started));
+                    })
+                    .await?;
+                    tracing::Span::current().record("upstream.aggregation_id", id.as_str());
+                    return Ok(Ok((id, started)));
                 }
                 Err(e) => e,
             };
             let Some(hint) = err.retryable() else {
-                return Err(failure("upstream Start failed", &err, FailureCode::NotFound));
+                return Ok(Err(failure("upstream Start failed", &err, FailureCode::NotFound)));
             };
             if matches!(err, UpstreamError::OutcomeUnknown { .. }) {
                 self.metrics.start_outcome_unknown.inc();
-                tracing::warn!(aggregation = %agg.id, farm = %agg.farm_id(), error = %err, "upstream Start's outcome unknown; an upstream aggregation may be running");
+                tracing::warn!(aggregation = %agg.record.id, farm = %agg.record.farm_id(), error = %err, "upstream Start's outcome unknown; an upstream aggregation may be running");
                 if unknown_since.is_none() {
                     unknown_since = Some(Instant::now());
-                    agg.update(|s| s.status_message = OUTCOME_UNKNOWN_WAITING.to_owned());
+                    agg.set(|r| r.status_message = OUTCOME_UNKNOWN_WAITING.to_owned()).await?;
                 }
             }
             let deadline = match unknown_since {
@@ -265,15 +350,15 @@ impl UpstreamRunner {
                     ),
                     None => format!("upstream kept refusing Start for {:?}: {err}", c.start_deadline),
                 };
-                return Err(Failure { code: FailureCode::Unavailable, message });
+                return Ok(Err(Failure { code: FailureCode::Unavailable, message }));
             }
-            tracing::debug!(aggregation = %agg.id, error = %err, ?delay, "upstream Start refused; waiting");
+            tracing::debug!(aggregation = %agg.record.id, error = %err, ?delay, "upstream Start refused; waiting");
             tokio::time::sleep(delay).await;
         }
     }
 
     /// Polls until the upstream aggregation is terminal, then collects its rows.
-    async fn follow(&self, agg: &Aggregation, upstream_id: &str, started: Started) -> Outcome {
+    async fn follow(&self, agg: &AggregationRecord, upstream_id: &str, started: Started) -> Outcome {
         let expires = started.mono + self.config.result_validity;
         let first = match self.poll(agg, upstream_id, expires).await {
             Ok(page) => page,
@@ -306,7 +391,12 @@ impl UpstreamRunner {
     }
 
     /// Polls until the upstream aggregation leaves IN_PROGRESS or its results would expire.
-    async fn poll(&self, agg: &Aggregation, upstream_id: &str, expires: Instant) -> Result<UpstreamPage, Failure> {
+    async fn poll(
+        &self,
+        agg: &AggregationRecord,
+        upstream_id: &str,
+        expires: Instant,
+    ) -> Result<UpstreamPage, Failure> {
         let mut backoff = self.config.poll.start();
         let mut retry = self.config.start_retry.start();
         let mut last_error: Option<UpstreamError> = None;
@@ -348,7 +438,7 @@ impl UpstreamRunner {
     /// Every row, starting from the first page already in hand, encoded as it arrives.
     async fn fetch_rest(
         &self,
-        agg: &Aggregation,
+        agg: &AggregationRecord,
         upstream_id: &str,
         first: UpstreamPage,
         expires: Instant,
@@ -367,7 +457,7 @@ impl UpstreamRunner {
     /// One page, retried (honouring `Retry-After`) until the upstream result expires.
     async fn page(
         &self,
-        agg: &Aggregation,
+        agg: &AggregationRecord,
         upstream_id: &str,
         token: &str,
         expires: Instant,

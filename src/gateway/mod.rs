@@ -1,23 +1,26 @@
-//! The gateway's core, free of any transport: coalescing on a canonical key, the per-farm
-//! queues, the results cache, caller throttling and long-polls.
+//! The gateway's core, free of any transport: coalescing on a canonical key, the coordination
+//! store, the results cache, per-farm queues driven under leases, caller throttling and
+//! long-polls.
 //!
 //! - [`key`]: what makes two requests the same aggregation.
-//! - [`aggregation`]: one aggregation and its watched lifecycle snapshot.
+//! - [`record`]: one aggregation as the store holds it (owned values, no live objects).
 //! - [`ids`]: minting aggregation ids that say which process made them.
-//! - [`store`]: the coordination state (who answers a key, what an id names, cached results).
-//! - [`scheduler`]: per-farm FIFO queues, one upstream aggregation at a time per farm.
+//! - [`store`]: the coordination state (claim a key, read an id, the farm queues, fenced
+//!   writes), in memory or shared.
+//! - [`results`]: the results cache of one replica (rows, LRU by bytes, residency grace).
+//! - [`scheduler`]: farm workers, one per farm anywhere, holding the farm's lease.
 //! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
 //! - [`throttle`]: token buckets for callers and for our own upstream traffic.
 //! - [`lease`]: farm leases with fencing tokens (who drives a farm's queue).
 //! - [`redis`]: leases, the upstream rate and change notifications shared by replicas
 //!   through Redis.
 //! - [`wakeups`]: long-poll wake-ups of one process, by aggregation id.
+//! - [`spans`]: the lifecycle span of each aggregation, per process.
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
-//! caller token, and either joins, reuses or queues; it never waits on the upstream.
+//! caller token, and claims the key: joins, reuses or queues; it never waits on the upstream.
 
-pub mod aggregation;
 pub mod backoff;
 pub mod error;
 pub mod ids;
@@ -25,15 +28,19 @@ pub mod key;
 pub mod lease;
 pub mod lifecycle;
 pub mod paging;
+pub mod record;
 pub mod redis;
+pub mod results;
 pub mod rows;
 pub mod scheduler;
+pub mod spans;
 pub mod store;
 pub mod throttle;
 pub mod wakeups;
 
-pub use aggregation::{Aggregation, AggregationId, Failure, FailureCode, Rows, Snapshot, State};
 pub use error::GatewayError;
+pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, State};
+pub use results::CachedResult;
 pub use store::{Disposition, Freshness};
 
 use crate::domain::AggregationRequest;
@@ -44,14 +51,17 @@ use backoff::BackoffPolicy;
 use ids::{IdMinter, Origin};
 use key::CanonicalKey;
 use lifecycle::{LifecycleConfig, UpstreamRunner};
-use scheduler::{FarmLoad, FarmScheduler, Limits};
+use results::ResultsCache;
+use scheduler::{FarmDispatcher, WorkerSettings};
+use spans::Spans;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use store::{CoordinationStore, Found, MemoryStore, StoreStats};
+use std::time::{Duration, SystemTime};
+use store::{AggregationStore, Found, Limits, MemoryStore, StoreStats};
 use throttle::{CallerBuckets, Pacer, Rate};
 use tokio_util::sync::{CancellationToken, DropGuard};
+use wakeups::Wakeups;
 
 /// Everything the gateway core can be tuned by.
 #[derive(Debug, Clone)]
@@ -81,6 +91,8 @@ pub struct GatewayConfig {
     pub max_wait: Duration,
     /// How often expired entries and idle caller buckets are dropped.
     pub housekeeping_interval: Duration,
+    /// This replica's name (the pod's), as farm lease holder.
+    pub instance_id: String,
 }
 
 /// The default of every gateway setting. [`GatewayConfig::default`] and the command line's
@@ -112,6 +124,11 @@ pub mod defaults {
     pub const UPSTREAM_GET_RATE: f64 = 25.0;
     pub const MAX_WAIT: Duration = Duration::from_secs(60);
     pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// The host name (in Kubernetes, the pod's name), else `gateway`.
+    pub fn instance_id() -> String {
+        std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "gateway".to_owned())
+    }
 }
 
 impl Default for GatewayConfig {
@@ -147,62 +164,98 @@ impl Default for GatewayConfig {
             upstream_get: Rate::upstream_get(d::UPSTREAM_GET_RATE),
             max_wait: d::MAX_WAIT,
             housekeeping_interval: d::HOUSEKEEPING_INTERVAL,
+            instance_id: d::instance_id(),
         }
     }
 }
 
+/// How long a farm lease lasts unless renewed (a dead worker's farm is taken over after it).
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often farms with work and no worker are looked for.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a long-poll re-reads its aggregation even without a wake-up (a lost notification
+/// never strands a waiter).
+const RECHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// One page of an aggregation, as Get answers it.
 #[derive(Debug, Clone)]
 pub struct Page {
-    pub aggregation: Arc<Aggregation>,
-    pub snapshot: Arc<Snapshot>,
+    pub record: Arc<AggregationRecord>,
+    /// While QUEUED: how many aggregations run on the farm before this one.
+    pub queue_position: u32,
+    /// A terminal result, with the shared encoding of its view.
+    pub result: Option<Arc<CachedResult>>,
     /// The rows of this page: a range of the shared results.
     pub rows: Option<(Rows, Range<usize>)>,
     pub next_page_token: Option<String>,
+}
+
+/// What a Start answered.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub record: Arc<AggregationRecord>,
+    pub queue_position: u32,
+    pub disposition: Disposition,
 }
 
 /// What the gateway holds right now, for metrics and tests.
 #[derive(Debug, Clone, Default)]
 pub struct GatewayStats {
     pub store: StoreStats,
-    pub farms: HashMap<String, FarmLoad>,
+    pub farms: HashMap<String, store::FarmLoad>,
     pub start_callers: usize,
     pub get_callers: usize,
 }
 
 /// The gateway core. Dropping it stops its background work.
 pub struct Gateway {
-    store: Arc<dyn CoordinationStore>,
-    scheduler: FarmScheduler,
+    store: Arc<dyn AggregationStore>,
+    results: Arc<ResultsCache>,
+    wakeups: Arc<Wakeups>,
+    dispatcher: FarmDispatcher,
+    spans: Arc<Spans>,
     ids: IdMinter,
+    limits: Limits,
     min_remaining_validity: Duration,
-    /// Set once a drain began: Starts are refused, running work goes on.
-    draining: CancellationToken,
     start_buckets: Arc<Option<CallerBuckets>>,
     get_buckets: Arc<Option<CallerBuckets>>,
     max_wait: Duration,
     metrics: Arc<Metrics>,
+    /// Set once a drain began: Starts are refused, running work goes on.
+    draining: CancellationToken,
     cancel: CancellationToken,
     _stop_on_drop: DropGuard,
 }
 
 impl Gateway {
-    /// Builds the gateway over `upstream`, reporting to `metrics` and keeping results as
-    /// `encoder` writes them, and starts its housekeeping; needs a Tokio runtime.
+    /// Builds the gateway over `upstream` with the in-memory store, reporting to `metrics` and
+    /// keeping results as `encoder` writes them, and starts its background work; needs a Tokio
+    /// runtime.
     pub fn new(
         config: GatewayConfig,
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let store: Arc<dyn CoordinationStore> = Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace));
+        let wakeups = Arc::new(Wakeups::default());
+        let store = Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace, wakeups.clone()));
+        let results = store.results();
+        Self::with_store(config, store, results, wakeups, upstream, metrics, encoder)
+    }
+
+    /// Builds the gateway over `store`, with `results` as this replica's results cache and
+    /// `wakeups` woken by the store's changes.
+    pub fn with_store(
+        config: GatewayConfig,
+        store: Arc<dyn AggregationStore>,
+        results: Arc<ResultsCache>,
+        wakeups: Arc<Wakeups>,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+        encoder: rows::RowEncoder,
+    ) -> Self {
         let cancel = CancellationToken::new();
-        let limits = Limits {
-            queue_capacity: config.farm_queue_capacity,
-            max_live: config.max_active_aggregations,
-            max_farms: config.max_farms,
-            run_limit: config.run_limit.unwrap_or(config.lifecycle.result_validity),
-        };
+        let spans = Arc::new(Spans::default());
         let runner = Arc::new(UpstreamRunner {
             upstream,
             store: store.clone(),
@@ -211,18 +264,33 @@ impl Gateway {
             config: config.lifecycle.clone(),
             metrics: metrics.clone(),
             encoder,
+            spans: spans.clone(),
         });
-        let scheduler = FarmScheduler::new(limits, runner, cancel.clone());
+        let settings = WorkerSettings {
+            holder: format!("{}-{}", config.instance_id, std::process::id()),
+            lease_ttl: LEASE_TTL,
+            run_limit: config.run_limit.unwrap_or(config.lifecycle.result_validity),
+            scan_interval: SCAN_INTERVAL,
+        };
+        let dispatcher = FarmDispatcher::new(store.clone(), runner, wakeups.clone(), settings, cancel.clone());
         let gateway = Self {
             store,
-            scheduler,
+            results,
+            wakeups,
+            dispatcher,
+            spans,
             ids: IdMinter::new(),
+            limits: Limits {
+                queue_capacity: config.farm_queue_capacity,
+                max_live: config.max_active_aggregations,
+                max_farms: config.max_farms,
+            },
             min_remaining_validity: config.min_remaining_validity,
-            draining: CancellationToken::new(),
             start_buckets: Arc::new(CallerBuckets::new(config.caller_start)),
             get_buckets: Arc::new(CallerBuckets::new(config.caller_get)),
             max_wait: config.max_wait,
             metrics,
+            draining: CancellationToken::new(),
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
         };
@@ -238,7 +306,7 @@ impl Gateway {
 
     /// A scrape-time view of the gateway's levels that does not keep the gateway alive.
     fn levels_source(&self) -> impl Fn() -> Levels + Send + Sync + 'static {
-        let (store, scheduler) = (Arc::downgrade(&self.store), self.scheduler.clone());
+        let store = Arc::downgrade(&self.store);
         let buckets = [Arc::downgrade(&self.start_buckets), Arc::downgrade(&self.get_buckets)];
         move || {
             let Some(store) = store.upgrade() else {
@@ -251,8 +319,8 @@ impl Gateway {
                 cache_bytes: s.cached_bytes,
                 cache_expirations: s.expirations,
                 cache_evictions: s.evictions,
-                farms: scheduler
-                    .load()
+                farms: s
+                    .farms
                     .into_iter()
                     .map(|(farm_id, l)| FarmLevel { farm_id, queued: l.queued as u64, running: l.running as u64 })
                     .collect(),
@@ -267,33 +335,27 @@ impl Gateway {
 
     /// Starts, joins or reuses the aggregation for `request`; a cached result older than
     /// `max_staleness` is not reused.
-    pub fn start(
+    pub async fn start(
         &self,
         caller: &str,
         request: &AggregationRequest,
         max_staleness: Option<Duration>,
-    ) -> Result<(Arc<Aggregation>, Disposition), GatewayError> {
+    ) -> Result<Started, GatewayError> {
         if self.draining.is_cancelled() || self.cancel.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
         self.take_token(&self.start_buckets, caller, "StartAggregation")?;
         let key = CanonicalKey::new(request);
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
-        let (aggregation, disposition) = self
-            .store
-            .find_or_insert(&key, &freshness, &mut || {
-                let aggregation = Arc::new(Aggregation::new(self.ids.mint(), key.clone()));
-                self.scheduler.enqueue(aggregation.clone())?;
-                Ok(aggregation)
-            })
-            .inspect_err(|e| {
-                if let GatewayError::Busy { bound, .. } = e {
-                    self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: bound }).inc();
-                }
-            })?;
-        let label = match disposition {
+        let claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await.inspect_err(|e| {
+            if let GatewayError::Busy { bound, .. } = e {
+                self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: bound }).inc();
+            }
+        })?;
+        let label = match claimed.disposition {
             Disposition::Started => {
                 self.metrics.cache_misses.inc();
+                self.dispatcher.kick(key.farm_id());
                 "started"
             }
             Disposition::Joined => "joined",
@@ -303,11 +365,11 @@ impl Gateway {
             }
         };
         self.metrics.dispositions.get_or_create(&DispositionLabels { disposition: label }).inc();
-        if disposition != Disposition::Cached {
-            aggregation.link_from_current();
+        if claimed.disposition != Disposition::Cached {
+            self.spans.link_from_current(&claimed.record);
         }
-        tracing::debug!(aggregation = %aggregation.id, ?disposition, "start answered");
-        Ok((aggregation, disposition))
+        tracing::debug!(aggregation = %claimed.record.id, disposition = ?claimed.disposition, "start answered");
+        Ok(Started { record: claimed.record, queue_position: claimed.queue_position, disposition: claimed.disposition })
     }
 
     /// Reads an aggregation and one page of its rows, waiting up to `wait` (capped by the
@@ -322,44 +384,37 @@ impl Gateway {
     ) -> Result<Page, GatewayError> {
         self.take_token(&self.get_buckets, caller, "GetAggregation")?;
         let size = paging::page_size(page_size)?;
-        let aggregation = match self.store.get(id) {
-            Found::Live(a) => a,
-            Found::Expired(at) => {
-                return Err(GatewayError::Expired { id: id.to_owned(), at });
-            }
-            Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
-            Found::Unknown => {
-                return Err(match self.ids.origin(id) {
-                    Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
-                    Origin::Ours | Origin::Malformed => GatewayError::NotFound { id: id.to_owned() },
-                });
-            }
-        };
-        let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, &aggregation.id)? };
-        let snapshot = if wait.is_zero() {
-            aggregation.snapshot()
-        } else {
-            tokio::select! {
-                s = aggregation.wait_terminal(wait.min(self.max_wait)) => s,
-                () = self.cancel.cancelled() => aggregation.snapshot(),
-            }
-        };
-        if snapshot.is_expired(Instant::now()) && snapshot.state == State::Completed {
-            let at = snapshot.expire_time.unwrap_or_else(std::time::SystemTime::now);
-            return Err(GatewayError::Expired { id: id.to_owned(), at });
+        let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, id)? };
+        // The hot path: a terminal result held by this replica.
+        if let Some(result) = self.results.get(id) {
+            return terminal_page(id, result, offset, size);
         }
-        let (rows, next_page_token) = match &snapshot.rows {
-            Some(all) => {
-                if offset > all.len() {
-                    return Err(paging::past_the_end());
+        let wait = wait.min(self.max_wait);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waiter = (!wait.is_zero()).then(|| self.wakeups.waiter(id));
+        loop {
+            let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
+            let (record, queue_position) = match found {
+                Found::Terminal(result) => return terminal_page(id, result, offset, size),
+                Found::Active { record, queue_position } => (record, queue_position),
+                Found::Expired(at) => return Err(GatewayError::Expired { id: id.to_owned(), at }),
+                Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
+                Found::Unknown => {
+                    return Err(match self.ids.origin(id) {
+                        Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
+                        Origin::Ours | Origin::Malformed => GatewayError::NotFound { id: id.to_owned() },
+                    });
                 }
-                let end = all.len().min(offset + size);
-                let next = (end < all.len()).then(|| paging::encode(&aggregation.id, end));
-                (Some((all.clone(), offset..end)), next)
+            };
+            let now = tokio::time::Instant::now();
+            let answer = Page { record, queue_position, result: None, rows: None, next_page_token: None };
+            let Some(waiter) = waiter.as_mut().filter(|_| now < deadline) else { return Ok(answer) };
+            tokio::select! {
+                () = waiter.woken() => {}
+                () = tokio::time::sleep_until(deadline.min(now + RECHECK_INTERVAL)) => {}
+                () = self.cancel.cancelled() => return Ok(answer),
             }
-            None => (None, None),
-        };
-        Ok(Page { aggregation, snapshot, rows, next_page_token })
+        }
     }
 
     /// Begins a drain: Starts are refused from now on, while queued and running aggregations
@@ -370,12 +425,12 @@ impl Gateway {
 
     /// Resolves once no aggregation is queued or running.
     pub async fn drained(&self) {
-        while self.scheduler.live() > 0 {
+        while self.store.stats().active > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Stops queue workers and housekeeping, and makes long-polls return at once with the
+    /// Stops farm workers and housekeeping, and makes long-polls return at once with the
     /// state they see.
     pub fn shutdown(&self) {
         self.draining.cancel();
@@ -396,17 +451,39 @@ impl Gateway {
     }
 
     pub fn stats(&self) -> GatewayStats {
+        let store = self.store.stats();
         GatewayStats {
-            store: self.store.stats(),
-            farms: self.scheduler.load(),
+            farms: store.farms.clone(),
+            store,
             start_callers: self.start_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
             get_callers: self.get_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
         }
     }
 }
 
+/// A page of a terminal result; an expired COMPLETED one is refused.
+fn terminal_page(id: &str, result: Arc<CachedResult>, offset: usize, size: usize) -> Result<Page, GatewayError> {
+    let record = result.record.clone();
+    if record.state == State::Completed && record.is_expired(SystemTime::now()) {
+        let at = record.expire_time.unwrap_or_else(SystemTime::now);
+        return Err(GatewayError::Expired { id: id.to_owned(), at });
+    }
+    let (rows, next_page_token) = match &result.rows {
+        Some(all) => {
+            if offset > all.len() {
+                return Err(paging::past_the_end());
+            }
+            let end = all.len().min(offset + size);
+            let next = (end < all.len()).then(|| paging::encode(&record.id, end));
+            (Some((all.clone(), offset..end)), next)
+        }
+        None => (None, None),
+    };
+    Ok(Page { record, queue_position: 0, result: Some(result), rows, next_page_token })
+}
+
 async fn housekeeping(
-    store: Arc<dyn CoordinationStore>,
+    store: Arc<dyn AggregationStore>,
     buckets: [Arc<Option<CallerBuckets>>; 2],
     every: Duration,
     cancel: CancellationToken,
@@ -418,7 +495,7 @@ async fn housekeeping(
             _ = tick.tick() => {}
             () = cancel.cancelled() => return,
         }
-        store.housekeeping();
+        store.housekeeping().await;
         for b in buckets.iter().filter_map(|b| b.as_ref().as_ref()) {
             b.housekeeping();
         }

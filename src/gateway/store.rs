@@ -1,19 +1,22 @@
-//! The coordination state behind one narrow interface: which aggregation answers a key, which
-//! aggregation an id names, and the results cache with exact per-entry expiry.
+//! The coordination state behind one async interface of owned records: claim a key (start,
+//! join or answer from cache), read an id, and, for the farm's lease holder, take the head of a
+//! farm's queue and write the aggregation's next state, fenced by the lease's token.
 //!
-//! [`MemoryStore`] keeps it in this process. A store shared by several replicas implements the
-//! same [`CoordinationStore`] trait. The per-farm queues live in the scheduler.
+//! [`MemoryStore`] keeps it in this process, its rows in the [`ResultsCache`]; a store shared
+//! by several replicas implements the same [`AggregationStore`] trait. Every write wakes the
+//! waiters of the aggregation it changed ([`Wakeups`]).
 
-use super::aggregation::{Aggregation, AggregationId, Snapshot, State};
-use super::error::GatewayError;
+use super::error::{GatewayError, StoreError};
 use super::key::CanonicalKey;
-use moka::notification::RemovalCause;
+use super::lease::{FarmLeases, Lease, MemoryLeases};
+use super::record::{AggregationId, AggregationRecord, Rows, State};
+use super::results::{CachedResult, Removal, ResultsCache};
+use super::wakeups::Wakeups;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// How a Start was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,19 +27,6 @@ pub enum Disposition {
     Joined,
     /// An identical aggregation is terminal and still valid.
     Cached,
-}
-
-/// What an id names.
-#[derive(Debug, Clone)]
-pub enum Found {
-    /// Queued, running, or terminal and remembered (a FAILED result stays readable after its
-    /// TTL, so its id still says why it failed).
-    Live(Arc<Aggregation>),
-    /// Its results passed their validity at this time.
-    Expired(SystemTime),
-    /// Its results were dropped to stay within the memory budget.
-    Evicted,
-    Unknown,
 }
 
 /// What a caller accepts as a cached answer.
@@ -50,12 +40,12 @@ pub struct Freshness {
 }
 
 impl Freshness {
-    /// Whether the terminal aggregation `s` may answer a Start at `now`.
-    fn accepts(&self, s: &Snapshot, now: Instant) -> bool {
-        let remaining = s.expire_at.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
-        let needed = if s.state == State::Completed { self.min_remaining } else { Duration::ZERO };
-        let fresh = match (self.max_staleness, s.data_at) {
-            (Some(max), Some(at)) => now.saturating_duration_since(at) <= max,
+    /// Whether the terminal aggregation `r` may answer a Start at `now`.
+    pub fn accepts(&self, r: &AggregationRecord, now: SystemTime) -> bool {
+        let remaining = r.remaining(now);
+        let needed = if r.state == State::Completed { self.min_remaining } else { Duration::ZERO };
+        let fresh = match (self.max_staleness, r.data_time) {
+            (Some(max), Some(at)) => now.duration_since(at).unwrap_or_default() <= max,
             (Some(_), None) => false,
             (None, _) => true,
         };
@@ -63,9 +53,62 @@ impl Freshness {
     }
 }
 
-/// Counters for the store's contents.
+/// The bounds a claim must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Aggregations that may wait per farm behind the one at its head.
+    pub queue_capacity: usize,
+    /// Queued and running aggregations across all farms.
+    pub max_live: usize,
+    /// Farms with work at once.
+    pub max_farms: usize,
+}
+
+/// An aggregation as a claim or a read finds it.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// Queued or running, with how many aggregations are ahead of it on its farm.
+    Active { record: Arc<AggregationRecord>, queue_position: u32 },
+    /// Terminal and readable: COMPLETED with its rows, or FAILED / TIMED_OUT (a failure stays
+    /// readable after its TTL, so its id still says why).
+    Terminal(Arc<CachedResult>),
+    /// Its results passed their validity at this time.
+    Expired(SystemTime),
+    /// Its results were dropped to stay within the memory budget.
+    Evicted,
+    Unknown,
+}
+
+/// What a claim answers with.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub record: Arc<AggregationRecord>,
+    /// While QUEUED: how many aggregations are ahead of it on its farm.
+    pub queue_position: u32,
+    /// For a cached answer, the result itself.
+    pub result: Option<Arc<CachedResult>>,
+    pub disposition: Disposition,
+}
+
+/// Whether a fenced write landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// A newer lease holder exists: the writer must stop.
+    Fenced,
+}
+
+/// Queue depth and running count of one farm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FarmLoad {
+    pub queued: usize,
+    pub running: usize,
+}
+
+/// Counters for the store's contents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
+    /// Queued and running aggregations.
     pub active: usize,
     pub cached: u64,
     pub cached_bytes: u64,
@@ -76,29 +119,43 @@ pub struct StoreStats {
     pub evictions: u64,
     /// Ids remembered after their results went away (to say why).
     pub tombstones: u64,
+    pub farms: HashMap<String, FarmLoad>,
 }
 
 /// The coordination state of the gateway.
-pub trait CoordinationStore: Send + Sync + 'static {
-    /// Atomically finds the live aggregation for `key` that `freshness` accepts, or registers
-    /// the one `create` makes (which may refuse, e.g. when the farm's queue is full).
-    fn find_or_insert(
+#[async_trait::async_trait]
+pub trait AggregationStore: FarmLeases {
+    /// Atomically finds the live aggregation for `key` that `freshness` accepts, or queues a
+    /// new one named `id` at the back of its farm's queue, within `limits`.
+    async fn claim(
         &self,
         key: &CanonicalKey,
         freshness: &Freshness,
-        create: &mut dyn FnMut() -> Result<Arc<Aggregation>, GatewayError>,
-    ) -> Result<(Arc<Aggregation>, Disposition), GatewayError>;
+        limits: &Limits,
+        id: AggregationId,
+    ) -> Result<Claimed, GatewayError>;
 
     /// Looks up an aggregation by id.
-    fn get(&self, id: &str) -> Found;
+    async fn read(&self, id: &str) -> Result<Found, StoreError>;
 
-    /// Moves a terminal aggregation into the results cache, where it stays until its snapshot's
-    /// `expire_at` or until the memory budget evicts it (never within its residency grace).
-    fn finish(&self, aggregation: &Arc<Aggregation>);
+    /// The aggregation at the head of `farm`'s queue: the one its lease holder drives.
+    async fn head(&self, farm: &str) -> Result<Option<Arc<AggregationRecord>>, StoreError>;
 
-    /// Drops what has expired and index entries that point nowhere.
-    fn housekeeping(&self);
+    /// Writes the next state of an active aggregation, if `lease` is still current.
+    async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError>;
 
+    /// Writes a terminal state (and, when COMPLETED, its rows), takes it off its farm's queue
+    /// and keeps it until its expiry; if `lease` is still current.
+    async fn finish(&self, lease: &Lease, record: AggregationRecord, rows: Option<Rows>)
+    -> Result<Written, StoreError>;
+
+    /// Farms with queued or running aggregations.
+    async fn farms_with_work(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Drops what has expired.
+    async fn housekeeping(&self);
+
+    /// What it holds now.
     fn stats(&self) -> StoreStats;
 }
 
@@ -108,7 +165,7 @@ enum Tombstone {
     Expired(SystemTime),
     Evicted,
     /// A FAILED or TIMED_OUT aggregation past its TTL: small (no rows), kept whole.
-    Failed(Arc<Aggregation>),
+    Failed(Arc<CachedResult>),
 }
 
 impl Tombstone {
@@ -116,41 +173,19 @@ impl Tombstone {
     fn weight(&self) -> u32 {
         let bytes = match self {
             Self::Expired(_) | Self::Evicted => TOMBSTONE_BYTES,
-            Self::Failed(agg) => agg.weight(),
+            Self::Failed(r) => r.weight(),
         };
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 
     /// What a result leaves behind when it leaves the cache.
-    fn of(agg: &Arc<Aggregation>, evicted: bool) -> Self {
-        match agg.with_snapshot(|s| (s.state, s.expire_time)) {
-            (State::Completed, _) if evicted => Self::Evicted,
-            (State::Completed, at) => Self::Expired(at.unwrap_or_else(SystemTime::now)),
-            _ => Self::Failed(agg.clone()),
+    fn of(result: &Arc<CachedResult>, removal: Option<Removal>) -> Self {
+        match (result.record.state, removal) {
+            (State::Completed, Some(Removal::Evicted)) => Self::Evicted,
+            (State::Completed, _) => Self::Expired(result.record.expire_time.unwrap_or_else(SystemTime::now)),
+            _ => Self::Failed(result.clone()),
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    /// Queued and running aggregations.
-    active: HashMap<AggregationId, Arc<Aggregation>>,
-    /// Terminal aggregations within their residency grace, with its end: held here whatever
-    /// the cache's budget does, so a fresh result is never the first thing dropped.
-    resident: HashMap<AggregationId, (Arc<Aggregation>, Instant)>,
-    /// The aggregation answering each key, active or cached.
-    by_key: HashMap<CanonicalKey, AggregationId>,
-}
-
-/// The in-process [`CoordinationStore`].
-pub struct MemoryStore {
-    index: Mutex<Index>,
-    results: Cache<AggregationId, Arc<Aggregation>>,
-    tombstones: Cache<AggregationId, Tombstone>,
-    /// How long a finished result is held regardless of the budget.
-    grace: Duration,
-    /// Expirations and evictions, counted by the cache's eviction listener.
-    removals: Arc<[AtomicU64; 2]>,
 }
 
 /// How long Get remembers why an id went away.
@@ -160,14 +195,33 @@ const TOMBSTONE_BUDGET_BYTES: u64 = 32 * 1024 * 1024;
 /// What a plain tombstone costs: its id, the reason and the cache's bookkeeping.
 const TOMBSTONE_BYTES: usize = 160;
 
+#[derive(Debug, Default)]
+struct Index {
+    /// Queued and running aggregations.
+    active: HashMap<AggregationId, Arc<AggregationRecord>>,
+    /// The aggregation answering each key, active or terminal.
+    by_key: HashMap<CanonicalKey, AggregationId>,
+    /// Each farm's queue, its head first.
+    farms: HashMap<String, VecDeque<AggregationId>>,
+}
+
+/// The in-process [`AggregationStore`].
+pub struct MemoryStore {
+    index: Mutex<Index>,
+    results: Arc<ResultsCache>,
+    tombstones: Cache<AggregationId, Tombstone>,
+    leases: MemoryLeases,
+    wakeups: Arc<Wakeups>,
+}
+
 impl MemoryStore {
-    /// A store whose results cache holds at most `max_bytes` (least recently used results go
-    /// first), and which holds each finished result for at least `grace` whatever the budget.
-    pub fn new(max_bytes: u64, grace: Duration) -> Self {
-        Self::with_tombstone_budget(max_bytes, grace, TOMBSTONE_BUDGET_BYTES)
+    /// A store whose results (rows included) are held by a cache of `max_bytes`, each for at
+    /// least `grace`; its writes wake `wakeups`.
+    pub fn new(max_bytes: u64, grace: Duration, wakeups: Arc<Wakeups>) -> Self {
+        Self::with_tombstone_budget(max_bytes, grace, wakeups, TOMBSTONE_BUDGET_BYTES)
     }
 
-    fn with_tombstone_budget(max_bytes: u64, grace: Duration, tombstone_bytes: u64) -> Self {
+    fn with_tombstone_budget(max_bytes: u64, grace: Duration, wakeups: Arc<Wakeups>, tombstone_bytes: u64) -> Self {
         let tombstones: Cache<AggregationId, Tombstone> = Cache::builder()
             .max_capacity(tombstone_bytes)
             .weigher(|_, t: &Tombstone| t.weight())
@@ -175,334 +229,232 @@ impl MemoryStore {
             .time_to_live(TOMBSTONE_TTL)
             .build();
         let graves = tombstones.clone();
-        let removals: Arc<[AtomicU64; 2]> = Arc::default();
-        let counted = removals.clone();
-        let results = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_, agg: &Arc<Aggregation>| u32::try_from(agg.weight()).unwrap_or(u32::MAX))
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(ExpireAtSnapshot)
-            .eviction_listener(move |id: Arc<AggregationId>, agg: Arc<Aggregation>, cause| {
-                let (tomb, counter) = match cause {
-                    RemovalCause::Expired => (Tombstone::of(&agg, false), 0),
-                    RemovalCause::Size => (Tombstone::of(&agg, true), 1),
-                    RemovalCause::Explicit | RemovalCause::Replaced => return,
-                };
-                counted[counter].fetch_add(1, Ordering::Relaxed);
-                graves.insert(AggregationId::clone(&id), tomb);
-            })
-            .build();
-        Self { index: Mutex::default(), results, tombstones, grace, removals }
+        let results = ResultsCache::new(
+            max_bytes,
+            grace,
+            Box::new(move |result, removal| {
+                graves.insert(result.record.id.clone(), Tombstone::of(result, Some(removal)));
+            }),
+        );
+        Self { index: Mutex::default(), results: Arc::new(results), tombstones, leases: MemoryLeases::default(), wakeups }
+    }
+
+    /// The results cache: where this store keeps rows, and what Get reads first.
+    pub fn results(&self) -> Arc<ResultsCache> {
+        self.results.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The terminal aggregation `id` from the cache or the residents.
-    fn terminal(&self, index: &Index, id: &str) -> Option<Arc<Aggregation>> {
-        self.results.get(id).or_else(|| index.resident.get(id).map(|(agg, _)| agg.clone()))
+    /// An active aggregation with its place in its farm's queue.
+    fn active(index: &Index, record: &Arc<AggregationRecord>) -> Found {
+        Found::Active { record: record.clone(), queue_position: Self::position(index, record) }
+    }
+
+    /// How many aggregations are ahead of `record` on its farm.
+    fn position(index: &Index, record: &AggregationRecord) -> u32 {
+        let position = index
+            .farms
+            .get(record.farm_id())
+            .and_then(|q| q.iter().position(|id| *id == record.id))
+            .unwrap_or_default();
+        u32::try_from(position).unwrap_or(u32::MAX)
+    }
+
+    /// Whether `lease` is still the newest of its farm.
+    fn fenced(&self, lease: &Lease) -> bool {
+        self.leases.newest_token(&lease.farm) != lease.token
     }
 }
 
-impl CoordinationStore for MemoryStore {
-    fn find_or_insert(
+#[async_trait::async_trait]
+impl AggregationStore for MemoryStore {
+    async fn claim(
         &self,
         key: &CanonicalKey,
         freshness: &Freshness,
-        create: &mut dyn FnMut() -> Result<Arc<Aggregation>, GatewayError>,
-    ) -> Result<(Arc<Aggregation>, Disposition), GatewayError> {
+        limits: &Limits,
+        id: AggregationId,
+    ) -> Result<Claimed, GatewayError> {
         let mut index = self.lock();
-        if let Some(id) = index.by_key.get(key) {
-            if let Some(agg) = index.active.get(id) {
-                return Ok((agg.clone(), Disposition::Joined));
+        if let Some(existing) = index.by_key.get(key) {
+            if let Some(record) = index.active.get(existing) {
+                let queue_position = Self::position(&index, record);
+                let record = record.clone();
+                return Ok(Claimed { record, queue_position, result: None, disposition: Disposition::Joined });
             }
-            let now = Instant::now();
-            if let Some(agg) = self.terminal(&index, id).filter(|a| a.with_snapshot(|s| freshness.accepts(s, now))) {
-                return Ok((agg, Disposition::Cached));
+            let now = SystemTime::now();
+            let usable = |r: &CachedResult| {
+                freshness.accepts(&r.record, now) && (r.record.state != State::Completed || r.rows.is_some())
+            };
+            if let Some(result) = self.results.get(existing).filter(|r| usable(r)) {
+                let record = result.record.clone();
+                return Ok(Claimed { record, queue_position: 0, result: Some(result), disposition: Disposition::Cached });
             }
         }
-        let agg = create()?;
-        index.active.insert(agg.id.clone(), agg.clone());
-        index.by_key.insert(key.clone(), agg.id.clone());
-        Ok((agg, Disposition::Started))
+        let farm = key.farm_id();
+        if index.active.len() >= limits.max_live {
+            return Err(GatewayError::Busy { bound: "max_active_aggregations", limit: limits.max_live });
+        }
+        if !index.farms.contains_key(farm) && index.farms.len() >= limits.max_farms {
+            return Err(GatewayError::Busy { bound: "max_farms", limit: limits.max_farms });
+        }
+        let waiting = index.farms.get(farm).map_or(0, |q| q.len().saturating_sub(1));
+        if index.farms.contains_key(farm) && waiting >= limits.queue_capacity {
+            return Err(GatewayError::QueueFull { farm_id: farm.to_owned(), capacity: limits.queue_capacity });
+        }
+        let record = Arc::new(AggregationRecord::queued(id.clone(), key.clone()));
+        let queue = index.farms.entry(farm.to_owned()).or_default();
+        queue.push_back(id.clone());
+        let position = u32::try_from(queue.len() - 1).unwrap_or(u32::MAX);
+        index.active.insert(id.clone(), record.clone());
+        index.by_key.insert(key.clone(), id);
+        Ok(Claimed { record, queue_position: position, result: None, disposition: Disposition::Started })
     }
 
-    fn get(&self, id: &str) -> Found {
-        // Finished results first: they are what most Gets ask for. `finish` puts an aggregation
-        // into the cache before it takes it out of `active`, so one that finishes between the
-        // first two lookups is found by the third.
-        let live = |agg: Arc<Aggregation>| match agg
-            .with_snapshot(|s| (s.state == State::Completed && s.is_expired(Instant::now()), s.expire_time))
-        {
-            (true, at) => Found::Expired(at.unwrap_or_else(SystemTime::now)),
-            (false, _) => Found::Live(agg),
-        };
-        if let Some(agg) = self.results.get(id) {
-            return live(agg);
+    async fn read(&self, id: &str) -> Result<Found, StoreError> {
+        // Terminal results first: they are what most Gets ask for. `finish` puts a result into
+        // the cache before it takes it out of `active`, so one that finishes between the first
+        // two lookups is found by the third.
+        if let Some(result) = self.results.get(id) {
+            return Ok(terminal(result));
         }
         {
             let index = self.lock();
-            if let Some(agg) = index.active.get(id) {
-                return Found::Live(agg.clone());
-            }
-            if let Some(agg) = self.terminal(&index, id) {
-                return live(agg);
+            if let Some(record) = index.active.get(id) {
+                return Ok(Self::active(&index, record));
             }
         }
-        match self.tombstones.get(id) {
+        if let Some(result) = self.results.get(id) {
+            return Ok(terminal(result));
+        }
+        Ok(match self.tombstones.get(id) {
             Some(Tombstone::Expired(at)) => Found::Expired(at),
             Some(Tombstone::Evicted) => Found::Evicted,
-            Some(Tombstone::Failed(agg)) => Found::Live(agg),
+            Some(Tombstone::Failed(result)) => Found::Terminal(result),
             None => Found::Unknown,
-        }
+        })
     }
 
-    fn finish(&self, aggregation: &Arc<Aggregation>) {
-        // The cache checks expiry exactly on reads but reports it about a second late (its
-        // timer wheel's granularity), so the tombstone is laid now and replaced on eviction.
-        self.tombstones.insert(aggregation.id.clone(), Tombstone::of(aggregation, false));
-        let mut index = self.lock();
-        // Into the cache before out of `active`, so a concurrent Start never sees neither.
-        self.results.insert(aggregation.id.clone(), aggregation.clone());
-        if !self.grace.is_zero() {
-            index.resident.insert(aggregation.id.clone(), (aggregation.clone(), Instant::now() + self.grace));
-        }
-        index.active.remove(&aggregation.id);
+    async fn head(&self, farm: &str) -> Result<Option<Arc<AggregationRecord>>, StoreError> {
+        let index = self.lock();
+        Ok(index.farms.get(farm).and_then(VecDeque::front).and_then(|id| index.active.get(id)).cloned())
     }
 
-    fn housekeeping(&self) {
-        self.results.run_pending_tasks();
+    async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError> {
+        if self.fenced(lease) {
+            return Ok(Written::Fenced);
+        }
+        let id = record.id.clone();
+        {
+            let mut index = self.lock();
+            let Some(slot) = index.active.get_mut(&id) else { return Ok(Written::Fenced) };
+            *slot = Arc::new(record);
+        }
+        self.wakeups.wake(&id);
+        Ok(Written::Done)
+    }
+
+    async fn finish(
+        &self,
+        lease: &Lease,
+        record: AggregationRecord,
+        rows: Option<Rows>,
+    ) -> Result<Written, StoreError> {
+        if self.fenced(lease) {
+            return Ok(Written::Fenced);
+        }
+        let id = record.id.clone();
+        let result = Arc::new(CachedResult::new(Arc::new(record), rows));
+        // The cache reports expiry about a second late (its timer wheel's granularity), so the
+        // tombstone is laid now and replaced on eviction.
+        self.tombstones.insert(id.clone(), Tombstone::of(&result, None));
+        {
+            let mut index = self.lock();
+            if !index.active.contains_key(&id) {
+                return Ok(Written::Fenced);
+            }
+            // Into the cache before out of `active`, so a concurrent reader never sees neither.
+            self.results.insert(result.clone());
+            index.active.remove(&id);
+            let farm = result.record.farm_id();
+            if let Some(queue) = index.farms.get_mut(farm) {
+                queue.retain(|queued| *queued != id);
+                if queue.is_empty() {
+                    index.farms.remove(farm);
+                }
+            }
+        }
+        self.wakeups.wake(&id);
+        Ok(Written::Done)
+    }
+
+    async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock().farms.keys().cloned().collect())
+    }
+
+    async fn housekeeping(&self) {
+        self.results.housekeeping();
         self.tombstones.run_pending_tasks();
-        let now = Instant::now();
         let mut index = self.lock();
-        let Index { active, resident, by_key } = &mut *index;
-        resident.retain(|_, (_, until)| *until > now);
-        by_key.retain(|_, id| active.contains_key(id) || resident.contains_key(id) || self.results.contains_key(id));
+        let Index { active, by_key, .. } = &mut *index;
+        by_key.retain(|_, id| active.contains_key(id) || self.results.contains(id));
     }
 
     fn stats(&self) -> StoreStats {
-        // The caches' counts lag their writes until their pending work runs.
-        self.results.run_pending_tasks();
+        let (cached, cached_bytes, expirations, evictions) = self.results.stats();
         self.tombstones.run_pending_tasks();
         let index = self.lock();
+        let farms = index
+            .farms
+            .iter()
+            .map(|(farm, queue)| {
+                let running = queue
+                    .front()
+                    .and_then(|id| index.active.get(id))
+                    .map_or(0, |r| usize::from(r.state == State::Running));
+                (farm.clone(), FarmLoad { queued: queue.len() - running, running })
+            })
+            .collect();
         StoreStats {
             active: index.active.len(),
-            cached: self.results.entry_count(),
-            cached_bytes: self.results.weighted_size(),
+            cached,
+            cached_bytes,
             keys: index.by_key.len(),
-            expirations: self.removals[0].load(Ordering::Relaxed),
-            evictions: self.removals[1].load(Ordering::Relaxed),
+            expirations,
+            evictions,
             tombstones: self.tombstones.entry_count(),
+            farms,
         }
     }
 }
 
-/// Each cached aggregation expires exactly at its snapshot's `expire_at`.
-struct ExpireAtSnapshot;
-
-impl moka::Expiry<AggregationId, Arc<Aggregation>> for ExpireAtSnapshot {
-    fn expire_after_create(&self, _id: &AggregationId, agg: &Arc<Aggregation>, now: Instant) -> Option<Duration> {
-        Some(agg.with_snapshot(|s| s.expire_at).map_or(Duration::ZERO, |at| at.saturating_duration_since(now)))
+/// A terminal result as a read finds it: an expired COMPLETED one says when it expired.
+fn terminal(result: Arc<CachedResult>) -> Found {
+    let r = &result.record;
+    if r.state == State::Completed && r.is_expired(SystemTime::now()) {
+        return Found::Expired(r.expire_time.unwrap_or_else(SystemTime::now));
     }
-
-    fn expire_after_update(
-        &self,
-        id: &AggregationId,
-        agg: &Arc<Aggregation>,
-        now: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(id, agg, now)
-    }
+    Found::Terminal(result)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::StatisticsRow;
-    use crate::gateway::aggregation::{Failure, FailureCode, State};
-
-    fn key(n: u64) -> CanonicalKey {
-        crate::gateway::key::test_key(1, n)
+#[async_trait::async_trait]
+impl FarmLeases for MemoryStore {
+    async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        self.leases.acquire(farm, holder, ttl).await
     }
 
-    const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
-
-    fn start_with(store: &MemoryStore, k: &CanonicalKey, f: &Freshness) -> (Arc<Aggregation>, Disposition) {
-        let minter = crate::gateway::ids::IdMinter::new();
-        store.find_or_insert(k, f, &mut || Ok(Arc::new(Aggregation::new(minter.mint(), k.clone())))).expect("inserted")
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
+        self.leases.renew(lease, ttl).await
     }
 
-    fn start(store: &MemoryStore, k: &CanonicalKey) -> (Arc<Aggregation>, Disposition) {
-        start_with(store, k, &ANY)
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.leases.release(lease).await
     }
 
-    fn complete(agg: &Aggregation, rows: usize, valid_for: Duration) {
-        agg.update(|s| {
-            s.state = State::Completed;
-            let mut block = crate::gateway::rows::RowBlockBuilder::new(|_, buf| buf.extend_from_slice(&[0; 100]));
-            (0..rows).for_each(|_| block.push(&StatisticsRow::default()));
-            s.rows = Some(Arc::new(block.finish()));
-            s.expire_at = Some(Instant::now() + valid_for);
-            s.expire_time = Some(SystemTime::now() + valid_for);
-            s.data_at = Some(Instant::now());
-        });
-    }
-
-    fn fail(agg: &Aggregation, ttl: Duration) {
-        agg.update(|s| {
-            s.state = State::Failed;
-            s.error = Some(Failure { code: FailureCode::Internal, message: "it broke".into() });
-            s.expire_at = Some(Instant::now() + ttl);
-            s.expire_time = Some(SystemTime::now() + ttl);
-            s.data_at = Some(Instant::now());
-        });
-    }
-
-    fn is_live(found: Found) -> bool {
-        matches!(found, Found::Live(_))
-    }
-
-    #[test]
-    fn identical_keys_join_then_hit_the_cache_then_start_afresh_after_expiry() {
-        let store = MemoryStore::new(1 << 20, Duration::ZERO);
-        let k = key(1);
-        let (a, d) = start(&store, &k);
-        assert_eq!(d, Disposition::Started);
-        let (b, d) = start(&store, &k);
-        assert_eq!((d, &b.id), (Disposition::Joined, &a.id));
-
-        complete(&a, 3, Duration::from_millis(200));
-        store.finish(&a);
-        let (c, d) = start(&store, &k);
-        assert_eq!((d, &c.id), (Disposition::Cached, &a.id));
-        assert!(is_live(store.get(&a.id)));
-
-        std::thread::sleep(Duration::from_millis(250));
-        assert!(matches!(store.get(&a.id), Found::Expired(_)));
-        let (fresh, d) = start(&store, &k);
-        assert_eq!(d, Disposition::Started);
-        assert_ne!(fresh.id, a.id);
-        store.housekeeping();
-        assert_eq!(store.stats().keys, 1, "the expired key's index entry is gone, the fresh one stays");
-    }
-
-    #[test]
-    fn a_refused_creation_leaves_nothing_behind() {
-        let store = MemoryStore::new(1 << 20, Duration::ZERO);
-        let k = key(2);
-        let refused =
-            store.find_or_insert(&k, &ANY, &mut || Err(GatewayError::QueueFull { farm_id: "f".into(), capacity: 0 }));
-        assert!(refused.is_err());
-        assert_eq!(store.stats(), StoreStats::default());
-    }
-
-    /// One result of 200 rows of 100 bytes, and the budget that holds exactly two of them.
-    fn two_result_budget() -> u64 {
-        let (probe, _) = start(&MemoryStore::new(1 << 20, Duration::ZERO), &key(99));
-        complete(&probe, 200, Duration::from_secs(60));
-        probe.weight() as u64 * 2 + probe.weight() as u64 / 2
-    }
-
-    #[test]
-    fn the_least_recently_used_result_is_evicted_never_the_fresh_one() {
-        let store = MemoryStore::new(two_result_budget(), Duration::ZERO);
-        let mut ids = Vec::new();
-        for n in 0..3 {
-            let (agg, _) = start(&store, &key(n));
-            complete(&agg, 200, Duration::from_secs(60));
-            store.finish(&agg);
-            store.housekeeping();
-            ids.push(agg.id.clone());
-            if n == 1 {
-                assert!(is_live(store.get(&ids[0])), "A is read after B completes: B is now the LRU");
-            }
-        }
-        store.housekeeping();
-        assert!(matches!(store.get(&ids[1]), Found::Evicted), "B, the least recently used, is evicted");
-        assert!(is_live(store.get(&ids[0])) && is_live(store.get(&ids[2])), "A (read) and C (fresh) stay");
-        assert_eq!(store.stats().evictions, 1);
-    }
-
-    #[test]
-    fn a_result_larger_than_the_budget_is_still_served_within_its_grace() {
-        let store = MemoryStore::new(1024, Duration::from_millis(300));
-        let (agg, _) = start(&store, &key(1));
-        complete(&agg, 200, Duration::from_secs(60));
-        store.finish(&agg);
-        store.housekeeping();
-        assert!(is_live(store.get(&agg.id)), "resident within its grace");
-        assert_eq!(start(&store, &key(1)).1, Disposition::Cached);
-        std::thread::sleep(Duration::from_millis(350));
-        store.housekeeping();
-        assert!(matches!(store.get(&agg.id), Found::Evicted), "then the budget wins");
-        assert_eq!(start(&store, &key(1)).1, Disposition::Started);
-    }
-
-    #[test]
-    fn failed_and_empty_results_weigh_what_they_hold() {
-        let store = MemoryStore::new(10 * ENTRY_BYTES, Duration::ZERO);
-        for n in 0..100 {
-            let (agg, _) = start(&store, &key(n));
-            fail(&agg, Duration::from_secs(60));
-            store.finish(&agg);
-        }
-        store.housekeeping();
-        let stats = store.stats();
-        assert!(stats.cached <= 10, "the budget bounds the number of entries: {stats:?}");
-        assert!(stats.cached_bytes >= stats.cached * ENTRY_BYTES);
-    }
-    const ENTRY_BYTES: u64 = crate::gateway::aggregation::ENTRY_OVERHEAD_BYTES as u64;
-
-    #[test]
-    fn a_failed_id_still_says_why_after_its_ttl() {
-        let store = MemoryStore::new(1 << 20, Duration::ZERO);
-        let (agg, _) = start(&store, &key(1));
-        fail(&agg, Duration::from_millis(100));
-        store.finish(&agg);
-        assert_eq!(start(&store, &key(1)).1, Disposition::Cached, "callers see the failure within its TTL");
-        std::thread::sleep(Duration::from_millis(150));
-        store.housekeeping();
-        let Found::Live(seen) = store.get(&agg.id) else { panic!("the failure is remembered") };
-        assert_eq!(seen.snapshot().error.as_ref().map(|e| e.message.as_str()), Some("it broke"));
-        assert_eq!(start(&store, &key(1)).1, Disposition::Started, "after the TTL a Start retries");
-    }
-
-    #[test]
-    fn tombstones_keep_the_most_recent_when_full() {
-        let store = MemoryStore::with_tombstone_budget(1 << 20, Duration::ZERO, 100 * TOMBSTONE_BYTES as u64);
-        let mut ids = Vec::new();
-        for n in 0..300 {
-            let (agg, _) = start(&store, &key(n));
-            complete(&agg, 0, Duration::from_secs(60));
-            store.finish(&agg);
-            store.tombstones.run_pending_tasks();
-            ids.push(agg.id.clone());
-        }
-        let newest = ids.last().expect("ids");
-        assert!(store.tombstones.contains_key(newest), "the newest tombstone is kept");
-        assert!(!store.tombstones.contains_key(&ids[0]), "the oldest went");
-        assert!(store.stats().tombstones <= 100);
-    }
-
-    #[test]
-    fn freshness_decides_what_a_cached_result_may_answer() {
-        let store = MemoryStore::new(1 << 20, Duration::ZERO);
-        let k = key(1);
-        let (agg, _) = start(&store, &k);
-        complete(&agg, 1, Duration::from_secs(60));
-        store.finish(&agg);
-        let needs_two_minutes = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
-        let (again, d) = start_with(&store, &k, &needs_two_minutes);
-        assert_eq!(d, Disposition::Started, "60 s left is too little to read it");
-        assert!(is_live(store.get(&agg.id)), "the old id keeps working");
-        complete(&again, 1, Duration::from_secs(600));
-        store.finish(&again);
-        std::thread::sleep(Duration::from_millis(30));
-        let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
-        assert_eq!(start_with(&store, &k, &strict).1, Disposition::Started, "older than the caller accepts");
-        let lax = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_secs(60)) };
-        assert_eq!(start_with(&store, &k, &lax).1, Disposition::Joined, "the fresher one is running");
+    async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
+        self.leases.is_current(lease).await
     }
 }

@@ -4,7 +4,7 @@
 use super::pb;
 use crate::domain::validate::{Field, FieldViolation, RequestDraft, oversized_list};
 use crate::domain::{AggregationRequest, GroupBy, Period, Statistic, StatisticsRow, Stats, UsageType};
-use crate::gateway::{Aggregation, Disposition, Failure, FailureCode, GatewayError, Snapshot, State};
+use crate::gateway::{AggregationRecord, Disposition, Failure, FailureCode, GatewayError, State};
 use chrono::{DateTime, Utc};
 use std::time::SystemTime;
 
@@ -155,18 +155,18 @@ pub fn disposition(d: Disposition) -> pb::Disposition {
     }
 }
 
-/// The proto view of an aggregation at one snapshot.
-pub fn aggregation(agg: &Aggregation, s: &Snapshot) -> pb::Aggregation {
+/// The proto view of an aggregation, `queue_position` aggregations behind the head of its farm.
+pub fn aggregation(r: &AggregationRecord, queue_position: u32) -> pb::Aggregation {
     pb::Aggregation {
-        aggregation_id: agg.id.to_string(),
-        farm_id: agg.farm_id().to_owned(),
-        state: state(s.state) as i32,
-        queue_position: if s.state == State::Queued { s.queue_position } else { 0 },
-        create_time: Some(agg.create_time.into()),
-        expire_time: s.expire_time.map(prost_types::Timestamp::from),
-        status_message: s.status_message.clone(),
-        error: s.error.as_ref().map(status),
-        row_count: s.row_count() as u64,
+        aggregation_id: r.id.to_string(),
+        farm_id: r.farm_id().to_owned(),
+        state: state(r.state) as i32,
+        queue_position: if r.state == State::Queued { queue_position } else { 0 },
+        create_time: Some(r.create_time.into()),
+        expire_time: r.expire_time.map(prost_types::Timestamp::from),
+        status_message: r.status_message.clone(),
+        error: r.error.as_ref().map(status),
+        row_count: r.row_count,
     }
 }
 

@@ -137,11 +137,10 @@ impl AggregationService for AggregationApi {
         let (metadata, _, message) = request.into_parts();
         self.observe(START, &metadata, &caller, async {
             let req = convert::start_request(message)?;
-            let (agg, disposition) = self.gateway.start(&caller, &req.request, req.max_staleness)?;
-            let aggregation = agg.with_snapshot(|s| convert::aggregation(&agg, s));
+            let started = self.gateway.start(&caller, &req.request, req.max_staleness).await?;
             Ok(Response::new(StartAggregationResponse {
-                aggregation: Some(aggregation),
-                disposition: convert::disposition(disposition) as i32,
+                aggregation: Some(convert::aggregation(&started.record, started.queue_position)),
+                disposition: convert::disposition(started.disposition) as i32,
             }))
         })
         .await
@@ -163,10 +162,12 @@ impl AggregationApi {
         self.observe(GET, &metadata, &caller, async {
             let wait = within_deadline(wait(&req)?, caller_timeout(&metadata));
             let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
-            let view = page
-                .snapshot
-                .encoded_view
-                .get_or_init(|| wire::encode_aggregation(&convert::aggregation(&page.aggregation, &page.snapshot)));
+            let encode = || wire::encode_aggregation(&convert::aggregation(&page.record, page.queue_position));
+            // A terminal result never changes: its encoding is made once and shared.
+            let view = match &page.result {
+                Some(result) => result.view.get_or_init(encode),
+                None => encode(),
+            };
             Ok(GetAggregationResponse {
                 aggregation: None,
                 encoded_aggregation: Some(view),

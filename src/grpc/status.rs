@@ -14,6 +14,8 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 pub const ERROR_DOMAIN: &str = "deadline-stats-gateway";
 /// What a full farm queue tells callers to wait.
 const QUEUE_FULL_RETRY: Duration = Duration::from_secs(5);
+/// What an unreachable coordination store tells callers to wait.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 /// What a busy gateway tells callers to wait.
 const BUSY_RETRY: Duration = Duration::from_secs(10);
 
@@ -76,6 +78,11 @@ impl From<GatewayError> for Status {
                 Code::ResourceExhausted
             }
             GatewayError::ShuttingDown => Code::Unavailable,
+            GatewayError::StoreUnavailable(_) => {
+                details.set_retry_info(Some(STORE_RETRY));
+                details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+                Code::Unavailable
+            }
         };
         Status::with_error_details(code, message, details)
     }

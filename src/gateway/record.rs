@@ -1,0 +1,120 @@
+//! An aggregation as the coordination store holds it: an owned record of plain values (ids,
+//! the canonical request, state, wall-clock times), which every replica can read and the farm's
+//! lease holder rewrites. Nothing in it lives only in one process: spans, wake-ups and encoded
+//! views sit beside the store, not in it.
+
+use super::key::CanonicalKey;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The gateway's id: `agg-` and 32 hex digits (see [`super::ids`]), unguessable.
+pub type AggregationId = Arc<str>;
+
+/// What a cached entry costs beyond its rows: the record, its index entries and the cache's
+/// own bookkeeping. Counted so that results without rows (FAILED, or zero rows) still weigh
+/// what they hold, and the byte budget bounds the number of entries.
+pub const ENTRY_OVERHEAD_BYTES: usize = 1024;
+
+/// Where an aggregation is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    TimedOut,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::TimedOut)
+    }
+}
+
+/// The canonical code of a failure, in gRPC's vocabulary but free of any transport type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    DeadlineExceeded,
+    Unavailable,
+    Internal,
+}
+
+/// Why an aggregation ended FAILED or TIMED_OUT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: FailureCode,
+    pub message: String,
+}
+
+/// The results of a completed aggregation, encoded, shared by every reader.
+pub type Rows = Arc<super::rows::RowBlock>;
+
+/// One aggregation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregationRecord {
+    pub id: AggregationId,
+    /// The canonical request: what the aggregation answers, and what is sent upstream.
+    pub key: CanonicalKey,
+    pub state: State,
+    pub upstream_id: Option<String>,
+    pub status_message: String,
+    pub error: Option<Failure>,
+    pub create_time: SystemTime,
+    /// Until when the result is served (terminal states only).
+    pub expire_time: Option<SystemTime>,
+    /// When the data was current: the upstream Start of a COMPLETED result, the end of a
+    /// failed one. How stale a cached answer is counts from here.
+    pub data_time: Option<SystemTime>,
+    /// Since when it has been RUNNING, restarted when the upstream accepts its Start: what the
+    /// farm supervisor's run limit counts from.
+    pub running_since: Option<SystemTime>,
+    /// COMPLETED: how many rows.
+    pub row_count: u64,
+}
+
+impl AggregationRecord {
+    /// A new QUEUED aggregation.
+    pub fn queued(id: AggregationId, key: CanonicalKey) -> Self {
+        Self {
+            id,
+            key,
+            state: State::Queued,
+            upstream_id: None,
+            status_message: String::new(),
+            error: None,
+            create_time: SystemTime::now(),
+            expire_time: None,
+            data_time: None,
+            running_since: None,
+            row_count: 0,
+        }
+    }
+
+    pub fn farm_id(&self) -> &str {
+        self.key.farm_id()
+    }
+
+    /// Whether the result is past its validity at `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expire_time.is_some_and(|at| now >= at)
+    }
+
+    /// How long the result stays valid after `now`.
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expire_time.and_then(|at| at.duration_since(now).ok()).unwrap_or_default()
+    }
+
+    /// Bytes the record holds beyond its rows, for the cache's memory budget.
+    pub fn weight(&self) -> usize {
+        self.status_message.len()
+            + self.error.as_ref().map_or(0, |e| e.message.len())
+            + self.key.heap_bytes()
+            + ENTRY_OVERHEAD_BYTES
+    }
+}

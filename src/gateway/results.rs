@@ -1,0 +1,161 @@
+//! The results cache of one replica: terminal aggregations with their rows, immutable, each
+//! until its expiry, within a memory budget that evicts the least recently used first. A
+//! finished result is held for a residency grace whatever the budget, so its own long-polls and
+//! first pages are served before it can be evicted.
+//!
+//! With the in-memory store this is where rows live; with a shared store it is the near-cache
+//! in front of it, so cache-hit Gets never leave the process.
+
+use super::record::{AggregationId, AggregationRecord, Rows};
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A terminal aggregation as Get serves it.
+#[derive(Debug)]
+pub struct CachedResult {
+    pub record: Arc<AggregationRecord>,
+    /// Set when COMPLETED.
+    pub rows: Option<Rows>,
+    /// The transport's encoding of the record, made by the first reader.
+    pub view: EncodedView,
+}
+
+impl CachedResult {
+    pub fn new(record: Arc<AggregationRecord>, rows: Option<Rows>) -> Self {
+        Self { record, rows, view: EncodedView::default() }
+    }
+
+    /// Bytes held, for the budget.
+    pub fn weight(&self) -> usize {
+        self.record.weight() + self.rows.as_ref().map_or(0, |r| r.heap_bytes())
+    }
+}
+
+/// The transport's encoding of an immutable record's public view, made by the first reader and
+/// shared by the rest. The gateway never reads it.
+#[derive(Debug, Default)]
+pub struct EncodedView(OnceLock<Bytes>);
+
+impl EncodedView {
+    /// The encoding, made by `encode` if no reader has made it yet.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Bytes) -> Bytes {
+        self.0.get_or_init(encode).clone()
+    }
+}
+
+/// Why a result left the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Its validity ended.
+    Expired,
+    /// The budget needed the room.
+    Evicted,
+}
+
+type OnRemoved = Box<dyn Fn(&Arc<CachedResult>, Removal) + Send + Sync>;
+
+/// Terminal results by id.
+pub struct ResultsCache {
+    cache: Cache<AggregationId, Arc<CachedResult>>,
+    /// Results within their residency grace, with its end.
+    resident: Mutex<HashMap<AggregationId, (Arc<CachedResult>, Instant)>>,
+    grace: Duration,
+    /// Expirations and evictions so far.
+    removals: Arc<[AtomicU64; 2]>,
+}
+
+impl std::fmt::Debug for ResultsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultsCache").field("entries", &self.cache.entry_count()).finish_non_exhaustive()
+    }
+}
+
+impl ResultsCache {
+    /// At most `max_bytes` (rows plus each entry's overhead), every result held for `grace`
+    /// at least; `on_removed` learns of every result that leaves by expiry or eviction.
+    pub fn new(max_bytes: u64, grace: Duration, on_removed: OnRemoved) -> Self {
+        let removals: Arc<[AtomicU64; 2]> = Arc::default();
+        let counted = removals.clone();
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_, r: &Arc<CachedResult>| u32::try_from(r.weight()).unwrap_or(u32::MAX))
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(ExpireAtRecord)
+            .eviction_listener(move |_id: Arc<AggregationId>, result: Arc<CachedResult>, cause| {
+                let removal = match cause {
+                    RemovalCause::Expired => Removal::Expired,
+                    RemovalCause::Size => Removal::Evicted,
+                    RemovalCause::Explicit | RemovalCause::Replaced => return,
+                };
+                counted[usize::from(removal == Removal::Evicted)].fetch_add(1, Ordering::Relaxed);
+                on_removed(&result, removal);
+            })
+            .build();
+        Self { cache, resident: Mutex::default(), grace, removals }
+    }
+
+    fn residents(&self) -> MutexGuard<'_, HashMap<AggregationId, (Arc<CachedResult>, Instant)>> {
+        self.resident.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The result `id`, if held (expired ones included: the caller decides what expiry means).
+    pub fn get(&self, id: &str) -> Option<Arc<CachedResult>> {
+        self.cache.get(id).or_else(|| self.residents().get(id).map(|(r, _)| r.clone()))
+    }
+
+    /// Whether `id` is held.
+    pub fn contains(&self, id: &str) -> bool {
+        self.cache.contains_key(id) || self.residents().contains_key(id)
+    }
+
+    pub fn insert(&self, result: Arc<CachedResult>) {
+        let id = result.record.id.clone();
+        if !self.grace.is_zero() {
+            self.residents().insert(id.clone(), (result.clone(), Instant::now() + self.grace));
+        }
+        self.cache.insert(id, result);
+    }
+
+    /// Drops what expired and the residents whose grace is over.
+    pub fn housekeeping(&self) {
+        self.cache.run_pending_tasks();
+        let now = Instant::now();
+        self.residents().retain(|_, (_, until)| *until > now);
+    }
+
+    /// Entries and bytes held by the budgeted cache, expirations and evictions so far.
+    pub fn stats(&self) -> (u64, u64, u64, u64) {
+        self.cache.run_pending_tasks();
+        (
+            self.cache.entry_count(),
+            self.cache.weighted_size(),
+            self.removals[0].load(Ordering::Relaxed),
+            self.removals[1].load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Each result expires exactly at its record's `expire_time`.
+struct ExpireAtRecord;
+
+impl moka::Expiry<AggregationId, Arc<CachedResult>> for ExpireAtRecord {
+    fn expire_after_create(&self, _id: &AggregationId, r: &Arc<CachedResult>, _now: Instant) -> Option<Duration> {
+        Some(r.record.remaining(SystemTime::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        id: &AggregationId,
+        r: &Arc<CachedResult>,
+        now: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(id, r, now)
+    }
+}
