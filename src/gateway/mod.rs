@@ -93,6 +93,8 @@ pub struct GatewayConfig {
     pub housekeeping_interval: Duration,
     /// This replica's name (the pod's), as farm lease holder.
     pub instance_id: String,
+    /// How long a farm lease lasts unless renewed: a dead worker's farm is taken over after it.
+    pub lease_ttl: Duration,
 }
 
 /// The default of every gateway setting. [`GatewayConfig::default`] and the command line's
@@ -124,6 +126,7 @@ pub mod defaults {
     pub const UPSTREAM_GET_RATE: f64 = 25.0;
     pub const MAX_WAIT: Duration = Duration::from_secs(60);
     pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+    pub const LEASE_TTL: Duration = Duration::from_secs(15);
 
     /// The host name (in Kubernetes, the pod's name), else `gateway`.
     pub fn instance_id() -> String {
@@ -165,12 +168,11 @@ impl Default for GatewayConfig {
             max_wait: d::MAX_WAIT,
             housekeeping_interval: d::HOUSEKEEPING_INTERVAL,
             instance_id: d::instance_id(),
+            lease_ttl: d::LEASE_TTL,
         }
     }
 }
 
-/// How long a farm lease lasts unless renewed (a dead worker's farm is taken over after it).
-const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often farms with work and no worker are looked for.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a long-poll re-reads its aggregation even without a wake-up (a lost notification
@@ -268,7 +270,7 @@ impl Gateway {
         });
         let settings = WorkerSettings {
             holder: format!("{}-{}", config.instance_id, std::process::id()),
-            lease_ttl: LEASE_TTL,
+            lease_ttl: config.lease_ttl,
             run_limit: config.run_limit.unwrap_or(config.lifecycle.result_validity),
             scan_interval: SCAN_INTERVAL,
         };

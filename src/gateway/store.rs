@@ -68,7 +68,10 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub enum Found {
     /// Queued or running, with how many aggregations are ahead of it on its farm.
-    Active { record: Arc<AggregationRecord>, queue_position: u32 },
+    Active {
+        record: Arc<AggregationRecord>,
+        queue_position: u32,
+    },
     /// Terminal and readable: COMPLETED with its rows, or FAILED / TIMED_OUT (a failure stays
     /// readable after its TTL, so its id still says why).
     Terminal(Arc<CachedResult>),
@@ -236,7 +239,13 @@ impl MemoryStore {
                 graves.insert(result.record.id.clone(), Tombstone::of(result, Some(removal)));
             }),
         );
-        Self { index: Mutex::default(), results: Arc::new(results), tombstones, leases: MemoryLeases::default(), wakeups }
+        Self {
+            index: Mutex::default(),
+            results: Arc::new(results),
+            tombstones,
+            leases: MemoryLeases::default(),
+            wakeups,
+        }
     }
 
     /// The results cache: where this store keeps rows, and what Get reads first.
@@ -291,7 +300,12 @@ impl AggregationStore for MemoryStore {
             };
             if let Some(result) = self.results.get(existing).filter(|r| usable(r)) {
                 let record = result.record.clone();
-                return Ok(Claimed { record, queue_position: 0, result: Some(result), disposition: Disposition::Cached });
+                return Ok(Claimed {
+                    record,
+                    queue_position: 0,
+                    result: Some(result),
+                    disposition: Disposition::Cached,
+                });
             }
         }
         let farm = key.farm_id();
@@ -456,5 +470,155 @@ impl FarmLeases for MemoryStore {
 
     async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
         self.leases.is_current(lease).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::StatisticsRow;
+    use crate::gateway::ids::IdMinter;
+    use crate::gateway::record::{ENTRY_OVERHEAD_BYTES, Failure, FailureCode};
+    use crate::gateway::rows::RowBlockBuilder;
+
+    fn key(n: u64) -> CanonicalKey {
+        crate::gateway::key::test_key(1, n)
+    }
+
+    const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
+    const ROOMY: Limits = Limits { queue_capacity: 1000, max_live: 1000, max_farms: 1000 };
+
+    fn store(max_bytes: u64, grace: Duration) -> MemoryStore {
+        MemoryStore::new(max_bytes, grace, Arc::default())
+    }
+
+    async fn start_with(store: &MemoryStore, k: &CanonicalKey, f: &Freshness) -> Claimed {
+        store.claim(k, f, &ROOMY, IdMinter::new().mint()).await.expect("claimed")
+    }
+
+    async fn start(store: &MemoryStore, k: &CanonicalKey) -> Claimed {
+        start_with(store, k, &ANY).await
+    }
+
+    /// Ends `claimed` COMPLETED with `rows` rows of 100 bytes, valid for `valid_for`.
+    async fn complete(store: &MemoryStore, claimed: &Claimed, rows: usize, valid_for: Duration) {
+        let mut r = (*claimed.record).clone();
+        r.state = State::Completed;
+        r.row_count = rows as u64;
+        r.expire_time = Some(SystemTime::now() + valid_for);
+        r.data_time = Some(SystemTime::now());
+        let mut block = RowBlockBuilder::new(|_, buf| buf.extend_from_slice(&[0; 100]));
+        (0..rows).for_each(|_| block.push(&StatisticsRow::default()));
+        let lease = Lease {
+            farm: r.farm_id().to_owned(),
+            holder: "test".into(),
+            token: store.leases.newest_token(r.farm_id()),
+        };
+        assert_eq!(store.finish(&lease, r, Some(Arc::new(block.finish()))).await, Ok(Written::Done));
+    }
+
+    async fn fail(store: &MemoryStore, claimed: &Claimed, ttl: Duration) {
+        let mut r = (*claimed.record).clone();
+        r.state = State::Failed;
+        r.error = Some(Failure { code: FailureCode::Internal, message: "it broke".into() });
+        r.expire_time = Some(SystemTime::now() + ttl);
+        r.data_time = Some(SystemTime::now());
+        let lease = Lease {
+            farm: r.farm_id().to_owned(),
+            holder: "test".into(),
+            token: store.leases.newest_token(r.farm_id()),
+        };
+        assert_eq!(store.finish(&lease, r, None).await, Ok(Written::Done));
+    }
+
+    async fn read(store: &MemoryStore, id: &str) -> Found {
+        store.read(id).await.expect("memory never fails")
+    }
+
+    fn readable(found: &Found) -> bool {
+        matches!(found, Found::Active { .. } | Found::Terminal(_))
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_result_is_evicted_never_the_fresh_one() {
+        let probe = store(1 << 20, Duration::ZERO);
+        let c = start(&probe, &key(99)).await;
+        complete(&probe, &c, 200, Duration::from_secs(60)).await;
+        let weight = probe.stats().cached_bytes;
+        let s = store(weight * 2 + weight / 2, Duration::ZERO);
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let c = start(&s, &key(n)).await;
+            complete(&s, &c, 200, Duration::from_secs(60)).await;
+            s.housekeeping().await;
+            ids.push(c.record.id.clone());
+            if n == 1 {
+                assert!(readable(&read(&s, &ids[0]).await), "A is read after B completes: B is now the LRU");
+            }
+        }
+        s.housekeeping().await;
+        assert!(matches!(read(&s, &ids[1]).await, Found::Evicted), "B, the least recently used, is evicted");
+        assert!(
+            readable(&read(&s, &ids[0]).await) && readable(&read(&s, &ids[2]).await),
+            "A (read) and C (fresh) stay"
+        );
+        assert_eq!(s.stats().evictions, 1);
+        assert_eq!(start(&s, &key(1)).await.disposition, Disposition::Started, "an evicted result is not CACHED");
+    }
+
+    #[tokio::test]
+    async fn a_result_larger_than_the_budget_is_still_served_within_its_grace() {
+        let s = store(1024, Duration::from_millis(300));
+        let c = start(&s, &key(1)).await;
+        complete(&s, &c, 200, Duration::from_secs(60)).await;
+        s.housekeeping().await;
+        assert!(readable(&read(&s, &c.record.id).await), "resident within its grace");
+        assert_eq!(start(&s, &key(1)).await.disposition, Disposition::Cached);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        s.housekeeping().await;
+        assert!(matches!(read(&s, &c.record.id).await, Found::Evicted), "then the budget wins");
+    }
+
+    #[tokio::test]
+    async fn failed_and_empty_results_weigh_what_they_hold() {
+        let bytes = ENTRY_OVERHEAD_BYTES as u64;
+        let s = store(10 * bytes, Duration::ZERO);
+        for n in 0..100 {
+            let c = start(&s, &key(n)).await;
+            fail(&s, &c, Duration::from_secs(60)).await;
+        }
+        s.housekeeping().await;
+        let stats = s.stats();
+        assert!(stats.cached <= 10, "the budget bounds the number of entries: {stats:?}");
+        assert!(stats.cached_bytes >= stats.cached * bytes);
+    }
+
+    #[tokio::test]
+    async fn a_failed_id_still_says_why_after_its_ttl() {
+        let s = store(1 << 20, Duration::ZERO);
+        let c = start(&s, &key(1)).await;
+        fail(&s, &c, Duration::from_millis(100)).await;
+        assert_eq!(start(&s, &key(1)).await.disposition, Disposition::Cached, "callers see the failure within its TTL");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.housekeeping().await;
+        let Found::Terminal(seen) = read(&s, &c.record.id).await else { panic!("the failure is remembered") };
+        assert_eq!(seen.record.error.as_ref().map(|e| e.message.as_str()), Some("it broke"));
+        assert_eq!(start(&s, &key(1)).await.disposition, Disposition::Started, "after the TTL a Start retries");
+    }
+
+    #[tokio::test]
+    async fn tombstones_keep_the_most_recent_when_full() {
+        let s =
+            MemoryStore::with_tombstone_budget(1 << 20, Duration::ZERO, Arc::default(), 100 * TOMBSTONE_BYTES as u64);
+        let mut ids = Vec::new();
+        for n in 0..300 {
+            let c = start(&s, &key(n)).await;
+            complete(&s, &c, 0, Duration::from_secs(60)).await;
+            s.tombstones.run_pending_tasks();
+            ids.push(c.record.id.clone());
+        }
+        assert!(s.tombstones.contains_key(ids.last().expect("ids")), "the newest tombstone is kept");
+        assert!(!s.tombstones.contains_key(&ids[0]), "the oldest went");
+        assert!(s.stats().tombstones <= 100);
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 pub use deadline_stats_gateway::bench::requests::{get_request, start_request};
+pub use deadline_stats_gateway::gateway::GatewayConfig as Config;
 
 /// Gateway settings for tests: quick polling, no caller limits, upstream unpaced.
 pub fn fast_config(result_validity: Duration) -> GatewayConfig {
@@ -38,7 +39,7 @@ pub fn fast_config(result_validity: Duration) -> GatewayConfig {
 
 /// A gateway served on a loopback port, in front of its own emulator.
 pub struct TestGateway {
-    pub emu: EmulatorHandle,
+    pub emu: Arc<EmulatorHandle>,
     pub addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     pub metrics: Arc<deadline_stats_gateway::telemetry::Metrics>,
@@ -55,6 +56,13 @@ impl Drop for TestGateway {
 }
 
 impl TestGateway {
+    /// Stops the gRPC server (the gateway's background work goes on until it is shut down).
+    pub fn stop_serving(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// A tonic client on a fresh connection.
     pub async fn client(&self) -> AggregationServiceClient<Channel> {
         let channel =
@@ -84,6 +92,38 @@ pub async fn gateway_over(
     let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
     let gateway =
         Arc::new(Gateway::new(config, upstream, metrics.clone(), deadline_stats_gateway::grpc::convert::encode_row));
+    serve_gateway(emu, gateway, metrics).await
+}
+
+/// One replica of a gateway whose coordination store is `store` (shared with other replicas in
+/// the same test), in front of `emu` through the real SDK.
+pub async fn replica(
+    emu: Arc<EmulatorHandle>,
+    config: GatewayConfig,
+    store: Arc<deadline_stats_gateway::gateway::store::MemoryStore>,
+    wakeups: Arc<deadline_stats_gateway::gateway::wakeups::Wakeups>,
+) -> TestGateway {
+    let upstream = Arc::new(sdk(&emu.endpoint_url()).await);
+    let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
+    let results = store.results();
+    let gateway = Arc::new(Gateway::with_store(
+        config,
+        store,
+        results,
+        wakeups,
+        upstream,
+        metrics.clone(),
+        deadline_stats_gateway::grpc::convert::encode_row,
+    ));
+    serve_gateway(emu, gateway, metrics).await
+}
+
+/// Serves `gateway` on a loopback port.
+async fn serve_gateway(
+    emu: impl Into<Arc<EmulatorHandle>>,
+    gateway: Arc<Gateway>,
+    metrics: Arc<deadline_stats_gateway::telemetry::Metrics>,
+) -> TestGateway {
     let listener = server::bind("127.0.0.1:0".parse().expect("addr")).await.expect("binds");
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -97,7 +137,7 @@ pub async fn gateway_over(
     tokio::spawn(server::serve(listener, serving, async {
         let _ = stopped.await;
     }));
-    TestGateway { emu, addr, gateway, metrics, stop: Some(stop) }
+    TestGateway { emu: emu.into(), addr, gateway, metrics, stop: Some(stop) }
 }
 
 /// Long-polls until the aggregation is terminal; returns the first page.

@@ -1,0 +1,175 @@
+//! The coordination store's conformance suite: every property is one function over
+//! `&dyn AggregationStore`, run against each implementation (today the in-memory store; the
+//! shared store runs the same functions). Claims coalesce and queue in order within bounds,
+//! reads find what was claimed, only the current lease holder's writes land, a terminal result
+//! answers identical claims while fresh enough, and every write wakes its waiters.
+
+use deadline_stats_gateway::gateway::error::GatewayError;
+use deadline_stats_gateway::gateway::ids::IdMinter;
+use deadline_stats_gateway::gateway::key::CanonicalKey;
+use deadline_stats_gateway::gateway::lease::Lease;
+use deadline_stats_gateway::gateway::store::{
+    AggregationStore, Claimed, Disposition, Found, Freshness, Limits, MemoryStore, Written,
+};
+use deadline_stats_gateway::gateway::wakeups::Wakeups;
+use deadline_stats_gateway::gateway::{AggregationRecord, State};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+mod common;
+
+const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
+const ROOMY: Limits = Limits { queue_capacity: 100, max_live: 100, max_farms: 100 };
+const TTL: Duration = Duration::from_secs(60);
+
+fn key(farm: u64, days: i64) -> CanonicalKey {
+    let request = deadline_stats_gateway::grpc::convert::start_request(common::start_request(
+        farm,
+        1,
+        days,
+        &[deadline_stats_gateway::grpc::pb::GroupBy::QueueId],
+    ))
+    .expect("a valid request");
+    CanonicalKey::new(&request.request)
+}
+
+async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) -> Result<Claimed, GatewayError> {
+    store.claim(k, &ANY, limits, IdMinter::new().mint()).await
+}
+
+async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
+    store.acquire(farm, name, TTL).await.expect("store").expect("the lease is free")
+}
+
+fn completed(record: &AggregationRecord, valid_for: Duration) -> AggregationRecord {
+    let mut r = record.clone();
+    r.state = State::Completed;
+    r.expire_time = Some(SystemTime::now() + valid_for);
+    r.data_time = Some(SystemTime::now());
+    r
+}
+
+async fn claims_coalesce_and_queue_in_order(store: &dyn AggregationStore) {
+    let (a, b, other) = (key(1, 1), key(1, 2), key(2, 1));
+    let first = claim(store, &a, &ROOMY).await.expect("room");
+    assert_eq!((first.disposition, first.queue_position, first.record.state), (Disposition::Started, 0, State::Queued));
+    let joined = claim(store, &a, &ROOMY).await.expect("room");
+    assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &first.record.id));
+    let second = claim(store, &b, &ROOMY).await.expect("room");
+    assert_eq!(second.queue_position, 1, "behind the first on its farm");
+    assert_eq!(claim(store, &other, &ROOMY).await.expect("room").queue_position, 0, "farms are independent");
+    let farm = first.record.farm_id();
+    assert_eq!(store.head(farm).await.expect("store").map(|r| r.id.clone()), Some(first.record.id.clone()));
+    let mut farms = store.farms_with_work().await.expect("store");
+    farms.sort();
+    assert_eq!(farms.len(), 2);
+    match store.read(&second.record.id).await.expect("store") {
+        Found::Active { record, queue_position } => {
+            assert_eq!((record.id.clone(), queue_position), (second.record.id.clone(), 1))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(store.read("agg-never").await.expect("store"), Found::Unknown));
+
+    let lease = holder(store, farm, "replica-a").await;
+    let done = completed(&first.record, Duration::from_secs(600));
+    assert_eq!(store.finish(&lease, done, None).await.expect("store"), Written::Done);
+    assert_eq!(store.head(farm).await.expect("store").map(|r| r.id.clone()), Some(second.record.id.clone()), "FIFO");
+    assert!(matches!(store.read(&first.record.id).await.expect("store"), Found::Terminal(_)));
+    match store.read(&second.record.id).await.expect("store") {
+        Found::Active { queue_position, .. } => assert_eq!(queue_position, 0, "now at the head"),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn claims_respect_every_bound(store: &dyn AggregationStore) {
+    let queue = Limits { queue_capacity: 1, ..ROOMY };
+    claim(store, &key(11, 1), &queue).await.expect("head");
+    claim(store, &key(11, 2), &queue).await.expect("one waits");
+    let full = claim(store, &key(11, 3), &queue).await.expect_err("the farm's queue is full");
+    assert!(matches!(full, GatewayError::QueueFull { capacity: 1, .. }), "{full:?}");
+    let one_farm = Limits { max_farms: 1, ..ROOMY };
+    let farms = claim(store, &key(12, 1), &one_farm).await.expect_err("a second farm");
+    assert!(matches!(farms, GatewayError::Busy { bound: "max_farms", limit: 1 }), "{farms:?}");
+    let two_live = Limits { max_live: 2, ..ROOMY };
+    let live = claim(store, &key(11, 3), &two_live).await.expect_err("two live");
+    assert!(matches!(live, GatewayError::Busy { bound: "max_active_aggregations", limit: 2 }), "{live:?}");
+    let tightest = Limits { queue_capacity: 0, max_live: 0, max_farms: 0 };
+    let joined = claim(store, &key(11, 1), &tightest).await.expect("joins");
+    assert_eq!(joined.disposition, Disposition::Joined, "joining takes no room");
+}
+
+async fn only_the_current_lease_holders_writes_land(store: &dyn AggregationStore) {
+    let claimed = claim(store, &key(21, 1), &ROOMY).await.expect("room");
+    let farm = claimed.record.farm_id().to_owned();
+    let old = holder(store, &farm, "replica-a").await;
+    let mut running = (*claimed.record).clone();
+    running.state = State::Running;
+    assert_eq!(store.update(&old, running.clone()).await.expect("store"), Written::Done);
+    store.release(&old).await.expect("store");
+    let new = holder(store, &farm, "replica-b").await;
+    assert!(new.token > old.token);
+    running.status_message = "from the paused holder".into();
+    assert_eq!(store.update(&old, running.clone()).await.expect("store"), Written::Fenced);
+    assert_eq!(store.finish(&old, completed(&running, TTL), None).await.expect("store"), Written::Fenced);
+    match store.read(&claimed.record.id).await.expect("store") {
+        Found::Active { record, .. } => {
+            assert_eq!((record.state, record.status_message.as_str()), (State::Running, ""))
+        }
+        other => panic!("the stale write changed it: {other:?}"),
+    }
+    assert_eq!(store.finish(&new, completed(&running, TTL), None).await.expect("store"), Written::Done);
+}
+
+async fn a_terminal_result_answers_while_fresh_enough(store: &dyn AggregationStore) {
+    let k = key(31, 1);
+    let claimed = claim(store, &k, &ROOMY).await.expect("room");
+    let lease = holder(store, claimed.record.farm_id(), "replica-a").await;
+    let rows = Arc::new(deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(|_, _| {}).finish());
+    store.finish(&lease, completed(&claimed.record, Duration::from_secs(60)), Some(rows)).await.expect("store");
+    let cached = claim(store, &k, &ROOMY).await.expect("claims");
+    assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &claimed.record.id));
+    let needs_more = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
+    let fresh = store.claim(&k, &needs_more, &ROOMY, IdMinter::new().mint()).await.expect("claims");
+    assert_eq!(fresh.disposition, Disposition::Started, "60 s left is too little to read it");
+    assert!(
+        matches!(store.read(&claimed.record.id).await.expect("store"), Found::Terminal(_)),
+        "the old id still reads"
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
+    let joined = store.claim(&k, &strict, &ROOMY, IdMinter::new().mint()).await.expect("claims");
+    assert_eq!(
+        (joined.disposition, &joined.record.id),
+        (Disposition::Joined, &fresh.record.id),
+        "the key names the fresh one"
+    );
+}
+
+async fn every_write_wakes_its_waiters(store: &dyn AggregationStore, wakeups: &Arc<Wakeups>) {
+    let claimed = claim(store, &key(41, 1), &ROOMY).await.expect("room");
+    let mut waiter = wakeups.waiter(&claimed.record.id);
+    let lease = holder(store, claimed.record.farm_id(), "replica-a").await;
+    let mut running = (*claimed.record).clone();
+    running.state = State::Running;
+    store.update(&lease, running.clone()).await.expect("store");
+    tokio::time::timeout(Duration::from_secs(10), waiter.woken()).await.expect("an update wakes");
+    store.finish(&lease, completed(&running, TTL), None).await.expect("store");
+    tokio::time::timeout(Duration::from_secs(10), waiter.woken()).await.expect("the end wakes");
+}
+
+/// A fresh memory store and the wake-ups its writes wake.
+fn memory() -> (MemoryStore, Arc<Wakeups>) {
+    let wakeups = Arc::new(Wakeups::default());
+    (MemoryStore::new(64 * 1024 * 1024, Duration::from_secs(30), wakeups.clone()), wakeups)
+}
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    let (store, wakeups) = memory();
+    claims_coalesce_and_queue_in_order(&store).await;
+    claims_respect_every_bound(&memory().0).await;
+    only_the_current_lease_holders_writes_land(&store).await;
+    a_terminal_result_answers_while_fresh_enough(&store).await;
+    every_write_wakes_its_waiters(&store, &wakeups).await;
+}
