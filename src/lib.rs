@@ -8,8 +8,9 @@
 //!   refusals to `Status`, the service, the route that reads both unary methods and sends cached
 //!   rows without copying, and the server with health and reflection.
 //! - [`gateway`]: the core, free of tonic and the SDK. Coalescing on a canonical key, the
-//!   coordination store and results cache, per-farm queues with supervised workers, the
-//!   lifecycle that drives one aggregation upstream, caller and upstream throttling, long-polls.
+//!   coordination store of owned records (in memory; shared pieces in Redis), the results
+//!   cache, farm workers under leases with fencing tokens, the lifecycle that drives one
+//!   aggregation upstream, caller and upstream throttling, long-polls.
 //! - [`upstream`]: the [`upstream::Upstream`] trait (start, get a page) and its implementation
 //!   over `aws-sdk-deadline`; SDK errors become [`upstream::UpstreamError`].
 //! - [`emulator`]: a Deadline Cloud emulator served over HTTP, the upstream of every test, demo
@@ -23,17 +24,19 @@
 //! caller ──gRPC──▶ grpc (decode, validate into domain, caller id)
 //!                   │
 //!                   ▼
-//!                 gateway ── throttle ── store (claim a key: start / join / cached;
-//!                   │                           read an id; results cache)
-//!                   │ queued on its farm
+//!                 gateway ── throttle ── results cache (a terminal result: answered here)
+//!                   │
 //!                   ▼
-//!                 scheduler (one supervised worker per farm with work)
+//!                 store: claim a key (start / join / cached), read an id, farm queues,
+//!                   │    records written only by the farm's lease holder (fenced)
+//!                   ▼
+//!                 scheduler: a worker per farm, on the replica holding the farm's lease
 //!                   │
 //!                   ▼
 //!                 lifecycle ── pacer ──▶ upstream::SdkUpstream ──HTTP──▶ Deadline Cloud
 //!                   │                                                   (or the emulator)
 //!                   ▼
-//!                 store (terminal state, rows) ──▶ long-polls wake; Get pages out the rows
+//!                 store (terminal record, rows) ──▶ wake-ups: long-polls re-read
 //! ```
 //! Telemetry observes every step; nothing flows back from it.
 #![forbid(unsafe_code)]
