@@ -60,6 +60,8 @@ struct Shared {
     settings: WorkerSettings,
     /// Farms with a worker in this process.
     working: Mutex<HashSet<String>>,
+    /// Workers started so far.
+    started: std::sync::atomic::AtomicU64,
     cancel: CancellationToken,
 }
 
@@ -78,7 +80,8 @@ impl FarmDispatcher {
         settings: WorkerSettings,
         cancel: CancellationToken,
     ) -> Self {
-        let shared = Arc::new(Shared { store, runner, wakeups, settings, working: Mutex::default(), cancel });
+        let shared =
+            Arc::new(Shared { store, runner, wakeups, settings, working: Mutex::default(), started: 0.into(), cancel });
         tokio::spawn(scan(shared.clone()));
         Self { shared }
     }
@@ -93,12 +96,18 @@ impl FarmDispatcher {
     pub fn working(&self) -> usize {
         self.shared.lock().len()
     }
+
+    /// Workers started so far.
+    pub fn workers_started(&self) -> u64 {
+        self.shared.started.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 fn kick(shared: &Arc<Shared>, farm: &str) {
     if shared.cancel.is_cancelled() || !shared.lock().insert(farm.to_owned()) {
         return;
     }
+    shared.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(worker(shared.clone(), farm.to_owned()));
 }
 
@@ -126,10 +135,11 @@ async fn scan(shared: Arc<Shared>) {
 
 /// Drives `farm` while this replica holds its lease and the farm has work.
 async fn worker(shared: Arc<Shared>, farm: String) {
-    let _forget = Forget { shared: shared.clone(), farm: farm.clone() };
+    let mut forget = Forget { shared: shared.clone(), farm: farm.clone(), drained: false };
     let s = &shared.settings;
     let lease = match shared.store.acquire(&farm, &s.holder, s.lease_ttl).await {
         Ok(Some(lease)) => lease,
+        // Another replica drives the farm; the scan looks again later.
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(farm, error = %e, "cannot take the farm's lease");
@@ -139,12 +149,17 @@ async fn worker(shared: Arc<Shared>, farm: String) {
     let lost = shared.cancel.child_token();
     let renewing = tokio::spawn(renew(shared.clone(), lease.clone(), lost.clone()));
     loop {
-        if lost.is_cancelled() {
+        // A holder that was superseded (paused past its lease) stops before it runs anything.
+        if lost.is_cancelled() || !shared.store.is_current(&lease).await.unwrap_or(false) {
+            lost.cancel();
             break;
         }
         let head = match shared.store.head(&farm).await {
             Ok(Some(head)) => head,
-            Ok(None) => break,
+            Ok(None) => {
+                forget.drained = true;
+                break;
+            }
             Err(e) => {
                 tracing::warn!(farm, error = %e, "cannot read the farm's queue");
                 break;
@@ -160,17 +175,21 @@ async fn worker(shared: Arc<Shared>, farm: String) {
     }
 }
 
-/// When a worker ends, for whatever reason: the farm is free for a new worker, and gets one at
-/// once if work arrived meanwhile.
+/// When a worker ends, for whatever reason: the farm is free for a new worker here. One that
+/// emptied the farm's queue looks once more, and starts a new worker at once if work arrived
+/// meanwhile; any other ending waits for the scan (so a farm another replica holds is not
+/// tried in a loop).
 struct Forget {
     shared: Arc<Shared>,
     farm: String,
+    /// The worker held the lease and found the queue empty.
+    drained: bool,
 }
 
 impl Drop for Forget {
     fn drop(&mut self) {
         self.shared.lock().remove(&self.farm);
-        if self.shared.cancel.is_cancelled() {
+        if !self.drained || self.shared.cancel.is_cancelled() {
             return;
         }
         let (shared, farm) = (self.shared.clone(), std::mem::take(&mut self.farm));
@@ -277,4 +296,50 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic".to_owned());
     format!("panicked: {}", crate::domain::quote::quoted(&text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::ids::IdMinter;
+    use crate::gateway::lease::FarmLeases as _;
+    use crate::gateway::store::{Freshness, Limits, MemoryStore};
+
+    /// A runner that must never run: the farm belongs to another replica.
+    struct Never;
+
+    impl Runner for Never {
+        fn run(self: Arc<Self>, _: Arc<AggregationRecord>, _: Lease) -> BoxFuture {
+            Box::pin(async { panic!("this replica does not hold the farm") })
+        }
+
+        fn abandon(self: Arc<Self>, _: Arc<str>, _: Lease, _: Abandoned) -> BoxFuture {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn a_farm_another_replica_holds_is_tried_once_per_scan_not_in_a_loop() {
+        let wakeups = Arc::new(Wakeups::default());
+        let store = Arc::new(MemoryStore::new(1 << 20, Duration::ZERO, wakeups.clone()));
+        let key = crate::gateway::key::test_key(1, 1);
+        let limits = Limits { queue_capacity: 10, max_live: 10, max_farms: 10 };
+        store.claim(&key, &Freshness::default(), &limits, IdMinter::new().mint()).await.expect("claimed");
+        let farm = key.farm_id().to_owned();
+        let other = store.acquire(&farm, "replica-b", Duration::from_secs(60)).await.expect("store").expect("free");
+        let settings = WorkerSettings {
+            holder: "replica-a".into(),
+            lease_ttl: Duration::from_secs(60),
+            run_limit: Duration::from_secs(60),
+            scan_interval: Duration::from_secs(3600),
+        };
+        let cancel = CancellationToken::new();
+        let dispatcher = FarmDispatcher::new(store.clone(), Arc::new(Never), wakeups, settings, cancel.clone());
+        dispatcher.kick(&farm);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(dispatcher.workers_started() <= 2, "{} workers started", dispatcher.workers_started());
+        assert_eq!(dispatcher.working(), 0);
+        assert!(store.is_current(&other).await.expect("store"), "the other replica keeps its farm");
+        cancel.cancel();
+    }
 }
