@@ -1,13 +1,17 @@
 //! The coordination store's conformance suite: every property is one function over
-//! `&dyn AggregationStore`, run against each implementation (today the in-memory store; the
-//! shared store runs the same functions). Claims coalesce and queue in order within bounds,
+//! `&dyn AggregationStore`, run against each implementation: the in-memory store and the Redis
+//! store. Claims coalesce and queue in order within bounds,
 //! reads find what was claimed, only the current lease holder's writes land, a terminal result
-//! answers identical claims while fresh enough, and every write wakes its waiters.
+//! answers identical claims while fresh enough, and every write wakes its waiters. The Redis
+//! store runs against a real `redis-server` started for the test.
 
 use deadline_stats_gateway::gateway::error::GatewayError;
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::lease::Lease;
+use deadline_stats_gateway::gateway::redis::RedisCoordination;
+use deadline_stats_gateway::gateway::redis_store::RedisStore;
+use deadline_stats_gateway::gateway::results::ResultsCache;
 use deadline_stats_gateway::gateway::store::{
     AggregationStore, Claimed, Disposition, Found, Freshness, Limits, MemoryStore, Written,
 };
@@ -172,4 +176,47 @@ async fn memory_store_conforms() {
     only_the_current_lease_holders_writes_land(&store).await;
     a_terminal_result_answers_while_fresh_enough(&store).await;
     every_write_wakes_its_waiters(&store, &wakeups).await;
+}
+
+/// A Redis store under `prefix` on `server`, and the wake-ups its writes wake.
+async fn in_redis(server: &common::RedisServer, prefix: &str) -> (RedisStore, Arc<Wakeups>) {
+    let wakeups = Arc::new(Wakeups::default());
+    let near = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
+    let redis = RedisCoordination::connect(&server.url(), prefix).await.expect("connects to redis-server");
+    (RedisStore::new(redis, near, wakeups.clone()), wakeups)
+}
+
+#[tokio::test]
+async fn redis_store_conforms() {
+    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let (store, wakeups) = in_redis(&server, "dsg:").await;
+    claims_coalesce_and_queue_in_order(&store).await;
+    claims_respect_every_bound(&in_redis(&server, "bounds:").await.0).await;
+    only_the_current_lease_holders_writes_land(&store).await;
+    a_terminal_result_answers_while_fresh_enough(&store).await;
+    every_write_wakes_its_waiters(&store, &wakeups).await;
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_redis_see_one_store() {
+    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let ((a, _), (b, _)) = (in_redis(&server, "dsg:").await, in_redis(&server, "dsg:").await);
+    let k = key(51, 1);
+    let first = claim(&a, &k, &ROOMY).await.expect("room");
+    let joined = claim(&b, &k, &ROOMY).await.expect("room");
+    assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &first.record.id));
+    let lease = holder(&b, first.record.farm_id(), "replica-b").await;
+    let rows = deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(|_, buf| buf.extend_from_slice(b"row"));
+    let mut rows = rows;
+    rows.push(&Default::default());
+    let done = completed(&first.record, Duration::from_secs(600));
+    assert_eq!(b.finish(&lease, done, Some(Arc::new(rows.finish()))).await.expect("store"), Written::Done);
+    match a.read(&first.record.id).await.expect("store") {
+        Found::Terminal(result) => {
+            assert_eq!(result.record.state, State::Completed);
+            assert_eq!(result.rows.as_ref().map(|r| r.slice(0..1).to_vec()), Some(b"row".to_vec()), "the same rows");
+        }
+        other => panic!("replica a does not see replica b's result: {other:?}"),
+    }
+    assert!(a.head(first.record.farm_id()).await.expect("store").is_none(), "the farm's queue is empty everywhere");
 }

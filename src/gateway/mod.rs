@@ -14,6 +14,7 @@
 //! - [`lease`]: farm leases with fencing tokens (who drives a farm's queue).
 //! - [`redis`]: leases, the upstream rate and change notifications shared by replicas
 //!   through Redis.
+//! - [`redis_store`]: the store shared by replicas, in Redis (records, queues, rows).
 //! - [`wakeups`]: long-poll wake-ups of one process, by aggregation id.
 //! - [`spans`]: the lifecycle span of each aggregation, per process.
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
@@ -30,6 +31,7 @@ pub mod lifecycle;
 pub mod paging;
 pub mod record;
 pub mod redis;
+pub mod redis_store;
 pub mod results;
 pub mod rows;
 pub mod scheduler;

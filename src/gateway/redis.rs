@@ -90,8 +90,8 @@ static GCRA: LazyLock<redis::Script> = LazyLock::new(|| {
 #[derive(Clone)]
 pub struct RedisCoordination {
     client: redis::Client,
-    conn: ConnectionManager,
-    prefix: String,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) prefix: String,
 }
 
 impl std::fmt::Debug for RedisCoordination {
@@ -100,7 +100,7 @@ impl std::fmt::Debug for RedisCoordination {
     }
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
+pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -136,7 +136,7 @@ impl RedisCoordination {
         }
     }
 
-    fn changes_channel(&self) -> String {
+    pub(crate) fn changes_channel(&self) -> String {
         format!("{}changes", self.prefix)
     }
 
@@ -193,7 +193,7 @@ impl RedisCoordination {
         }
     }
 
-    fn farm_key(&self, farm: &str, what: &str) -> String {
+    pub(crate) fn farm_key(&self, farm: &str, what: &str) -> String {
         format!("{}{{{farm}}}:{what}", self.prefix)
     }
 

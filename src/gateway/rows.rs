@@ -58,6 +58,34 @@ impl RowBlock {
     }
 }
 
+impl RowBlock {
+    /// The block as one byte string, for a shared store: the row count and each row's end
+    /// (little-endian `u32`s), then the encoded rows.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + 4 * self.ends.len() + self.buf.len());
+        out.extend_from_slice(&u32::try_from(self.ends.len()).unwrap_or(u32::MAX).to_le_bytes());
+        for end in &self.ends {
+            out.extend_from_slice(&u32::try_from(*end).unwrap_or(u32::MAX).to_le_bytes());
+        }
+        out.extend_from_slice(&self.buf);
+        out
+    }
+
+    /// A block read back from [`RowBlock::to_bytes`]; `None` when the bytes are not one.
+    pub fn from_bytes(bytes: Bytes) -> Option<Self> {
+        let word = |at: usize| -> Option<usize> {
+            let b = bytes.get(at..at + 4)?;
+            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let count = word(0)?;
+        let header = 4usize.checked_add(count.checked_mul(4)?)?;
+        let buf = bytes.get(header..).map(|_| bytes.slice(header..))?;
+        let ends = (0..count).map(|i| word(4 + 4 * i)).collect::<Option<Vec<usize>>>()?;
+        let ordered = ends.windows(2).all(|w| w[0] <= w[1]) && ends.last().is_none_or(|last| *last <= buf.len());
+        ordered.then_some(Self { buf, ends })
+    }
+}
+
 /// Builds a [`RowBlock`] row by row.
 pub struct RowBlockBuilder {
     buf: Vec<u8>,
@@ -114,5 +142,9 @@ mod tests {
         assert!(block.shared(1..1).is_empty());
         assert_eq!(block.encoded_len(2..2), 0);
         assert!(block.heap_bytes() >= 8);
+        let again = RowBlock::from_bytes(Bytes::from(block.to_bytes())).expect("round trip");
+        assert_eq!(again, block);
+        assert_eq!(RowBlock::from_bytes(Bytes::from_static(b"\x05\0\0\0")), None, "too short");
+        assert_eq!(RowBlock::from_bytes(Bytes::from_static(b"\x01\0\0\0\x09\0\0\0xx")), None, "past the end");
     }
 }

@@ -100,12 +100,12 @@ pub async fn gateway_over(
 pub async fn replica(
     emu: Arc<EmulatorHandle>,
     config: GatewayConfig,
-    store: Arc<deadline_stats_gateway::gateway::store::MemoryStore>,
+    store: Arc<dyn deadline_stats_gateway::gateway::store::AggregationStore>,
+    results: Arc<deadline_stats_gateway::gateway::results::ResultsCache>,
     wakeups: Arc<deadline_stats_gateway::gateway::wakeups::Wakeups>,
 ) -> TestGateway {
     let upstream = Arc::new(sdk(&emu.endpoint_url()).await);
     let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
-    let results = store.results();
     let gateway = Arc::new(Gateway::with_store(
         config,
         store,
