@@ -94,3 +94,157 @@ async fn on_redis_a_farm_whose_driver_dies_is_taken_over_under_the_same_id() {
     takeover([first, second], 71).await;
     stop.cancel();
 }
+
+/// A tonic client of the gateway at `url`.
+async fn client_of(url: &str) -> Client {
+    let channel =
+        tonic::transport::Channel::from_shared(url.to_owned()).expect("URL").connect().await.expect("connects");
+    Client::new(channel)
+}
+
+type Client =
+    deadline_stats_gateway::grpc::pb::aggregation_service_client::AggregationServiceClient<tonic::transport::Channel>;
+
+/// The emulator process's counters for `farm`.
+async fn upstream_of(endpoint: &str, farm: &str) -> serde_json::Value {
+    let (status, _, body) = http("GET", &format!("{endpoint}/_emulator/stats"), None, &[]).await;
+    assert_eq!(status, 200);
+    serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["farms"][farm].clone()
+}
+
+#[tokio::test]
+async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "3s"]);
+    let redis = server.url();
+    let flags = |n: usize| {
+        let id = format!("replica-{n}");
+        let flags: Vec<String> = [
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis,
+            "--instance-id",
+            &id,
+            "--lease-ttl",
+            "1s",
+            "--caller-start-rate",
+            "0",
+            "--caller-get-rate",
+            "0",
+            "--poll-initial-interval",
+            "100ms",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        flags
+    };
+    let mut replicas: Vec<_> = (0..3)
+        .map(|n| {
+            let f = flags(n);
+            spawn_replica(&endpoint, &f.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for (_, url, _) in &replicas {
+        clients.push(client_of(url).await);
+    }
+
+    // 300 identical Starts spread over the three replicas: one id, one upstream Start.
+    let request = start_request(80, 2, 1, &[GroupBy::QueueId]);
+    let calls: Vec<_> = (0..300)
+        .map(|i| {
+            let (mut client, request) = (clients[i % 3].clone(), request.clone());
+            tokio::spawn(async move { client.start_aggregation(request).await.map(|r| r.into_inner()) })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for call in calls {
+        let resp = call.await.expect("joins").expect("every Start succeeds");
+        ids.insert(resp.aggregation.expect("aggregation").aggregation_id);
+    }
+    assert_eq!(ids.len(), 1, "one aggregation across three replicas");
+    let id = ids.into_iter().next().expect("one id");
+
+    // The replica that started it drives it; kill it while it polls.
+    eventually(Duration::from_secs(10), || {
+        let (mut client, id) = (clients[1].clone(), id.clone());
+        async move {
+            let page = client.get_aggregation(get_request(&id, 0, "", Duration::ZERO)).await.ok()?.into_inner();
+            (page.aggregation?.state() == AggregationState::Running).then_some(())
+        }
+    })
+    .await;
+    let farm_id = farm(80);
+    // The lease names its holder: `token:replica-N-pid`. SIGKILL exactly that replica.
+    let mut conn =
+        ::redis::Client::open(redis.as_str()).expect("URL").get_multiplexed_async_connection().await.expect("connects");
+    let lease: String = ::redis::cmd("GET")
+        .arg(format!("dsg:{{{farm_id}}}:lease"))
+        .query_async(&mut conn)
+        .await
+        .expect("a lease is held");
+    let holder: usize = lease
+        .split(':')
+        .nth(1)
+        .and_then(|h| h.strip_prefix("replica-"))
+        .and_then(|h| h.split('-').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the holder is one of ours");
+    let process = &mut replicas[holder].0;
+    let _ = process.0.kill();
+    let _ = process.0.wait();
+    let mut survivor = clients[(holder + 1) % 3].clone();
+    let done = wait_terminal(&mut survivor, &id).await.aggregation.expect("aggregation");
+    assert_eq!(done.state(), AggregationState::Completed, "{done:?}");
+    assert_eq!(done.row_count, 48);
+    let upstream = upstream_of(&endpoint, &farm_id).await;
+    assert_eq!(upstream["start_calls"], 1, "one upstream Start, even across a SIGKILL: {upstream}");
+    assert_eq!(upstream["max_in_progress"], 1);
+    drop(replicas);
+}
+
+#[tokio::test]
+async fn while_redis_is_down_starts_are_unavailable_cached_results_are_served_and_both_recover() {
+    let mut server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "200ms"]);
+    let redis = server.url();
+    let flags =
+        ["--store", "redis", "--redis-url", &redis, "--caller-start-rate", "0", "--poll-initial-interval", "50ms"];
+    let (_gateway, url, admin) = spawn_replica(&endpoint, &flags);
+    let mut client = client_of(&url).await;
+    let started = client.start_aggregation(start_request(81, 1, 1, &[GroupBy::QueueId])).await.expect("start");
+    let id = started.into_inner().aggregation.expect("aggregation").aggregation_id;
+    assert_eq!(
+        wait_terminal(&mut client, &id).await.aggregation.expect("aggregation").state(),
+        AggregationState::Completed
+    );
+
+    server.stop();
+    let refused = client.start_aggregation(start_request(81, 1, 2, &[GroupBy::QueueId])).await.expect_err("no store");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    use tonic_types::StatusExt as _;
+    assert!(refused.get_details_retry_info().and_then(|r| r.retry_delay).is_some(), "with RetryInfo");
+    let page = client.get_aggregation(get_request(&id, 0, "", Duration::ZERO)).await.expect("served from this replica");
+    assert_eq!(page.into_inner().statistics.len(), 24);
+    let up = eventually(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let (_, _, body) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+            parse_metrics(&body).get("dsg_store_up").copied().filter(|v| *v == 0.0)
+        }
+    })
+    .await;
+    assert_eq!(up, 0.0, "the metric says the store is down");
+
+    server.restart();
+    let again = eventually(Duration::from_secs(30), || {
+        let mut client = client.clone();
+        async move { client.start_aggregation(start_request(81, 1, 3, &[GroupBy::QueueId])).await.ok() }
+    })
+    .await;
+    let id = again.into_inner().aggregation.expect("aggregation").aggregation_id;
+    let done = wait_terminal(&mut client, &id).await.aggregation.expect("aggregation");
+    assert_eq!(done.state(), AggregationState::Completed, "recovered without restarting the gateway");
+}

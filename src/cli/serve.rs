@@ -8,7 +8,7 @@ use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
 use crate::gateway::throttle::Rate;
-use crate::gateway::{Gateway, GatewayConfig};
+use crate::gateway::{Coordination, Gateway, GatewayConfig};
 use crate::grpc::server::{self, ServerOptions, Serving};
 use crate::telemetry::{Metrics, admin};
 use crate::upstream::sdk::defaults as sdk_defaults;
@@ -21,6 +21,15 @@ use tokio::sync::watch;
 
 /// How long running work and in-flight RPCs may take once SIGTERM arrives.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Where the gateway keeps its coordination state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// In this process: one replica.
+    Memory,
+    /// In Redis (or Valkey, ElastiCache, MemoryDB): any number of replicas act as one gateway.
+    Redis,
+}
 
 /// Which upstream the gateway talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,6 +84,23 @@ pub struct ServeArgs {
     /// Connections are closed gracefully after this age, so HTTP/2 clients rebalance across replicas.
     #[arg(long, env = "DSG_MAX_CONNECTION_AGE", default_value_t = server::defaults::MAX_CONNECTION_AGE.into())]
     pub max_connection_age: humantime::Duration,
+    /// Where coordination state lives: memory (one replica) or redis (several replicas).
+    #[arg(long, env = "DSG_STORE", value_enum, default_value = "memory")]
+    pub store: StoreKind,
+    /// With --store redis: redis://HOST:PORT or rediss:// for TLS; credentials in the URL or in
+    /// DSG_REDIS_PASSWORD.
+    #[arg(long, env = "DSG_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// With --store redis: the prefix of every key, so several gateways can share one Redis.
+    #[arg(long, env = "DSG_REDIS_KEY_PREFIX", default_value = "dsg:")]
+    pub redis_key_prefix: String,
+    /// How long a farm lease lasts unless renewed (every third of it): a replica that dies holds
+    /// its farms this long before another takes them over.
+    #[arg(long, env = "DSG_LEASE_TTL", default_value_t = g::LEASE_TTL.into())]
+    pub lease_ttl: humantime::Duration,
+    /// This replica's name, as farm lease holder (default: the host name, i.e. the pod's).
+    #[arg(long, env = "DSG_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// The upstream: aws or emulator.
     #[arg(long, env = "DSG_UPSTREAM", value_enum)]
     pub upstream: UpstreamKind,
@@ -182,6 +208,12 @@ impl ServeArgs {
                 "--farm-queue-capacity, --max-active-aggregations and --max-farms must be at least 1".into(),
             ));
         }
+        if self.lease_ttl.as_millis() < 300 {
+            return Err(RunError::Config("--lease-ttl must be at least 300ms".into()));
+        }
+        if self.store == StoreKind::Redis && self.redis_url.is_none() {
+            return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));
+        }
         if self.aggregation_run_limit.is_some_and(|d| d.is_zero()) {
             return Err(RunError::Config("--aggregation-run-limit must be positive".into()));
         }
@@ -240,6 +272,8 @@ impl ServeArgs {
             upstream_start: Rate::upstream_start(self.upstream_start_rate),
             upstream_get: Rate::upstream_get(self.upstream_get_rate),
             max_wait: *self.max_wait,
+            instance_id: self.instance_id.clone().unwrap_or_else(crate::gateway::defaults::instance_id),
+            lease_ttl: *self.lease_ttl,
             ..defaults
         })
     }
@@ -282,7 +316,14 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let (sdk_config, emulator) = upstream(&args).await?;
     let upstream = SdkUpstream::connect(&sdk_config).await.map_err(|e| RunError::Config(e.to_string()))?;
-    let gateway = Arc::new(Gateway::new(config, Arc::new(upstream), metrics.clone(), crate::grpc::convert::encode_row));
+    let coordination = coordination(&args, &config).await?;
+    let gateway = Arc::new(Gateway::with_store(
+        config,
+        coordination,
+        Arc::new(upstream),
+        metrics.clone(),
+        crate::grpc::convert::encode_row,
+    ));
     let listener = server::bind(args.listen).await?;
     let admin_listener = server::bind(args.admin_listen).await?;
     let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
@@ -368,6 +409,42 @@ where
     }
 }
 
+/// The coordination the chosen store gives: in memory, or shared through Redis (which must be
+/// reachable and must not evict keys when the gateway starts; later outages are survived).
+async fn coordination(args: &ServeArgs, config: &GatewayConfig) -> Result<Coordination, RunError> {
+    match (args.store, &args.redis_url) {
+        (StoreKind::Redis, Some(url)) => {
+            let url = with_password(url, std::env::var("DSG_REDIS_PASSWORD").ok().as_deref());
+            let coordination = Coordination::redis(config, &url, &args.redis_key_prefix)
+                .await
+                .map_err(|e| RunError::Config(format!("--store redis: {e}")))?;
+            tracing::info!(prefix = %args.redis_key_prefix, instance = %config.instance_id, "coordination shared through Redis");
+            Ok(coordination)
+        }
+        _ => Ok(Coordination::memory(config)),
+    }
+}
+
+/// `url` with `password` put in when it names none (`redis://:PASSWORD@host`).
+fn with_password(url: &str, password: Option<&str>) -> String {
+    match (password, url.split_once("://")) {
+        (Some(p), Some((scheme, rest))) if !p.is_empty() && !rest.contains('@') => {
+            let encoded: String = p
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            format!("{scheme}://:{encoded}@{rest}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Resolves once the flag turns true.
 async fn until_true(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|stop| *stop).await;
@@ -395,5 +472,17 @@ async fn upstream(args: &ServeArgs) -> Result<(SdkUpstreamConfig, Option<Emulato
             sdk.region = Some(args.region.clone().unwrap_or_else(|| "us-west-2".into()));
             Ok((sdk, Some(handle)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_password;
+
+    #[test]
+    fn a_password_from_the_environment_goes_into_a_url_without_credentials() {
+        assert_eq!(with_password("redis://h:6379", Some("p@ss word")), "redis://:p%40ss%20word@h:6379");
+        assert_eq!(with_password("rediss://u:x@h:6379", Some("other")), "rediss://u:x@h:6379", "the URL's own wins");
+        assert_eq!(with_password("redis://h:6379", None), "redis://h:6379");
     }
 }

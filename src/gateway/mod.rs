@@ -181,6 +181,55 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// never strands a waiter).
 const RECHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// What a gateway coordinates through: its store, this replica's results cache and wake-ups,
+/// the sources of its upstream pacing tokens, and the change feed to relay (a shared store's).
+pub struct Coordination {
+    pub store: Arc<dyn AggregationStore>,
+    pub results: Arc<ResultsCache>,
+    pub wakeups: Arc<Wakeups>,
+    pub start_rate: Option<Arc<dyn throttle::RateSource>>,
+    pub get_rate: Option<Arc<dyn throttle::RateSource>>,
+    pub relay: Option<redis::RedisCoordination>,
+}
+
+impl Coordination {
+    /// Everything in this process: the in-memory store (its rows in the results cache) and
+    /// pacing buckets of this process.
+    pub fn memory(config: &GatewayConfig) -> Self {
+        let wakeups = Arc::new(Wakeups::default());
+        let store = Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace, wakeups.clone()));
+        let local = |rate| throttle::LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn throttle::RateSource>);
+        Self {
+            results: store.results(),
+            store,
+            wakeups,
+            start_rate: local(config.upstream_start),
+            get_rate: local(config.upstream_get),
+            relay: None,
+        }
+    }
+
+    /// Shared by every replica through the Redis at `url`, under `prefix`: records, queues,
+    /// leases, rows, the upstream rates and change notifications; a results cache of this
+    /// replica in front. Refuses a Redis that may evict keys.
+    pub async fn redis(config: &GatewayConfig, url: &str, prefix: &str) -> Result<Self, error::StoreError> {
+        let shared = redis::RedisCoordination::connect(url, prefix).await?;
+        shared.check_eviction_policy().await?;
+        let wakeups = Arc::new(Wakeups::default());
+        let results = Arc::new(ResultsCache::new(config.cache_max_bytes, config.result_grace, Box::new(|_, _| {})));
+        let store = Arc::new(redis_store::RedisStore::new(shared.clone(), results.clone(), wakeups.clone()));
+        let rate = |name, rate| shared.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn throttle::RateSource>);
+        Ok(Self {
+            start_rate: rate("upstream-start", config.upstream_start),
+            get_rate: rate("upstream-get", config.upstream_get),
+            store,
+            results,
+            wakeups,
+            relay: Some(shared),
+        })
+    }
+}
+
 /// One page of an aggregation, as Get answers it.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -241,30 +290,31 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let wakeups = Arc::new(Wakeups::default());
-        let store = Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace, wakeups.clone()));
-        let results = store.results();
-        Self::with_store(config, store, results, wakeups, upstream, metrics, encoder)
+        let coordination = Coordination::memory(&config);
+        Self::with_store(config, coordination, upstream, metrics, encoder)
     }
 
-    /// Builds the gateway over `store`, with `results` as this replica's results cache and
-    /// `wakeups` woken by the store's changes.
+    /// Builds the gateway on `coordination`: the store, this replica's results cache and
+    /// wake-ups, and where the upstream pacing tokens come from.
     pub fn with_store(
         config: GatewayConfig,
-        store: Arc<dyn AggregationStore>,
-        results: Arc<ResultsCache>,
-        wakeups: Arc<Wakeups>,
+        coordination: Coordination,
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
+        let Coordination { store, results, wakeups, start_rate, get_rate, relay } = coordination;
         let cancel = CancellationToken::new();
+        if let Some(redis) = relay {
+            let (wakeups, stop) = (wakeups.clone(), cancel.clone());
+            tokio::spawn(async move { redis.relay_changes(wakeups, stop).await });
+        }
         let spans = Arc::new(Spans::default());
         let runner = Arc::new(UpstreamRunner {
             upstream,
             store: store.clone(),
-            start_pacer: Pacer::new(config.upstream_start),
-            get_pacer: Pacer::new(config.upstream_get),
+            start_pacer: Pacer::with_source(start_rate),
+            get_pacer: Pacer::with_source(get_rate),
             config: config.lifecycle.clone(),
             metrics: metrics.clone(),
             encoder,
@@ -328,6 +378,7 @@ impl Gateway {
                     .into_iter()
                     .map(|(farm_id, l)| FarmLevel { farm_id, queued: l.queued as u64, running: l.running as u64 })
                     .collect(),
+                store_up: s.up,
                 caller_buckets: buckets
                     .iter()
                     .filter_map(std::sync::Weak::upgrade)

@@ -349,7 +349,10 @@ impl AggregationStore for RedisStore {
 
     async fn housekeeping(&self) {
         self.near.housekeeping();
-        let Ok(farms) = self.farms_with_work().await else { return };
+        let Ok(farms) = self.farms_with_work().await else {
+            self.counted().up = false;
+            return;
+        };
         let mut loads = std::collections::HashMap::new();
         for farm in farms {
             let queued: Result<usize, _> =
@@ -363,6 +366,7 @@ impl AggregationStore for RedisStore {
         let mut counted = self.counted();
         counted.active = live.unwrap_or_default();
         counted.farms = loads;
+        counted.up = true;
     }
 
     fn stats(&self) -> StoreStats {

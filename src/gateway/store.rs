@@ -123,6 +123,8 @@ pub struct StoreStats {
     /// Ids remembered after their results went away (to say why).
     pub tombstones: u64,
     pub farms: HashMap<String, FarmLoad>,
+    /// Whether the store answered its last housekeeping (always, in memory).
+    pub up: bool,
 }
 
 /// The coordination state of the gateway.
@@ -441,6 +443,7 @@ impl AggregationStore for MemoryStore {
             evictions,
             tombstones: self.tombstones.entry_count(),
             farms,
+            up: true,
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct Levels {
     /// Every farm with work (the collector bounds how many get their own series).
     pub farms: Vec<FarmLevel>,
     pub caller_buckets: u64,
+    /// Whether the coordination store answers (1) or not (0).
+    pub store_up: bool,
 }
 
 /// Queue depth and running count of one farm.
@@ -316,6 +318,11 @@ impl prometheus_client::collector::Collector for LevelsCollector {
             ("cache_entries", "terminal aggregations held in the results cache", l.cache_entries),
             ("cache_bytes", "bytes of rows held in the results cache", l.cache_bytes),
             ("caller_buckets", "callers with a partly used token bucket", l.caller_buckets),
+            (
+                "store_up",
+                "whether the coordination store answered its last check (1) or not (0)",
+                u64::from(l.store_up),
+            ),
         ];
         for (name, help, value) in gauges {
             let metric = ConstGauge::new(value as i64);

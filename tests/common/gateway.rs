@@ -106,11 +106,17 @@ pub async fn replica(
 ) -> TestGateway {
     let upstream = Arc::new(sdk(&emu.endpoint_url()).await);
     let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
-    let gateway = Arc::new(Gateway::with_store(
-        config,
+    let coordination = deadline_stats_gateway::gateway::Coordination {
         store,
         results,
         wakeups,
+        start_rate: None,
+        get_rate: None,
+        relay: None,
+    };
+    let gateway = Arc::new(Gateway::with_store(
+        config,
+        coordination,
         upstream,
         metrics.clone(),
         deadline_stats_gateway::grpc::convert::encode_row,

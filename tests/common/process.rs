@@ -66,3 +66,40 @@ pub fn spawn_serve_logging(
     let admin = lines[1].strip_prefix("admin on ").expect("admin address line").to_owned();
     (Running(child), grpc, admin)
 }
+
+/// `emulator` as a process of its own on a loopback port (`extra` flags appended); the process
+/// and its endpoint URL.
+pub fn spawn_emulator(extra: &[&str]) -> (Running, String) {
+    let mut child = std::process::Command::new(BIN)
+        .args(["emulator", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the emulator starts");
+    let lines = stdout_lines(&mut child, 1);
+    let url = lines[0].strip_prefix("listening on ").expect("the emulator's address").to_owned();
+    (Running(child), url)
+}
+
+/// `serve --upstream aws` in front of the emulator at `endpoint` (through the standard endpoint
+/// variable and static keys), on loopback ports, with `extra` flags; the process, the gRPC URL
+/// and the admin URL.
+pub fn spawn_replica(endpoint: &str, extra: &[&str]) -> (Running, String, String) {
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--upstream", "aws", "--region", "us-west-2"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("AWS_ENDPOINT_URL_DEADLINE", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let lines = stdout_lines(&mut child, 2);
+    let grpc = lines[0].strip_prefix("listening on ").expect("gRPC address line").to_owned();
+    let admin = lines[1].strip_prefix("admin on ").expect("admin address line").to_owned();
+    (Running(child), grpc, admin)
+}
