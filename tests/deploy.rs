@@ -109,7 +109,13 @@ fn manifests_agree_with_what_the_binary_accepts() {
     assert!(flags.contains("--upstream") && vars.contains("DSG_LISTEN"), "the help lists flags and variables");
     for overlay in OVERLAYS {
         let docs = documents(&render(overlay));
-        let config = of_kind(&docs, "ConfigMap")[0];
+        let gateway_named = |kind: &str| -> &Value {
+            of_kind(&docs, kind)
+                .into_iter()
+                .find(|d| d["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("deadline-stats-gateway")))
+                .unwrap_or_else(|| panic!("{overlay}: no {kind} of the gateway"))
+        };
+        let config = gateway_named("ConfigMap");
         let env: BTreeMap<String, String> = config["data"]
             .as_mapping()
             .expect("ConfigMap data")
@@ -125,7 +131,7 @@ fn manifests_agree_with_what_the_binary_accepts() {
             assert!(known, "{overlay}: the binary does not read {name}");
         }
 
-        let deployment = of_kind(&docs, "Deployment")[0];
+        let deployment = gateway_named("Deployment");
         let pod = &deployment["spec"]["template"];
         let container = &pod["spec"]["containers"][0];
         let args: Vec<String> = container["args"]
@@ -166,14 +172,27 @@ fn manifests_agree_with_what_the_binary_accepts() {
         let termination = pod["spec"]["terminationGracePeriodSeconds"].as_u64().expect("termination grace");
         assert!(termination > pre_stop + grace, "{overlay}: the pod is killed before the gateway drains");
 
-        assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(1), "{overlay}: one replica until state is shared");
-        assert_eq!(
-            deployment["spec"]["strategy"]["type"].as_str(),
-            Some("Recreate"),
-            "{overlay}: never two replicas at once"
-        );
-        assert_eq!(of_kind(&docs, "HorizontalPodAutoscaler")[0]["spec"]["maxReplicas"].as_u64(), Some(1));
-        for service in of_kind(&docs, "Service") {
+        // Several replicas only when they share their state; with the memory store, never two.
+        let replicas = deployment["spec"]["replicas"].as_u64().expect("replicas");
+        let strategy = &deployment["spec"]["strategy"];
+        let hpa = &gateway_named("HorizontalPodAutoscaler")["spec"];
+        if env.get("DSG_STORE").map(String::as_str) == Some("redis") {
+            assert!(replicas >= 2, "{overlay}: shared state is for several replicas");
+            assert_eq!(strategy["type"].as_str(), Some("RollingUpdate"), "{overlay}");
+            assert_eq!(strategy["rollingUpdate"]["maxUnavailable"].as_u64(), Some(0), "{overlay}: no capacity lost");
+            assert_eq!(hpa["minReplicas"].as_u64(), Some(replicas), "{overlay}: the autoscaler keeps them");
+            let has_url = env.contains_key("DSG_REDIS_URL")
+                || container["env"].as_sequence().into_iter().flatten().any(|e| e["name"].as_str() == Some("DSG_REDIS_URL"));
+            assert!(has_url, "{overlay}: --store redis needs a Redis URL");
+        } else {
+            assert_eq!(replicas, 1, "{overlay}: one replica with the memory store");
+            assert_eq!(strategy["type"].as_str(), Some("Recreate"), "{overlay}: never two replicas at once");
+            assert_eq!(hpa["maxReplicas"].as_u64(), Some(1));
+        }
+        for service in of_kind(&docs, "Service")
+            .into_iter()
+            .filter(|s| s["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("deadline-stats-gateway")))
+        {
             for p in service["spec"]["ports"].as_sequence().expect("ports") {
                 let target = p["targetPort"].as_str().expect("named target port");
                 assert!(["grpc", "admin"].contains(&target), "{overlay}: service targets unknown port {target}");
@@ -183,6 +202,11 @@ fn manifests_agree_with_what_the_binary_accepts() {
         // The settings as the pod gets them pass the binary's own checks.
         let mut check = Command::new(BIN);
         check.args(&args).arg("--check-config").env_clear().envs(&env);
+        // Variables the pod gets from elsewhere (a Secret) have a stand-in value here.
+        for var in container["env"].as_sequence().into_iter().flatten() {
+            let name = var["name"].as_str().expect("env name");
+            check.env(name, var["value"].as_str().unwrap_or("redis://from-a-secret:6379"));
+        }
         check
             .env("DSG_LISTEN", "127.0.0.1:0")
             .env("DSG_ADMIN_LISTEN", "127.0.0.1:1")
