@@ -182,7 +182,11 @@ fn manifests_agree_with_what_the_binary_accepts() {
             assert_eq!(strategy["rollingUpdate"]["maxUnavailable"].as_u64(), Some(0), "{overlay}: no capacity lost");
             assert_eq!(hpa["minReplicas"].as_u64(), Some(replicas), "{overlay}: the autoscaler keeps them");
             let has_url = env.contains_key("DSG_REDIS_URL")
-                || container["env"].as_sequence().into_iter().flatten().any(|e| e["name"].as_str() == Some("DSG_REDIS_URL"));
+                || container["env"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e["name"].as_str() == Some("DSG_REDIS_URL"));
             assert!(has_url, "{overlay}: --store redis needs a Redis URL");
         } else {
             assert_eq!(replicas, 1, "{overlay}: one replica with the memory store");

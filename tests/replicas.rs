@@ -105,6 +105,31 @@ async fn client_of(url: &str) -> Client {
 type Client =
     deadline_stats_gateway::grpc::pb::aggregation_service_client::AggregationServiceClient<tonic::transport::Channel>;
 
+/// `serve --store redis` on `redis` in front of `endpoint`, as replica `n`, with `extra` flags.
+fn redis_replica(endpoint: &str, redis: &str, n: usize, extra: &[&str]) -> (Running, String, String) {
+    let id = format!("replica-{n}");
+    let mut flags = vec![
+        "--store",
+        "redis",
+        "--redis-url",
+        redis,
+        "--instance-id",
+        &id,
+        "--lease-ttl",
+        "1s",
+        "--caller-start-rate",
+        "0",
+        "--caller-get-rate",
+        "0",
+        "--poll-initial-interval",
+        "100ms",
+        "--upstream-start-rate",
+        "0",
+    ];
+    flags.extend_from_slice(extra);
+    spawn_replica(endpoint, &flags)
+}
+
 /// The emulator process's counters for `farm`.
 async fn upstream_of(endpoint: &str, farm: &str) -> serde_json::Value {
     let (status, _, body) = http("GET", &format!("{endpoint}/_emulator/stats"), None, &[]).await;
@@ -117,43 +142,15 @@ async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill()
     let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
     let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "3s"]);
     let redis = server.url();
-    let flags = |n: usize| {
-        let id = format!("replica-{n}");
-        let flags: Vec<String> = [
-            "--store",
-            "redis",
-            "--redis-url",
-            &redis,
-            "--instance-id",
-            &id,
-            "--lease-ttl",
-            "1s",
-            "--caller-start-rate",
-            "0",
-            "--caller-get-rate",
-            "0",
-            "--poll-initial-interval",
-            "100ms",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        flags
-    };
-    let mut replicas: Vec<_> = (0..3)
-        .map(|n| {
-            let f = flags(n);
-            spawn_replica(&endpoint, &f.iter().map(String::as_str).collect::<Vec<_>>())
-        })
-        .collect();
+    let mut replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &redis, n, &[])).collect();
     let mut clients = Vec::new();
     for (_, url, _) in &replicas {
         clients.push(client_of(url).await);
     }
 
-    // 300 identical Starts spread over the three replicas: one id, one upstream Start.
+    // 1,000 identical Starts spread over the three replicas: one id, one upstream Start.
     let request = start_request(80, 2, 1, &[GroupBy::QueueId]);
-    let calls: Vec<_> = (0..300)
+    let calls: Vec<_> = (0..1000)
         .map(|i| {
             let (mut client, request) = (clients[i % 3].clone(), request.clone());
             tokio::spawn(async move { client.start_aggregation(request).await.map(|r| r.into_inner()) })
@@ -247,4 +244,79 @@ async fn while_redis_is_down_starts_are_unavailable_cached_results_are_served_an
     let id = again.into_inner().aggregation.expect("aggregation").aggregation_id;
     let done = wait_terminal(&mut client, &id).await.aggregation.expect("aggregation");
     assert_eq!(done.state(), AggregationState::Completed, "recovered without restarting the gateway");
+}
+
+#[tokio::test]
+async fn five_farms_of_six_distinct_requests_over_three_replicas_run_one_at_a_time_per_farm() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "300ms"]);
+    let replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &server.url(), n, &[])).collect();
+    let mut clients = Vec::new();
+    for (_, url, _) in &replicas {
+        clients.push(client_of(url).await);
+    }
+    let mut ids = Vec::new();
+    for (i, (farm_n, days)) in (0..5u64).flat_map(|f| (1..=6i64).map(move |d| (90 + f, d))).enumerate() {
+        let resp = clients[i % 3]
+            .start_aggregation(start_request(farm_n, 1, days, &[GroupBy::QueueId]))
+            .await
+            .expect("start")
+            .into_inner();
+        assert_eq!(resp.disposition(), Disposition::Started);
+        ids.push(resp.aggregation.expect("aggregation").aggregation_id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let done = wait_terminal(&mut clients[(i + 1) % 3], id).await.aggregation.expect("aggregation");
+        assert_eq!(done.state(), AggregationState::Completed, "{id}");
+    }
+    for f in 0..5 {
+        let upstream = upstream_of(&endpoint, &farm(90 + f)).await;
+        assert_eq!(
+            (
+                upstream["start_calls"].as_u64(),
+                upstream["max_in_progress"].as_u64(),
+                upstream["throttled_starts"].as_u64()
+            ),
+            (Some(6), Some(1), Some(0)),
+            "farm {f}: {upstream}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rolling_restart_of_three_replicas_loses_none_of_fifty_aggregations() {
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "400ms"]);
+    let extra = ["--shutdown-grace", "10s"];
+    let mut replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &server.url(), n, &extra)).collect();
+    let mut ids = Vec::new();
+    for i in 0..50u64 {
+        let mut client = client_of(&replicas[(i % 3) as usize].1).await;
+        let resp = client
+            .start_aggregation(start_request(100 + i % 10, 1, 1 + (i / 10) as i64, &[GroupBy::QueueId]))
+            .await
+            .expect("start")
+            .into_inner();
+        ids.push(resp.aggregation.expect("aggregation").aggregation_id);
+    }
+    for n in 0..3 {
+        replicas[n].0.terminate();
+        let exit = tokio::task::spawn_blocking({
+            let mut child =
+                std::mem::replace(&mut replicas[n], redis_replica(&endpoint, &server.url(), n + 3, &extra)).0;
+            move || child.wait_exit(Duration::from_secs(30))
+        })
+        .await
+        .expect("joins");
+        assert!(exit.success(), "replica {n} drained and exited cleanly: {exit:?}");
+    }
+    let mut client = client_of(&replicas[0].1).await;
+    for id in &ids {
+        let done = wait_terminal(&mut client, id).await.aggregation.expect("aggregation");
+        assert_eq!(done.state(), AggregationState::Completed, "{id} was lost in the rollout: {done:?}");
+    }
+    for f in 0..10 {
+        let upstream = upstream_of(&endpoint, &farm(100 + f)).await;
+        assert_eq!(upstream["max_in_progress"], 1, "farm {f}: {upstream}");
+    }
 }

@@ -474,13 +474,21 @@ impl Gateway {
 
     /// Begins a drain: Starts are refused from now on, while queued and running aggregations
     /// go on and long-polls keep waiting for them.
+    ///
+    /// With a shared store, each farm worker finishes the aggregation it runs and hands its
+    /// farm over to another replica; alone, the queues keep being worked.
     pub fn begin_drain(&self) {
         self.draining.cancel();
+        if self.store.shared() {
+            self.dispatcher.hand_over();
+        }
     }
 
-    /// Resolves once no aggregation is queued or running.
+    /// Resolves once this replica's work is done: with a shared store, when it drives no farm;
+    /// alone, when no aggregation is queued or running.
     pub async fn drained(&self) {
-        while self.store.stats().active > 0 {
+        let busy = || if self.store.shared() { self.dispatcher.working() > 0 } else { self.store.stats().active > 0 };
+        while busy() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -373,6 +373,10 @@ impl AggregationStore for RedisStore {
         let (cached, cached_bytes, expirations, evictions) = self.near.stats();
         StoreStats { cached, cached_bytes, expirations, evictions, ..self.counted().clone() }
     }
+
+    fn shared(&self) -> bool {
+        true
+    }
 }
 
 impl RedisStore {

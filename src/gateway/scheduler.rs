@@ -62,6 +62,9 @@ struct Shared {
     working: Mutex<HashSet<String>>,
     /// Workers started so far.
     started: std::sync::atomic::AtomicU64,
+    /// Set when this replica drains a shared store: workers finish the aggregation they run,
+    /// then hand their farms over.
+    handing_over: CancellationToken,
     cancel: CancellationToken,
 }
 
@@ -80,8 +83,16 @@ impl FarmDispatcher {
         settings: WorkerSettings,
         cancel: CancellationToken,
     ) -> Self {
-        let shared =
-            Arc::new(Shared { store, runner, wakeups, settings, working: Mutex::default(), started: 0.into(), cancel });
+        let shared = Arc::new(Shared {
+            store,
+            runner,
+            wakeups,
+            settings,
+            working: Mutex::default(),
+            started: 0.into(),
+            handing_over: CancellationToken::new(),
+            cancel,
+        });
         tokio::spawn(scan(shared.clone()));
         Self { shared }
     }
@@ -97,6 +108,12 @@ impl FarmDispatcher {
         self.shared.lock().len()
     }
 
+    /// Stops taking new work: each worker finishes the aggregation it runs, then releases its
+    /// farm, which another replica takes over at once.
+    pub fn hand_over(&self) {
+        self.shared.handing_over.cancel();
+    }
+
     /// Workers started so far.
     pub fn workers_started(&self) -> u64 {
         self.shared.started.load(std::sync::atomic::Ordering::Relaxed)
@@ -104,7 +121,7 @@ impl FarmDispatcher {
 }
 
 fn kick(shared: &Arc<Shared>, farm: &str) {
-    if shared.cancel.is_cancelled() || !shared.lock().insert(farm.to_owned()) {
+    if shared.cancel.is_cancelled() || shared.handing_over.is_cancelled() || !shared.lock().insert(farm.to_owned()) {
         return;
     }
     shared.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -149,6 +166,9 @@ async fn worker(shared: Arc<Shared>, farm: String) {
     let lost = shared.cancel.child_token();
     let renewing = tokio::spawn(renew(shared.clone(), lease.clone(), lost.clone()));
     loop {
+        if shared.handing_over.is_cancelled() {
+            break;
+        }
         // A holder that was superseded (paused past its lease) stops before it runs anything.
         if lost.is_cancelled() || !shared.store.is_current(&lease).await.unwrap_or(false) {
             lost.cancel();

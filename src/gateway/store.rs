@@ -162,6 +162,11 @@ pub trait AggregationStore: FarmLeases {
 
     /// What it holds now.
     fn stats(&self) -> StoreStats;
+
+    /// Whether other replicas share this store (and can take a farm over).
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Why a finished aggregation disappeared; remembered so Get can say so.
