@@ -299,15 +299,11 @@ async fn a_rolling_restart_of_three_replicas_loses_none_of_fifty_aggregations() 
             .into_inner();
         ids.push(resp.aggregation.expect("aggregation").aggregation_id);
     }
-    for n in 0..3 {
-        replicas[n].0.terminate();
-        let exit = tokio::task::spawn_blocking({
-            let mut child =
-                std::mem::replace(&mut replicas[n], redis_replica(&endpoint, &server.url(), n + 3, &extra)).0;
-            move || child.wait_exit(Duration::from_secs(30))
-        })
-        .await
-        .expect("joins");
+    for (n, slot) in replicas.iter_mut().enumerate() {
+        slot.0.terminate();
+        // The next one starts while the old one drains (maxSurge 1).
+        let mut old = std::mem::replace(slot, redis_replica(&endpoint, &server.url(), n + 3, &extra)).0;
+        let exit = tokio::task::spawn_blocking(move || old.wait_exit(Duration::from_secs(30))).await.expect("joins");
         assert!(exit.success(), "replica {n} drained and exited cleanly: {exit:?}");
     }
     let mut client = client_of(&replicas[0].1).await;
