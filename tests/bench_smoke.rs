@@ -101,3 +101,17 @@ fn caller_churn_reports_memory_and_forgets_idle_callers() {
     assert_eq!(r["unexpected_answers"], 0);
     assert_eq!(r["caller_buckets_idle"], 0.0, "idle callers are forgotten: {r}");
 }
+
+#[test]
+fn replicas_act_as_one_gateway_on_redis() {
+    // The bench needs redis-server on the PATH; the shared fixture installs it when missing.
+    let _installed = common::redis_server();
+    let r = run("replicas");
+    has_numbers(
+        &r,
+        &["replicas", "distinct_keys", "upstream_starts", "max_in_progress", "makespan_s", "lower_bound_s"],
+    );
+    assert_eq!(r["upstream_starts"], r["distinct_keys"], "one upstream Start per distinct key: {r}");
+    assert_eq!(r["max_in_progress"], 1);
+    assert_eq!((r["upstream_throttled"].as_u64(), r["keys_split_across_ids"].as_u64()), (Some(0), Some(0)));
+}

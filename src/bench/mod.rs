@@ -2,7 +2,7 @@
 //! server that answers `GetAggregation` with pre-encoded bytes (the physical limit of our stack
 //! here), helpers that pin processes to cores and read their CPU time and RSS from `/proc`, and
 //! the scenarios `bench` runs ([`scenarios`] for speed and memory, [`abuse`] for hostile input
-//! and caller churn).
+//! and caller churn, [`replicas`] for several gateways sharing Redis).
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.
 
@@ -10,5 +10,6 @@ pub mod abuse;
 pub mod baseline;
 pub mod loadgen;
 pub mod process;
+pub mod replicas;
 pub mod requests;
 pub mod scenarios;

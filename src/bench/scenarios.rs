@@ -75,7 +75,7 @@ pub(crate) async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchErr
 }
 
 /// Long-polls an aggregation until it is terminal; its final view.
-async fn finish(client: &mut Client, id: &str) -> Result<pb::Aggregation, BenchError> {
+pub(crate) async fn finish(client: &mut Client, id: &str) -> Result<pb::Aggregation, BenchError> {
     loop {
         let page = client.get_aggregation(get_request(id, 1, "", Duration::from_secs(30))).await?.into_inner();
         let agg = page.aggregation.unwrap_or_default();
@@ -207,7 +207,7 @@ async fn open_phase(target: &Target<'_>, rate: f64, length: Duration, request: &
     (report, target.server.cpu_time().since(before))
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     ((a / b.max(1e-9)) * 1000.0).round() / 1000.0
 }
 

@@ -22,6 +22,8 @@ pub enum Scenario {
     Hostile,
     /// 50,000 distinct caller ids in a few seconds: memory of the caller buckets.
     Callers,
+    /// Three gateways sharing one redis-server: 100 distinct aggregations, each sent to all.
+    Replicas,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +76,7 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
                 Scenario::Memory => scenarios::memory(&opts).await,
                 Scenario::Hostile => crate::bench::abuse::hostile(&opts).await,
                 Scenario::Callers => crate::bench::abuse::callers(&opts).await,
+                Scenario::Replicas => crate::bench::replicas::replicas(&opts).await,
             }
         })
     })

@@ -1,0 +1,180 @@
+//! `bench replicas`: three gateway processes sharing their state in one `redis-server`, in
+//! front of one emulator process (2 s per aggregation). 100 distinct aggregations over 10
+//! farms are started, each identical request sent to all three replicas at once; the report
+//! says whether they acted as one gateway (one upstream Start per distinct key, never two
+//! aggregations in progress on a farm, no Start throttled by the upstream) and how close the
+//! makespan came to the lower bound (10 aggregations of 2 s, one after another, per farm).
+//!
+//! Needs `redis-server` on the PATH (Debian's package; the test suite installs it).
+
+use super::process::{Server, http_get};
+use super::requests::{farm, start_request};
+use super::scenarios::{BenchError, BenchOptions, connect, finish, ratio, string};
+use crate::grpc::pb;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A `redis-server` of the benchmark's own, stopped when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Redis {
+    fn start() -> Result<Self, BenchError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = std::env::temp_dir().join(format!("dsg-bench-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--maxmemory-policy", "noeviction", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("bench replicas needs redis-server on the PATH (apt-get install redis-server): {e}")
+            })?;
+        let redis = Self { child, port, dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err("redis-server did not start within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+pub async fn replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
+    let redis = Redis::start()?;
+    let in_progress = if opts.smoke { Duration::from_millis(100) } else { Duration::from_secs(2) };
+    let duration_flag = format!("{}ms", in_progress.as_millis());
+    let emulator_args: Vec<String> = ["emulator", "--listen", "127.0.0.1:0", "--aggregation-duration", &duration_flag]
+        .into_iter()
+        .map(string)
+        .collect();
+    let emulator = Server::start(None, &emulator_args, 1)?;
+    let endpoint = emulator.url("listening on ").ok_or("no emulator address")?;
+    let env = [
+        ("AWS_ENDPOINT_URL_DEADLINE", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let replica_count = 3;
+    let mut gateways = Vec::new();
+    for n in 0..replica_count {
+        let args: Vec<String> = [
+            "serve",
+            "--upstream",
+            "aws",
+            "--region",
+            "us-west-2",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--instance-id",
+            &format!("bench-{n}"),
+            "--caller-start-rate",
+            "0",
+            "--caller-get-rate",
+            "0",
+            "--poll-initial-interval",
+            "25ms",
+            "--poll-max-interval",
+            "100ms",
+            "--upstream-start-rate",
+            "0",
+            "--upstream-get-rate",
+            "0",
+        ]
+        .into_iter()
+        .map(string)
+        .collect();
+        gateways.push(Server::start_with_env(None, &args, &env, 2)?);
+    }
+    let mut clients = Vec::new();
+    for gw in &gateways {
+        clients.push(connect(&gw.url("listening on ").ok_or("no gRPC address")?, 1).await?.remove(0));
+    }
+    let (farms, per_farm) = if opts.smoke { (3u64, 3u64) } else { (10u64, 10u64) };
+    let begin = Instant::now();
+    let runs: Vec<_> = (0..farms * per_farm)
+        .map(|i| {
+            let request = start_request(200 + i % farms, 1, 1 + (i / farms) as i64, &[pb::GroupBy::QueueId]);
+            let replicas: Vec<_> = clients.clone();
+            tokio::spawn(async move {
+                // The same request on every replica at once: they must agree on one aggregation.
+                let starts: Vec<_> = replicas
+                    .iter()
+                    .cloned()
+                    .map(|mut c| {
+                        let request = request.clone();
+                        tokio::spawn(async move { c.start_aggregation(request).await.map(|r| r.into_inner()) })
+                    })
+                    .collect();
+                let mut ids = std::collections::HashSet::new();
+                for start in starts {
+                    ids.insert(start.await??.aggregation.unwrap_or_default().aggregation_id);
+                }
+                let id = ids.iter().next().cloned().unwrap_or_default();
+                let mut reader = replicas[(i % 3) as usize].clone();
+                finish(&mut reader, &id).await?;
+                Ok::<(Duration, usize), BenchError>((begin.elapsed(), ids.len()))
+            })
+        })
+        .collect();
+    let (mut makespan, mut split) = (Duration::ZERO, 0);
+    for run in runs {
+        let (done, ids) = run.await??;
+        makespan = makespan.max(done);
+        split += usize::from(ids != 1);
+    }
+    let stats: Value = serde_json::from_str(&http_get(&endpoint, "/_emulator/stats").await?)?;
+    let (mut starts, mut max_in_progress, mut throttled) = (0, 0, 0);
+    for f in 0..farms {
+        let s = &stats["farms"][farm(200 + f)];
+        starts += s["start_calls"].as_u64().unwrap_or(0);
+        max_in_progress = max_in_progress.max(s["max_in_progress"].as_u64().unwrap_or(0));
+        throttled += s["throttled_starts"].as_u64().unwrap_or(0);
+    }
+    let lower_bound = in_progress * per_farm as u32;
+    Ok(json!({
+        "scenario": "replicas",
+        "replicas": replica_count,
+        "distinct_keys": farms * per_farm,
+        "starts_sent": farms * per_farm * replica_count,
+        "keys_split_across_ids": split,
+        "upstream_starts": starts,
+        "max_in_progress": max_in_progress,
+        "makespan_s": (makespan.as_secs_f64() * 1000.0).round() / 1000.0,
+        "lower_bound_s": lower_bound.as_secs_f64(),
+        "makespan_ratio": ratio(makespan.as_secs_f64(), lower_bound.as_secs_f64()),
+        "upstream_throttled": throttled,
+        "smoke": opts.smoke,
+    }))
+}
