@@ -234,6 +234,9 @@ async fn while_redis_is_down_starts_are_unavailable_cached_results_are_served_an
     })
     .await;
     assert_eq!(up, 0.0, "the metric says the store is down");
+    let (status, _, body) = http("GET", &format!("{admin}/readyz"), None, &[]).await;
+    assert_eq!(status, 200, "still serving what it holds");
+    assert!(body.contains("coordination store is unreachable"), "{body}");
 
     server.restart();
     let again = eventually(Duration::from_secs(30), || {

@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics` (OpenMetrics text format), `/healthz` (the process is
-//! alive) and `/readyz` (the gRPC server is serving and not shutting down).
+//! alive) and `/readyz` (the gRPC server is serving and not shutting down, with a word on the
+//! coordination store).
 
 use super::Metrics;
 use axum::Router;
@@ -41,6 +42,13 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, super::metrics::OPENMETRICS_CONTENT_TYPE)], s.metrics.encode())
 }
 
+/// Ready while the gRPC server serves. When the coordination store is unreachable the replica
+/// stays ready (it still serves the results it holds) and says so: a shared store's outage
+/// would otherwise take every replica out of service at once.
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if *s.ready.borrow() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+    match (*s.ready.borrow(), s.metrics.store_up()) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+        (true, true) => (StatusCode::OK, "ready"),
+        (true, false) => (StatusCode::OK, "ready; the coordination store is unreachable: Starts are refused"),
+    }
 }

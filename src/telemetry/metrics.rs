@@ -235,6 +235,11 @@ impl Metrics {
         let _ = self.levels.set(Box::new(source));
     }
 
+    /// Whether the coordination store answered its last check (true before levels are known).
+    pub fn store_up(&self) -> bool {
+        self.levels.get().is_none_or(|source| source().store_up)
+    }
+
     pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
         // The common case skips the families' label lookups.
         if let Some((_, ok, duration)) = self.rpc_fast.iter().find(|(m, _, _)| *m == method) {
