@@ -10,7 +10,7 @@ use common::*;
 use deadline_stats_gateway::gateway::redis::RedisCoordination;
 use deadline_stats_gateway::gateway::redis_store::RedisStore;
 use deadline_stats_gateway::gateway::results::ResultsCache;
-use deadline_stats_gateway::gateway::store::{AggregationStore, MemoryStore};
+use deadline_stats_gateway::gateway::store::{AggregationStore, Found, MemoryStore};
 use deadline_stats_gateway::gateway::wakeups::Wakeups;
 use deadline_stats_gateway::grpc::pb::{AggregationState, Disposition, GroupBy};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ async fn takeover(replicas: [Parts; 2], farm_n: u64) {
     let mut config = fast_config(HOUR);
     config.lease_ttl = Duration::from_millis(600);
     let [(store_a, results_a, wakeups_a), (store_b, results_b, wakeups_b)] = replicas;
+    let observer = store_b.clone();
     let mut a = replica(
         emu.clone(),
         Config { instance_id: "replica-a".into(), ..config.clone() },
@@ -48,11 +49,15 @@ async fn takeover(replicas: [Parts; 2], farm_n: u64) {
         (Disposition::Joined, id.as_str()),
         "identical Starts on two replicas are one aggregation"
     );
+    // Polling: the upstream accepted the Start and its id is recorded (a death between the two
+    // is a Start of unknown outcome, a different case).
     eventually(Duration::from_secs(10), || {
-        let (mut client, id) = (on_b.clone(), id.clone());
+        let (observer, id) = (observer.clone(), id.clone());
         async move {
-            let page = client.get_aggregation(get_request(&id, 0, "", Duration::ZERO)).await.ok()?.into_inner();
-            (page.aggregation?.state() == AggregationState::Running).then_some(())
+            match observer.read(&id).await.ok()? {
+                Found::Active { record, .. } => record.upstream_id.as_ref().map(|_| ()),
+                _ => None,
+            }
         }
     })
     .await;
@@ -174,9 +179,19 @@ async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill()
     })
     .await;
     let farm_id = farm(80);
-    // The lease names its holder: `token:replica-N-pid`. SIGKILL exactly that replica.
     let mut conn =
         ::redis::Client::open(redis.as_str()).expect("URL").get_multiplexed_async_connection().await.expect("connects");
+    // Polling: the upstream accepted the Start and its id is recorded (a kill between the two
+    // is a Start of unknown outcome, a different case).
+    eventually(Duration::from_secs(10), || {
+        let (mut conn, key) = (conn.clone(), format!("dsg:agg:{id}"));
+        async move {
+            let json: Option<String> = ::redis::cmd("HGET").arg(key).arg("json").query_async(&mut conn).await.ok()?;
+            json.filter(|j| !j.contains("\"upstream_id\":null")).map(|_| ())
+        }
+    })
+    .await;
+    // The lease names its holder: `token:replica-N-pid`. SIGKILL exactly that replica.
     let lease: String = ::redis::cmd("GET")
         .arg(format!("dsg:{{{farm_id}}}:lease"))
         .query_async(&mut conn)

@@ -42,7 +42,7 @@ async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) 
 }
 
 async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
-    store.acquire(farm, name, TTL).await.expect("store").expect("the lease is free")
+    store.leases().acquire(farm, name, TTL).await.expect("store").expect("the lease is free")
 }
 
 fn completed(record: &AggregationRecord, valid_for: Duration) -> AggregationRecord {
@@ -110,7 +110,7 @@ async fn only_the_current_lease_holders_writes_land(store: &dyn AggregationStore
     let mut running = (*claimed.record).clone();
     running.state = State::Running;
     assert_eq!(store.update(&old, running.clone()).await.expect("store"), Written::Done);
-    store.release(&old).await.expect("store");
+    store.leases().release(&old).await.expect("store");
     let new = holder(store, &farm, "replica-b").await;
     assert!(new.token > old.token);
     running.status_message = "from the paused holder".into();

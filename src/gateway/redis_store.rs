@@ -190,6 +190,10 @@ impl RedisStore {
 
 #[async_trait::async_trait]
 impl AggregationStore for RedisStore {
+    fn leases(&self) -> &dyn FarmLeases {
+        &self.redis
+    }
+
     async fn claim(
         &self,
         key: &CanonicalKey,
@@ -382,25 +386,6 @@ impl AggregationStore for RedisStore {
 impl RedisStore {
     fn counted(&self) -> MutexGuard<'_, StoreStats> {
         self.counted.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-#[async_trait::async_trait]
-impl FarmLeases for RedisStore {
-    async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
-        self.redis.acquire(farm, holder, ttl).await
-    }
-
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
-        self.redis.renew(lease, ttl).await
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.redis.release(lease).await
-    }
-
-    async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
-        self.redis.is_current(lease).await
     }
 }
 

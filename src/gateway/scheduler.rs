@@ -154,7 +154,7 @@ async fn scan(shared: Arc<Shared>) {
 async fn worker(shared: Arc<Shared>, farm: String) {
     let mut forget = Forget { shared: shared.clone(), farm: farm.clone(), drained: false };
     let s = &shared.settings;
-    let lease = match shared.store.acquire(&farm, &s.holder, s.lease_ttl).await {
+    let lease = match shared.store.leases().acquire(&farm, &s.holder, s.lease_ttl).await {
         Ok(Some(lease)) => lease,
         // Another replica drives the farm; the scan looks again later.
         Ok(None) => return,
@@ -170,7 +170,7 @@ async fn worker(shared: Arc<Shared>, farm: String) {
             break;
         }
         // A holder that was superseded (paused past its lease) stops before it runs anything.
-        if lost.is_cancelled() || !shared.store.is_current(&lease).await.unwrap_or(false) {
+        if lost.is_cancelled() || !shared.store.leases().is_current(&lease).await.unwrap_or(false) {
             lost.cancel();
             break;
         }
@@ -191,7 +191,7 @@ async fn worker(shared: Arc<Shared>, farm: String) {
     }
     renewing.abort();
     if !lost.is_cancelled() {
-        let _ = shared.store.release(&lease).await;
+        let _ = shared.store.leases().release(&lease).await;
     }
 }
 
@@ -231,7 +231,7 @@ async fn renew(shared: Arc<Shared>, lease: Lease, lost: CancellationToken) {
             () = tokio::time::sleep(ttl / 3) => {}
             () = lost.cancelled() => return,
         }
-        match shared.store.renew(&lease, ttl).await {
+        match shared.store.leases().renew(&lease, ttl).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(farm = %lease.farm, "the farm's lease was lost; its worker stops");
@@ -322,7 +322,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
     use crate::gateway::ids::IdMinter;
-    use crate::gateway::lease::FarmLeases as _;
     use crate::gateway::store::{Freshness, Limits, MemoryStore};
 
     /// A runner that must never run: the farm belongs to another replica.
@@ -346,7 +345,8 @@ mod tests {
         let limits = Limits { queue_capacity: 10, max_live: 10, max_farms: 10 };
         store.claim(&key, &Freshness::default(), &limits, IdMinter::new().mint()).await.expect("claimed");
         let farm = key.farm_id().to_owned();
-        let other = store.acquire(&farm, "replica-b", Duration::from_secs(60)).await.expect("store").expect("free");
+        let other =
+            store.leases().acquire(&farm, "replica-b", Duration::from_secs(60)).await.expect("store").expect("free");
         let settings = WorkerSettings {
             holder: "replica-a".into(),
             lease_ttl: Duration::from_secs(60),
@@ -359,7 +359,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(dispatcher.workers_started() <= 2, "{} workers started", dispatcher.workers_started());
         assert_eq!(dispatcher.working(), 0);
-        assert!(store.is_current(&other).await.expect("store"), "the other replica keeps its farm");
+        assert!(store.leases().is_current(&other).await.expect("store"), "the other replica keeps its farm");
         cancel.cancel();
     }
 }

@@ -129,7 +129,10 @@ pub struct StoreStats {
 
 /// The coordination state of the gateway.
 #[async_trait::async_trait]
-pub trait AggregationStore: FarmLeases {
+pub trait AggregationStore: Send + Sync + 'static {
+    /// The farm leases whose tokens fence this store's writes.
+    fn leases(&self) -> &dyn FarmLeases;
+
     /// Atomically finds the live aggregation for `key` that `freshness` accepts, or queues a
     /// new one named `id` at the back of its farm's queue, within `limits`.
     async fn claim(
@@ -287,6 +290,10 @@ impl MemoryStore {
 
 #[async_trait::async_trait]
 impl AggregationStore for MemoryStore {
+    fn leases(&self) -> &dyn FarmLeases {
+        &self.leases
+    }
+
     async fn claim(
         &self,
         key: &CanonicalKey,
@@ -460,25 +467,6 @@ fn terminal(result: Arc<CachedResult>) -> Found {
         return Found::Expired(r.expire_time.unwrap_or_else(SystemTime::now));
     }
     Found::Terminal(result)
-}
-
-#[async_trait::async_trait]
-impl FarmLeases for MemoryStore {
-    async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
-        self.leases.acquire(farm, holder, ttl).await
-    }
-
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
-        self.leases.renew(lease, ttl).await
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.leases.release(lease).await
-    }
-
-    async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
-        self.leases.is_current(lease).await
-    }
 }
 
 #[cfg(test)]
