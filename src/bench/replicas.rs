@@ -9,7 +9,7 @@
 
 use super::process::{Server, http_get};
 use super::requests::{farm, start_request};
-use super::scenarios::{BenchError, BenchOptions, connect, finish, ratio, string};
+use super::scenarios::{BenchError, BenchOptions, FAST_AND_UNPACED, connect, finish, ratio, string};
 use crate::grpc::pb;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
@@ -103,16 +103,9 @@ pub async fn replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
             "0",
             "--caller-get-rate",
             "0",
-            "--poll-initial-interval",
-            "25ms",
-            "--poll-max-interval",
-            "100ms",
-            "--upstream-start-rate",
-            "0",
-            "--upstream-get-rate",
-            "0",
         ]
         .into_iter()
+        .chain(FAST_AND_UNPACED)
         .map(string)
         .collect();
         gateways.push(Server::start_with_env(None, &args, &env, 2)?);

@@ -37,6 +37,19 @@ pub(crate) fn string(s: impl Into<String>) -> String {
     s.into()
 }
 
+/// Settings that make the farm queue the only thing a makespan measures: quick polling, the
+/// gateway's own upstream pacing off.
+pub(crate) const FAST_AND_UNPACED: [&str; 8] = [
+    "--poll-initial-interval",
+    "25ms",
+    "--poll-max-interval",
+    "100ms",
+    "--upstream-start-rate",
+    "0",
+    "--upstream-get-rate",
+    "0",
+];
+
 /// Starts the gateway with the emulator as upstream and no caller limits (one load generator
 /// would exceed them); `extra` flags are appended.
 pub(crate) fn gateway(core: Option<usize>, extra: &[&str]) -> Result<Server, BenchError> {
@@ -396,18 +409,7 @@ pub async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
     let in_progress_flag = format!("{}ms", in_progress.as_millis());
     let gw = gateway(
         server_core,
-        &[
-            "--emulator-aggregation-duration",
-            &in_progress_flag,
-            "--poll-initial-interval",
-            "25ms",
-            "--poll-max-interval",
-            "100ms",
-            "--upstream-start-rate",
-            "0",
-            "--upstream-get-rate",
-            "0",
-        ],
+        &[&["--emulator-aggregation-duration", &in_progress_flag][..], &FAST_AND_UNPACED[..]].concat(),
     )?;
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let clients = connect(&url, opts.connections).await?;

@@ -182,7 +182,7 @@ impl RedisStore {
         Ok(Found::Terminal(result))
     }
 
-    /// Writes `record` with a script that checks `lease` first; publishes the change.
+    /// What a fenced script's answer (1: written, 0: refused) means.
     fn written(done: i64) -> Written {
         if done == 1 { Written::Done } else { Written::Fenced }
     }

@@ -396,14 +396,14 @@ impl AggregationStore for MemoryStore {
         }
         let id = record.id.clone();
         let result = Arc::new(CachedResult::new(Arc::new(record), rows));
-        // The cache reports expiry about a second late (its timer wheel's granularity), so the
-        // tombstone is laid now and replaced on eviction.
-        self.tombstones.insert(id.clone(), Tombstone::of(&result, None));
         {
             let mut index = self.lock();
             if !index.active.contains_key(&id) {
                 return Ok(Written::Fenced);
             }
+            // The cache reports expiry about a second late (its timer wheel's granularity), so
+            // the tombstone is laid now and replaced on eviction.
+            self.tombstones.insert(id.clone(), Tombstone::of(&result, None));
             // Into the cache before out of `active`, so a concurrent reader never sees neither.
             self.results.insert(result.clone());
             index.active.remove(&id);
