@@ -100,48 +100,6 @@ async fn on_redis_a_farm_whose_driver_dies_is_taken_over_under_the_same_id() {
     stop.cancel();
 }
 
-/// A tonic client of the gateway at `url`.
-async fn client_of(url: &str) -> Client {
-    let channel =
-        tonic::transport::Channel::from_shared(url.to_owned()).expect("URL").connect().await.expect("connects");
-    Client::new(channel)
-}
-
-type Client =
-    deadline_stats_gateway::grpc::pb::aggregation_service_client::AggregationServiceClient<tonic::transport::Channel>;
-
-/// `serve --store redis` on `redis` in front of `endpoint`, as replica `n`, with `extra` flags.
-fn redis_replica(endpoint: &str, redis: &str, n: usize, extra: &[&str]) -> (Running, String, String) {
-    let id = format!("replica-{n}");
-    let mut flags = vec![
-        "--store",
-        "redis",
-        "--redis-url",
-        redis,
-        "--instance-id",
-        &id,
-        "--lease-ttl",
-        "1s",
-        "--caller-start-rate",
-        "0",
-        "--caller-get-rate",
-        "0",
-        "--poll-initial-interval",
-        "100ms",
-        "--upstream-start-rate",
-        "0",
-    ];
-    flags.extend_from_slice(extra);
-    spawn_replica(endpoint, &flags)
-}
-
-/// The emulator process's counters for `farm`.
-async fn upstream_of(endpoint: &str, farm: &str) -> serde_json::Value {
-    let (status, _, body) = http("GET", &format!("{endpoint}/_emulator/stats"), None, &[]).await;
-    assert_eq!(status, 200);
-    serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["farms"][farm].clone()
-}
-
 #[tokio::test]
 async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill() {
     let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
@@ -192,18 +150,7 @@ async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill()
     })
     .await;
     // The lease names its holder: `token:replica-N-pid`. SIGKILL exactly that replica.
-    let lease: String = ::redis::cmd("GET")
-        .arg(format!("dsg:{{{farm_id}}}:lease"))
-        .query_async(&mut conn)
-        .await
-        .expect("a lease is held");
-    let holder: usize = lease
-        .split(':')
-        .nth(1)
-        .and_then(|h| h.strip_prefix("replica-"))
-        .and_then(|h| h.split('-').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the holder is one of ours");
+    let holder = lease_holder(&mut conn, &farm_id).await.expect("the holder is one of ours");
     let process = &mut replicas[holder].0;
     let _ = process.0.kill();
     let _ = process.0.wait();

@@ -8,6 +8,7 @@ use super::faults::Action;
 use super::routes::{operation_of, router};
 use super::state::Emulator;
 use axum::response::IntoResponse;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -25,6 +26,33 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 #[error("connection dropped by the emulator's faults")]
 struct Dropped;
+
+/// One request: its faults, then the router.
+async fn handle(
+    router: axum::Router,
+    emulator: Arc<Emulator>,
+    req: http::Request<axum::body::Body>,
+) -> Result<http::Response<axum::body::Body>, Dropped> {
+    let mut lose_response = false;
+    if let Some((op, farm)) = operation_of(req.method(), req.uri().path()) {
+        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
+        emulator.record_call(farm, op, host);
+        let latency = emulator.faults.latency(op);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        match emulator.faults.decide(op) {
+            Action::Drop => return Err(Dropped),
+            Action::Fail(kind, retry_after) => {
+                return Ok(ApiError::injected(kind, retry_after).into_response());
+            }
+            Action::LoseResponse => lose_response = true,
+            Action::Proceed => {}
+        }
+    }
+    let response = router.oneshot(req).await.unwrap_or_else(|never| match never {});
+    if lose_response { Err(Dropped) } else { Ok(response) }
+}
 
 /// Serves `emulator` on `listener` until `shutdown` resolves, then drains connections.
 pub async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: impl Future<Output = ()>) {
@@ -48,25 +76,12 @@ pub async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: imp
         let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let (router, emulator) = (router.clone(), emulator.clone());
             async move {
-                let mut lose_response = false;
-                if let Some((op, farm)) = operation_of(req.method(), req.uri().path()) {
-                    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
-                    emulator.record_call(farm, op, host);
-                    let latency = emulator.faults.latency(op);
-                    if !latency.is_zero() {
-                        tokio::time::sleep(latency).await;
-                    }
-                    match emulator.faults.decide(op) {
-                        Action::Drop => return Err(Dropped),
-                        Action::Fail(kind, retry_after) => {
-                            return Ok(ApiError::injected(kind, retry_after).into_response());
-                        }
-                        Action::LoseResponse => lose_response = true,
-                        Action::Proceed => {}
-                    }
-                }
-                let response = router.oneshot(req).await.unwrap_or_else(|never| match never {});
-                if lose_response { Err(Dropped) } else { Ok(response) }
+                // Like a real service, a request once received is carried out even if its
+                // caller goes away meanwhile (a killed client's Start still starts).
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
+                let req = http::Request::from_parts(parts, axum::body::Body::from(body));
+                tokio::spawn(handle(router, emulator, req)).await.map_err(|_| Dropped)?
             }
         });
         let conn = auto::Builder::new(TokioExecutor::new())

@@ -26,6 +26,8 @@ pub struct FarmStats {
     pub get_calls: u64,
     pub throttled_starts: u64,
     pub max_in_progress: u64,
+    /// Gets of a page after the first (with a `nextToken`) of a COMPLETED aggregation.
+    pub page_calls: u64,
 }
 
 /// The body of `/_emulator/stats`.
@@ -158,7 +160,11 @@ impl Emulator {
                     next_token: None,
                 });
             }
-            (agg.request.clone(), agg.rows.clone(), agg.outcome.clone())
+            let found = (agg.request.clone(), agg.rows.clone(), agg.outcome.clone());
+            if next_token.is_some() {
+                farm.stats.page_calls += 1;
+            }
+            found
         };
         let offset = next_token.map(|t| decode_token(t, aggregation_id)).transpose()?.unwrap_or(0);
         if status != AggregationStatus::Completed {
@@ -294,7 +300,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(58)).await;
         assert!(matches!(emu.get(&farm, &id, 100, None), Err(ApiError::NotFound { .. })));
         let stats = emu.stats().farms[&farm].clone();
-        assert_eq!(stats, FarmStats { start_calls: 0, get_calls: 0, throttled_starts: 1, max_in_progress: 1 });
+        assert_eq!(
+            stats,
+            FarmStats { start_calls: 0, get_calls: 0, throttled_starts: 1, max_in_progress: 1, page_calls: 0 }
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,6 +29,12 @@ pub enum GatewayError {
     Expired { id: String, at: SystemTime },
     #[error("the results of aggregation {} were evicted to stay within the cache's memory budget; start it again", quoted(.id))]
     Evicted { id: String },
+    #[error(
+        "the shared store lost the results of aggregation {}, and the upstream could not give them again ({cause}); \
+         start it again",
+        quoted(.id)
+    )]
+    ResultsLost { id: String, cause: String },
     #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
     QueueFull { farm_id: String, capacity: usize },
     #[error("the gateway holds as much work as it is allowed ({bound} = {limit}); retry later")]

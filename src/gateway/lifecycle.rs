@@ -435,6 +435,27 @@ impl UpstreamRunner {
         }
     }
 
+    /// Every row of a COMPLETED aggregation, fetched again from the upstream with its recorded
+    /// upstream id (the store lost them), while its results are still valid there.
+    pub(crate) async fn refetch(&self, agg: &AggregationRecord) -> Result<RowBlock, Failure> {
+        let lost = |message: String| Failure { code: FailureCode::NotFound, message };
+        let upstream_id = agg.upstream_id.as_deref().ok_or_else(|| lost("no upstream id was recorded".to_owned()))?;
+        let left = agg
+            .expire_time
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .ok_or_else(|| lost("its results have expired upstream too".to_owned()))?;
+        let expires = Instant::now() + left;
+        let first = self.page(agg, upstream_id, None, expires).await?;
+        if first.status != AggregationStatus::Completed {
+            return Err(lost(format!("the upstream aggregation is {:?}, not COMPLETED", first.status)));
+        }
+        let (rows, _) = self.fetch_rest(agg, upstream_id, first, expires).await?;
+        if rows.len() as u64 != agg.row_count {
+            return Err(lost(format!("the upstream returned {} rows, not the {} recorded", rows.len(), agg.row_count)));
+        }
+        Ok(rows)
+    }
+
     /// Every row, starting from the first page already in hand, encoded as it arrives.
     async fn fetch_rest(
         &self,
@@ -447,7 +468,7 @@ impl UpstreamRunner {
         first.rows.iter().for_each(|r| rows.push(r));
         let mut token = first.next_token;
         while let Some(t) = token.take() {
-            let page = self.page(agg, upstream_id, &t, expires).await?;
+            let page = self.page(agg, upstream_id, Some(&t), expires).await?;
             page.rows.iter().for_each(|r| rows.push(r));
             token = page.next_token;
         }
@@ -459,13 +480,13 @@ impl UpstreamRunner {
         &self,
         agg: &AggregationRecord,
         upstream_id: &str,
-        token: &str,
+        token: Option<&str>,
         expires: Instant,
     ) -> Result<UpstreamPage, Failure> {
         let mut backoff = self.config.start_retry.start();
         loop {
             self.get_pacer.ready().await;
-            let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, Some(token));
+            let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, token);
             let err = match self.call(GET, agg, Some(upstream_id), page).await {
                 Ok(page) => return Ok(page),
                 Err(e) => e,

@@ -177,6 +177,11 @@ impl Default for GatewayConfig {
 
 /// How often farms with work and no worker are looked for.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Ids whose lost rows were fetched again, remembered for a few seconds so readers who waited
+/// on the same fetch share its answer (after a success, later ones find the rows in the results
+/// cache).
+const REFETCHES_REMEMBERED: u64 = 1024;
+
 /// How often a long-poll re-reads its aggregation even without a wake-up (a lost notification
 /// never strands a waiter).
 const RECHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -266,6 +271,9 @@ pub struct Gateway {
     results: Arc<ResultsCache>,
     wakeups: Arc<Wakeups>,
     dispatcher: FarmDispatcher,
+    runner: Arc<UpstreamRunner>,
+    /// Rows being fetched again after the shared store lost them, one fetch per id.
+    refetches: moka::future::Cache<AggregationId, Result<Arc<CachedResult>, String>>,
     spans: Arc<Spans>,
     ids: IdMinter,
     limits: Limits,
@@ -326,12 +334,17 @@ impl Gateway {
             run_limit: config.run_limit.unwrap_or(config.lifecycle.result_validity),
             scan_interval: SCAN_INTERVAL,
         };
-        let dispatcher = FarmDispatcher::new(store.clone(), runner, wakeups.clone(), settings, cancel.clone());
+        let dispatcher = FarmDispatcher::new(store.clone(), runner.clone(), wakeups.clone(), settings, cancel.clone());
         let gateway = Self {
             store,
             results,
             wakeups,
             dispatcher,
+            runner,
+            refetches: moka::future::Cache::builder()
+                .max_capacity(REFETCHES_REMEMBERED)
+                .time_to_live(Duration::from_secs(10))
+                .build(),
             spans,
             ids: IdMinter::new(),
             limits: Limits {
@@ -454,6 +467,10 @@ impl Gateway {
                 Found::Active { record, queue_position } => (record, queue_position),
                 Found::Expired(at) => return Err(GatewayError::Expired { id: id.to_owned(), at }),
                 Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
+                Found::RowsLost(record) => {
+                    let result = self.recover_rows(record).await?;
+                    return terminal_page(id, result, offset, size);
+                }
                 Found::Unknown => {
                     return Err(match self.ids.origin(id) {
                         Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
@@ -470,6 +487,30 @@ impl Gateway {
                 () = self.cancel.cancelled() => return Ok(answer),
             }
         }
+    }
+
+    /// The rows of a COMPLETED aggregation that the shared store lost, fetched again from the
+    /// upstream with the recorded upstream id and put back; concurrent readers of one id on
+    /// this replica share one fetch.
+    async fn recover_rows(&self, record: Arc<AggregationRecord>) -> Result<Arc<CachedResult>, GatewayError> {
+        let id = record.id.clone();
+        let (runner, store, metrics) = (self.runner.clone(), self.store.clone(), self.metrics.clone());
+        let fetch = async move {
+            tracing::warn!(aggregation = %record.id, upstream = ?record.upstream_id, "the shared store lost the rows of a completed aggregation; fetching them again");
+            let fetched = match runner.refetch(&record).await {
+                Ok(rows) => store.restore_rows(record, Arc::new(rows)).await.map_err(|e| e.to_string()),
+                Err(failure) => Err(failure.message),
+            };
+            let outcome = if fetched.is_ok() { "recovered" } else { "failed" };
+            metrics.rows_refetched.get_or_create(&crate::telemetry::metrics::OutcomeLabels { outcome }).inc();
+            fetched
+        };
+        // A failure is remembered as long as a success, so callers polling a lost result do
+        // not each cost a round of upstream calls.
+        self.refetches.get_with(id.clone(), fetch).await.map_err(|cause| {
+            tracing::warn!(aggregation = %id, %cause, "could not fetch the lost rows again");
+            GatewayError::ResultsLost { id: id.to_string(), cause }
+        })
     }
 
     /// Begins a drain: Starts are refused from now on, while queued and running aggregations

@@ -116,6 +116,21 @@ static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+static RESTORE_ROWS: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        -- KEYS: record, rows. ARGV: rows, expire_ms
+        -- Rows are immutable: put back only for a COMPLETED record, never over rows present.
+        if redis.call('HGET', KEYS[1], 'state') ~= 'COMPLETED' then return 0 end
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        if tonumber(ARGV[2]) <= now then return 0 end
+        if redis.call('SET', KEYS[2], ARGV[1], 'PXAT', ARGV[2], 'NX') then return 1 end
+        return 0
+        ",
+    )
+});
+
 /// The store in Redis, with this replica's results cache in front of it.
 pub struct RedisStore {
     redis: RedisCoordination,
@@ -172,7 +187,7 @@ impl RedisStore {
             match bytes.map(|b| RowBlock::from_bytes(b.into())) {
                 Some(Some(rows)) => Some(Arc::new(rows)),
                 Some(None) => return Err(StoreError::Protocol(format!("the rows of {} do not decode", record.id))),
-                None => return Ok(Found::Evicted),
+                None => return Ok(Found::RowsLost(Arc::new(record))),
             }
         } else {
             None
@@ -345,6 +360,21 @@ impl AggregationStore for RedisStore {
             self.wakeups.wake(&record.id);
         }
         Ok(Self::written(done))
+    }
+
+    async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
+        let expire = record.expire_time.unwrap_or_else(SystemTime::now);
+        let _written: i64 = RESTORE_ROWS
+            .key(self.record_key(&record.id))
+            .key(self.rows_key(&record.id))
+            .arg(rows.to_bytes())
+            .arg(millis(expire))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let result = Arc::new(CachedResult::new(record, Some(rows)));
+        self.near.insert(result.clone());
+        Ok(result)
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {

@@ -79,6 +79,9 @@ pub enum Found {
     Expired(SystemTime),
     /// Its results were dropped to stay within the memory budget.
     Evicted,
+    /// COMPLETED, but the store lost its rows (a shared store's eviction or failover) while
+    /// the record survived: the rows can be fetched again with its upstream id.
+    RowsLost(Arc<AggregationRecord>),
     Unknown,
 }
 
@@ -156,6 +159,11 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// and keeps it until its expiry; if `lease` is still current.
     async fn finish(&self, lease: &Lease, record: AggregationRecord, rows: Option<Rows>)
     -> Result<Written, StoreError>;
+
+    /// Puts back the rows of a COMPLETED aggregation that the store lost (fetched again
+    /// from the upstream), unless it has them already; rows are immutable, so any replica may
+    /// write them and no fence is needed. The result, for this replica's results cache.
+    async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError>;
 
     /// Farms with queued or running aggregations.
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError>;
@@ -417,6 +425,14 @@ impl AggregationStore for MemoryStore {
         }
         self.wakeups.wake(&id);
         Ok(Written::Done)
+    }
+
+    async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
+        // Never asked here (rows and record live and go together), but harmless: a result
+        // like the one finish keeps.
+        let result = Arc::new(CachedResult::new(record, Some(rows)));
+        self.results.insert(result.clone());
+        Ok(result)
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {

@@ -54,6 +54,14 @@ impl From<GatewayError> for Status {
                 details.set_error_info("AGGREGATION_EVICTED", ERROR_DOMAIN, meta([("aggregation_id", quoted(&id))]));
                 Code::NotFound
             }
+            GatewayError::ResultsLost { id, cause } => {
+                details.set_error_info(
+                    "AGGREGATION_EVICTED",
+                    ERROR_DOMAIN,
+                    meta([("aggregation_id", quoted(&id)), ("cause", quoted(&cause))]),
+                );
+                Code::NotFound
+            }
             GatewayError::Busy { bound, limit } => {
                 details.set_retry_info(Some(BUSY_RETRY));
                 details.set_error_info(

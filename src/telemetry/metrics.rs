@@ -52,6 +52,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 /// How many farms get series of their own in the per-farm gauges; the rest are summed under
 /// `farm_id="other"`, so a scrape stays small whatever farm ids callers send.
 pub const MAX_FARM_SERIES: usize = 50;
@@ -98,6 +103,9 @@ pub struct Metrics {
     pub start_outcome_unknown: Counter,
     /// Starts refused by a gateway-wide bound: `max_active_aggregations` or `max_farms`.
     pub busy: Family<ReasonLabels, Counter>,
+    /// Results whose rows the shared store lost, fetched again from the upstream: `recovered`
+    /// or `failed`.
+    pub rows_refetched: Family<OutcomeLabels, Counter>,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -183,6 +191,15 @@ impl Metrics {
         );
         let busy = Family::<ReasonLabels, Counter>::default();
         registry.register("gateway_busy", "Starts refused by a gateway-wide bound, by bound", busy.clone());
+        let rows_refetched = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "rows_refetched",
+            "results whose rows the shared store lost, fetched again from the upstream, by outcome",
+            rows_refetched.clone(),
+        );
+        for outcome in ["recovered", "failed"] {
+            let _ = rows_refetched.get_or_create(&OutcomeLabels { outcome });
+        }
         for reason in ["crashed", "overran"] {
             let _ = abandoned.get_or_create(&ReasonLabels { reason });
         }
@@ -225,6 +242,7 @@ impl Metrics {
             abandoned,
             start_outcome_unknown,
             busy,
+            rows_refetched,
             rpc_fast,
             levels,
         }

@@ -1,6 +1,6 @@
 //! Shared pieces of the integration tests, one file per concern: the upstream (emulator, SDK,
 //! faults), the in-process gateway and its requests, the binary as a process, HTTP and metric
-//! scrapes, Python tools, a real redis-server. `use common::*` brings them all.
+//! scrapes, Python tools, a real redis-server and gateway processes sharing it. `use common::*` brings them all.
 #![allow(dead_code, unused_imports)]
 
 mod gateway;
@@ -8,6 +8,7 @@ mod http;
 mod process;
 mod python;
 mod redis;
+mod replicas;
 mod upstream;
 
 pub use gateway::*;
@@ -15,6 +16,7 @@ pub use http::*;
 pub use process::*;
 pub use python::*;
 pub use redis::*;
+pub use replicas::*;
 pub use upstream::*;
 
 use std::time::Duration;
