@@ -206,9 +206,30 @@ async fn while_redis_is_down_starts_are_unavailable_cached_results_are_served_an
         async move { client.start_aggregation(start_request(81, 1, 3, &[GroupBy::QueueId])).await.ok() }
     })
     .await;
-    let id = again.into_inner().aggregation.expect("aggregation").aggregation_id;
-    let done = wait_terminal(&mut client, &id).await.aggregation.expect("aggregation");
+    let new_id = again.into_inner().aggregation.expect("aggregation").aggregation_id;
+    let done = wait_terminal(&mut client, &new_id).await.aggregation.expect("aggregation");
     assert_eq!(done.state(), AggregationState::Completed, "recovered without restarting the gateway");
+
+    // Redis came back empty: a replica that never held the first result says its state was
+    // lost, which an id that never existed does not.
+    let (_other, other_url, _) = spawn_replica(&endpoint, &flags);
+    let mut other = client_of(&other_url).await;
+    let lost = other.get_aggregation(get_request(&id, 0, "", Duration::ZERO)).await.expect_err("lost");
+    assert_eq!(lost.code(), tonic::Code::NotFound, "{lost:?}");
+    assert!(lost.message().contains("shared store, which has since lost its state"), "{}", lost.message());
+    let info = lost.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.metadata.get("cause").map(String::as_str)),
+        ("AGGREGATION_LOST", Some("shared_state_lost"))
+    );
+    let mut never = new_id.clone();
+    never.replace_range(never.len() - 4.., if never.ends_with("0000") { "ffff" } else { "0000" });
+    let missing = other.get_aggregation(get_request(&never, 0, "", Duration::ZERO)).await.expect_err("missing");
+    assert_eq!(
+        missing.get_details_error_info().map(|i| i.reason),
+        Some("AGGREGATION_NOT_FOUND".to_owned()),
+        "{missing:?}"
+    );
 }
 
 #[tokio::test]

@@ -37,8 +37,13 @@ fn key(farm: u64, days: i64) -> CanonicalKey {
     CanonicalKey::new(&request.request)
 }
 
+/// A new id, as the gateway mints it: in the store's epoch (any tag, in memory).
+async fn mint(store: &dyn AggregationStore) -> deadline_stats_gateway::gateway::AggregationId {
+    IdMinter::tagged(store.epoch().await.expect("store").unwrap_or_default()).mint()
+}
+
 async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) -> Result<Claimed, GatewayError> {
-    store.claim(k, &ANY, limits, IdMinter::new().mint()).await
+    store.claim(k, &ANY, limits, mint(store).await).await
 }
 
 async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
@@ -134,7 +139,7 @@ async fn a_terminal_result_answers_while_fresh_enough(store: &dyn AggregationSto
     let cached = claim(store, &k, &ROOMY).await.expect("claims");
     assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &claimed.record.id));
     let needs_more = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
-    let fresh = store.claim(&k, &needs_more, &ROOMY, IdMinter::new().mint()).await.expect("claims");
+    let fresh = store.claim(&k, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
     assert_eq!(fresh.disposition, Disposition::Started, "60 s left is too little to read it");
     assert!(
         matches!(store.read(&claimed.record.id).await.expect("store"), Found::Terminal(_)),
@@ -142,7 +147,7 @@ async fn a_terminal_result_answers_while_fresh_enough(store: &dyn AggregationSto
     );
     tokio::time::sleep(Duration::from_millis(30)).await;
     let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
-    let joined = store.claim(&k, &strict, &ROOMY, IdMinter::new().mint()).await.expect("claims");
+    let joined = store.claim(&k, &strict, &ROOMY, mint(store).await).await.expect("claims");
     assert_eq!(
         (joined.disposition, &joined.record.id),
         (Disposition::Joined, &fresh.record.id),
@@ -219,4 +224,23 @@ async fn two_replicas_on_one_redis_see_one_store() {
         other => panic!("replica a does not see replica b's result: {other:?}"),
     }
     assert!(a.head(first.record.farm_id()).await.expect("store").is_none(), "the farm's queue is empty everywhere");
+}
+
+#[tokio::test]
+async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
+    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let (store, _) = in_redis(&server, "dsg:").await;
+    let before = store.epoch().await.expect("store").expect("a shared store has an epoch");
+    assert_eq!(store.epoch().await.expect("store"), Some(before), "stable while the state lives");
+    let old = mint(&store).await;
+    let mut conn = common::redis_conn(&server.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    let refused = store.claim(&key(60, 1), &ANY, &ROOMY, old).await.expect_err("an id of the lost state");
+    assert!(
+        matches!(refused, GatewayError::StoreUnavailable(deadline_stats_gateway::gateway::StoreError::NewEpoch)),
+        "{refused:?}"
+    );
+    let after = store.epoch().await.expect("store").expect("a new epoch");
+    assert_ne!(after, before, "a new generation");
+    claim(&store, &key(60, 1), &ROOMY).await.expect("an id of the new epoch is claimed");
 }

@@ -25,6 +25,12 @@ pub enum GatewayError {
         quoted(.id)
     )]
     Lost { id: String },
+    #[error(
+        "aggregation {} was kept in the gateway's shared store, which has since lost its state (it restarted \
+         empty, was flushed, or failed over without the data); start the aggregation again",
+        quoted(.id)
+    )]
+    SharedStateLost { id: String },
     #[error("the results of aggregation {} expired", quoted(.id))]
     Expired { id: String, at: SystemTime },
     #[error("the results of aggregation {} were evicted to stay within the cache's memory budget; start it again", quoted(.id))]
@@ -56,6 +62,8 @@ pub enum StoreError {
     Protocol(String),
     #[error("the shared store is not configured safely: {0}")]
     Misconfigured(String),
+    #[error("the shared store lost its state and began a new epoch since this replica last looked")]
+    NewEpoch,
 }
 
 fn describe(v: &[FieldViolation]) -> String {

@@ -40,7 +40,7 @@ pub mod store;
 pub mod throttle;
 pub mod wakeups;
 
-pub use error::GatewayError;
+pub use error::{GatewayError, StoreError};
 pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, State};
 pub use results::CachedResult;
 pub use store::{Disposition, Freshness};
@@ -195,6 +195,8 @@ pub struct Coordination {
     pub start_rate: Option<Arc<dyn throttle::RateSource>>,
     pub get_rate: Option<Arc<dyn throttle::RateSource>>,
     pub relay: Option<redis::RedisCoordination>,
+    /// The shared store's epoch at connection, which ids are tagged with.
+    pub epoch: Option<u32>,
 }
 
 impl Coordination {
@@ -211,6 +213,7 @@ impl Coordination {
             start_rate: local(config.upstream_start),
             get_rate: local(config.upstream_get),
             relay: None,
+            epoch: None,
         }
     }
 
@@ -220,6 +223,7 @@ impl Coordination {
     pub async fn redis(config: &GatewayConfig, url: &str, prefix: &str) -> Result<Self, error::StoreError> {
         let shared = redis::RedisCoordination::connect(url, prefix).await?;
         shared.check_eviction_policy().await?;
+        let epoch = Some(shared.epoch().await?);
         let wakeups = Arc::new(Wakeups::default());
         let results = Arc::new(ResultsCache::new(config.cache_max_bytes, config.result_grace, Box::new(|_, _| {})));
         let store = Arc::new(redis_store::RedisStore::new(shared.clone(), results.clone(), wakeups.clone()));
@@ -231,6 +235,7 @@ impl Coordination {
             results,
             wakeups,
             relay: Some(shared),
+            epoch,
         })
     }
 }
@@ -275,7 +280,7 @@ pub struct Gateway {
     /// Rows being fetched again after the shared store lost them, one fetch per id.
     refetches: moka::future::Cache<AggregationId, Result<Arc<CachedResult>, String>>,
     spans: Arc<Spans>,
-    ids: IdMinter,
+    ids: Arc<IdMinter>,
     limits: Limits,
     min_remaining_validity: Duration,
     start_buckets: Arc<Option<CallerBuckets>>,
@@ -311,7 +316,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let Coordination { store, results, wakeups, start_rate, get_rate, relay } = coordination;
+        let Coordination { store, results, wakeups, start_rate, get_rate, relay, epoch } = coordination;
         let cancel = CancellationToken::new();
         if let Some(redis) = relay {
             let (wakeups, stop) = (wakeups.clone(), cancel.clone());
@@ -346,7 +351,7 @@ impl Gateway {
                 .time_to_live(Duration::from_secs(10))
                 .build(),
             spans,
-            ids: IdMinter::new(),
+            ids: Arc::new(epoch.map_or_else(IdMinter::new, IdMinter::tagged)),
             limits: Limits {
                 queue_capacity: config.farm_queue_capacity,
                 max_live: config.max_active_aggregations,
@@ -364,6 +369,7 @@ impl Gateway {
         gateway.metrics.observe_levels(gateway.levels_source());
         tokio::spawn(housekeeping(
             gateway.store.clone(),
+            gateway.ids.clone(),
             [gateway.start_buckets.clone(), gateway.get_buckets.clone()],
             config.housekeeping_interval,
             gateway.cancel.clone(),
@@ -415,7 +421,14 @@ impl Gateway {
         self.take_token(&self.start_buckets, caller, "StartAggregation")?;
         let key = CanonicalKey::new(request);
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
-        let claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await.inspect_err(|e| {
+        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
+        if let Err(GatewayError::StoreUnavailable(StoreError::NewEpoch)) = claimed {
+            // The shared store lost its state since this replica last looked: ids are minted
+            // in its new epoch from now on.
+            refresh_epoch(self.store.as_ref(), &self.ids).await;
+            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
+        }
+        let claimed = claimed.inspect_err(|e| {
             if let GatewayError::Busy { bound, .. } = e {
                 self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: bound }).inc();
             }
@@ -472,7 +485,13 @@ impl Gateway {
                     return terminal_page(id, result, offset, size);
                 }
                 Found::Unknown => {
+                    let shared = self.store.shared();
+                    if shared {
+                        // The store may have lost its state since housekeeping last looked.
+                        refresh_epoch(self.store.as_ref(), &self.ids).await;
+                    }
                     return Err(match self.ids.origin(id) {
+                        Origin::Elsewhere if shared => GatewayError::SharedStateLost { id: id.to_owned() },
                         Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
                         Origin::Ours | Origin::Malformed => GatewayError::NotFound { id: id.to_owned() },
                     });
@@ -565,6 +584,13 @@ impl Gateway {
     }
 }
 
+/// Follows a shared store's epoch: after its state was lost, new ids carry the new one.
+async fn refresh_epoch(store: &dyn AggregationStore, ids: &IdMinter) {
+    if let Ok(Some(epoch)) = store.epoch().await {
+        ids.retag(epoch);
+    }
+}
+
 /// A page of a terminal result; an expired COMPLETED one is refused.
 fn terminal_page(id: &str, result: Arc<CachedResult>, offset: usize, size: usize) -> Result<Page, GatewayError> {
     let record = result.record.clone();
@@ -588,6 +614,7 @@ fn terminal_page(id: &str, result: Arc<CachedResult>, offset: usize, size: usize
 
 async fn housekeeping(
     store: Arc<dyn AggregationStore>,
+    ids: Arc<IdMinter>,
     buckets: [Arc<Option<CallerBuckets>>; 2],
     every: Duration,
     cancel: CancellationToken,
@@ -600,6 +627,7 @@ async fn housekeeping(
             () = cancel.cancelled() => return,
         }
         store.housekeeping().await;
+        refresh_epoch(store.as_ref(), &ids).await;
         for b in buckets.iter().filter_map(|b| b.as_ref().as_ref()) {
             b.housekeeping();
         }

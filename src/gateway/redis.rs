@@ -67,6 +67,18 @@ static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
 
 /// GCRA: takes a token, or returns how many microseconds until one is due.
 /// KEYS: the rate's key. ARGV: emission interval µs, tolerance µs (interval × (burst − 1)).
+static EPOCH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        -- KEYS: epoch. ARGV: a fresh random epoch, taken when there is none.
+        local e = redis.call('GET', KEYS[1])
+        if e then return e end
+        redis.call('SET', KEYS[1], ARGV[1])
+        return ARGV[1]
+        ",
+    )
+});
+
 static GCRA: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -113,6 +125,19 @@ impl RedisCoordination {
             .set_connection_timeout(Some(CONNECTION_TIMEOUT));
         let conn = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
         Ok(Self { client, conn, prefix: prefix.to_owned() })
+    }
+
+    /// The generation of the shared state: a random number kept in Redis, made anew when it is
+    /// missing, so a Redis that restarted empty (or was flushed) has a new epoch, and ids
+    /// minted under the old one can be told apart from ids that never existed.
+    pub async fn epoch(&self) -> Result<u32, StoreError> {
+        let epoch: String = EPOCH
+            .key(format!("{}epoch", self.prefix))
+            .arg(rand::random::<u32>())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        epoch.parse().map_err(|_| StoreError::Protocol(format!("the stored epoch '{epoch}' is not a number")))
     }
 
     /// Refuses a Redis that may evict keys: leases, fences and records must never be evicted,

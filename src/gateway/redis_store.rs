@@ -8,6 +8,9 @@
 //! - `{farm}:queue`: the farm's queue of ids, its head first; `farms`: farms with work;
 //!   `live`: queued plus running aggregations; `{farm}:fence`: see [`super::redis`].
 //!
+//! `epoch`: the generation of this state (see [`RedisCoordination::epoch`]); a claim is only
+//! made with an id of the current one, so every id names the state it lives in.
+//!
 //! A claim, an update and a finish are each one Lua script: the claim reads the key's record
 //! and either answers it or queues a new one; updates and finishes check the farm's fence
 //! first, so a replaced lease holder writes nothing. Every write is published on the changes
@@ -34,9 +37,10 @@ const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        -- KEYS: key index, farm queue, farms, live, new record
+        -- KEYS: key index, farm queue, farms, live, new record, epoch
         -- ARGV: id, json, farm, now_ms, min_remaining_ms, max_staleness_ms (-1: any),
-        --       queue capacity, max live, max farms, record prefix, rows prefix
+        --       queue capacity, max live, max farms, record prefix, rows prefix, the id's epoch
+        if redis.call('GET', KEYS[6]) ~= ARGV[12] then return {'epoch', '', 0} end
         local existing = redis.call('GET', KEYS[1])
         if existing then
             local agg = ARGV[10] .. existing
@@ -225,6 +229,7 @@ impl AggregationStore for RedisStore {
             .key(self.key(&["farms"]))
             .key(self.key(&["live"]))
             .key(self.record_key(&id))
+            .key(self.key(&["epoch"]))
             .arg(&*id)
             .arg(to_json(&fresh).map_err(store)?)
             .arg(farm)
@@ -236,6 +241,7 @@ impl AggregationStore for RedisStore {
             .arg(limits.max_farms)
             .arg(self.key(&["agg:"]))
             .arg(self.key(&["rows:"]))
+            .arg(super::ids::tag_of(&id).map(|t| t.to_string()).unwrap_or_default())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| store(unavailable(e)))?;
@@ -251,6 +257,7 @@ impl AggregationStore for RedisStore {
                 return Err(GatewayError::Busy { bound: "max_farms", limit: limits.max_farms });
             }
             "busy" => return Err(GatewayError::Busy { bound: "max_active_aggregations", limit: limits.max_live }),
+            "epoch" => return Err(store(StoreError::NewEpoch)),
             other => return Err(store(StoreError::Protocol(format!("claim answered '{other}'")))),
         };
         let record = from_json(&json).map_err(store)?;
@@ -410,6 +417,10 @@ impl AggregationStore for RedisStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    async fn epoch(&self) -> Result<Option<u32>, StoreError> {
+        self.redis.epoch().await.map(Some)
     }
 }
 

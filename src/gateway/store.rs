@@ -178,6 +178,13 @@ pub trait AggregationStore: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+
+    /// The generation of a shared store's state, new after the state was lost (the store
+    /// restarted empty); ids are tagged with it. `None`: the state lives and dies with this
+    /// process.
+    async fn epoch(&self) -> Result<Option<u32>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Why a finished aggregation disappeared; remembered so Get can say so.

@@ -41,6 +41,14 @@ impl From<GatewayError> for Status {
                 details.set_error_info("AGGREGATION_LOST", ERROR_DOMAIN, meta([("aggregation_id", quoted(&id))]));
                 Code::NotFound
             }
+            GatewayError::SharedStateLost { id } => {
+                details.set_error_info(
+                    "AGGREGATION_LOST",
+                    ERROR_DOMAIN,
+                    meta([("aggregation_id", quoted(&id)), ("cause", "shared_state_lost".to_owned())]),
+                );
+                Code::NotFound
+            }
             GatewayError::Expired { id, at } => {
                 let at = chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339();
                 details.set_error_info(

@@ -106,7 +106,9 @@ pub async fn replica(
 ) -> TestGateway {
     let upstream = Arc::new(sdk(&emu.endpoint_url()).await);
     let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
+    let epoch = store.epoch().await.expect("the store answers");
     let coordination = deadline_stats_gateway::gateway::Coordination {
+        epoch,
         store,
         results,
         wakeups,
