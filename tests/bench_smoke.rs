@@ -7,6 +7,10 @@ use common::BIN;
 use std::process::Command;
 
 fn run(scenario: &str) -> serde_json::Value {
+    run_with(scenario, &[])
+}
+
+fn run_with(scenario: &str, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
         .args([
             "bench",
@@ -20,6 +24,7 @@ fn run(scenario: &str) -> serde_json::Value {
             "--connections",
             "2",
         ])
+        .args(extra)
         .output()
         .expect("bench runs");
     assert!(out.status.success(), "{scenario}: {}", String::from_utf8_lossy(&out.stderr));
@@ -54,6 +59,16 @@ fn cache_hit_compares_the_gateway_with_the_baseline() {
     }
     assert!(r["cpu_per_request_ratio_of_rounds"]["median"].is_number(), "no per-round CPU ratios in {r}");
     assert!(r["gateway_rps"].as_f64().is_some_and(|v| v > 0.0) && r["baseline_rps"].as_f64().is_some_and(|v| v > 0.0));
+}
+
+#[test]
+fn cache_hit_on_redis_measures_the_near_cache_against_the_memory_store() {
+    let _installed = common::redis_server();
+    let r = run_with("cache-hit", &["--store", "redis"]);
+    has_numbers(&r, &["redis_rps", "redis_vs_memory_throughput_ratio", "redis_p99_us", "redis_vs_memory_cpu_ratio"]);
+    assert_eq!(r["store"], "redis");
+    assert_eq!(r["redis"]["closed"]["errors"], 0, "every Get answered: {r}");
+    assert!(r["redis_rps"].as_f64().is_some_and(|v| v > 0.0), "{r}");
 }
 
 #[test]

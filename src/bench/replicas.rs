@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// A `redis-server` of the benchmark's own, stopped when dropped.
-struct Redis {
+pub(crate) struct Redis {
     child: Child,
     port: u16,
     dir: std::path::PathBuf,
@@ -32,7 +32,7 @@ impl Drop for Redis {
 }
 
 impl Redis {
-    fn start() -> Result<Self, BenchError> {
+    pub(crate) fn start() -> Result<Self, BenchError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!("dsg-bench-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -44,7 +44,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| {
-                format!("bench replicas needs redis-server on the PATH (apt-get install redis-server): {e}")
+                format!("this benchmark needs redis-server on the PATH (apt-get install redis-server): {e}")
             })?;
         let redis = Self { child, port, dir };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -57,7 +57,7 @@ impl Redis {
         Ok(redis)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }

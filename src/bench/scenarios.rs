@@ -26,6 +26,25 @@ pub struct BenchOptions {
     pub connections: usize,
     /// Seconds-long, small-sized runs that check the harness, not the speed.
     pub smoke: bool,
+    /// The store of the gateway measured (cache-hit: `redis` adds a gateway on Redis).
+    pub store: BenchStore,
+}
+
+/// Which store a scenario's gateway keeps its state in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStore {
+    #[default]
+    Memory,
+    Redis,
+}
+
+impl BenchStore {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+        }
+    }
 }
 
 type Client = AggregationServiceClient<Channel>;
@@ -162,6 +181,8 @@ async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
 struct Target<'a> {
     server: &'a Server,
     clients: Vec<RawClient>,
+    /// The encoded GetAggregation request it answers.
+    request: bytes::Bytes,
 }
 
 /// `time` spread over `requests`, in µs.
@@ -200,20 +221,16 @@ impl Measured {
 }
 
 /// One closed-loop phase of `length` against `target`: the load and the server CPU it cost.
-async fn closed_phase(
-    target: &Target<'_>,
-    length: Duration,
-    opts: &BenchOptions,
-    request: &bytes::Bytes,
-) -> (LoadReport, CpuTime) {
-    let call = |request: bytes::Bytes| move |c: RawClient| raw_get(c, request.clone());
+async fn closed_phase(target: &Target<'_>, length: Duration, opts: &BenchOptions) -> (LoadReport, CpuTime) {
+    let request = target.request.clone();
     let before = target.server.cpu_time();
-    let report = closed_loop(&target.clients, opts.concurrency, length, call(request.clone())).await;
+    let report =
+        closed_loop(&target.clients, opts.concurrency, length, move |c: RawClient| raw_get(c, request.clone())).await;
     (report, target.server.cpu_time().since(before))
 }
 
-async fn open_phase(target: &Target<'_>, rate: f64, length: Duration, request: &bytes::Bytes) -> (LoadReport, CpuTime) {
-    let request = request.clone();
+async fn open_phase(target: &Target<'_>, rate: f64, length: Duration) -> (LoadReport, CpuTime) {
+    let request = target.request.clone();
     let before = target.server.cpu_time();
     let report =
         open_loop(&target.clients, rate, length, 10_000, move |c: RawClient| raw_get(c, request.clone())).await;
@@ -246,16 +263,11 @@ fn spread(mut values: Vec<f64>) -> Value {
     json!({ "min": r(at(0.0)), "p25": r(at(0.25)), "median": r(at(0.5)), "p75": r(at(0.75)), "max": r(at(1.0)) })
 }
 
-/// GetAggregation of a completed aggregation, pages of 100 rows: the gateway against the
-/// bare-tonic baseline answering the same bytes.
-pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
-    let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
-    if let Some(core) = load_core {
-        pin_self(core);
-    }
-    let gw = gateway(server_core, &["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms"])?;
+/// A gateway with one completed aggregation: the encoded request for its first page of 100
+/// rows, and the encoded answer.
+async fn with_a_result(gw: &Server) -> Result<(bytes::Bytes, Vec<u8>), BenchError> {
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
-    let mut clients = connect(&url, opts.connections).await?;
+    let mut clients = connect(&url, 1).await?;
     let started = clients[0].start_aggregation(start_request(1, 1, 1, &[pb::GroupBy::JobId])).await?.into_inner();
     let id = started.aggregation.unwrap_or_default().aggregation_id;
     finish(&mut clients[0], &id).await?;
@@ -264,9 +276,21 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     if response.statistics.len() != 100 {
         return Err(format!("expected a page of 100 rows, got {}", response.statistics.len()).into());
     }
-    let encoded = response.encode_to_vec();
-    let request_bytes = bytes::Bytes::from(page.encode_to_vec());
-    drop(clients);
+    Ok((bytes::Bytes::from(page.encode_to_vec()), response.encode_to_vec()))
+}
+
+/// GetAggregation of a completed aggregation, pages of 100 rows: the gateway against the
+/// bare-tonic baseline answering the same bytes; with `--store redis`, also a gateway on a
+/// `redis-server` of its own, whose near cache must keep its throughput close to the memory
+/// store's. The servers take turns of a quarter second.
+pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
+    let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
+    if let Some(core) = load_core {
+        pin_self(core);
+    }
+    let quick = ["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms"];
+    let gw = gateway(server_core, &quick)?;
+    let (request_bytes, encoded) = with_a_result(&gw).await?;
 
     let file = std::env::temp_dir().join(format!("dsg-baseline-{}.bin", std::process::id()));
     std::fs::write(&file, &encoded)?;
@@ -278,23 +302,50 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     let base = Server::start(server_core, &baseline_args, 1);
     let _ = std::fs::remove_file(&file);
     let base = base?;
-    let base_url = base.url("listening on ").ok_or("no baseline address")?;
-    let targets = [
-        Target { server: &gw, clients: raw_clients(&url, opts.connections).await? },
-        Target { server: &base, clients: raw_clients(&base_url, opts.connections).await? },
+
+    let redis = match opts.store {
+        BenchStore::Memory => None,
+        BenchStore::Redis => {
+            let redis = super::replicas::Redis::start()?;
+            let url = redis.url();
+            let mut flags = quick.to_vec();
+            flags.extend(["--store", "redis", "--redis-url", &url]);
+            let on_redis = gateway(server_core, &flags)?;
+            let (request, _) = with_a_result(&on_redis).await?;
+            Some((redis, on_redis, request))
+        }
+    };
+    let mut targets = vec![
+        Target {
+            server: &gw,
+            clients: raw_clients(&address(&gw)?, opts.connections).await?,
+            request: request_bytes.clone(),
+        },
+        Target {
+            server: &base,
+            clients: raw_clients(&address(&base)?, opts.connections).await?,
+            request: request_bytes,
+        },
     ];
+    if let Some((_, on_redis, request)) = &redis {
+        targets.push(Target {
+            server: on_redis,
+            clients: raw_clients(&address(on_redis)?, opts.connections).await?,
+            request: request.clone(),
+        });
+    }
 
     let rounds = rounds(opts);
     let length = opts.duration / rounds;
     for t in &targets {
-        closed_phase(t, Duration::from_millis(300).min(opts.duration), opts, &request_bytes).await;
+        closed_phase(t, Duration::from_millis(300).min(opts.duration), opts).await;
     }
-    let mut measured = [Measured::new(), Measured::new()];
+    let mut measured: Vec<Measured> = targets.iter().map(|_| Measured::new()).collect();
     let mut round_cpu_ratios = Vec::new();
     for round in 0..rounds {
-        let mut cpu_us = [0.0; 2];
-        for i in turn(round) {
-            let (report, cpu) = closed_phase(&targets[i], length, opts, &request_bytes).await;
+        let mut cpu_us = vec![0.0; targets.len()];
+        for i in turn(round, targets.len()) {
+            let (report, cpu) = closed_phase(&targets[i], length, opts).await;
             cpu_us[i] = us_per_request(cpu.total(), report.requests);
             measured[i].closed.merge(&report);
             measured[i].cpu.add(cpu);
@@ -303,8 +354,8 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     }
     let rate = (measured[1].closed.rps() / 2.0).max(10.0);
     for round in 0..rounds {
-        for i in turn(round) {
-            let (report, cpu) = open_phase(&targets[i], rate, length, &request_bytes).await;
+        for i in turn(round, targets.len()) {
+            let (report, cpu) = open_phase(&targets[i], rate, length).await;
             measured[i].open.merge(&report);
             measured[i].open_cpu.add(cpu);
         }
@@ -312,9 +363,9 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     drop(targets);
     drop(base);
 
-    let [g, b] = &measured;
+    let (g, b) = (&measured[0], &measured[1]);
     let ((g_cpu, g_user, g_sys), (b_cpu, b_user, b_sys)) = (g.cpu_us(), b.cpu_us());
-    Ok(json!({
+    let mut report = json!({
         "scenario": "cache-hit",
         "response_bytes": encoded.len(),
         "gateway_rps": g.closed.rps().round(),
@@ -339,16 +390,34 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         "baseline_open_p99_us": b.open.percentile_us(0.99),
         "gateway": { "closed": g.closed.json(), "open": g.open.json() },
         "baseline": { "closed": b.closed.json(), "open": b.open.json() },
+        "store": opts.store.name(),
         "rounds": rounds,
         "pinned": server_core.is_some(),
         "concurrency": opts.concurrency,
         "connections": opts.connections,
-    }))
+    });
+    if let Some(r) = measured.get(2) {
+        let (r_cpu, _, _) = r.cpu_us();
+        report["redis_rps"] = json!(r.closed.rps().round());
+        report["redis_vs_memory_throughput_ratio"] = json!(ratio(r.closed.rps(), g.closed.rps()));
+        report["redis_p99_us"] = json!(r.closed.percentile_us(0.99));
+        report["redis_cpu_us_per_request"] = json!(one_decimal(r_cpu));
+        report["redis_vs_memory_cpu_ratio"] = json!(ratio(r_cpu, g_cpu));
+        report["redis_open_cpu_us_per_request"] = json!(one_decimal(r.open_cpu_us()));
+        report["redis"] = json!({ "closed": r.closed.json(), "open": r.open.json() });
+    }
+    drop(redis);
+    Ok(report)
 }
 
-/// The order the two targets (0 the gateway, 1 the baseline) take in `round`.
-fn turn(round: u32) -> [usize; 2] {
-    if round.is_multiple_of(2) { [0, 1] } else { [1, 0] }
+fn address(server: &Server) -> Result<String, BenchError> {
+    Ok(server.url("listening on ").ok_or("no gRPC address")?)
+}
+
+/// The order the targets take in `round`: each round starts one later, so each is measured
+/// first, last and in between alike.
+fn turn(round: u32, targets: usize) -> Vec<usize> {
+    (0..targets).map(|i| (i + round as usize) % targets.max(1)).collect()
 }
 
 /// 1,000 concurrent identical StartAggregation calls.
@@ -535,7 +604,7 @@ mod tests {
     use super::*;
 
     fn opts(duration: Duration, smoke: bool) -> BenchOptions {
-        BenchOptions { duration, concurrency: 1, connections: 1, smoke }
+        BenchOptions { duration, concurrency: 1, connections: 1, smoke, store: BenchStore::Memory }
     }
 
     #[test]
@@ -543,8 +612,9 @@ mod tests {
         assert_eq!(rounds(&opts(Duration::from_secs(10), false)), 40);
         assert_eq!(rounds(&opts(Duration::from_millis(100), false)), 1);
         assert_eq!(rounds(&opts(Duration::from_secs(10), true)), 1);
-        assert_eq!(turn(0), [0, 1]);
-        assert_eq!(turn(1), [1, 0]);
+        assert_eq!(turn(0, 2), [0, 1]);
+        assert_eq!(turn(1, 2), [1, 0]);
+        assert_eq!((turn(1, 3), turn(2, 3), turn(3, 3)), (vec![1, 2, 0], vec![2, 0, 1], vec![0, 1, 2]));
     }
 
     #[test]

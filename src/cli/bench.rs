@@ -2,7 +2,7 @@
 //! baseline server the cache-hit scenario compares against.
 
 use super::{RunError, announce, shutdown_signal};
-use crate::bench::scenarios::{self, BenchOptions};
+use crate::bench::scenarios::{self, BenchOptions, BenchStore};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// A seconds-long run that checks the harness, not the speed.
     #[arg(long)]
     pub smoke: bool,
+    /// cache-hit: `redis` also measures a gateway on a redis-server of its own (needs
+    /// `redis-server` on the PATH) against the memory store, in the same run.
+    #[arg(long, value_enum, default_value_t = BenchStore::Memory)]
+    pub store: BenchStore,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +65,7 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
         concurrency: args.concurrency.max(1),
         connections: args.connections.max(1),
         smoke: args.smoke,
+        store: args.store,
     };
     // The load generator gets one core; it runs as one thread so that two runtime workers do
     // not take turns on that core in time slices of milliseconds, which would show up as
