@@ -69,6 +69,7 @@ fn cache_hit_on_redis_measures_the_near_cache_against_the_memory_store() {
     assert_eq!(r["store"], "redis");
     assert_eq!(r["redis"]["closed"]["errors"], 0, "every Get answered: {r}");
     assert!(r["redis_rps"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    assert!(r["global_caller_bucket_round_trip_us"]["median"].is_number(), "the cost of global buckets: {r}");
 }
 
 #[test]

@@ -406,8 +406,27 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
         report["redis_open_cpu_us_per_request"] = json!(one_decimal(r.open_cpu_us()));
         report["redis"] = json!({ "closed": r.closed.json(), "open": r.open.json() });
     }
+    if let Some((redis, _, _)) = &redis {
+        report["global_caller_bucket_round_trip_us"] = gcra_round_trips(&redis.url(), opts).await?;
+    }
     drop(redis);
     Ok(report)
+}
+
+/// What a caller bucket kept in Redis would add to every request: the round trip of one GCRA
+/// take (the script the upstream rates use), one at a time from this process, in µs.
+async fn gcra_round_trips(url: &str, opts: &BenchOptions) -> Result<Value, BenchError> {
+    use crate::gateway::throttle::{Rate, RateSource as _};
+    let redis = crate::gateway::redis::RedisCoordination::connect(url, "bench:").await?;
+    let rate = redis.rate("caller", Rate { per_second: 1e6, burst: 1_000 }).ok_or("a rate")?;
+    let n = if opts.smoke { 100 } else { 5_000 };
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let begin = Instant::now();
+        rate.try_take().await?;
+        took.push(begin.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(spread(took))
 }
 
 fn address(server: &Server) -> Result<String, BenchError> {
