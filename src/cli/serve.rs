@@ -9,7 +9,11 @@ use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
 use crate::gateway::throttle::Rate;
 use crate::gateway::{Coordination, Gateway, GatewayConfig};
+use crate::grpc::authz::Authorizer;
+use crate::grpc::identity::IdentitySource;
 use crate::grpc::server::{self, ServerOptions, Serving};
+use crate::grpc::service::Access;
+use crate::grpc::tls::{ReloadingTls, TlsFiles};
 use crate::telemetry::{Metrics, admin};
 use crate::upstream::sdk::defaults as sdk_defaults;
 use crate::upstream::sdk::{CredentialSource, SdkUpstream, SdkUpstreamConfig};
@@ -84,6 +88,38 @@ pub struct ServeArgs {
     /// Connections are closed gracefully after this age, so HTTP/2 clients rebalance across replicas.
     #[arg(long, env = "DSG_MAX_CONNECTION_AGE", default_value_t = server::defaults::MAX_CONNECTION_AGE.into())]
     pub max_connection_age: humantime::Duration,
+    /// Open gRPC connections at once; one more is closed as soon as it is accepted.
+    #[arg(long, env = "DSG_MAX_CONNECTIONS", default_value_t = server::defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// How long a new connection may take to finish its TLS handshake and send its first
+    /// bytes; a socket that never speaks is closed after it.
+    #[arg(long, env = "DSG_HANDSHAKE_TIMEOUT", default_value_t = server::defaults::HANDSHAKE_TIMEOUT.into())]
+    pub handshake_timeout: humantime::Duration,
+    /// HTTP/2 streams a client may reset before the server accepted them, before its
+    /// connection is closed (rapid-reset protection).
+    #[arg(long, env = "DSG_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS", default_value_t = server::defaults::HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS)]
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Largest request metadata (HTTP/2 header list), in bytes.
+    #[arg(long, env = "DSG_HTTP2_MAX_HEADER_LIST_SIZE", default_value_t = server::defaults::HTTP2_MAX_HEADER_LIST_SIZE)]
+    pub http2_max_header_list_size: u32,
+    /// TLS on the gRPC listener: the certificate chain (PEM), read again when it changes.
+    #[arg(long, env = "DSG_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DSG_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA certificates (PEM bundle) client certificates must chain to: turns on mutual TLS.
+    #[arg(long, env = "DSG_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Where the caller's identity comes from: tls (the client certificate), linkerd
+    /// (l5d-client-id), xfcc (x-forwarded-client-cert) or header (x-caller-id, unauthenticated).
+    /// Default: tls with --tls-client-ca, else header.
+    #[arg(long, env = "DSG_IDENTITY_SOURCE", value_enum)]
+    pub identity_source: Option<IdentitySource>,
+    /// A TOML file of rules saying which identities may call which methods on which farms;
+    /// read again when it changes. Without one, every caller may read every farm.
+    #[arg(long, env = "DSG_AUTHZ_POLICY")]
+    pub authz_policy: Option<std::path::PathBuf>,
     /// Where coordination state lives: memory (one replica) or redis (several replicas).
     #[arg(long, env = "DSG_STORE", value_enum, default_value = "memory")]
     pub store: StoreKind,
@@ -302,18 +338,58 @@ impl ServeArgs {
             http2_keepalive_interval: *self.http2_keepalive_interval,
             http2_keepalive_timeout: *self.http2_keepalive_timeout,
             max_connection_age: *self.max_connection_age,
+            max_connections: self.max_connections,
+            handshake_timeout: *self.handshake_timeout,
+            http2_max_pending_accept_reset_streams: self.http2_max_pending_accept_reset_streams,
+            http2_max_header_list_size: self.http2_max_header_list_size,
         }
+    }
+
+    /// TLS on the listener, as configured: loaded now, so a bad file stops start-up.
+    pub fn tls(&self) -> Result<Option<Arc<ReloadingTls>>, RunError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
+        let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() };
+        ReloadingTls::load(files).map(|t| Some(Arc::new(t))).map_err(|e| RunError::Config(format!("TLS: {e}")))
+    }
+
+    /// Where identities come from and the policy in force, logged as the operator must know them.
+    pub fn access(&self, metrics: Arc<Metrics>) -> Result<Access, RunError> {
+        let source = self.identity_source.unwrap_or(IdentitySource::default_for(self.tls_client_ca.is_some()));
+        if source == IdentitySource::Tls && self.tls_client_ca.is_none() {
+            return Err(RunError::Config(
+                "--identity-source tls needs mutual TLS: --tls-cert, --tls-key and --tls-client-ca".into(),
+            ));
+        }
+        tracing::info!(identity_source = source.name(), trust = source.trust(), "caller identity");
+        let authorizer = match &self.authz_policy {
+            Some(path) => {
+                let authorizer =
+                    Authorizer::load(path, metrics).map_err(|e| RunError::Config(format!("--authz-policy {e}")))?;
+                tracing::info!(path = %path.display(), rules = authorizer.policy().rules(), "authorization policy in force: default deny");
+                Some(Arc::new(authorizer))
+            }
+            None => {
+                tracing::warn!("no --authz-policy: every caller may start and read aggregations of every farm");
+                None
+            }
+        };
+        Ok(Access { identity_source: source, authorizer })
     }
 }
 
+/// How often the TLS files and the policy file are looked at for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
 pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let config = args.gateway_config()?;
+    let metrics = Arc::new(Metrics::new());
+    let tls = args.tls()?;
+    let access = args.access(metrics.clone())?;
     if args.check_config {
         super::print_line("configuration ok");
         return Ok(());
     }
     let signal = shutdown_signal().map_err(RunError::Signal)?;
-    let metrics = Arc::new(Metrics::new());
     let (sdk_config, emulator) = upstream(&args).await?;
     let upstream = SdkUpstream::connect(&sdk_config).await.map_err(|e| RunError::Config(e.to_string()))?;
     let coordination = coordination(&args, &config).await?;
@@ -329,7 +405,7 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
     let admin_addr =
         admin_listener.local_addr().map_err(|source| RunError::Listen { addr: args.admin_listen, source })?;
-    announce(&format!("http://{addr}"));
+    announce(&format!("{}://{addr}", if tls.is_some() { "https" } else { "http" }));
     super::print_line(&format!("admin on http://{admin_addr}"));
     if let Some(emulator) = &emulator {
         super::print_line(&format!("upstream on {}", emulator.endpoint_url()));
@@ -339,7 +415,15 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let (ready, ready_rx) = watch::channel(false);
     let (stop, stopped) = watch::channel(false);
     let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready_rx, until_true(stopped.clone())));
-    let serving = Serving { gateway: gateway.clone(), metrics, options: args.server_options(), ready };
+    let watching = tokio_util::sync::CancellationToken::new();
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(RELOAD_INTERVAL, watching.clone()));
+    }
+    if let Some(authorizer) = &access.authorizer {
+        tokio::spawn(authorizer.clone().watch(RELOAD_INTERVAL, watching.clone()));
+    }
+    let _stop_watching = watching.drop_guard();
+    let serving = Serving { gateway: gateway.clone(), metrics, options: args.server_options(), ready, tls, access };
     let server = server::serve(listener, serving, until_true(stopped));
     tokio::pin!(server);
     let outcome = tokio::select! {

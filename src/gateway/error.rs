@@ -49,6 +49,10 @@ pub enum GatewayError {
     RateLimited { operation: &'static str, retry_after: Duration },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("{method} needs an authenticated caller, and none was identified")]
+    Unauthenticated { method: &'static str },
+    #[error("the caller may not call {method} on farm {farm_id}")]
+    FarmNotAllowed { farm_id: String, method: &'static str },
     #[error("the gateway's coordination store is unavailable; retry shortly ({0})")]
     StoreUnavailable(StoreError),
 }

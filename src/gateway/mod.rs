@@ -454,7 +454,8 @@ impl Gateway {
     }
 
     /// Reads an aggregation and one page of its rows, waiting up to `wait` (capped by the
-    /// configured maximum) for it to become terminal.
+    /// configured maximum) for it to become terminal. `may_read` is asked about the
+    /// aggregation's farm before anything of it is answered or waited for.
     pub async fn get(
         &self,
         caller: &str,
@@ -462,12 +463,14 @@ impl Gateway {
         page_size: i32,
         page_token: &str,
         wait: Duration,
+        may_read: &(dyn Fn(&str) -> Result<(), GatewayError> + Sync),
     ) -> Result<Page, GatewayError> {
         self.take_token(&self.get_buckets, caller, "GetAggregation")?;
         let size = paging::page_size(page_size)?;
         let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, id)? };
         // The hot path: a terminal result held by this replica.
         if let Some(result) = self.results.get(id) {
+            may_read(result.record.farm_id())?;
             return terminal_page(id, result, offset, size);
         }
         let wait = wait.min(self.max_wait);
@@ -476,11 +479,18 @@ impl Gateway {
         loop {
             let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
             let (record, queue_position) = match found {
-                Found::Terminal(result) => return terminal_page(id, result, offset, size),
-                Found::Active { record, queue_position } => (record, queue_position),
+                Found::Terminal(result) => {
+                    may_read(result.record.farm_id())?;
+                    return terminal_page(id, result, offset, size);
+                }
+                Found::Active { record, queue_position } => {
+                    may_read(record.farm_id())?;
+                    (record, queue_position)
+                }
                 Found::Expired(at) => return Err(GatewayError::Expired { id: id.to_owned(), at }),
                 Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
                 Found::RowsLost(record) => {
+                    may_read(record.farm_id())?;
                     let result = self.recover_rows(record).await?;
                     return terminal_page(id, result, offset, size);
                 }

@@ -1,12 +1,16 @@
 //! The gRPC transport: generated types, proto ⇄ domain conversion, the one error mapping, the
 //! tonic service and the server with health and reflection.
 
+pub mod authz;
 pub mod codec;
 pub mod convert;
+pub mod identity;
+pub mod listener;
 pub mod page_route;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod tls;
 pub mod wire;
 
 /// Code generated from `proto/deadline/stats/v1/aggregation.proto`.

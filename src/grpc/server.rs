@@ -5,10 +5,12 @@
 //! Health (and the readiness flag the admin listener reports) is NOT_SERVING until the server
 //! is about to accept, and turns NOT_SERVING again the moment shutdown begins.
 
+use super::listener::{ConnectionLimits, incoming};
 use super::page_route::AggregationRoutes;
 use super::pb;
 use super::pb::aggregation_service_server::AggregationServiceServer;
-use super::service::AggregationApi;
+use super::service::{Access, AggregationApi};
+use super::tls::ReloadingTls;
 use crate::gateway::Gateway;
 use crate::telemetry::Metrics;
 use std::future::Future;
@@ -17,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Why the server could not be built or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,15 @@ pub struct ServerOptions {
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
     pub max_connection_age: Duration,
+    /// Open connections at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// How long a new connection may take to finish its TLS handshake and send its first bytes.
+    pub handshake_timeout: Duration,
+    /// Streams a client may reset before the server has accepted them, before the connection
+    /// is closed (the HTTP/2 rapid-reset attack).
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Largest header list (metadata) of a request, in bytes.
+    pub http2_max_header_list_size: u32,
 }
 
 /// The default of every server limit, for [`ServerOptions::default`] and the command line.
@@ -56,6 +66,10 @@ pub mod defaults {
     pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
     pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+    pub const HTTP2_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 }
 
 impl Default for ServerOptions {
@@ -68,6 +82,10 @@ impl Default for ServerOptions {
             http2_keepalive_interval: defaults::HTTP2_KEEPALIVE_INTERVAL,
             http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
             max_connection_age: defaults::MAX_CONNECTION_AGE,
+            max_connections: defaults::MAX_CONNECTIONS,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            http2_max_pending_accept_reset_streams: defaults::HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            http2_max_header_list_size: defaults::HTTP2_MAX_HEADER_LIST_SIZE,
         }
     }
 }
@@ -84,6 +102,10 @@ pub struct Serving {
     pub options: ServerOptions,
     /// Set while the server accepts work.
     pub ready: watch::Sender<bool>,
+    /// TLS on the listener, when configured.
+    pub tls: Option<Arc<ReloadingTls>>,
+    /// Who may call what.
+    pub access: Access,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then lets in-flight RPCs finish.
@@ -92,7 +114,7 @@ pub async fn serve(
     serving: Serving,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let Serving { gateway, metrics, options, ready } = serving;
+    let Serving { gateway, metrics, options, ready, tls, access } = serving;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<AggregationServiceServer<AggregationApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
@@ -103,7 +125,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let api = AggregationRoutes::new(
-        AggregationApi::new(gateway, metrics),
+        AggregationApi::new(gateway, metrics, access),
         options.max_request_bytes,
         options.max_message_bytes,
     );
@@ -114,6 +136,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(options.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(options.http2_keepalive_timeout))
         .max_connection_age(options.max_connection_age)
+        .http2_max_pending_accept_reset_streams(Some(options.http2_max_pending_accept_reset_streams))
+        .http2_max_header_list_size(options.http2_max_header_list_size)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -127,6 +151,8 @@ pub async fn serve(
         health.set_not_serving::<AggregationServiceServer<AggregationApi>>().await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
-    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining).await?;
+    let limits =
+        ConnectionLimits { max_connections: options.max_connections, handshake_timeout: options.handshake_timeout };
+    router.serve_with_incoming_shutdown(incoming(listener, tls, limits), draining).await?;
     Ok(())
 }

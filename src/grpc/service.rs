@@ -4,7 +4,10 @@
 //! Each RPC runs in a server span that follows the OpenTelemetry RPC conventions and is a child
 //! of the caller's span when the request carries W3C trace context; each is counted and timed.
 
+use super::authz::Authorizer;
 use super::convert;
+use super::identity::{IdentitySource, bucket_key};
+use super::listener::PeerInfo;
 use super::pb::aggregation_service_server::AggregationService;
 use super::pb::{GetAggregationRequest, GetAggregationResponse, StartAggregationRequest, StartAggregationResponse};
 use super::wire::{self, EncodedRows};
@@ -12,16 +15,12 @@ use crate::domain::validate::{Field, FieldViolation};
 use crate::gateway::{Gateway, GatewayError};
 use crate::telemetry::{Metrics, traces};
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-/// The metadata key callers identify themselves by for throttling.
-pub const CALLER_ID_HEADER: &str = "x-caller-id";
-/// Longest accepted caller id.
-const MAX_CALLER_ID_LEN: usize = 128;
+pub use super::identity::CALLER_ID_HEADER;
 /// The full name of the service, as spans and metrics name it.
 pub use super::pb::aggregation_service_server::SERVICE_NAME;
 
@@ -59,20 +58,66 @@ macro_rules! rpc_span {
             rpc.method = $method.name,
             rpc.grpc.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
-            caller = $caller,
+            caller = $caller.bucket.as_str(),
+            enduser.id = $caller.identity.as_deref().unwrap_or_default(),
         )
     };
+}
+
+/// Who may call: where identities come from, and the policy, if any.
+#[derive(Clone)]
+pub struct Access {
+    pub identity_source: IdentitySource,
+    /// `None`: every caller may call anything.
+    pub authorizer: Option<Arc<Authorizer>>,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Self { identity_source: IdentitySource::Header, authorizer: None }
+    }
+}
+
+/// The caller of one RPC.
+struct Caller {
+    /// Who it is, as the identity source says.
+    identity: Option<Arc<str>>,
+    /// The key of its token buckets: the identity, else the peer's address.
+    bucket: String,
 }
 
 /// The gRPC face of a [`Gateway`].
 pub struct AggregationApi {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
+    access: Access,
 }
 
 impl AggregationApi {
-    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>) -> Self {
-        Self { gateway, metrics }
+    pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, access: Access) -> Self {
+        Self { gateway, metrics, access }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Caller {
+        let peer = request.extensions().get::<PeerInfo>();
+        let identity = self.access.identity_source.identify(request.metadata(), peer);
+        Caller { bucket: bucket_key(identity.as_deref(), peer), identity }
+    }
+
+    /// Refuses a caller without an identity, when a policy is in force.
+    fn authenticated(&self, caller: &Caller, method: Method) -> Result<(), GatewayError> {
+        match &self.access.authorizer {
+            Some(a) => a.require_identity(caller.identity.as_deref(), method),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the caller may call `method` on `farm`.
+    fn authorized(&self, caller: &Caller, method: Method, farm: &str) -> Result<(), GatewayError> {
+        match &self.access.authorizer {
+            Some(a) => a.check(caller.identity.as_deref(), method, farm),
+            None => Ok(()),
+        }
     }
 
     /// Runs one RPC inside its server span, then counts and times it.
@@ -80,7 +125,7 @@ impl AggregationApi {
         &self,
         method: Method,
         metadata: &tonic::metadata::MetadataMap,
-        caller: &str,
+        caller: &Caller,
         rpc: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         // A span per RPC is worth its cost when traces are exported or debug logs are on; at
@@ -114,7 +159,8 @@ impl AggregationApi {
             span.in_scope(|| {
                 tracing::info!(
                     rpc.method = method.name,
-                    caller,
+                    caller = caller.bucket.as_str(),
+                    enduser.id = caller.identity.as_deref().unwrap_or_default(),
                     code = ?status.code(),
                     status_message = status.message(),
                     trace_id,
@@ -133,11 +179,13 @@ impl AggregationService for AggregationApi {
         &self,
         request: Request<StartAggregationRequest>,
     ) -> Result<Response<StartAggregationResponse>, Status> {
-        let caller = caller_id(&request);
+        let caller = self.caller(&request);
         let (metadata, _, message) = request.into_parts();
         self.observe(START, &metadata, &caller, async {
+            self.authenticated(&caller, START)?;
             let req = convert::start_request(message)?;
-            let started = self.gateway.start(&caller, &req.request, req.max_staleness).await?;
+            self.authorized(&caller, START, &req.request.farm_id)?;
+            let started = self.gateway.start(&caller.bucket, &req.request, req.max_staleness).await?;
             Ok(Response::new(StartAggregationResponse {
                 aggregation: Some(convert::aggregation(&started.record, started.queue_position)),
                 disposition: convert::disposition(started.disposition) as i32,
@@ -157,11 +205,16 @@ impl AggregationService for AggregationApi {
 impl AggregationApi {
     /// GetAggregation, whether tonic's generated route or [`super::page_route`] serves it.
     pub async fn get_page(&self, request: Request<GetAggregationRequest>) -> Result<GetAggregationResponse, Status> {
-        let caller = caller_id(&request);
+        let caller = self.caller(&request);
         let (metadata, _, req) = request.into_parts();
         self.observe(GET, &metadata, &caller, async {
+            self.authenticated(&caller, GET)?;
             let wait = within_deadline(wait(&req)?, caller_timeout(&metadata));
-            let page = self.gateway.get(&caller, &req.aggregation_id, req.page_size, &req.page_token, wait).await?;
+            let may_read = |farm: &str| self.authorized(&caller, GET, farm);
+            let page = self
+                .gateway
+                .get(&caller.bucket, &req.aggregation_id, req.page_size, &req.page_token, wait, &may_read)
+                .await?;
             let encode = || wire::encode_aggregation(&convert::aggregation(&page.record, page.queue_position));
             // A terminal result never changes: its encoding is made once and shared.
             let view = match &page.result {
@@ -229,76 +282,9 @@ fn caller_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
-/// `x-caller-id` when the caller sends a sensible one, else the peer's IP address. Made for
-/// every request, so built without the formatting machinery in the common cases.
-fn caller_id<T>(request: &Request<T>) -> String {
-    let named = request
-        .metadata()
-        .get(CALLER_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= MAX_CALLER_ID_LEN);
-    match (named, request.remote_addr()) {
-        (Some(id), _) => ["id:", id].concat(),
-        (None, Some(addr)) => {
-            let mut out = String::with_capacity(48);
-            out.push_str("ip:");
-            match addr.ip() {
-                IpAddr::V4(v4) => {
-                    for (i, octet) in v4.octets().into_iter().enumerate() {
-                        if i > 0 {
-                            out.push('.');
-                        }
-                        push_decimal(&mut out, octet);
-                    }
-                }
-                IpAddr::V6(v6) => {
-                    use std::fmt::Write as _;
-                    let _ = write!(out, "{v6}");
-                }
-            }
-            out
-        }
-        (None, None) => "unknown".to_owned(),
-    }
-}
-
-fn push_decimal(out: &mut String, n: u8) {
-    if n >= 100 {
-        out.push(char::from(b'0' + n / 100));
-    }
-    if n >= 10 {
-        out.push(char::from(b'0' + n / 10 % 10));
-    }
-    out.push(char::from(b'0' + n % 10));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn caller_ids_name_the_header_or_the_peer_address() {
-        let with_addr = |addr: &str| {
-            let mut r = Request::new(());
-            let addr: std::net::SocketAddr = addr.parse().expect("address");
-            r.extensions_mut()
-                .insert(tonic::transport::server::TcpConnectInfo { local_addr: None, remote_addr: Some(addr) });
-            r
-        };
-        for (addr, want) in [
-            ("127.0.0.1:9", "ip:127.0.0.1"),
-            ("10.200.3.45:1", "ip:10.200.3.45"),
-            ("0.0.0.0:1", "ip:0.0.0.0"),
-            ("255.255.255.255:1", "ip:255.255.255.255"),
-            ("[::1]:1", "ip:::1"),
-        ] {
-            assert_eq!(caller_id(&with_addr(addr)), want);
-        }
-        let mut named = with_addr("127.0.0.1:9");
-        named.metadata_mut().insert(CALLER_ID_HEADER, "render-farm".parse().expect("ascii"));
-        assert_eq!(caller_id(&named), "id:render-farm");
-        assert_eq!(caller_id(&Request::new(())), "unknown");
-    }
 
     #[test]
     fn long_polls_end_shortly_before_the_callers_deadline() {

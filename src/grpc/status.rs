@@ -94,6 +94,18 @@ impl From<GatewayError> for Status {
                 Code::ResourceExhausted
             }
             GatewayError::ShuttingDown => Code::Unavailable,
+            GatewayError::Unauthenticated { method } => {
+                details.set_error_info("UNAUTHENTICATED", ERROR_DOMAIN, meta([("method", method.to_owned())]));
+                Code::Unauthenticated
+            }
+            GatewayError::FarmNotAllowed { farm_id, method } => {
+                details.set_error_info(
+                    "FARM_NOT_ALLOWED",
+                    ERROR_DOMAIN,
+                    meta([("farm_id", quoted(&farm_id)), ("method", method.to_owned())]),
+                );
+                Code::PermissionDenied
+            }
             GatewayError::StoreUnavailable(_) => {
                 details.set_retry_info(Some(STORE_RETRY));
                 details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());

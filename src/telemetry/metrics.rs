@@ -106,6 +106,8 @@ pub struct Metrics {
     /// Results whose rows the shared store lost, fetched again from the upstream: `recovered`
     /// or `failed`.
     pub rows_refetched: Family<OutcomeLabels, Counter>,
+    /// Calls the authorization policy denied: `unauthenticated` or `farm_not_allowed`.
+    pub authz_denied: Family<ReasonLabels, Counter>,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -197,6 +199,15 @@ impl Metrics {
             "results whose rows the shared store lost, fetched again from the upstream, by outcome",
             rows_refetched.clone(),
         );
+        let authz_denied = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "authz_denied",
+            "calls the authorization policy denied, by reason (unauthenticated, farm_not_allowed)",
+            authz_denied.clone(),
+        );
+        for reason in ["unauthenticated", "farm_not_allowed"] {
+            let _ = authz_denied.get_or_create(&ReasonLabels { reason });
+        }
         for outcome in ["recovered", "failed"] {
             let _ = rows_refetched.get_or_create(&OutcomeLabels { outcome });
         }
@@ -243,6 +254,7 @@ impl Metrics {
             start_outcome_unknown,
             busy,
             rows_refetched,
+            authz_denied,
             rpc_fast,
             levels,
         }

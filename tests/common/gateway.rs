@@ -141,6 +141,8 @@ async fn serve_gateway(
         metrics: metrics.clone(),
         options: server::ServerOptions::default(),
         ready,
+        tls: None,
+        access: Default::default(),
     };
     tokio::spawn(server::serve(listener, serving, async {
         let _ = stopped.await;
