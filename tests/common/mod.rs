@@ -3,6 +3,7 @@
 //! scrapes, Python tools, a real redis-server and gateway processes sharing it. `use common::*` brings them all.
 #![allow(dead_code, unused_imports)]
 
+mod certs;
 mod gateway;
 mod http;
 mod process;
@@ -11,6 +12,7 @@ mod redis;
 mod replicas;
 mod upstream;
 
+pub use certs::*;
 pub use gateway::*;
 pub use http::*;
 pub use process::*;
