@@ -131,3 +131,25 @@ fn replicas_act_as_one_gateway_on_redis() {
     assert_eq!(r["max_in_progress"], 1);
     assert_eq!((r["upstream_throttled"].as_u64(), r["keys_split_across_ids"].as_u64()), (Some(0), Some(0)));
 }
+
+#[test]
+fn the_transport_holds_under_resets_floods_idle_sockets_big_metadata_and_descriptor_exhaustion() {
+    let r = run("transport");
+    assert_eq!(r["alive_after"], true, "{r}");
+    assert!(r["rapid_reset"]["connections_closed_by_server"].as_u64() > Some(0), "rapid reset ends in GOAWAY: {r}");
+    let flood = &r["stream_flood"];
+    assert_eq!(
+        flood["refused_streams"].as_u64(),
+        flood["streams_opened"].as_u64().zip(flood["max_concurrent_streams"].as_u64()).map(|(o, m)| o - m),
+        "every stream past the limit is refused: {r}"
+    );
+    assert_eq!(r["idle_sockets"]["closed_after_timeout_plus_1s"], r["idle_sockets"]["sockets"], "{r}");
+    let raw = &r["big_metadata"]["raw"];
+    assert!(raw["server_closed_connection"] == true || raw["server_reset_code"].is_number(), "{r}");
+    assert_ne!(r["big_metadata"]["tonic_client"]["code"], "Ok", "{r}");
+    assert!(r["health_during"]["checks"].as_u64() > Some(0), "{r}");
+    let exhausted = &r["descriptor_exhaustion"];
+    assert_eq!(exhausted["serves_after_release"], true, "{r}");
+    // A spinning accept loop takes a whole core; backing off takes a few per cent.
+    assert!(exhausted["cpu_fraction_of_a_core"].as_f64() < Some(0.5), "the accept loop spins: {r}");
+}

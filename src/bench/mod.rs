@@ -2,7 +2,8 @@
 //! server that answers `GetAggregation` with pre-encoded bytes (the physical limit of our stack
 //! here), helpers that pin processes to cores and read their CPU time and RSS from `/proc`, and
 //! the scenarios `bench` runs ([`scenarios`] for speed and memory, [`abuse`] for hostile input
-//! and caller churn, [`replicas`] for several gateways sharing Redis).
+//! and caller churn, [`transport`] for abuse of HTTP/2 and TCP, [`replicas`] for several gateways
+//! sharing Redis).
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.
 
@@ -13,3 +14,4 @@ pub mod process;
 pub mod replicas;
 pub mod requests;
 pub mod scenarios;
+pub mod transport;

@@ -27,7 +27,7 @@ impl Server {
         announced: usize,
     ) -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut cmd = match core {
+        let cmd = match core {
             Some(core) => {
                 let mut c = Command::new("taskset");
                 c.arg("-c").arg(core.to_string()).arg(exe);
@@ -35,6 +35,18 @@ impl Server {
             }
             None => Command::new(exe),
         };
+        Self::spawn(cmd, args, env, announced)
+    }
+
+    /// [`Server::start`] allowed at most `files` open file descriptors (`ulimit -n`).
+    pub fn start_with_fd_limit(args: &[String], files: u64, announced: usize) -> std::io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("ulimit -n {files} && exec \"$0\" \"$@\"")).arg(exe);
+        Self::spawn(cmd, args, &[], announced)
+    }
+
+    fn spawn(mut cmd: Command, args: &[String], env: &[(&str, &str)], announced: usize) -> std::io::Result<Self> {
         // The servers run with their production defaults: `info` logs, no trace export.
         for var in ["RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] {
             cmd.env_remove(var);

@@ -24,6 +24,8 @@ pub enum Scenario {
     Callers,
     /// Three gateways sharing one redis-server: 100 distinct aggregations, each sent to all.
     Replicas,
+    /// Rapid reset, stream floods, idle sockets, 1 MB metadata, descriptor exhaustion.
+    Transport,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +84,7 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
                 Scenario::Hostile => crate::bench::abuse::hostile(&opts).await,
                 Scenario::Callers => crate::bench::abuse::callers(&opts).await,
                 Scenario::Replicas => crate::bench::replicas::replicas(&opts).await,
+                Scenario::Transport => crate::bench::transport::transport(&opts).await,
             }
         })
     })
