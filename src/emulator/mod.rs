@@ -39,6 +39,12 @@ pub struct EmulatorConfig {
     pub faults: FaultSpec,
 }
 
+/// Decodes and validates the JSON body of a StartSessionsStatisticsAggregation call, as the
+/// emulator's route does; the refusal as its message. For property tests of the parser.
+pub fn parse_start_body(farm_id: &str, body: &[u8]) -> Result<crate::domain::AggregationRequest, String> {
+    wire::start_request(farm_id.to_owned(), body).map_err(|e| format!("{e:?}"))
+}
+
 /// The default of every emulator setting, for [`EmulatorConfig::default`] and the command line.
 pub mod defaults {
     use std::time::Duration;
