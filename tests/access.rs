@@ -350,3 +350,31 @@ async fn without_a_policy_everything_is_allowed_and_the_log_says_so() {
     let text = std::fs::read_to_string(&logs).expect("logs");
     assert!(text.contains("no --authz-policy: every caller may start and read aggregations of every farm"), "{text}");
 }
+
+#[test]
+fn query_reaches_a_gateway_with_mutual_tls_with_a_client_certificate() {
+    let g = secured("query");
+    let ca = g.dir.join("ca.crt");
+    let query = |cert: Option<&IssuedCert>| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["query", "--gateway", &g.url, "--tls-ca", &path(&ca), "--tls-server-name", "localhost"])
+            .args(["--farm-id", &farm(201), "--queue-ids", &queue(1)])
+            .args(["--start", "2026-10-01T00:00:00Z", "--end", "2026-10-02T00:00:00Z"])
+            .args(["--group-by", "queue-id", "--statistics", "sum", "--period", "hourly", "--format", "csv"]);
+        if let Some(c) = cert {
+            cmd.args(["--tls-cert", &path(&c.cert), "--tls-key", &path(&c.key)]);
+        }
+        cmd.output().expect("query runs")
+    };
+    let out = query(Some(&g.billing));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1 + 24, "a header and 24 hours");
+    let refused = query(Some(&g.ops));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!query(None).status.success(), "no certificate, no answer");
+}

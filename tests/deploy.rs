@@ -1,11 +1,10 @@
 //! The deployment files: every kustomize overlay renders, passes `kubernetes-validate --strict`
 //! and `yamllint`, and agrees with what the binary really accepts (flags, environment
-//! variables, ports, probe service), as does the Dockerfile.
+//! variables, ports, probes), as does the Dockerfile.
 
 mod common;
 
-use common::{BIN, python_packages};
-use deadline_stats_gateway::grpc::service::SERVICE_NAME;
+use common::{BIN, TestCa, python_packages, test_dir};
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, HashSet};
@@ -26,9 +25,15 @@ fn tools() -> PathBuf {
 
 /// `kubectl kustomize` of an overlay.
 fn render(overlay: &str) -> String {
+    render_dir(&root().join("deploy/kubernetes/overlays").join(overlay))
+}
+
+/// `kubectl kustomize` of a kustomization directory.
+fn render_dir(dir: &Path) -> String {
+    let overlay = dir.display();
     let out = Command::new("kubectl")
         .args(["kustomize"])
-        .arg(root().join("deploy/kubernetes/overlays").join(overlay))
+        .arg(dir)
         .output()
         .expect("kubectl (with kustomize) is on the machine");
     assert!(out.status.success(), "kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
@@ -115,7 +120,10 @@ fn manifests_agree_with_what_the_binary_accepts() {
                 .find(|d| d["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("deadline-stats-gateway")))
                 .unwrap_or_else(|| panic!("{overlay}: no {kind} of the gateway"))
         };
-        let config = gateway_named("ConfigMap");
+        let config = of_kind(&docs, "ConfigMap")
+            .into_iter()
+            .find(|d| !d["data"]["DSG_LISTEN"].is_null())
+            .unwrap_or_else(|| panic!("{overlay}: no ConfigMap of the gateway's settings"));
         let env: BTreeMap<String, String> = config["data"]
             .as_mapping()
             .expect("ConfigMap data")
@@ -154,14 +162,13 @@ fn manifests_agree_with_what_the_binary_accepts() {
         };
         assert_eq!(port("grpc"), port_of(&env["DSG_LISTEN"]), "{overlay}: gRPC port");
         assert_eq!(port("admin"), port_of(&env["DSG_ADMIN_LISTEN"]), "{overlay}: admin port");
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-            assert_eq!(container[probe]["grpc"]["port"].as_u64(), Some(port("grpc")), "{overlay}: {probe} port");
+        // Probes go to the admin port's plain HTTP, which works whether or not the gRPC port
+        // requires client certificates.
+        for (probe, path) in [("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]
+        {
+            assert_eq!(container[probe]["httpGet"]["port"].as_str(), Some("admin"), "{overlay}: {probe} port");
+            assert_eq!(container[probe]["httpGet"]["path"].as_str(), Some(path), "{overlay}: {probe} path");
         }
-        assert_eq!(
-            container["readinessProbe"]["grpc"]["service"].as_str(),
-            Some(SERVICE_NAME),
-            "{overlay}: readiness checks our service"
-        );
         assert_eq!(
             pod["metadata"]["annotations"]["prometheus.io/port"].as_str().and_then(|p| p.parse().ok()),
             Some(port("admin"))
@@ -210,6 +217,22 @@ fn manifests_agree_with_what_the_binary_accepts() {
         for var in container["env"].as_sequence().into_iter().flatten() {
             let name = var["name"].as_str().expect("env name");
             check.env(name, var["value"].as_str().unwrap_or("redis://from-a-secret:6379"));
+        }
+        // Files the pod gets from volumes: real certificates made here, and the overlay's own
+        // policy file (so a policy that does not parse fails here).
+        let dir = test_dir(&format!("deploy-{overlay}"));
+        let ca = TestCa::new("deploy test CA");
+        let server = ca.server(&dir, "server");
+        let files = [
+            ("DSG_TLS_CERT", server.cert.clone()),
+            ("DSG_TLS_KEY", server.key.clone()),
+            ("DSG_TLS_CLIENT_CA", ca.write(&dir, "ca.crt")),
+            ("DSG_AUTHZ_POLICY", root().join(format!("deploy/kubernetes/overlays/{overlay}/authz-policy.toml"))),
+        ];
+        for (var, file) in files {
+            if env.contains_key(var) {
+                check.env(var, file);
+            }
         }
         check
             .env("DSG_LISTEN", "127.0.0.1:0")
@@ -262,4 +285,75 @@ fn the_dockerfile_agrees_with_the_binary_and_the_manifests() {
         .output()
         .expect("the binary runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// checkov (from PyPI) in a virtual environment of its own under `target/`: it pins older
+/// botocore and packaging than the other Python tools here use.
+fn checkov() -> PathBuf {
+    let venv = root().join("target/checkov-venv");
+    let bin = venv.join("bin/checkov");
+    let works = || Command::new(&bin).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !works() {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 runs");
+        assert!(made.success(), "python3 -m venv failed");
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "checkov"])
+            .status()
+            .expect("pip runs");
+        assert!(pip.success(), "pip could not install checkov");
+        assert!(works(), "checkov installed but does not run");
+    }
+    bin
+}
+
+/// Every failed check of a checkov run (`-o json`), as `file resource check: name`.
+fn checkov_failures(output: &std::process::Output) -> Vec<String> {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let reports: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!("checkov printed no JSON ({e}): {text}\n{}", String::from_utf8_lossy(&output.stderr))
+    });
+    let reports = match reports {
+        serde_json::Value::Array(all) => all,
+        one => vec![one],
+    };
+    let mut failed = Vec::new();
+    for report in &reports {
+        assert!(report["summary"]["passed"].as_u64() > Some(0), "checkov checked nothing: {report}");
+        for f in report["results"]["failed_checks"].as_array().into_iter().flatten() {
+            failed.push(format!("{} {} {}: {}", f["file_path"], f["resource"], f["check_id"], f["check_name"]));
+        }
+    }
+    failed
+}
+
+#[test]
+fn the_manifests_and_the_dockerfile_pass_checkov() {
+    let checkov = checkov();
+    let dir = root().join("target/deploy-checkov");
+    std::fs::create_dir_all(&dir).expect("target/deploy-checkov");
+    let mut files = Vec::new();
+    for (name, kustomization) in [
+        ("base", root().join("deploy/kubernetes/base")),
+        ("dev", root().join("deploy/kubernetes/overlays/dev")),
+        ("production", root().join("deploy/kubernetes/overlays/production")),
+    ] {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, render_dir(&kustomization)).expect("writes");
+        files.push(path);
+    }
+    let mut k8s = Command::new(&checkov);
+    k8s.args(["--framework", "kubernetes", "--quiet", "-o", "json", "--skip-download"]);
+    for f in &files {
+        k8s.arg("-f").arg(f);
+    }
+    let failed = checkov_failures(&k8s.output().expect("checkov runs"));
+    assert!(failed.is_empty(), "checkov (kubernetes) failed:\n{}", failed.join("\n"));
+
+    let docker = Command::new(&checkov)
+        .args(["--framework", "dockerfile", "--quiet", "-o", "json", "--skip-download", "-f"])
+        .arg(root().join("deploy/Dockerfile"))
+        .output()
+        .expect("checkov runs");
+    let failed = checkov_failures(&docker);
+    assert!(failed.is_empty(), "checkov (dockerfile) failed:\n{}", failed.join("\n"));
 }

@@ -263,8 +263,17 @@ pub async fn transport(opts: &BenchOptions) -> Result<Value, BenchError> {
     tokio::time::sleep(handshake + Duration::from_secs(1)).await;
     let mut idle_closed = 0;
     for mut s in idle {
-        let mut byte = [0u8; 1];
-        if let Ok(Ok(_) | Err(_)) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut byte)).await {
+        // Past the server's SETTINGS (sent at once) to the end of the stream, if it came.
+        let mut buf = [0u8; 1024];
+        let until_closed = async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_millis(50), until_closed).await.is_ok() {
             idle_closed += 1;
         }
     }

@@ -60,6 +60,41 @@ pub struct QueryArgs {
     /// Give up waiting for the aggregation after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// With an https:// --gateway (required then): the CA (PEM) its certificate chains to.
+    #[arg(long, env = "DSG_QUERY_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) to present, for a gateway with mutual TLS.
+    #[arg(long, env = "DSG_QUERY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "DSG_QUERY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name the gateway's certificate must carry (default: the --gateway host).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+}
+
+impl QueryArgs {
+    /// TLS for an https:// gateway: the CA and client certificate given, if any.
+    fn tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, RunError> {
+        if !self.gateway.starts_with("https://") {
+            return Ok(None);
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| RunError::Query(format!("cannot read {}: {e}", p.display())))
+        };
+        let ca =
+            self.tls_ca.as_deref().ok_or_else(|| RunError::Query("an https:// --gateway needs --tls-ca".into()))?;
+        let mut tls =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(Some(tls))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,8 +175,12 @@ fn statistic(s: StatisticArg) -> pb::Statistic {
 const POLL_WAIT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: QueryArgs) -> Result<(), RunError> {
-    let channel = Channel::from_shared(args.gateway.clone())
-        .map_err(|e| RunError::Query(format!("bad --gateway URL {}: {e}", args.gateway)))?
+    let mut endpoint = Channel::from_shared(args.gateway.clone())
+        .map_err(|e| RunError::Query(format!("bad --gateway URL {}: {e}", args.gateway)))?;
+    if let Some(tls) = args.tls()? {
+        endpoint = endpoint.tls_config(tls).map_err(|e| RunError::Query(format!("TLS: {e}")))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| RunError::Query(format!("cannot reach the gateway at {}: {e}", args.gateway)))?;
