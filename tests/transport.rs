@@ -6,25 +6,10 @@
 mod common;
 
 use common::*;
+use deadline_stats_gateway::bench::transport::closed_within;
 use deadline_stats_gateway::grpc::pb::GroupBy;
 use std::time::Duration;
-use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
-
-/// Whether the server closed `socket` within `limit` (EOF or a reset), rather than keeping it;
-/// what it sent first (its HTTP/2 SETTINGS) is read past.
-async fn closed_within(socket: &mut TcpStream, limit: Duration) -> bool {
-    let mut buf = [0u8; 1024];
-    let until_closed = async {
-        loop {
-            match socket.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(limit, until_closed).await.is_ok()
-}
 
 #[tokio::test]
 async fn connections_over_the_bound_are_closed_and_served_again_once_one_goes() {

@@ -263,17 +263,7 @@ pub async fn transport(opts: &BenchOptions) -> Result<Value, BenchError> {
     tokio::time::sleep(handshake + Duration::from_secs(1)).await;
     let mut idle_closed = 0;
     for mut s in idle {
-        // Past the server's SETTINGS (sent at once) to the end of the stream, if it came.
-        let mut buf = [0u8; 1024];
-        let until_closed = async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_millis(50), until_closed).await.is_ok() {
+        if closed_within(&mut s, Duration::from_millis(50)).await {
             idle_closed += 1;
         }
     }
@@ -331,6 +321,21 @@ pub async fn transport(opts: &BenchOptions) -> Result<Value, BenchError> {
         "descriptor_exhaustion": exhaustion,
         "smoke": opts.smoke,
     }))
+}
+
+/// Whether the server closed `socket` within `limit` (EOF or a reset) rather than keeping
+/// it; what it sent first (its HTTP/2 SETTINGS) is read past.
+pub async fn closed_within(socket: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let until_closed = async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, until_closed).await.is_ok()
 }
 
 /// A Start carrying 1 MB of metadata: how it was answered.

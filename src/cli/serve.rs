@@ -11,6 +11,7 @@ use crate::gateway::throttle::Rate;
 use crate::gateway::{Coordination, Gateway, GatewayConfig};
 use crate::grpc::authz::Authorizer;
 use crate::grpc::identity::IdentitySource;
+use crate::grpc::reload::Reload;
 use crate::grpc::server::{self, ServerOptions, Serving};
 use crate::grpc::service::Access;
 use crate::grpc::tls::{ReloadingTls, TlsFiles};
@@ -416,11 +417,10 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     let (stop, stopped) = watch::channel(false);
     let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready_rx, until_true(stopped.clone())));
     let watching = tokio_util::sync::CancellationToken::new();
-    if let Some(tls) = &tls {
-        tokio::spawn(tls.clone().watch(RELOAD_INTERVAL, watching.clone()));
-    }
-    if let Some(authorizer) = &access.authorizer {
-        tokio::spawn(authorizer.clone().watch(RELOAD_INTERVAL, watching.clone()));
+    let reloadable =
+        [tls.clone().map(|t| t as Arc<dyn Reload>), access.authorizer.clone().map(|a| a as Arc<dyn Reload>)];
+    for target in reloadable.into_iter().flatten() {
+        tokio::spawn(crate::grpc::reload::watch(target, RELOAD_INTERVAL, watching.clone()));
     }
     let _stop_watching = watching.drop_guard();
     let serving = Serving { gateway: gateway.clone(), metrics, options: args.server_options(), ready, tls, access };

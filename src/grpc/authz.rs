@@ -14,8 +14,6 @@ use crate::gateway::GatewayError;
 use crate::telemetry::Metrics;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// A name a rule matches: one exactly, those starting with a prefix (`prefix*`), or any (`*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,41 +161,6 @@ impl Authorizer {
         self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Reads the file again if it changed; whether a new policy is in force.
-    pub fn reload_if_changed(&self) -> bool {
-        let Ok(text) = std::fs::read(&self.path) else { return false };
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.as_deref() == Some(text.as_slice()) {
-            return false;
-        }
-        let parsed = Policy::parse(&String::from_utf8_lossy(&text));
-        *seen = Some(text);
-        match parsed {
-            Ok(policy) => {
-                tracing::info!(path = %self.path.display(), rules = policy.rules(), "authorization policy reloaded");
-                *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
-                true
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "the changed authorization policy is invalid; the previous one stays in force");
-                false
-            }
-        }
-    }
-
-    /// Looks at the file every `every` until `stop`.
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
-            self.reload_if_changed();
-        }
-    }
-
     /// Whether `identity` may call `method` on `farm`: the refusal to answer with, audited
     /// and counted.
     pub fn check(&self, identity: Option<&str>, method: Method, farm: &str) -> Result<(), GatewayError> {
@@ -228,6 +191,30 @@ impl Authorizer {
             Denial::Unauthenticated => GatewayError::Unauthenticated { method: method.name },
             Denial::FarmNotAllowed => {
                 GatewayError::FarmNotAllowed { farm_id: farm.unwrap_or_default().to_owned(), method: method.name }
+            }
+        }
+    }
+}
+
+impl super::reload::Reload for Authorizer {
+    /// Reads the file again if it changed; whether a new policy is in force.
+    fn reload_if_changed(&self) -> bool {
+        let Ok(text) = std::fs::read(&self.path) else { return false };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.as_deref() == Some(text.as_slice()) {
+            return false;
+        }
+        let parsed = Policy::parse(&String::from_utf8_lossy(&text));
+        *seen = Some(text);
+        match parsed {
+            Ok(policy) => {
+                tracing::info!(path = %self.path.display(), rules = policy.rules(), "authorization policy reloaded");
+                *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+                true
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "the changed authorization policy is invalid; the previous one stays in force");
+                false
             }
         }
     }

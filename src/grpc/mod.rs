@@ -7,6 +7,7 @@ pub mod convert;
 pub mod identity;
 pub mod listener;
 pub mod page_route;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -13,8 +13,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The PEM files TLS is configured from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +120,11 @@ impl ReloadingTls {
     pub fn mutual(&self) -> bool {
         self.files.client_ca.is_some()
     }
+}
 
+impl super::reload::Reload for ReloadingTls {
     /// Reads the files again if they changed; whether a new configuration is in force.
-    pub fn reload_if_changed(&self) -> bool {
+    fn reload_if_changed(&self) -> bool {
         let Ok(now) = self.files.fingerprint() else {
             // Mid-rotation a file may be missing for a moment: try again next time.
             return false;
@@ -146,19 +146,6 @@ impl ReloadingTls {
                 tracing::error!(error = %e, "TLS files changed but do not load; the previous certificate stays in force");
                 false
             }
-        }
-    }
-
-    /// Looks at the files every `every` until `stop`.
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
-            self.reload_if_changed();
         }
     }
 }
