@@ -4,9 +4,11 @@
 //! # Modules
 //! - [`domain`]: the upstream's vocabulary: ids, the aggregation request and its validation,
 //!   statistics rows, quoting of caller values. No transport.
-//! - [`grpc`]: the transport. Generated types, proto ⇄ domain conversion, the one mapping of
-//!   refusals to `Status`, the service, the route that reads both unary methods and sends cached
-//!   rows without copying, and the server with health and reflection.
+//! - [`grpc`]: the transport. The listener (bounded connections, TLS with reloading files,
+//!   handshake timeouts), caller identity and per-farm authorization, generated types,
+//!   proto ⇄ domain conversion, the one mapping of refusals to `Status`, the service, the route
+//!   that reads both unary methods and sends cached rows without copying, and the server with
+//!   health and reflection.
 //! - [`gateway`]: the core, free of tonic and the SDK. Coalescing on a canonical key, the
 //!   coordination store of owned records (in memory; shared pieces in Redis), the results
 //!   cache, farm workers under leases with fencing tokens, the lifecycle that drives one
@@ -21,7 +23,10 @@
 //!
 //! # Data flow
 //! ```text
-//! caller ──gRPC──▶ grpc (decode, validate into domain, caller id)
+//! caller ──TCP/TLS──▶ grpc::listener (bounds, handshake; the peer's certificate identity)
+//!                   │
+//!                   ▼
+//!                 grpc (identity, authorization of the farm, decode, validate into domain)
 //!                   │
 //!                   ▼
 //!                 gateway ── throttle ── results cache (a terminal result: answered here)

@@ -1,5 +1,7 @@
-//! The gRPC transport: generated types, proto ⇄ domain conversion, the one error mapping, the
-//! tonic service and the server with health and reflection.
+//! The gRPC transport: the listener ([`listener`], [`tls`], files [`reload`]ed on change), who
+//! is calling ([`identity`]) and what they may do ([`authz`]), generated types, proto ⇄ domain
+//! conversion, the one error mapping, the tonic service and the server with health and
+//! reflection.
 
 pub mod authz;
 pub mod codec;
