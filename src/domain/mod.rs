@@ -1,10 +1,12 @@
 //! The upstream's vocabulary, free of any transport: identifiers, the aggregation request and its
-//! validation, the statistics rows, and the aggregation status.
+//! validation, the period buckets rows are reported in, the statistics rows, and the
+//! aggregation status.
 //!
 //! Both the emulator (REST-JSON) and the gateway (gRPC) convert their wire types into these and
 //! render [`validate::FieldViolation`]s in their own field naming. Nothing here may know of HTTP,
 //! tonic or the AWS SDK.
 
+pub mod buckets;
 pub mod ids;
 pub mod quote;
 pub mod request;

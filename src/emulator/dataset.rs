@@ -5,7 +5,7 @@
 //! projections of that activity onto the `groupBy` fields, times each period bucket. The same
 //! request always yields the same rows, in the same order.
 
-use super::buckets::{Bucket, buckets};
+use crate::domain::buckets::{Bucket, Buckets, buckets};
 use crate::domain::ids::format_id;
 use crate::domain::{AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow, Stats, UsageType};
 use std::collections::BTreeSet;
@@ -37,7 +37,7 @@ pub fn rows(req: &AggregationRequest) -> Vec<StatisticsRow> {
     bucket_list(req).flat_map(|bucket| groups.iter().map(move |g| row(req, g, bucket))).collect()
 }
 
-fn bucket_list(req: &AggregationRequest) -> super::buckets::Buckets {
+fn bucket_list(req: &AggregationRequest) -> Buckets {
     buckets(req.start_time, req.end_time, req.effective_period(), req.effective_timezone())
 }
 

@@ -6,7 +6,6 @@
 //! deterministic synthetic rows. Faults and counters sit under the reserved `/_emulator/` prefix.
 //! It must never be mistaken for the real service: it checks no signature and keeps no data.
 
-mod buckets;
 mod dataset;
 mod error;
 mod faults;

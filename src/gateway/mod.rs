@@ -17,6 +17,8 @@
 //! - [`redis_store`]: the store shared by replicas, in Redis (records, queues, rows).
 //! - [`wakeups`]: long-poll wake-ups of one process, by aggregation id.
 //! - [`spans`]: the lifecycle span of each aggregation, per process.
+//! - [`split`]: halving a request whose result is too large, so the parts' rows are the
+//!   whole's (not wired into the lifecycle yet).
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
@@ -36,6 +38,7 @@ pub mod results;
 pub mod rows;
 pub mod scheduler;
 pub mod spans;
+pub mod split;
 pub mod store;
 pub mod throttle;
 pub mod wakeups;

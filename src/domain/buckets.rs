@@ -1,5 +1,6 @@
 //! Period buckets: hours, days, ISO weeks (Monday first) and months, aligned in the request's
-//! timezone and clipped to the requested window.
+//! timezone and clipped to the requested window, as the upstream reports rows. The emulator
+//! makes its rows per bucket; the gateway cuts oversized requests only at bucket boundaries.
 
 use crate::domain::{Period, Timezone};
 use chrono::{DateTime, Datelike, Duration, Months, NaiveDate, NaiveDateTime, Timelike, Utc};
