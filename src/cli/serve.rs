@@ -121,6 +121,13 @@ pub struct ServeArgs {
     /// read again when it changes. Without one, every caller may read every farm.
     #[arg(long, env = "DSG_AUTHZ_POLICY")]
     pub authz_policy: Option<std::path::PathBuf>,
+    /// When the upstream ends an aggregation as too large: split the request (at bucket
+    /// boundaries, or by grouped queue/fleet ids), run the parts and merge their rows.
+    #[arg(long, env = "DSG_AUTO_SPLIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_split: bool,
+    /// The most parts one aggregation is split into.
+    #[arg(long, env = "DSG_SPLIT_MAX_PARTS", default_value_t = g::SPLIT_MAX_PARTS)]
+    pub split_max_parts: u32,
     /// Where coordination state lives: memory (one replica) or redis (several replicas).
     #[arg(long, env = "DSG_STORE", value_enum, default_value = "memory")]
     pub store: StoreKind,
@@ -303,6 +310,7 @@ impl ServeArgs {
                     multiplier: g::START_RETRY_MULTIPLIER,
                 },
                 start_deadline: *self.start_deadline,
+                split_max_parts: if self.auto_split { self.split_max_parts } else { 0 },
             },
             caller_start: Rate { per_second: self.caller_start_rate, burst: self.caller_start_burst },
             caller_get: Rate { per_second: self.caller_get_rate, burst: self.caller_get_burst },

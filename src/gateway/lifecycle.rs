@@ -26,7 +26,7 @@ use super::scheduler::{BoxFuture, Runner};
 use super::spans::Spans;
 use super::store::{AggregationStore, Found, Written};
 use super::throttle::Pacer;
-use crate::domain::AggregationStatus;
+use crate::domain::{AggregationRequest, AggregationStatus};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::StateLabels;
 use crate::upstream::{Upstream, UpstreamError, UpstreamPage};
@@ -56,6 +56,9 @@ pub struct LifecycleConfig {
     /// How long a throttled or unavailable Start is retried before the aggregation fails
     /// (longer, up to the result validity, after a Start whose outcome is unknown).
     pub start_deadline: Duration,
+    /// When the upstream says a result is too large: run the request as at most this many
+    /// parts and merge their rows; 0 or 1 never splits.
+    pub split_max_parts: u32,
 }
 
 /// What a Start waiting on a farm that may be busy with its own orphan says.
@@ -72,7 +75,7 @@ pub enum Abandoned {
 
 /// A terminal outcome, before it is written to the aggregation.
 enum Outcome {
-    Completed { rows: RowBlock, message: Option<String> },
+    Completed { rows: RowBlock, message: Option<String>, parts: u32 },
     Ended { state: State, failure: Failure },
 }
 
@@ -200,6 +203,15 @@ impl UpstreamRunner {
                 Err(failure) => (Outcome::Ended { state: State::Failed, failure }, None),
             },
         };
+        // Too large upstream: run it as parts. A holder that takes over mid-split polls the
+        // whole's upstream id again, finds it too large again, and splits afresh: parts are
+        // never recorded as the whole's upstream aggregation.
+        let (outcome, started) = match outcome {
+            Outcome::Ended { state, failure } if self.config.split_max_parts > 1 && too_large(state, &failure) => {
+                self.run_split(agg, failure).await?
+            }
+            other => (other, started),
+        };
         self.record(agg, outcome, started).await
     }
 
@@ -209,8 +221,9 @@ impl UpstreamRunner {
         let now = SystemTime::now();
         let r = &mut agg.record;
         let (state, failed, rows) = match outcome {
-            Outcome::Completed { rows, message } => {
+            Outcome::Completed { rows, message, parts } => {
                 let started = started.unwrap_or_else(Started::now);
+                r.parts = parts;
                 let life = c.result_validity.saturating_sub(c.validity_margin);
                 tracing::info!(aggregation = %r.id, rows = rows.len(), "aggregation completed");
                 r.state = State::Completed;
@@ -241,6 +254,109 @@ impl UpstreamRunner {
             }
             Ok(Written::Fenced) => Err(Stop::Fenced),
             Err(e) => Err(Stop::Store(e)),
+        }
+    }
+
+    /// Runs the aggregation's request as parts (halves, halved again while a part is still too
+    /// large, up to `split_max_parts`), one after another on this farm, and merges their rows
+    /// in order. Before each part's Start a fenced write says which part runs, so a replaced
+    /// holder stops before starting anything upstream. The outcome and the earliest part's
+    /// start (the merged result expires with it).
+    async fn run_split(&self, agg: &mut Driven<'_>, whole: Failure) -> Result<(Outcome, Option<Started>), Stop> {
+        let max = self.config.split_max_parts;
+        let unsplittable = |what: &AggregationRequest, why: &str| Outcome::Ended {
+            state: State::Failed,
+            failure: Failure {
+                code: FailureCode::FailedPrecondition,
+                message: format!(
+                    "the upstream's result was too large ({}), and {} ({}) {why}; narrow the request",
+                    whole.message,
+                    describe(what),
+                    "cannot be split further without cutting a period bucket or a group"
+                ),
+            },
+        };
+        let Some((_, halves)) = super::split::halve(agg.record.key.request()) else {
+            return Ok((unsplittable(agg.record.key.request(), "is one part already"), None));
+        };
+        tracing::info!(aggregation = %agg.record.id, reason = %whole.message, "the upstream's result is too large; splitting");
+        let mut todo: std::collections::VecDeque<AggregationRequest> = halves.into_iter().collect();
+        let (mut planned, mut done) = (2u32, 0u32);
+        let mut rows = RowBlockBuilder::new(self.encoder);
+        let mut earliest: Option<Started> = None;
+        while let Some(part) = todo.pop_front() {
+            let note =
+                format!("the upstream's result was too large; split into {planned} parts, running part {}", done + 1);
+            agg.set(|r| r.status_message = note).await?;
+            let span = tracing::info_span!("part", part.index = done + 1, part.window = %describe(&part));
+            let ran = async {
+                let (upstream_id, started) = self.start_part(&agg.record, &part).await?;
+                Ok::<_, Failure>((self.follow(&agg.record, &upstream_id, started).await, started))
+            }
+            .instrument(span)
+            .await;
+            let (outcome, started) = match ran {
+                Ok(ran) => ran,
+                Err(failure) => return Ok((Outcome::Ended { state: State::Failed, failure }, None)),
+            };
+            match outcome {
+                Outcome::Completed { rows: block, .. } => {
+                    rows.append(&block);
+                    done += 1;
+                    self.metrics.split_parts.inc();
+                    earliest =
+                        Some(earliest.map_or(started, |e: Started| if started.wall < e.wall { started } else { e }));
+                }
+                Outcome::Ended { state, failure } if too_large(state, &failure) => match super::split::halve(&part) {
+                    Some((_, [a, b])) if planned < max => {
+                        planned += 1;
+                        todo.push_front(b);
+                        todo.push_front(a);
+                    }
+                    Some(_) => return Ok((unsplittable(&part, &format!("reaches the limit of {max} parts")), None)),
+                    None => return Ok((unsplittable(&part, "is a single bucket"), None)),
+                },
+                ended => return Ok((ended, None)),
+            }
+        }
+        let message = format!("the upstream's result was too large; answered by {done} upstream aggregations, merged");
+        Ok((Outcome::Completed { rows: rows.finish(), message: Some(message), parts: done }, earliest))
+    }
+
+    /// Starts one part upstream, waiting out throttling (the farm is busy, or an earlier
+    /// part's Start of unknown outcome runs) until the start deadline, or the result validity
+    /// after an unknown outcome. Writes nothing: the part is not the aggregation.
+    async fn start_part(
+        &self,
+        agg: &AggregationRecord,
+        part: &AggregationRequest,
+    ) -> Result<(String, Started), Failure> {
+        let c = &self.config;
+        let begin = Instant::now();
+        let mut deadline = begin + c.start_deadline;
+        let mut backoff = c.start_retry.start();
+        loop {
+            self.start_pacer.ready().await;
+            let started = Started::now();
+            let err = match self.call(START, agg, None, self.upstream.start(part)).await {
+                Ok(id) => return Ok((id, started)),
+                Err(e) => e,
+            };
+            let Some(hint) = err.retryable() else {
+                return Err(failure("upstream Start of a part failed", &err, FailureCode::NotFound));
+            };
+            if matches!(err, UpstreamError::OutcomeUnknown { .. }) {
+                self.metrics.start_outcome_unknown.inc();
+                deadline = deadline.max(Instant::now() + c.result_validity);
+            }
+            let delay = backoff.next_delay().max(hint.unwrap_or_default());
+            if Instant::now() + delay > deadline {
+                return Err(Failure {
+                    code: FailureCode::Unavailable,
+                    message: format!("upstream kept refusing the Start of a part: {err}"),
+                });
+            }
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -358,6 +474,7 @@ impl UpstreamRunner {
     }
 
     /// Polls until the upstream aggregation is terminal, then collects its rows.
+    /// `agg` names the aggregation in spans; the upstream one may be one of its parts.
     async fn follow(&self, agg: &AggregationRecord, upstream_id: &str, started: Started) -> Outcome {
         let expires = started.mono + self.config.result_validity;
         let first = match self.poll(agg, upstream_id, expires).await {
@@ -368,7 +485,7 @@ impl UpstreamRunner {
         };
         match first.status {
             AggregationStatus::Completed => match self.fetch_rest(agg, upstream_id, first, expires).await {
-                Ok((rows, message)) => Outcome::Completed { rows, message },
+                Ok((rows, message)) => Outcome::Completed { rows, message, parts: 1 },
                 Err(failure) => Outcome::Ended { state: State::Failed, failure },
             },
             AggregationStatus::Timeout => Outcome::Ended {
@@ -504,6 +621,30 @@ impl UpstreamRunner {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Whether the upstream ended an aggregation because its result is too large: a TIMEOUT (it
+/// ran out of time on too much data), or a FAILED whose message says so.
+fn too_large(state: State, failure: &Failure) -> bool {
+    let m = failure.message.to_ascii_lowercase();
+    state == State::TimedOut
+        || (state == State::Failed
+            && failure.code == FailureCode::FailedPrecondition
+            && ["too large", "too many", "exceed", "reduce the"].iter().any(|w| m.contains(w)))
+}
+
+/// A request's window and resources, for messages and spans.
+fn describe(r: &AggregationRequest) -> String {
+    format!(
+        "{} to {}, {} {}",
+        r.start_time.to_rfc3339(),
+        r.end_time.to_rfc3339(),
+        r.resources.ids().len(),
+        match r.resources {
+            crate::domain::Resources::Queues(_) => "queues",
+            crate::domain::Resources::Fleets(_) => "fleets",
+        }
+    )
 }
 
 /// The failure for an upstream error; `not_found` is the code a NotFound stands for here.

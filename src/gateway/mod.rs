@@ -114,6 +114,7 @@ pub mod defaults {
     pub const MAX_ACTIVE_AGGREGATIONS: usize = 10_000;
     pub const MAX_FARMS: usize = 1_000;
     pub const RESULT_VALIDITY: Duration = Duration::from_secs(3600);
+    pub const SPLIT_MAX_PARTS: u32 = 16;
     pub const VALIDITY_MARGIN: Duration = Duration::from_secs(30);
     pub const FAILED_RESULT_TTL: Duration = Duration::from_secs(60);
     pub const POLL_INITIAL_INTERVAL: Duration = Duration::from_millis(500);
@@ -165,6 +166,7 @@ impl Default for GatewayConfig {
                     multiplier: d::START_RETRY_MULTIPLIER,
                 },
                 start_deadline: d::START_DEADLINE,
+                split_max_parts: d::SPLIT_MAX_PARTS,
             },
             caller_start: Rate { per_second: d::CALLER_START_RATE, burst: d::CALLER_START_BURST },
             caller_get: Rate { per_second: d::CALLER_GET_RATE, burst: d::CALLER_GET_BURST },

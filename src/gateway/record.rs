@@ -76,6 +76,8 @@ pub struct AggregationRecord {
     pub running_since: Option<SystemTime>,
     /// COMPLETED: how many rows.
     pub row_count: u64,
+    /// COMPLETED: how many upstream aggregations answered it (more than 1 when split).
+    pub parts: u32,
 }
 
 impl AggregationRecord {
@@ -93,6 +95,7 @@ impl AggregationRecord {
             data_time: None,
             running_since: None,
             row_count: 0,
+            parts: 0,
         }
     }
 

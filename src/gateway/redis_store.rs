@@ -504,6 +504,8 @@ struct Wire {
     data_ms: Option<i64>,
     running_ms: Option<i64>,
     row_count: u64,
+    #[serde(default)]
+    parts: u32,
 }
 
 fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
@@ -535,6 +537,7 @@ fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         data_ms: r.data_time.map(millis),
         running_ms: r.running_since.map(millis),
         row_count: r.row_count,
+        parts: r.parts,
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::Protocol(e.to_string()))
 }
@@ -581,6 +584,7 @@ fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         data_time: w.data_ms.map(from_millis),
         running_since: w.running_ms.map(from_millis),
         row_count: w.row_count,
+        parts: w.parts,
     })
 }
 

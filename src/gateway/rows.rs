@@ -103,6 +103,13 @@ impl RowBlockBuilder {
         self.ends.push(self.buf.len());
     }
 
+    /// Appends every row of `block`, already encoded (the parts of a split aggregation).
+    pub fn append(&mut self, block: &RowBlock) {
+        let base = self.buf.len();
+        self.buf.extend_from_slice(&block.buf);
+        self.ends.extend(block.ends.iter().map(|end| base + end));
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }

@@ -167,6 +167,7 @@ pub fn aggregation(r: &AggregationRecord, queue_position: u32) -> pb::Aggregatio
         status_message: r.status_message.clone(),
         error: r.error.as_ref().map(status),
         row_count: r.row_count,
+        parts: r.parts,
     }
 }
 

@@ -108,6 +108,8 @@ pub struct Metrics {
     pub rows_refetched: Family<OutcomeLabels, Counter>,
     /// Calls the authorization policy denied: `unauthenticated` or `farm_not_allowed`.
     pub authz_denied: Family<ReasonLabels, Counter>,
+    /// Upstream aggregations run as parts of split ones.
+    pub split_parts: Counter,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -205,6 +207,12 @@ impl Metrics {
             "calls the authorization policy denied, by reason (unauthenticated, farm_not_allowed)",
             authz_denied.clone(),
         );
+        let split_parts = Counter::default();
+        registry.register(
+            "split_parts",
+            "upstream aggregations run as parts of aggregations split because their result was too large",
+            split_parts.clone(),
+        );
         for reason in ["unauthenticated", "farm_not_allowed"] {
             let _ = authz_denied.get_or_create(&ReasonLabels { reason });
         }
@@ -255,6 +263,7 @@ impl Metrics {
             busy,
             rows_refetched,
             authz_denied,
+            split_parts,
             rpc_fast,
             levels,
         }
