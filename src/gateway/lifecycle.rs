@@ -623,14 +623,16 @@ impl UpstreamRunner {
     }
 }
 
-/// Whether the upstream ended an aggregation because its result is too large: a TIMEOUT (it
-/// ran out of time on too much data), or a FAILED whose message says so.
+/// Whether the upstream ended an aggregation (FAILED or TIMEOUT) because its result is too
+/// large, as its status message says. A TIMEOUT that does not say why is not split: it may be
+/// the upstream's own trouble, and splitting would multiply it.
 fn too_large(state: State, failure: &Failure) -> bool {
+    let upstream_ended = matches!(
+        (state, failure.code),
+        (State::Failed, FailureCode::FailedPrecondition) | (State::TimedOut, FailureCode::DeadlineExceeded)
+    );
     let m = failure.message.to_ascii_lowercase();
-    state == State::TimedOut
-        || (state == State::Failed
-            && failure.code == FailureCode::FailedPrecondition
-            && ["too large", "too many", "exceed", "reduce the"].iter().any(|w| m.contains(w)))
+    upstream_ended && ["too large", "too many", "exceed", "reduce the"].iter().any(|w| m.contains(w))
 }
 
 /// A request's window and resources, for messages and spans.
