@@ -47,10 +47,11 @@ async fn rows_of(client: &mut Client, id: &str) -> Vec<String> {
     }
 }
 
-#[tokio::test]
-async fn a_result_too_large_upstream_is_split_run_in_parts_and_merged_exactly() {
-    // About 2,000 rows: 2 queues × 7 days × 24 hours × 6 groups, against a limit of 500.
-    let request = start_request(130, 2, 7, &[GroupBy::QueueId, GroupBy::UsageType]);
+/// About 2,000 rows (2 queues × 7 days × 24 hours × 6 groups) through `limited`, whose
+/// emulator refuses more than 500: the merged rows are exactly what an emulator without the
+/// limit returns in one piece.
+async fn split_and_merged_exactly(limited: TestGateway, farm_n: u64) {
+    let request = start_request(farm_n, 2, 7, &[GroupBy::QueueId, GroupBy::UsageType]);
     let whole = gateway_with(u64::MAX, 16).await;
     let mut client = whole.client().await;
     let id = client
@@ -66,7 +67,6 @@ async fn a_result_too_large_upstream_is_split_run_in_parts_and_merged_exactly() 
     let expected = rows_of(&mut client, &id).await;
     assert!(expected.len() > 1000, "{} rows", expected.len());
 
-    let limited = gateway_with(500, 16).await;
     let mut client = limited.client().await;
     let id =
         client.start_aggregation(request).await.expect("start").into_inner().aggregation.expect("a").aggregation_id;
@@ -76,8 +76,30 @@ async fn a_result_too_large_upstream_is_split_run_in_parts_and_merged_exactly() 
     assert_eq!(split.row_count, expected.len() as u64);
     assert!(split.status_message.contains("too large"), "{}", split.status_message);
     assert_eq!(rows_of(&mut client, &id).await, expected, "the same rows, field by field");
-    let upstream = limited.upstream(&farm(130)).await;
+    let upstream = limited.upstream(&farm(farm_n)).await;
     assert_eq!(upstream["max_in_progress"], 1, "the parts ran one after another: {upstream}");
+}
+
+#[tokio::test]
+async fn on_the_memory_store_a_result_too_large_upstream_is_split_and_merged_exactly() {
+    split_and_merged_exactly(gateway_with(500, 16).await, 130).await;
+}
+
+#[tokio::test]
+async fn on_redis_a_result_too_large_upstream_is_split_and_merged_exactly() {
+    use deadline_stats_gateway::gateway::redis::RedisCoordination;
+    use deadline_stats_gateway::gateway::redis_store::RedisStore;
+    use deadline_stats_gateway::gateway::results::ResultsCache;
+    use deadline_stats_gateway::gateway::wakeups::Wakeups;
+    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let redis = RedisCoordination::connect(&server.url(), "dsg:").await.expect("connects");
+    let wakeups = Arc::new(Wakeups::default());
+    let results = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
+    let store = Arc::new(RedisStore::new(redis, results.clone(), wakeups.clone()));
+    let mut config = fast_config(HOUR);
+    config.lifecycle.split_max_parts = 16;
+    let emu = Arc::new(emulator_with_max_rows(500).await);
+    split_and_merged_exactly(replica(emu, config, store, results, wakeups).await, 133).await;
 }
 
 #[tokio::test]
