@@ -88,9 +88,21 @@ fn start_requests() -> impl Strategy<Value = pb::StartAggregationRequest> {
         prop::collection::vec(prop_oneof![0i32..8, any::<i32>()], 0..6),
         prop::collection::vec(prop_oneof![0i32..6, any::<i32>()], 0..6),
         staleness,
+        any::<bool>(),
     )
         .prop_map(
-            |(farm_id, resources, start_time, end_time, timezone, period, group_by, statistics, max_staleness)| {
+            |(
+                farm_id,
+                resources,
+                start_time,
+                end_time,
+                timezone,
+                period,
+                group_by,
+                statistics,
+                max_staleness,
+                no_split,
+            )| {
                 pb::StartAggregationRequest {
                     farm_id,
                     resources,
@@ -101,6 +113,7 @@ fn start_requests() -> impl Strategy<Value = pb::StartAggregationRequest> {
                     group_by,
                     statistics,
                     max_staleness,
+                    no_split,
                 }
             },
         )

@@ -118,6 +118,22 @@ async fn a_part_that_cannot_be_split_further_fails_naming_it() {
 }
 
 #[tokio::test]
+async fn a_caller_that_refuses_a_split_gets_the_upstreams_failure_and_its_own_aggregation() {
+    let g = gateway_with(500, 16).await;
+    let mut client = g.client().await;
+    let mut request = start_request(134, 2, 7, &[GroupBy::QueueId, GroupBy::UsageType]);
+    let splits = client.start_aggregation(request.clone()).await.expect("start").into_inner().aggregation.expect("a");
+    request.no_split = true;
+    let whole = client.start_aggregation(request).await.expect("start").into_inner().aggregation.expect("a");
+    assert_ne!(whole.aggregation_id, splits.aggregation_id, "not the same aggregation");
+    let failed = wait_terminal(&mut client, &whole.aggregation_id).await.aggregation.expect("aggregation");
+    assert_eq!(failed.state(), AggregationState::Failed, "{failed:?}");
+    assert!(failed.status_message.contains("too large"), "{}", failed.status_message);
+    let done = wait_terminal(&mut client, &splits.aggregation_id).await.aggregation.expect("aggregation");
+    assert_eq!(done.state(), AggregationState::Completed, "the other is split as usual: {done:?}");
+}
+
+#[tokio::test]
 async fn with_splitting_off_a_result_too_large_fails_as_the_upstream_said() {
     let g = gateway_with(500, 0).await;
     let mut client = g.client().await;

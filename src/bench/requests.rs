@@ -33,6 +33,7 @@ pub fn start_request(farm_n: u64, queues: u64, days: i64, group_by: &[pb::GroupB
         group_by: group_by.iter().map(|g| *g as i32).collect(),
         statistics: vec![pb::Statistic::Sum as i32, pb::Statistic::Avg as i32],
         max_staleness: None,
+        no_split: false,
     }
 }
 

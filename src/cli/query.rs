@@ -60,6 +60,9 @@ pub struct QueryArgs {
     /// Give up waiting for the aggregation after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// If the upstream finds the result too large, fail instead of letting the gateway split it.
+    #[arg(long)]
+    pub no_split: bool,
     /// With an https:// --gateway (required then): the CA (PEM) its certificate chains to.
     #[arg(long, env = "DSG_QUERY_TLS_CA")]
     pub tls_ca: Option<std::path::PathBuf>,
@@ -146,6 +149,7 @@ impl QueryArgs {
             group_by: self.group_by.iter().map(|g| group_by(*g) as i32).collect(),
             statistics: self.statistics.iter().map(|s| statistic(*s) as i32).collect(),
             max_staleness: self.max_staleness.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            no_split: self.no_split,
         }
     }
 }

@@ -13,9 +13,11 @@ use std::sync::Arc;
 /// The period of a request that names none.
 pub const DEFAULT_PERIOD: Period = Period::Daily;
 
-/// The coalescing key: the canonical request itself, cheap to clone.
+/// The coalescing key: the canonical request itself, cheap to clone, and whether the caller
+/// refused a split (`no_split`): such a request is answered by one upstream aggregation or
+/// none, so it is not the same aggregation as one that may be split.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CanonicalKey(Arc<AggregationRequest>);
+pub struct CanonicalKey(Arc<AggregationRequest>, bool);
 
 impl CanonicalKey {
     /// Canonicalises a validated request.
@@ -24,16 +26,29 @@ impl CanonicalKey {
             Resources::Queues(ids) => Resources::Queues(sorted(ids)),
             Resources::Fleets(ids) => Resources::Fleets(sorted(ids)),
         };
-        Self(Arc::new(AggregationRequest {
-            farm_id: request.farm_id.clone(),
-            resources,
-            start_time: millis(request.start_time),
-            end_time: millis(request.end_time),
-            timezone: Some(request.timezone.unwrap_or(Timezone::UTC)),
-            period: Some(request.period.unwrap_or(DEFAULT_PERIOD)),
-            group_by: sorted(&request.group_by),
-            statistics: sorted(&request.statistics),
-        }))
+        Self(
+            Arc::new(AggregationRequest {
+                farm_id: request.farm_id.clone(),
+                resources,
+                start_time: millis(request.start_time),
+                end_time: millis(request.end_time),
+                timezone: Some(request.timezone.unwrap_or(Timezone::UTC)),
+                period: Some(request.period.unwrap_or(DEFAULT_PERIOD)),
+                group_by: sorted(&request.group_by),
+                statistics: sorted(&request.statistics),
+            }),
+            false,
+        )
+    }
+
+    /// The same request, never split: too large upstream, it fails as the upstream said.
+    pub fn no_split(self) -> Self {
+        Self(self.0, true)
+    }
+
+    /// Whether the aggregation may be split when its result is too large.
+    pub fn may_split(&self) -> bool {
+        !self.1
     }
 
     /// The request to send upstream.

@@ -207,7 +207,9 @@ impl UpstreamRunner {
         // whole's upstream id again, finds it too large again, and splits afresh: parts are
         // never recorded as the whole's upstream aggregation.
         let (outcome, started) = match outcome {
-            Outcome::Ended { state, failure } if self.config.split_max_parts > 1 && too_large(state, &failure) => {
+            Outcome::Ended { state, failure }
+                if self.config.split_max_parts > 1 && agg.record.key.may_split() && too_large(state, &failure) =>
+            {
                 self.run_split(agg, failure).await?
             }
             other => (other, started),

@@ -413,18 +413,19 @@ impl Gateway {
     }
 
     /// Starts, joins or reuses the aggregation for `request`; a cached result older than
-    /// `max_staleness` is not reused.
+    /// `max_staleness` is not reused; with `no_split`, a result too large upstream is not split.
     pub async fn start(
         &self,
         caller: &str,
         request: &AggregationRequest,
         max_staleness: Option<Duration>,
+        no_split: bool,
     ) -> Result<Started, GatewayError> {
         if self.draining.is_cancelled() || self.cancel.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
         self.take_token(&self.start_buckets, caller, "StartAggregation")?;
-        let key = CanonicalKey::new(request);
+        let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
         let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
         if let Err(GatewayError::StoreUnavailable(StoreError::NewEpoch)) = claimed {

@@ -166,7 +166,8 @@ impl RedisStore {
     }
 
     fn index_key(&self, key: &CanonicalKey) -> String {
-        self.key(&["key:", &canonical(key.request())])
+        let whole = if key.may_split() { "" } else { "|no-split" };
+        self.key(&["key:", &canonical(key.request()), whole])
     }
 
     fn queue_key(&self, farm: &str) -> String {
@@ -506,6 +507,8 @@ struct Wire {
     row_count: u64,
     #[serde(default)]
     parts: u32,
+    #[serde(default)]
+    no_split: bool,
 }
 
 fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
@@ -538,6 +541,7 @@ fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         running_ms: r.running_since.map(millis),
         row_count: r.row_count,
         parts: r.parts,
+        no_split: !r.key.may_split(),
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::Protocol(e.to_string()))
 }
@@ -574,7 +578,7 @@ fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         .transpose()?;
     Ok(AggregationRecord {
         id: w.id.into(),
-        key: CanonicalKey::new(&request),
+        key: if w.no_split { CanonicalKey::new(&request).no_split() } else { CanonicalKey::new(&request) },
         state,
         upstream_id: w.upstream_id,
         status_message: w.status_message,
@@ -601,8 +605,12 @@ mod tests {
         r.expire_time = Some(from_millis(1_800_000_000_123));
         r.running_since = Some(from_millis(1_800_000_000_000));
         r.create_time = from_millis(millis(r.create_time));
+        r.parts = 3;
         let back = from_json(&to_json(&r).expect("encodes")).expect("decodes");
         assert_eq!(back, r);
+        r.key = r.key.clone().no_split();
+        let back = from_json(&to_json(&r).expect("encodes")).expect("decodes");
+        assert!(!back.key.may_split(), "a request that refused a split stays so");
         assert!(from_json("{}").is_err());
     }
 }

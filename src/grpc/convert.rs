@@ -39,6 +39,8 @@ pub struct StartRequest {
     pub request: AggregationRequest,
     /// The oldest cached answer the caller accepts.
     pub max_staleness: Option<std::time::Duration>,
+    /// The caller refuses a split answer.
+    pub no_split: bool,
 }
 
 /// Decodes and validates a StartAggregation request.
@@ -53,8 +55,9 @@ pub fn start_request(mut req: pb::StartAggregationRequest) -> Result<StartReques
             None
         }
     };
+    let no_split = req.no_split;
     let request = aggregation_request(req, staleness_violation)?;
-    Ok(StartRequest { request, max_staleness })
+    Ok(StartRequest { request, max_staleness, no_split })
 }
 
 fn aggregation_request(
@@ -260,6 +263,7 @@ mod tests {
             group_by: vec![pb::GroupBy::QueueId as i32],
             statistics: vec![pb::Statistic::Sum as i32],
             max_staleness: None,
+            no_split: false,
         }
     }
 

@@ -185,7 +185,7 @@ impl AggregationService for AggregationApi {
             self.authenticated(&caller, START)?;
             let req = convert::start_request(message)?;
             self.authorized(&caller, START, &req.request.farm_id)?;
-            let started = self.gateway.start(&caller.bucket, &req.request, req.max_staleness).await?;
+            let started = self.gateway.start(&caller.bucket, &req.request, req.max_staleness, req.no_split).await?;
             Ok(Response::new(StartAggregationResponse {
                 aggregation: Some(convert::aggregation(&started.record, started.queue_position)),
                 disposition: convert::disposition(started.disposition) as i32,
