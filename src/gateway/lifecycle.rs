@@ -271,10 +271,10 @@ impl UpstreamRunner {
             failure: Failure {
                 code: FailureCode::FailedPrecondition,
                 message: format!(
-                    "the upstream's result was too large ({}), and {} ({}) {why}; narrow the request",
+                    "the upstream's result was too large ({}); the part {} {why} and cannot be split further \
+                     without cutting a period bucket or a group; narrow the request",
                     whole.message,
                     describe(what),
-                    "cannot be split further without cutting a period bucket or a group"
                 ),
             },
         };
