@@ -11,6 +11,7 @@ use deadline_stats_gateway::domain::AggregationRequest;
 use deadline_stats_gateway::gateway::throttle::Rate;
 use deadline_stats_gateway::grpc::pb::{self, AggregationState, Disposition, GroupBy};
 use deadline_stats_gateway::grpc::service::{GET, START};
+use deadline_stats_gateway::upstream::sdk::{SdkUpstream, SdkUpstreamConfig};
 use deadline_stats_gateway::upstream::{Upstream, UpstreamError, UpstreamPage};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -297,7 +298,13 @@ async fn a_failed_id_still_says_why_after_its_failed_ttl() {
 
 #[tokio::test]
 async fn an_upstream_throttling_for_the_whole_polling_window_ends_unavailable() {
-    let gw = gateway(Duration::from_millis(20), fast_config(Duration::from_millis(1500))).await;
+    // One SDK attempt per call, so the gateway's own retries (not the SDK's jittered backoff)
+    // fill the window and each throttled answer reaches it.
+    let config = fast_config(Duration::from_millis(1500));
+    let emu = emulator(Duration::from_millis(20), config.lifecycle.result_validity).await;
+    let sdk_config = SdkUpstreamConfig { get_max_attempts: 1, ..sdk_config(&emu.endpoint_url()) };
+    let upstream = SdkUpstream::connect(&sdk_config).await.expect("SDK client builds");
+    let gw = gateway_over(emu, Arc::new(upstream), config).await;
     set_faults(
         &gw.emu,
         serde_json::json!({"error_rates": {"ThrottlingException": 1.0}, "operations": ["get"], "retry_after_secs": 0}),

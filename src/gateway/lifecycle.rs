@@ -537,7 +537,20 @@ impl UpstreamRunner {
             }
             self.get_pacer.ready().await;
             let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, None);
-            match self.call(GET, agg, Some(upstream_id), page).await {
+            // A call (the SDK retries inside it) never runs past the results' expiry: the
+            // aggregation ends then, well before its supervisor would end it.
+            let left = expires.saturating_duration_since(Instant::now());
+            let answered = tokio::time::timeout(left, self.call(GET, agg, Some(upstream_id), page)).await;
+            let answered = answered.unwrap_or_else(|_| {
+                Err(UpstreamError::OutcomeUnknown {
+                    message: format!(
+                        "a status poll was still unanswered when the results would expire{}",
+                        last_error.as_ref().map(|e| format!(" (the one before: {e})")).unwrap_or_default()
+                    ),
+                    retry_after: None,
+                })
+            });
+            match answered {
                 Ok(page) if page.status == AggregationStatus::InProgress => {
                     last_error = None;
                     delay = backoff.next_delay();
@@ -606,9 +619,16 @@ impl UpstreamRunner {
         loop {
             self.get_pacer.ready().await;
             let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, token);
-            let err = match self.call(GET, agg, Some(upstream_id), page).await {
-                Ok(page) => return Ok(page),
-                Err(e) => e,
+            let left = expires.saturating_duration_since(Instant::now());
+            let err = match tokio::time::timeout(left, self.call(GET, agg, Some(upstream_id), page)).await {
+                Ok(Ok(page)) => return Ok(page),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(Failure {
+                        code: FailureCode::Unavailable,
+                        message: "a result page was still unanswered when the results would expire".to_owned(),
+                    });
+                }
             };
             let Some(hint) = err.retryable() else {
                 return Err(failure("upstream Get failed while fetching results", &err, FailureCode::Aborted));
