@@ -294,13 +294,20 @@ fn checkov() -> PathBuf {
     let bin = venv.join("bin/checkov");
     let works = || Command::new(&bin).arg("--version").output().is_ok_and(|o| o.status.success());
     if !works() {
-        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 runs");
-        assert!(made.success(), "python3 -m venv failed");
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", "checkov"])
-            .status()
-            .expect("pip runs");
-        assert!(pip.success(), "pip could not install checkov");
+        let venv_with = |args: &[&str]| {
+            let _ = std::fs::remove_dir_all(&venv);
+            Command::new("python3").args(["-m", "venv"]).args(args).arg(&venv).status().is_ok_and(|s| s.success())
+        };
+        let install = ["install", "--quiet", "--disable-pip-version-check", "checkov"];
+        let installed = if venv_with(&[]) {
+            Command::new(venv.join("bin/pip")).args(install).status()
+        } else {
+            // A Debian python3 without python3-venv has no ensurepip: make the environment
+            // without pip and install into it with the machine's own pip.
+            assert!(venv_with(&["--without-pip"]), "python3 -m venv failed");
+            Command::new("python3").args(["-m", "pip", "--python"]).arg(venv.join("bin/python")).args(install).status()
+        };
+        assert!(installed.is_ok_and(|s| s.success()), "pip could not install checkov");
         assert!(works(), "checkov installed but does not run");
     }
     bin

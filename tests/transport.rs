@@ -19,8 +19,6 @@ async fn connections_over_the_bound_are_closed_and_served_again_once_one_goes() 
     for _ in 0..3 {
         held.push(TcpStream::connect(&addr).await.expect("connects"));
     }
-    // Let the accept loop take the three before the fourth arrives.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut over = TcpStream::connect(&addr).await.expect("the kernel accepts it");
     assert!(closed_within(&mut over, Duration::from_secs(5)).await, "the fourth is closed at once");
     assert!(!closed_within(&mut held[0], Duration::from_millis(300)).await, "the three are kept");

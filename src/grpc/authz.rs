@@ -9,7 +9,7 @@
 //! methods = ["StartAggregation", "GetAggregation"]           # optional, default both
 //! ```
 
-use super::service::{GET, Method, START};
+use super::service::{Method, START};
 use crate::gateway::GatewayError;
 use crate::telemetry::Metrics;
 use std::path::{Path, PathBuf};
@@ -220,12 +220,10 @@ impl super::reload::Reload for Authorizer {
     }
 }
 
-/// Both methods, for rules and tests.
-pub const METHODS: [Method; 2] = [START, GET];
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grpc::service::GET;
 
     const FARM_A: &str = "farm-0123456789abcdef0123456789abcdef";
     const FARM_B: &str = "farm-fedcba9876543210fedcba9876543210";

@@ -160,11 +160,7 @@ mod tests {
     use super::*;
 
     fn peer(addr: &str, cert: Option<&str>) -> PeerInfo {
-        PeerInfo {
-            remote_addr: Some(addr.parse().expect("address")),
-            tls: cert.is_some(),
-            certificate_identity: cert.map(Arc::from),
-        }
+        PeerInfo { remote_addr: Some(addr.parse().expect("address")), certificate_identity: cert.map(Arc::from) }
     }
 
     #[test]

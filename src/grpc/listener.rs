@@ -25,8 +25,6 @@ use tokio_stream::wrappers::ReceiverStream;
 #[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
-    /// Whether the connection is TLS.
-    pub tls: bool,
     /// The identity of a verified client certificate (mutual TLS).
     pub certificate_identity: Option<Arc<str>>,
 }
@@ -170,7 +168,7 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let info = PeerInfo { remote_addr: Some(remote_addr), tls: tls.is_some(), certificate_identity: None };
+        let info = PeerInfo { remote_addr: Some(remote_addr), certificate_identity: None };
         let first_read_by = Some(Box::pin(tokio::time::sleep(limits.handshake_timeout)));
         match &tls {
             None => {

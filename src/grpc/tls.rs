@@ -115,11 +115,6 @@ impl ReloadingTls {
     pub fn current(&self) -> Arc<rustls::ServerConfig> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
-
-    /// Whether clients must present a certificate.
-    pub fn mutual(&self) -> bool {
-        self.files.client_ca.is_some()
-    }
 }
 
 impl super::reload::Reload for ReloadingTls {
