@@ -116,9 +116,12 @@ pub async fn serve(
     response: Bytes,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    // `Server::tcp_nodelay` does not reach an incoming stream given to the server, so the
+    // stream sets it, as `Server::serve` would and as the gateway's own listener does: Nagle's
+    // algorithm on one side only would make the comparison one of socket options.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(BaselineService::new(response))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
