@@ -128,6 +128,14 @@ pub struct ServeArgs {
     /// The most parts one aggregation is split into.
     #[arg(long, env = "DSG_SPLIT_MAX_PARTS", default_value_t = g::SPLIT_MAX_PARTS)]
     pub split_max_parts: u32,
+    /// Refresh-ahead: a result asked for at least --refresh-min-hits times is re-run in the
+    /// background when less than this much of its validity is left, so it never goes cold;
+    /// 0 turns it off.
+    #[arg(long, env = "DSG_REFRESH_AHEAD", default_value_t = g::REFRESH_AHEAD.into())]
+    pub refresh_ahead: humantime::Duration,
+    /// Starts a result must have answered during its life to be refreshed ahead.
+    #[arg(long, env = "DSG_REFRESH_MIN_HITS", default_value_t = g::REFRESH_MIN_HITS)]
+    pub refresh_min_hits: u32,
     /// Where coordination state lives: memory (one replica) or redis (several replicas).
     #[arg(long, env = "DSG_STORE", value_enum, default_value = "memory")]
     pub store: StoreKind,
@@ -286,6 +294,12 @@ impl ServeArgs {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(RunError::Config("--admin-listen must differ from --listen".into()));
         }
+        if !self.refresh_ahead.is_zero() && *self.refresh_ahead >= *self.result_validity {
+            return Err(RunError::Config(format!(
+                "--refresh-ahead ({}) must be shorter than --result-validity ({}), or 0 to turn it off",
+                self.refresh_ahead, self.result_validity
+            )));
+        }
         let defaults = GatewayConfig::default();
         Ok(GatewayConfig {
             farm_queue_capacity: self.farm_queue_capacity,
@@ -319,6 +333,10 @@ impl ServeArgs {
             max_wait: *self.max_wait,
             instance_id: self.instance_id.clone().unwrap_or_else(crate::gateway::defaults::instance_id),
             lease_ttl: *self.lease_ttl,
+            refresh: crate::gateway::refresh::RefreshConfig {
+                ahead: *self.refresh_ahead,
+                min_hits: self.refresh_min_hits.max(1),
+            },
             ..defaults
         })
     }

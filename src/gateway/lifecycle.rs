@@ -251,6 +251,10 @@ impl UpstreamRunner {
         match written {
             Ok(Written::Done) => {
                 self.metrics.finished.get_or_create(&StateLabels { state }).inc();
+                if agg.record.refresh {
+                    let outcome = if failed { "failed" } else { "completed" };
+                    self.metrics.refreshes.get_or_create(&crate::telemetry::metrics::OutcomeLabels { outcome }).inc();
+                }
                 self.spans.end(&agg.record.id, state, failed);
                 Ok(())
             }

@@ -18,7 +18,8 @@
 //! - [`wakeups`]: long-poll wake-ups of one process, by aggregation id.
 //! - [`spans`]: the lifecycle span of each aggregation, per process.
 //! - [`split`]: halving a request whose result is too large, so the parts' rows are the
-//!   whole's (not wired into the lifecycle yet).
+//!   whole's.
+//! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
@@ -34,6 +35,7 @@ pub mod paging;
 pub mod record;
 pub mod redis;
 pub mod redis_store;
+pub mod refresh;
 pub mod results;
 pub mod rows;
 pub mod scheduler;
@@ -100,6 +102,8 @@ pub struct GatewayConfig {
     pub instance_id: String,
     /// How long a farm lease lasts unless renewed: a dead worker's farm is taken over after it.
     pub lease_ttl: Duration,
+    /// Refresh-ahead of popular results.
+    pub refresh: refresh::RefreshConfig,
 }
 
 /// The default of every gateway setting. [`GatewayConfig::default`] and the command line's
@@ -133,6 +137,8 @@ pub mod defaults {
     pub const MAX_WAIT: Duration = Duration::from_secs(60);
     pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
     pub const LEASE_TTL: Duration = Duration::from_secs(15);
+    pub const REFRESH_AHEAD: Duration = Duration::from_secs(600);
+    pub const REFRESH_MIN_HITS: u32 = 3;
 
     /// The host name (in Kubernetes, the pod's name), else `gateway`.
     pub fn instance_id() -> String {
@@ -176,6 +182,7 @@ impl Default for GatewayConfig {
             housekeeping_interval: d::HOUSEKEEPING_INTERVAL,
             instance_id: d::instance_id(),
             lease_ttl: d::LEASE_TTL,
+            refresh: refresh::RefreshConfig { ahead: d::REFRESH_AHEAD, min_hits: d::REFRESH_MIN_HITS },
         }
     }
 }
@@ -372,6 +379,17 @@ impl Gateway {
             cancel,
         };
         gateway.metrics.observe_levels(gateway.levels_source());
+        let refresher = refresh::Refresher {
+            store: gateway.store.clone(),
+            ids: gateway.ids.clone(),
+            dispatcher: gateway.dispatcher.clone(),
+            metrics: gateway.metrics.clone(),
+            limits: gateway.limits,
+            config: config.refresh,
+            every: config.housekeeping_interval,
+            stop: gateway.draining.clone(),
+        };
+        tokio::spawn(refresher.run());
         tokio::spawn(housekeeping(
             gateway.store.clone(),
             gateway.ids.clone(),

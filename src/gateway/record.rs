@@ -78,6 +78,9 @@ pub struct AggregationRecord {
     pub row_count: u64,
     /// COMPLETED: how many upstream aggregations answered it (more than 1 when split).
     pub parts: u32,
+    /// Queued by refresh-ahead, not by a caller: it renews the result of the same key, which
+    /// keeps answering Starts until this one completes.
+    pub refresh: bool,
 }
 
 impl AggregationRecord {
@@ -96,7 +99,13 @@ impl AggregationRecord {
             running_since: None,
             row_count: 0,
             parts: 0,
+            refresh: false,
         }
+    }
+
+    /// A new QUEUED refresh of the key `of` answers.
+    pub fn refresh_of(id: AggregationId, of: &AggregationRecord) -> Self {
+        Self { refresh: true, ..Self::queued(id, of.key.clone()) }
     }
 
     pub fn farm_id(&self) -> &str {

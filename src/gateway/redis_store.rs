@@ -37,7 +37,8 @@ const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        -- KEYS: key index, farm queue, farms, live, new record, epoch
+        -- KEYS: key index, farm queue, farms, live, new record, epoch, the key's refresh
+        --       marker, the farm's pending refreshes
         -- ARGV: id, json, farm, now_ms, min_remaining_ms, max_staleness_ms (-1: any),
         --       queue capacity, max live, max farms, record prefix, rows prefix, the id's epoch
         if redis.call('GET', KEYS[6]) ~= ARGV[12] then return {'epoch', '', 0} end
@@ -47,6 +48,7 @@ static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
             local f = redis.call('HMGET', agg, 'state', 'expire_ms', 'data_ms', 'json', 'farm')
             local state = f[1]
             if state == 'QUEUED' or state == 'RUNNING' then
+                redis.call('HINCRBY', agg, 'hits', 1)
                 local pos = redis.call('LPOS', KEYS[2], existing)
                 return {'joined', f[4], pos or 0}
             end
@@ -59,7 +61,25 @@ static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
                 local max_staleness = tonumber(ARGV[6])
                 if max_staleness >= 0 then fresh = f[3] ~= false and now - tonumber(f[3]) <= max_staleness end
                 local rows = state ~= 'COMPLETED' or redis.call('EXISTS', ARGV[11] .. existing) == 1
-                if remaining > 0 and remaining >= need and fresh and rows then return {'cached', f[4], 0} end
+                if remaining > 0 and remaining >= need and fresh and rows then
+                    redis.call('HINCRBY', agg, 'hits', 1)
+                    return {'cached', f[4], 0}
+                end
+            end
+        end
+        -- The old result no longer answers: a refresh of the key under way becomes the
+        -- caller's aggregation.
+        local refresh = redis.call('GET', KEYS[7])
+        if refresh then
+            redis.call('DEL', KEYS[7])
+            redis.call('SREM', KEYS[8], refresh)
+            local agg = ARGV[10] .. refresh
+            local f = redis.call('HMGET', agg, 'state', 'json')
+            if f[1] == 'QUEUED' or f[1] == 'RUNNING' then
+                redis.call('SET', KEYS[1], refresh)
+                redis.call('HINCRBY', agg, 'hits', 1)
+                local pos = redis.call('LPOS', KEYS[2], refresh)
+                return {'joined', f[2], pos or 0}
             end
         end
         if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[8]) then
@@ -68,12 +88,24 @@ static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
         local waiting = redis.call('LLEN', KEYS[2])
         if waiting == 0 and redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[9]) then return {'busy', 'max_farms', 0} end
         if waiting > 0 and waiting - 1 >= tonumber(ARGV[7]) then return {'full', '', 0} end
-        redis.call('RPUSH', KEYS[2], ARGV[1])
+        -- Ahead of the refreshes waiting (never ahead of the head, which may be running).
+        local position = waiting
+        if redis.call('SCARD', KEYS[8]) > 0 then
+            local queued = redis.call('LRANGE', KEYS[2], 1, -1)
+            for i, queued_id in ipairs(queued) do
+                if redis.call('SISMEMBER', KEYS[8], queued_id) == 1 then
+                    redis.call('LINSERT', KEYS[2], 'BEFORE', queued_id, ARGV[1])
+                    position = i
+                    break
+                end
+            end
+        end
+        if position == waiting then redis.call('RPUSH', KEYS[2], ARGV[1]) end
         redis.call('SADD', KEYS[3], ARGV[3])
         redis.call('INCR', KEYS[4])
-        redis.call('HSET', KEYS[5], 'json', ARGV[2], 'state', 'QUEUED', 'farm', ARGV[3])
+        redis.call('HSET', KEYS[5], 'json', ARGV[2], 'state', 'QUEUED', 'farm', ARGV[3], 'index', KEYS[1], 'hits', 1)
         redis.call('SET', KEYS[1], ARGV[1])
-        return {'started', ARGV[2], waiting}
+        return {'started', ARGV[2], position}
         ",
     )
 });
@@ -95,9 +127,10 @@ static UPDATE: LazyLock<redis::Script> = LazyLock::new(|| {
 static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        -- KEYS: fence, record, queue, farms, live, rows, key index
+        -- KEYS: fence, record, queue, farms, live, rows, key index, due, the key's refresh
+        --       marker, the farm's pending refreshes
         -- ARGV: token, json, state, expire_ms, data_ms, rows (empty: none), farm, channel, id,
-        --       keep_ms
+        --       keep_ms, refresh (1: a refresh), record prefix
         if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
         local state = redis.call('HGET', KEYS[2], 'state')
         if state ~= 'QUEUED' and state ~= 'RUNNING' then return 0 end
@@ -111,6 +144,19 @@ static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
         local t = redis.call('TIME')
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         if has_rows == 1 and tonumber(ARGV[4]) > now then redis.call('SET', KEYS[6], ARGV[6], 'PXAT', ARGV[4]) end
+        if ARGV[3] == 'COMPLETED' then redis.call('ZADD', KEYS[8], ARGV[4], ARGV[9]) end
+        if ARGV[11] == '1' then
+            if redis.call('GET', KEYS[9]) == ARGV[9] then redis.call('DEL', KEYS[9]) end
+            redis.call('SREM', KEYS[10], ARGV[9])
+            -- A completed refresh is what its key answers from now on.
+            local answering = redis.call('GET', KEYS[7])
+            local superseded = true
+            if answering and answering ~= ARGV[9] then
+                local s = redis.call('HGET', ARGV[12] .. answering, 'state')
+                superseded = s ~= 'QUEUED' and s ~= 'RUNNING'
+            end
+            if ARGV[3] == 'COMPLETED' and superseded then redis.call('SET', KEYS[7], ARGV[9], 'PXAT', keep_until) end
+        end
         redis.call('LREM', KEYS[3], 0, ARGV[9])
         if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[4], ARGV[7]) end
         redis.call('DECR', KEYS[5])
@@ -119,6 +165,69 @@ static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
         ",
     )
 });
+
+static DUE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        -- KEYS: due. ARGV: now_ms, due_by_ms, record prefix, most to look at
+        -- Completed results expiring by due_by that still answer their key, with their hits
+        -- and records; the others leave the due set.
+        local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+        local out = {}
+        for _, id in ipairs(ids) do
+            local f = redis.call('HMGET', ARGV[3] .. id, 'state', 'expire_ms', 'hits', 'index', 'json')
+            local alive = f[1] == 'COMPLETED' and tonumber(f[2] or '0') > tonumber(ARGV[1]) and f[4]
+                and redis.call('GET', f[4]) == id
+            if alive then
+                table.insert(out, id)
+                table.insert(out, tonumber(f[3] or '0'))
+                table.insert(out, f[5])
+            else
+                redis.call('ZREM', KEYS[1], id)
+            end
+        end
+        return out
+        ",
+    )
+});
+
+static QUEUE_REFRESH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        -- KEYS: due, old record, key index, the key's refresh marker, farm queue, the farm's
+        --       pending refreshes, farms, live, new record, epoch
+        -- ARGV: old id, new id, json, farm, min hits, max live, max farms, the new id's epoch,
+        --       marker ttl ms
+        if redis.call('GET', KEYS[10]) ~= ARGV[8] then return 'epoch' end
+        if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'gone' end
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local f = redis.call('HMGET', KEYS[2], 'state', 'expire_ms', 'hits')
+        if f[1] ~= 'COMPLETED' or tonumber(f[2] or '0') <= now or redis.call('GET', KEYS[3]) ~= ARGV[1]
+            or redis.call('EXISTS', KEYS[4]) == 1 then
+            redis.call('ZREM', KEYS[1], ARGV[1])
+            return 'gone'
+        end
+        if tonumber(f[3] or '0') < tonumber(ARGV[5]) then return 'cold' end
+        local queued = redis.call('LLEN', KEYS[5])
+        if queued > redis.call('SCARD', KEYS[6]) then return 'backlog' end
+        if queued == 0 and redis.call('SISMEMBER', KEYS[7], ARGV[4]) == 0
+            and redis.call('SCARD', KEYS[7]) >= tonumber(ARGV[7]) then return 'farms' end
+        if tonumber(redis.call('GET', KEYS[8]) or '0') >= tonumber(ARGV[6]) then return 'live' end
+        redis.call('ZREM', KEYS[1], ARGV[1])
+        redis.call('RPUSH', KEYS[5], ARGV[2])
+        redis.call('SADD', KEYS[6], ARGV[2])
+        redis.call('SADD', KEYS[7], ARGV[4])
+        redis.call('INCR', KEYS[8])
+        redis.call('HSET', KEYS[9], 'json', ARGV[3], 'state', 'QUEUED', 'farm', ARGV[4], 'index', KEYS[3], 'hits', 0)
+        redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[9])
+        return 'queued'
+        ",
+    )
+});
+
+/// Due results looked at per refresh scan.
+const DUE_SCAN_LIMIT: usize = 1000;
 
 static RESTORE_ROWS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -172,6 +281,17 @@ impl RedisStore {
 
     fn queue_key(&self, farm: &str) -> String {
         self.redis.farm_key(farm, "queue")
+    }
+
+    /// The refresh of `key` no caller has joined yet, if any.
+    fn marker_key(&self, key: &CanonicalKey) -> String {
+        let whole = if key.may_split() { "" } else { "|no-split" };
+        self.key(&["refresh:", &canonical(key.request()), whole])
+    }
+
+    /// The farm's refreshes no caller has joined yet.
+    fn refreshes_key(&self, farm: &str) -> String {
+        self.redis.farm_key(farm, "refreshes")
     }
 
     fn conn(&self) -> redis::aio::ConnectionManager {
@@ -231,6 +351,8 @@ impl AggregationStore for RedisStore {
             .key(self.key(&["live"]))
             .key(self.record_key(&id))
             .key(self.key(&["epoch"]))
+            .key(self.marker_key(key))
+            .key(self.refreshes_key(farm))
             .arg(&*id)
             .arg(to_json(&fresh).map_err(store)?)
             .arg(farm)
@@ -350,6 +472,9 @@ impl AggregationStore for RedisStore {
             .key(self.key(&["live"]))
             .key(self.rows_key(&record.id))
             .key(self.index_key(&record.key))
+            .key(self.key(&["due"]))
+            .key(self.marker_key(&record.key))
+            .key(self.refreshes_key(record.farm_id()))
             .arg(lease.token)
             .arg(to_json(&record)?)
             .arg(state_name(record.state))
@@ -360,6 +485,8 @@ impl AggregationStore for RedisStore {
             .arg(self.redis.changes_channel())
             .arg(&*record.id)
             .arg(u64::try_from(KEEP_AFTER_EXPIRY.as_millis()).unwrap_or(u64::MAX))
+            .arg(if record.refresh { "1" } else { "0" })
+            .arg(self.key(&["agg:"]))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -383,6 +510,62 @@ impl AggregationStore for RedisStore {
         let result = Arc::new(CachedResult::new(record, Some(rows)));
         self.near.insert(result.clone());
         Ok(result)
+    }
+
+    async fn start_refreshes(
+        &self,
+        due_by: SystemTime,
+        min_hits: u32,
+        limits: &Limits,
+        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+    ) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+        let due: Vec<(String, u32, String)> = DUE
+            .key(self.key(&["due"]))
+            .arg(millis(SystemTime::now()))
+            .arg(millis(due_by))
+            .arg(self.key(&["agg:"]))
+            .arg(DUE_SCAN_LIMIT)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let mut queued = Vec::new();
+        for (old_id, hits, json) in due {
+            if hits < min_hits {
+                continue;
+            }
+            let old = from_json(&json)?;
+            let refresh = AggregationRecord::refresh_of(mint(), &old);
+            let farm = old.farm_id();
+            let verdict: String = QUEUE_REFRESH
+                .key(self.key(&["due"]))
+                .key(self.record_key(&old_id))
+                .key(self.index_key(&old.key))
+                .key(self.marker_key(&old.key))
+                .key(self.queue_key(farm))
+                .key(self.refreshes_key(farm))
+                .key(self.key(&["farms"]))
+                .key(self.key(&["live"]))
+                .key(self.record_key(&refresh.id))
+                .key(self.key(&["epoch"]))
+                .arg(&old_id)
+                .arg(&*refresh.id)
+                .arg(to_json(&refresh)?)
+                .arg(farm)
+                .arg(min_hits)
+                .arg(limits.max_live)
+                .arg(limits.max_farms)
+                .arg(super::ids::tag_of(&refresh.id).map(|t| t.to_string()).unwrap_or_default())
+                .arg(u64::try_from(KEEP_AFTER_EXPIRY.as_millis()).unwrap_or(u64::MAX))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            match verdict.as_str() {
+                "queued" => queued.push(Arc::new(refresh)),
+                "live" | "epoch" => break,
+                _ => {}
+            }
+        }
+        Ok(queued)
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
@@ -509,6 +692,8 @@ struct Wire {
     parts: u32,
     #[serde(default)]
     no_split: bool,
+    #[serde(default)]
+    refresh: bool,
 }
 
 fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
@@ -542,6 +727,7 @@ fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         row_count: r.row_count,
         parts: r.parts,
         no_split: !r.key.may_split(),
+        refresh: r.refresh,
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::Protocol(e.to_string()))
 }
@@ -589,6 +775,7 @@ fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         running_since: w.running_ms.map(from_millis),
         row_count: w.row_count,
         parts: w.parts,
+        refresh: w.refresh,
     })
 }
 

@@ -14,7 +14,7 @@ use super::results::{CachedResult, Removal, ResultsCache};
 use super::wakeups::Wakeups;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -165,6 +165,22 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// write them and no fence is needed. The result, for this replica's results cache.
     async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError>;
 
+    /// Refresh-ahead: queues a refresh of each COMPLETED result that expires by `due_by`, has
+    /// answered at least `min_hits` Starts, still answers its key and has no refresh yet, on a
+    /// farm with no callers' work waiting, within `limits`; each named by `mint`. A due result
+    /// is refreshed once, whichever replica asks. The refreshes queued.
+    ///
+    /// A refresh waits behind callers' aggregations (a Start queued later goes before it), is
+    /// joined by a Start of its key that the old result no longer answers, and, COMPLETED,
+    /// becomes what its key answers.
+    async fn start_refreshes(
+        &self,
+        due_by: SystemTime,
+        min_hits: u32,
+        limits: &Limits,
+        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+    ) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
+
     /// Farms with queued or running aggregations.
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError>;
 
@@ -231,6 +247,28 @@ struct Index {
     by_key: HashMap<CanonicalKey, AggregationId>,
     /// Each farm's queue, its head first.
     farms: HashMap<String, VecDeque<AggregationId>>,
+    /// Starts each aggregation answered (started, joined or cached), for refresh-ahead.
+    hits: HashMap<AggregationId, u32>,
+    /// COMPLETED results by expiry: the candidates for refresh-ahead.
+    due: BTreeSet<(SystemTime, AggregationId)>,
+    /// Refreshes no caller has joined yet, by the key they renew.
+    refreshing: HashMap<CanonicalKey, AggregationId>,
+}
+
+impl Index {
+    /// Whether `id` is a refresh no caller has joined.
+    fn pending_refresh(&self, id: &AggregationId) -> bool {
+        self.active.get(id).is_some_and(|r| r.refresh && self.refreshing.get(&r.key) == Some(id))
+    }
+
+    /// Whether `farm` has callers' aggregations queued or running.
+    fn caller_backlog(&self, farm: &str) -> bool {
+        self.farms.get(farm).is_some_and(|q| q.iter().any(|id| !self.pending_refresh(id)))
+    }
+
+    fn hit(&mut self, id: &AggregationId) {
+        *self.hits.entry(id.clone()).or_default() += 1;
+    }
 }
 
 /// The in-process [`AggregationStore`].
@@ -317,24 +355,35 @@ impl AggregationStore for MemoryStore {
         id: AggregationId,
     ) -> Result<Claimed, GatewayError> {
         let mut index = self.lock();
-        if let Some(existing) = index.by_key.get(key) {
-            if let Some(record) = index.active.get(existing) {
-                let queue_position = Self::position(&index, record);
-                let record = record.clone();
+        if let Some(existing) = index.by_key.get(key).cloned() {
+            if let Some(record) = index.active.get(&existing).cloned() {
+                let queue_position = Self::position(&index, &record);
+                index.hit(&existing);
                 return Ok(Claimed { record, queue_position, result: None, disposition: Disposition::Joined });
             }
             let now = SystemTime::now();
             let usable = |r: &CachedResult| {
                 freshness.accepts(&r.record, now) && (r.record.state != State::Completed || r.rows.is_some())
             };
-            if let Some(result) = self.results.get(existing).filter(|r| usable(r)) {
+            if let Some(result) = self.results.get(&existing).filter(|r| usable(r)) {
                 let record = result.record.clone();
+                index.hit(&existing);
                 return Ok(Claimed {
                     record,
                     queue_position: 0,
                     result: Some(result),
                     disposition: Disposition::Cached,
                 });
+            }
+        }
+        // The old result no longer answers: a refresh of the key under way becomes the
+        // caller's aggregation.
+        if let Some(refresh) = index.refreshing.remove(key) {
+            if let Some(record) = index.active.get(&refresh).cloned() {
+                let queue_position = Self::position(&index, &record);
+                index.by_key.insert(key.clone(), refresh.clone());
+                index.hit(&refresh);
+                return Ok(Claimed { record, queue_position, result: None, disposition: Disposition::Joined });
             }
         }
         let farm = key.farm_id();
@@ -349,10 +398,17 @@ impl AggregationStore for MemoryStore {
             return Err(GatewayError::QueueFull { farm_id: farm.to_owned(), capacity: limits.queue_capacity });
         }
         let record = Arc::new(AggregationRecord::queued(id.clone(), key.clone()));
+        // Ahead of the refreshes waiting (never ahead of the head, which may be running).
+        let before = index
+            .farms
+            .get(farm)
+            .and_then(|q| q.iter().skip(1).position(|queued| index.pending_refresh(queued)).map(|p| p + 1));
         let queue = index.farms.entry(farm.to_owned()).or_default();
-        queue.push_back(id.clone());
-        let position = u32::try_from(queue.len() - 1).unwrap_or(u32::MAX);
+        let position = before.unwrap_or(queue.len());
+        queue.insert(position, id.clone());
+        let position = u32::try_from(position).unwrap_or(u32::MAX);
         index.active.insert(id.clone(), record.clone());
+        index.hits.insert(id.clone(), 1);
         index.by_key.insert(key.clone(), id);
         Ok(Claimed { record, queue_position: position, result: None, disposition: Disposition::Started })
     }
@@ -422,6 +478,22 @@ impl AggregationStore for MemoryStore {
             // Into the cache before out of `active`, so a concurrent reader never sees neither.
             self.results.insert(result.clone());
             index.active.remove(&id);
+            let r = &result.record;
+            if r.state == State::Completed {
+                if let Some(at) = r.expire_time {
+                    index.due.insert((at, id.clone()));
+                }
+            }
+            if r.refresh {
+                if index.refreshing.get(&r.key) == Some(&id) {
+                    index.refreshing.remove(&r.key);
+                }
+                // A completed refresh is what its key answers from now on.
+                let superseded = index.by_key.get(&r.key).is_none_or(|old| !index.active.contains_key(old));
+                if r.state == State::Completed && superseded {
+                    index.by_key.insert(r.key.clone(), id.clone());
+                }
+            }
             let farm = result.record.farm_id();
             if let Some(queue) = index.farms.get_mut(farm) {
                 queue.retain(|queued| *queued != id);
@@ -442,6 +514,50 @@ impl AggregationStore for MemoryStore {
         Ok(result)
     }
 
+    async fn start_refreshes(
+        &self,
+        due_by: SystemTime,
+        min_hits: u32,
+        limits: &Limits,
+        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+    ) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+        let now = SystemTime::now();
+        let mut index = self.lock();
+        let candidates: Vec<(SystemTime, AggregationId)> =
+            index.due.iter().take_while(|(at, _)| *at <= due_by).cloned().collect();
+        let mut queued = Vec::new();
+        for entry in candidates {
+            let (at, id) = &entry;
+            let old = self.results.get(id).map(|r| r.record.clone());
+            let Some(old) = old.filter(|_| *at > now) else {
+                index.due.remove(&entry);
+                continue;
+            };
+            if index.by_key.get(&old.key) != Some(id) || index.refreshing.contains_key(&old.key) {
+                index.due.remove(&entry);
+                continue;
+            }
+            let farm = old.farm_id();
+            let new_farm = !index.farms.contains_key(farm);
+            if index.hits.get(id).copied().unwrap_or_default() < min_hits
+                || index.caller_backlog(farm)
+                || (new_farm && index.farms.len() >= limits.max_farms)
+            {
+                continue;
+            }
+            if index.active.len() >= limits.max_live {
+                break;
+            }
+            index.due.remove(&entry);
+            let refresh = Arc::new(AggregationRecord::refresh_of(mint(), &old));
+            index.farms.entry(farm.to_owned()).or_default().push_back(refresh.id.clone());
+            index.active.insert(refresh.id.clone(), refresh.clone());
+            index.refreshing.insert(old.key.clone(), refresh.id.clone());
+            queued.push(refresh);
+        }
+        Ok(queued)
+    }
+
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.lock().farms.keys().cloned().collect())
     }
@@ -449,9 +565,15 @@ impl AggregationStore for MemoryStore {
     async fn housekeeping(&self) {
         self.results.housekeeping();
         self.tombstones.run_pending_tasks();
+        let now = SystemTime::now();
         let mut index = self.lock();
-        let Index { active, by_key, .. } = &mut *index;
+        let Index { active, by_key, hits, due, refreshing, .. } = &mut *index;
         by_key.retain(|_, id| active.contains_key(id) || self.results.contains(id));
+        hits.retain(|id, _| active.contains_key(id) || self.results.contains(id));
+        refreshing.retain(|_, id| active.contains_key(id));
+        while due.first().is_some_and(|(at, _)| *at <= now) {
+            due.pop_first();
+        }
     }
 
     fn stats(&self) -> StoreStats {

@@ -110,6 +110,8 @@ pub struct Metrics {
     pub authz_denied: Family<ReasonLabels, Counter>,
     /// Upstream aggregations run as parts of split ones.
     pub split_parts: Counter,
+    /// Refresh-ahead: refreshes `queued`, and those that ended `completed` or `failed`.
+    pub refreshes: Family<OutcomeLabels, Counter>,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -213,6 +215,15 @@ impl Metrics {
             "upstream aggregations run as parts of aggregations split because their result was too large",
             split_parts.clone(),
         );
+        let refreshes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "refreshes",
+            "refresh-ahead: popular results re-run before they expire, by outcome (queued, completed, failed)",
+            refreshes.clone(),
+        );
+        for outcome in ["queued", "completed", "failed"] {
+            let _ = refreshes.get_or_create(&OutcomeLabels { outcome });
+        }
         for reason in ["unauthenticated", "farm_not_allowed"] {
             let _ = authz_denied.get_or_create(&ReasonLabels { reason });
         }
@@ -264,6 +275,7 @@ impl Metrics {
             rows_refetched,
             authz_denied,
             split_parts,
+            refreshes,
             rpc_fast,
             levels,
         }
