@@ -167,6 +167,88 @@ async fn every_write_wakes_its_waiters(store: &dyn AggregationStore, wakeups: &A
     tokio::time::timeout(Duration::from_secs(10), waiter.woken()).await.expect("the end wakes");
 }
 
+/// Ends `record` COMPLETED with no rows (rows of none), valid for `valid_for`.
+async fn complete(store: &dyn AggregationStore, lease: &Lease, record: &AggregationRecord, valid_for: Duration) {
+    let rows = Arc::new(deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(|_, _| {}).finish());
+    let done = completed(record, valid_for);
+    assert_eq!(store.finish(lease, done, Some(rows)).await.expect("store"), Written::Done);
+}
+
+/// A completed result of `k`, valid for a minute, that answered `hits` Starts in all.
+async fn popular(store: &dyn AggregationStore, lease: &Lease, k: &CanonicalKey, hits: u32) -> Claimed {
+    let first = claim(store, k, &ROOMY).await.expect("room");
+    complete(store, lease, &first.record, Duration::from_secs(60)).await;
+    for _ in 1..hits {
+        assert_eq!(claim(store, k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
+    }
+    first
+}
+
+async fn refreshes(store: &dyn AggregationStore, due_in: Duration, limits: &Limits) -> Vec<Arc<AggregationRecord>> {
+    let tag = store.epoch().await.expect("store").unwrap_or_default();
+    let ids = IdMinter::tagged(tag);
+    store.start_refreshes(SystemTime::now() + due_in, 3, limits, &|| ids.mint()).await.expect("store")
+}
+
+fn position(found: Found) -> u32 {
+    match found {
+        Found::Active { queue_position, .. } => queue_position,
+        other => panic!("not active: {other:?}"),
+    }
+}
+
+async fn popular_results_are_refreshed_once_behind_callers(store: &dyn AggregationStore) {
+    let (a, c, cold) = (key(71, 1), key(71, 2), key(71, 3));
+    let farm = a.farm_id().to_owned();
+    let lease = holder(store, &farm, "replica-a").await;
+    let old_a = popular(store, &lease, &a, 3).await;
+    let old_c = popular(store, &lease, &c, 3).await;
+    popular(store, &lease, &cold, 2).await;
+
+    assert!(refreshes(store, Duration::from_secs(30), &ROOMY).await.is_empty(), "not due yet (60 s left)");
+    let full = Limits { max_live: 0, ..ROOMY };
+    assert!(refreshes(store, Duration::from_secs(120), &full).await.is_empty(), "refreshes count as live");
+    let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
+    assert_eq!(queued.len(), 2, "the two popular keys, not the cold one: {queued:?}");
+    assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "each result is refreshed once");
+    let (refresh_a, refresh_c) = if queued[0].key == a { (&queued[0], &queued[1]) } else { (&queued[1], &queued[0]) };
+    assert!(refresh_a.refresh && refresh_a.key == a && refresh_c.key == c);
+    assert_eq!(store.head(&farm).await.expect("store").map(|r| r.id.clone()), Some(queued[0].id.clone()));
+
+    let cached = claim(store, &a, &ROOMY).await.expect("claims");
+    assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &old_a.record.id), "old answers");
+    let caller = claim(store, &key(71, 4), &ROOMY).await.expect("room");
+    assert_eq!(caller.queue_position, 1, "a caller's Start goes before the refresh waiting");
+    assert_eq!(position(store.read(&queued[1].id).await.expect("store")), 2, "the waiting refresh is behind it");
+
+    complete(store, &lease, refresh_a, Duration::from_secs(120)).await;
+    let renewed = claim(store, &a, &ROOMY).await.expect("claims");
+    assert_eq!((renewed.disposition, &renewed.record.id), (Disposition::Cached, &refresh_a.id), "the key moved on");
+    assert!(matches!(store.read(&old_a.record.id).await.expect("store"), Found::Terminal(_)), "the old id reads");
+
+    let needs_more = Freshness { min_remaining: Duration::from_secs(90), max_staleness: None };
+    let joined = store.claim(&c, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
+    assert_eq!(
+        (joined.disposition, &joined.record.id),
+        (Disposition::Joined, &refresh_c.id),
+        "a Start the old result no longer answers joins the refresh"
+    );
+    complete(store, &lease, refresh_c, Duration::from_secs(120)).await;
+    let renewed = claim(store, &c, &ROOMY).await.expect("claims");
+    assert_eq!((renewed.disposition, &renewed.record.id), (Disposition::Cached, &refresh_c.id));
+    assert_ne!(renewed.record.id, old_c.record.id);
+
+    // A farm with callers' work waiting gets no refresh until that work is done.
+    let (d, e) = (key(72, 1), key(72, 2));
+    let lease = holder(store, d.farm_id(), "replica-a").await;
+    popular(store, &lease, &d, 3).await;
+    let busy = claim(store, &e, &ROOMY).await.expect("room");
+    assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "callers first");
+    complete(store, &lease, &busy.record, Duration::from_secs(600)).await;
+    let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
+    assert_eq!(queued.iter().map(|r| r.key.clone()).collect::<Vec<_>>(), vec![d], "then it is refreshed");
+}
+
 /// A fresh memory store and the wake-ups its writes wake.
 fn memory() -> (MemoryStore, Arc<Wakeups>) {
     let wakeups = Arc::new(Wakeups::default());
@@ -181,6 +263,7 @@ async fn memory_store_conforms() {
     only_the_current_lease_holders_writes_land(&store).await;
     a_terminal_result_answers_while_fresh_enough(&store).await;
     every_write_wakes_its_waiters(&store, &wakeups).await;
+    popular_results_are_refreshed_once_behind_callers(&store).await;
 }
 
 /// A Redis store under `prefix` on `server`, and the wake-ups its writes wake.
@@ -200,6 +283,7 @@ async fn redis_store_conforms() {
     only_the_current_lease_holders_writes_land(&store).await;
     a_terminal_result_answers_while_fresh_enough(&store).await;
     every_write_wakes_its_waiters(&store, &wakeups).await;
+    popular_results_are_refreshed_once_behind_callers(&store).await;
 }
 
 #[tokio::test]
@@ -224,6 +308,18 @@ async fn two_replicas_on_one_redis_see_one_store() {
         other => panic!("replica a does not see replica b's result: {other:?}"),
     }
     assert!(a.head(first.record.farm_id()).await.expect("store").is_none(), "the farm's queue is empty everywhere");
+
+    // Refresh-ahead: hits counted on both replicas, the refresh claimed by one.
+    let k = key(52, 1);
+    let farm = k.farm_id().to_owned();
+    let lease = holder(&a, &farm, "replica-a").await;
+    popular(&a, &lease, &k, 2).await;
+    assert_eq!(claim(&b, &k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
+    let (on_a, on_b) = tokio::join!(
+        refreshes(&a, Duration::from_secs(120), &ROOMY),
+        refreshes(&b, Duration::from_secs(120), &ROOMY)
+    );
+    assert_eq!(on_a.len() + on_b.len(), 1, "one refresh between them: {on_a:?} {on_b:?}");
 }
 
 #[tokio::test]
