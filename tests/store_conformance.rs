@@ -315,10 +315,8 @@ async fn two_replicas_on_one_redis_see_one_store() {
     let lease = holder(&a, &farm, "replica-a").await;
     popular(&a, &lease, &k, 2).await;
     assert_eq!(claim(&b, &k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
-    let (on_a, on_b) = tokio::join!(
-        refreshes(&a, Duration::from_secs(120), &ROOMY),
-        refreshes(&b, Duration::from_secs(120), &ROOMY)
-    );
+    let (on_a, on_b) =
+        tokio::join!(refreshes(&a, Duration::from_secs(120), &ROOMY), refreshes(&b, Duration::from_secs(120), &ROOMY));
     assert_eq!(on_a.len() + on_b.len(), 1, "one refresh between them: {on_a:?} {on_b:?}");
 }
 
