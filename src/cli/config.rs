@@ -98,6 +98,19 @@ mod tests {
     }
 
     #[test]
+    fn refresh_ahead_must_be_shorter_than_the_result_validity() {
+        let with = |extra: &[&str]| {
+            let list: Vec<&str> = ["serve", "--upstream", "emulator"].iter().chain(extra).copied().collect();
+            serve(parse(args(&list)).expect("parses")).gateway_config()
+        };
+        let err = with(&["--refresh-ahead", "1h"]).expect_err("as long as the validity");
+        assert!(err.to_string().contains("--refresh-ahead (1h) must be shorter than --result-validity"), "{err}");
+        let off = with(&["--refresh-ahead", "0s", "--refresh-min-hits", "5"]).expect("0 turns it off");
+        assert!(!off.refresh.enabled());
+        assert_eq!(off.refresh.min_hits, 5);
+    }
+
+    #[test]
     fn the_file_fills_in_what_flags_do_not_set() {
         let dir = std::env::temp_dir().join(format!("dsg-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");

@@ -6,7 +6,10 @@
 //! - `rows:{id}`: the encoded rows of a COMPLETED result, expiring with it (`PXAT`);
 //! - `key:{canonical request}`: the id answering a key;
 //! - `{farm}:queue`: the farm's queue of ids, its head first; `farms`: farms with work;
-//!   `live`: queued plus running aggregations; `{farm}:fence`: see [`super::redis`].
+//!   `live`: queued plus running aggregations; `{farm}:fence`: see [`super::redis`];
+//! - refresh-ahead: `due`, COMPLETED ids by expiry; `refresh:{canonical request}`, the refresh
+//!   of a key no caller has joined yet; `{farm}:refreshes`, the farm's such refreshes; a
+//!   record's `hits` field counts the Starts it answered.
 //!
 //! `epoch`: the generation of this state (see [`RedisCoordination::epoch`]); a claim is only
 //! made with an id of the current one, so every id names the state it lives in.
@@ -586,6 +589,14 @@ impl AggregationStore for RedisStore {
                 loads.insert(farm, FarmLoad { queued, running: 0 });
             }
         }
+        // Expired results leave the refresh candidates (when refresh-ahead is off, nothing
+        // else takes them out).
+        let _: Result<i64, _> = redis::cmd("ZREMRANGEBYSCORE")
+            .arg(self.key(&["due"]))
+            .arg("-inf")
+            .arg(millis(SystemTime::now()))
+            .query_async(&mut self.conn())
+            .await;
         let live: Option<usize> =
             redis::cmd("GET").arg(self.key(&["live"])).query_async(&mut self.conn()).await.ok().flatten();
         let mut counted = self.counted();
