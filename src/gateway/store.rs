@@ -378,13 +378,13 @@ impl AggregationStore for MemoryStore {
         }
         // The old result no longer answers: a refresh of the key under way becomes the
         // caller's aggregation.
-        if let Some(refresh) = index.refreshing.remove(key) {
-            if let Some(record) = index.active.get(&refresh).cloned() {
-                let queue_position = Self::position(&index, &record);
-                index.by_key.insert(key.clone(), refresh.clone());
-                index.hit(&refresh);
-                return Ok(Claimed { record, queue_position, result: None, disposition: Disposition::Joined });
-            }
+        if let Some(refresh) = index.refreshing.remove(key)
+            && let Some(record) = index.active.get(&refresh).cloned()
+        {
+            let queue_position = Self::position(&index, &record);
+            index.by_key.insert(key.clone(), refresh.clone());
+            index.hit(&refresh);
+            return Ok(Claimed { record, queue_position, result: None, disposition: Disposition::Joined });
         }
         let farm = key.farm_id();
         if index.active.len() >= limits.max_live {
@@ -479,10 +479,10 @@ impl AggregationStore for MemoryStore {
             self.results.insert(result.clone());
             index.active.remove(&id);
             let r = &result.record;
-            if r.state == State::Completed {
-                if let Some(at) = r.expire_time {
-                    index.due.insert((at, id.clone()));
-                }
+            if r.state == State::Completed
+                && let Some(at) = r.expire_time
+            {
+                index.due.insert((at, id.clone()));
             }
             if r.refresh {
                 if index.refreshing.get(&r.key) == Some(&id) {
