@@ -247,6 +247,24 @@ async fn popular_results_are_refreshed_once_behind_callers(store: &dyn Aggregati
     complete(store, &lease, &busy.record, Duration::from_secs(600)).await;
     let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
     assert_eq!(queued.iter().map(|r| r.key.clone()).collect::<Vec<_>>(), vec![d], "then it is refreshed");
+
+    // A refresh that fails changes nothing: the old result answers until its expiry.
+    let f = key(73, 1);
+    let lease = holder(store, f.farm_id(), "replica-a").await;
+    let old_f = popular(store, &lease, &f, 3).await;
+    let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
+    assert_eq!(queued.len(), 1);
+    let mut failed = (*queued[0]).clone();
+    failed.state = State::Failed;
+    failed.error = Some(deadline_stats_gateway::gateway::Failure {
+        code: deadline_stats_gateway::gateway::FailureCode::Unavailable,
+        message: "the upstream refused".into(),
+    });
+    failed.expire_time = Some(SystemTime::now() + TTL);
+    assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
+    let still = claim(store, &f, &ROOMY).await.expect("claims");
+    assert_eq!((still.disposition, &still.record.id), (Disposition::Cached, &old_f.record.id));
+    assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "not retried in a loop");
 }
 
 /// A fresh memory store and the wake-ups its writes wake.
