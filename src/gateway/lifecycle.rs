@@ -235,6 +235,17 @@ impl UpstreamRunner {
                 r.data_time = Some(started.wall);
                 let elapsed = now.duration_since(r.create_time).unwrap_or_default();
                 self.metrics.time_to_complete.observe(elapsed.as_secs_f64());
+                if let Some(predicted) = r.estimated_completion {
+                    let error = now.duration_since(predicted).unwrap_or_else(|e| e.duration());
+                    self.metrics.estimate_error.observe(error.as_secs_f64());
+                }
+                // What the farm's estimates learn from: the upstream Start's acceptance to
+                // the rows in hand (pacing, polls and pages included).
+                let took = now.duration_since(started.wall).unwrap_or_default();
+                let size = super::estimate::size(r.key.request());
+                if let Err(e) = agg.store.observe_run(r.farm_id(), size, took).await {
+                    tracing::debug!(error = %e, "cannot record the run time");
+                }
                 ("COMPLETED", false, Some(Arc::new(rows)))
             }
             Outcome::Ended { state, failure } => {
@@ -434,9 +445,12 @@ impl UpstreamRunner {
             let err = match self.call(START, &agg.record, None, self.upstream.start(agg.record.key.request())).await {
                 Ok(id) => {
                     let waited = unknown_since.is_some();
+                    let model = self.store.run_model(agg.record.farm_id()).await.ok().flatten();
+                    let predicted = model.and_then(|m| started.wall.checked_add(m.run_time(agg.record.key.request())));
                     agg.set(|r| {
                         r.upstream_id = Some(id.clone());
                         r.running_since = Some(started.wall);
+                        r.estimated_completion = predicted;
                         if waited {
                             r.status_message.clear();
                         }

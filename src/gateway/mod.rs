@@ -20,6 +20,8 @@
 //! - [`split`]: halving a request whose result is too large, so the parts' rows are the
 //!   whole's.
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
+//! - [`estimate`]: predicted start and completion times from observed run times.
+//! - [`watch`]: one source per watched aggregation, feeding all its watchers.
 //! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
@@ -27,6 +29,7 @@
 
 pub mod backoff;
 pub mod error;
+pub mod estimate;
 pub mod ids;
 pub mod key;
 pub mod lease;
@@ -44,6 +47,7 @@ pub mod split;
 pub mod store;
 pub mod throttle;
 pub mod wakeups;
+pub mod watch;
 
 pub use error::{GatewayError, StoreError};
 pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, State};
@@ -263,6 +267,8 @@ pub struct Page {
     /// The rows of this page: a range of the shared results.
     pub rows: Option<(Rows, Range<usize>)>,
     pub next_page_token: Option<String>,
+    /// While QUEUED or RUNNING: the predicted times.
+    pub estimate: estimate::Estimate,
 }
 
 /// What a Start answered.
@@ -299,6 +305,8 @@ pub struct Gateway {
     get_buckets: Arc<Option<CallerBuckets>>,
     max_wait: Duration,
     metrics: Arc<Metrics>,
+    /// The sources of WatchAggregation streams.
+    watches: Arc<watch::Watches>,
     /// Set once a drain began: Starts are refused, running work goes on.
     draining: CancellationToken,
     cancel: CancellationToken,
@@ -352,6 +360,7 @@ impl Gateway {
             scan_interval: SCAN_INTERVAL,
         };
         let dispatcher = FarmDispatcher::new(store.clone(), runner.clone(), wakeups.clone(), settings, cancel.clone());
+        let watches = Arc::new(watch::Watches::new(store.clone(), wakeups.clone(), cancel.clone()));
         let gateway = Self {
             store,
             results,
@@ -374,6 +383,7 @@ impl Gateway {
             get_buckets: Arc::new(CallerBuckets::new(config.caller_get)),
             max_wait: config.max_wait,
             metrics,
+            watches,
             draining: CancellationToken::new(),
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
@@ -518,27 +528,83 @@ impl Gateway {
                     let result = self.recover_rows(record).await?;
                     return terminal_page(id, result, offset, size);
                 }
-                Found::Unknown => {
-                    let shared = self.store.shared();
-                    if shared {
-                        // The store may have lost its state since housekeeping last looked.
-                        refresh_epoch(self.store.as_ref(), &self.ids).await;
-                    }
-                    return Err(match self.ids.origin(id) {
-                        Origin::Elsewhere if shared => GatewayError::SharedStateLost { id: id.to_owned() },
-                        Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
-                        Origin::Ours | Origin::Malformed => GatewayError::NotFound { id: id.to_owned() },
-                    });
-                }
+                Found::Unknown => return Err(self.unknown(id).await),
             };
             let now = tokio::time::Instant::now();
-            let answer = Page { record, queue_position, result: None, rows: None, next_page_token: None };
-            let Some(waiter) = waiter.as_mut().filter(|_| now < deadline) else { return Ok(answer) };
+            let Some(waiter) = waiter.as_mut().filter(|_| now < deadline) else {
+                return Ok(self.active_page(record, queue_position).await);
+            };
             tokio::select! {
                 () = waiter.woken() => {}
                 () = tokio::time::sleep_until(deadline.min(now + RECHECK_INTERVAL)) => {}
-                () = self.cancel.cancelled() => return Ok(answer),
+                () = self.cancel.cancelled() => return Ok(self.active_page(record, queue_position).await),
             }
+        }
+    }
+
+    /// Follows an aggregation: its current view at once, then each change, until it is
+    /// terminal. Throttled and authorized (`may_read`) as a Get.
+    pub async fn watch(
+        &self,
+        caller: &str,
+        id: &str,
+        may_read: &(dyn Fn(&str) -> Result<(), GatewayError> + Sync),
+    ) -> Result<tokio::sync::watch::Receiver<watch::View>, GatewayError> {
+        self.take_token(&self.get_buckets, caller, "WatchAggregation")?;
+        if let Some(result) = self.results.get(id) {
+            may_read(result.record.farm_id())?;
+            return Ok(self.watches.subscribe(watch::View::terminal(result.record.clone())));
+        }
+        let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
+        let farm = match &found {
+            Found::Active { record, .. } | Found::RowsLost(record) => Some(record.farm_id().to_owned()),
+            Found::Terminal(result) => Some(result.record.farm_id().to_owned()),
+            Found::Expired(_) | Found::Evicted | Found::Unknown => None,
+        };
+        if let Some(farm) = farm {
+            may_read(&farm)?;
+        }
+        let unreadable = match &found {
+            Found::Expired(at) => Some(GatewayError::Expired { id: id.to_owned(), at: *at }),
+            Found::Evicted => Some(GatewayError::Evicted { id: id.to_owned() }),
+            Found::Unknown => Some(self.unknown(id).await),
+            _ => None,
+        };
+        if let Some(e) = unreadable {
+            return Err(e);
+        }
+        match watch::view_of(self.store.as_ref(), found).await.map_err(GatewayError::StoreUnavailable)? {
+            Some(view) => Ok(self.watches.subscribe(view)),
+            None => Err(GatewayError::NotFound { id: id.to_owned() }),
+        }
+    }
+
+    /// The refusal for an id the store does not know: never made, or made in a state since lost.
+    async fn unknown(&self, id: &str) -> GatewayError {
+        let shared = self.store.shared();
+        if shared {
+            // The store may have lost its state since housekeeping last looked.
+            refresh_epoch(self.store.as_ref(), &self.ids).await;
+        }
+        match self.ids.origin(id) {
+            Origin::Elsewhere if shared => GatewayError::SharedStateLost { id: id.to_owned() },
+            Origin::Elsewhere => GatewayError::Lost { id: id.to_owned() },
+            Origin::Ours | Origin::Malformed => GatewayError::NotFound { id: id.to_owned() },
+        }
+    }
+
+    /// A page of a queued or running aggregation: its state and predicted times.
+    async fn active_page(&self, record: Arc<AggregationRecord>, queue_position: u32) -> Page {
+        let estimate = self.estimate_of(&record).await;
+        Page { record, queue_position, estimate, result: None, rows: None, next_page_token: None }
+    }
+
+    /// The estimate of an active aggregation (no estimate when the store cannot say).
+    async fn estimate_of(&self, record: &Arc<AggregationRecord>) -> estimate::Estimate {
+        let farm = record.farm_id();
+        match tokio::try_join!(self.store.queue(farm), self.store.run_model(farm)) {
+            Ok((queue, model)) => estimate::estimate(record, &queue, model, SystemTime::now()),
+            Err(_) => estimate::Estimate::default(),
         }
     }
 
@@ -564,6 +630,11 @@ impl Gateway {
             tracing::warn!(aggregation = %id, %cause, "could not fetch the lost rows again");
             GatewayError::ResultsLost { id: id.to_string(), cause }
         })
+    }
+
+    /// Aggregations watched in this process: one source each, whatever the watchers.
+    pub fn watch_sources(&self) -> usize {
+        self.watches.sources()
     }
 
     /// Begins a drain: Starts are refused from now on, while queued and running aggregations
@@ -643,7 +714,7 @@ fn terminal_page(id: &str, result: Arc<CachedResult>, offset: usize, size: usize
         }
         None => (None, None),
     };
-    Ok(Page { record, queue_position: 0, result: Some(result), rows, next_page_token })
+    Ok(Page { record, queue_position: 0, result: Some(result), rows, next_page_token, estimate: Default::default() })
 }
 
 async fn housekeeping(

@@ -81,6 +81,9 @@ pub struct AggregationRecord {
     /// Queued by refresh-ahead, not by a caller: it renews the result of the same key, which
     /// keeps answering Starts until this one completes.
     pub refresh: bool,
+    /// RUNNING: when it is expected to complete, predicted as its upstream Start was accepted
+    /// (see [`super::estimate`]); `None` before anything was observed on its farm.
+    pub estimated_completion: Option<SystemTime>,
 }
 
 impl AggregationRecord {
@@ -100,6 +103,7 @@ impl AggregationRecord {
             row_count: 0,
             parts: 0,
             refresh: false,
+            estimated_completion: None,
         }
     }
 

@@ -22,6 +22,7 @@
 //! store needs a Redis that is not in cluster mode (or a cluster of one shard).
 
 use super::error::{GatewayError, StoreError};
+use super::estimate::RunModel;
 use super::key::CanonicalKey;
 use super::lease::{FarmLeases, Lease};
 use super::record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, State};
@@ -29,7 +30,7 @@ use super::redis::{RedisCoordination, unavailable};
 use super::results::{CachedResult, ResultsCache};
 use super::rows::RowBlock;
 use super::store::{AggregationStore, Claimed, Disposition, FarmLoad, Found, Freshness, Limits, StoreStats, Written};
-use super::wakeups::Wakeups;
+use super::wakeups::{Wakeups, farm_topic};
 use crate::domain::{AggregationRequest, GroupBy, Period, Resources, Statistic, Timezone};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -116,12 +117,13 @@ static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
 static UPDATE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        -- KEYS: fence, record. ARGV: token, json, state, channel, id
+        -- KEYS: fence, record. ARGV: token, json, state, channel, id, farm topic
         if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
         local state = redis.call('HGET', KEYS[2], 'state')
         if state ~= 'QUEUED' and state ~= 'RUNNING' then return 0 end
         redis.call('HSET', KEYS[2], 'json', ARGV[2], 'state', ARGV[3])
         redis.call('PUBLISH', ARGV[4], ARGV[5])
+        redis.call('PUBLISH', ARGV[4], ARGV[6])
         return 1
         ",
     )
@@ -133,7 +135,7 @@ static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
         -- KEYS: fence, record, queue, farms, live, rows, key index, due, the key's refresh
         --       marker, the farm's pending refreshes
         -- ARGV: token, json, state, expire_ms, data_ms, rows (empty: none), farm, channel, id,
-        --       keep_ms, refresh (1: a refresh), record prefix
+        --       keep_ms, refresh (1: a refresh), record prefix, farm topic
         if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
         local state = redis.call('HGET', KEYS[2], 'state')
         if state ~= 'QUEUED' and state ~= 'RUNNING' then return 0 end
@@ -164,6 +166,7 @@ static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
         if redis.call('LLEN', KEYS[3]) == 0 then redis.call('SREM', KEYS[4], ARGV[7]) end
         redis.call('DECR', KEYS[5])
         redis.call('PUBLISH', ARGV[8], ARGV[9])
+        redis.call('PUBLISH', ARGV[8], ARGV[13])
         return 1
         ",
     )
@@ -231,6 +234,23 @@ static QUEUE_REFRESH: LazyLock<redis::Script> = LazyLock::new(|| {
 
 /// Due results looked at per refresh scan.
 const DUE_SCAN_LIMIT: usize = 1000;
+
+static OBSERVE_RUN: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        -- KEYS: the farm's run model. ARGV: seconds per unit of this run, smoothing
+        local m = redis.call('HMGET', KEYS[1], 'seconds_per_unit', 'runs')
+        local rate = tonumber(ARGV[1])
+        if m[1] then
+            local previous = tonumber(m[1])
+            rate = previous + tonumber(ARGV[2]) * (rate - previous)
+        end
+        local runs = tonumber(m[2] or '0') + 1
+        redis.call('HSET', KEYS[1], 'seconds_per_unit', string.format('%.17g', rate), 'runs', runs)
+        return runs
+        ",
+    )
+});
 
 static RESTORE_ROWS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -451,11 +471,13 @@ impl AggregationStore for RedisStore {
             .arg(state_name(record.state))
             .arg(self.redis.changes_channel())
             .arg(&*record.id)
+            .arg(farm_topic(&lease.farm))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
         if done == 1 {
             self.wakeups.wake(&record.id);
+            self.wakeups.wake(&farm_topic(&lease.farm));
         }
         Ok(Self::written(done))
     }
@@ -490,12 +512,14 @@ impl AggregationStore for RedisStore {
             .arg(u64::try_from(KEEP_AFTER_EXPIRY.as_millis()).unwrap_or(u64::MAX))
             .arg(if record.refresh { "1" } else { "0" })
             .arg(self.key(&["agg:"]))
+            .arg(farm_topic(&lease.farm))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
         if done == 1 {
             self.near.insert(Arc::new(CachedResult::new(Arc::new(record.clone()), rows)));
             self.wakeups.wake(&record.id);
+            self.wakeups.wake(&farm_topic(&lease.farm));
         }
         Ok(Self::written(done))
     }
@@ -573,6 +597,48 @@ impl AggregationStore for RedisStore {
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
         redis::cmd("SMEMBERS").arg(self.key(&["farms"])).query_async(&mut self.conn()).await.map_err(unavailable)
+    }
+
+    async fn queue(&self, farm: &str) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+        let ids: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.queue_key(farm))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        ids.iter().for_each(|id| {
+            pipe.cmd("HGET").arg(self.record_key(id)).arg("json");
+        });
+        let records: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await.map_err(unavailable)?;
+        records.iter().flatten().map(|json| from_json(json).map(Arc::new)).collect()
+    }
+
+    async fn run_model(&self, farm: &str) -> Result<Option<RunModel>, StoreError> {
+        let (rate, runs): (Option<f64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.redis.farm_key(farm, "model"))
+            .arg("seconds_per_unit")
+            .arg("runs")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(rate.zip(runs).map(|(seconds_per_unit, runs)| RunModel { seconds_per_unit, runs }))
+    }
+
+    async fn observe_run(&self, farm: &str, size: u64, took: Duration) -> Result<(), StoreError> {
+        let rate = took.as_secs_f64() / size.max(1) as f64;
+        let _runs: i64 = OBSERVE_RUN
+            .key(self.redis.farm_key(farm, "model"))
+            .arg(format!("{rate:e}"))
+            .arg(super::estimate::SMOOTHING)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn housekeeping(&self) {
@@ -705,6 +771,8 @@ struct Wire {
     no_split: bool,
     #[serde(default)]
     refresh: bool,
+    #[serde(default)]
+    estimate_ms: Option<i64>,
 }
 
 fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
@@ -739,6 +807,7 @@ fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         parts: r.parts,
         no_split: !r.key.may_split(),
         refresh: r.refresh,
+        estimate_ms: r.estimated_completion.map(millis),
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::Protocol(e.to_string()))
 }
@@ -787,6 +856,7 @@ fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         row_count: w.row_count,
         parts: w.parts,
         refresh: w.refresh,
+        estimated_completion: w.estimate_ms.map(from_millis),
     })
 }
 

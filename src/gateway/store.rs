@@ -7,11 +7,12 @@
 //! waiters of the aggregation it changed ([`Wakeups`]).
 
 use super::error::{GatewayError, StoreError};
+use super::estimate::RunModel;
 use super::key::CanonicalKey;
 use super::lease::{FarmLeases, Lease, MemoryLeases};
 use super::record::{AggregationId, AggregationRecord, Rows, State};
 use super::results::{CachedResult, Removal, ResultsCache};
-use super::wakeups::Wakeups;
+use super::wakeups::{Wakeups, farm_topic};
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -184,6 +185,15 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// Farms with queued or running aggregations.
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError>;
 
+    /// The aggregations of `farm`'s queue, its head first.
+    async fn queue(&self, farm: &str) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
+
+    /// What has been observed of `farm`'s run times, if anything.
+    async fn run_model(&self, farm: &str) -> Result<Option<RunModel>, StoreError>;
+
+    /// Adds a run of `size` that took `took` to `farm`'s run model.
+    async fn observe_run(&self, farm: &str, size: u64, took: Duration) -> Result<(), StoreError>;
+
     /// Drops what has expired.
     async fn housekeeping(&self);
 
@@ -253,6 +263,8 @@ struct Index {
     due: BTreeSet<(SystemTime, AggregationId)>,
     /// Refreshes no caller has joined yet, by the key they renew.
     refreshing: HashMap<CanonicalKey, AggregationId>,
+    /// Each farm's observed run times.
+    models: HashMap<String, RunModel>,
 }
 
 impl Index {
@@ -453,6 +465,7 @@ impl AggregationStore for MemoryStore {
             *slot = Arc::new(record);
         }
         self.wakeups.wake(&id);
+        self.wakeups.wake(&farm_topic(&lease.farm));
         Ok(Written::Done)
     }
 
@@ -503,6 +516,7 @@ impl AggregationStore for MemoryStore {
             }
         }
         self.wakeups.wake(&id);
+        self.wakeups.wake(&farm_topic(&lease.farm));
         Ok(Written::Done)
     }
 
@@ -560,6 +574,23 @@ impl AggregationStore for MemoryStore {
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.lock().farms.keys().cloned().collect())
+    }
+
+    async fn queue(&self, farm: &str) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+        let index = self.lock();
+        let queue = index.farms.get(farm).into_iter().flatten();
+        Ok(queue.filter_map(|id| index.active.get(id).cloned()).collect())
+    }
+
+    async fn run_model(&self, farm: &str) -> Result<Option<RunModel>, StoreError> {
+        Ok(self.lock().models.get(farm).copied())
+    }
+
+    async fn observe_run(&self, farm: &str, size: u64, took: Duration) -> Result<(), StoreError> {
+        let mut index = self.lock();
+        let previous = index.models.get(farm).copied();
+        index.models.insert(farm.to_owned(), RunModel::observe(previous, size, took));
+        Ok(())
     }
 
     async fn housekeeping(&self) {

@@ -7,7 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
-/// The waiters of this process, by aggregation id.
+/// What wakes the waiters of every aggregation on `farm`: its queue moved, or the one it runs
+/// changed (positions and estimates of the others follow).
+pub fn farm_topic(farm: &str) -> String {
+    format!("farm:{farm}")
+}
+
+/// The waiters of this process, by aggregation id (or [`farm_topic`]).
 #[derive(Debug, Default)]
 pub struct Wakeups {
     ids: Mutex<HashMap<String, watch::Sender<u64>>>,

@@ -160,6 +160,17 @@ pub fn disposition(d: Disposition) -> pb::Disposition {
 
 /// The proto view of an aggregation, `queue_position` aggregations behind the head of its farm.
 pub fn aggregation(r: &AggregationRecord, queue_position: u32) -> pb::Aggregation {
+    let running = crate::gateway::estimate::Estimate { start: None, completion: r.estimated_completion };
+    let estimate = if r.state == State::Running { running } else { Default::default() };
+    estimated(r, queue_position, &estimate)
+}
+
+/// The aggregation with its predicted times.
+pub fn estimated(
+    r: &AggregationRecord,
+    queue_position: u32,
+    estimate: &crate::gateway::estimate::Estimate,
+) -> pb::Aggregation {
     pb::Aggregation {
         aggregation_id: r.id.to_string(),
         farm_id: r.farm_id().to_owned(),
@@ -171,6 +182,11 @@ pub fn aggregation(r: &AggregationRecord, queue_position: u32) -> pb::Aggregatio
         error: r.error.as_ref().map(status),
         row_count: r.row_count,
         parts: r.parts,
+        estimated_start_time: estimate.start.filter(|_| r.state == State::Queued).map(prost_types::Timestamp::from),
+        estimated_completion_time: estimate
+            .completion
+            .filter(|_| matches!(r.state, State::Queued | State::Running))
+            .map(prost_types::Timestamp::from),
     }
 }
 

@@ -9,7 +9,10 @@ use super::convert;
 use super::identity::{IdentitySource, bucket_key};
 use super::listener::PeerInfo;
 use super::pb::aggregation_service_server::AggregationService;
-use super::pb::{GetAggregationRequest, GetAggregationResponse, StartAggregationRequest, StartAggregationResponse};
+use super::pb::{
+    GetAggregationRequest, GetAggregationResponse, StartAggregationRequest, StartAggregationResponse,
+    WatchAggregationRequest,
+};
 use super::wire::{self, EncodedRows};
 use crate::domain::validate::{Field, FieldViolation};
 use crate::gateway::{Gateway, GatewayError};
@@ -43,6 +46,12 @@ pub const GET: Method = Method {
     name: "GetAggregation",
     full_name: "deadline.stats.v1.AggregationService/GetAggregation",
     path: "/deadline.stats.v1.AggregationService/GetAggregation",
+};
+
+pub const WATCH: Method = Method {
+    name: "WatchAggregation",
+    full_name: "deadline.stats.v1.AggregationService/WatchAggregation",
+    path: "/deadline.stats.v1.AggregationService/WatchAggregation",
 };
 
 /// The server span of one RPC, following the OpenTelemetry RPC conventions, at `level`.
@@ -200,6 +209,89 @@ impl AggregationService for AggregationApi {
     ) -> Result<Response<GetAggregationResponse>, Status> {
         self.get_page(request).await.map(Response::new)
     }
+
+    type WatchAggregationStream = Watching;
+
+    async fn watch_aggregation(&self, request: Request<WatchAggregationRequest>) -> Result<Response<Watching>, Status> {
+        let caller = self.caller(&request);
+        let (metadata, _, req) = request.into_parts();
+        self.observe(WATCH, &metadata, &caller, async {
+            self.authenticated(&caller, WATCH)?;
+            if req.aggregation_id.is_empty() {
+                return Err(
+                    GatewayError::Invalid(vec![FieldViolation::new(Field::AggregationId, "is required")]).into()
+                );
+            }
+            // Ends with the latest state shortly before the caller's deadline, as a long-poll.
+            let ends = caller_timeout(&metadata).map(|t| tokio::time::Instant::now() + within_deadline(t, Some(t)));
+            let may_read = |farm: &str| self.authorized(&caller, WATCH, farm);
+            let views = self.gateway.watch(&caller.bucket, &req.aggregation_id, &may_read).await?;
+            Ok(Response::new(Watching::new(views, ends, self.metrics.watch_streams.clone())))
+        })
+        .await
+    }
+}
+
+/// The stream of one WatchAggregation: the aggregation at once, then at each change; it ends
+/// after the terminal state, at the caller's deadline, or when its source closes (shutdown).
+pub struct Watching {
+    views: tokio_stream::wrappers::WatchStream<crate::gateway::watch::View>,
+    ends: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Watching {
+    fn new(
+        views: tokio::sync::watch::Receiver<crate::gateway::watch::View>,
+        ends: Option<tokio::time::Instant>,
+        open: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        open.inc();
+        Self {
+            views: tokio_stream::wrappers::WatchStream::new(views),
+            ends: ends.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            done: false,
+            open,
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl tokio_stream::Stream for Watching {
+    type Item = Result<super::pb::Aggregation, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(ends) = self.ends.as_mut()
+            && ends.as_mut().poll(cx).is_ready()
+        {
+            self.done = true;
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut self.views).poll_next(cx) {
+            Poll::Ready(Some(view)) => {
+                self.done = view.is_terminal();
+                Poll::Ready(Some(Ok(convert::estimated(&view.record, view.queue_position, &view.estimate))))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AggregationApi {
@@ -215,7 +307,8 @@ impl AggregationApi {
                 .gateway
                 .get(&caller.bucket, &req.aggregation_id, req.page_size, &req.page_token, wait, &may_read)
                 .await?;
-            let encode = || wire::encode_aggregation(&convert::aggregation(&page.record, page.queue_position));
+            let encode =
+                || wire::encode_aggregation(&convert::estimated(&page.record, page.queue_position, &page.estimate));
             // A terminal result never changes: its encoding is made once and shared.
             let view = match &page.result {
                 Some(result) => result.view.get_or_init(encode),
@@ -307,7 +400,7 @@ mod tests {
 
     #[test]
     fn method_full_names_follow_the_generated_service_name() {
-        for m in [START, GET] {
+        for m in [START, GET, WATCH] {
             assert_eq!(m.full_name, format!("{SERVICE_NAME}/{}", m.name));
             assert_eq!(m.path, format!("/{}", m.full_name));
         }

@@ -112,6 +112,10 @@ pub struct Metrics {
     pub split_parts: Counter,
     /// Refresh-ahead: refreshes `queued`, and those that ended `completed` or `failed`.
     pub refreshes: Family<OutcomeLabels, Counter>,
+    /// How far a RUNNING aggregation's predicted completion was from the real one, in seconds.
+    pub estimate_error: Histogram,
+    /// WatchAggregation streams open now.
+    pub watch_streams: prometheus_client::metrics::gauge::Gauge,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -221,6 +225,15 @@ impl Metrics {
             "refresh-ahead: popular results re-run before they expire, by outcome (queued, completed, failed)",
             refreshes.clone(),
         );
+        let estimate_error = Histogram::new(exponential_buckets(0.1, 2.0, 16));
+        registry.register_with_unit(
+            "estimate_error",
+            "distance between a running aggregation's predicted and actual completion",
+            Unit::Seconds,
+            estimate_error.clone(),
+        );
+        let watch_streams = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register("watch_streams", "WatchAggregation streams open now", watch_streams.clone());
         for outcome in ["queued", "completed", "failed"] {
             let _ = refreshes.get_or_create(&OutcomeLabels { outcome });
         }
@@ -276,6 +289,8 @@ impl Metrics {
             authz_denied,
             split_parts,
             refreshes,
+            estimate_error,
+            watch_streams,
             rpc_fast,
             levels,
         }
