@@ -34,6 +34,25 @@ fn serve_with_the_emulator_then_query_prints_every_row() {
     assert_eq!(lines.count(), 3 * 24, "three usage types for each of 24 hours");
     assert!(text.contains("PERSISTENT_VOLUME"));
 
+    // Progress, on a stderr that is not a terminal: a plain line per change, naming the id.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    let last = progress.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("aggregation agg-") && last.contains(" COMPLETED ") && last.contains(" rows=72"),
+        "{progress}"
+    );
+    assert!(progress.lines().all(|l| l.starts_with("aggregation agg-")), "only progress lines: {progress}");
+    let id = last.split(' ').nth(1).expect("the id").to_owned();
+
+    // Attached to the same aggregation by id, quietly: the same rows, nothing on stderr.
+    let watched = Command::new(BIN)
+        .args(["query", "--gateway", &url, "--watch", &id, "--quiet", "--format", "csv"])
+        .output()
+        .expect("query runs");
+    assert!(watched.status.success(), "query --watch failed: {}", String::from_utf8_lossy(&watched.stderr));
+    assert_eq!(watched.stdout, out.stdout, "the same rows");
+    assert!(watched.stderr.is_empty(), "--quiet: {}", String::from_utf8_lossy(&watched.stderr));
+
     let out = query("table");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("start "));

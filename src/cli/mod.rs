@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod config;
 pub mod emulator;
+pub mod progress;
 pub mod query;
 pub mod serve;
 

@@ -1,5 +1,7 @@
-//! `query`: a client of the gateway. Starts an aggregation, long-polls it to a terminal state,
-//! pages through every row and prints them as a table, JSON lines or CSV.
+//! `query`: a client of the gateway. Starts an aggregation (or, with `--watch`, attaches to one),
+//! follows it with WatchAggregation to a terminal state while showing its progress on stderr,
+//! pages through every row and prints them as a table, JSON lines or CSV. Against a gateway
+//! without WatchAggregation it long-polls instead.
 
 use super::RunError;
 use crate::grpc::convert::timestamp;
@@ -23,25 +25,32 @@ pub struct QueryArgs {
     /// The gateway's URL.
     #[arg(long, env = "DSG_GATEWAY", default_value = "http://127.0.0.1:50051")]
     pub gateway: String,
-    #[arg(long)]
-    pub farm_id: String,
+    /// Attach to this existing aggregation id instead of starting one (the request flags are
+    /// then not needed).
+    #[arg(long, conflicts_with_all = ["farm_id", "queue_ids", "fleet_ids", "start", "end", "group_by", "statistics"])]
+    pub watch: Option<String>,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[arg(long, required_unless_present = "watch")]
+    pub farm_id: Option<String>,
     /// Comma-separated queue ids (or use --fleet-ids).
-    #[arg(long, value_delimiter = ',', conflicts_with = "fleet_ids", required_unless_present = "fleet_ids")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "fleet_ids", required_unless_present_any = ["fleet_ids", "watch"])]
     pub queue_ids: Vec<String>,
     /// Comma-separated fleet ids.
     #[arg(long, value_delimiter = ',')]
     pub fleet_ids: Vec<String>,
     /// Start of the window, RFC 3339 (2026-10-01T00:00:00Z).
-    #[arg(long)]
-    pub start: DateTime<Utc>,
+    #[arg(long, required_unless_present = "watch")]
+    pub start: Option<DateTime<Utc>>,
     /// End of the window, RFC 3339.
-    #[arg(long)]
-    pub end: DateTime<Utc>,
+    #[arg(long, required_unless_present = "watch")]
+    pub end: Option<DateTime<Utc>>,
     /// Comma-separated: queue-id, fleet-id, job-id, user-id, usage-type, instance-type, license-product.
-    #[arg(long, value_delimiter = ',', value_enum, required = true)]
+    #[arg(long, value_delimiter = ',', value_enum, required_unless_present = "watch")]
     pub group_by: Vec<GroupByArg>,
     /// Comma-separated: sum, min, max, avg.
-    #[arg(long, value_delimiter = ',', value_enum, required = true)]
+    #[arg(long, value_delimiter = ',', value_enum, required_unless_present = "watch")]
     pub statistics: Vec<StatisticArg>,
     #[arg(long, value_enum)]
     pub period: Option<PeriodArg>,
@@ -135,10 +144,10 @@ impl QueryArgs {
             Resources::FleetIds(pb::ResourceIds { ids: self.fleet_ids.clone() })
         };
         pb::StartAggregationRequest {
-            farm_id: self.farm_id.clone(),
+            farm_id: self.farm_id.clone().unwrap_or_default(),
             resources: Some(resources),
-            start_time: Some(timestamp(self.start)),
-            end_time: Some(timestamp(self.end)),
+            start_time: self.start.map(timestamp),
+            end_time: self.end.map(timestamp),
             timezone: self.timezone.clone().unwrap_or_default(),
             period: self.period.map_or(pb::Period::Unspecified, |p| match p {
                 PeriodArg::Hourly => pb::Period::Hourly,
@@ -175,7 +184,7 @@ fn statistic(s: StatisticArg) -> pb::Statistic {
     }
 }
 
-/// Longest single long-poll the client asks for.
+/// Longest single long-poll the client asks for (against a gateway without WatchAggregation).
 const POLL_WAIT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: QueryArgs) -> Result<(), RunError> {
@@ -189,34 +198,35 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
         .await
         .map_err(|e| RunError::Query(format!("cannot reach the gateway at {}: {e}", args.gateway)))?;
     let mut client = AggregationServiceClient::new(channel);
-    let started = client.start_aggregation(with_caller(args.request(), &args)).await.map_err(describe)?.into_inner();
-    let id = started.aggregation.map(|a| a.aggregation_id).unwrap_or_default();
+    let id = match &args.watch {
+        Some(id) => id.clone(),
+        None => {
+            let started = client.start_aggregation(with_caller(args.request(), &args)).await.map_err(describe)?;
+            started.into_inner().aggregation.map(|a| a.aggregation_id).unwrap_or_default()
+        }
+    };
     let deadline = tokio::time::Instant::now() + args.timeout;
+    let progress = super::progress::Progress::on_stderr(args.quiet);
+    let waited = wait_terminal(&mut client, &args, &id, deadline, &progress).await;
+    progress.finish();
+    let agg = waited?;
+    if matches!(agg.state(), pb::AggregationState::Failed | pb::AggregationState::TimedOut) {
+        let code = agg.error.as_ref().map_or(0, |e| e.code);
+        return Err(RunError::Query(format!(
+            "aggregation {id} ended {:?} (code {code}): {}",
+            agg.state(),
+            agg.status_message
+        )));
+    }
     let (mut rows, mut token) = (Vec::new(), String::new());
     loop {
         let get = pb::GetAggregationRequest {
             aggregation_id: id.clone(),
             page_size: 1000,
             page_token: token.clone(),
-            wait: prost_types::Duration::try_from(POLL_WAIT).ok(),
+            wait: None,
         };
         let page = client.get_aggregation(with_caller(get, &args)).await.map_err(describe)?.into_inner();
-        let agg = page.aggregation.unwrap_or_default();
-        match pb::AggregationState::try_from(agg.state) {
-            Ok(pb::AggregationState::Completed) => {}
-            Ok(pb::AggregationState::Failed | pb::AggregationState::TimedOut) => {
-                let code = agg.error.as_ref().map_or(0, |e| e.code);
-                return Err(RunError::Query(format!(
-                    "aggregation {id} ended {:?} (code {code}): {}",
-                    agg.state(),
-                    agg.status_message
-                )));
-            }
-            _ if tokio::time::Instant::now() >= deadline => {
-                return Err(RunError::Query(format!("aggregation {id} did not finish within {:?}", args.timeout)));
-            }
-            _ => continue,
-        }
         rows.extend(page.statistics);
         if page.next_page_token.is_empty() {
             break;
@@ -228,6 +238,75 @@ pub async fn run(args: QueryArgs) -> Result<(), RunError> {
             Err(RunError::Query(format!("cannot write the rows: {e}")))
         }
         _ => Ok(()),
+    }
+}
+
+fn terminal(a: &pb::Aggregation) -> bool {
+    matches!(a.state(), pb::AggregationState::Completed | pb::AggregationState::Failed | pb::AggregationState::TimedOut)
+}
+
+/// Follows the aggregation until it is terminal (watching again when a stream ends early, as at
+/// a gateway's shutdown), showing each change; long-polls a gateway that cannot stream.
+async fn wait_terminal(
+    client: &mut AggregationServiceClient<Channel>,
+    args: &QueryArgs,
+    id: &str,
+    deadline: tokio::time::Instant,
+    progress: &super::progress::Progress,
+) -> Result<pb::Aggregation, RunError> {
+    let late = || RunError::Query(format!("aggregation {id} did not finish within {:?}", args.timeout));
+    loop {
+        let request = pb::WatchAggregationRequest { aggregation_id: id.to_owned() };
+        let mut stream = match client.watch_aggregation(with_caller(request, args)).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return long_poll(client, args, id, deadline, progress).await;
+            }
+            Err(status) => return Err(describe(status)),
+        };
+        loop {
+            let next = tokio::time::timeout_at(deadline, stream.message()).await.map_err(|_| late())?;
+            match next.map_err(describe)? {
+                Some(agg) => {
+                    progress.update(&agg);
+                    if terminal(&agg) {
+                        return Ok(agg);
+                    }
+                }
+                None => break,
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(late());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Long-polls until the aggregation is terminal.
+async fn long_poll(
+    client: &mut AggregationServiceClient<Channel>,
+    args: &QueryArgs,
+    id: &str,
+    deadline: tokio::time::Instant,
+    progress: &super::progress::Progress,
+) -> Result<pb::Aggregation, RunError> {
+    loop {
+        let get = pb::GetAggregationRequest {
+            aggregation_id: id.to_owned(),
+            page_size: 0,
+            page_token: String::new(),
+            wait: prost_types::Duration::try_from(POLL_WAIT).ok(),
+        };
+        let agg = client.get_aggregation(with_caller(get, args)).await.map_err(describe)?.into_inner();
+        let agg = agg.aggregation.unwrap_or_default();
+        progress.update(&agg);
+        if terminal(&agg) {
+            return Ok(agg);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RunError::Query(format!("aggregation {id} did not finish within {:?}", args.timeout)));
+        }
     }
 }
 
