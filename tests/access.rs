@@ -163,6 +163,11 @@ async fn tenants_start_and_read_only_their_farms_and_share_what_both_may_read() 
         assert_eq!(reason(&denied).map(|r| r.0).as_deref(), Some("FARM_NOT_ALLOWED"), "{what}");
         assert!(denied.message().contains("GetAggregation"), "{what}: {}", denied.message());
     }
+    let watch = deadline_stats_gateway::grpc::pb::WatchAggregationRequest { aggregation_id: id.clone() };
+    let denied = ops.watch_aggregation(watch).await.expect_err("a watch of another tenant's aggregation");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(reason(&denied).map(|r| r.0).as_deref(), Some("FARM_NOT_ALLOWED"));
+    assert!(denied.message().contains("WatchAggregation"), "{}", denied.message());
 
     // Both may use farm 203: their identical Starts are one aggregation, readable by both.
     let request = start_request(203, 1, 2, &[GroupBy::QueueId]);
@@ -176,13 +181,13 @@ async fn tenants_start_and_read_only_their_farms_and_share_what_both_may_read() 
 
     let (_, _, body) = http("GET", &format!("{}/metrics", g.admin), None, &[]).await;
     let denied = parse_metrics(&body).get("dsg_authz_denied_total{reason=\"farm_not_allowed\"}").copied();
-    assert_eq!(denied, Some(4.0), "one Start and three Gets: {body}");
+    assert_eq!(denied, Some(5.0), "one Start, three Gets and a watch: {body}");
     let logs = std::fs::read_to_string(&g.logs).expect("logs");
     let audit = logs
         .lines()
         .filter(|l| l.contains("\"target\":\"audit\"") && l.contains("farm_not_allowed"))
         .collect::<Vec<_>>();
-    assert_eq!(audit.len(), 4, "an audit line per denial:\n{logs}");
+    assert_eq!(audit.len(), 5, "an audit line per denial:\n{logs}");
     assert!(
         audit.iter().any(|l| l.contains(OPS) && l.contains(&farm(201)) && l.contains("GetAggregation")),
         "the audit line names identity, method and farm: {audit:?}"
