@@ -15,3 +15,4 @@ pub mod replicas;
 pub mod requests;
 pub mod scenarios;
 pub mod transport;
+pub mod watchers;

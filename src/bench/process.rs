@@ -35,7 +35,26 @@ impl Server {
             }
             None => Command::new(exe),
         };
-        Self::spawn(cmd, args, env, announced)
+        Self::spawn(cmd, args, env, announced, Stdio::null())
+    }
+
+    /// [`Server::start`] with its logs (stderr) written to `log`.
+    pub fn start_logging(
+        core: Option<usize>,
+        args: &[String],
+        announced: usize,
+        log: std::fs::File,
+    ) -> std::io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let cmd = match core {
+            Some(core) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(core.to_string()).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        Self::spawn(cmd, args, &[], announced, Stdio::from(log))
     }
 
     /// [`Server::start`] allowed at most `files` open file descriptors (`ulimit -n`).
@@ -43,15 +62,21 @@ impl Server {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(format!("ulimit -n {files} && exec \"$0\" \"$@\"")).arg(exe);
-        Self::spawn(cmd, args, &[], announced)
+        Self::spawn(cmd, args, &[], announced, Stdio::null())
     }
 
-    fn spawn(mut cmd: Command, args: &[String], env: &[(&str, &str)], announced: usize) -> std::io::Result<Self> {
+    fn spawn(
+        mut cmd: Command,
+        args: &[String],
+        env: &[(&str, &str)],
+        announced: usize,
+        stderr: Stdio,
+    ) -> std::io::Result<Self> {
         // The servers run with their production defaults: `info` logs, no trace export.
         for var in ["RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] {
             cmd.env_remove(var);
         }
-        cmd.args(args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.args(args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(stderr);
         let mut child = cmd.spawn()?;
         match announced_lines(&mut child, announced, Duration::from_secs(60)) {
             Ok(lines) => Ok(Self { child, lines }),

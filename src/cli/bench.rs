@@ -26,6 +26,8 @@ pub enum Scenario {
     Replicas,
     /// Rapid reset, stream floods, idle sockets, 1 MB metadata, descriptor exhaustion.
     Transport,
+    /// 10,000 watchers (streams and long-polls) on 100 aggregations completing over time.
+    Watchers,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +87,7 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
                 Scenario::Callers => crate::bench::abuse::callers(&opts).await,
                 Scenario::Replicas => crate::bench::replicas::replicas(&opts).await,
                 Scenario::Transport => crate::bench::transport::transport(&opts).await,
+                Scenario::Watchers => crate::bench::watchers::watchers(&opts).await,
             }
         })
     })

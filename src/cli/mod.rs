@@ -30,7 +30,7 @@ pub enum Command {
     /// Run the gateway.
     Serve(Box<serve::ServeArgs>),
     /// Start an aggregation through a gateway, wait for it, and print every row.
-    Query(query::QueryArgs),
+    Query(Box<query::QueryArgs>),
     /// Run the Deadline Cloud emulator (the sessions-statistics REST-JSON API) over HTTP.
     Emulator(emulator::EmulatorArgs),
     /// Run a benchmark scenario against the gateway (and the bare-tonic baseline).
@@ -61,7 +61,7 @@ pub enum RunError {
 pub async fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
         Command::Serve(args) => serve::run(*args).await,
-        Command::Query(args) => query::run(args).await,
+        Command::Query(args) => query::run(*args).await,
         Command::Emulator(args) => emulator::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchBaseline(args) => bench::baseline(args).await,
