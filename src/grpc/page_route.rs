@@ -6,18 +6,15 @@
 //! [`AggregationApi::get_page`] the generated service would, and sends the response as two
 //! DATA chunks: the frame header with the small fields, then the cached rows themselves (a
 //! shared [`Bytes`] slice).
-//! WatchAggregation is served here too: tonic's encoder keeps an 8 KiB buffer for the life of
-//! every streaming response, the larger part of what a watcher costs; here each message is
-//! framed into a buffer of its own size (`bench watchers` measures the difference).
-//! StartAggregation is read the same way (its response encoded by prost), so every method
-//! answers malformed input alike: a message that does not decode (bad protobuf, invalid UTF-8
+//! StartAggregation is read the same way (its response encoded by prost), so both methods
+//! answer malformed input alike: a message that does not decode (bad protobuf, invalid UTF-8
 //! in a string field) or is not framed right is INVALID_ARGUMENT, one larger than the limit
 //! RESOURCE_EXHAUSTED. Every other method goes to tonic's generated service; the server's
 //! layers (timeouts, limits) apply to all alike.
 
 use super::pb::aggregation_service_server::{AggregationService as _, AggregationServiceServer, SERVICE_NAME};
-use super::pb::{GetAggregationRequest, StartAggregationRequest, WatchAggregationRequest};
-use super::service::{AggregationApi, GET, START, WATCH};
+use super::pb::{GetAggregationRequest, StartAggregationRequest};
+use super::service::{AggregationApi, GET, START};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt as _;
@@ -77,21 +74,16 @@ impl tower::Service<http::Request<Body>> for AggregationRoutes {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        let route = if path == GET.path {
-            Route::Get
-        } else if path == START.path {
-            Route::Start
-        } else if path == WATCH.path {
-            Route::Watch
-        } else {
+        let get = path == GET.path;
+        if !get && path != START.path {
             return self.generated.call(request);
-        };
+        }
         let (api, limit) = (self.api.clone(), self.limits);
         Box::pin(async move {
-            let answered = match route {
-                Route::Get => get_aggregation(&api, request, limit).await,
-                Route::Start => start_aggregation(&api, request, limit).await,
-                Route::Watch => watch_aggregation(&api, request, limit).await,
+            let answered = if get {
+                get_aggregation(&api, request, limit).await
+            } else {
+                start_aggregation(&api, request, limit).await
             };
             Ok(answered.unwrap_or_else(Status::into_http))
         })
@@ -106,72 +98,6 @@ async fn start_aggregation(
     let request = read_request::<StartAggregationRequest>(request, limit.request).await?;
     let response = api.start_aggregation(request).await?;
     respond([Bytes::from(response.into_inner().encode_to_vec()), Bytes::new()], limit.response)
-}
-
-#[derive(Clone, Copy)]
-enum Route {
-    Get,
-    Start,
-    Watch,
-}
-
-async fn watch_aggregation(
-    api: &AggregationApi,
-    request: http::Request<Body>,
-    limit: Limits,
-) -> Result<http::Response<Body>, Status> {
-    let request = read_request::<WatchAggregationRequest>(request, limit.request).await?;
-    let messages = api.watch_aggregation(request).await?.into_inner();
-    let mut response = http::Response::new(Body::new(Streamed { messages, done: false }));
-    response.headers_mut().insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
-    Ok(response)
-}
-
-/// A server-streaming body: each message framed into a buffer of its own size as it comes,
-/// then the status as trailers.
-struct Streamed<S> {
-    messages: S,
-    done: bool,
-}
-
-impl<S, M> http_body::Body for Streamed<S>
-where
-    S: tokio_stream::Stream<Item = Result<M, Status>> + Unpin,
-    M: prost::Message,
-{
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let status = match Pin::new(&mut self.messages).poll_next(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(message))) => {
-                let len = message.encoded_len();
-                let mut framed = BytesMut::with_capacity(FRAME_HEADER + len);
-                framed.put_u8(0);
-                framed.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-                match message.encode(&mut framed) {
-                    Ok(()) => return Poll::Ready(Some(Ok(Frame::data(framed.freeze())))),
-                    Err(e) => Status::internal(format!("cannot encode a message: {e}")),
-                }
-            }
-            Poll::Ready(Some(Err(status))) => status,
-            Poll::Ready(None) => Status::ok(""),
-        };
-        self.done = true;
-        let mut trailers = http::HeaderMap::new();
-        if status.add_header(&mut trailers).is_err() {
-            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
-        }
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
 }
 
 async fn get_aggregation(
