@@ -135,22 +135,19 @@ async fn run(
         }
     }
     drop(tx);
-    // Attached: every stream open at the gateway, and the long-polls sent a moment ago.
-    let streams = ids.len() * (per_aggregation / 2).max(usize::from(per_aggregation == 1));
+    // Attached: as many streams and long-polls as the gateway counts open (it may be fewer if
+    // an aggregation completed meanwhile).
     let admin = gw.url("admin on ").ok_or("no admin address")?;
-    let wanted = if per_aggregation == 1 { ids.len() } else { streams };
     let deadline = tokio::time::Instant::now() + duration;
-    let mut open = 0;
+    let mut attached = 0;
     while tokio::time::Instant::now() < deadline {
-        open = watch_streams(&admin).await.unwrap_or(0);
-        if open >= wanted {
+        attached = waiting(&admin).await.unwrap_or(0);
+        if attached >= watchers {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let rss_attached = gw.rss_bytes();
-    let attached = if per_aggregation == 1 { open } else { open * per_aggregation / (per_aggregation / 2) };
     let mut seen = Vec::new();
     while let Some(s) = rx.recv().await {
         seen.push(s.map_err(|e| -> BenchError { e.into() })?);
@@ -166,11 +163,14 @@ async fn run(
     Ok(Run { seen, rss_before, rss_attached, attached: attached.min(watchers), completions, upstream_gets })
 }
 
-/// `dsg_watch_streams` from the admin listener's metrics.
-async fn watch_streams(admin: &str) -> Option<usize> {
+/// Watch streams plus long-polls open at the gateway, from its metrics.
+async fn waiting(admin: &str) -> Option<usize> {
     let text = http_get(admin, "/metrics").await.ok()?;
-    let line = text.lines().find(|l| l.starts_with("dsg_watch_streams "))?;
-    line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as usize)
+    let gauge = |name: &str| {
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name))?;
+        line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as usize)
+    };
+    Some(gauge("dsg_watch_streams")? + gauge("dsg_long_polls")?)
 }
 
 /// When the gateway completed each aggregation: its "aggregation completed" log lines.

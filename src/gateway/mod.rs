@@ -510,6 +510,7 @@ impl Gateway {
         let wait = wait.min(self.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let mut waiter = (!wait.is_zero()).then(|| self.wakeups.waiter(id));
+        let _waiting = waiter.as_ref().map(|_| Waiting::new(&self.metrics.long_polls));
         loop {
             let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
             let (record, queue_position) = match found {
@@ -686,6 +687,22 @@ impl Gateway {
             start_callers: self.start_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
             get_callers: self.get_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
         }
+    }
+}
+
+/// Counts a long-poll in `dsg_long_polls` while it lives.
+struct Waiting(prometheus_client::metrics::gauge::Gauge);
+
+impl Waiting {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

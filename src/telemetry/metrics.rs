@@ -116,6 +116,8 @@ pub struct Metrics {
     pub estimate_error: Histogram,
     /// WatchAggregation streams open now.
     pub watch_streams: prometheus_client::metrics::gauge::Gauge,
+    /// GetAggregation long-polls waiting now.
+    pub long_polls: prometheus_client::metrics::gauge::Gauge,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -234,6 +236,8 @@ impl Metrics {
         );
         let watch_streams = prometheus_client::metrics::gauge::Gauge::default();
         registry.register("watch_streams", "WatchAggregation streams open now", watch_streams.clone());
+        let long_polls = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register("long_polls", "GetAggregation long-polls waiting now", long_polls.clone());
         for outcome in ["queued", "completed", "failed"] {
             let _ = refreshes.get_or_create(&OutcomeLabels { outcome });
         }
@@ -291,6 +295,7 @@ impl Metrics {
             refreshes,
             estimate_error,
             watch_streams,
+            long_polls,
             rpc_fast,
             levels,
         }
