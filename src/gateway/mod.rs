@@ -526,10 +526,12 @@ impl Gateway {
                 Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
                 Found::RowsLost(record) => {
                     may_read(record.farm_id())?;
-                    let result = self.recover_rows(record).await?;
+                    // Boxed: a rare path whose future (upstream calls) would otherwise
+                    // weigh on every long-poll's.
+                    let result = Box::pin(self.recover_rows(record)).await?;
                     return terminal_page(id, result, offset, size);
                 }
-                Found::Unknown => return Err(self.unknown(id).await),
+                Found::Unknown => return Err(Box::pin(self.unknown(id)).await),
             };
             let now = tokio::time::Instant::now();
             let Some(waiter) = waiter.as_mut().filter(|_| now < deadline) else {
