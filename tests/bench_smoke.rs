@@ -153,3 +153,17 @@ fn the_transport_holds_under_resets_floods_idle_sockets_big_metadata_and_descrip
     // A spinning accept loop takes a whole core; backing off takes a few per cent.
     assert!(exhausted["cpu_fraction_of_a_core"].as_f64() < Some(0.5), "the accept loop spins: {r}");
 }
+
+#[test]
+fn watchers_are_woken_and_cost_no_upstream_calls() {
+    let r = run("watchers");
+    has_numbers(
+        &r,
+        &["watchers", "rss_bytes_per_watcher", "wake_p50_ms", "wake_p99_ms", "upstream_gets", "upstream_gets_ratio"],
+    );
+    assert_eq!(r["watchers"], 200, "{r}");
+    // Every watcher saw COMPLETED (the bench fails otherwise); those attached before it
+    // completed give the wake latencies.
+    assert!(r["woken_before_completion"].as_u64() > Some(0), "{r}");
+    assert!(r["upstream_gets"].as_u64() > Some(0), "{r}");
+}
