@@ -500,4 +500,27 @@ async fn health_and_reflection_are_served() {
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"deadline.stats.v1.AggregationService".to_owned()), "{names:?}");
+
+    // The service's file, as grpcurl would fetch it: WatchAggregation is a server stream.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "deadline.stats.v1.AggregationService".to_owned(),
+        )),
+    };
+    let mut stream =
+        reflection.server_reflection_info(tokio_stream::once(request)).await.expect("reflection").into_inner();
+    let resp = stream.message().await.expect("message").expect("one response");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+        panic!("expected file descriptors")
+    };
+    let methods: Vec<(String, bool)> = files
+        .file_descriptor_proto
+        .iter()
+        .filter_map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice()).ok())
+        .flat_map(|f| f.service)
+        .flat_map(|s| s.method)
+        .map(|m| (m.name().to_owned(), m.server_streaming()))
+        .collect();
+    assert!(methods.contains(&("WatchAggregation".to_owned(), true)), "{methods:?}");
 }
