@@ -504,9 +504,7 @@ async fn health_and_reflection_are_served() {
     // The service's file, as grpcurl would fetch it: WatchAggregation is a server stream.
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(
-            "deadline.stats.v1.AggregationService".to_owned(),
-        )),
+        message_request: Some(MessageRequest::FileContainingSymbol("deadline.stats.v1.AggregationService".to_owned())),
     };
     let mut stream =
         reflection.server_reflection_info(tokio_stream::once(request)).await.expect("reflection").into_inner();

@@ -1,7 +1,7 @@
 //! grpcio (the reference Python client, default settings) sees hostile input refused with the
 //! right code and a small status: a 3,000-character farm id used to make its metadata limit
-//! answer RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT. grpcio is installed into `target/`
-//! by pip when the machine lacks it.
+//! answer RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT. It also follows a WatchAggregation
+//! stream to its end. grpcio is installed into `target/` by pip when the machine lacks it.
 
 mod common;
 
@@ -57,4 +57,37 @@ async fn grpcio_sees_invalid_argument_with_a_small_status_for_hostile_values() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn grpcio_follows_a_watch_to_the_terminal_state_and_an_ok_status() {
+    let path = tokio::task::spawn_blocking(|| python_packages("pydeps-grpcio", &["grpcio"], "import grpc"))
+        .await
+        .expect("joins");
+    let gw = gateway(Duration::from_millis(500), fast_config(Duration::from_secs(3600))).await;
+    let mut client = gw.client().await;
+    let started = client.start_aggregation(start_request(2, 1, 1, &[GroupBy::QueueId])).await.expect("start");
+    let id = started.into_inner().aggregation.expect("aggregation").aggregation_id;
+    let request = pb::WatchAggregationRequest { aggregation_id: id.clone() };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("grpcio_watch.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(gw.addr.to_string())
+        .arg(hex(&request))
+        .env("PYTHONPATH", path)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out).await.expect("finishes in time").expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "grpcio watch failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Vec<pb::Aggregation> = stdout
+        .lines()
+        .map(|line| {
+            let bytes: Vec<u8> =
+                (0..line.len()).step_by(2).map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex")).collect();
+            <pb::Aggregation as prost::Message>::decode(bytes.as_slice()).expect("an Aggregation")
+        })
+        .collect();
+    assert!(seen.len() >= 2, "the state at once, then the changes: {seen:?}");
+    assert!(seen.iter().all(|a| a.aggregation_id == id));
+    assert_eq!(seen.last().map(pb::Aggregation::state), Some(pb::AggregationState::Completed), "{seen:?}");
 }

@@ -128,6 +128,22 @@ mod tests {
     }
 
     #[test]
+    fn predictions_improve_with_each_run_when_the_farm_slows_down() {
+        let r = record(1, State::Queued);
+        let units = size(r.key.request());
+        let mut model = RunModel::observe(None, units, Duration::from_secs(10));
+        let error = |m: &RunModel| (m.run_time(r.key.request()).as_secs_f64() - 20.0).abs();
+        let mut last = error(&model);
+        for _ in 0..10 {
+            model = RunModel::observe(Some(model), units, Duration::from_secs(20));
+            let now = error(&model);
+            assert!(now < last, "each run of 20 s brings the prediction closer: {now} after {last}");
+            last = now;
+        }
+        assert!(last < 0.5, "within half a second after ten runs: {last}");
+    }
+
+    #[test]
     fn a_queued_aggregation_starts_when_those_ahead_complete() {
         let now = SystemTime::now();
         let mut head = (*record(1, State::Running)).clone();
