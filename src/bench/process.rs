@@ -26,16 +26,7 @@ impl Server {
         env: &[(&str, &str)],
         announced: usize,
     ) -> std::io::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let cmd = match core {
-            Some(core) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(core.to_string()).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        Self::spawn(cmd, args, env, announced, Stdio::null())
+        Self::spawn(this_executable(core)?, args, env, announced, Stdio::null())
     }
 
     /// [`Server::start`] with its logs (stderr) written to `log`.
@@ -45,16 +36,7 @@ impl Server {
         announced: usize,
         log: std::fs::File,
     ) -> std::io::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let cmd = match core {
-            Some(core) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(core.to_string()).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        Self::spawn(cmd, args, &[], announced, Stdio::from(log))
+        Self::spawn(this_executable(core)?, args, &[], announced, Stdio::from(log))
     }
 
     /// [`Server::start`] allowed at most `files` open file descriptors (`ulimit -n`).
@@ -112,6 +94,19 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A command running this executable, pinned to `core` when given.
+fn this_executable(core: Option<usize>) -> std::io::Result<Command> {
+    let exe = std::env::current_exe()?;
+    Ok(match core {
+        Some(core) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(core.to_string()).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    })
 }
 
 /// The first `n` lines the child prints on stdout (which must be piped), trimmed, waiting at

@@ -68,13 +68,15 @@ pub struct Estimate {
 }
 
 /// The estimate of `target` on a farm whose queue is `queue` (its head first), with the farm's
-/// `model`, at `now`. Nothing when nothing has been observed, or when `target` is not queued
+/// `model`, at `now`, when the gateway's own upstream pacing lets one Start through every
+/// `start_gap` at best. Nothing when nothing has been observed, or when `target` is not queued
 /// or running.
 pub fn estimate(
     target: &AggregationRecord,
     queue: &[Arc<AggregationRecord>],
     model: Option<RunModel>,
     now: SystemTime,
+    start_gap: Duration,
 ) -> Estimate {
     match target.state {
         State::Running => return Estimate { start: None, completion: target.estimated_completion },
@@ -83,9 +85,11 @@ pub fn estimate(
     }
     let Some(model) = model else { return Estimate::default() };
     let mut free_at = now;
+    let mut last_start: Option<SystemTime> = None;
     for record in queue {
+        // Queued ones start when the farm is free and the pacing lets their Start through.
+        let start = last_start.and_then(|s| s.checked_add(start_gap)).map_or(free_at, |paced| paced.max(free_at));
         if record.id == target.id {
-            let start = free_at;
             return Estimate {
                 start: Some(start),
                 completion: start.checked_add(model.run_time(record.key.request())),
@@ -99,8 +103,14 @@ pub fn estimate(
                 let since = record.running_since.unwrap_or(now);
                 since.checked_add(model.run_time(record.key.request())).unwrap_or(now).max(free_at)
             }
-            _ => free_at.checked_add(model.run_time(record.key.request())).unwrap_or(free_at),
+            _ => {
+                last_start = Some(start);
+                start.checked_add(model.run_time(record.key.request())).unwrap_or(start)
+            }
         };
+        if record.state == State::Running {
+            last_start = record.running_since;
+        }
     }
     // Not in the queue read (it moved meanwhile): no estimate rather than a wrong one.
     Estimate::default()
@@ -150,15 +160,30 @@ mod tests {
         head.estimated_completion = Some(now + Duration::from_secs(30));
         let (middle, target) = (record(2, State::Queued), record(3, State::Queued));
         let queue = vec![Arc::new(head.clone()), middle.clone(), target.clone()];
-        assert_eq!(estimate(&target, &queue, None, now), Estimate::default(), "nothing observed, nothing said");
+        assert_eq!(
+            estimate(&target, &queue, None, now, Duration::ZERO),
+            Estimate::default(),
+            "nothing observed, nothing said"
+        );
         let model = RunModel::observe(None, size(middle.key.request()), Duration::from_secs(60));
         let per_run = |r: &AggregationRecord| model.run_time(r.key.request());
-        let e = estimate(&target, &queue, Some(model), now);
+        let e = estimate(&target, &queue, Some(model), now, Duration::ZERO);
         let start = now + Duration::from_secs(30) + per_run(&middle);
         assert_eq!(e, Estimate { start: Some(start), completion: Some(start + per_run(&target)) });
-        assert_eq!(estimate(&head, &queue, Some(model), now).completion, head.estimated_completion);
+        assert_eq!(estimate(&head, &queue, Some(model), now, Duration::ZERO).completion, head.estimated_completion);
         head.estimated_completion = Some(now - Duration::from_secs(5));
         let late = vec![Arc::new(head), middle.clone(), target.clone()];
-        assert_eq!(estimate(&middle, &late, Some(model), now).start, Some(now), "a late head ends any moment");
+        assert_eq!(
+            estimate(&middle, &late, Some(model), now, Duration::ZERO).start,
+            Some(now),
+            "a late head ends any moment"
+        );
+        let quick = RunModel { seconds_per_unit: 0.001, runs: 1 };
+        let gap = Duration::from_secs(10);
+        let (first, second) = (
+            estimate(&middle, &late, Some(quick), now, gap).start.expect("a start"),
+            estimate(&target, &late, Some(quick), now, gap).start.expect("a start"),
+        );
+        assert!(second >= first + gap, "the upstream pacing holds the next Start back: {first:?} {second:?}");
     }
 }

@@ -307,6 +307,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// The sources of WatchAggregation streams.
     watches: Arc<watch::Watches>,
+    /// The least time between two upstream Starts, for estimates.
+    start_gap: Duration,
     /// Set once a drain began: Starts are refused, running work goes on.
     draining: CancellationToken,
     cancel: CancellationToken,
@@ -360,7 +362,8 @@ impl Gateway {
             scan_interval: SCAN_INTERVAL,
         };
         let dispatcher = FarmDispatcher::new(store.clone(), runner.clone(), wakeups.clone(), settings, cancel.clone());
-        let watches = Arc::new(watch::Watches::new(store.clone(), wakeups.clone(), cancel.clone()));
+        let start_gap = config.upstream_start.interval_and_burst().map_or(Duration::ZERO, |(gap, _)| gap);
+        let watches = Arc::new(watch::Watches::new(store.clone(), wakeups.clone(), start_gap, cancel.clone()));
         let gateway = Self {
             store,
             results,
@@ -384,6 +387,7 @@ impl Gateway {
             max_wait: config.max_wait,
             metrics,
             watches,
+            start_gap,
             draining: CancellationToken::new(),
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
@@ -576,7 +580,10 @@ impl Gateway {
         if let Some(e) = unreadable {
             return Err(e);
         }
-        match watch::view_of(self.store.as_ref(), found).await.map_err(GatewayError::StoreUnavailable)? {
+        match watch::view_of(self.store.as_ref(), found, self.start_gap)
+            .await
+            .map_err(GatewayError::StoreUnavailable)?
+        {
             Some(view) => Ok(self.watches.subscribe(view)),
             None => Err(GatewayError::NotFound { id: id.to_owned() }),
         }
@@ -606,7 +613,7 @@ impl Gateway {
     async fn estimate_of(&self, record: &Arc<AggregationRecord>) -> estimate::Estimate {
         let farm = record.farm_id();
         match tokio::try_join!(self.store.queue(farm), self.store.run_model(farm)) {
-            Ok((queue, model)) => estimate::estimate(record, &queue, model, SystemTime::now()),
+            Ok((queue, model)) => estimate::estimate(record, &queue, model, SystemTime::now(), self.start_gap),
             Err(_) => estimate::Estimate::default(),
         }
     }

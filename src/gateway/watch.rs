@@ -42,13 +42,18 @@ impl View {
     }
 }
 
-/// What a read found, as a watcher sees it: `None` when it cannot be read any more.
-pub async fn view_of(store: &dyn AggregationStore, found: Found) -> Result<Option<View>, super::StoreError> {
+/// What a read found, as a watcher sees it (upstream Starts paced `start_gap` apart): `None`
+/// when it cannot be read any more.
+pub async fn view_of(
+    store: &dyn AggregationStore,
+    found: Found,
+    start_gap: Duration,
+) -> Result<Option<View>, super::StoreError> {
     Ok(match found {
         Found::Active { record, queue_position } => {
             let farm = record.farm_id();
             let (queue, model) = tokio::try_join!(store.queue(farm), store.run_model(farm))?;
-            let estimate = estimate(&record, &queue, model, SystemTime::now());
+            let estimate = estimate(&record, &queue, model, SystemTime::now(), start_gap);
             Some(View { record, queue_position, estimate })
         }
         Found::Terminal(result) => Some(View::terminal(result.record.clone())),
@@ -62,13 +67,21 @@ pub struct Watches {
     store: Arc<dyn AggregationStore>,
     wakeups: Arc<Wakeups>,
     sources: Mutex<HashMap<AggregationId, watch::Sender<View>>>,
+    /// The least time between two upstream Starts (the gateway's pacing).
+    start_gap: Duration,
     cancel: CancellationToken,
 }
 
 impl Watches {
-    /// Sources read `store`, are woken through `wakeups`, and end when `cancel` fires.
-    pub fn new(store: Arc<dyn AggregationStore>, wakeups: Arc<Wakeups>, cancel: CancellationToken) -> Self {
-        Self { store, wakeups, sources: Mutex::default(), cancel }
+    /// Sources read `store`, are woken through `wakeups`, predict with upstream Starts paced
+    /// `start_gap` apart, and end when `cancel` fires.
+    pub fn new(
+        store: Arc<dyn AggregationStore>,
+        wakeups: Arc<Wakeups>,
+        start_gap: Duration,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self { store, wakeups, sources: Mutex::default(), start_gap, cancel }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<AggregationId, watch::Sender<View>>> {
@@ -105,7 +118,7 @@ impl Watches {
         let [mut own, mut farm] = wakes;
         loop {
             match self.store.read(&id).await {
-                Ok(found) => match view_of(self.store.as_ref(), found).await {
+                Ok(found) => match view_of(self.store.as_ref(), found, self.start_gap).await {
                     Ok(Some(view)) => {
                         let terminal = view.is_terminal();
                         tx.send_if_modified(|seen| {
