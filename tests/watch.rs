@@ -150,7 +150,19 @@ async fn estimates_appear_after_the_first_observed_run(g: &TestGateway, farm_n: 
     let errors_before = estimate_errors(g);
     let mut client_b = g.client().await;
     // Two more of the same size: one runs while the other waits behind it.
-    let (running, queued) = (start(&mut client, farm_n, 2).await, start(&mut client_b, farm_n, 3).await);
+    let running = start(&mut client, farm_n, 2).await;
+    let answer = client_b
+        .start_aggregation(start_request(farm_n, 1, 3, &[GroupBy::QueueId]))
+        .await
+        .expect("start")
+        .into_inner()
+        .aggregation
+        .expect("a");
+    assert!(
+        answer.estimated_start_time.is_some() && answer.estimated_completion_time.is_some(),
+        "the Start's answer predicts too: {answer:?}"
+    );
+    let queued = answer.aggregation_id;
     let (running, queued) = tokio::join!(async { all(watch(&mut client, &running).await).await }, async {
         all(watch(&mut client_b, &queued).await).await
     });

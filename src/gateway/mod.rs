@@ -277,6 +277,8 @@ pub struct Started {
     pub record: Arc<AggregationRecord>,
     pub queue_position: u32,
     pub disposition: Disposition,
+    /// STARTED or JOINED: the predicted times.
+    pub estimate: estimate::Estimate,
 }
 
 /// What the gateway holds right now, for metrics and tests.
@@ -488,7 +490,16 @@ impl Gateway {
             self.spans.link_from_current(&claimed.record);
         }
         tracing::debug!(aggregation = %claimed.record.id, disposition = ?claimed.disposition, "start answered");
-        Ok(Started { record: claimed.record, queue_position: claimed.queue_position, disposition: claimed.disposition })
+        let estimate = match claimed.disposition {
+            Disposition::Cached => estimate::Estimate::default(),
+            Disposition::Started | Disposition::Joined => self.estimate_of(&claimed.record).await,
+        };
+        Ok(Started {
+            record: claimed.record,
+            queue_position: claimed.queue_position,
+            disposition: claimed.disposition,
+            estimate,
+        })
     }
 
     /// Reads an aggregation and one page of its rows, waiting up to `wait` (capped by the

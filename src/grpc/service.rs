@@ -196,7 +196,7 @@ impl AggregationService for AggregationApi {
             self.authorized(&caller, START, &req.request.farm_id)?;
             let started = self.gateway.start(&caller.bucket, &req.request, req.max_staleness, req.no_split).await?;
             Ok(Response::new(StartAggregationResponse {
-                aggregation: Some(convert::aggregation(&started.record, started.queue_position)),
+                aggregation: Some(convert::estimated(&started.record, started.queue_position, &started.estimate)),
                 disposition: convert::disposition(started.disposition) as i32,
             }))
         })
