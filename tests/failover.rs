@@ -24,9 +24,14 @@ struct Cluster {
 
 impl Cluster {
     async fn launch(emulator_flags: &[&str]) -> Self {
+        Self::launch_with(emulator_flags, &[]).await
+    }
+
+    /// [`Cluster::launch`] with `replica_flags` given to every replica.
+    async fn launch_with(emulator_flags: &[&str], replica_flags: &[&str]) -> Self {
         let redis = tokio::task::spawn_blocking(redis_server).await.expect("joins");
         let (emulator, endpoint) = spawn_emulator(emulator_flags);
-        let replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &redis.url(), n, &[])).collect();
+        let replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &redis.url(), n, replica_flags)).collect();
         let mut clients = Vec::new();
         for (_, url, _) in &replicas {
             clients.push(client_of(url).await);
@@ -266,4 +271,51 @@ async fn rows_lost_from_redis_are_fetched_again_from_the_upstream_under_the_same
     let metrics = parse_metrics(&body);
     assert_eq!(metrics.get("dsg_rows_refetched_total{outcome=\"recovered\"}"), Some(&1.0), "{body}");
     assert_eq!(metrics.get("dsg_rows_refetched_total{outcome=\"failed\"}"), Some(&1.0), "{body}");
+}
+
+#[tokio::test]
+async fn killed_while_driving_a_refresh_a_survivor_finishes_it_and_the_key_moves_on() {
+    // Results live 12 s and are refreshed with 8 s left; each upstream run takes 3 s, so the
+    // refresh starts as soon as the first result is in, and runs long enough to be cut short.
+    let replica_flags = [
+        "--result-validity",
+        "12s",
+        "--validity-margin",
+        "500ms",
+        "--refresh-ahead",
+        "8s",
+        "--min-remaining-validity",
+        "0s",
+    ];
+    let mut c = Cluster::launch_with(&["--aggregation-duration", "3s"], &replica_flags).await;
+    let farm_id = farm(125);
+    let request = start_request(125, 1, 1, &[GroupBy::QueueId]);
+    let old = c.start(0, request.clone()).await;
+    let mut first = c.clients[0].clone();
+    wait_terminal(&mut first, &old).await;
+    for on in [1, 2] {
+        assert_eq!(c.start(on, request.clone()).await, old, "answered from the cache");
+    }
+    // The refresh is running upstream: its holder dies.
+    eventually(Duration::from_secs(10), || {
+        let (endpoint, farm_id) = (c.endpoint.clone(), farm_id.clone());
+        async move { (upstream_of(&endpoint, &farm_id).await["start_calls"] == 2).then_some(()) }
+    })
+    .await;
+    let killed = c.kill_holder(&farm_id).await;
+    let mut survivor = c.survivor(killed);
+    let renewed = eventually(Duration::from_secs(30), || {
+        let (mut client, request, old) = (survivor.clone(), request.clone(), old.clone());
+        async move {
+            let answer = client.start_aggregation(request).await.ok()?.into_inner();
+            let id = answer.aggregation?.aggregation_id;
+            (answer.disposition == deadline_stats_gateway::grpc::pb::Disposition::Cached as i32 && id != old)
+                .then_some(id)
+        }
+    })
+    .await;
+    let done = wait_terminal(&mut survivor, &renewed).await.aggregation.expect("aggregation");
+    assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 24), "{done:?}");
+    let upstream = c.upstream(&farm_id).await;
+    assert_eq!(upstream["max_in_progress"].as_u64(), Some(1), "one at a time on the farm: {upstream}");
 }
