@@ -105,17 +105,18 @@ async fn mutual_tls_refuses_clients_without_a_certificate_of_its_ca() {
     let rogue_ca = TestCa::new("another CA");
     let rogue = rogue_ca.client(&g.dir, "rogue", BILLING);
     for (who, cert) in [("no certificate", None), ("another CA's certificate", Some(&rogue))] {
-        let refused = match tls_client(&g.url, &g.ca.pem(), cert).await {
-            Err(e) => format!("{e:?}"),
-            Ok(mut client) => match client.start_aggregation(start_request(201, 1, 1, &[GroupBy::QueueId])).await {
+        // Refused at the handshake: the connection fails, or the call fails with the
+        // transport's error (the server closed the connection), never an answer of the service.
+        if let Ok(mut client) = tls_client(&g.url, &g.ca.pem(), cert).await {
+            match client.start_aggregation(start_request(201, 1, 1, &[GroupBy::QueueId])).await {
                 Ok(r) => panic!("{who}: served {r:?}"),
                 Err(status) => {
-                    assert_ne!(status.code(), tonic::Code::PermissionDenied, "{who}: refused at the handshake");
-                    format!("{status:?}")
+                    let transport = std::error::Error::source(&status)
+                        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+                    assert!(transport, "{who}: {status:?}");
                 }
-            },
-        };
-        assert!(!refused.is_empty(), "{who}");
+            }
+        }
     }
     // Plaintext to a TLS listener is not served either.
     let plain = Channel::from_shared(g.url.replace("https://", "http://")).expect("URL").connect().await;
