@@ -30,10 +30,11 @@ fn policy(extra: &str) -> String {
 
 /// A gateway with mutual TLS and the policy, its certificates, and its logs.
 struct Secured {
+    // Dropped first: the gateway stops before its directory goes.
     _process: Running,
     url: String,
     admin: String,
-    dir: PathBuf,
+    dir: TestDir,
     ca: TestCa,
     server: IssuedCert,
     billing: IssuedCert,
@@ -282,7 +283,8 @@ async fn served_certificate(g: &Secured) -> Vec<u8> {
 }
 
 /// A plaintext gateway reading identities from `source`, with the policy.
-fn behind_a_mesh(name: &str, source: &str) -> (Running, String, PathBuf) {
+/// The directory comes first, so a caller's bindings drop it last, after the gateway.
+fn behind_a_mesh(name: &str, source: &str) -> (TestDir, Running, String, PathBuf) {
     let dir = test_dir(name);
     let linkerd_rule = format!(
         "\n[[rule]]\nidentities = [\"reports.billing.serviceaccount.identity.linkerd.cluster.local\"]\nfarms = [\"{}\"]\n",
@@ -296,7 +298,7 @@ fn behind_a_mesh(name: &str, source: &str) -> (Running, String, PathBuf) {
         &[],
         std::fs::File::create(&logs).expect("a log file").into(),
     );
-    (process, url, logs)
+    (dir, process, url, logs)
 }
 
 /// A Start on farm 201 with `headers`: its code.
@@ -320,7 +322,7 @@ async fn each_identity_source_trusts_only_its_own_place() {
     let xfcc = format!("By=spiffe://cluster.local/ns/gw/sa/gw;Hash=abc;URI={BILLING}");
     let xfcc_ops = format!("URI={OPS}");
 
-    let (_linkerd, url, logs) = behind_a_mesh("linkerd", "linkerd");
+    let (_dir, _linkerd, url, logs) = behind_a_mesh("linkerd", "linkerd");
     assert_eq!(start_with(&url, &[]).await, Unauthenticated, "linkerd: no header, no identity");
     assert_eq!(start_with(&url, &[("x-caller-id", BILLING)]).await, Unauthenticated, "linkerd ignores x-caller-id");
     assert_eq!(start_with(&url, &[("x-forwarded-client-cert", &xfcc)]).await, Unauthenticated, "and XFCC");
@@ -332,13 +334,13 @@ async fn each_identity_source_trusts_only_its_own_place() {
         "{text}"
     );
 
-    let (_xfcc, url, _) = behind_a_mesh("xfcc", "xfcc");
+    let (_dir, _xfcc, url, _) = behind_a_mesh("xfcc", "xfcc");
     assert_eq!(start_with(&url, &[("x-caller-id", BILLING)]).await, Unauthenticated, "xfcc ignores x-caller-id");
     assert_eq!(start_with(&url, &[("l5d-client-id", LINKERD_ID)]).await, Unauthenticated, "and l5d-client-id");
     assert_eq!(start_with(&url, &[("x-forwarded-client-cert", &xfcc)]).await, Ok);
     assert_eq!(start_with(&url, &[("x-forwarded-client-cert", &xfcc_ops)]).await, PermissionDenied);
 
-    let (_header, url, logs) = behind_a_mesh("header", "header");
+    let (_dir, _header, url, logs) = behind_a_mesh("header", "header");
     assert_eq!(start_with(&url, &[]).await, Unauthenticated);
     assert_eq!(start_with(&url, &[("l5d-client-id", LINKERD_ID)]).await, Unauthenticated, "header ignores l5d");
     assert_eq!(start_with(&url, &[("x-caller-id", BILLING)]).await, Ok, "anyone may claim any identity");

@@ -74,11 +74,29 @@ impl TestCa {
     }
 }
 
-/// A fresh directory for a test's files.
-pub fn test_dir(name: &str) -> PathBuf {
+/// A fresh directory for a test's files, removed when dropped: keep it (declared) before, so
+/// dropped after, any process that uses its files.
+pub fn test_dir(name: &str) -> TestDir {
     let dir = std::env::temp_dir().join(format!("dsg-{name}-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).expect("a directory");
-    dir
+    TestDir(dir)
+}
+
+/// A test's directory; see [`test_dir`].
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn rand_suffix() -> u64 {
