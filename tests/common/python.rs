@@ -4,6 +4,10 @@
 /// A `PYTHONPATH` under `target/` where `probe` (Python code) runs, installing `packages`
 /// there with pip first when it does not.
 pub fn python_packages(dir: &str, packages: &[&str], probe: &str) -> std::path::PathBuf {
+    // Tests of one binary run as threads: one installs while the others wait for it, so no
+    // two pips write into one directory.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(dir);
     let works = |path: &std::path::Path| {
         std::process::Command::new("python3")
