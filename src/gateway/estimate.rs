@@ -13,7 +13,9 @@
 //! - A QUEUED aggregation starts when everything ahead of it on its farm has completed: the
 //!   head's predicted completion, then each one's predicted run in turn.
 
+use super::error::StoreError;
 use super::record::{AggregationRecord, State};
+use super::store::AggregationStore;
 use crate::domain::AggregationRequest;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -65,6 +67,25 @@ pub struct Estimate {
     pub start: Option<SystemTime>,
     /// QUEUED and RUNNING: when it completes.
     pub completion: Option<SystemTime>,
+}
+
+/// The estimate of the active aggregation `record`, `queue_position` places from its farm's
+/// head, reading from `store` only what that takes: nothing when it runs (its prediction is in
+/// its record), else the farm's model and its queue up to it.
+pub async fn of(
+    store: &dyn AggregationStore,
+    record: &AggregationRecord,
+    queue_position: u32,
+    start_gap: Duration,
+) -> Result<Estimate, StoreError> {
+    if record.state != State::Queued {
+        return Ok(estimate(record, &[], None, SystemTime::now(), start_gap));
+    }
+    let farm = record.farm_id();
+    // Its position may only have moved forward since it was read.
+    let through = usize::try_from(queue_position).unwrap_or(usize::MAX).saturating_add(1);
+    let (queue, model) = tokio::try_join!(store.queue(farm, through), store.run_model(farm))?;
+    Ok(estimate(record, &queue, model, SystemTime::now(), start_gap))
 }
 
 /// The estimate of `target` on a farm whose queue is `queue` (its head first), with the farm's

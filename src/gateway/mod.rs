@@ -492,7 +492,9 @@ impl Gateway {
         tracing::debug!(aggregation = %claimed.record.id, disposition = ?claimed.disposition, "start answered");
         let estimate = match claimed.disposition {
             Disposition::Cached => estimate::Estimate::default(),
-            Disposition::Started | Disposition::Joined => self.estimate_of(&claimed.record).await,
+            Disposition::Started | Disposition::Joined => {
+                self.estimate_of(&claimed.record, claimed.queue_position).await
+            }
         };
         Ok(Started {
             record: claimed.record,
@@ -525,7 +527,7 @@ impl Gateway {
         let wait = wait.min(self.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let mut waiter = (!wait.is_zero()).then(|| self.wakeups.waiter(id));
-        let _waiting = waiter.as_ref().map(|_| Waiting::new(&self.metrics.long_polls));
+        let _waiting = waiter.as_ref().map(|_| crate::telemetry::metrics::Open::count(&self.metrics.long_polls));
         loop {
             let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
             let (record, queue_position) = match found {
@@ -574,22 +576,12 @@ impl Gateway {
             return Ok(self.watches.subscribe(watch::View::terminal(result.record.clone())));
         }
         let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
-        let farm = match &found {
-            Found::Active { record, .. } | Found::RowsLost(record) => Some(record.farm_id().to_owned()),
-            Found::Terminal(result) => Some(result.record.farm_id().to_owned()),
-            Found::Expired(_) | Found::Evicted | Found::Unknown => None,
-        };
-        if let Some(farm) = farm {
-            may_read(&farm)?;
-        }
-        let unreadable = match &found {
-            Found::Expired(at) => Some(GatewayError::Expired { id: id.to_owned(), at: *at }),
-            Found::Evicted => Some(GatewayError::Evicted { id: id.to_owned() }),
-            Found::Unknown => Some(self.unknown(id).await),
-            _ => None,
-        };
-        if let Some(e) = unreadable {
-            return Err(e);
+        match &found {
+            Found::Active { record, .. } | Found::RowsLost(record) => may_read(record.farm_id())?,
+            Found::Terminal(result) => may_read(result.record.farm_id())?,
+            Found::Expired(at) => return Err(GatewayError::Expired { id: id.to_owned(), at: *at }),
+            Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
+            Found::Unknown => return Err(self.unknown(id).await),
         }
         match watch::view_of(self.store.as_ref(), found, self.start_gap)
             .await
@@ -616,17 +608,13 @@ impl Gateway {
 
     /// A page of a queued or running aggregation: its state and predicted times.
     async fn active_page(&self, record: Arc<AggregationRecord>, queue_position: u32) -> Page {
-        let estimate = self.estimate_of(&record).await;
+        let estimate = self.estimate_of(&record, queue_position).await;
         Page { record, queue_position, estimate, result: None, rows: None, next_page_token: None }
     }
 
-    /// The estimate of an active aggregation (no estimate when the store cannot say).
-    async fn estimate_of(&self, record: &Arc<AggregationRecord>) -> estimate::Estimate {
-        let farm = record.farm_id();
-        match tokio::try_join!(self.store.queue(farm), self.store.run_model(farm)) {
-            Ok((queue, model)) => estimate::estimate(record, &queue, model, SystemTime::now(), self.start_gap),
-            Err(_) => estimate::Estimate::default(),
-        }
+    /// The estimate of an active aggregation (none when the store cannot say).
+    async fn estimate_of(&self, record: &AggregationRecord, queue_position: u32) -> estimate::Estimate {
+        estimate::of(self.store.as_ref(), record, queue_position, self.start_gap).await.unwrap_or_default()
     }
 
     /// The rows of a COMPLETED aggregation that the shared store lost, fetched again from the
@@ -707,22 +695,6 @@ impl Gateway {
             start_callers: self.start_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
             get_callers: self.get_buckets.as_ref().as_ref().map_or(0, CallerBuckets::len),
         }
-    }
-}
-
-/// Counts a long-poll in `dsg_long_polls` while it lives.
-struct Waiting(prometheus_client::metrics::gauge::Gauge);
-
-impl Waiting {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

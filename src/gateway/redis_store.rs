@@ -599,11 +599,14 @@ impl AggregationStore for RedisStore {
         redis::cmd("SMEMBERS").arg(self.key(&["farms"])).query_async(&mut self.conn()).await.map_err(unavailable)
     }
 
-    async fn queue(&self, farm: &str) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+    async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
         let ids: Vec<String> = redis::cmd("LRANGE")
             .arg(self.queue_key(farm))
             .arg(0)
-            .arg(-1)
+            .arg(count - 1)
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;

@@ -185,8 +185,8 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// Farms with queued or running aggregations.
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError>;
 
-    /// The aggregations of `farm`'s queue, its head first.
-    async fn queue(&self, farm: &str) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
+    /// The first `count` aggregations of `farm`'s queue, its head first.
+    async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
 
     /// What has been observed of `farm`'s run times, if anything.
     async fn run_model(&self, farm: &str) -> Result<Option<RunModel>, StoreError>;
@@ -576,9 +576,9 @@ impl AggregationStore for MemoryStore {
         Ok(self.lock().farms.keys().cloned().collect())
     }
 
-    async fn queue(&self, farm: &str) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+    async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
         let index = self.lock();
-        let queue = index.farms.get(farm).into_iter().flatten();
+        let queue = index.farms.get(farm).into_iter().flatten().take(count);
         Ok(queue.filter_map(|id| index.active.get(id).cloned()).collect())
     }
 

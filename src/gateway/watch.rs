@@ -8,13 +8,13 @@
 //! goes, when the aggregation can no longer be read, or when the gateway shuts down; its
 //! watchers' channels then close after the latest state.
 
-use super::estimate::{Estimate, estimate};
+use super::estimate::Estimate;
 use super::record::{AggregationId, AggregationRecord};
 use super::store::{AggregationStore, Found};
 use super::wakeups::{Wakeups, farm_topic};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -51,9 +51,7 @@ pub async fn view_of(
 ) -> Result<Option<View>, super::StoreError> {
     Ok(match found {
         Found::Active { record, queue_position } => {
-            let farm = record.farm_id();
-            let (queue, model) = tokio::try_join!(store.queue(farm), store.run_model(farm))?;
-            let estimate = estimate(&record, &queue, model, SystemTime::now(), start_gap);
+            let estimate = super::estimate::of(store, &record, queue_position, start_gap).await?;
             Some(View { record, queue_position, estimate })
         }
         Found::Terminal(result) => Some(View::terminal(result.record.clone())),

@@ -226,7 +226,7 @@ impl AggregationService for AggregationApi {
             let ends = caller_timeout(&metadata).map(|t| tokio::time::Instant::now() + within_deadline(t, Some(t)));
             let may_read = |farm: &str| self.authorized(&caller, WATCH, farm);
             let views = self.gateway.watch(&caller.bucket, &req.aggregation_id, &may_read).await?;
-            Ok(Response::new(Watching::new(views, ends, self.metrics.watch_streams.clone())))
+            Ok(Response::new(Watching::new(views, ends, &self.metrics.watch_streams)))
         })
         .await
     }
@@ -238,28 +238,21 @@ pub struct Watching {
     views: tokio_stream::wrappers::WatchStream<crate::gateway::watch::View>,
     ends: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     done: bool,
-    open: prometheus_client::metrics::gauge::Gauge,
+    _open: crate::telemetry::metrics::Open,
 }
 
 impl Watching {
     fn new(
         views: tokio::sync::watch::Receiver<crate::gateway::watch::View>,
         ends: Option<tokio::time::Instant>,
-        open: prometheus_client::metrics::gauge::Gauge,
+        open: &prometheus_client::metrics::gauge::Gauge,
     ) -> Self {
-        open.inc();
         Self {
             views: tokio_stream::wrappers::WatchStream::new(views),
             ends: ends.map(|at| Box::pin(tokio::time::sleep_until(at))),
             done: false,
-            open,
+            _open: crate::telemetry::metrics::Open::count(open),
         }
-    }
-}
-
-impl Drop for Watching {
-    fn drop(&mut self) {
-        self.open.dec();
     }
 }
 

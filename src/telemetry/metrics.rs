@@ -7,7 +7,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::{Arc, OnceLock};
@@ -115,9 +115,9 @@ pub struct Metrics {
     /// How far a RUNNING aggregation's predicted completion was from the real one, in seconds.
     pub estimate_error: Histogram,
     /// WatchAggregation streams open now.
-    pub watch_streams: prometheus_client::metrics::gauge::Gauge,
+    pub watch_streams: Gauge,
     /// GetAggregation long-polls waiting now.
-    pub long_polls: prometheus_client::metrics::gauge::Gauge,
+    pub long_polls: Gauge,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
@@ -234,9 +234,9 @@ impl Metrics {
             Unit::Seconds,
             estimate_error.clone(),
         );
-        let watch_streams = prometheus_client::metrics::gauge::Gauge::default();
+        let watch_streams = Gauge::default();
         registry.register("watch_streams", "WatchAggregation streams open now", watch_streams.clone());
-        let long_polls = prometheus_client::metrics::gauge::Gauge::default();
+        let long_polls = Gauge::default();
         registry.register("long_polls", "GetAggregation long-polls waiting now", long_polls.clone());
         for outcome in ["queued", "completed", "failed"] {
             let _ = refreshes.get_or_create(&OutcomeLabels { outcome });
@@ -344,6 +344,23 @@ impl Metrics {
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Counts one open thing (a long-poll, a watch stream) in a gauge for as long as it lives.
+#[derive(Debug)]
+pub struct Open(Gauge);
+
+impl Open {
+    pub fn count(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// The canonical name of a gRPC code, as label value.
 pub fn code_name(code: tonic::Code) -> &'static str {
