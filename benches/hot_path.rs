@@ -5,10 +5,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use deadline_stats_gateway::domain::{
     AggregationRequest, GroupBy, Resources, Statistic, StatisticsRow, Stats, UsageType, ids::format_id,
 };
+use deadline_stats_gateway::gateway::coordination::ResultsCache;
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::paging;
-use deadline_stats_gateway::gateway::results::ResultsCache;
 use deadline_stats_gateway::gateway::rows::RowBlockBuilder;
 use deadline_stats_gateway::gateway::throttle::{CallerBuckets, Rate};
 use deadline_stats_gateway::gateway::{AggregationRecord, CachedResult, State};

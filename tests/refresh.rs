@@ -8,11 +8,7 @@
 mod common;
 
 use common::*;
-use deadline_stats_gateway::gateway::redis::RedisCoordination;
-use deadline_stats_gateway::gateway::redis_store::RedisStore;
 use deadline_stats_gateway::gateway::refresh::RefreshConfig;
-use deadline_stats_gateway::gateway::results::ResultsCache;
-use deadline_stats_gateway::gateway::wakeups::Wakeups;
 use deadline_stats_gateway::grpc::pb::{AggregationState, Disposition, GroupBy};
 use deadline_stats_gateway::telemetry::metrics::OutcomeLabels;
 use std::sync::Arc;
@@ -34,11 +30,9 @@ async fn memory_gateway(ahead: Duration) -> TestGateway {
 
 /// A replica on the Redis at `url`, in front of `emu`.
 async fn redis_replica(emu: Arc<deadline_stats_gateway::emulator::EmulatorHandle>, url: &str) -> TestGateway {
-    let redis = RedisCoordination::connect(url, "dsg:").await.expect("connects");
-    let wakeups = Arc::new(Wakeups::default());
-    let results = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
-    let store = Arc::new(RedisStore::new(redis, results.clone(), wakeups.clone()));
-    replica(emu, config(AHEAD), store, results, wakeups).await
+    let config = config(AHEAD);
+    let coordination = on_redis(url, &config).await;
+    replica(emu, config, coordination).await
 }
 
 fn expiry(a: &deadline_stats_gateway::grpc::pb::Aggregation) -> SystemTime {

@@ -7,38 +7,23 @@
 mod common;
 
 use common::*;
-use deadline_stats_gateway::gateway::redis::RedisCoordination;
-use deadline_stats_gateway::gateway::redis_store::RedisStore;
-use deadline_stats_gateway::gateway::results::ResultsCache;
-use deadline_stats_gateway::gateway::store::{AggregationStore, Found, MemoryStore};
-use deadline_stats_gateway::gateway::wakeups::Wakeups;
+use deadline_stats_gateway::gateway::coordination::{Coordination, Found, MemoryStore, Wakeups};
 use deadline_stats_gateway::grpc::pb::{AggregationState, Disposition, GroupBy};
 use std::sync::Arc;
 use std::time::Duration;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// What one replica runs on: its handle of the shared store, its results cache, its wake-ups.
-type Parts = (Arc<dyn AggregationStore>, Arc<ResultsCache>, Arc<Wakeups>);
-
 /// Two replicas (sharing state through their stores) run one aggregation; the one that drives
 /// it dies mid-poll and the other finishes it under the same id.
-async fn takeover(replicas: [Parts; 2], farm_n: u64) {
+async fn takeover(replicas: [Coordination; 2], farm_n: u64) {
     let emu = Arc::new(emulator(Duration::from_secs(2), HOUR).await);
     let mut config = fast_config(HOUR);
     config.lease_ttl = Duration::from_millis(600);
-    let [(store_a, results_a, wakeups_a), (store_b, results_b, wakeups_b)] = replicas;
-    let observer = store_b.clone();
-    let mut a = replica(
-        emu.clone(),
-        Config { instance_id: "replica-a".into(), ..config.clone() },
-        store_a,
-        results_a,
-        wakeups_a,
-    )
-    .await;
-    let b =
-        replica(emu.clone(), Config { instance_id: "replica-b".into(), ..config }, store_b, results_b, wakeups_b).await;
+    let [on_a, on_b] = replicas;
+    let observer = on_b.store.clone();
+    let mut a = replica(emu.clone(), Config { instance_id: "replica-a".into(), ..config.clone() }, on_a).await;
+    let b = replica(emu.clone(), Config { instance_id: "replica-b".into(), ..config }, on_b).await;
     let (mut on_a, mut on_b) = (a.client().await, b.client().await);
     let request = start_request(farm_n, 1, 1, &[GroupBy::QueueId]);
     let started = on_a.start_aggregation(request.clone()).await.expect("start").into_inner();
@@ -74,30 +59,14 @@ async fn takeover(replicas: [Parts; 2], farm_n: u64) {
 async fn on_one_memory_store_a_farm_whose_driver_dies_is_taken_over_under_the_same_id() {
     let wakeups = Arc::new(Wakeups::default());
     let store = Arc::new(MemoryStore::new(64 * 1024 * 1024, Duration::from_secs(30), wakeups.clone()));
-    let results = store.results();
-    let shared: Arc<dyn AggregationStore> = store;
-    takeover([(shared.clone(), results.clone(), wakeups.clone()), (shared, results, wakeups)], 70).await;
+    takeover([on_memory(&store, &wakeups), on_memory(&store, &wakeups)], 70).await;
 }
 
 #[tokio::test]
 async fn on_redis_a_farm_whose_driver_dies_is_taken_over_under_the_same_id() {
     let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        let redis = RedisCoordination::connect(&server.url(), "dsg:").await.expect("connects");
-        let wakeups = Arc::new(Wakeups::default());
-        let results = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
-        tokio::spawn({
-            let (redis, wakeups, stop) = (redis.clone(), wakeups.clone(), stop.clone());
-            async move { redis.relay_changes(wakeups, stop).await }
-        });
-        let store: Arc<dyn AggregationStore> = Arc::new(RedisStore::new(redis, results.clone(), wakeups.clone()));
-        replicas.push((store, results, wakeups));
-    }
-    let [first, second]: [_; 2] = replicas.try_into().unwrap_or_else(|_| panic!("two replicas"));
-    takeover([first, second], 71).await;
-    stop.cancel();
+    let config = fast_config(HOUR);
+    takeover([on_redis(&server.url(), &config).await, on_redis(&server.url(), &config).await], 71).await;
 }
 
 #[tokio::test]

@@ -87,19 +87,12 @@ async fn on_the_memory_store_a_result_too_large_upstream_is_split_and_merged_exa
 
 #[tokio::test]
 async fn on_redis_a_result_too_large_upstream_is_split_and_merged_exactly() {
-    use deadline_stats_gateway::gateway::redis::RedisCoordination;
-    use deadline_stats_gateway::gateway::redis_store::RedisStore;
-    use deadline_stats_gateway::gateway::results::ResultsCache;
-    use deadline_stats_gateway::gateway::wakeups::Wakeups;
     let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
-    let redis = RedisCoordination::connect(&server.url(), "dsg:").await.expect("connects");
-    let wakeups = Arc::new(Wakeups::default());
-    let results = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
-    let store = Arc::new(RedisStore::new(redis, results.clone(), wakeups.clone()));
     let mut config = fast_config(HOUR);
     config.lifecycle.split_max_parts = 16;
+    let coordination = on_redis(&server.url(), &config).await;
     let emu = Arc::new(emulator_with_max_rows(500).await);
-    split_and_merged_exactly(replica(emu, config, store, results, wakeups).await, 133).await;
+    split_and_merged_exactly(replica(emu, config, coordination).await, 133).await;
 }
 
 #[tokio::test]

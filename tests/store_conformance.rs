@@ -1,22 +1,19 @@
-//! The coordination store's conformance suite: every property is one function over
-//! `&dyn AggregationStore`, run against each implementation: the in-memory store and the Redis
-//! store. Claims coalesce and queue in order within bounds,
-//! reads find what was claimed, only the current lease holder's writes land, a terminal result
-//! answers identical claims while fresh enough, and every write wakes its waiters. The Redis
-//! store runs against a real `redis-server` started for the test.
+//! The coordination store's conformance suite: every property is one function over a
+//! [`Subject`] (a store and the wake-ups its writes wake), run as one test per backend: the
+//! in-memory store, and the Redis store on a `redis-server` started for that test. Each rule of
+//! `gateway::coordination::policy` (freshness, the bounds, queue order, refresh eligibility,
+//! the run-time moving average) has a property here, so the Lua scripts cannot drift from the
+//! Rust. Redis alone: two replicas see one store, lost rows are put back, and a claim after
+//! Redis lost its state needs an id of the new epoch.
 
-use deadline_stats_gateway::gateway::error::GatewayError;
+use deadline_stats_gateway::gateway::coordination::{
+    AggregationStore, Bound, ClaimError, Claimed, Coordination, CoordinationSettings, Disposition, FarmLoad, Found,
+    Freshness, Lease, Limits, MemoryStore, RunModel, Wakeups, Written,
+};
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
-use deadline_stats_gateway::gateway::lease::Lease;
-use deadline_stats_gateway::gateway::redis::RedisCoordination;
-use deadline_stats_gateway::gateway::redis_store::RedisStore;
-use deadline_stats_gateway::gateway::results::ResultsCache;
-use deadline_stats_gateway::gateway::store::{
-    AggregationStore, Claimed, Disposition, Found, Freshness, Limits, MemoryStore, Written,
-};
-use deadline_stats_gateway::gateway::wakeups::Wakeups;
-use deadline_stats_gateway::gateway::{AggregationRecord, State};
+use deadline_stats_gateway::gateway::throttle::Rate;
+use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Rows, State};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +22,13 @@ mod common;
 const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
 const ROOMY: Limits = Limits { queue_capacity: 100, max_live: 100, max_farms: 100 };
 const TTL: Duration = Duration::from_secs(60);
+
+/// What a property runs against.
+struct Subject {
+    store: Arc<dyn AggregationStore>,
+    /// This replica's wake-ups, woken by the store's writes.
+    wakeups: Arc<Wakeups>,
+}
 
 fn key(farm: u64, days: i64) -> CanonicalKey {
     let request = deadline_stats_gateway::grpc::convert::start_request(common::start_request(
@@ -42,7 +46,7 @@ async fn mint(store: &dyn AggregationStore) -> deadline_stats_gateway::gateway::
     IdMinter::tagged(store.epoch().await.expect("store").unwrap_or_default()).mint()
 }
 
-async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) -> Result<Claimed, GatewayError> {
+async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) -> Result<Claimed, ClaimError> {
     store.claim(k, &ANY, limits, mint(store).await).await
 }
 
@@ -58,84 +62,122 @@ fn completed(record: &AggregationRecord, valid_for: Duration) -> AggregationReco
     r
 }
 
-async fn claims_coalesce_and_queue_in_order(store: &dyn AggregationStore) {
-    let (a, b, other) = (key(1, 1), key(1, 2), key(2, 1));
+/// Rows of `n` rows, each encoded by `encode`.
+fn rows(n: usize, encode: deadline_stats_gateway::gateway::rows::RowEncoder) -> Rows {
+    let mut block = deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(encode);
+    (0..n).for_each(|_| block.push(&Default::default()));
+    Arc::new(block.finish())
+}
+
+/// Ends `record` COMPLETED with one row, valid for `valid_for`.
+async fn complete(store: &dyn AggregationStore, lease: &Lease, record: &AggregationRecord, valid_for: Duration) {
+    let done = completed(record, valid_for);
+    assert_eq!(
+        store.finish(lease, done, Some(rows(1, |_, buf| buf.extend_from_slice(b"row")))).await.expect("store"),
+        Written::Done
+    );
+}
+
+fn running(record: &AggregationRecord) -> AggregationRecord {
+    AggregationRecord { state: State::Running, running_since: Some(SystemTime::now()), ..record.clone() }
+}
+
+fn position(found: Found) -> u32 {
+    match found {
+        Found::Active { queue_position, .. } => queue_position,
+        other => panic!("not active: {other:?}"),
+    }
+}
+
+async fn head(store: &dyn AggregationStore, farm: &str) -> Option<Arc<str>> {
+    store.head(farm).await.expect("store").map(|r| r.id.clone())
+}
+
+async fn identical_claims_coalesce_and_farms_are_independent(s: &Subject) {
+    let store = s.store.as_ref();
+    let (a, other) = (key(1, 1), key(2, 1));
     let first = claim(store, &a, &ROOMY).await.expect("room");
     assert_eq!((first.disposition, first.queue_position, first.record.state), (Disposition::Started, 0, State::Queued));
     let joined = claim(store, &a, &ROOMY).await.expect("room");
     assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &first.record.id));
-    let second = claim(store, &b, &ROOMY).await.expect("room");
-    assert_eq!(second.queue_position, 1, "behind the first on its farm");
     assert_eq!(claim(store, &other, &ROOMY).await.expect("room").queue_position, 0, "farms are independent");
-    let farm = first.record.farm_id();
-    assert_eq!(store.head(farm).await.expect("store").map(|r| r.id.clone()), Some(first.record.id.clone()));
     let mut farms = store.farms_with_work().await.expect("store");
     farms.sort();
-    assert_eq!(farms.len(), 2);
-    match store.read(&second.record.id).await.expect("store") {
-        Found::Active { record, queue_position } => {
-            assert_eq!((record.id.clone(), queue_position), (second.record.id.clone(), 1))
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(farms, vec![a.farm_id().to_owned(), other.farm_id().to_owned()]);
     assert!(matches!(store.read("agg-never").await.expect("store"), Found::Unknown));
-
-    let lease = holder(store, farm, "replica-a").await;
-    let done = completed(&first.record, Duration::from_secs(600));
-    assert_eq!(store.finish(&lease, done, None).await.expect("store"), Written::Done);
-    assert_eq!(store.head(farm).await.expect("store").map(|r| r.id.clone()), Some(second.record.id.clone()), "FIFO");
-    assert!(matches!(store.read(&first.record.id).await.expect("store"), Found::Terminal(_)));
-    match store.read(&second.record.id).await.expect("store") {
-        Found::Active { queue_position, .. } => assert_eq!(queue_position, 0, "now at the head"),
-        other => panic!("{other:?}"),
-    }
 }
 
-async fn claims_respect_every_bound(store: &dyn AggregationStore) {
+async fn a_farm_queue_is_first_in_first_out(s: &Subject) {
+    let store = s.store.as_ref();
+    let (a, b, c) = (key(3, 1), key(3, 2), key(3, 3));
+    let first = claim(store, &a, &ROOMY).await.expect("room");
+    let second = claim(store, &b, &ROOMY).await.expect("room");
+    let third = claim(store, &c, &ROOMY).await.expect("room");
+    assert_eq!((second.queue_position, third.queue_position), (1, 2), "behind the first on its farm");
+    let farm = first.record.farm_id();
+    assert_eq!(head(store, farm).await, Some(first.record.id.clone()));
+    let queue: Vec<_> = store.queue(farm, 2).await.expect("store").iter().map(|r| r.id.clone()).collect();
+    assert_eq!(queue, vec![first.record.id.clone(), second.record.id.clone()], "the queue, head first, up to 2");
+    assert_eq!(position(store.read(&third.record.id).await.expect("store")), 2);
+    let lease = holder(store, farm, "replica-a").await;
+    complete(store, &lease, &first.record, Duration::from_secs(600)).await;
+    assert_eq!(head(store, farm).await, Some(second.record.id.clone()), "FIFO");
+    assert!(matches!(store.read(&first.record.id).await.expect("store"), Found::Terminal(_)));
+    assert_eq!(position(store.read(&third.record.id).await.expect("store")), 1, "moved up");
+}
+
+/// `policy::admit`: live aggregations, then farms, then the farm's queue.
+async fn claims_respect_every_bound(s: &Subject) {
+    let store = s.store.as_ref();
     let queue = Limits { queue_capacity: 1, ..ROOMY };
     claim(store, &key(11, 1), &queue).await.expect("head");
     claim(store, &key(11, 2), &queue).await.expect("one waits");
     let full = claim(store, &key(11, 3), &queue).await.expect_err("the farm's queue is full");
-    assert!(matches!(full, GatewayError::QueueFull { capacity: 1, .. }), "{full:?}");
+    assert!(matches!(full, ClaimError::QueueFull { capacity: 1, .. }), "{full:?}");
     let one_farm = Limits { max_farms: 1, ..ROOMY };
     let farms = claim(store, &key(12, 1), &one_farm).await.expect_err("a second farm");
-    assert!(matches!(farms, GatewayError::Busy { bound: "max_farms", limit: 1 }), "{farms:?}");
-    let two_live = Limits { max_live: 2, ..ROOMY };
-    let live = claim(store, &key(11, 3), &two_live).await.expect_err("two live");
-    assert!(matches!(live, GatewayError::Busy { bound: "max_active_aggregations", limit: 2 }), "{live:?}");
-    let tightest = Limits { queue_capacity: 0, max_live: 0, max_farms: 0 };
-    let joined = claim(store, &key(11, 1), &tightest).await.expect("joins");
+    assert!(matches!(farms, ClaimError::Busy { bound: Bound::Farms, limit: 1 }), "{farms:?}");
+    assert!(claim(store, &key(11, 3), &one_farm).await.is_ok(), "a farm with work is counted already");
+    let three_live = Limits { max_live: 3, ..ROOMY };
+    let live = claim(store, &key(11, 4), &three_live).await.expect_err("three live");
+    assert!(matches!(live, ClaimError::Busy { bound: Bound::ActiveAggregations, limit: 3 }), "{live:?}");
+    let all = Limits { queue_capacity: 0, max_live: 0, max_farms: 0 };
+    let first = claim(store, &key(13, 1), &all).await.expect_err("every bound");
+    assert!(matches!(first, ClaimError::Busy { bound: Bound::ActiveAggregations, .. }), "live first: {first:?}");
+    let joined = claim(store, &key(11, 1), &all).await.expect("joins");
     assert_eq!(joined.disposition, Disposition::Joined, "joining takes no room");
 }
 
-async fn only_the_current_lease_holders_writes_land(store: &dyn AggregationStore) {
+async fn only_the_current_lease_holders_writes_land(s: &Subject) {
+    let store = s.store.as_ref();
     let claimed = claim(store, &key(21, 1), &ROOMY).await.expect("room");
     let farm = claimed.record.farm_id().to_owned();
     let old = holder(store, &farm, "replica-a").await;
-    let mut running = (*claimed.record).clone();
-    running.state = State::Running;
-    assert_eq!(store.update(&old, running.clone()).await.expect("store"), Written::Done);
+    let mut record = running(&claimed.record);
+    assert_eq!(store.update(&old, record.clone()).await.expect("store"), Written::Done);
     store.leases().release(&old).await.expect("store");
     let new = holder(store, &farm, "replica-b").await;
     assert!(new.token > old.token);
-    running.status_message = "from the paused holder".into();
-    assert_eq!(store.update(&old, running.clone()).await.expect("store"), Written::Fenced);
-    assert_eq!(store.finish(&old, completed(&running, TTL), None).await.expect("store"), Written::Fenced);
+    record.status_message = "from the paused holder".into();
+    assert_eq!(store.update(&old, record.clone()).await.expect("store"), Written::Fenced);
+    assert_eq!(store.finish(&old, completed(&record, TTL), None).await.expect("store"), Written::Fenced);
     match store.read(&claimed.record.id).await.expect("store") {
         Found::Active { record, .. } => {
             assert_eq!((record.state, record.status_message.as_str()), (State::Running, ""))
         }
         other => panic!("the stale write changed it: {other:?}"),
     }
-    assert_eq!(store.finish(&new, completed(&running, TTL), None).await.expect("store"), Written::Done);
+    assert_eq!(store.finish(&new, completed(&record, TTL), None).await.expect("store"), Written::Done);
+    assert_eq!(store.update(&new, record).await.expect("store"), Written::Fenced, "a terminal one is not rewritten");
 }
 
-async fn a_terminal_result_answers_while_fresh_enough(store: &dyn AggregationStore) {
+/// `Freshness::accepts`: enough validity left, not too stale.
+async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
+    let store = s.store.as_ref();
     let k = key(31, 1);
     let claimed = claim(store, &k, &ROOMY).await.expect("room");
     let lease = holder(store, claimed.record.farm_id(), "replica-a").await;
-    let rows = Arc::new(deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(|_, _| {}).finish());
-    store.finish(&lease, completed(&claimed.record, Duration::from_secs(60)), Some(rows)).await.expect("store");
+    complete(store, &lease, &claimed.record, Duration::from_secs(60)).await;
     let cached = claim(store, &k, &ROOMY).await.expect("claims");
     assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &claimed.record.id));
     let needs_more = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
@@ -148,30 +190,85 @@ async fn a_terminal_result_answers_while_fresh_enough(store: &dyn AggregationSto
     tokio::time::sleep(Duration::from_millis(30)).await;
     let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
     let joined = store.claim(&k, &strict, &ROOMY, mint(store).await).await.expect("claims");
-    assert_eq!(
-        (joined.disposition, &joined.record.id),
-        (Disposition::Joined, &fresh.record.id),
-        "the key names the fresh one"
-    );
+    assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &fresh.record.id), "the key names it");
+
+    let failed_key = key(31, 2);
+    let claimed = claim(store, &failed_key, &ROOMY).await.expect("room");
+    let mut failed = claimed.record.as_ref().clone();
+    failed.state = State::Failed;
+    failed.error = Some(Failure { code: FailureCode::Unavailable, message: "the upstream refused".into() });
+    failed.expire_time = Some(SystemTime::now() + TTL);
+    failed.data_time = Some(SystemTime::now());
+    assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
+    let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
+    assert_eq!(cached.disposition, Disposition::Cached, "a failure needs no time to be read");
 }
 
-async fn every_write_wakes_its_waiters(store: &dyn AggregationStore, wakeups: &Arc<Wakeups>) {
-    let claimed = claim(store, &key(41, 1), &ROOMY).await.expect("room");
-    let mut waiter = wakeups.waiter(&claimed.record.id);
+async fn an_expired_result_reads_expired_and_answers_no_start(s: &Subject) {
+    let store = s.store.as_ref();
+    let k = key(32, 1);
+    let claimed = claim(store, &k, &ROOMY).await.expect("room");
     let lease = holder(store, claimed.record.farm_id(), "replica-a").await;
-    let mut running = (*claimed.record).clone();
-    running.state = State::Running;
-    store.update(&lease, running.clone()).await.expect("store");
+    complete(store, &lease, &claimed.record, Duration::from_millis(300)).await;
+    assert!(matches!(store.read(&claimed.record.id).await.expect("store"), Found::Terminal(_)));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store.housekeeping().await;
+    match store.read(&claimed.record.id).await.expect("store") {
+        Found::Expired(at) => assert!(at <= SystemTime::now(), "it says when"),
+        other => panic!("an expired result still reads: {other:?}"),
+    }
+    assert_eq!(claim(store, &k, &ROOMY).await.expect("room").disposition, Disposition::Started);
+}
+
+async fn every_write_wakes_its_waiters(s: &Subject) {
+    let store = s.store.as_ref();
+    let claimed = claim(store, &key(41, 1), &ROOMY).await.expect("room");
+    let mut waiter = s.wakeups.waiter(&claimed.record.id);
+    let lease = holder(store, claimed.record.farm_id(), "replica-a").await;
+    let record = running(&claimed.record);
+    store.update(&lease, record.clone()).await.expect("store");
     tokio::time::timeout(Duration::from_secs(10), waiter.woken()).await.expect("an update wakes");
-    store.finish(&lease, completed(&running, TTL), None).await.expect("store");
+    store.finish(&lease, completed(&record, TTL), None).await.expect("store");
     tokio::time::timeout(Duration::from_secs(10), waiter.woken()).await.expect("the end wakes");
 }
 
-/// Ends `record` COMPLETED with no rows (rows of none), valid for `valid_for`.
-async fn complete(store: &dyn AggregationStore, lease: &Lease, record: &AggregationRecord, valid_for: Duration) {
-    let rows = Arc::new(deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(|_, _| {}).finish());
-    let done = completed(record, valid_for);
-    assert_eq!(store.finish(lease, done, Some(rows)).await.expect("store"), Written::Done);
+/// Both stores count alike: active aggregations, each farm's queued and running ones, results.
+async fn stats_count_what_the_store_holds(s: &Subject) {
+    let store = s.store.as_ref();
+    let (a, b, other) = (key(42, 1), key(42, 2), key(43, 1));
+    let first = claim(store, &a, &ROOMY).await.expect("room");
+    claim(store, &b, &ROOMY).await.expect("room");
+    claim(store, &other, &ROOMY).await.expect("room");
+    let (farm, other_farm) = (a.farm_id().to_owned(), other.farm_id().to_owned());
+    let load = |queued, running| FarmLoad { queued, running };
+    store.housekeeping().await;
+    let stats = store.stats();
+    assert_eq!((stats.active, stats.up), (3, true));
+    assert_eq!((stats.farms.get(&farm), stats.farms.get(&other_farm)), (Some(&load(2, 0)), Some(&load(1, 0))));
+    let lease = holder(store, &farm, "replica-a").await;
+    let record = running(&first.record);
+    store.update(&lease, record.clone()).await.expect("store");
+    store.housekeeping().await;
+    assert_eq!(store.stats().farms.get(&farm), Some(&load(1, 1)), "the head runs");
+    complete(store, &lease, &record, TTL).await;
+    store.housekeeping().await;
+    let stats = store.stats();
+    assert_eq!((stats.active, stats.farms.get(&farm)), (2, Some(&load(1, 0))));
+    assert!(stats.cached >= 1 && stats.cached_bytes > 0, "the result is held: {stats:?}");
+}
+
+/// `RunModel::observe`: the same moving average in every store.
+async fn the_run_model_is_a_moving_average(s: &Subject) {
+    let store = s.store.as_ref();
+    let farm = key(44, 1).farm_id().to_owned();
+    assert_eq!(store.run_model(&farm).await.expect("store"), None, "nothing observed, nothing said");
+    store.observe_run(&farm, 4, Duration::from_secs(8)).await.expect("store");
+    store.observe_run(&farm, 2, Duration::from_secs(8)).await.expect("store");
+    let expected =
+        RunModel::observe(Some(RunModel::observe(None, 4, Duration::from_secs(8))), 2, Duration::from_secs(8));
+    let model = store.run_model(&farm).await.expect("store").expect("observed");
+    assert_eq!(model.runs, 2);
+    assert!((model.seconds_per_unit - expected.seconds_per_unit).abs() < 1e-9, "{model:?} against {expected:?}");
 }
 
 /// A completed result of `k`, valid for a minute, that answered `hits` Starts in all.
@@ -190,38 +287,54 @@ async fn refreshes(store: &dyn AggregationStore, due_in: Duration, limits: &Limi
     store.start_refreshes(SystemTime::now() + due_in, 3, limits, &|| ids.mint()).await.expect("store")
 }
 
-fn position(found: Found) -> u32 {
-    match found {
-        Found::Active { queue_position, .. } => queue_position,
-        other => panic!("not active: {other:?}"),
-    }
-}
-
-async fn popular_results_are_refreshed_once_behind_callers(store: &dyn AggregationStore) {
+/// `policy::refresh_verdict`: due, popular, within bounds, once.
+async fn popular_results_are_refreshed_once_when_due(s: &Subject) {
+    let store = s.store.as_ref();
     let (a, c, cold) = (key(71, 1), key(71, 2), key(71, 3));
-    let farm = a.farm_id().to_owned();
-    let lease = holder(store, &farm, "replica-a").await;
-    let old_a = popular(store, &lease, &a, 3).await;
-    let old_c = popular(store, &lease, &c, 3).await;
+    let lease = holder(store, a.farm_id(), "replica-a").await;
+    popular(store, &lease, &a, 3).await;
+    popular(store, &lease, &c, 3).await;
     popular(store, &lease, &cold, 2).await;
-
     assert!(refreshes(store, Duration::from_secs(30), &ROOMY).await.is_empty(), "not due yet (60 s left)");
     let full = Limits { max_live: 0, ..ROOMY };
     assert!(refreshes(store, Duration::from_secs(120), &full).await.is_empty(), "refreshes count as live");
     let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
-    assert_eq!(queued.len(), 2, "the two popular keys, not the cold one: {queued:?}");
+    let mut keys: Vec<_> = queued.iter().map(|r| (r.key.clone(), r.refresh)).collect();
+    keys.sort_by_key(|(k, _)| k == &c);
+    assert_eq!(keys, vec![(a.clone(), true), (c, true)], "the two popular keys, not the cold one");
     assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "each result is refreshed once");
-    let (refresh_a, refresh_c) = if queued[0].key == a { (&queued[0], &queued[1]) } else { (&queued[1], &queued[0]) };
-    assert!(refresh_a.refresh && refresh_a.key == a && refresh_c.key == c);
-    assert_eq!(store.head(&farm).await.expect("store").map(|r| r.id.clone()), Some(queued[0].id.clone()));
+    assert_eq!(head(store, a.farm_id()).await, Some(queued[0].id.clone()), "queued on the farm");
+}
 
+/// `policy::caller_slot`: a caller's Start goes before the refreshes waiting, never before the
+/// head.
+async fn a_caller_goes_before_waiting_refreshes(s: &Subject) {
+    let store = s.store.as_ref();
+    let (a, c) = (key(74, 1), key(74, 2));
+    let lease = holder(store, a.farm_id(), "replica-a").await;
+    let old_a = popular(store, &lease, &a, 3).await;
+    popular(store, &lease, &c, 3).await;
+    let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
+    assert_eq!(queued.len(), 2);
     let cached = claim(store, &a, &ROOMY).await.expect("claims");
-    assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &old_a.record.id), "old answers");
-    let caller = claim(store, &key(71, 4), &ROOMY).await.expect("room");
-    assert_eq!(caller.queue_position, 1, "a caller's Start goes before the refresh waiting");
+    assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &old_a.record.id), "the old answers");
+    let caller = claim(store, &key(74, 3), &ROOMY).await.expect("room");
+    assert_eq!(caller.queue_position, 1, "before the refresh waiting, after the head");
     assert_eq!(position(store.read(&queued[1].id).await.expect("store")), 2, "the waiting refresh is behind it");
+    assert_eq!(head(store, a.farm_id()).await, Some(queued[0].id.clone()), "the head stays");
+}
 
-    complete(store, &lease, refresh_a, Duration::from_secs(120)).await;
+async fn a_refresh_becomes_what_its_key_answers_or_is_joined(s: &Subject) {
+    let store = s.store.as_ref();
+    let (a, c) = (key(75, 1), key(75, 2));
+    let lease = holder(store, a.farm_id(), "replica-a").await;
+    let old_a = popular(store, &lease, &a, 3).await;
+    let old_c = popular(store, &lease, &c, 3).await;
+    let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
+    let refresh_of = |k: &CanonicalKey| queued.iter().find(|r| &r.key == k).cloned().expect("a refresh");
+    let (refresh_a, refresh_c) = (refresh_of(&a), refresh_of(&c));
+
+    complete(store, &lease, &refresh_a, Duration::from_secs(120)).await;
     let renewed = claim(store, &a, &ROOMY).await.expect("claims");
     assert_eq!((renewed.disposition, &renewed.record.id), (Disposition::Cached, &refresh_a.id), "the key moved on");
     assert!(matches!(store.read(&old_a.record.id).await.expect("store"), Found::Terminal(_)), "the old id reads");
@@ -233,12 +346,14 @@ async fn popular_results_are_refreshed_once_behind_callers(store: &dyn Aggregati
         (Disposition::Joined, &refresh_c.id),
         "a Start the old result no longer answers joins the refresh"
     );
-    complete(store, &lease, refresh_c, Duration::from_secs(120)).await;
+    complete(store, &lease, &refresh_c, Duration::from_secs(120)).await;
     let renewed = claim(store, &c, &ROOMY).await.expect("claims");
     assert_eq!((renewed.disposition, &renewed.record.id), (Disposition::Cached, &refresh_c.id));
     assert_ne!(renewed.record.id, old_c.record.id);
+}
 
-    // A farm with callers' work waiting gets no refresh until that work is done.
+async fn a_farm_with_callers_work_gets_no_refresh_until_it_is_done(s: &Subject) {
+    let store = s.store.as_ref();
     let (d, e) = (key(72, 1), key(72, 2));
     let lease = holder(store, d.farm_id(), "replica-a").await;
     popular(store, &lease, &d, 3).await;
@@ -247,8 +362,10 @@ async fn popular_results_are_refreshed_once_behind_callers(store: &dyn Aggregati
     complete(store, &lease, &busy.record, Duration::from_secs(600)).await;
     let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
     assert_eq!(queued.iter().map(|r| r.key.clone()).collect::<Vec<_>>(), vec![d], "then it is refreshed");
+}
 
-    // A refresh that fails changes nothing: the old result answers until its expiry.
+async fn a_failed_refresh_changes_nothing_and_is_not_retried(s: &Subject) {
+    let store = s.store.as_ref();
     let f = key(73, 1);
     let lease = holder(store, f.farm_id(), "replica-a").await;
     let old_f = popular(store, &lease, &f, 3).await;
@@ -256,10 +373,7 @@ async fn popular_results_are_refreshed_once_behind_callers(store: &dyn Aggregati
     assert_eq!(queued.len(), 1);
     let mut failed = (*queued[0]).clone();
     failed.state = State::Failed;
-    failed.error = Some(deadline_stats_gateway::gateway::Failure {
-        code: deadline_stats_gateway::gateway::FailureCode::Unavailable,
-        message: "the upstream refused".into(),
-    });
+    failed.error = Some(Failure { code: FailureCode::Unavailable, message: "the upstream refused".into() });
     failed.expire_time = Some(SystemTime::now() + TTL);
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
     let still = claim(store, &f, &ROOMY).await.expect("claims");
@@ -267,57 +381,84 @@ async fn popular_results_are_refreshed_once_behind_callers(store: &dyn Aggregati
     assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "not retried in a loop");
 }
 
-/// A fresh memory store and the wake-ups its writes wake.
-fn memory() -> (MemoryStore, Arc<Wakeups>) {
+/// A fresh memory store.
+fn memory() -> Subject {
     let wakeups = Arc::new(Wakeups::default());
-    (MemoryStore::new(64 * 1024 * 1024, Duration::from_secs(30), wakeups.clone()), wakeups)
+    Subject { store: Arc::new(MemoryStore::new(64 * 1024 * 1024, Duration::from_secs(30), wakeups.clone())), wakeups }
 }
 
-#[tokio::test]
-async fn memory_store_conforms() {
-    let (store, wakeups) = memory();
-    claims_coalesce_and_queue_in_order(&store).await;
-    claims_respect_every_bound(&memory().0).await;
-    only_the_current_lease_holders_writes_land(&store).await;
-    a_terminal_result_answers_while_fresh_enough(&store).await;
-    every_write_wakes_its_waiters(&store, &wakeups).await;
-    popular_results_are_refreshed_once_behind_callers(&store).await;
+const SETTINGS: CoordinationSettings = CoordinationSettings {
+    cache_max_bytes: 64 * 1024 * 1024,
+    result_grace: Duration::from_secs(30),
+    upstream_start: Rate { per_second: 0.0, burst: 1 },
+    upstream_get: Rate { per_second: 0.0, burst: 1 },
+};
+
+/// A replica's coordination on `server` under `prefix`, as `serve --store redis` builds it.
+async fn on_redis(server: &common::RedisServer, prefix: &str) -> Coordination {
+    Coordination::redis(&SETTINGS, &server.url(), prefix).await.expect("connects to redis-server")
 }
 
-/// A Redis store under `prefix` on `server`, and the wake-ups its writes wake.
-async fn in_redis(server: &common::RedisServer, prefix: &str) -> (RedisStore, Arc<Wakeups>) {
-    let wakeups = Arc::new(Wakeups::default());
-    let near = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
-    let redis = RedisCoordination::connect(&server.url(), prefix).await.expect("connects to redis-server");
-    (RedisStore::new(redis, near, wakeups.clone()), wakeups)
+async fn in_redis(server: &common::RedisServer) -> Subject {
+    let c = on_redis(server, "dsg:").await;
+    Subject { store: c.store, wakeups: c.wakeups }
 }
 
-#[tokio::test]
-async fn redis_store_conforms() {
-    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
-    let (store, wakeups) = in_redis(&server, "dsg:").await;
-    claims_coalesce_and_queue_in_order(&store).await;
-    claims_respect_every_bound(&in_redis(&server, "bounds:").await.0).await;
-    only_the_current_lease_holders_writes_land(&store).await;
-    a_terminal_result_answers_while_fresh_enough(&store).await;
-    every_write_wakes_its_waiters(&store, &wakeups).await;
-    popular_results_are_refreshed_once_behind_callers(&store).await;
+/// One test per property on each backend; each Redis test has a redis-server of its own.
+macro_rules! conformance {
+    ($($property:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test]
+                async fn $property() {
+                    super::$property(&super::memory()).await;
+                }
+            )*
+        }
+        mod redis_store {
+            $(
+                #[tokio::test]
+                async fn $property() {
+                    let server = tokio::task::spawn_blocking(super::common::redis_server).await.expect("joins");
+                    super::$property(&super::in_redis(&server).await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    identical_claims_coalesce_and_farms_are_independent,
+    a_farm_queue_is_first_in_first_out,
+    claims_respect_every_bound,
+    only_the_current_lease_holders_writes_land,
+    a_terminal_result_answers_while_fresh_enough,
+    an_expired_result_reads_expired_and_answers_no_start,
+    every_write_wakes_its_waiters,
+    stats_count_what_the_store_holds,
+    the_run_model_is_a_moving_average,
+    popular_results_are_refreshed_once_when_due,
+    a_caller_goes_before_waiting_refreshes,
+    a_refresh_becomes_what_its_key_answers_or_is_joined,
+    a_farm_with_callers_work_gets_no_refresh_until_it_is_done,
+    a_failed_refresh_changes_nothing_and_is_not_retried,
 }
 
 #[tokio::test]
 async fn two_replicas_on_one_redis_see_one_store() {
     let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
-    let ((a, _), (b, _)) = (in_redis(&server, "dsg:").await, in_redis(&server, "dsg:").await);
+    let (a, b) = (on_redis(&server, "dsg:").await.store, on_redis(&server, "dsg:").await.store);
+    let (a, b) = (a.as_ref(), b.as_ref());
     let k = key(51, 1);
-    let first = claim(&a, &k, &ROOMY).await.expect("room");
-    let joined = claim(&b, &k, &ROOMY).await.expect("room");
+    let first = claim(a, &k, &ROOMY).await.expect("room");
+    let joined = claim(b, &k, &ROOMY).await.expect("room");
     assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &first.record.id));
-    let lease = holder(&b, first.record.farm_id(), "replica-b").await;
-    let rows = deadline_stats_gateway::gateway::rows::RowBlockBuilder::new(|_, buf| buf.extend_from_slice(b"row"));
-    let mut rows = rows;
-    rows.push(&Default::default());
+    let lease = holder(b, first.record.farm_id(), "replica-b").await;
     let done = completed(&first.record, Duration::from_secs(600));
-    assert_eq!(b.finish(&lease, done, Some(Arc::new(rows.finish()))).await.expect("store"), Written::Done);
+    assert_eq!(
+        b.finish(&lease, done, Some(rows(1, |_, buf| buf.extend_from_slice(b"row")))).await.expect("store"),
+        Written::Done
+    );
     match a.read(&first.record.id).await.expect("store") {
         Found::Terminal(result) => {
             assert_eq!(result.record.state, State::Completed);
@@ -329,30 +470,60 @@ async fn two_replicas_on_one_redis_see_one_store() {
 
     // Refresh-ahead: hits counted on both replicas, the refresh claimed by one.
     let k = key(52, 1);
-    let farm = k.farm_id().to_owned();
-    let lease = holder(&a, &farm, "replica-a").await;
-    popular(&a, &lease, &k, 2).await;
-    assert_eq!(claim(&b, &k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
+    let lease = holder(a, k.farm_id(), "replica-a").await;
+    popular(a, &lease, &k, 2).await;
+    assert_eq!(claim(b, &k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
     let (on_a, on_b) =
-        tokio::join!(refreshes(&a, Duration::from_secs(120), &ROOMY), refreshes(&b, Duration::from_secs(120), &ROOMY));
+        tokio::join!(refreshes(a, Duration::from_secs(120), &ROOMY), refreshes(b, Duration::from_secs(120), &ROOMY));
     assert_eq!(on_a.len() + on_b.len(), 1, "one refresh between them: {on_a:?} {on_b:?}");
+}
+
+#[tokio::test]
+async fn rows_redis_lost_are_put_back_and_never_over_rows_present() {
+    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let (writer, reader) = (on_redis(&server, "dsg:").await.store, on_redis(&server, "dsg:").await.store);
+    let claimed = claim(writer.as_ref(), &key(53, 1), &ROOMY).await.expect("room");
+    let lease = holder(writer.as_ref(), claimed.record.farm_id(), "replica-a").await;
+    let done = completed(&claimed.record, Duration::from_secs(600));
+    assert_eq!(
+        writer.finish(&lease, done, Some(rows(2, |_, buf| buf.extend_from_slice(b"row")))).await.expect("store"),
+        Written::Done
+    );
+    let id = claimed.record.id.clone();
+    server.cli(&["DEL", &format!("dsg:rows:{id}")]).expect("DEL");
+    let Found::RowsLost(record) = reader.read(&id).await.expect("store") else { panic!("the rows are gone") };
+    reader.restore_rows(record.clone(), rows(2, |_, buf| buf.extend_from_slice(b"new"))).await.expect("store");
+    let fresh = on_redis(&server, "dsg:").await.store;
+    match fresh.read(&id).await.expect("store") {
+        Found::Terminal(result) => {
+            assert_eq!(result.rows.as_ref().map(|r| r.slice(0..1).to_vec()), Some(b"new".to_vec()))
+        }
+        other => panic!("not put back: {other:?}"),
+    }
+    reader.restore_rows(record, rows(2, |_, buf| buf.extend_from_slice(b"bad"))).await.expect("store");
+    match on_redis(&server, "dsg:").await.store.read(&id).await.expect("store") {
+        Found::Terminal(result) => {
+            assert_eq!(
+                result.rows.as_ref().map(|r| r.slice(0..1).to_vec()),
+                Some(b"new".to_vec()),
+                "rows are immutable"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
 async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
     let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
-    let (store, _) = in_redis(&server, "dsg:").await;
+    let store = on_redis(&server, "dsg:").await.store;
     let before = store.epoch().await.expect("store").expect("a shared store has an epoch");
     assert_eq!(store.epoch().await.expect("store"), Some(before), "stable while the state lives");
-    let old = mint(&store).await;
-    let mut conn = common::redis_conn(&server.url()).await;
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    let old = mint(store.as_ref()).await;
+    server.cli(&["FLUSHALL"]).expect("FLUSHALL");
     let refused = store.claim(&key(60, 1), &ANY, &ROOMY, old).await.expect_err("an id of the lost state");
-    assert!(
-        matches!(refused, GatewayError::StoreUnavailable(deadline_stats_gateway::gateway::StoreError::NewEpoch)),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, ClaimError::NewEpoch), "{refused:?}");
     let after = store.epoch().await.expect("store").expect("a new epoch");
     assert_ne!(after, before, "a new generation");
-    claim(&store, &key(60, 1), &ROOMY).await.expect("an id of the new epoch is claimed");
+    claim(store.as_ref(), &key(60, 1), &ROOMY).await.expect("an id of the new epoch is claimed");
 }

@@ -7,10 +7,6 @@
 mod common;
 
 use common::*;
-use deadline_stats_gateway::gateway::redis::RedisCoordination;
-use deadline_stats_gateway::gateway::redis_store::RedisStore;
-use deadline_stats_gateway::gateway::results::ResultsCache;
-use deadline_stats_gateway::gateway::wakeups::Wakeups;
 use deadline_stats_gateway::grpc::pb::{Aggregation, AggregationState, GroupBy, WatchAggregationRequest};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -188,16 +184,9 @@ async fn on_the_memory_store_estimates_appear_after_the_first_observed_run() {
 
 /// A replica on the Redis at `url`, in front of `emu`.
 async fn redis_replica(emu: Arc<deadline_stats_gateway::emulator::EmulatorHandle>, url: &str) -> TestGateway {
-    let redis = RedisCoordination::connect(url, "dsg:").await.expect("connects");
-    let wakeups = Arc::new(Wakeups::default());
-    let results = Arc::new(ResultsCache::new(64 * 1024 * 1024, Duration::from_secs(30), Box::new(|_, _| {})));
-    let store = Arc::new(RedisStore::new(redis.clone(), results.clone(), wakeups.clone()));
-    let g = replica(emu, fast_config(HOUR), store, results, wakeups.clone()).await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let relay_stop = stop.clone();
-    tokio::spawn(async move { redis.relay_changes(wakeups, relay_stop).await });
-    std::mem::forget(stop.drop_guard());
-    g
+    let config = fast_config(HOUR);
+    let coordination = on_redis(url, &config).await;
+    replica(emu, config, coordination).await
 }
 
 #[tokio::test]

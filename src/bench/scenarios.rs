@@ -416,8 +416,9 @@ pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
 /// What a caller bucket kept in Redis would add to every request: the round trip of one GCRA
 /// take (the script the upstream rates use), one at a time from this process, in µs.
 async fn gcra_round_trips(url: &str, opts: &BenchOptions) -> Result<Value, BenchError> {
-    use crate::gateway::throttle::{Rate, RateSource as _};
-    let redis = crate::gateway::redis::RedisCoordination::connect(url, "bench:").await?;
+    use crate::gateway::coordination::pacing::RateSource as _;
+    use crate::gateway::throttle::Rate;
+    let redis = crate::gateway::coordination::redis::RedisClient::connect(url, "bench:").await?;
     let rate = redis.rate("caller", Rate { per_second: 1e6, burst: 1_000 }).ok_or("a rate")?;
     let n = if opts.smoke { 100 } else { 5_000 };
     let mut took = Vec::with_capacity(n);

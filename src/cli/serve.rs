@@ -525,13 +525,13 @@ async fn coordination(args: &ServeArgs, config: &GatewayConfig) -> Result<Coordi
     match (args.store, &args.redis_url) {
         (StoreKind::Redis, Some(url)) => {
             let url = with_password(url, std::env::var("DSG_REDIS_PASSWORD").ok().as_deref());
-            let coordination = Coordination::redis(config, &url, &args.redis_key_prefix)
+            let coordination = Coordination::redis(&config.coordination(), &url, &args.redis_key_prefix)
                 .await
                 .map_err(|e| RunError::Config(format!("--store redis: {e}")))?;
             tracing::info!(prefix = %args.redis_key_prefix, instance = %config.instance_id, "coordination shared through Redis");
             Ok(coordination)
         }
-        _ => Ok(Coordination::memory(config)),
+        _ => Ok(Coordination::memory(&config.coordination())),
     }
 }
 

@@ -1,8 +1,11 @@
 //! What the gateway refuses, in its own terms. The gRPC layer maps each variant to a status
 //! code with details in one place (`grpc::status`).
 
+use super::coordination::{Bound, ClaimError, StoreError};
+use super::record::Failure;
 use crate::domain::quote::quoted;
 use crate::domain::validate::FieldViolation;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The most field violations a refusal's details list.
@@ -13,7 +16,7 @@ const MESSAGE_VIOLATIONS: usize = 3;
 
 /// Why the gateway refused a call. Upstream failures of an accepted aggregation are not here:
 /// they show in the aggregation's state and error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("invalid request: {}", describe(.0))]
     Invalid(Vec<FieldViolation>),
@@ -40,11 +43,11 @@ pub enum GatewayError {
          start it again",
         quoted(.id)
     )]
-    ResultsLost { id: String, cause: String },
+    ResultsLost { id: String, cause: RecoveryError },
     #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
     QueueFull { farm_id: String, capacity: usize },
     #[error("the gateway holds as much work as it is allowed ({bound} = {limit}); retry later")]
-    Busy { bound: &'static str, limit: usize },
+    Busy { bound: Bound, limit: usize },
     #[error("too many {operation} calls from this caller; retry in {retry_after:?}")]
     RateLimited { operation: &'static str, retry_after: Duration },
     #[error("the gateway is shutting down")]
@@ -57,17 +60,26 @@ pub enum GatewayError {
     StoreUnavailable(StoreError),
 }
 
-/// Why the coordination store (Redis, when shared) could not do what was asked.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    #[error("the shared store is unavailable: {0}")]
-    Unavailable(String),
-    #[error("the shared store answered something this gateway does not understand: {0}")]
-    Protocol(String),
-    #[error("the shared store is not configured safely: {0}")]
-    Misconfigured(String),
-    #[error("the shared store lost its state and began a new epoch since this replica last looked")]
-    NewEpoch,
+/// Why rows a shared store lost could not be put back.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecoveryError {
+    /// The upstream could not give them again.
+    #[error("{}", .0.message)]
+    Upstream(Failure),
+    /// They were fetched again, but the store could not take them.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<ClaimError> for GatewayError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::QueueFull { farm_id, capacity } => Self::QueueFull { farm_id, capacity },
+            ClaimError::Busy { bound, limit } => Self::Busy { bound, limit },
+            ClaimError::NewEpoch => Self::StoreUnavailable(StoreError::Unavailable(Arc::new(e))),
+            ClaimError::Store(e) => Self::StoreUnavailable(e),
+        }
+    }
 }
 
 fn describe(v: &[FieldViolation]) -> String {

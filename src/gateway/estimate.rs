@@ -1,64 +1,21 @@
 //! Predicted times: when a queued aggregation starts upstream and when it completes, from what
 //! the gateway has observed on its farm, never from a guess.
 //!
-//! - A request's **size** is its period buckets times its queue or fleet ids: what the upstream
-//!   has to aggregate.
-//! - Each farm keeps a **run model**: a moving average (exponentially weighted) of the seconds
-//!   one unit of size took, from the upstream Start being accepted to the rows being stored,
-//!   which includes the upstream's own pacing, the status polls and the page fetches. It lives
-//!   in the coordination store, so every replica predicts from the same observations.
+//! - Each farm keeps a **run model** in the coordination store
+//!   ([`super::coordination::run_model`]): a moving average of the seconds one unit of a
+//!   request's size (period buckets times queue or fleet ids) took, from the upstream Start
+//!   being accepted to the rows being stored (the upstream's own pacing, the status polls and
+//!   the page fetches included).
 //! - A RUNNING aggregation's completion is predicted once, when its upstream Start is accepted,
 //!   and kept in its record: one estimate per aggregation whichever replica is asked, and the
 //!   one its error is measured against.
 //! - A QUEUED aggregation starts when everything ahead of it on its farm has completed: the
 //!   head's predicted completion, then each one's predicted run in turn.
 
-use super::error::StoreError;
+use super::coordination::{AggregationStore, RunModel, StoreError};
 use super::record::{AggregationRecord, State};
-use super::store::AggregationStore;
-use crate::domain::AggregationRequest;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-/// Weight of the newest observation in the moving average.
-pub const SMOOTHING: f64 = 0.3;
-
-/// What a request costs the upstream, in units of one bucket of one queue or fleet.
-pub fn size(request: &AggregationRequest) -> u64 {
-    let period = request.period.unwrap_or(super::key::DEFAULT_PERIOD);
-    let timezone = request.timezone.unwrap_or(crate::domain::Timezone::UTC);
-    let buckets = crate::domain::buckets::buckets(request.start_time, request.end_time, period, timezone).count();
-    (buckets.max(1) as u64).saturating_mul(request.resources.ids().len().max(1) as u64)
-}
-
-/// The observed run time of a farm's aggregations.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RunModel {
-    /// Moving average of the seconds one unit of size took.
-    pub seconds_per_unit: f64,
-    /// How many runs it has seen.
-    pub runs: u64,
-}
-
-impl RunModel {
-    /// The model after one more run of `size` that took `took`.
-    pub fn observe(previous: Option<Self>, size: u64, took: Duration) -> Self {
-        let rate = took.as_secs_f64() / size.max(1) as f64;
-        match previous {
-            None => Self { seconds_per_unit: rate, runs: 1 },
-            Some(m) => Self {
-                seconds_per_unit: m.seconds_per_unit + SMOOTHING * (rate - m.seconds_per_unit),
-                runs: m.runs + 1,
-            },
-        }
-    }
-
-    /// How long an aggregation of `request` is expected to run.
-    pub fn run_time(&self, request: &AggregationRequest) -> Duration {
-        let seconds = self.seconds_per_unit * size(request) as f64;
-        Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
-    }
-}
 
 /// The predicted times of one aggregation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -148,33 +105,6 @@ mod tests {
     }
 
     #[test]
-    fn the_moving_average_follows_the_runs() {
-        let r = record(1, State::Queued);
-        let units = size(r.key.request());
-        let first = RunModel::observe(None, units, Duration::from_secs(10));
-        assert_eq!(first.run_time(r.key.request()).as_secs(), 10);
-        let second = RunModel::observe(Some(first), units, Duration::from_secs(20));
-        assert_eq!((second.run_time(r.key.request()).as_secs_f64() * 10.0).round(), 130.0, "10 + 0.3 × 10");
-        assert_eq!(second.runs, 2);
-    }
-
-    #[test]
-    fn predictions_improve_with_each_run_when_the_farm_slows_down() {
-        let r = record(1, State::Queued);
-        let units = size(r.key.request());
-        let mut model = RunModel::observe(None, units, Duration::from_secs(10));
-        let error = |m: &RunModel| (m.run_time(r.key.request()).as_secs_f64() - 20.0).abs();
-        let mut last = error(&model);
-        for _ in 0..10 {
-            model = RunModel::observe(Some(model), units, Duration::from_secs(20));
-            let now = error(&model);
-            assert!(now < last, "each run of 20 s brings the prediction closer: {now} after {last}");
-            last = now;
-        }
-        assert!(last < 0.5, "within half a second after ten runs: {last}");
-    }
-
-    #[test]
     fn a_queued_aggregation_starts_when_those_ahead_complete() {
         let now = SystemTime::now();
         let mut head = (*record(1, State::Running)).clone();
@@ -186,7 +116,11 @@ mod tests {
             Estimate::default(),
             "nothing observed, nothing said"
         );
-        let model = RunModel::observe(None, size(middle.key.request()), Duration::from_secs(60));
+        let model = RunModel::observe(
+            None,
+            crate::gateway::coordination::run_model::size(middle.key.request()),
+            Duration::from_secs(60),
+        );
         let per_run = |r: &AggregationRecord| model.run_time(r.key.request());
         let e = estimate(&target, &queue, Some(model), now, Duration::ZERO);
         let start = now + Duration::from_secs(30) + per_run(&middle);

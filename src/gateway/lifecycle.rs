@@ -18,14 +18,14 @@
 //! the farm, both aggregation ids and the outcome, and is counted in the metrics.
 
 use super::backoff::BackoffPolicy;
-use super::error::StoreError;
-use super::lease::Lease;
+use super::coordination::Lease;
+use super::coordination::StoreError;
+use super::coordination::pacing::Pacer;
+use super::coordination::{AggregationStore, Found, Written};
 use super::record::{AggregationRecord, Failure, FailureCode, State};
 use super::rows::{RowBlock, RowBlockBuilder, RowEncoder};
 use super::scheduler::{BoxFuture, Runner};
 use super::spans::Spans;
-use super::store::{AggregationStore, Found, Written};
-use super::throttle::Pacer;
 use crate::domain::{AggregationRequest, AggregationStatus};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::StateLabels;
@@ -242,7 +242,7 @@ impl UpstreamRunner {
                 // What the farm's estimates learn from: the upstream Start's acceptance to
                 // the rows in hand (pacing, polls and pages included).
                 let took = now.duration_since(started.wall).unwrap_or_default();
-                let size = super::estimate::size(r.key.request());
+                let size = super::coordination::run_model::size(r.key.request());
                 if let Err(e) = agg.store.observe_run(r.farm_id(), size, took).await {
                     tracing::debug!(error = %e, "cannot record the run time");
                 }

@@ -1,78 +1,69 @@
-//! The gateway's core, free of any transport: coalescing on a canonical key, the coordination
-//! store, the results cache, per-farm queues driven under leases, caller throttling and
-//! long-polls.
+//! The gateway's core, free of any transport: coalescing on a canonical key, coordination
+//! (the store, the results cache, wake-ups), per-farm queues driven under leases, caller
+//! throttling and long-polls.
 //!
 //! - [`key`]: what makes two requests the same aggregation.
 //! - [`record`]: one aggregation as the store holds it (owned values, no live objects).
 //! - [`ids`]: minting aggregation ids that say which process made them.
-//! - [`store`]: the coordination state (claim a key, read an id, the farm queues, fenced
-//!   writes), in memory or shared.
-//! - [`results`]: the results cache of one replica (rows, LRU by bytes, residency grace).
+//! - [`coordination`]: the store of records and farm queues with its rules, in memory or in
+//!   Redis; leases with fencing tokens; the results cache; wake-ups; run models.
 //! - [`scheduler`]: farm workers, one per farm anywhere, holding the farm's lease.
 //! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
 //! - [`throttle`]: token buckets for callers and for our own upstream traffic.
-//! - [`lease`]: farm leases with fencing tokens (who drives a farm's queue).
-//! - [`redis`]: leases, the upstream rate and change notifications shared by replicas
-//!   through Redis.
-//! - [`redis_store`]: the store shared by replicas, in Redis (records, queues, rows).
-//! - [`wakeups`]: long-poll wake-ups of one process, by aggregation id.
 //! - [`spans`]: the lifecycle span of each aggregation, per process.
 //! - [`split`]: halving a request whose result is too large, so the parts' rows are the
 //!   whole's.
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
 //! - [`estimate`]: predicted start and completion times from observed run times.
 //! - [`watch`]: one source per watched aggregation, feeding all its watchers.
-//! - [`paging`], [`backoff`], [`error`]: helpers and the refusals callers can see.
+//! - [`paging`], [`backoff`], [`rows`], [`error`]: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
 //! caller token, and claims the key: joins, reuses or queues; it never waits on the upstream.
 
 pub mod backoff;
+pub mod coordination;
 pub mod error;
 pub mod estimate;
 pub mod ids;
 pub mod key;
-pub mod lease;
 pub mod lifecycle;
 pub mod paging;
 pub mod record;
-pub mod redis;
-pub mod redis_store;
 pub mod refresh;
-pub mod results;
 pub mod rows;
 pub mod scheduler;
 pub mod spans;
 pub mod split;
-pub mod store;
 pub mod throttle;
-pub mod wakeups;
 pub mod watch;
 
-pub use error::{GatewayError, StoreError};
+pub use coordination::{CachedResult, Coordination, Disposition, Freshness, StoreError};
+pub use error::GatewayError;
 pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, State};
-pub use results::CachedResult;
-pub use store::{Disposition, Freshness};
 
 use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{DispositionLabels, FarmLevel, Levels, MethodLabels};
 use crate::upstream::Upstream;
 use backoff::BackoffPolicy;
+use coordination::pacing::Pacer;
+use coordination::{
+    AggregationStore, ClaimError, CoordinationSettings, FarmLoad, Found, Limits, ResultsCache, StoreStats, Topology,
+    Wakeups,
+};
+use error::RecoveryError;
 use ids::{IdMinter, Origin};
 use key::CanonicalKey;
 use lifecycle::{LifecycleConfig, UpstreamRunner};
-use results::ResultsCache;
 use scheduler::{FarmDispatcher, WorkerSettings};
 use spans::Spans;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use store::{AggregationStore, Found, Limits, MemoryStore, StoreStats};
-use throttle::{CallerBuckets, Pacer, Rate};
+use throttle::{CallerBuckets, Rate};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use wakeups::Wakeups;
 
 /// Everything the gateway core can be tuned by.
 #[derive(Debug, Clone)]
@@ -191,6 +182,18 @@ impl Default for GatewayConfig {
     }
 }
 
+impl GatewayConfig {
+    /// What a coordination backend is built with.
+    pub fn coordination(&self) -> CoordinationSettings {
+        CoordinationSettings {
+            cache_max_bytes: self.cache_max_bytes,
+            result_grace: self.result_grace,
+            upstream_start: self.upstream_start,
+            upstream_get: self.upstream_get,
+        }
+    }
+}
+
 /// How often farms with work and no worker are looked for.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Ids whose lost rows were fetched again, remembered for a few seconds so readers who waited
@@ -201,60 +204,6 @@ const REFETCHES_REMEMBERED: u64 = 1024;
 /// How often a long-poll re-reads its aggregation even without a wake-up (a lost notification
 /// never strands a waiter).
 const RECHECK_INTERVAL: Duration = Duration::from_secs(5);
-
-/// What a gateway coordinates through: its store, this replica's results cache and wake-ups,
-/// the sources of its upstream pacing tokens, and the change feed to relay (a shared store's).
-pub struct Coordination {
-    pub store: Arc<dyn AggregationStore>,
-    pub results: Arc<ResultsCache>,
-    pub wakeups: Arc<Wakeups>,
-    pub start_rate: Option<Arc<dyn throttle::RateSource>>,
-    pub get_rate: Option<Arc<dyn throttle::RateSource>>,
-    pub relay: Option<redis::RedisCoordination>,
-    /// The shared store's epoch at connection, which ids are tagged with.
-    pub epoch: Option<u32>,
-}
-
-impl Coordination {
-    /// Everything in this process: the in-memory store (its rows in the results cache) and
-    /// pacing buckets of this process.
-    pub fn memory(config: &GatewayConfig) -> Self {
-        let wakeups = Arc::new(Wakeups::default());
-        let store = Arc::new(MemoryStore::new(config.cache_max_bytes, config.result_grace, wakeups.clone()));
-        let local = |rate| throttle::LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn throttle::RateSource>);
-        Self {
-            results: store.results(),
-            store,
-            wakeups,
-            start_rate: local(config.upstream_start),
-            get_rate: local(config.upstream_get),
-            relay: None,
-            epoch: None,
-        }
-    }
-
-    /// Shared by every replica through the Redis at `url`, under `prefix`: records, queues,
-    /// leases, rows, the upstream rates and change notifications; a results cache of this
-    /// replica in front. Refuses a Redis that may evict keys.
-    pub async fn redis(config: &GatewayConfig, url: &str, prefix: &str) -> Result<Self, error::StoreError> {
-        let shared = redis::RedisCoordination::connect(url, prefix).await?;
-        shared.check_eviction_policy().await?;
-        let epoch = Some(shared.epoch().await?);
-        let wakeups = Arc::new(Wakeups::default());
-        let results = Arc::new(ResultsCache::new(config.cache_max_bytes, config.result_grace, Box::new(|_, _| {})));
-        let store = Arc::new(redis_store::RedisStore::new(shared.clone(), results.clone(), wakeups.clone()));
-        let rate = |name, rate| shared.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn throttle::RateSource>);
-        Ok(Self {
-            start_rate: rate("upstream-start", config.upstream_start),
-            get_rate: rate("upstream-get", config.upstream_get),
-            store,
-            results,
-            wakeups,
-            relay: Some(shared),
-            epoch,
-        })
-    }
-}
 
 /// One page of an aggregation, as Get answers it.
 #[derive(Debug, Clone)]
@@ -285,7 +234,7 @@ pub struct Started {
 #[derive(Debug, Clone, Default)]
 pub struct GatewayStats {
     pub store: StoreStats,
-    pub farms: HashMap<String, store::FarmLoad>,
+    pub farms: HashMap<String, FarmLoad>,
     pub start_callers: usize,
     pub get_callers: usize,
 }
@@ -298,7 +247,7 @@ pub struct Gateway {
     dispatcher: FarmDispatcher,
     runner: Arc<UpstreamRunner>,
     /// Rows being fetched again after the shared store lost them, one fetch per id.
-    refetches: moka::future::Cache<AggregationId, Result<Arc<CachedResult>, String>>,
+    refetches: moka::future::Cache<AggregationId, Result<Arc<CachedResult>, RecoveryError>>,
     spans: Arc<Spans>,
     ids: Arc<IdMinter>,
     limits: Limits,
@@ -327,7 +276,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let coordination = Coordination::memory(&config);
+        let coordination = Coordination::memory(&config.coordination());
         Self::with_store(config, coordination, upstream, metrics, encoder)
     }
 
@@ -340,12 +289,9 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let Coordination { store, results, wakeups, start_rate, get_rate, relay, epoch } = coordination;
+        let Coordination { store, results, wakeups, start_rate, get_rate, epoch } = coordination;
         let cancel = CancellationToken::new();
-        if let Some(redis) = relay {
-            let (wakeups, stop) = (wakeups.clone(), cancel.clone());
-            tokio::spawn(async move { redis.relay_changes(wakeups, stop).await });
-        }
+        store.spawn_background(cancel.clone());
         let spans = Arc::new(Spans::default());
         let runner = Arc::new(UpstreamRunner {
             upstream,
@@ -462,15 +408,16 @@ impl Gateway {
         let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
         let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
-        if let Err(GatewayError::StoreUnavailable(StoreError::NewEpoch)) = claimed {
+        if let Err(ClaimError::NewEpoch) = claimed {
             // The shared store lost its state since this replica last looked: ids are minted
             // in its new epoch from now on.
             refresh_epoch(self.store.as_ref(), &self.ids).await;
             claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
         }
         let claimed = claimed.inspect_err(|e| {
-            if let GatewayError::Busy { bound, .. } = e {
-                self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason: bound }).inc();
+            if let ClaimError::Busy { bound, .. } = e {
+                let reason = bound.name();
+                self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason }).inc();
             }
         })?;
         let label = match claimed.disposition {
@@ -594,7 +541,7 @@ impl Gateway {
 
     /// The refusal for an id the store does not know: never made, or made in a state since lost.
     async fn unknown(&self, id: &str) -> GatewayError {
-        let shared = self.store.shared();
+        let shared = self.store.topology() == Topology::Shared;
         if shared {
             // The store may have lost its state since housekeeping last looked.
             refresh_epoch(self.store.as_ref(), &self.ids).await;
@@ -626,8 +573,8 @@ impl Gateway {
         let fetch = async move {
             tracing::warn!(aggregation = %record.id, upstream = ?record.upstream_id, "the shared store lost the rows of a completed aggregation; fetching them again");
             let fetched = match runner.refetch(&record).await {
-                Ok(rows) => store.restore_rows(record, Arc::new(rows)).await.map_err(|e| e.to_string()),
-                Err(failure) => Err(failure.message),
+                Ok(rows) => store.restore_rows(record, Arc::new(rows)).await.map_err(RecoveryError::Store),
+                Err(failure) => Err(RecoveryError::Upstream(failure)),
             };
             let outcome = if fetched.is_ok() { "recovered" } else { "failed" };
             metrics.rows_refetched.get_or_create(&crate::telemetry::metrics::OutcomeLabels { outcome }).inc();
@@ -653,7 +600,7 @@ impl Gateway {
     /// farm over to another replica; alone, the queues keep being worked.
     pub fn begin_drain(&self) {
         self.draining.cancel();
-        if self.store.shared() {
+        if self.store.topology() == Topology::Shared {
             self.dispatcher.hand_over();
         }
     }
@@ -661,7 +608,10 @@ impl Gateway {
     /// Resolves once this replica's work is done: with a shared store, when it drives no farm;
     /// alone, when no aggregation is queued or running.
     pub async fn drained(&self) {
-        let busy = || if self.store.shared() { self.dispatcher.working() > 0 } else { self.store.stats().active > 0 };
+        let busy = || match self.store.topology() {
+            Topology::Shared => self.dispatcher.working() > 0,
+            Topology::Local => self.store.stats().active > 0,
+        };
         while busy() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

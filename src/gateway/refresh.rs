@@ -11,9 +11,9 @@
 //! completes, then the key answers the new one. Ids already handed out keep working until
 //! their own expiry.
 
+use super::coordination::{AggregationStore, Limits};
 use super::ids::IdMinter;
 use super::scheduler::FarmDispatcher;
-use super::store::{AggregationStore, Limits};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::OutcomeLabels;
 use std::sync::Arc;

@@ -9,11 +9,10 @@
 //! The worker is a supervisor: it runs each aggregation in a task of its own and, whatever ends
 //! that task (a panic, the run limit), makes sure the aggregation ends and the farm moves on.
 
-use super::lease::Lease;
+use super::coordination::Lease;
+use super::coordination::{AggregationStore, Found, Wakeups};
 use super::lifecycle::Abandoned;
 use super::record::AggregationRecord;
-use super::store::{AggregationStore, Found};
-use super::wakeups::Wakeups;
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -321,8 +320,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::coordination::{Freshness, Limits, MemoryStore};
     use crate::gateway::ids::IdMinter;
-    use crate::gateway::store::{Freshness, Limits, MemoryStore};
 
     /// A runner that must never run: the farm belongs to another replica.
     struct Never;

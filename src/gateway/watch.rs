@@ -8,10 +8,10 @@
 //! goes, when the aggregation can no longer be read, or when the gateway shuts down; its
 //! watchers' channels then close after the latest state.
 
+use super::coordination::wakeups::{Waiter, Wakeups, farm_topic};
+use super::coordination::{AggregationStore, Found};
 use super::estimate::Estimate;
 use super::record::{AggregationId, AggregationRecord};
-use super::store::{AggregationStore, Found};
-use super::wakeups::{Wakeups, farm_topic};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -112,7 +112,7 @@ impl Watches {
     }
 
     /// One aggregation's source: reads it on every wake-up and publishes each change.
-    async fn feed(self: Arc<Self>, id: AggregationId, tx: watch::Sender<View>, wakes: [super::wakeups::Waiter; 2]) {
+    async fn feed(self: Arc<Self>, id: AggregationId, tx: watch::Sender<View>, wakes: [Waiter; 2]) {
         let [mut own, mut farm] = wakes;
         loop {
             match self.store.read(&id).await {

@@ -66,7 +66,7 @@ impl From<GatewayError> for Status {
                 details.set_error_info(
                     "AGGREGATION_EVICTED",
                     ERROR_DOMAIN,
-                    meta([("aggregation_id", quoted(&id)), ("cause", quoted(&cause))]),
+                    meta([("aggregation_id", quoted(&id)), ("cause", quoted(&cause.to_string()))]),
                 );
                 Code::NotFound
             }
@@ -75,7 +75,7 @@ impl From<GatewayError> for Status {
                 details.set_error_info(
                     "GATEWAY_BUSY",
                     ERROR_DOMAIN,
-                    meta([("bound", bound.to_owned()), ("limit", limit.to_string())]),
+                    meta([("bound", bound.name().to_owned()), ("limit", limit.to_string())]),
                 );
                 Code::ResourceExhausted
             }

@@ -4,6 +4,7 @@
 use super::{emulator, sdk, stats};
 use deadline_stats_gateway::emulator::EmulatorHandle;
 use deadline_stats_gateway::gateway::backoff::BackoffPolicy;
+use deadline_stats_gateway::gateway::coordination::{Coordination, MemoryStore, Wakeups};
 use deadline_stats_gateway::gateway::throttle::Rate;
 use deadline_stats_gateway::gateway::{Gateway, GatewayConfig};
 use deadline_stats_gateway::grpc::pb;
@@ -95,27 +96,11 @@ pub async fn gateway_over(
     serve_gateway(emu, gateway, metrics).await
 }
 
-/// One replica of a gateway whose coordination store is `store` (shared with other replicas in
-/// the same test), in front of `emu` through the real SDK.
-pub async fn replica(
-    emu: Arc<EmulatorHandle>,
-    config: GatewayConfig,
-    store: Arc<dyn deadline_stats_gateway::gateway::store::AggregationStore>,
-    results: Arc<deadline_stats_gateway::gateway::results::ResultsCache>,
-    wakeups: Arc<deadline_stats_gateway::gateway::wakeups::Wakeups>,
-) -> TestGateway {
+/// One replica of a gateway on `coordination` (whose store other replicas in the same test
+/// may share), in front of `emu` through the real SDK.
+pub async fn replica(emu: Arc<EmulatorHandle>, config: GatewayConfig, coordination: Coordination) -> TestGateway {
     let upstream = Arc::new(sdk(&emu.endpoint_url()).await);
     let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
-    let epoch = store.epoch().await.expect("the store answers");
-    let coordination = deadline_stats_gateway::gateway::Coordination {
-        epoch,
-        store,
-        results,
-        wakeups,
-        start_rate: None,
-        get_rate: None,
-        relay: None,
-    };
     let gateway = Arc::new(Gateway::with_store(
         config,
         coordination,
@@ -124,6 +109,25 @@ pub async fn replica(
         deadline_stats_gateway::grpc::convert::encode_row,
     ));
     serve_gateway(emu, gateway, metrics).await
+}
+
+/// The coordination of one replica on the Redis at `url` (its own connection, results cache
+/// and wake-ups), as `serve --store redis` builds it.
+pub async fn on_redis(url: &str, config: &GatewayConfig) -> Coordination {
+    Coordination::redis(&config.coordination(), url, "dsg:").await.expect("connects to redis-server")
+}
+
+/// The coordination of one more replica on an in-memory `store` that several share (a test
+/// of what replicas do, without Redis): its results cache and wake-ups are the store's.
+pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordination {
+    Coordination {
+        store: store.clone(),
+        results: store.results(),
+        wakeups: wakeups.clone(),
+        start_rate: None,
+        get_rate: None,
+        epoch: None,
+    }
 }
 
 /// Serves `gateway` on a loopback port.

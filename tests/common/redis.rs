@@ -110,3 +110,25 @@ fn pong(port: u16) -> bool {
     let mut answer = [0u8; 7];
     stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
 }
+
+impl RedisServer {
+    /// Sends one command (as RESP) on a connection of its own and returns the first line of the
+    /// answer (`+OK`, `:1`, `$5`…); an error reply or no answer is `Err`.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        let mut command = format!("*{}\r\n", args.len());
+        for arg in args {
+            command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(command.as_bytes()).map_err(|e| e.to_string())?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            line.push(byte[0]);
+        }
+        let line = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+        if line.starts_with('-') { Err(line) } else { Ok(line) }
+    }
+}

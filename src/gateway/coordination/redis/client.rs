@@ -1,25 +1,22 @@
-//! Coordination shared by replicas through Redis (or Valkey, ElastiCache, MemoryDB): farm
-//! leases with fencing tokens, and the upstream rate shared by every replica. Each operation is
-//! one Lua script, so it is atomic however many replicas race; time comes from Redis itself
-//! (`PX` expiry, `TIME`), never from a replica's clock.
+//! The connection to the shared Redis (or Valkey, ElastiCache, MemoryDB) and what it shares
+//! besides the store: farm leases with fencing tokens, the upstream rates every replica paces
+//! together, and the change notifications relayed to this replica's wake-ups. Each operation
+//! is one Lua script ([`super::scripts`]), atomic however many replicas race; time comes from
+//! Redis itself (`PX` expiry, `TIME`), never from a replica's clock.
 //!
-//! Keys (under the configurable prefix, `dsg:` by default) carry a hash tag per farm, so a
-//! farm's keys stay in one slot of a cluster:
-//! - `{prefix}{farm-…}:lease`: `token:holder`, expiring with the lease;
-//! - `{prefix}{farm-…}:fence`: the farm's newest token (`INCR`), never expiring;
-//! - `{prefix}rate:{name}`: a GCRA's theoretical arrival time, in microseconds;
-//! - `{prefix}changes`: the channel on which an aggregation's id is published when it changes.
-//!
-//! A replica keeps one subscription to the channel and fans it out to its local waiters
-//! ([`super::wakeups::Wakeups`]); after every (re)connect it wakes them all, since messages
-//! published while it was disconnected are lost.
+//! A replica keeps one subscription to the changes channel and fans it out to its local
+//! waiters ([`Wakeups`]); after every (re)connect it wakes them all, since messages published
+//! while it was disconnected are lost.
 
-use super::error::StoreError;
-use super::lease::{FarmLeases, Lease};
-use super::throttle::{Rate, RateSource};
-use super::wakeups::Wakeups;
+use super::keys::Keys;
+use super::scripts::{ACQUIRE, EPOCH, GCRA, RELEASE, RENEW};
+use crate::gateway::coordination::StoreError;
+use crate::gateway::coordination::lease::{FarmLeases, Lease};
+use crate::gateway::coordination::pacing::RateSource;
+use crate::gateway::coordination::wakeups::Wakeups;
+use crate::gateway::throttle::Rate;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -28,95 +25,27 @@ use tokio_util::sync::CancellationToken;
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Takes the lease if nobody holds it; its token is the farm's next fence.
-/// KEYS: lease, fence. ARGV: holder, ttl in ms. Returns the token, or nil.
-static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-        local token = redis.call('INCR', KEYS[2])
-        redis.call('SET', KEYS[1], token .. ':' .. ARGV[1], 'PX', ARGV[2])
-        return token
-        ",
-    )
-});
-
-/// Extends the lease while it is still held under this token. KEYS: lease. ARGV: `token:holder`,
-/// ttl in ms. Returns 1 or 0.
-static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) == ARGV[1] then
-            redis.call('PEXPIRE', KEYS[1], ARGV[2])
-            return 1
-        end
-        return 0
-        ",
-    )
-});
-
-/// Drops the lease if it is still held under this token. KEYS: lease. ARGV: `token:holder`.
-static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-        return 0
-        ",
-    )
-});
-
-/// GCRA: takes a token, or returns how many microseconds until one is due.
-/// KEYS: the rate's key. ARGV: emission interval µs, tolerance µs (interval × (burst − 1)).
-static EPOCH: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        -- KEYS: epoch. ARGV: a fresh random epoch, taken when there is none.
-        local e = redis.call('GET', KEYS[1])
-        if e then return e end
-        redis.call('SET', KEYS[1], ARGV[1])
-        return ARGV[1]
-        ",
-    )
-});
-
-static GCRA: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-        local interval = tonumber(ARGV[1])
-        local tolerance = tonumber(ARGV[2])
-        local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-        if tat < now then tat = now end
-        local early = tat - now - tolerance
-        if early > 0 then return math.ceil(early) end
-        local next_tat = tat + interval
-        redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
-        return 0
-        ",
-    )
-});
-
-/// A connection to the shared Redis, reconnecting by itself, and the key prefix of this
-/// gateway's data there.
+/// A connection to the shared Redis, reconnecting by itself, and the names of this gateway's
+/// keys there.
 #[derive(Clone)]
-pub struct RedisCoordination {
+pub struct RedisClient {
     client: redis::Client,
-    pub(crate) conn: ConnectionManager,
-    pub(crate) prefix: String,
+    conn: ConnectionManager,
+    pub(crate) keys: Keys,
 }
 
-impl std::fmt::Debug for RedisCoordination {
+impl std::fmt::Debug for RedisClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisCoordination").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("RedisClient").field("keys", &self.keys).finish_non_exhaustive()
     }
 }
 
+/// A Redis error as the store's: it could not be reached or did not answer.
 pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable(Arc::new(e))
 }
 
-impl RedisCoordination {
+impl RedisClient {
     /// Connects to `url` (`redis://` or `rediss://` for TLS) and keeps its keys under `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
@@ -124,7 +53,12 @@ impl RedisCoordination {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECTION_TIMEOUT));
         let conn = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
-        Ok(Self { client, conn, prefix: prefix.to_owned() })
+        Ok(Self { client, conn, keys: Keys::new(prefix) })
+    }
+
+    /// A handle on the shared connection.
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// The generation of the shared state: a random number kept in Redis, made anew when it is
@@ -132,12 +66,12 @@ impl RedisCoordination {
     /// minted under the old one can be told apart from ids that never existed.
     pub async fn epoch(&self) -> Result<u32, StoreError> {
         let epoch: String = EPOCH
-            .key(format!("{}epoch", self.prefix))
+            .key(self.keys.epoch())
             .arg(rand::random::<u32>())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        epoch.parse().map_err(|_| StoreError::Protocol(format!("the stored epoch '{epoch}' is not a number")))
+        epoch.parse().map_err(|e| StoreError::corrupt(format!("the epoch {epoch:?}"), e))
     }
 
     /// Refuses a Redis that may evict keys: leases, fences and records must never be evicted,
@@ -147,44 +81,21 @@ impl RedisCoordination {
     pub async fn check_eviction_policy(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(unavailable)?;
-        let policy = info
-            .lines()
-            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-            .map(str::trim)
-            .ok_or_else(|| StoreError::Protocol("INFO memory names no maxmemory_policy".into()))?;
-        if policy == "noeviction" {
-            Ok(())
-        } else {
-            Err(StoreError::Misconfigured(format!(
-                "Redis maxmemory-policy is {policy}: it may evict the gateway's leases and records; set it to noeviction"
-            )))
-        }
-    }
-
-    pub(crate) fn changes_channel(&self) -> String {
-        format!("{}changes", self.prefix)
-    }
-
-    /// Tells every replica that aggregation `id` changed.
-    pub async fn publish_change(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(self.changes_channel())
-            .arg(id)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let policy =
+            info.lines().find_map(|l| l.strip_prefix("maxmemory_policy:")).map(str::trim).ok_or_else(|| {
+                StoreError::UnexpectedAnswer { script: "INFO memory", answer: "no maxmemory_policy".into() }
+            })?;
+        if policy == "noeviction" { Ok(()) } else { Err(StoreError::EvictionPolicy { policy: policy.to_owned() }) }
     }
 
     /// Relays every published change to `wakeups` until `stop` fires: one subscription,
     /// re-made after any loss (with backoff), and every waiter woken after each (re)connect.
-    pub async fn relay_changes(&self, wakeups: std::sync::Arc<Wakeups>, stop: CancellationToken) {
+    pub async fn relay_changes(&self, wakeups: Arc<Wakeups>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let subscribed = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(self.changes_channel()).await?;
+                pubsub.subscribe(self.keys.changes()).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             match tokio::select! { s = subscribed => s, () = stop.cancelled() => return } {
@@ -218,17 +129,13 @@ impl RedisCoordination {
         }
     }
 
-    pub(crate) fn farm_key(&self, farm: &str, what: &str) -> String {
-        format!("{}{{{farm}}}:{what}", self.prefix)
-    }
-
     /// A rate shared by every replica under `name`; `None` when `rate` does not pace.
     pub fn rate(&self, name: &str, rate: Rate) -> Option<RedisRate> {
         let (interval, burst) = rate.interval_and_burst()?;
         let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX).max(1);
         Some(RedisRate {
             redis: self.clone(),
-            key: format!("{}rate:{name}", self.prefix),
+            key: self.keys.rate(name),
             interval_us,
             tolerance_us: interval_us.saturating_mul(u64::from(burst.saturating_sub(1))),
         })
@@ -244,12 +151,12 @@ fn millis(ttl: Duration) -> u64 {
 }
 
 #[async_trait::async_trait]
-impl FarmLeases for RedisCoordination {
+impl FarmLeases for RedisClient {
     async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let mut conn = self.conn.clone();
         let token: Option<u64> = ACQUIRE
-            .key(self.farm_key(farm, "lease"))
-            .key(self.farm_key(farm, "fence"))
+            .key(self.keys.lease(farm))
+            .key(self.keys.fence(farm))
             .arg(holder)
             .arg(millis(ttl))
             .invoke_async(&mut conn)
@@ -261,7 +168,7 @@ impl FarmLeases for RedisCoordination {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let renewed: i64 = RENEW
-            .key(self.farm_key(&lease.farm, "lease"))
+            .key(self.keys.lease(&lease.farm))
             .arg(owner(lease))
             .arg(millis(ttl))
             .invoke_async(&mut conn)
@@ -273,7 +180,7 @@ impl FarmLeases for RedisCoordination {
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = RELEASE
-            .key(self.farm_key(&lease.farm, "lease"))
+            .key(self.keys.lease(&lease.farm))
             .arg(owner(lease))
             .invoke_async(&mut conn)
             .await
@@ -283,18 +190,15 @@ impl FarmLeases for RedisCoordination {
 
     async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let fence: Option<u64> = redis::cmd("GET")
-            .arg(self.farm_key(&lease.farm, "fence"))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let fence: Option<u64> =
+            redis::cmd("GET").arg(self.keys.fence(&lease.farm)).query_async(&mut conn).await.map_err(unavailable)?;
         Ok(fence == Some(lease.token))
     }
 }
 
 /// A token bucket shared by every replica: a GCRA in Redis.
 pub struct RedisRate {
-    redis: RedisCoordination,
+    redis: RedisClient,
     key: String,
     interval_us: u64,
     tolerance_us: u64,

@@ -3,10 +3,10 @@
 //! holder makes is checked against the farm's newest token, so a holder that paused past its
 //! lease (and was replaced) can no longer change anything.
 //!
-//! [`MemoryLeases`] serves one process; `gateway::redis::RedisCoordination` shares leases
+//! [`MemoryLeases`] serves one process; [`super::redis::RedisClient`] shares leases
 //! between replicas. Both pass the same conformance suite (`tests/coordination.rs`).
 
-use super::error::StoreError;
+use super::StoreError;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! With the in-memory store this is where rows live; with a shared store it is the near-cache
 //! in front of it, so cache-hit Gets never leave the process.
 
-use super::record::{AggregationId, AggregationRecord, Rows};
+use crate::gateway::record::{AggregationId, AggregationRecord, Rows};
 use bytes::Bytes;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;

@@ -1,0 +1,368 @@
+//! Coordination: what makes many callers, and many replicas, one gateway. The contract is the
+//! [`AggregationStore`] trait of owned records: claim a key (start, join or answer from cache),
+//! read an id, and, for a farm's lease holder, take the head of its queue and write the
+//! aggregation's next state, fenced by the lease's token.
+//!
+//! - [`policy`]: every rule a store follows (freshness, bounds, queue order, refresh
+//!   eligibility), written once; the Redis scripts mirror it.
+//! - [`memory`]: the store of one process, its rows in the [`results`] cache.
+//! - [`redis`]: the store shared by replicas through Redis, its Lua scripts in files.
+//! - [`lease`]: farm leases with fencing tokens.
+//! - [`results`]: this replica's results cache (where the memory store keeps rows; the Redis
+//!   store's near-cache).
+//! - [`wakeups`]: this replica's long-poll and watch wake-ups.
+//! - [`run_model`]: each farm's observed run times.
+//! - [`pacing`]: where the gateway's upstream calls take their pacing tokens.
+//!
+//! [`Coordination`] is what a backend gives the gateway; the gateway never names a backend.
+//! Nothing here knows of tonic, the SDK, spans or metrics.
+
+pub mod lease;
+pub mod memory;
+pub mod pacing;
+pub mod policy;
+pub mod redis;
+pub mod results;
+pub mod run_model;
+pub mod wakeups;
+
+pub use lease::{FarmLeases, Lease};
+pub use memory::MemoryStore;
+pub use policy::{Freshness, Limits};
+pub use results::{CachedResult, ResultsCache};
+pub use run_model::RunModel;
+pub use wakeups::Wakeups;
+
+use super::key::CanonicalKey;
+use super::record::{AggregationId, AggregationRecord, Rows};
+use super::throttle::Rate;
+use pacing::{LocalRate, RateSource};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// How a Start was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// A new aggregation was queued.
+    Started,
+    /// An identical aggregation is queued or running.
+    Joined,
+    /// An identical aggregation is terminal and still valid.
+    Cached,
+}
+
+/// An aggregation as a read finds it.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// Queued or running, with how many aggregations are ahead of it on its farm.
+    Active {
+        record: Arc<AggregationRecord>,
+        queue_position: u32,
+    },
+    /// Terminal and readable: COMPLETED with its rows, or FAILED / TIMED_OUT (a failure stays
+    /// readable after its TTL, so its id still says why).
+    Terminal(Arc<CachedResult>),
+    /// Its results passed their validity at this time.
+    Expired(SystemTime),
+    /// Its results were dropped to stay within the memory budget.
+    Evicted,
+    /// COMPLETED, but the store lost its rows (a shared store's eviction or failover) while
+    /// the record survived: the rows can be fetched again with its upstream id.
+    RowsLost(Arc<AggregationRecord>),
+    Unknown,
+}
+
+impl Found {
+    /// A terminal result as a read finds it at `now`: an expired COMPLETED one says when it
+    /// expired.
+    pub fn terminal(result: Arc<CachedResult>, now: SystemTime) -> Self {
+        let r = &result.record;
+        match r.expire_time {
+            Some(at) if r.state == super::State::Completed && now >= at => Self::Expired(at),
+            _ => Self::Terminal(result),
+        }
+    }
+}
+
+/// What a claim answers with.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub record: Arc<AggregationRecord>,
+    /// While QUEUED: how many aggregations are ahead of it on its farm.
+    pub queue_position: u32,
+    pub disposition: Disposition,
+}
+
+/// Whether a fenced write landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// A newer lease holder exists, or the aggregation is no longer active: the writer must
+    /// stop.
+    Fenced,
+}
+
+/// Queue depth and running count of one farm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FarmLoad {
+    /// Aggregations waiting behind the running one (all of the queue when none runs).
+    pub queued: usize,
+    /// 1 while the farm's head runs upstream.
+    pub running: usize,
+}
+
+impl FarmLoad {
+    /// A farm whose queue holds `len` aggregations, its head running or not.
+    pub fn of(len: usize, head_running: bool) -> Self {
+        let running = usize::from(head_running && len > 0);
+        Self { queued: len - running, running }
+    }
+}
+
+/// What a store holds, the same on every store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Queued and running aggregations.
+    pub active: usize,
+    /// Results in this replica's results cache, and their bytes.
+    pub cached: u64,
+    pub cached_bytes: u64,
+    /// Cached results dropped at the end of their validity, since start.
+    pub expirations: u64,
+    /// Cached results dropped to stay within the memory budget, since start.
+    pub evictions: u64,
+    /// Farms with work.
+    pub farms: HashMap<String, FarmLoad>,
+    /// Whether the store answered its last housekeeping (always, in memory).
+    pub up: bool,
+}
+
+/// Who else sees a store's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// This process alone: its state lives and dies with it.
+    Local,
+    /// Every replica on the same store: a farm may be taken over by another replica, and the
+    /// state can be lost apart from this process (it then begins a new epoch).
+    Shared,
+}
+
+/// A gateway-wide bound a claim may meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bound {
+    /// `--max-active-aggregations`.
+    ActiveAggregations,
+    /// `--max-farms`.
+    Farms,
+}
+
+impl Bound {
+    /// The setting's name, as metrics and refusals say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ActiveAggregations => "max_active_aggregations",
+            Self::Farms => "max_farms",
+        }
+    }
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a claim queued nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClaimError {
+    #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
+    QueueFull { farm_id: String, capacity: usize },
+    #[error("the gateway holds as much work as it is allowed ({bound} = {limit})")]
+    Busy { bound: Bound, limit: usize },
+    /// The shared store lost its state since the id was minted: mint one in the new epoch.
+    #[error("the shared store lost its state and began a new epoch since this replica last looked")]
+    NewEpoch,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The cause of a store error, whatever the backend.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// It could not be reached, or did not answer in time.
+    #[error("the shared store is unavailable: {0}")]
+    Unavailable(#[source] Cause),
+    /// It holds something this gateway cannot read: a record of another version, an edit by hand.
+    #[error("the shared store holds {what} that this gateway cannot read")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    /// A script answered something it never answers.
+    #[error("the shared store's {script} script answered {answer:?}")]
+    UnexpectedAnswer { script: &'static str, answer: String },
+    /// It may evict keys: leases, fences and records must never be evicted.
+    #[error("Redis maxmemory-policy is {policy}: it may evict the gateway's leases and records; set it to noeviction")]
+    EvictionPolicy { policy: String },
+}
+
+impl StoreError {
+    pub(crate) fn corrupt(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Corrupt { what: what.into(), source: Some(Arc::new(source)) }
+    }
+}
+
+/// The coordination state of the gateway.
+#[async_trait::async_trait]
+pub trait AggregationStore: Send + Sync + 'static {
+    /// The farm leases whose tokens fence this store's writes.
+    fn leases(&self) -> &dyn FarmLeases;
+
+    /// Atomically finds the live aggregation for `key` that `freshness` accepts, or queues a
+    /// new one named `id` in its farm's queue ([`policy::caller_slot`]), within `limits`
+    /// ([`policy::admit`]).
+    async fn claim(
+        &self,
+        key: &CanonicalKey,
+        freshness: &Freshness,
+        limits: &Limits,
+        id: AggregationId,
+    ) -> Result<Claimed, ClaimError>;
+
+    /// Looks up an aggregation by id.
+    async fn read(&self, id: &str) -> Result<Found, StoreError>;
+
+    /// The aggregation at the head of `farm`'s queue: the one its lease holder drives.
+    async fn head(&self, farm: &str) -> Result<Option<Arc<AggregationRecord>>, StoreError>;
+
+    /// The first `count` aggregations of `farm`'s queue, its head first.
+    async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
+
+    /// Farms with queued or running aggregations.
+    async fn farms_with_work(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Writes the next state of an active aggregation, if `lease` is still current.
+    async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError>;
+
+    /// Writes a terminal state (and, when COMPLETED, its rows), takes it off its farm's queue
+    /// and keeps it until its expiry; if `lease` is still current.
+    async fn finish(&self, lease: &Lease, record: AggregationRecord, rows: Option<Rows>)
+    -> Result<Written, StoreError>;
+
+    /// Puts back the rows of a COMPLETED aggregation that the store lost ([`Found::RowsLost`],
+    /// fetched again from the upstream), unless it has them already; rows are immutable, so
+    /// any replica may write them and no fence is needed. A store that never loses rows keeps
+    /// nothing. The result, for this replica's results cache.
+    async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
+        Ok(Arc::new(CachedResult::new(record, Some(rows))))
+    }
+
+    /// Refresh-ahead: queues a refresh of each COMPLETED result that expires by `due_by`, as
+    /// [`policy::refresh_verdict`] says; each named by `mint`. A due result is refreshed once,
+    /// whichever replica asks. The refreshes queued.
+    ///
+    /// A refresh waits behind callers' aggregations (a Start queued later goes before it), is
+    /// joined by a Start of its key that the old result no longer answers, and, COMPLETED,
+    /// becomes what its key answers.
+    async fn start_refreshes(
+        &self,
+        due_by: SystemTime,
+        min_hits: u32,
+        limits: &Limits,
+        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+    ) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
+
+    /// What has been observed of `farm`'s run times, if anything.
+    async fn run_model(&self, farm: &str) -> Result<Option<RunModel>, StoreError>;
+
+    /// Adds a run of `size` that took `took` to `farm`'s run model ([`RunModel::observe`]).
+    async fn observe_run(&self, farm: &str, size: u64, took: Duration) -> Result<(), StoreError>;
+
+    /// Drops what has expired and counts what is held, for [`Self::stats`].
+    async fn housekeeping(&self);
+
+    /// What it held at the last housekeeping (the results cache: now).
+    fn stats(&self) -> StoreStats;
+
+    /// Who else sees this store's state.
+    fn topology(&self) -> Topology {
+        Topology::Local
+    }
+
+    /// The generation of a shared store's state, new after the state was lost (the store
+    /// restarted empty); ids are tagged with it. `None`: the state lives and dies with this
+    /// process.
+    async fn epoch(&self) -> Result<Option<u32>, StoreError> {
+        Ok(None)
+    }
+
+    /// Starts what the store needs in the background (a shared store: relaying other
+    /// replicas' changes to this replica's wake-ups) until `stop` fires.
+    fn spawn_background(&self, stop: CancellationToken) {
+        let _ = stop;
+    }
+}
+
+/// What a gateway coordinates through, as a backend builds it: the store, this replica's
+/// results cache and wake-ups, and where its upstream pacing tokens come from.
+pub struct Coordination {
+    pub store: Arc<dyn AggregationStore>,
+    pub results: Arc<ResultsCache>,
+    pub wakeups: Arc<Wakeups>,
+    pub start_rate: Option<Arc<dyn RateSource>>,
+    pub get_rate: Option<Arc<dyn RateSource>>,
+    /// The store's epoch when it was connected, which ids are tagged with.
+    pub epoch: Option<u32>,
+}
+
+/// What a backend is built with.
+#[derive(Debug, Clone, Copy)]
+pub struct CoordinationSettings {
+    /// The results cache's memory budget, in bytes.
+    pub cache_max_bytes: u64,
+    /// How long a finished result is held whatever the budget.
+    pub result_grace: Duration,
+    /// The pacing of upstream Starts and Gets.
+    pub upstream_start: Rate,
+    pub upstream_get: Rate,
+}
+
+impl Coordination {
+    /// Everything in this process: the in-memory store (its rows in the results cache) and
+    /// pacing buckets of this process.
+    pub fn memory(settings: &CoordinationSettings) -> Self {
+        let wakeups = Arc::new(Wakeups::default());
+        let store = Arc::new(MemoryStore::new(settings.cache_max_bytes, settings.result_grace, wakeups.clone()));
+        let local = |rate| LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
+        Self {
+            results: store.results(),
+            store,
+            wakeups,
+            start_rate: local(settings.upstream_start),
+            get_rate: local(settings.upstream_get),
+            epoch: None,
+        }
+    }
+
+    /// Shared by every replica through the Redis at `url`, under `prefix`: records, queues,
+    /// leases, rows, the upstream rates and change notifications; a results cache of this
+    /// replica in front. Refuses a Redis that may evict keys.
+    pub async fn redis(settings: &CoordinationSettings, url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::RedisClient::connect(url, prefix).await?;
+        client.check_eviction_policy().await?;
+        let epoch = Some(client.epoch().await?);
+        let wakeups = Arc::new(Wakeups::default());
+        let results = Arc::new(ResultsCache::new(settings.cache_max_bytes, settings.result_grace, Box::new(|_, _| {})));
+        let shared = |name, rate| client.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
+        let start_rate = shared("upstream-start", settings.upstream_start);
+        let get_rate = shared("upstream-get", settings.upstream_get);
+        let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone()));
+        Ok(Self { store, results, wakeups, start_rate, get_rate, epoch })
+    }
+}

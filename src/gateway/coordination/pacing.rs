@@ -1,0 +1,119 @@
+//! Pacing of the gateway's own upstream traffic: a [`Pacer`] waits (never refuses) for tokens
+//! from a [`RateSource`]: a bucket of this process ([`LocalRate`]) or one shared by every
+//! replica ([`super::redis::RedisRate`], a GCRA updated atomically in Redis), since the
+//! upstream's quota is per account, not per pod.
+
+use super::StoreError;
+use crate::gateway::throttle::Rate;
+use governor::DefaultDirectRateLimiter;
+use governor::clock::{Clock, DefaultClock};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a pacer's tokens come from.
+#[async_trait::async_trait]
+pub trait RateSource: Send + Sync + 'static {
+    /// Takes a token now (`None`), or says how long until the next one is due.
+    async fn try_take(&self) -> Result<Option<Duration>, StoreError>;
+}
+
+/// A token bucket of this process.
+pub struct LocalRate {
+    limiter: DefaultDirectRateLimiter,
+    clock: DefaultClock,
+}
+
+impl LocalRate {
+    /// `None` when `rate` is zero: nothing to pace.
+    pub fn new(rate: Rate) -> Option<Self> {
+        Some(Self { limiter: DefaultDirectRateLimiter::direct(rate.quota()?), clock: DefaultClock::default() })
+    }
+}
+
+#[async_trait::async_trait]
+impl RateSource for LocalRate {
+    async fn try_take(&self) -> Result<Option<Duration>, StoreError> {
+        Ok(self.limiter.check().err().map(|not_until| not_until.wait_time_from(self.clock.now())))
+    }
+}
+
+/// What the gateway's own upstream calls wait on, served in arrival order.
+///
+/// Each farm's worker has at most one call waiting at a time, so first-come-first-served is
+/// round-robin across farms: a farm with a long backlog gets one turn per round like any other.
+pub struct Pacer {
+    source: Option<Arc<dyn RateSource>>,
+    /// The line: tokio's mutex hands itself to waiters in the order they asked.
+    line: tokio::sync::Mutex<()>,
+}
+
+/// The longest pause between attempts when the rate source cannot be reached.
+const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+impl Pacer {
+    /// Paces at `rate` in this process; a zero rate does not pace.
+    pub fn new(rate: Rate) -> Self {
+        Self::with_source(LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>))
+    }
+
+    /// Paces on `source`; `None` does not pace.
+    pub fn with_source(source: Option<Arc<dyn RateSource>>) -> Self {
+        Self { source, line: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Waits for a token, behind every caller of this process that asked before. While the
+    /// source cannot be reached it keeps trying (a shared source's holder loses its farm lease
+    /// meanwhile and is stopped by that, not by this).
+    pub async fn ready(&self) {
+        let Some(source) = &self.source else { return };
+        let _turn = self.line.lock().await;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match source.try_take().await {
+                Ok(None) => return,
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "no upstream pacing token: the rate source is unreachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(UNREACHABLE_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_upstream_pacer_waits_instead_of_refusing() {
+        let pacer = Pacer::new(Rate { per_second: 20.0, burst: 1 });
+        let begin = std::time::Instant::now();
+        for _ in 0..5 {
+            pacer.ready().await;
+        }
+        assert!(begin.elapsed() >= Duration::from_millis(190), "five calls at 20/s need four gaps of 50 ms");
+    }
+
+    #[tokio::test]
+    async fn the_upstream_pacer_serves_waiters_in_arrival_order() {
+        let pacer = std::sync::Arc::new(Pacer::new(Rate { per_second: 50.0, burst: 1 }));
+        pacer.ready().await;
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for farm in 0..8 {
+            let (pacer, order) = (pacer.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                pacer.ready().await;
+                order.lock().expect("lock").push(farm);
+            }));
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for w in waiters {
+            w.await.expect("waiter");
+        }
+        assert_eq!(*order.lock().expect("lock"), (0..8).collect::<Vec<_>>(), "first come, first served");
+    }
+}

@@ -1,0 +1,210 @@
+//! How a record is stored in Redis: JSON of plain values (a version of the gateway that adds a
+//! field reads records without it), the state and failure codes by name, times in
+//! milliseconds since the epoch, and the canonical request as one string (the key index's name).
+
+use crate::domain::{AggregationRequest, GroupBy, Period, Resources, Statistic, Timezone};
+use crate::gateway::coordination::StoreError;
+use crate::gateway::key::CanonicalKey;
+use crate::gateway::record::{AggregationRecord, Failure, FailureCode, State};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+pub(crate) fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or_default())
+}
+
+/// The name of a state, as scripts compare it.
+pub(crate) fn state_name(s: State) -> &'static str {
+    match s {
+        State::Queued => "QUEUED",
+        State::Running => "RUNNING",
+        State::Completed => "COMPLETED",
+        State::Failed => "FAILED",
+        State::TimedOut => "TIMED_OUT",
+    }
+}
+
+const STATES: [State; 5] = [State::Queued, State::Running, State::Completed, State::Failed, State::TimedOut];
+
+const CODES: [(FailureCode, &str); 9] = [
+    (FailureCode::InvalidArgument, "INVALID_ARGUMENT"),
+    (FailureCode::NotFound, "NOT_FOUND"),
+    (FailureCode::PermissionDenied, "PERMISSION_DENIED"),
+    (FailureCode::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (FailureCode::FailedPrecondition, "FAILED_PRECONDITION"),
+    (FailureCode::Aborted, "ABORTED"),
+    (FailureCode::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+    (FailureCode::Unavailable, "UNAVAILABLE"),
+    (FailureCode::Internal, "INTERNAL"),
+];
+
+/// The canonical request as one string: the key index's name.
+pub(crate) fn canonical(key: &CanonicalKey) -> String {
+    let whole = if key.may_split() { "" } else { "|no-split" };
+    format!("{}{whole}", canonical_request(key.request()))
+}
+
+fn canonical_request(r: &AggregationRequest) -> String {
+    let (kind, ids) = match &r.resources {
+        Resources::Queues(ids) => ("q", ids),
+        Resources::Fleets(ids) => ("f", ids),
+    };
+    let list = |v: Vec<&str>| v.join(",");
+    format!(
+        "{}|{kind}:{}|{}|{}|{}|{}|{}|{}",
+        r.farm_id,
+        ids.join(","),
+        r.start_time.timestamp_millis(),
+        r.end_time.timestamp_millis(),
+        r.timezone.map(|t| t.to_string()).unwrap_or_default(),
+        r.period.map(Period::as_str).unwrap_or_default(),
+        list(r.group_by.iter().map(|g| g.as_str()).collect()),
+        list(r.statistics.iter().map(|s| s.as_str()).collect()),
+    )
+}
+
+/// A record as it is stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire {
+    id: String,
+    farm_id: String,
+    fleets: bool,
+    resource_ids: Vec<String>,
+    start_ms: i64,
+    end_ms: i64,
+    timezone: Option<String>,
+    period: Option<String>,
+    group_by: Vec<String>,
+    statistics: Vec<String>,
+    state: String,
+    upstream_id: Option<String>,
+    status_message: String,
+    error: Option<(String, String)>,
+    create_ms: i64,
+    expire_ms: Option<i64>,
+    data_ms: Option<i64>,
+    running_ms: Option<i64>,
+    row_count: u64,
+    #[serde(default)]
+    parts: u32,
+    #[serde(default)]
+    no_split: bool,
+    #[serde(default)]
+    refresh: bool,
+    #[serde(default)]
+    estimate_ms: Option<i64>,
+}
+
+/// A record as it is stored.
+pub(crate) fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
+    let q = r.key.request();
+    let (fleets, ids) = match &q.resources {
+        Resources::Queues(ids) => (false, ids.clone()),
+        Resources::Fleets(ids) => (true, ids.clone()),
+    };
+    let wire = Wire {
+        id: r.id.to_string(),
+        farm_id: q.farm_id.clone(),
+        fleets,
+        resource_ids: ids,
+        start_ms: q.start_time.timestamp_millis(),
+        end_ms: q.end_time.timestamp_millis(),
+        timezone: q.timezone.map(|t| t.to_string()),
+        period: q.period.map(|p| p.as_str().to_owned()),
+        group_by: q.group_by.iter().map(|g| g.as_str().to_owned()).collect(),
+        statistics: q.statistics.iter().map(|s| s.as_str().to_owned()).collect(),
+        state: state_name(r.state).to_owned(),
+        upstream_id: r.upstream_id.clone(),
+        status_message: r.status_message.clone(),
+        error: r.error.as_ref().map(|e| {
+            let code = CODES.iter().find(|(c, _)| *c == e.code).map_or("INTERNAL", |(_, n)| n);
+            (code.to_owned(), e.message.clone())
+        }),
+        create_ms: millis(r.create_time),
+        expire_ms: r.expire_time.map(millis),
+        data_ms: r.data_time.map(millis),
+        running_ms: r.running_since.map(millis),
+        row_count: r.row_count,
+        parts: r.parts,
+        no_split: !r.key.may_split(),
+        refresh: r.refresh,
+        estimate_ms: r.estimated_completion.map(millis),
+    };
+    serde_json::to_string(&wire).map_err(|e| StoreError::corrupt(format!("the record of {}", r.id), e))
+}
+
+/// A stored record; one that does not decode is [`StoreError::Corrupt`].
+pub(crate) fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
+    let bad = |what: &str| StoreError::Corrupt { what: format!("a record with {what}"), source: None };
+    let w: Wire = serde_json::from_str(json).map_err(|e| StoreError::corrupt("a record", e))?;
+    let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).ok_or_else(|| bad("a bad time"));
+    let request = AggregationRequest {
+        farm_id: w.farm_id,
+        resources: if w.fleets { Resources::Fleets(w.resource_ids) } else { Resources::Queues(w.resource_ids) },
+        start_time: time(w.start_ms)?,
+        end_time: time(w.end_ms)?,
+        timezone: w.timezone.map(|t| Timezone::parse(&t).ok_or_else(|| bad("a bad timezone"))).transpose()?,
+        period: w.period.map(|p| Period::parse(&p).ok_or_else(|| bad("a bad period"))).transpose()?,
+        group_by: w
+            .group_by
+            .iter()
+            .map(|g| GroupBy::parse(g).ok_or_else(|| bad("a bad group")))
+            .collect::<Result<_, _>>()?,
+        statistics: w
+            .statistics
+            .iter()
+            .map(|s| Statistic::parse(s).ok_or_else(|| bad("a bad statistic")))
+            .collect::<Result<_, _>>()?,
+    };
+    let state = STATES.into_iter().find(|s| state_name(*s) == w.state).ok_or_else(|| bad("a bad state"))?;
+    let error = w
+        .error
+        .map(|(code, message)| {
+            let code = CODES.iter().find(|(_, n)| *n == code).map(|(c, _)| *c).ok_or_else(|| bad("a bad code"))?;
+            Ok::<_, StoreError>(Failure { code, message })
+        })
+        .transpose()?;
+    Ok(AggregationRecord {
+        id: w.id.into(),
+        key: if w.no_split { CanonicalKey::new(&request).no_split() } else { CanonicalKey::new(&request) },
+        state,
+        upstream_id: w.upstream_id,
+        status_message: w.status_message,
+        error,
+        create_time: from_millis(w.create_ms),
+        expire_time: w.expire_ms.map(from_millis),
+        data_time: w.data_ms.map(from_millis),
+        running_since: w.running_ms.map(from_millis),
+        row_count: w.row_count,
+        parts: w.parts,
+        refresh: w.refresh,
+        estimated_completion: w.estimate_ms.map(from_millis),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_survives_its_wire_form() {
+        let key = crate::gateway::key::test_key(1, 2);
+        let mut r = AggregationRecord::queued("agg-1".into(), key);
+        r.state = State::Failed;
+        r.error = Some(Failure { code: FailureCode::Unavailable, message: "gone".into() });
+        r.expire_time = Some(from_millis(1_800_000_000_123));
+        r.running_since = Some(from_millis(1_800_000_000_000));
+        r.create_time = from_millis(millis(r.create_time));
+        r.parts = 3;
+        let back = from_json(&to_json(&r).expect("encodes")).expect("decodes");
+        assert_eq!(back, r);
+        r.key = r.key.clone().no_split();
+        let back = from_json(&to_json(&r).expect("encodes")).expect("decodes");
+        assert!(!back.key.may_split(), "a request that refused a split stays so");
+        assert!(from_json("{}").is_err());
+    }
+}
