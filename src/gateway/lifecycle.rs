@@ -24,7 +24,7 @@ use super::coordination::pacing::Pacer;
 use super::coordination::{AggregationStore, Found, Written};
 use super::record::{AggregationRecord, Failure, FailureCode, State};
 use super::rows::{RowBlock, RowBlockBuilder, RowEncoder};
-use super::scheduler::{BoxFuture, Runner};
+use super::scheduler::{Abandoned, BoxFuture, Runner};
 use super::spans::Spans;
 use crate::domain::{AggregationRequest, AggregationStatus};
 use crate::telemetry::Metrics;
@@ -63,15 +63,6 @@ pub struct LifecycleConfig {
 
 /// What a Start waiting on a farm that may be busy with its own orphan says.
 pub const OUTCOME_UNKNOWN_WAITING: &str = "previous Start's outcome unknown; waiting for the farm to be free";
-
-/// Why the farm's supervisor ended an aggregation its runner did not.
-#[derive(Debug, Clone)]
-pub enum Abandoned {
-    /// The task driving it panicked (or ended without a terminal state).
-    Crashed(String),
-    /// It ran longer than the run limit.
-    Overran(Duration),
-}
 
 /// A terminal outcome, before it is written to the aggregation.
 enum Outcome {

@@ -11,7 +11,6 @@
 
 use super::coordination::Lease;
 use super::coordination::{AggregationStore, Found, Wakeups};
-use super::lifecycle::Abandoned;
 use super::record::AggregationRecord;
 use std::collections::HashSet;
 use std::future::Future;
@@ -24,6 +23,15 @@ use tokio_util::sync::CancellationToken;
 /// deadlines (the result validity, the default limit) fall on the same moment and end the
 /// aggregation with the more specific reason.
 const SUPERVISOR_SLACK: Duration = Duration::from_secs(2);
+
+/// Why the farm's supervisor ended an aggregation its runner did not.
+#[derive(Debug, Clone)]
+pub enum Abandoned {
+    /// The task driving it panicked (or ended without a terminal state).
+    Crashed(String),
+    /// It ran longer than the run limit.
+    Overran(Duration),
+}
 
 /// The future of one aggregation's run.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;

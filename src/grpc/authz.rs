@@ -9,7 +9,7 @@
 //! methods = ["StartAggregation", "GetAggregation"]           # optional, default both
 //! ```
 
-use super::service::{Method, START};
+use super::methods::{Method, START};
 use crate::gateway::GatewayError;
 use crate::telemetry::Metrics;
 use std::path::{Path, PathBuf};
@@ -223,7 +223,7 @@ impl super::reload::Reload for Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grpc::service::GET;
+    use crate::grpc::methods::GET;
 
     const FARM_A: &str = "farm-0123456789abcdef0123456789abcdef";
     const FARM_B: &str = "farm-fedcba9876543210fedcba9876543210";

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod convert;
 pub mod identity;
 pub mod listener;
+pub mod methods;
 pub mod page_route;
 pub mod reload;
 pub mod server;

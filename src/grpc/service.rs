@@ -27,32 +27,7 @@ pub use super::identity::CALLER_ID_HEADER;
 /// The full name of the service, as spans and metrics name it.
 pub use super::pb::aggregation_service_server::SERVICE_NAME;
 
-/// A method of the service, named every way once so no request formats its name.
-#[derive(Debug, Clone, Copy)]
-pub struct Method {
-    pub name: &'static str,
-    /// `service/method`, the span name the RPC conventions ask for.
-    pub full_name: &'static str,
-    /// The HTTP/2 path it is called at.
-    pub path: &'static str,
-}
-
-pub const START: Method = Method {
-    name: "StartAggregation",
-    full_name: "deadline.stats.v1.AggregationService/StartAggregation",
-    path: "/deadline.stats.v1.AggregationService/StartAggregation",
-};
-pub const GET: Method = Method {
-    name: "GetAggregation",
-    full_name: "deadline.stats.v1.AggregationService/GetAggregation",
-    path: "/deadline.stats.v1.AggregationService/GetAggregation",
-};
-
-pub const WATCH: Method = Method {
-    name: "WatchAggregation",
-    full_name: "deadline.stats.v1.AggregationService/WatchAggregation",
-    path: "/deadline.stats.v1.AggregationService/WatchAggregation",
-};
+pub use super::methods::{GET, Method, START, WATCH};
 
 /// The server span of one RPC, following the OpenTelemetry RPC conventions, at `level`.
 macro_rules! rpc_span {
