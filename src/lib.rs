@@ -46,6 +46,7 @@
 //! Telemetry observes every step; nothing flows back from it.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod domain;

@@ -90,7 +90,8 @@ mod tests {
     #[test]
     fn the_command_lines_defaults_are_the_libraries_defaults() {
         let s = serve(parse(args(&["serve", "--upstream", "emulator"])).expect("parses"));
-        let config = s.gateway_config().expect("the defaults are valid");
+        let config = s.gateway_config();
+        config.validate().expect("the defaults are valid");
         assert_eq!(format!("{config:?}"), format!("{:?}", crate::gateway::GatewayConfig::default()));
         assert_eq!(format!("{:?}", s.server_options()), format!("{:?}", crate::grpc::server::ServerOptions::default()));
         assert_eq!(*s.emulator_aggregation_duration, crate::emulator::defaults::AGGREGATION_DURATION);
@@ -101,7 +102,8 @@ mod tests {
     fn refresh_ahead_must_be_shorter_than_the_result_validity() {
         let with = |extra: &[&str]| {
             let list: Vec<&str> = ["serve", "--upstream", "emulator"].iter().chain(extra).copied().collect();
-            serve(parse(args(&list)).expect("parses")).gateway_config()
+            let config = serve(parse(args(&list)).expect("parses")).gateway_config();
+            config.validate().map(|()| config)
         };
         let err = with(&["--refresh-ahead", "1h"]).expect_err("as long as the validity");
         assert!(err.to_string().contains("--refresh-ahead (1h) must be shorter than --result-validity"), "{err}");

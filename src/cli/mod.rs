@@ -51,6 +51,8 @@ pub enum RunError {
     Config(String),
     #[error(transparent)]
     Serve(#[from] crate::grpc::server::ServeError),
+    #[error(transparent)]
+    App(#[from] crate::app::AppError),
     #[error("{0}")]
     Query(String),
     #[error("benchmark failed: {0}")]

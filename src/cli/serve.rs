@@ -1,28 +1,26 @@
-//! `serve`: run the gateway against the real upstream (`--upstream aws`) or an in-process
-//! emulator reached through the real SDK over loopback HTTP (`--upstream emulator`).
+//! `serve`: the gateway's flags (each also a `DSG_*` variable and a config-file key), mapped onto
+//! an [`AppConfig`] and run by [`crate::app`]: against the real upstream (`--upstream aws`) or an
+//! in-process emulator reached through the real SDK over loopback HTTP (`--upstream emulator`).
 
 use super::{RunError, announce, parse_per_second, shutdown_signal};
+use crate::app::{App, AppConfig, Listeners, StoreConfig, UpstreamConfig};
+use crate::emulator::EmulatorConfig;
 use crate::emulator::defaults as emulator_defaults;
-use crate::emulator::{EmulatorConfig, EmulatorHandle};
+use crate::gateway::GatewayConfig;
 use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
 use crate::gateway::throttle::Rate;
-use crate::gateway::{Coordination, Gateway, GatewayConfig};
-use crate::grpc::authz::Authorizer;
 use crate::grpc::identity::IdentitySource;
-use crate::grpc::reload::Reload;
-use crate::grpc::server::{self, ServerOptions, Serving};
-use crate::grpc::service::Access;
-use crate::grpc::tls::{ReloadingTls, TlsFiles};
-use crate::telemetry::{Metrics, admin};
+use crate::grpc::server::{self, ServerOptions};
+use crate::grpc::tls::TlsFiles;
+use crate::telemetry::Metrics;
 use crate::upstream::sdk::defaults as sdk_defaults;
-use crate::upstream::sdk::{CredentialSource, SdkUpstream, SdkUpstreamConfig};
+use crate::upstream::sdk::{CredentialSource, SdkUpstreamConfig};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// How long running work and in-flight RPCs may take once SIGTERM arrives.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -253,55 +251,9 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The gateway core's settings, checked.
-    pub fn gateway_config(&self) -> Result<GatewayConfig, RunError> {
-        if self.farm_queue_capacity == 0 || self.max_active_aggregations == 0 || self.max_farms == 0 {
-            return Err(RunError::Config(
-                "--farm-queue-capacity, --max-active-aggregations and --max-farms must be at least 1".into(),
-            ));
-        }
-        if self.lease_ttl.as_millis() < 300 {
-            return Err(RunError::Config("--lease-ttl must be at least 300ms".into()));
-        }
-        if self.store == StoreKind::Redis && self.redis_url.is_none() {
-            return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));
-        }
-        if self.aggregation_run_limit.is_some_and(|d| d.is_zero()) {
-            return Err(RunError::Config("--aggregation-run-limit must be positive".into()));
-        }
-        if *self.validity_margin >= *self.result_validity {
-            return Err(RunError::Config("--validity-margin must be shorter than --result-validity".into()));
-        }
-        if self.poll_initial_interval.is_zero() || *self.poll_initial_interval > *self.poll_max_interval {
-            return Err(RunError::Config(
-                "--poll-initial-interval must be positive and at most --poll-max-interval".into(),
-            ));
-        }
-        if self.start_retry_initial.is_zero() || *self.start_retry_initial > *self.start_retry_max {
-            return Err(RunError::Config(
-                "--start-retry-initial must be positive and at most --start-retry-max".into(),
-            ));
-        }
-        if *self.request_timeout <= *self.max_wait {
-            return Err(RunError::Config("--request-timeout must be longer than --max-wait".into()));
-        }
-        if self.max_message_bytes < 1024 || self.max_request_bytes < 1024 || self.max_concurrent_streams == 0 {
-            return Err(RunError::Config(
-                "--max-message-bytes and --max-request-bytes must be at least 1024 and --max-concurrent-streams at least 1"
-                    .into(),
-            ));
-        }
-        if self.listen == self.admin_listen && self.listen.port() != 0 {
-            return Err(RunError::Config("--admin-listen must differ from --listen".into()));
-        }
-        if !self.refresh_ahead.is_zero() && *self.refresh_ahead >= *self.result_validity {
-            return Err(RunError::Config(format!(
-                "--refresh-ahead ({}) must be shorter than --result-validity ({}), or 0 to turn it off",
-                self.refresh_ahead, self.result_validity
-            )));
-        }
-        let defaults = GatewayConfig::default();
-        Ok(GatewayConfig {
+    /// The gateway core's settings, as the flags name them (checked by [`AppConfig::validate`]).
+    pub fn gateway_config(&self) -> GatewayConfig {
+        GatewayConfig {
             farm_queue_capacity: self.farm_queue_capacity,
             cache_max_bytes: self.cache_max_bytes,
             result_grace: *self.result_grace,
@@ -337,7 +289,51 @@ impl ServeArgs {
                 ahead: *self.refresh_ahead,
                 min_hits: self.refresh_min_hits.max(1),
             },
-            ..defaults
+            ..GatewayConfig::default()
+        }
+    }
+
+    /// Everything `serve` is built from, as the flags name it.
+    pub fn app_config(&self) -> Result<AppConfig, RunError> {
+        let store = match (self.store, &self.redis_url) {
+            (StoreKind::Memory, _) => StoreConfig::Memory,
+            (StoreKind::Redis, Some(url)) => StoreConfig::Redis {
+                url: with_password(url, std::env::var("DSG_REDIS_PASSWORD").ok().as_deref()),
+                prefix: self.redis_key_prefix.clone(),
+            },
+            (StoreKind::Redis, None) => {
+                return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));
+            }
+        };
+        let upstream = match self.upstream {
+            UpstreamKind::Aws => {
+                UpstreamConfig::Sdk(self.upstream_config(self.endpoint_url.clone(), CredentialSource::Chain))
+            }
+            UpstreamKind::Emulator => UpstreamConfig::Emulator {
+                emulator: EmulatorConfig {
+                    aggregation_duration: *self.emulator_aggregation_duration,
+                    result_validity: *self.result_validity,
+                    max_rows: self.emulator_max_rows,
+                    ..EmulatorConfig::default()
+                },
+                sdk: self.upstream_config(None, CredentialSource::Chain),
+            },
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() })
+            }
+            _ => None,
+        };
+        Ok(AppConfig {
+            gateway: self.gateway_config(),
+            server: self.server_options(),
+            store,
+            upstream,
+            tls,
+            identity_source: self.identity_source,
+            authz_policy: self.authz_policy.clone(),
+            shutdown_grace: *self.shutdown_grace,
         })
     }
 
@@ -352,9 +348,7 @@ impl ServeArgs {
             get_max_attempts: self.upstream_get_max_attempts,
         }
     }
-}
 
-impl ServeArgs {
     /// The gRPC server's limits.
     pub fn server_options(&self) -> ServerOptions {
         ServerOptions {
@@ -371,168 +365,31 @@ impl ServeArgs {
             http2_max_header_list_size: self.http2_max_header_list_size,
         }
     }
-
-    /// TLS on the listener, as configured: loaded now, so a bad file stops start-up.
-    pub fn tls(&self) -> Result<Option<Arc<ReloadingTls>>, RunError> {
-        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
-        let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() };
-        ReloadingTls::load(files).map(|t| Some(Arc::new(t))).map_err(|e| RunError::Config(format!("TLS: {e}")))
-    }
-
-    /// Where identities come from and the policy in force, logged as the operator must know them.
-    pub fn access(&self, metrics: Arc<Metrics>) -> Result<Access, RunError> {
-        let source = self.identity_source.unwrap_or(IdentitySource::default_for(self.tls_client_ca.is_some()));
-        if source == IdentitySource::Tls && self.tls_client_ca.is_none() {
-            return Err(RunError::Config(
-                "--identity-source tls needs mutual TLS: --tls-cert, --tls-key and --tls-client-ca".into(),
-            ));
-        }
-        tracing::info!(identity_source = source.name(), trust = source.trust(), "caller identity");
-        let authorizer = match &self.authz_policy {
-            Some(path) => {
-                let authorizer =
-                    Authorizer::load(path, metrics).map_err(|e| RunError::Config(format!("--authz-policy {e}")))?;
-                tracing::info!(path = %path.display(), rules = authorizer.policy().rules(), "authorization policy in force: default deny");
-                Some(Arc::new(authorizer))
-            }
-            None => {
-                tracing::warn!("no --authz-policy: every caller may start and read aggregations of every farm");
-                None
-            }
-        };
-        Ok(Access { identity_source: source, authorizer })
-    }
 }
 
-/// How often the TLS files and the policy file are looked at for changes.
-const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
-
 pub async fn run(args: ServeArgs) -> Result<(), RunError> {
-    let config = args.gateway_config()?;
-    let metrics = Arc::new(Metrics::new());
-    let tls = args.tls()?;
-    let access = args.access(metrics.clone())?;
+    let config = args.app_config()?;
+    config.validate().map_err(|e| RunError::Config(e.to_string()))?;
+    if args.listen == args.admin_listen && args.listen.port() != 0 {
+        return Err(RunError::Config("--admin-listen must differ from --listen".into()));
+    }
     if args.check_config {
+        config.load_access(Arc::new(Metrics::new()))?;
         super::print_line("configuration ok");
         return Ok(());
     }
     let signal = shutdown_signal().map_err(RunError::Signal)?;
-    let (sdk_config, emulator) = upstream(&args).await?;
-    let upstream = SdkUpstream::connect(&sdk_config).await.map_err(|e| RunError::Config(e.to_string()))?;
-    let coordination = coordination(&args, &config).await?;
-    let gateway = Arc::new(Gateway::with_store(
-        config,
-        coordination,
-        Arc::new(upstream),
-        metrics.clone(),
-        crate::grpc::convert::encode_row,
-    ));
-    let listener = server::bind(args.listen).await?;
-    let admin_listener = server::bind(args.admin_listen).await?;
-    let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
-    let admin_addr =
-        admin_listener.local_addr().map_err(|source| RunError::Listen { addr: args.admin_listen, source })?;
-    announce(&format!("{}://{addr}", if tls.is_some() { "https" } else { "http" }));
+    let listeners = Listeners { grpc: server::bind(args.listen).await?, admin: server::bind(args.admin_listen).await? };
+    let app = App::build(config, listeners).await?;
+    let addr = app.addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
+    let admin_addr = app.admin_addr().map_err(|source| RunError::Listen { addr: args.admin_listen, source })?;
+    announce(&format!("{}://{addr}", if app.uses_tls() { "https" } else { "http" }));
     super::print_line(&format!("admin on http://{admin_addr}"));
-    if let Some(emulator) = &emulator {
-        super::print_line(&format!("upstream on {}", emulator.endpoint_url()));
+    if let Some(url) = app.emulator_url() {
+        super::print_line(&format!("upstream on {url}"));
     }
     tracing::info!(%addr, %admin_addr, upstream = ?args.upstream, "gateway serving");
-
-    let (ready, ready_rx) = watch::channel(false);
-    let (stop, stopped) = watch::channel(false);
-    let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready_rx, until_true(stopped.clone())));
-    let watching = tokio_util::sync::CancellationToken::new();
-    let reloadable =
-        [tls.clone().map(|t| t as Arc<dyn Reload>), access.authorizer.clone().map(|a| a as Arc<dyn Reload>)];
-    for target in reloadable.into_iter().flatten() {
-        tokio::spawn(crate::grpc::reload::watch(target, RELOAD_INTERVAL, watching.clone()));
-    }
-    let _stop_watching = watching.drop_guard();
-    let serving = Serving { gateway: gateway.clone(), metrics, options: args.server_options(), ready, tls, access };
-    let server = server::serve(listener, serving, until_true(stopped));
-    tokio::pin!(server);
-    let outcome = tokio::select! {
-        ended = &mut server => ended,
-        () = signal => {
-            tracing::info!(grace = ?*args.shutdown_grace, "shutdown requested; draining running aggregations and in-flight RPCs");
-            drain(&gateway, &mut server, &stop, *args.shutdown_grace).await
-        }
-    };
-    stop.send_replace(true);
-    gateway.shutdown();
-    if tokio::time::timeout(Duration::from_secs(5), admin).await.is_err() {
-        tracing::warn!("the admin listener did not stop in time");
-    }
-    if let Some(emulator) = emulator {
-        emulator.shutdown().await;
-    }
-    tracing::info!("gateway stopped");
-    Ok(outcome?)
-}
-
-/// The drain on SIGTERM: no new connections or Starts; running aggregations get the whole
-/// grace to finish and be cached, long-polls on them keep waiting; when the grace ends (or
-/// nothing is left to run) the gateway stops and every long-poll answers with the state it
-/// sees.
-async fn drain<F>(
-    gateway: &Gateway,
-    server: &mut std::pin::Pin<&mut F>,
-    stop: &watch::Sender<bool>,
-    grace: Duration,
-) -> Result<(), server::ServeError>
-where
-    F: std::future::Future<Output = Result<(), server::ServeError>>,
-{
-    let deadline = tokio::time::Instant::now() + grace;
-    gateway.begin_drain();
-    stop.send_replace(true);
-    let finished = async {
-        tokio::select! {
-            () = gateway.drained() => {}
-            () = tokio::time::sleep_until(deadline) => {}
-        }
-    };
-    tokio::pin!(finished);
-    let mut served = None;
-    loop {
-        tokio::select! {
-            () = &mut finished => break,
-            ended = &mut *server, if served.is_none() => served = Some(ended),
-        }
-    }
-    if tokio::time::Instant::now() >= deadline {
-        tracing::warn!("aggregations still running at the end of the shutdown grace; they are abandoned");
-    }
-    gateway.shutdown();
-    if let Some(ended) = served {
-        return ended;
-    }
-    // Long-polls answer at once now; the rest of the grace (at least a moment) for them.
-    let rest = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(2));
-    match tokio::time::timeout(rest, &mut *server).await {
-        Ok(ended) => ended,
-        Err(_) => {
-            tracing::warn!("RPCs still in flight at the end of the shutdown grace; exiting anyway");
-            Ok(())
-        }
-    }
-}
-
-/// The coordination the chosen store gives: in memory, or shared through Redis (which must be
-/// reachable and must not evict keys when the gateway starts; later outages are survived).
-async fn coordination(args: &ServeArgs, config: &GatewayConfig) -> Result<Coordination, RunError> {
-    match (args.store, &args.redis_url) {
-        (StoreKind::Redis, Some(url)) => {
-            let url = with_password(url, std::env::var("DSG_REDIS_PASSWORD").ok().as_deref());
-            let coordination = Coordination::redis(&config.coordination(), &url, &args.redis_key_prefix)
-                .await
-                .map_err(|e| RunError::Config(format!("--store redis: {e}")))?;
-            tracing::info!(prefix = %args.redis_key_prefix, instance = %config.instance_id, "coordination shared through Redis");
-            Ok(coordination)
-        }
-        _ => Ok(Coordination::memory(&config.coordination())),
-    }
+    Ok(app.serve(signal).await?)
 }
 
 /// `url` with `password` put in when it names none (`redis://:PASSWORD@host`).
@@ -552,36 +409,6 @@ fn with_password(url: &str, password: Option<&str>) -> String {
             format!("{scheme}://:{encoded}@{rest}")
         }
         _ => url.to_owned(),
-    }
-}
-
-/// Resolves once the flag turns true.
-async fn until_true(mut flag: watch::Receiver<bool>) {
-    let _ = flag.wait_for(|stop| *stop).await;
-}
-
-/// The SDK settings for the chosen upstream, and the in-process emulator when it is the one.
-async fn upstream(args: &ServeArgs) -> Result<(SdkUpstreamConfig, Option<EmulatorHandle>), RunError> {
-    match args.upstream {
-        UpstreamKind::Aws => Ok((args.upstream_config(args.endpoint_url.clone(), CredentialSource::Chain), None)),
-        UpstreamKind::Emulator => {
-            let emulator_config = EmulatorConfig {
-                aggregation_duration: *args.emulator_aggregation_duration,
-                result_validity: *args.result_validity,
-                max_rows: args.emulator_max_rows,
-                ..EmulatorConfig::default()
-            };
-            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-            let handle = EmulatorHandle::spawn(emulator_config, loopback)
-                .await
-                .map_err(|source| RunError::Listen { addr: loopback, source })?;
-            tracing::info!(endpoint = %handle.endpoint_url(), "emulator upstream started");
-            let credentials =
-                CredentialSource::Static { access_key_id: "emulator".into(), secret_access_key: "emulator".into() };
-            let mut sdk = args.upstream_config(Some(handle.endpoint_url()), credentials);
-            sdk.region = Some(args.region.clone().unwrap_or_else(|| "us-west-2".into()));
-            Ok((sdk, Some(handle)))
-        }
     }
 }
 

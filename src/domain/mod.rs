@@ -11,6 +11,7 @@ pub mod ids;
 pub mod quote;
 pub mod request;
 pub mod rows;
+pub mod split;
 pub mod timezone;
 pub mod validate;
 

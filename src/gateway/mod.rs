@@ -2,6 +2,7 @@
 //! (the store, the results cache, wake-ups), per-farm queues driven under leases, caller
 //! throttling and long-polls.
 //!
+//! - [`config`]: every setting of the core, its default, and the checks across settings.
 //! - [`key`]: what makes two requests the same aggregation.
 //! - [`record`]: one aggregation as the store holds it (owned values, no live objects).
 //! - [`ids`]: minting aggregation ids that say which process made them.
@@ -11,8 +12,6 @@
 //! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
 //! - [`throttle`]: token buckets for callers and for our own upstream traffic.
 //! - [`spans`]: the lifecycle span of each aggregation, per process.
-//! - [`split`]: halving a request whose result is too large, so the parts' rows are the
-//!   whole's.
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
 //! - [`estimate`]: predicted start and completion times from observed run times.
 //! - [`watch`]: one source per watched aggregation, feeding all its watchers.
@@ -22,6 +21,7 @@
 //! caller token, and claims the key: joins, reuses or queues; it never waits on the upstream.
 
 pub mod backoff;
+pub mod config;
 pub mod coordination;
 pub mod error;
 pub mod estimate;
@@ -34,10 +34,10 @@ pub mod refresh;
 pub mod rows;
 pub mod scheduler;
 pub mod spans;
-pub mod split;
 pub mod throttle;
 pub mod watch;
 
+pub use config::{GatewayConfig, defaults};
 pub use coordination::{CachedResult, Coordination, Disposition, Freshness, StoreError};
 pub use error::GatewayError;
 pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, State};
@@ -46,153 +46,22 @@ use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{DispositionLabels, FarmLevel, Levels, MethodLabels};
 use crate::upstream::Upstream;
-use backoff::BackoffPolicy;
 use coordination::pacing::Pacer;
 use coordination::{
-    AggregationStore, ClaimError, CoordinationSettings, FarmLoad, Found, Limits, ResultsCache, StoreStats, Topology,
-    Wakeups,
+    AggregationStore, ClaimError, FarmLoad, Found, Limits, ResultsCache, StoreStats, Topology, Wakeups,
 };
 use error::RecoveryError;
 use ids::{IdMinter, Origin};
 use key::CanonicalKey;
-use lifecycle::{LifecycleConfig, UpstreamRunner};
+use lifecycle::UpstreamRunner;
 use scheduler::{FarmDispatcher, WorkerSettings};
 use spans::Spans;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use throttle::{CallerBuckets, Rate};
+use throttle::CallerBuckets;
 use tokio_util::sync::{CancellationToken, DropGuard};
-
-/// Everything the gateway core can be tuned by.
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// Aggregations that may wait per farm behind the running one.
-    pub farm_queue_capacity: usize,
-    /// Memory budget of the results cache, in bytes.
-    pub cache_max_bytes: u64,
-    /// How long a finished result is held whatever the cache's budget: its own long-polls and
-    /// first pages are served before it can be evicted.
-    pub result_grace: Duration,
-    /// A COMPLETED result answers a Start as CACHED only with at least this much validity left.
-    pub min_remaining_validity: Duration,
-    /// Queued and running aggregations across all farms.
-    pub max_active_aggregations: usize,
-    /// Farms with queued or running work at once.
-    pub max_farms: usize,
-    /// Longest one aggregation may run before the farm's supervisor ends it; `None`: the
-    /// result validity.
-    pub run_limit: Option<Duration>,
-    pub lifecycle: LifecycleConfig,
-    pub caller_start: Rate,
-    pub caller_get: Rate,
-    pub upstream_start: Rate,
-    pub upstream_get: Rate,
-    /// The longest long-poll.
-    pub max_wait: Duration,
-    /// How often expired entries and idle caller buckets are dropped.
-    pub housekeeping_interval: Duration,
-    /// This replica's name (the pod's), as farm lease holder.
-    pub instance_id: String,
-    /// How long a farm lease lasts unless renewed: a dead worker's farm is taken over after it.
-    pub lease_ttl: Duration,
-    /// Refresh-ahead of popular results.
-    pub refresh: refresh::RefreshConfig,
-}
-
-/// The default of every gateway setting. [`GatewayConfig::default`] and the command line's
-/// defaults are both made of these, so they cannot disagree.
-pub mod defaults {
-    use std::time::Duration;
-
-    pub const FARM_QUEUE_CAPACITY: usize = 100;
-    pub const CACHE_MAX_BYTES: u64 = 512 * 1024 * 1024;
-    pub const RESULT_GRACE: Duration = Duration::from_secs(30);
-    pub const MIN_REMAINING_VALIDITY: Duration = Duration::from_secs(120);
-    pub const MAX_ACTIVE_AGGREGATIONS: usize = 10_000;
-    pub const MAX_FARMS: usize = 1_000;
-    pub const RESULT_VALIDITY: Duration = Duration::from_secs(3600);
-    pub const SPLIT_MAX_PARTS: u32 = 16;
-    pub const VALIDITY_MARGIN: Duration = Duration::from_secs(30);
-    pub const FAILED_RESULT_TTL: Duration = Duration::from_secs(60);
-    pub const POLL_INITIAL_INTERVAL: Duration = Duration::from_millis(500);
-    pub const POLL_MAX_INTERVAL: Duration = Duration::from_secs(10);
-    pub const POLL_MULTIPLIER: f64 = 1.5;
-    pub const START_RETRY_INITIAL: Duration = Duration::from_secs(1);
-    pub const START_RETRY_MAX: Duration = Duration::from_secs(30);
-    pub const START_RETRY_MULTIPLIER: f64 = 2.0;
-    pub const START_DEADLINE: Duration = Duration::from_secs(600);
-    pub const CALLER_START_RATE: f64 = 10.0;
-    pub const CALLER_START_BURST: u32 = 20;
-    pub const CALLER_GET_RATE: f64 = 100.0;
-    pub const CALLER_GET_BURST: u32 = 200;
-    pub const UPSTREAM_START_RATE: f64 = 5.0;
-    pub const UPSTREAM_GET_RATE: f64 = 25.0;
-    pub const MAX_WAIT: Duration = Duration::from_secs(60);
-    pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-    pub const LEASE_TTL: Duration = Duration::from_secs(15);
-    pub const REFRESH_AHEAD: Duration = Duration::from_secs(600);
-    pub const REFRESH_MIN_HITS: u32 = 3;
-
-    /// The host name (in Kubernetes, the pod's name), else `gateway`.
-    pub fn instance_id() -> String {
-        std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "gateway".to_owned())
-    }
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        use defaults as d;
-        Self {
-            farm_queue_capacity: d::FARM_QUEUE_CAPACITY,
-            cache_max_bytes: d::CACHE_MAX_BYTES,
-            result_grace: d::RESULT_GRACE,
-            min_remaining_validity: d::MIN_REMAINING_VALIDITY,
-            max_active_aggregations: d::MAX_ACTIVE_AGGREGATIONS,
-            max_farms: d::MAX_FARMS,
-            run_limit: None,
-            lifecycle: LifecycleConfig {
-                result_validity: d::RESULT_VALIDITY,
-                validity_margin: d::VALIDITY_MARGIN,
-                failed_ttl: d::FAILED_RESULT_TTL,
-                poll: BackoffPolicy {
-                    initial: d::POLL_INITIAL_INTERVAL,
-                    max: d::POLL_MAX_INTERVAL,
-                    multiplier: d::POLL_MULTIPLIER,
-                },
-                start_retry: BackoffPolicy {
-                    initial: d::START_RETRY_INITIAL,
-                    max: d::START_RETRY_MAX,
-                    multiplier: d::START_RETRY_MULTIPLIER,
-                },
-                start_deadline: d::START_DEADLINE,
-                split_max_parts: d::SPLIT_MAX_PARTS,
-            },
-            caller_start: Rate { per_second: d::CALLER_START_RATE, burst: d::CALLER_START_BURST },
-            caller_get: Rate { per_second: d::CALLER_GET_RATE, burst: d::CALLER_GET_BURST },
-            upstream_start: Rate::upstream_start(d::UPSTREAM_START_RATE),
-            upstream_get: Rate::upstream_get(d::UPSTREAM_GET_RATE),
-            max_wait: d::MAX_WAIT,
-            housekeeping_interval: d::HOUSEKEEPING_INTERVAL,
-            instance_id: d::instance_id(),
-            lease_ttl: d::LEASE_TTL,
-            refresh: refresh::RefreshConfig { ahead: d::REFRESH_AHEAD, min_hits: d::REFRESH_MIN_HITS },
-        }
-    }
-}
-
-impl GatewayConfig {
-    /// What a coordination backend is built with.
-    pub fn coordination(&self) -> CoordinationSettings {
-        CoordinationSettings {
-            cache_max_bytes: self.cache_max_bytes,
-            result_grace: self.result_grace,
-            upstream_start: self.upstream_start,
-            upstream_get: self.upstream_get,
-        }
-    }
-}
 
 /// How often farms with work and no worker are looked for.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);

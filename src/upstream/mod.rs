@@ -72,6 +72,18 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> Result<UpstreamPage, UpstreamError>;
 }
 
+impl UpstreamPage {
+    /// Whether the upstream ended the aggregation (FAILED or TIMEOUT) because its result is too
+    /// large, as its status message says: the one place the gateway decides it. A TIMEOUT that
+    /// does not say why is not: it may be the upstream's own trouble, and splitting would
+    /// multiply it.
+    pub fn too_large(&self) -> bool {
+        let ended = matches!(self.status, AggregationStatus::Failed | AggregationStatus::Timeout);
+        let message = self.status_message.as_deref().unwrap_or_default().to_ascii_lowercase();
+        ended && ["too large", "too many", "exceed", "reduce the"].iter().any(|w| message.contains(w))
+    }
+}
+
 impl UpstreamError {
     /// The upstream's own word on when to retry, for the errors worth retrying; `None` for the
     /// rest.
@@ -82,5 +94,23 @@ impl UpstreamError {
             | Self::OutcomeUnknown { retry_after, .. } => Some(*retry_after),
             Self::Invalid { .. } | Self::NotFound { .. } | Self::AccessDenied { .. } | Self::Other { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(status: AggregationStatus, message: &str) -> UpstreamPage {
+        UpstreamPage { status, status_message: Some(message.into()), rows: Vec::new(), next_token: None }
+    }
+
+    #[test]
+    fn only_an_ending_that_says_so_is_too_large() {
+        assert!(ended(AggregationStatus::Failed, "Result too large; reduce the time range").too_large());
+        assert!(ended(AggregationStatus::Timeout, "The query would exceed the row limit").too_large());
+        assert!(!ended(AggregationStatus::Timeout, "The aggregation timed out").too_large(), "a bare timeout");
+        assert!(!ended(AggregationStatus::Failed, "Internal error").too_large());
+        assert!(!ended(AggregationStatus::Completed, "too large").too_large(), "a completed one is not");
     }
 }

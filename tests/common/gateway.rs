@@ -2,6 +2,7 @@
 //! settings, a tonic client, and the gRPC requests the benchmarks send too.
 
 use super::{emulator, sdk, stats};
+use deadline_stats_gateway::app::{App, AppConfig, Listeners, StoreConfig, UpstreamConfig};
 use deadline_stats_gateway::emulator::EmulatorHandle;
 use deadline_stats_gateway::gateway::backoff::BackoffPolicy;
 use deadline_stats_gateway::gateway::coordination::{Coordination, MemoryStore, Wakeups};
@@ -35,6 +36,10 @@ pub fn fast_config(result_validity: Duration) -> GatewayConfig {
     c.upstream_get = Rate { per_second: 0.0, burst: 1 };
     c.housekeeping_interval = Duration::from_millis(100);
     c.min_remaining_validity = Duration::ZERO;
+    if c.refresh.ahead >= result_validity {
+        // Results this short are not refreshed ahead (the default lead is longer than them).
+        c.refresh.ahead = Duration::ZERO;
+    }
     c
 }
 
@@ -90,25 +95,14 @@ pub async fn gateway_over(
     upstream: Arc<dyn deadline_stats_gateway::upstream::Upstream>,
     config: GatewayConfig,
 ) -> TestGateway {
-    let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
-    let gateway =
-        Arc::new(Gateway::new(config, upstream, metrics.clone(), deadline_stats_gateway::grpc::convert::encode_row));
-    serve_gateway(emu, gateway, metrics).await
+    serve_app(emu, config, StoreConfig::Memory, upstream).await
 }
 
 /// One replica of a gateway on `coordination` (whose store other replicas in the same test
 /// may share), in front of `emu` through the real SDK.
 pub async fn replica(emu: Arc<EmulatorHandle>, config: GatewayConfig, coordination: Coordination) -> TestGateway {
     let upstream = Arc::new(sdk(&emu.endpoint_url()).await);
-    let metrics = Arc::new(deadline_stats_gateway::telemetry::Metrics::new());
-    let gateway = Arc::new(Gateway::with_store(
-        config,
-        coordination,
-        upstream,
-        metrics.clone(),
-        deadline_stats_gateway::grpc::convert::encode_row,
-    ));
-    serve_gateway(emu, gateway, metrics).await
+    serve_app(emu, config, StoreConfig::Given(coordination), upstream).await
 }
 
 /// The coordination of one replica on the Redis at `url` (its own connection, results cache
@@ -130,25 +124,32 @@ pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordinati
     }
 }
 
-/// Serves `gateway` on a loopback port.
-async fn serve_gateway(
+/// The gateway as `serve` builds it (`app::App`), on loopback ports, with no shutdown grace.
+async fn serve_app(
     emu: impl Into<Arc<EmulatorHandle>>,
-    gateway: Arc<Gateway>,
-    metrics: Arc<deadline_stats_gateway::telemetry::Metrics>,
+    config: GatewayConfig,
+    store: StoreConfig,
+    upstream: Arc<dyn deadline_stats_gateway::upstream::Upstream>,
 ) -> TestGateway {
-    let listener = server::bind("127.0.0.1:0".parse().expect("addr")).await.expect("binds");
-    let addr = listener.local_addr().expect("local addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready, _) = tokio::sync::watch::channel(false);
-    let serving = server::Serving {
-        gateway: gateway.clone(),
-        metrics: metrics.clone(),
-        options: server::ServerOptions::default(),
-        ready,
-        tls: None,
-        access: Default::default(),
+    let loopback = "127.0.0.1:0".parse().expect("addr");
+    let listeners = Listeners {
+        grpc: server::bind(loopback).await.expect("binds"),
+        admin: server::bind(loopback).await.expect("binds"),
     };
-    tokio::spawn(server::serve(listener, serving, async {
+    let config = AppConfig {
+        gateway: config,
+        server: server::ServerOptions::default(),
+        store,
+        upstream: UpstreamConfig::Given(upstream),
+        tls: None,
+        identity_source: None,
+        authz_policy: None,
+        shutdown_grace: Duration::ZERO,
+    };
+    let app = App::build(config, listeners).await.expect("the gateway builds");
+    let (addr, gateway, metrics) = (app.addr().expect("local addr"), app.gateway().clone(), app.metrics().clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.serve(async {
         let _ = stopped.await;
     }));
     TestGateway { emu: emu.into(), addr, gateway, metrics, stop: Some(stop) }

@@ -8,8 +8,8 @@
 //!   when the rows are grouped by queue (fleet) id: then no group spans both parts.
 //! - Otherwise the request cannot be split.
 //!
-//! Nothing here runs anything: the lifecycle asks for halves when the upstream says a result
-//! is too large, and merges the parts' rows.
+//! Nothing here runs anything: the gateway's lifecycle asks for halves when the upstream says a
+//! result is too large, and merges the parts' rows.
 
 use crate::domain::buckets::buckets;
 use crate::domain::{AggregationRequest, GroupBy, Resources};
