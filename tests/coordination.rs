@@ -71,7 +71,8 @@ async fn a_shared_rate_paces_every_replica_together(a: Arc<Pacer>, b: Arc<Pacer>
     assert!(begin.elapsed() >= least.mul_f64(0.95), "{} tokens in {:?}, at least {least:?}", 2 * n, begin.elapsed());
 }
 
-#[tokio::test]
+/// On paused time: a lease of this process expires by tokio's clock.
+#[tokio::test(start_paused = true)]
 async fn memory_leases_conform() {
     let leases = MemoryLeases::default();
     leases_exclude_and_fence(&leases, &leases).await;

@@ -6,6 +6,7 @@
 //! Rust. Redis alone: two replicas see one store, lost rows are put back, and a claim after
 //! Redis lost its state needs an id of the new epoch.
 
+use deadline_stats_gateway::gateway::clock::Clock;
 use deadline_stats_gateway::gateway::coordination::{
     AggregationStore, Bound, ClaimError, Claimed, Coordination, CoordinationSettings, Disposition, FarmLoad, Found,
     Freshness, Lease, Limits, MemoryStore, RunModel, Wakeups, Written,
@@ -22,6 +23,17 @@ mod common;
 const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
 const ROOMY: Limits = Limits { queue_capacity: 100, max_live: 100, max_farms: 100 };
 const TTL: Duration = Duration::from_secs(60);
+
+thread_local! {
+    /// The clock of the store under test (each test runs on its own thread): tokio's for the
+    /// memory store on paused time, the system's for Redis.
+    static CLOCK: std::cell::RefCell<Clock> = std::cell::RefCell::new(Clock::system());
+}
+
+/// The time of day by the store's clock.
+fn now() -> SystemTime {
+    CLOCK.with(|c| c.borrow().now())
+}
 
 /// What a property runs against.
 struct Subject {
@@ -57,8 +69,8 @@ async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
 fn completed(record: &AggregationRecord, valid_for: Duration) -> AggregationRecord {
     let mut r = record.clone();
     r.state = State::Completed;
-    r.expire_time = Some(SystemTime::now() + valid_for);
-    r.data_time = Some(SystemTime::now());
+    r.expire_time = Some(now() + valid_for);
+    r.data_time = Some(now());
     r
 }
 
@@ -79,7 +91,7 @@ async fn complete(store: &dyn AggregationStore, lease: &Lease, record: &Aggregat
 }
 
 fn running(record: &AggregationRecord) -> AggregationRecord {
-    AggregationRecord { state: State::Running, running_since: Some(SystemTime::now()), ..record.clone() }
+    AggregationRecord { state: State::Running, running_since: Some(now()), ..record.clone() }
 }
 
 fn position(found: Found) -> u32 {
@@ -197,8 +209,8 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     let mut failed = claimed.record.as_ref().clone();
     failed.state = State::Failed;
     failed.error = Some(Failure { code: FailureCode::Unavailable, message: "the upstream refused".into() });
-    failed.expire_time = Some(SystemTime::now() + TTL);
-    failed.data_time = Some(SystemTime::now());
+    failed.expire_time = Some(now() + TTL);
+    failed.data_time = Some(now());
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
     let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
     assert_eq!(cached.disposition, Disposition::Cached, "a failure needs no time to be read");
@@ -214,7 +226,7 @@ async fn an_expired_result_reads_expired_and_answers_no_start(s: &Subject) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     store.housekeeping().await;
     match store.read(&claimed.record.id).await.expect("store") {
-        Found::Expired(at) => assert!(at <= SystemTime::now(), "it says when"),
+        Found::Expired(at) => assert!(at <= now(), "it says when"),
         other => panic!("an expired result still reads: {other:?}"),
     }
     assert_eq!(claim(store, &k, &ROOMY).await.expect("room").disposition, Disposition::Started);
@@ -284,7 +296,7 @@ async fn popular(store: &dyn AggregationStore, lease: &Lease, k: &CanonicalKey, 
 async fn refreshes(store: &dyn AggregationStore, due_in: Duration, limits: &Limits) -> Vec<Arc<AggregationRecord>> {
     let tag = store.epoch().await.expect("store").unwrap_or_default();
     let ids = IdMinter::tagged(tag);
-    store.start_refreshes(SystemTime::now() + due_in, 3, limits, &|| ids.mint()).await.expect("store")
+    store.start_refreshes(now() + due_in, 3, limits, &|| ids.mint()).await.expect("store")
 }
 
 /// `policy::refresh_verdict`: due, popular, within bounds, once.
@@ -374,29 +386,34 @@ async fn a_failed_refresh_changes_nothing_and_is_not_retried(s: &Subject) {
     let mut failed = (*queued[0]).clone();
     failed.state = State::Failed;
     failed.error = Some(Failure { code: FailureCode::Unavailable, message: "the upstream refused".into() });
-    failed.expire_time = Some(SystemTime::now() + TTL);
+    failed.expire_time = Some(now() + TTL);
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
     let still = claim(store, &f, &ROOMY).await.expect("claims");
     assert_eq!((still.disposition, &still.record.id), (Disposition::Cached, &old_f.record.id));
     assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "not retried in a loop");
 }
 
-/// A fresh memory store.
+/// A fresh memory store whose clock is tokio's: its tests run on paused time, so waiting out a
+/// validity costs no real time.
 fn memory() -> Subject {
     let wakeups = Arc::new(Wakeups::default());
-    Subject { store: Arc::new(MemoryStore::new(64 * 1024 * 1024, Duration::from_secs(30), wakeups.clone())), wakeups }
+    let clock = Clock::tokio();
+    CLOCK.with(|c| *c.borrow_mut() = clock.clone());
+    let store = MemoryStore::with_clock(64 * 1024 * 1024, Duration::from_secs(30), wakeups.clone(), clock);
+    Subject { store: Arc::new(store), wakeups }
 }
 
-const SETTINGS: CoordinationSettings = CoordinationSettings {
-    cache_max_bytes: 64 * 1024 * 1024,
-    result_grace: Duration::from_secs(30),
-    upstream_start: Rate { per_second: 0.0, burst: 1 },
-    upstream_get: Rate { per_second: 0.0, burst: 1 },
-};
-
-/// A replica's coordination on `server` under `prefix`, as `serve --store redis` builds it.
+/// A replica's coordination on `server` under `prefix`, as `serve --store redis` builds it (on
+/// the system's clock: Redis expires keys in real time).
 async fn on_redis(server: &common::RedisServer, prefix: &str) -> Coordination {
-    Coordination::redis(&SETTINGS, &server.url(), prefix).await.expect("connects to redis-server")
+    let settings = CoordinationSettings {
+        cache_max_bytes: 64 * 1024 * 1024,
+        result_grace: Duration::from_secs(30),
+        upstream_start: Rate { per_second: 0.0, burst: 1 },
+        upstream_get: Rate { per_second: 0.0, burst: 1 },
+        clock: Clock::system(),
+    };
+    Coordination::redis(&settings, &server.url(), prefix).await.expect("connects to redis-server")
 }
 
 async fn in_redis(server: &common::RedisServer) -> Subject {
@@ -409,7 +426,7 @@ macro_rules! conformance {
     ($($property:ident),* $(,)?) => {
         mod memory_store {
             $(
-                #[tokio::test]
+                #[tokio::test(start_paused = true)]
                 async fn $property() {
                     super::$property(&super::memory()).await;
                 }

@@ -4,6 +4,7 @@
 //! names onto these fields; they check nothing of their own.
 
 use super::backoff::BackoffPolicy;
+use super::clock::Clock;
 use super::coordination::CoordinationSettings;
 use super::lifecycle::LifecycleConfig;
 use super::refresh;
@@ -44,6 +45,8 @@ pub struct GatewayConfig {
     pub lease_ttl: Duration,
     /// Refresh-ahead of popular results.
     pub refresh: refresh::RefreshConfig,
+    /// Where the core reads the time of day (the system's; tokio's in tests on paused time).
+    pub clock: Clock,
 }
 
 /// The default of every gateway setting. [`GatewayConfig::default`] and the command line's
@@ -123,6 +126,7 @@ impl Default for GatewayConfig {
             instance_id: d::instance_id(),
             lease_ttl: d::LEASE_TTL,
             refresh: refresh::RefreshConfig { ahead: d::REFRESH_AHEAD, min_hits: d::REFRESH_MIN_HITS },
+            clock: Clock::system(),
         }
     }
 }
@@ -168,6 +172,7 @@ impl GatewayConfig {
             result_grace: self.result_grace,
             upstream_start: self.upstream_start,
             upstream_get: self.upstream_get,
+            clock: self.clock.clone(),
         }
     }
 

@@ -26,23 +26,24 @@ pub struct Estimate {
     pub completion: Option<SystemTime>,
 }
 
-/// The estimate of the active aggregation `record`, `queue_position` places from its farm's
-/// head, reading from `store` only what that takes: nothing when it runs (its prediction is in
+/// The estimate at `now` of the active aggregation `record`, `queue_position` places from its
+/// farm's head, reading from `store` only what that takes: nothing when it runs (its prediction is in
 /// its record), else the farm's model and its queue up to it.
 pub async fn of(
     store: &dyn AggregationStore,
     record: &AggregationRecord,
     queue_position: u32,
     start_gap: Duration,
+    now: SystemTime,
 ) -> Result<Estimate, StoreError> {
     if record.state != State::Queued {
-        return Ok(estimate(record, &[], None, SystemTime::now(), start_gap));
+        return Ok(estimate(record, &[], None, now, start_gap));
     }
     let farm = record.farm_id();
     // Its position may only have moved forward since it was read.
     let through = usize::try_from(queue_position).unwrap_or(usize::MAX).saturating_add(1);
     let (queue, model) = tokio::try_join!(store.queue(farm, through), store.run_model(farm))?;
-    Ok(estimate(record, &queue, model, SystemTime::now(), start_gap))
+    Ok(estimate(record, &queue, model, now, start_gap))
 }
 
 /// The estimate of `target` on a farm whose queue is `queue` (its head first), with the farm's
@@ -99,7 +100,11 @@ mod tests {
     use super::*;
 
     fn record(n: u64, state: State) -> Arc<AggregationRecord> {
-        let mut r = AggregationRecord::queued(format!("agg-{n}").into(), crate::gateway::key::test_key(1, n));
+        let mut r = AggregationRecord::queued(
+            format!("agg-{n}").into(),
+            crate::gateway::key::test_key(1, n),
+            SystemTime::now(),
+        );
         r.state = state;
         Arc::new(r)
     }

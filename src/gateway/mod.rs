@@ -2,6 +2,7 @@
 //! (the store, the results cache, wake-ups), per-farm queues driven under leases, caller
 //! throttling and long-polls.
 //!
+//! - [`clock`]: the one wall clock, injected (tokio's paused time in tests).
 //! - [`config`]: every setting of the core, its default, and the checks across settings.
 //! - [`key`]: what makes two requests the same aggregation.
 //! - [`record`]: one aggregation as the store holds it (owned values, no live objects).
@@ -21,6 +22,7 @@
 //! caller token, and claims the key: joins, reuses or queues; it never waits on the upstream.
 
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod coordination;
 pub mod error;
@@ -129,6 +131,7 @@ pub struct Gateway {
     watches: Arc<watch::Watches>,
     /// The least time between two upstream Starts, for estimates.
     start_gap: Duration,
+    clock: clock::Clock,
     /// Set once a drain began: Starts are refused, running work goes on.
     draining: CancellationToken,
     cancel: CancellationToken,
@@ -171,16 +174,24 @@ impl Gateway {
             metrics: metrics.clone(),
             encoder,
             spans: spans.clone(),
+            clock: config.clock.clone(),
         });
         let settings = WorkerSettings {
             holder: format!("{}-{}", config.instance_id, std::process::id()),
             lease_ttl: config.lease_ttl,
             run_limit: config.run_limit.unwrap_or(config.lifecycle.result_validity),
             scan_interval: SCAN_INTERVAL,
+            clock: config.clock.clone(),
         };
         let dispatcher = FarmDispatcher::new(store.clone(), runner.clone(), wakeups.clone(), settings, cancel.clone());
         let start_gap = config.upstream_start.interval_and_burst().map_or(Duration::ZERO, |(gap, _)| gap);
-        let watches = Arc::new(watch::Watches::new(store.clone(), wakeups.clone(), start_gap, cancel.clone()));
+        let watches = Arc::new(watch::Watches::new(
+            store.clone(),
+            wakeups.clone(),
+            start_gap,
+            config.clock.clone(),
+            cancel.clone(),
+        ));
         let gateway = Self {
             store,
             results,
@@ -205,6 +216,7 @@ impl Gateway {
             metrics,
             watches,
             start_gap,
+            clock: config.clock.clone(),
             draining: CancellationToken::new(),
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
@@ -218,6 +230,7 @@ impl Gateway {
             limits: gateway.limits,
             config: config.refresh,
             every: config.housekeeping_interval,
+            clock: config.clock.clone(),
             stop: gateway.draining.clone(),
         };
         tokio::spawn(refresher.run());
@@ -338,7 +351,7 @@ impl Gateway {
         // The hot path: a terminal result held by this replica.
         if let Some(result) = self.results.get(id) {
             may_read(result.record.farm_id())?;
-            return terminal_page(id, result, offset, size);
+            return terminal_page(id, result, offset, size, self.clock.now());
         }
         let wait = wait.min(self.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
@@ -349,7 +362,7 @@ impl Gateway {
             let (record, queue_position) = match found {
                 Found::Terminal(result) => {
                     may_read(result.record.farm_id())?;
-                    return terminal_page(id, result, offset, size);
+                    return terminal_page(id, result, offset, size, self.clock.now());
                 }
                 Found::Active { record, queue_position } => {
                     may_read(record.farm_id())?;
@@ -362,7 +375,7 @@ impl Gateway {
                     // Boxed: a rare path whose future (upstream calls) would otherwise
                     // weigh on every long-poll's.
                     let result = Box::pin(self.recover_rows(record)).await?;
-                    return terminal_page(id, result, offset, size);
+                    return terminal_page(id, result, offset, size, self.clock.now());
                 }
                 Found::Unknown => return Err(Box::pin(self.unknown(id)).await),
             };
@@ -399,7 +412,7 @@ impl Gateway {
             Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
             Found::Unknown => return Err(self.unknown(id).await),
         }
-        match watch::view_of(self.store.as_ref(), found, self.start_gap)
+        match watch::view_of(self.store.as_ref(), found, self.start_gap, self.clock.now())
             .await
             .map_err(GatewayError::StoreUnavailable)?
         {
@@ -430,7 +443,9 @@ impl Gateway {
 
     /// The estimate of an active aggregation (none when the store cannot say).
     async fn estimate_of(&self, record: &AggregationRecord, queue_position: u32) -> estimate::Estimate {
-        estimate::of(self.store.as_ref(), record, queue_position, self.start_gap).await.unwrap_or_default()
+        estimate::of(self.store.as_ref(), record, queue_position, self.start_gap, self.clock.now())
+            .await
+            .unwrap_or_default()
     }
 
     /// The rows of a COMPLETED aggregation that the shared store lost, fetched again from the
@@ -525,10 +540,15 @@ async fn refresh_epoch(store: &dyn AggregationStore, ids: &IdMinter) {
 }
 
 /// A page of a terminal result; an expired COMPLETED one is refused.
-fn terminal_page(id: &str, result: Arc<CachedResult>, offset: usize, size: usize) -> Result<Page, GatewayError> {
+fn terminal_page(
+    id: &str,
+    result: Arc<CachedResult>,
+    offset: usize,
+    size: usize,
+    now: SystemTime,
+) -> Result<Page, GatewayError> {
     let record = result.record.clone();
-    if record.state == State::Completed && record.is_expired(SystemTime::now()) {
-        let at = record.expire_time.unwrap_or_else(SystemTime::now);
+    if let Found::Expired(at) = Found::terminal(result.clone(), now) {
         return Err(GatewayError::Expired { id: id.to_owned(), at });
     }
     let (rows, next_page_token) = match &result.rows {

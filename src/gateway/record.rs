@@ -87,8 +87,8 @@ pub struct AggregationRecord {
 }
 
 impl AggregationRecord {
-    /// A new QUEUED aggregation.
-    pub fn queued(id: AggregationId, key: CanonicalKey) -> Self {
+    /// A new QUEUED aggregation, created at `now`.
+    pub fn queued(id: AggregationId, key: CanonicalKey, now: SystemTime) -> Self {
         Self {
             id,
             key,
@@ -96,7 +96,7 @@ impl AggregationRecord {
             upstream_id: None,
             status_message: String::new(),
             error: None,
-            create_time: SystemTime::now(),
+            create_time: now,
             expire_time: None,
             data_time: None,
             running_since: None,
@@ -108,8 +108,8 @@ impl AggregationRecord {
     }
 
     /// A new QUEUED refresh of the key `of` answers.
-    pub fn refresh_of(id: AggregationId, of: &AggregationRecord) -> Self {
-        Self { refresh: true, ..Self::queued(id, of.key.clone()) }
+    pub fn refresh_of(id: AggregationId, of: &AggregationRecord, now: SystemTime) -> Self {
+        Self { refresh: true, ..Self::queued(id, of.key.clone(), now) }
     }
 
     pub fn farm_id(&self) -> &str {

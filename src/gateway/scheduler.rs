@@ -9,6 +9,7 @@
 //! The worker is a supervisor: it runs each aggregation in a task of its own and, whatever ends
 //! that task (a panic, the run limit), makes sure the aggregation ends and the farm moves on.
 
+use super::clock::Clock;
 use super::coordination::Lease;
 use super::coordination::{AggregationStore, Found, Wakeups};
 use super::record::AggregationRecord;
@@ -16,7 +17,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How long past the run limit the supervisor waits before it ends a run: the lifecycle's own
@@ -58,6 +59,8 @@ pub struct WorkerSettings {
     pub run_limit: Duration,
     /// How often farms with work and a free lease are looked for.
     pub scan_interval: Duration,
+    /// Where the run limit's start is compared with the time of day.
+    pub clock: Clock,
 }
 
 struct Shared {
@@ -272,10 +275,11 @@ async fn supervise(
             Ok(Found::Active { record, .. }) => record.running_since,
             _ => None,
         };
+        let now = shared.settings.clock.now();
         let overdue = async move {
             match running_since.map(|since| since + limit) {
                 Some(at) => {
-                    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    let left = at.duration_since(now).unwrap_or_default();
                     tokio::time::sleep(left).await;
                 }
                 None => std::future::pending().await,
@@ -359,6 +363,7 @@ mod tests {
             lease_ttl: Duration::from_secs(60),
             run_limit: Duration::from_secs(60),
             scan_interval: Duration::from_secs(3600),
+            clock: Clock::system(),
         };
         let cancel = CancellationToken::new();
         let dispatcher = FarmDispatcher::new(store.clone(), Arc::new(Never), wakeups, settings, cancel.clone());

@@ -82,7 +82,11 @@ mod tests {
     #[test]
     fn a_span_opens_once_and_closes_at_its_end() {
         let spans = Spans::default();
-        let record = AggregationRecord::queued("agg-1".into(), crate::gateway::key::test_key(1, 1));
+        let record = AggregationRecord::queued(
+            "agg-1".into(),
+            crate::gateway::key::test_key(1, 1),
+            std::time::SystemTime::now(),
+        );
         spans.of(&record);
         spans.of(&record);
         assert_eq!(spans.len(), 1);

@@ -8,6 +8,7 @@
 //! goes, when the aggregation can no longer be read, or when the gateway shuts down; its
 //! watchers' channels then close after the latest state.
 
+use super::clock::Clock;
 use super::coordination::wakeups::{Waiter, Wakeups, farm_topic};
 use super::coordination::{AggregationStore, Found};
 use super::estimate::Estimate;
@@ -48,10 +49,11 @@ pub async fn view_of(
     store: &dyn AggregationStore,
     found: Found,
     start_gap: Duration,
+    now: std::time::SystemTime,
 ) -> Result<Option<View>, super::StoreError> {
     Ok(match found {
         Found::Active { record, queue_position } => {
-            let estimate = super::estimate::of(store, &record, queue_position, start_gap).await?;
+            let estimate = super::estimate::of(store, &record, queue_position, start_gap, now).await?;
             Some(View { record, queue_position, estimate })
         }
         Found::Terminal(result) => Some(View::terminal(result.record.clone())),
@@ -67,6 +69,7 @@ pub struct Watches {
     sources: Mutex<HashMap<AggregationId, watch::Sender<View>>>,
     /// The least time between two upstream Starts (the gateway's pacing).
     start_gap: Duration,
+    clock: Clock,
     cancel: CancellationToken,
 }
 
@@ -77,9 +80,10 @@ impl Watches {
         store: Arc<dyn AggregationStore>,
         wakeups: Arc<Wakeups>,
         start_gap: Duration,
+        clock: Clock,
         cancel: CancellationToken,
     ) -> Self {
-        Self { store, wakeups, sources: Mutex::default(), start_gap, cancel }
+        Self { store, wakeups, sources: Mutex::default(), start_gap, clock, cancel }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<AggregationId, watch::Sender<View>>> {
@@ -116,7 +120,7 @@ impl Watches {
         let [mut own, mut farm] = wakes;
         loop {
             match self.store.read(&id).await {
-                Ok(found) => match view_of(self.store.as_ref(), found, self.start_gap).await {
+                Ok(found) => match view_of(self.store.as_ref(), found, self.start_gap, self.clock.now()).await {
                     Ok(Some(view)) => {
                         let terminal = view.is_terminal();
                         tx.send_if_modified(|seen| {

@@ -9,7 +9,8 @@
 use super::StoreError;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A held lease on one farm.
 #[derive(Debug, Clone, PartialEq, Eq)]

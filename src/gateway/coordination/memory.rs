@@ -9,6 +9,7 @@ use super::results::{CachedResult, Removal, ResultsCache};
 use super::run_model::RunModel;
 use super::wakeups::{Wakeups, farm_topic};
 use super::{AggregationStore, ClaimError, Claimed, Disposition, FarmLoad, Found, StoreError, StoreStats, Written};
+use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Rows, State};
 use moka::policy::EvictionPolicy;
@@ -40,7 +41,8 @@ impl Tombstone {
     fn of(result: &Arc<CachedResult>, removal: Option<Removal>) -> Self {
         match (result.record.state, removal) {
             (State::Completed, Some(Removal::Evicted)) => Self::Evicted,
-            (State::Completed, _) => Self::Expired(result.record.expire_time.unwrap_or_else(SystemTime::now)),
+            // A COMPLETED record always has its expiry.
+            (State::Completed, _) => Self::Expired(result.record.expire_time.unwrap_or(SystemTime::UNIX_EPOCH)),
             _ => Self::Failed(result.clone()),
         }
     }
@@ -94,16 +96,28 @@ pub struct MemoryStore {
     tombstones: Cache<AggregationId, Tombstone>,
     leases: MemoryLeases,
     wakeups: Arc<Wakeups>,
+    clock: Clock,
 }
 
 impl MemoryStore {
     /// A store whose results (rows included) are held by a cache of `max_bytes`, each for at
     /// least `grace`; its writes wake `wakeups`.
     pub fn new(max_bytes: u64, grace: Duration, wakeups: Arc<Wakeups>) -> Self {
-        Self::with_tombstone_budget(max_bytes, grace, wakeups, TOMBSTONE_BUDGET_BYTES)
+        Self::with_clock(max_bytes, grace, wakeups, Clock::system())
     }
 
-    fn with_tombstone_budget(max_bytes: u64, grace: Duration, wakeups: Arc<Wakeups>, tombstone_bytes: u64) -> Self {
+    /// [`Self::new`], reading the time of day from `clock`.
+    pub fn with_clock(max_bytes: u64, grace: Duration, wakeups: Arc<Wakeups>, clock: Clock) -> Self {
+        Self::with_tombstone_budget(max_bytes, grace, wakeups, clock, TOMBSTONE_BUDGET_BYTES)
+    }
+
+    fn with_tombstone_budget(
+        max_bytes: u64,
+        grace: Duration,
+        wakeups: Arc<Wakeups>,
+        clock: Clock,
+        tombstone_bytes: u64,
+    ) -> Self {
         let tombstones: Cache<AggregationId, Tombstone> = Cache::builder()
             .max_capacity(tombstone_bytes)
             .weigher(|_, t: &Tombstone| t.weight())
@@ -111,12 +125,13 @@ impl MemoryStore {
             .time_to_live(TOMBSTONE_TTL)
             .build();
         let graves = tombstones.clone();
-        let results = ResultsCache::new(
+        let results = ResultsCache::with_clock(
             max_bytes,
             grace,
             Box::new(move |result, removal| {
                 graves.insert(result.record.id.clone(), Tombstone::of(result, Some(removal)));
             }),
+            clock.clone(),
         );
         Self {
             index: Mutex::default(),
@@ -124,6 +139,7 @@ impl MemoryStore {
             tombstones,
             leases: MemoryLeases::default(),
             wakeups,
+            clock,
         }
     }
 
@@ -177,7 +193,7 @@ impl AggregationStore for MemoryStore {
                 index.hit(&existing);
                 return Ok(Claimed { record, queue_position, disposition: Disposition::Joined });
             }
-            let now = SystemTime::now();
+            let now = self.clock.now();
             if let Some(result) = self.results.get(&existing)
                 && freshness.accepts(&result.record, result.rows.is_some(), now)
             {
@@ -206,7 +222,7 @@ impl AggregationStore for MemoryStore {
             Some(queue) => policy::caller_slot(queue.iter().map(|queued| index.pending_refresh(queued))),
             None => 0,
         };
-        let record = Arc::new(AggregationRecord::queued(id.clone(), key.clone()));
+        let record = Arc::new(AggregationRecord::queued(id.clone(), key.clone(), self.clock.now()));
         index.farms.entry(farm.to_owned()).or_default().insert(position, id.clone());
         index.active.insert(id.clone(), record.clone());
         index.hits.insert(id.clone(), 1);
@@ -220,7 +236,7 @@ impl AggregationStore for MemoryStore {
         // the cache before it takes it out of `active`, so one that finishes between the first
         // two lookups is found by the third.
         if let Some(result) = self.results.get(id) {
-            return Ok(Found::terminal(result, SystemTime::now()));
+            return Ok(Found::terminal(result, self.clock.now()));
         }
         {
             let index = self.lock();
@@ -229,7 +245,7 @@ impl AggregationStore for MemoryStore {
             }
         }
         if let Some(result) = self.results.get(id) {
-            return Ok(Found::terminal(result, SystemTime::now()));
+            return Ok(Found::terminal(result, self.clock.now()));
         }
         Ok(match self.tombstones.get(id) {
             Some(Tombstone::Expired(at)) => Found::Expired(at),
@@ -317,7 +333,7 @@ impl AggregationStore for MemoryStore {
         limits: &Limits,
         mint: &(dyn Fn() -> AggregationId + Send + Sync),
     ) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut index = self.lock();
         let candidates: Vec<(SystemTime, AggregationId)> =
             index.due.iter().take_while(|(at, _)| *at <= due_by).cloned().collect();
@@ -341,7 +357,7 @@ impl AggregationStore for MemoryStore {
             match (policy::refresh_verdict(candidate, min_hits, limits), old) {
                 (RefreshVerdict::Queued, Some(old)) => {
                     index.due.remove(&entry);
-                    let refresh = Arc::new(AggregationRecord::refresh_of(mint(), &old));
+                    let refresh = Arc::new(AggregationRecord::refresh_of(mint(), &old, now));
                     index.farms.entry(farm.to_owned()).or_default().push_back(refresh.id.clone());
                     index.active.insert(refresh.id.clone(), refresh.clone());
                     index.refreshing.insert(old.key.clone(), refresh.id.clone());
@@ -381,7 +397,7 @@ impl AggregationStore for MemoryStore {
     async fn housekeeping(&self) {
         self.results.housekeeping();
         self.tombstones.run_pending_tasks();
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut index = self.lock();
         let Index { active, by_key, hits, due, refreshing, .. } = &mut *index;
         by_key.retain(|_, id| active.contains_key(id) || self.results.contains(id));
@@ -423,8 +439,9 @@ mod tests {
     const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
     const ROOMY: Limits = Limits { queue_capacity: 1000, max_live: 1000, max_farms: 1000 };
 
+    /// A store on tokio's clock: its tests run on paused time.
     fn store(max_bytes: u64, grace: Duration) -> MemoryStore {
-        MemoryStore::new(max_bytes, grace, Arc::default())
+        MemoryStore::with_clock(max_bytes, grace, Arc::default(), Clock::tokio())
     }
 
     async fn start_with(store: &MemoryStore, k: &CanonicalKey, f: &Freshness) -> Claimed {
@@ -440,8 +457,8 @@ mod tests {
         let mut r = (*claimed.record).clone();
         r.state = State::Completed;
         r.row_count = rows as u64;
-        r.expire_time = Some(SystemTime::now() + valid_for);
-        r.data_time = Some(SystemTime::now());
+        r.expire_time = Some(store.clock.now() + valid_for);
+        r.data_time = Some(store.clock.now());
         let mut block = RowBlockBuilder::new(|_, buf| buf.extend_from_slice(&[0; 100]));
         (0..rows).for_each(|_| block.push(&StatisticsRow::default()));
         let lease = Lease {
@@ -456,8 +473,8 @@ mod tests {
         let mut r = (*claimed.record).clone();
         r.state = State::Failed;
         r.error = Some(Failure { code: FailureCode::Internal, message: "it broke".into() });
-        r.expire_time = Some(SystemTime::now() + ttl);
-        r.data_time = Some(SystemTime::now());
+        r.expire_time = Some(store.clock.now() + ttl);
+        r.data_time = Some(store.clock.now());
         let lease = Lease {
             farm: r.farm_id().to_owned(),
             holder: "test".into(),
@@ -501,7 +518,7 @@ mod tests {
         assert_eq!(start(&s, &key(1)).await.disposition, Disposition::Started, "an evicted result is not CACHED");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_result_larger_than_the_budget_is_still_served_within_its_grace() {
         let s = store(1024, Duration::from_millis(300));
         let c = start(&s, &key(1)).await;
@@ -528,7 +545,7 @@ mod tests {
         assert!(stats.cached_bytes >= stats.cached * bytes);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_id_still_says_why_after_its_ttl() {
         let s = store(1 << 20, Duration::ZERO);
         let c = start(&s, &key(1)).await;
@@ -543,8 +560,13 @@ mod tests {
 
     #[tokio::test]
     async fn tombstones_keep_the_most_recent_when_full() {
-        let s =
-            MemoryStore::with_tombstone_budget(1 << 20, Duration::ZERO, Arc::default(), 100 * TOMBSTONE_BYTES as u64);
+        let s = MemoryStore::with_tombstone_budget(
+            1 << 20,
+            Duration::ZERO,
+            Arc::default(),
+            Clock::system(),
+            100 * TOMBSTONE_BYTES as u64,
+        );
         let mut ids = Vec::new();
         for n in 0..300 {
             let c = start(&s, &key(n)).await;

@@ -33,6 +33,7 @@ pub use results::{CachedResult, ResultsCache};
 pub use run_model::RunModel;
 pub use wakeups::Wakeups;
 
+use super::clock::Clock;
 use super::key::CanonicalKey;
 use super::record::{AggregationId, AggregationRecord, Rows};
 use super::throttle::Rate;
@@ -322,7 +323,7 @@ pub struct Coordination {
 }
 
 /// What a backend is built with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CoordinationSettings {
     /// The results cache's memory budget, in bytes.
     pub cache_max_bytes: u64,
@@ -331,6 +332,8 @@ pub struct CoordinationSettings {
     /// The pacing of upstream Starts and Gets.
     pub upstream_start: Rate,
     pub upstream_get: Rate,
+    /// Where the store reads the time of day.
+    pub clock: Clock,
 }
 
 impl Coordination {
@@ -338,7 +341,12 @@ impl Coordination {
     /// pacing buckets of this process.
     pub fn memory(settings: &CoordinationSettings) -> Self {
         let wakeups = Arc::new(Wakeups::default());
-        let store = Arc::new(MemoryStore::new(settings.cache_max_bytes, settings.result_grace, wakeups.clone()));
+        let store = Arc::new(MemoryStore::with_clock(
+            settings.cache_max_bytes,
+            settings.result_grace,
+            wakeups.clone(),
+            settings.clock.clone(),
+        ));
         let local = |rate| LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
         Self {
             results: store.results(),
@@ -358,11 +366,16 @@ impl Coordination {
         client.check_eviction_policy().await?;
         let epoch = Some(client.epoch().await?);
         let wakeups = Arc::new(Wakeups::default());
-        let results = Arc::new(ResultsCache::new(settings.cache_max_bytes, settings.result_grace, Box::new(|_, _| {})));
+        let results = Arc::new(ResultsCache::with_clock(
+            settings.cache_max_bytes,
+            settings.result_grace,
+            Box::new(|_, _| {}),
+            settings.clock.clone(),
+        ));
         let shared = |name, rate| client.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
         let start_rate = shared("upstream-start", settings.upstream_start);
         let get_rate = shared("upstream-get", settings.upstream_get);
-        let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone()));
+        let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), settings.clock.clone()));
         Ok(Self { store, results, wakeups, start_rate, get_rate, epoch })
     }
 }

@@ -6,6 +6,7 @@
 //! With the in-memory store this is where rows live; with a shared store it is the near-cache
 //! in front of it, so cache-hit Gets never leave the process.
 
+use crate::gateway::clock::Clock;
 use crate::gateway::record::{AggregationId, AggregationRecord, Rows};
 use bytes::Bytes;
 use moka::notification::RemovalCause;
@@ -14,7 +15,8 @@ use moka::sync::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A terminal aggregation as Get serves it.
 #[derive(Debug)]
@@ -80,13 +82,18 @@ impl ResultsCache {
     /// At most `max_bytes` (rows plus each entry's overhead), every result held for `grace`
     /// at least; `on_removed` learns of every result that leaves by expiry or eviction.
     pub fn new(max_bytes: u64, grace: Duration, on_removed: OnRemoved) -> Self {
+        Self::with_clock(max_bytes, grace, on_removed, Clock::system())
+    }
+
+    /// [`Self::new`], each result expiring at its record's `expire_time` by `clock`.
+    pub fn with_clock(max_bytes: u64, grace: Duration, on_removed: OnRemoved, clock: Clock) -> Self {
         let removals: Arc<[AtomicU64; 2]> = Arc::default();
         let counted = removals.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_, r: &Arc<CachedResult>| u32::try_from(r.weight()).unwrap_or(u32::MAX))
             .eviction_policy(EvictionPolicy::lru())
-            .expire_after(ExpireAtRecord)
+            .expire_after(ExpireAtRecord(clock))
             .eviction_listener(move |_id: Arc<AggregationId>, result: Arc<CachedResult>, cause| {
                 let removal = match cause {
                     RemovalCause::Expired => Removal::Expired,
@@ -142,18 +149,23 @@ impl ResultsCache {
 }
 
 /// Each result expires exactly at its record's `expire_time`.
-struct ExpireAtRecord;
+struct ExpireAtRecord(Clock);
 
 impl moka::Expiry<AggregationId, Arc<CachedResult>> for ExpireAtRecord {
-    fn expire_after_create(&self, _id: &AggregationId, r: &Arc<CachedResult>, _now: Instant) -> Option<Duration> {
-        Some(r.record.remaining(SystemTime::now()))
+    fn expire_after_create(
+        &self,
+        _id: &AggregationId,
+        r: &Arc<CachedResult>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(r.record.remaining(self.0.now()))
     }
 
     fn expire_after_update(
         &self,
         id: &AggregationId,
         r: &Arc<CachedResult>,
-        now: Instant,
+        now: std::time::Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
         self.expire_after_create(id, r, now)

@@ -10,7 +10,6 @@ use crate::domain::AggregationStatus;
 use crate::gateway::record::{AggregationRecord, Failure, FailureCode, State};
 use crate::gateway::rows::{RowBlock, RowBlockBuilder};
 use crate::upstream::{UpstreamError, UpstreamPage};
-use std::time::SystemTime;
 use tokio::time::Instant;
 
 /// The upstream's page size limit.
@@ -127,7 +126,7 @@ impl UpstreamRunner {
         let upstream_id = agg.upstream_id.as_deref().ok_or_else(|| lost("no upstream id was recorded".to_owned()))?;
         let left = agg
             .expire_time
-            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .and_then(|at| at.duration_since(self.clock.now()).ok())
             .ok_or_else(|| lost("its results have expired upstream too".to_owned()))?;
         let expires = Instant::now() + left;
         let first = self.page(agg, upstream_id, None, expires).await?;

@@ -19,6 +19,7 @@ mod split;
 mod start;
 
 use super::backoff::BackoffPolicy;
+use super::clock::Clock;
 use super::coordination::pacing::Pacer;
 use super::coordination::{AggregationStore, Found, Lease};
 use super::record::{AggregationRecord, Failure, FailureCode, State};
@@ -102,13 +103,14 @@ struct Started {
 }
 
 impl Started {
-    fn now() -> Self {
-        Self { wall: SystemTime::now(), mono: Instant::now() }
+    /// Now, `wall` being the time of day.
+    fn now(wall: SystemTime) -> Self {
+        Self { wall, mono: Instant::now() }
     }
 
-    /// A start recorded by wall clock (perhaps by another replica).
-    fn at(wall: SystemTime) -> Self {
-        let ago = SystemTime::now().duration_since(wall).unwrap_or_default();
+    /// A start recorded by wall clock (perhaps by another replica), seen at `now`.
+    fn at(wall: SystemTime, now: SystemTime) -> Self {
+        let ago = now.duration_since(wall).unwrap_or_default();
         Self { wall, mono: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now) }
     }
 }
@@ -123,6 +125,7 @@ pub struct UpstreamRunner {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) encoder: RowEncoder,
     pub(crate) spans: Arc<Spans>,
+    pub(crate) clock: Clock,
 }
 
 impl Runner for UpstreamRunner {
@@ -176,7 +179,9 @@ impl UpstreamRunner {
     /// The state machine: resume or start, follow, split when too large, record the end.
     async fn drive(&self, agg: &mut Driven<'_>) -> Result<(), Stop> {
         let resumed = match (agg.record.state, agg.record.upstream_id.clone(), agg.record.running_since) {
-            (State::Running, Some(upstream_id), Some(since)) => Some((upstream_id, Started::at(since))),
+            (State::Running, Some(upstream_id), Some(since)) => {
+                Some((upstream_id, Started::at(since, self.clock.now())))
+            }
             _ => None,
         };
         // RUNNING without an upstream id: an earlier holder's Start may have reached the upstream.
@@ -208,11 +213,11 @@ impl UpstreamRunner {
     /// Writes the terminal state, with the rows, and closes the lifecycle span.
     async fn record(&self, agg: &mut Driven<'_>, outcome: Outcome, started: Option<Started>) -> Result<(), Stop> {
         let c = &self.config;
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let r = &mut agg.record;
         let (state, failed, rows) = match outcome {
             Outcome::Completed { rows, message, parts } => {
-                let started = started.unwrap_or_else(Started::now);
+                let started = started.unwrap_or_else(|| Started::now(now));
                 r.parts = parts;
                 let life = c.result_validity.saturating_sub(c.validity_margin);
                 tracing::info!(aggregation = %r.id, rows = rows.len(), "aggregation completed");

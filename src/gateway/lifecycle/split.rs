@@ -106,7 +106,7 @@ impl UpstreamRunner {
         };
         loop {
             retry.ready().await;
-            let started = Started::now();
+            let started = Started::now(self.clock.now());
             let err = match retry.attempt(self.call(START, agg, None, self.upstream.start(part))).await {
                 Ok(Ok(id)) => return Ok((id, started)),
                 Ok(Err(err)) => err,

@@ -8,7 +8,6 @@ use super::retry::{GaveUp, Retry};
 use super::{Interrupt, OUTCOME_UNKNOWN_WAITING, START, Started, UpstreamRunner, failure};
 use crate::gateway::record::{Failure, FailureCode, State};
 use crate::upstream::UpstreamError;
-use std::time::SystemTime;
 use tokio::time::Instant;
 
 impl UpstreamRunner {
@@ -27,12 +26,12 @@ impl UpstreamRunner {
             if agg.record.state == State::Queued {
                 agg.set(|r| {
                     r.state = State::Running;
-                    r.running_since = Some(SystemTime::now());
+                    r.running_since = Some(self.clock.now());
                 })
                 .await?;
                 tracing::info!(aggregation = %agg.record.id, farm = %agg.record.farm_id(), "aggregation running");
             }
-            let started = Started::now();
+            let started = Started::now(self.clock.now());
             let call = self.call(START, &agg.record, None, self.upstream.start(agg.record.key.request()));
             let err = match retry.attempt(call).await {
                 Ok(Ok(id)) => return self.started(agg, id, started, unknown_since.is_some()).await,

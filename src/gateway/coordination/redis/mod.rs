@@ -32,6 +32,7 @@ use super::{
     AggregationStore, Bound, ClaimError, Claimed, Disposition, FarmLoad, Found, StoreError, StoreStats, Topology,
     Written,
 };
+use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Rows, State};
 use crate::gateway::rows::RowBlock;
@@ -105,14 +106,15 @@ pub struct RedisStore {
     wakeups: Arc<Wakeups>,
     /// What housekeeping last counted.
     counted: Mutex<StoreStats>,
+    clock: Clock,
 }
 
 impl RedisStore {
     /// A store on `redis`, keeping terminal results it reads in `near`, and waking `wakeups`
     /// on its own writes (other replicas' arrive through [`RedisClient::relay_changes`], which
     /// [`AggregationStore::spawn_background`] starts).
-    pub fn new(redis: RedisClient, near: Arc<ResultsCache>, wakeups: Arc<Wakeups>) -> Self {
-        Self { redis, near, wakeups, counted: Mutex::default() }
+    pub fn new(redis: RedisClient, near: Arc<ResultsCache>, wakeups: Arc<Wakeups>, clock: Clock) -> Self {
+        Self { redis, near, wakeups, counted: Mutex::default(), clock }
     }
 
     fn conn(&self) -> redis::aio::ConnectionManager {
@@ -126,7 +128,7 @@ impl RedisStore {
     /// The terminal result `record`, with its rows when it has any; kept in the near cache.
     async fn terminal(&self, record: AggregationRecord, has_rows: bool) -> Result<Found, StoreError> {
         if record.state == State::Completed
-            && let Some(at) = record.expire_time.filter(|at| SystemTime::now() >= *at)
+            && let Some(at) = record.expire_time.filter(|at| self.clock.now() >= *at)
         {
             return Ok(Found::Expired(at));
         }
@@ -196,7 +198,7 @@ impl RedisStore {
             .arg(limits.max_farms)
             .arg(crate::gateway::ids::tag_of(&refresh.id).map(|t| t.to_string()).unwrap_or_default())
             .arg(ms(KEEP_AFTER_EXPIRY))
-            .arg(millis(SystemTime::now()))
+            .arg(millis(self.clock.now()))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -217,7 +219,7 @@ impl AggregationStore for RedisStore {
         limits: &Limits,
         id: AggregationId,
     ) -> Result<Claimed, ClaimError> {
-        let fresh = AggregationRecord::queued(id.clone(), key.clone());
+        let fresh = AggregationRecord::queued(id.clone(), key.clone(), self.clock.now());
         let (k, farm) = (self.keys(), key.farm_id());
         let (verdict, json, position): (String, String, i64) = CLAIM
             .key(k.index(key))
@@ -239,7 +241,7 @@ impl AggregationStore for RedisStore {
             .arg(k.record_prefix())
             .arg(k.rows_prefix())
             .arg(crate::gateway::ids::tag_of(&id).map(|t| t.to_string()).unwrap_or_default())
-            .arg(millis(SystemTime::now()))
+            .arg(millis(self.clock.now()))
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -265,7 +267,7 @@ impl AggregationStore for RedisStore {
 
     async fn read(&self, id: &str) -> Result<Found, StoreError> {
         if let Some(result) = self.near.get(id) {
-            return Ok(Found::terminal(result, SystemTime::now()));
+            return Ok(Found::terminal(result, self.clock.now()));
         }
         let (json, farm, rows): (Option<String>, Option<String>, Option<i64>) = redis::cmd("HMGET")
             .arg(self.keys().record(id))
@@ -348,7 +350,7 @@ impl AggregationStore for RedisStore {
         rows: Option<Rows>,
     ) -> Result<Written, StoreError> {
         let (k, farm) = (self.keys(), record.farm_id());
-        let expire = record.expire_time.unwrap_or_else(SystemTime::now);
+        let expire = record.expire_time.unwrap_or_else(|| self.clock.now());
         let done: i64 = FINISH
             .key(k.fence(&lease.farm))
             .key(k.record(&record.id))
@@ -384,7 +386,7 @@ impl AggregationStore for RedisStore {
     }
 
     async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
-        let expire = record.expire_time.unwrap_or_else(SystemTime::now);
+        let expire = record.expire_time.unwrap_or_else(|| self.clock.now());
         let _written: i64 = RESTORE_ROWS
             .key(self.keys().record(&record.id))
             .key(self.keys().rows(&record.id))
@@ -407,7 +409,7 @@ impl AggregationStore for RedisStore {
     ) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
         let due: Vec<(String, u32, String)> = DUE
             .key(self.keys().due())
-            .arg(millis(SystemTime::now()))
+            .arg(millis(self.clock.now()))
             .arg(millis(due_by))
             .arg(self.keys().record_prefix())
             .arg(DUE_SCAN_LIMIT)
@@ -420,7 +422,7 @@ impl AggregationStore for RedisStore {
                 continue;
             }
             let old = from_json(&json)?;
-            let refresh = AggregationRecord::refresh_of(mint(), &old);
+            let refresh = AggregationRecord::refresh_of(mint(), &old, self.clock.now());
             match self.queue_refresh(&old_id, &old, &refresh, min_hits, limits).await? {
                 RefreshVerdict::Queued => queued.push(Arc::new(refresh)),
                 RefreshVerdict::Live | RefreshVerdict::Epoch => break,
@@ -466,7 +468,7 @@ impl AggregationStore for RedisStore {
         let _: Result<i64, _> = redis::cmd("ZREMRANGEBYSCORE")
             .arg(k.due())
             .arg("-inf")
-            .arg(millis(SystemTime::now()))
+            .arg(millis(self.clock.now()))
             .query_async(&mut self.conn())
             .await;
         let live: Option<usize> = redis::cmd("GET").arg(k.live()).query_async(&mut self.conn()).await.ok().flatten();

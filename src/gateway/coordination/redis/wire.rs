@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn a_record_survives_its_wire_form() {
         let key = crate::gateway::key::test_key(1, 2);
-        let mut r = AggregationRecord::queued("agg-1".into(), key);
+        let mut r = AggregationRecord::queued("agg-1".into(), key, SystemTime::now());
         r.state = State::Failed;
         r.error = Some(Failure { code: FailureCode::Unavailable, message: "gone".into() });
         r.expire_time = Some(from_millis(1_800_000_000_123));
