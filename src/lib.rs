@@ -45,6 +45,7 @@
 //! ```
 //! Telemetry observes every step; nothing flows back from it.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod app;
 pub mod bench;

@@ -36,7 +36,7 @@ fn hostile_start(n: u64) -> bytes::Bytes {
     bytes::Bytes::from(req.encode_to_vec())
 }
 
-pub async fn hostile(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn hostile(opts: &BenchOptions) -> Result<Value, BenchError> {
     let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
     if let Some(core) = load_core {
         pin_self(core);
@@ -130,7 +130,7 @@ fn series(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-pub async fn callers(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn callers(opts: &BenchOptions) -> Result<Value, BenchError> {
     let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
     if let Some(core) = load_core {
         pin_self(core);

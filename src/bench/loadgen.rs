@@ -15,7 +15,7 @@ fn histogram() -> Histogram<u64> {
 
 /// What one run measured.
 #[derive(Debug, Clone)]
-pub struct LoadReport {
+pub(crate) struct LoadReport {
     pub requests: u64,
     pub errors: u64,
     pub elapsed: Duration,
@@ -26,17 +26,17 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
-    pub fn rps(&self) -> f64 {
+    pub(crate) fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     /// An empty report, to [`LoadReport::merge`] phases into.
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Self { requests: 0, errors: 0, elapsed: Duration::ZERO, latency_us: histogram(), send_lag_us: histogram() }
     }
 
     /// Adds another phase's requests, errors, time and latencies to this one.
-    pub fn merge(&mut self, other: &LoadReport) {
+    pub(crate) fn merge(&mut self, other: &LoadReport) {
         self.requests += other.requests;
         self.errors += other.errors;
         self.elapsed += other.elapsed;
@@ -44,13 +44,13 @@ impl LoadReport {
         let _ = self.send_lag_us.add(&other.send_lag_us);
     }
 
-    pub fn percentile_us(&self, q: f64) -> u64 {
+    pub(crate) fn percentile_us(&self, q: f64) -> u64 {
         self.latency_us.value_at_quantile(q)
     }
 
     /// throughput, p50/p90/p99/p99.9 and errors, as JSON; in the open loop also the p99 and
     /// p99.9 of the send lag.
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         let mut out = serde_json::json!({
             "requests": self.requests,
             "errors": self.errors,
@@ -70,7 +70,7 @@ impl LoadReport {
 
 /// `workers` concurrent loops calling `call` with clients taken round-robin from `clients`,
 /// for `duration`.
-pub async fn closed_loop<C, F, Fut>(clients: &[C], workers: usize, duration: Duration, call: F) -> LoadReport
+pub(crate) async fn closed_loop<C, F, Fut>(clients: &[C], workers: usize, duration: Duration, call: F) -> LoadReport
 where
     C: Clone + Send + 'static,
     F: Fn(C) -> Fut + Clone + Send + 'static,
@@ -107,7 +107,7 @@ where
 /// Requests at `rate` per second for `duration`; each latency counts from the request's
 /// intended send time. At most `max_in_flight` wait at once; beyond that requests count as
 /// errors rather than being delayed.
-pub async fn open_loop<C, F, Fut>(
+pub(crate) async fn open_loop<C, F, Fut>(
     clients: &[C],
     rate: f64,
     duration: Duration,

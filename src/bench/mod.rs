@@ -7,12 +7,12 @@
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.
 
-pub mod abuse;
+pub(crate) mod abuse;
 pub mod baseline;
-pub mod loadgen;
+pub(crate) mod loadgen;
 pub mod process;
-pub mod replicas;
+pub(crate) mod replicas;
 pub mod requests;
-pub mod scenarios;
+pub(crate) mod scenarios;
 pub mod transport;
-pub mod watchers;
+pub(crate) mod watchers;

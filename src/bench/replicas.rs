@@ -62,7 +62,7 @@ impl Redis {
     }
 }
 
-pub async fn replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
     let redis = Redis::start()?;
     let in_progress = if opts.smoke { Duration::from_millis(100) } else { Duration::from_secs(2) };
     let duration_flag = format!("{}ms", in_progress.as_millis());

@@ -50,7 +50,7 @@ impl BenchStore {
 type Client = AggregationServiceClient<Channel>;
 
 /// Why a scenario could not run.
-pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BenchError = Box<dyn std::error::Error + Send + Sync>;
 
 pub(crate) fn string(s: impl Into<String>) -> String {
     s.into()
@@ -283,7 +283,7 @@ async fn with_a_result(gw: &Server) -> Result<(bytes::Bytes, Vec<u8>), BenchErro
 /// bare-tonic baseline answering the same bytes; with `--store redis`, also a gateway on a
 /// `redis-server` of its own, whose near cache must keep its throughput close to the memory
 /// store's. The servers take turns of a quarter second.
-pub async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> {
     let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
     if let Some(core) = load_core {
         pin_self(core);
@@ -441,7 +441,7 @@ fn turn(round: u32, targets: usize) -> Vec<usize> {
 }
 
 /// 1,000 concurrent identical StartAggregation calls.
-pub async fn coalesce(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn coalesce(opts: &BenchOptions) -> Result<Value, BenchError> {
     let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
     if let Some(core) = load_core {
         pin_self(core);
@@ -489,7 +489,7 @@ pub async fn coalesce(opts: &BenchOptions) -> Result<Value, BenchError> {
 }
 
 /// 100 distinct aggregations over 10 farms against the emulator.
-pub async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
     let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
     if let Some(core) = load_core {
         pin_self(core);
@@ -548,7 +548,7 @@ pub async fn farm_queue(opts: &BenchOptions) -> Result<Value, BenchError> {
 
 /// 100,000 rows cached: the gateway's resident memory growth against the rows' encoded size.
 /// The emulator runs as a process of its own so that only the gateway's memory is counted.
-pub async fn memory(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn memory(opts: &BenchOptions) -> Result<Value, BenchError> {
     let emulator_args: Vec<String> =
         ["emulator", "--listen", "127.0.0.1:0", "--aggregation-duration", "50ms"].into_iter().map(string).collect();
     let emulator = Server::start(None, &emulator_args, 1)?;

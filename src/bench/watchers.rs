@@ -41,7 +41,7 @@ struct Run {
     upstream_gets: u64,
 }
 
-pub async fn watchers(opts: &BenchOptions) -> Result<Value, BenchError> {
+pub(crate) async fn watchers(opts: &BenchOptions) -> Result<Value, BenchError> {
     let (server_core, load_core) = cores().map_or((None, None), |(s, l)| (Some(s), Some(l)));
     if let Some(core) = load_core {
         pin_self(core);

@@ -63,7 +63,7 @@ pub struct BaselineArgs {
     pub response: PathBuf,
 }
 
-pub async fn run(args: BenchArgs) -> Result<(), RunError> {
+pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
     let opts = BenchOptions {
         duration: if args.smoke { args.duration.min(Duration::from_secs(1)) } else { args.duration },
         concurrency: args.concurrency.max(1),
@@ -102,7 +102,7 @@ pub async fn run(args: BenchArgs) -> Result<(), RunError> {
     Ok(())
 }
 
-pub async fn baseline(args: BaselineArgs) -> Result<(), RunError> {
+pub(crate) async fn baseline(args: BaselineArgs) -> Result<(), RunError> {
     let response = std::fs::read(&args.response)
         .map_err(|e| RunError::Config(format!("cannot read {}: {e}", args.response.display())))?;
     let signal = shutdown_signal().map_err(RunError::Signal)?;

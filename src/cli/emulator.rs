@@ -97,7 +97,7 @@ fn parse_operation(s: &str) -> Result<Operation, String> {
     }
 }
 
-pub async fn run(args: EmulatorArgs) -> Result<(), RunError> {
+pub(crate) async fn run(args: EmulatorArgs) -> Result<(), RunError> {
     let signal = shutdown_signal().map_err(RunError::Signal)?;
     let handle = EmulatorHandle::spawn(args.config(), args.listen)
         .await

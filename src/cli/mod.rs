@@ -3,12 +3,12 @@
 //! Every `serve` and `emulator` flag also reads a `DSG_*` environment variable. Parsing and
 //! validation happen here; the work is done by the library modules.
 
-pub mod bench;
+pub(crate) mod bench;
 pub mod config;
-pub mod emulator;
-pub mod progress;
-pub mod query;
-pub mod serve;
+pub(crate) mod emulator;
+pub(crate) mod progress;
+pub(crate) mod query;
+pub(crate) mod serve;
 
 use clap::{Parser, Subcommand};
 use std::io::Write as _;

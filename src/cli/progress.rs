@@ -8,7 +8,7 @@ use std::io::IsTerminal as _;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How progress is shown.
-pub struct Progress {
+pub(crate) struct Progress {
     shown: Shown,
     began: Instant,
 }
@@ -23,7 +23,7 @@ enum Shown {
 
 impl Progress {
     /// Progress on stderr: live when it is a terminal, lines when not, none when `quiet`.
-    pub fn on_stderr(quiet: bool) -> Self {
+    pub(crate) fn on_stderr(quiet: bool) -> Self {
         let shown = if quiet {
             Shown::Nothing
         } else if std::io::stderr().is_terminal() {
@@ -40,7 +40,7 @@ impl Progress {
     }
 
     /// The aggregation changed.
-    pub fn update(&self, a: &Aggregation) {
+    pub(crate) fn update(&self, a: &Aggregation) {
         match &self.shown {
             Shown::Nothing => {}
             Shown::Live(bar) => bar.set_message(live(a, self.began.elapsed(), SystemTime::now())),
@@ -49,7 +49,7 @@ impl Progress {
     }
 
     /// Waiting is over.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Shown::Live(bar) = &self.shown {
             bar.finish_and_clear();
         }

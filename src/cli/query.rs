@@ -187,7 +187,7 @@ fn statistic(s: StatisticArg) -> pb::Statistic {
 /// Longest single long-poll the client asks for (against a gateway without WatchAggregation).
 const POLL_WAIT: Duration = Duration::from_secs(30);
 
-pub async fn run(args: QueryArgs) -> Result<(), RunError> {
+pub(crate) async fn run(args: QueryArgs) -> Result<(), RunError> {
     let mut endpoint = Channel::from_shared(args.gateway.clone())
         .map_err(|e| RunError::Query(format!("bad --gateway URL {}: {e}", args.gateway)))?;
     if let Some(tls) = args.tls()? {

@@ -367,7 +367,7 @@ impl ServeArgs {
     }
 }
 
-pub async fn run(args: ServeArgs) -> Result<(), RunError> {
+pub(crate) async fn run(args: ServeArgs) -> Result<(), RunError> {
     let config = args.app_config()?;
     config.validate().map_err(|e| RunError::Config(e.to_string()))?;
     if args.listen == args.admin_listen && args.listen.port() != 0 {

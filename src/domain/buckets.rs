@@ -7,20 +7,20 @@ use chrono::{DateTime, Datelike, Duration, Months, NaiveDate, NaiveDateTime, Tim
 
 /// One bucket of an aggregation, as `aggregationStartTime`/`aggregationEndTime` report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
 }
 
 /// The buckets covering `[start, end)`, each clipped to that window.
-pub fn buckets(start: DateTime<Utc>, end: DateTime<Utc>, period: Period, tz: Timezone) -> Buckets {
+pub(crate) fn buckets(start: DateTime<Utc>, end: DateTime<Utc>, period: Period, tz: Timezone) -> Buckets {
     let offset = Duration::minutes(i64::from(tz.offset_minutes()));
     Buckets { cursor: floor(start.naive_utc() + offset, period) - offset, start, end, period, offset }
 }
 
 /// Iterator over [`Bucket`]s; see [`buckets`].
 #[derive(Debug, Clone)]
-pub struct Buckets {
+pub(crate) struct Buckets {
     /// The unclipped start of the next bucket, in UTC.
     cursor: NaiveDateTime,
     start: DateTime<Utc>,

@@ -6,14 +6,14 @@
 //! render [`validate::FieldViolation`]s in their own field naming. Nothing here may know of HTTP,
 //! tonic or the AWS SDK.
 
-pub mod buckets;
+pub(crate) mod buckets;
 pub mod ids;
-pub mod quote;
-pub mod request;
-pub mod rows;
-pub mod split;
-pub mod timezone;
-pub mod validate;
+pub(crate) mod quote;
+pub(crate) mod request;
+pub(crate) mod rows;
+pub(crate) mod split;
+pub(crate) mod timezone;
+pub(crate) mod validate;
 
 pub use request::{AggregationRequest, GroupBy, Period, Resources, Statistic};
 pub use rows::{StatisticsRow, Stats, UsageType};

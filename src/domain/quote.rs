@@ -2,10 +2,10 @@
 //! line is cut to a short prefix, so a hostile value costs the same as a sensible one.
 
 /// The most characters of a caller's value that are echoed back.
-pub const MAX_QUOTED_CHARS: usize = 64;
+pub(crate) const MAX_QUOTED_CHARS: usize = 64;
 
 /// `value`, cut to [`MAX_QUOTED_CHARS`] characters with `…` and the full length when longer.
-pub fn quoted(value: &str) -> String {
+pub(crate) fn quoted(value: &str) -> String {
     match value.char_indices().nth(MAX_QUOTED_CHARS) {
         None => value.to_owned(),
         Some((cut, _)) => format!("{}… ({} bytes)", &value[..cut], value.len()),

@@ -16,7 +16,7 @@ use crate::domain::{AggregationRequest, GroupBy, Resources};
 
 /// How a request was halved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cut {
+pub(crate) enum Cut {
     /// At a bucket boundary of the window.
     Time,
     /// Between the two halves of the resource id list.
@@ -25,7 +25,7 @@ pub enum Cut {
 
 /// Two requests whose rows together are `request`'s, or `None` when it cannot be split (one
 /// bucket, and its resource ids cannot be halved without splitting a group).
-pub fn halve(request: &AggregationRequest) -> Option<(Cut, [AggregationRequest; 2])> {
+pub(crate) fn halve(request: &AggregationRequest) -> Option<(Cut, [AggregationRequest; 2])> {
     let inner: Vec<_> =
         buckets(request.start_time, request.end_time, request.effective_period(), request.effective_timezone())
             .skip(1)

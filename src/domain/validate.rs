@@ -14,17 +14,17 @@ use std::collections::HashSet;
 use std::hash::Hash;
 
 /// Most queue or fleet ids one aggregation may name.
-pub const MAX_RESOURCE_IDS: usize = 10;
+pub(crate) const MAX_RESOURCE_IDS: usize = 10;
 /// Most `groupBy` fields.
-pub const MAX_GROUP_BY: usize = 2;
+pub(crate) const MAX_GROUP_BY: usize = 2;
 /// Most statistics.
-pub const MAX_STATISTICS: usize = 4;
+pub(crate) const MAX_STATISTICS: usize = 4;
 /// Most items a list may hold, repeats included: beyond it a list is refused whole, before
 /// any item is checked.
-pub const MAX_LIST_ITEMS: usize = 100;
+pub(crate) const MAX_LIST_ITEMS: usize = 100;
 
 /// The refusal of a list longer than [`MAX_LIST_ITEMS`], or `None` when it is not.
-pub fn oversized_list(field: Field, len: usize) -> Option<FieldViolation> {
+pub(crate) fn oversized_list(field: Field, len: usize) -> Option<FieldViolation> {
     (len > MAX_LIST_ITEMS)
         .then(|| FieldViolation::new(field, format!("has {len} values; at most {MAX_LIST_ITEMS} are accepted")))
 }
@@ -71,7 +71,7 @@ impl FieldViolation {
 
 /// An aggregation request as a transport decoded it, not yet checked.
 #[derive(Debug, Clone, Default)]
-pub struct RequestDraft {
+pub(crate) struct RequestDraft {
     pub farm_id: String,
     pub queue_ids: Option<Vec<String>>,
     pub fleet_ids: Option<Vec<String>>,
@@ -88,7 +88,7 @@ pub struct RequestDraft {
 
 impl RequestDraft {
     /// Checks every rule of the model; on success, lists are free of duplicates.
-    pub fn validate(self) -> Result<AggregationRequest, Vec<FieldViolation>> {
+    pub(crate) fn validate(self) -> Result<AggregationRequest, Vec<FieldViolation>> {
         let mut v = self.violations;
         check_farm_id(&self.farm_id, &mut v);
         let resources = check_resources(self.queue_ids, self.fleet_ids, &mut v);
@@ -122,7 +122,7 @@ impl RequestDraft {
 }
 
 /// Reports a farm id that is missing or off the model's pattern.
-pub fn check_farm_id(farm_id: &str, v: &mut Vec<FieldViolation>) {
+pub(crate) fn check_farm_id(farm_id: &str, v: &mut Vec<FieldViolation>) {
     if farm_id.is_empty() {
         v.push(FieldViolation::new(Field::FarmId, "is required"));
     } else if !ids::is_farm_id(farm_id) {

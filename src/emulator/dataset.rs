@@ -21,7 +21,7 @@ const SHOTS: &[&str] = &["sq010_sh0040", "sq020_sh0110", "sq030_sh0080", "sq040_
 const TASKS: &[&str] = &["lighting", "fx_sim", "comp", "lookdev", "layout"];
 
 /// How many rows a request yields, counting at most `limit + 1` so a huge request stays cheap.
-pub fn row_count(req: &AggregationRequest, limit: u64) -> u64 {
+pub(super) fn row_count(req: &AggregationRequest, limit: u64) -> u64 {
     let groups = groups(req).len() as u64;
     if groups == 0 {
         return 0;
@@ -32,7 +32,7 @@ pub fn row_count(req: &AggregationRequest, limit: u64) -> u64 {
 }
 
 /// Every row of a request: buckets in time order, groups in a stable order within each.
-pub fn rows(req: &AggregationRequest) -> Vec<StatisticsRow> {
+pub(super) fn rows(req: &AggregationRequest) -> Vec<StatisticsRow> {
     let groups = groups(req);
     bucket_list(req).flat_map(|bucket| groups.iter().map(move |g| row(req, g, bucket))).collect()
 }

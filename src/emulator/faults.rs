@@ -80,7 +80,7 @@ impl FaultSpec {
 
 /// What to do with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Proceed,
     /// Answer with this exception; the `Retry-After` seconds of a throttle.
     Fail(ErrorKind, u64),
@@ -91,36 +91,36 @@ pub enum Action {
 
 /// The live fault settings, shared by every connection.
 #[derive(Debug, Default)]
-pub struct Faults {
+pub(crate) struct Faults {
     spec: Mutex<FaultSpec>,
 }
 
 impl Faults {
-    pub fn new(spec: FaultSpec) -> Self {
+    pub(crate) fn new(spec: FaultSpec) -> Self {
         Self { spec: Mutex::new(spec) }
     }
 
-    pub fn get(&self) -> FaultSpec {
+    pub(crate) fn get(&self) -> FaultSpec {
         self.lock().clone()
     }
 
-    pub fn set(&self, spec: FaultSpec) {
+    pub(crate) fn set(&self, spec: FaultSpec) {
         *self.lock() = spec;
     }
 
     /// The latency to add to a request for `op`.
-    pub fn latency(&self, op: Operation) -> Duration {
+    pub(crate) fn latency(&self, op: Operation) -> Duration {
         let spec = self.lock();
         if spec.affects(op) { Duration::from_millis(spec.latency_ms) } else { Duration::ZERO }
     }
 
     /// The forced final status for a new aggregation, if any.
-    pub fn forced_status(&self) -> Option<ForcedStatus> {
+    pub(crate) fn forced_status(&self) -> Option<ForcedStatus> {
         self.lock().force_status
     }
 
     /// Rolls the dice for one request of `op`.
-    pub fn decide(&self, op: Operation) -> Action {
+    pub(crate) fn decide(&self, op: Operation) -> Action {
         let mut spec = self.lock();
         if !spec.affects(op) || spec.remaining == Some(0) {
             return Action::Proceed;

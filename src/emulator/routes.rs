@@ -23,7 +23,7 @@ const MAX_RESULTS: usize = 100;
 /// The model's `NextToken` length limit.
 const MAX_TOKEN_LEN: usize = 4096;
 
-pub fn router(emulator: Arc<Emulator>) -> Router {
+pub(super) fn router(emulator: Arc<Emulator>) -> Router {
     Router::new()
         .route(API_PATH, post(start).get(get_aggregation))
         .route("/_emulator/stats", get(stats))
@@ -35,7 +35,7 @@ pub fn router(emulator: Arc<Emulator>) -> Router {
 }
 
 /// Which API operation a request is, and for which farm; `None` for everything else.
-pub fn operation_of<'p>(method: &Method, path: &'p str) -> Option<(Operation, &'p str)> {
+pub(super) fn operation_of<'p>(method: &Method, path: &'p str) -> Option<(Operation, &'p str)> {
     let farm = path.strip_prefix("/2023-10-12/farms/")?.strip_suffix("/sessions-statistics-aggregation")?;
     match *method {
         Method::POST => Some((Operation::Start, farm)),

@@ -55,7 +55,7 @@ async fn handle(
 }
 
 /// Serves `emulator` on `listener` until `shutdown` resolves, then drains connections.
-pub async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: impl Future<Output = ()>) {
+pub(super) async fn serve(listener: TcpListener, emulator: Arc<Emulator>, shutdown: impl Future<Output = ()>) {
     let router = router(emulator.clone());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -30,7 +30,7 @@ struct ResourceIdsBody {
 }
 
 /// The wire name of a request field, with `[i]` for a list element.
-pub fn field_name(field: Field, index: Option<usize>) -> String {
+pub(super) fn field_name(field: Field, index: Option<usize>) -> String {
     let name = match field {
         Field::FarmId => "farmId",
         Field::ResourceIds => "resourceIds",
@@ -55,12 +55,12 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
 }
 
 /// Renders violations as a FIELD_VALIDATION_FAILED ValidationException.
-pub fn violations(v: Vec<FieldViolation>) -> ApiError {
+pub(super) fn violations(v: Vec<FieldViolation>) -> ApiError {
     ApiError::fields(v.into_iter().map(|f| (field_name(f.field, f.index), f.description)).collect())
 }
 
 /// Decodes and validates a Start request.
-pub fn start_request(farm_id: String, body: &[u8]) -> Result<AggregationRequest, ApiError> {
+pub(super) fn start_request(farm_id: String, body: &[u8]) -> Result<AggregationRequest, ApiError> {
     let body: StartBody = serde_json::from_slice(body).map_err(|e| ApiError::Validation {
         reason: ValidationReason::CannotParse,
         message: format!("the request body is not valid JSON for this operation: {e}"),
@@ -113,14 +113,14 @@ fn parse_enum<T>(
 /// The body of StartSessionsStatisticsAggregation's response.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StartOutput {
+pub(super) struct StartOutput {
     pub aggregation_id: String,
 }
 
 /// The body of GetSessionsStatisticsAggregation's response.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct GetOutput {
+pub(super) struct GetOutput {
     #[serde(skip_serializing_if = "Option::is_none")]
     next_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

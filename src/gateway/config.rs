@@ -132,7 +132,7 @@ impl Default for GatewayConfig {
 }
 
 /// The shortest farm lease: a holder renews at a third of it.
-pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+pub(crate) const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
 
 /// A setting, or a combination of settings, that cannot work. Settings are named as the command
 /// line and the config file name them.

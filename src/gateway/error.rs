@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The most field violations a refusal's details list.
-pub const MAX_VIOLATIONS: usize = 20;
+pub(crate) const MAX_VIOLATIONS: usize = 20;
 /// The most its message names; the rest are counted ("and N more"), so the message (and the
 /// log line that carries it) stays small.
 const MESSAGE_VIOLATIONS: usize = 3;

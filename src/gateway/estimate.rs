@@ -29,7 +29,7 @@ pub struct Estimate {
 /// The estimate at `now` of the active aggregation `record`, `queue_position` places from its
 /// farm's head, reading from `store` only what that takes: nothing when it runs (its prediction is in
 /// its record), else the farm's model and its queue up to it.
-pub async fn of(
+pub(crate) async fn of(
     store: &dyn AggregationStore,
     record: &AggregationRecord,
     queue_position: u32,
@@ -50,7 +50,7 @@ pub async fn of(
 /// `model`, at `now`, when the gateway's own upstream pacing lets one Start through every
 /// `start_gap` at best. Nothing when nothing has been observed, or when `target` is not queued
 /// or running.
-pub fn estimate(
+pub(crate) fn estimate(
     target: &AggregationRecord,
     queue: &[Arc<AggregationRecord>],
     model: Option<RunModel>,

@@ -23,21 +23,21 @@
 
 pub mod backoff;
 pub mod clock;
-pub mod config;
+pub(crate) mod config;
 pub mod coordination;
-pub mod error;
-pub mod estimate;
+pub(crate) mod error;
+pub(crate) mod estimate;
 pub mod ids;
 pub mod key;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod paging;
-pub mod record;
+pub(crate) mod record;
 pub mod refresh;
 pub mod rows;
-pub mod scheduler;
-pub mod spans;
+pub(crate) mod scheduler;
+pub(crate) mod spans;
 pub mod throttle;
-pub mod watch;
+pub(crate) mod watch;
 
 pub use config::{GatewayConfig, defaults};
 pub use coordination::{CachedResult, Coordination, Disposition, Freshness, StoreError};

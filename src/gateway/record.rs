@@ -13,7 +13,7 @@ pub type AggregationId = Arc<str>;
 /// What a cached entry costs beyond its rows: the record, its index entries and the cache's
 /// own bookkeeping. Counted so that results without rows (FAILED, or zero rows) still weigh
 /// what they hold, and the byte budget bounds the number of entries.
-pub const ENTRY_OVERHEAD_BYTES: usize = 1024;
+pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 1024;
 
 /// Where an aggregation is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

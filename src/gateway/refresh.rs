@@ -53,7 +53,7 @@ pub(crate) struct Refresher {
 
 impl Refresher {
     /// Queues the due refreshes every tick until stopped.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         if !self.config.enabled() {
             return;
         }
@@ -69,7 +69,7 @@ impl Refresher {
     }
 
     /// Queues the refreshes due now.
-    pub async fn once(&self) {
+    pub(crate) async fn once(&self) {
         let due_by = self.clock.now() + self.config.ahead;
         let ids = self.ids.clone();
         let mint = move || ids.mint();

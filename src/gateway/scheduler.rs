@@ -27,7 +27,7 @@ const SUPERVISOR_SLACK: Duration = Duration::from_secs(2);
 
 /// Why the farm's supervisor ended an aggregation its runner did not.
 #[derive(Debug, Clone)]
-pub enum Abandoned {
+pub(crate) enum Abandoned {
     /// The task driving it panicked (or ended without a terminal state).
     Crashed(String),
     /// It ran longer than the run limit.
@@ -35,10 +35,10 @@ pub enum Abandoned {
 }
 
 /// The future of one aggregation's run.
-pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Runs one aggregation upstream to a terminal state.
-pub trait Runner: Send + Sync + 'static {
+pub(crate) trait Runner: Send + Sync + 'static {
     /// Drives `record` (the head of its farm) to a terminal state under `lease`, resuming
     /// where an earlier holder left it.
     fn run(self: Arc<Self>, record: Arc<AggregationRecord>, lease: Lease) -> BoxFuture;
@@ -50,7 +50,7 @@ pub trait Runner: Send + Sync + 'static {
 
 /// How workers run.
 #[derive(Debug, Clone)]
-pub struct WorkerSettings {
+pub(crate) struct WorkerSettings {
     /// This replica's name, as lease holder.
     pub holder: String,
     /// How long a lease lasts unless renewed.
@@ -80,13 +80,13 @@ struct Shared {
 
 /// Starts and keeps farm workers.
 #[derive(Clone)]
-pub struct FarmDispatcher {
+pub(crate) struct FarmDispatcher {
     shared: Arc<Shared>,
 }
 
 impl FarmDispatcher {
     /// Starts the dispatcher's scan; `cancel` stops it and every worker.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn AggregationStore>,
         runner: Arc<dyn Runner>,
         wakeups: Arc<Wakeups>,
@@ -109,23 +109,24 @@ impl FarmDispatcher {
 
     /// Makes sure `farm` has a worker in this process (it exits at once if another replica
     /// holds the farm's lease).
-    pub fn kick(&self, farm: &str) {
+    pub(crate) fn kick(&self, farm: &str) {
         kick(&self.shared, farm);
     }
 
     /// Farms with a worker in this process.
-    pub fn working(&self) -> usize {
+    pub(crate) fn working(&self) -> usize {
         self.shared.lock().len()
     }
 
     /// Stops taking new work: each worker finishes the aggregation it runs, then releases its
     /// farm, which another replica takes over at once.
-    pub fn hand_over(&self) {
+    pub(crate) fn hand_over(&self) {
         self.shared.handing_over.cancel();
     }
 
     /// Workers started so far.
-    pub fn workers_started(&self) -> u64 {
+    #[cfg(test)]
+    fn workers_started(&self) -> u64 {
         self.shared.started.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

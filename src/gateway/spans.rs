@@ -17,7 +17,7 @@ const SPAN_TTL: Duration = Duration::from_secs(3 * 3600);
 
 /// The open lifecycle spans, by aggregation id.
 #[derive(Debug)]
-pub struct Spans {
+pub(crate) struct Spans {
     open: Cache<String, tracing::Span>,
 }
 
@@ -29,7 +29,7 @@ impl Default for Spans {
 
 impl Spans {
     /// The span of `record`, opened now if this process has none yet.
-    pub fn of(&self, record: &AggregationRecord) -> tracing::Span {
+    pub(crate) fn of(&self, record: &AggregationRecord) -> tracing::Span {
         self.open.get_with(record.id.to_string(), || {
             tracing::info_span!(
                 parent: None,
@@ -46,7 +46,7 @@ impl Spans {
 
     /// Links the span of `record` from the caller's current span (a Start that started or
     /// joined it).
-    pub fn link_from_current(&self, record: &AggregationRecord) {
+    pub(crate) fn link_from_current(&self, record: &AggregationRecord) {
         let span = self.of(record);
         let caller = crate::telemetry::traces::span_context(&tracing::Span::current());
         if caller.is_valid() {
@@ -55,7 +55,7 @@ impl Spans {
     }
 
     /// Records the final state on the span of `id` and closes it.
-    pub fn end(&self, id: &str, state: &'static str, failed: bool) {
+    pub(crate) fn end(&self, id: &str, state: &'static str, failed: bool) {
         if let Some(span) = self.open.remove(id) {
             span.record("aggregation.state", state);
             if failed {
@@ -65,12 +65,14 @@ impl Spans {
     }
 
     /// Open spans.
-    pub fn len(&self) -> u64 {
+    #[cfg(test)]
+    fn len(&self) -> u64 {
         self.open.run_pending_tasks();
         self.open.entry_count()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

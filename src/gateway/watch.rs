@@ -45,7 +45,7 @@ impl View {
 
 /// What a read found, as a watcher sees it (upstream Starts paced `start_gap` apart): `None`
 /// when it cannot be read any more.
-pub async fn view_of(
+pub(crate) async fn view_of(
     store: &dyn AggregationStore,
     found: Found,
     start_gap: Duration,
@@ -63,7 +63,7 @@ pub async fn view_of(
 }
 
 /// The sources of this process, by aggregation id.
-pub struct Watches {
+pub(crate) struct Watches {
     store: Arc<dyn AggregationStore>,
     wakeups: Arc<Wakeups>,
     sources: Mutex<HashMap<AggregationId, watch::Sender<View>>>,
@@ -76,7 +76,7 @@ pub struct Watches {
 impl Watches {
     /// Sources read `store`, are woken through `wakeups`, predict with upstream Starts paced
     /// `start_gap` apart, and end when `cancel` fires.
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn AggregationStore>,
         wakeups: Arc<Wakeups>,
         start_gap: Duration,
@@ -91,13 +91,13 @@ impl Watches {
     }
 
     /// Sources running now (aggregations watched in this process).
-    pub fn sources(&self) -> usize {
+    pub(crate) fn sources(&self) -> usize {
         self.lock().len()
     }
 
     /// A watcher of the aggregation `first` shows: its current state at once, then each
     /// change. A terminal one is sent and the channel closes.
-    pub fn subscribe(self: &Arc<Self>, first: View) -> watch::Receiver<View> {
+    pub(crate) fn subscribe(self: &Arc<Self>, first: View) -> watch::Receiver<View> {
         if first.is_terminal() || self.cancel.is_cancelled() {
             return watch::channel(first).1;
         }

@@ -15,7 +15,7 @@ use tonic_prost::{ProstCodec, ProstDecoder};
 
 /// Encodes `T` and decodes `U` (requests and responses, from the side using it).
 #[derive(Debug, Clone, Copy)]
-pub struct ExactCodec<T, U>(PhantomData<(T, U)>);
+pub(crate) struct ExactCodec<T, U>(PhantomData<(T, U)>);
 
 impl<T, U> Default for ExactCodec<T, U> {
     fn default() -> Self {
@@ -44,7 +44,7 @@ where
 
 /// Writes a message after reserving its encoded length.
 #[derive(Debug, Clone, Copy)]
-pub struct ExactEncoder<T>(PhantomData<T>);
+pub(crate) struct ExactEncoder<T>(PhantomData<T>);
 
 /// The first allocation of a response buffer: enough for the small messages (a
 /// StartAggregation response, a status), no more.

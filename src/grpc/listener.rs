@@ -31,7 +31,7 @@ pub struct PeerInfo {
 
 /// Bounds of the listener.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     pub max_connections: usize,
     /// How long a new connection may take to finish its TLS handshake, and then to send its
     /// first bytes.
@@ -39,7 +39,7 @@ pub struct ConnectionLimits {
 }
 
 /// One accepted connection.
-pub struct Conn {
+pub(crate) struct Conn {
     io: Io,
     info: PeerInfo,
     /// Until the peer's first bytes arrive: when it must have spoken by.
@@ -122,7 +122,7 @@ impl AsyncWrite for Conn {
 
 /// Accepts on `listener` (terminating TLS with `tls` when given) until the returned stream is
 /// dropped, within `limits`.
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ReloadingTls>>,
     limits: ConnectionLimits,

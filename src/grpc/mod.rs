@@ -4,17 +4,17 @@
 //! reflection.
 
 pub mod authz;
-pub mod codec;
+pub(crate) mod codec;
 pub mod convert;
 pub mod identity;
-pub mod listener;
-pub mod methods;
-pub mod page_route;
-pub mod reload;
+pub(crate) mod listener;
+pub(crate) mod methods;
+pub(crate) mod page_route;
+pub(crate) mod reload;
 pub mod server;
 pub mod service;
-pub mod status;
-pub mod tls;
+pub(crate) mod status;
+pub(crate) mod tls;
 pub mod wire;
 
 /// Code generated from `proto/deadline/stats/v1/aggregation.proto`.

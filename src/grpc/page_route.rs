@@ -32,7 +32,7 @@ const FRAME_HEADER: usize = 5;
 
 /// The aggregation service as the server routes it.
 #[derive(Clone)]
-pub struct AggregationRoutes {
+pub(crate) struct AggregationRoutes {
     api: Arc<AggregationApi>,
     generated: AggregationServiceServer<AggregationApi>,
     limits: Limits,
@@ -48,7 +48,7 @@ struct Limits {
 impl AggregationRoutes {
     /// Serves `api`, refusing requests larger than `max_request_bytes` and responses larger
     /// than `max_response_bytes`.
-    pub fn new(api: AggregationApi, max_request_bytes: usize, max_response_bytes: usize) -> Self {
+    pub(crate) fn new(api: AggregationApi, max_request_bytes: usize, max_response_bytes: usize) -> Self {
         let api = Arc::new(api);
         let generated = AggregationServiceServer::from_arc(api.clone())
             .max_decoding_message_size(max_request_bytes)

@@ -6,14 +6,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Something read from files that can be read again.
-pub trait Reload: Send + Sync + 'static {
+pub(crate) trait Reload: Send + Sync + 'static {
     /// Reads the files again if they changed; whether something new is in force. A change
     /// that does not load is the owner's to log; the last good state stays.
     fn reload_if_changed(&self) -> bool;
 }
 
 /// Looks at `target`'s files every `every` until `stop`.
-pub async fn watch(target: Arc<dyn Reload>, every: Duration, stop: CancellationToken) {
+pub(crate) async fn watch(target: Arc<dyn Reload>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

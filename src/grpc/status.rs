@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 /// The `ErrorInfo.domain` of every error this service raises.
-pub const ERROR_DOMAIN: &str = "deadline-stats-gateway";
+pub(crate) const ERROR_DOMAIN: &str = "deadline-stats-gateway";
 /// What a full farm queue tells callers to wait.
 const QUEUE_FULL_RETRY: Duration = Duration::from_secs(5);
 /// What an unreachable coordination store tells callers to wait.

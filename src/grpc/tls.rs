@@ -147,7 +147,7 @@ impl super::reload::Reload for ReloadingTls {
 
 /// The identity a verified client certificate names: its first URI SAN (a SPIFFE id such as
 /// `spiffe://cluster.local/ns/billing/sa/reports`), else its first DNS SAN.
-pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
     let names = &san.value.general_names;

@@ -21,14 +21,14 @@ use tracing_subscriber::registry::LookupSpan;
 static DISPATCH: OnceLock<WeakDispatch> = OnceLock::new();
 
 /// Lets [`JsonLines`] reach the span contexts of the global subscriber; call once it is set.
-pub fn remember_global_dispatch() {
+pub(crate) fn remember_global_dispatch() {
     tracing::dispatcher::get_default(|d| {
         let _ = DISPATCH.set(d.downgrade());
     });
 }
 
 /// Formats no span fields: JSON lines do not show them, so nothing is spent on them.
-pub struct NoFields;
+pub(crate) struct NoFields;
 
 impl<'writer> FormatFields<'writer> for NoFields {
     fn format_fields<R: RecordFields>(&self, _writer: Writer<'writer>, _fields: R) -> fmt::Result {
@@ -62,7 +62,7 @@ impl Visit for JsonFields<'_> {
 
 /// One JSON object per line: timestamp, level, target, message and fields, the innermost
 /// span's name, and the trace and span ids.
-pub struct JsonLines;
+pub(crate) struct JsonLines;
 
 impl<S, N> FormatEvent<S, N> for JsonLines
 where

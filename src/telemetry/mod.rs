@@ -6,9 +6,9 @@
 //! to it.
 
 pub mod admin;
-pub mod logs;
+pub(crate) mod logs;
 pub mod metrics;
-pub mod traces;
+pub(crate) mod traces;
 
 pub use metrics::Metrics;
 

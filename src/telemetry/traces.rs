@@ -15,7 +15,7 @@ const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EX
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported: per-request spans are only worth making when they are.
-pub fn exporting() -> bool {
+pub(crate) fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
@@ -24,7 +24,7 @@ pub fn exporting() -> bool {
 ///
 /// Without an exporter no span is recorded (nothing would read it), but spans still get trace
 /// and span ids, continuing the caller's trace, so log lines can be correlated.
-pub fn provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+pub(crate) fn provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let mut builder = SdkTracerProvider::builder().with_resource(resource());
     if ENDPOINT_VARS.iter().any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty())) {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
@@ -75,18 +75,18 @@ fn remote_parent(metadata: &tonic::metadata::MetadataMap) -> Option<opentelemetr
 }
 
 /// The trace id of the caller's span named in `metadata`, if any.
-pub fn remote_trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+pub(crate) fn remote_trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
     remote_parent(metadata).map(|parent| parent.span().span_context().trace_id().to_string())
 }
 
 /// Makes `span` a child of the caller's span named in `metadata`, if any.
-pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+pub(crate) fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
     if let Some(parent) = remote_parent(metadata) {
         let _ = span.set_parent(parent);
     }
 }
 
 /// The OpenTelemetry context of `span`.
-pub fn span_context(span: &tracing::Span) -> SpanContext {
+pub(crate) fn span_context(span: &tracing::Span) -> SpanContext {
     span.context().span().span_context().clone()
 }

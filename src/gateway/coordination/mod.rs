@@ -18,12 +18,12 @@
 //! Nothing here knows of tonic, the SDK, spans or metrics.
 
 pub mod lease;
-pub mod memory;
+pub(crate) mod memory;
 pub mod pacing;
-pub mod policy;
+pub(crate) mod policy;
 pub mod redis;
-pub mod results;
-pub mod run_model;
+pub(crate) mod results;
+pub(crate) mod run_model;
 pub mod wakeups;
 
 pub use lease::{FarmLeases, Lease};

@@ -51,7 +51,7 @@ pub struct Limits {
 
 /// What a store holds when a claim would queue a new aggregation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Occupancy {
+pub(crate) struct Occupancy {
     /// Queued and running aggregations across all farms.
     pub live: usize,
     /// Farms with work.
@@ -62,7 +62,7 @@ pub struct Occupancy {
 
 /// Whether a new aggregation fits within `limits`: the first bound it would break, checked in
 /// this order: live aggregations, farms, the farm's queue.
-pub fn admit(at: Occupancy, limits: &Limits, farm: &str) -> Result<(), ClaimError> {
+pub(crate) fn admit(at: Occupancy, limits: &Limits, farm: &str) -> Result<(), ClaimError> {
     if at.live >= limits.max_live {
         return Err(ClaimError::Busy { bound: Bound::ActiveAggregations, limit: limits.max_live });
     }
@@ -79,7 +79,7 @@ pub fn admit(at: Occupancy, limits: &Limits, farm: &str) -> Result<(), ClaimErro
 /// Where a caller's new aggregation goes in a farm's queue whose entries are `pending_refresh`
 /// (a refresh no caller has joined) or not, its head first: before the first refresh waiting,
 /// never before the head (which may be running), else at the back.
-pub fn caller_slot(pending_refresh: impl IntoIterator<Item = bool>) -> usize {
+pub(crate) fn caller_slot(pending_refresh: impl IntoIterator<Item = bool>) -> usize {
     let mut len = 0;
     for (i, refresh) in pending_refresh.into_iter().enumerate() {
         if i > 0 && refresh {
@@ -92,7 +92,7 @@ pub fn caller_slot(pending_refresh: impl IntoIterator<Item = bool>) -> usize {
 
 /// What refresh-ahead does with one due result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshVerdict {
+pub(crate) enum RefreshVerdict {
     /// A refresh was queued.
     Queued,
     /// It can never be refreshed (expired, no longer answering its key, or refreshed already):
@@ -112,7 +112,7 @@ pub enum RefreshVerdict {
 
 /// What is known of a due result and its farm when refresh-ahead looks at it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// COMPLETED, still valid, answering its key, and with no refresh of its key under way.
     pub answering: bool,
     /// Starts it answered.
@@ -128,7 +128,7 @@ pub struct Candidate {
 }
 
 /// Whether the due result `c` is refreshed now, checked in this order.
-pub fn refresh_verdict(c: Candidate, min_hits: u32, limits: &Limits) -> RefreshVerdict {
+pub(crate) fn refresh_verdict(c: Candidate, min_hits: u32, limits: &Limits) -> RefreshVerdict {
     if !c.answering {
         RefreshVerdict::Gone
     } else if c.hits < min_hits {

@@ -7,11 +7,11 @@ use crate::domain::AggregationRequest;
 use std::time::Duration;
 
 /// Weight of the newest observation in the moving average.
-pub const SMOOTHING: f64 = 0.3;
+pub(crate) const SMOOTHING: f64 = 0.3;
 
 /// What a request costs the upstream, in units of one bucket of one queue or fleet: its period
 /// buckets times its queue or fleet ids.
-pub fn size(request: &AggregationRequest) -> u64 {
+pub(crate) fn size(request: &AggregationRequest) -> u64 {
     let period = request.period.unwrap_or(crate::gateway::key::DEFAULT_PERIOD);
     let timezone = request.timezone.unwrap_or(crate::domain::Timezone::UTC);
     let buckets = crate::domain::buckets::buckets(request.start_time, request.end_time, period, timezone).count();

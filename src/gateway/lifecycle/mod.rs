@@ -61,7 +61,7 @@ pub struct LifecycleConfig {
 }
 
 /// What a Start waiting on a farm that may be busy with its own orphan says.
-pub const OUTCOME_UNKNOWN_WAITING: &str = "previous Start's outcome unknown; waiting for the farm to be free";
+pub(crate) const OUTCOME_UNKNOWN_WAITING: &str = "previous Start's outcome unknown; waiting for the farm to be free";
 
 /// A terminal outcome, before it is written to the aggregation.
 enum Outcome {
@@ -116,7 +116,7 @@ impl Started {
 }
 
 /// Runs aggregations against an [`Upstream`]; farm workers call it.
-pub struct UpstreamRunner {
+pub(crate) struct UpstreamRunner {
     pub(crate) upstream: Arc<dyn Upstream>,
     pub(crate) store: Arc<dyn AggregationStore>,
     pub(crate) start_pacer: Pacer,

@@ -16,7 +16,7 @@
 //! name inside the script, so this store needs a Redis that is not in cluster mode (or a
 //! cluster of one shard).
 
-pub mod client;
+pub(crate) mod client;
 mod keys;
 mod scripts;
 mod wire;
