@@ -2,24 +2,43 @@
 //! aggregation API.
 //!
 //! # Modules
+//! - [`app`]: the composition root. Builds a gateway from an [`app::AppConfig`] (upstream,
+//!   coordination store, TLS and access policy, core, listeners) and serves it until shutdown,
+//!   draining on the way out; `serve` and the integration tests both run it.
 //! - [`domain`]: the upstream's vocabulary: ids, the aggregation request and its validation,
-//!   statistics rows, quoting of caller values. No transport.
+//!   period buckets, statistics rows, quoting of caller values, halving a request. No transport.
 //! - [`grpc`]: the transport. The listener (bounded connections, TLS with reloading files,
-//!   handshake timeouts), caller identity and per-farm authorization, generated types,
-//!   proto ⇄ domain conversion, the one mapping of refusals to `Status`, the service, the route
-//!   that reads both unary methods and sends cached rows without copying, and the server with
-//!   health and reflection.
-//! - [`gateway`]: the core, free of tonic and the SDK. Coalescing on a canonical key, the
-//!   coordination store of owned records (in memory; shared pieces in Redis), the results
-//!   cache, farm workers under leases with fencing tokens, the lifecycle that drives one
-//!   aggregation upstream, caller and upstream throttling, long-polls.
+//!   handshake timeouts), caller identity and per-farm authorization, the service's methods,
+//!   generated types, proto ⇄ domain conversion, the one mapping of refusals to `Status`, the
+//!   service, the route that reads both unary methods and sends cached rows without copying,
+//!   and the server with health and reflection.
+//! - [`gateway`]: the core, free of tonic and the SDK.
+//!   - `config`: every setting, its default, and the one `validate()` of them all; `clock`:
+//!     the one injected wall clock.
+//!   - `coordination`: the store contract and its two backends (memory; Redis, with its Lua
+//!     scripts in `coordination/redis/scripts/`), the rules they share (`policy`), farm leases
+//!     with fencing tokens, the results cache, wake-ups, upstream pacing, run models.
+//!   - `scheduler`: a supervised worker per farm, on the replica holding its lease;
+//!     `lifecycle`: driving one aggregation upstream (start, follow, split, one retry loop,
+//!     fenced writes).
+//!   - coalescing (`key`, `ids`, `record`), caller throttling (`throttle`), long-polls and
+//!     watches (`watch`), refresh-ahead (`refresh`), predicted times (`estimate`).
 //! - [`upstream`]: the [`upstream::Upstream`] trait (start, get a page) and its implementation
-//!   over `aws-sdk-deadline`; SDK errors become [`upstream::UpstreamError`].
+//!   over `aws-sdk-deadline`; SDK errors become [`upstream::UpstreamError`]; a result "too
+//!   large" is recognised here.
 //! - [`emulator`]: a Deadline Cloud emulator served over HTTP, the upstream of every test, demo
 //!   and benchmark.
 //! - [`telemetry`]: logs, OpenTelemetry traces, metrics, and the admin HTTP listener.
-//! - [`bench`]: the load generator, the bare-tonic baseline and the benchmark scenarios.
-//! - [`cli`]: the command line; `main` parses it and calls [`cli::run`].
+//! - [`bench`](mod@bench): the load generator, the bare-tonic baseline and the benchmark scenarios.
+//! - [`cli`]: the command line; it maps flags onto [`app::AppConfig`] and checks nothing of
+//!   its own. `main` parses it and calls [`cli::run`].
+//!
+//! # Where a change goes
+//! A new setting: `gateway::config` (and its flag in `cli::serve`). A rule about when a result
+//! answers, which bound a claim meets, or the order of a farm's queue:
+//! `gateway::coordination::policy`, mirrored by the script that names it, with a property in
+//! `tests/store_conformance.rs`. Something the upstream answers: `upstream` (and the emulator).
+//! A refusal callers see: `gateway::error` and its one mapping in `grpc::status`.
 //!
 //! # Data flow
 //! ```text
@@ -32,16 +51,16 @@
 //!                 gateway ── throttle ── results cache (a terminal result: answered here)
 //!                   │
 //!                   ▼
-//!                 store: claim a key (start / join / cached), read an id, farm queues,
-//!                   │    records written only by the farm's lease holder (fenced)
+//!                 coordination store: claim a key (start / join / cached), read an id, farm
+//!                   │    queues, records written only by the farm's lease holder (fenced)
 //!                   ▼
 //!                 scheduler: a worker per farm, on the replica holding the farm's lease
 //!                   │
 //!                   ▼
-//!                 lifecycle ── pacer ──▶ upstream::SdkUpstream ──HTTP──▶ Deadline Cloud
+//!                 lifecycle ── pacing ──▶ upstream::SdkUpstream ──HTTP──▶ Deadline Cloud
 //!                   │                                                   (or the emulator)
 //!                   ▼
-//!                 store (terminal record, rows) ──▶ wake-ups: long-polls re-read
+//!                 store (terminal record, rows) ──▶ wake-ups: long-polls and watches re-read
 //! ```
 //! Telemetry observes every step; nothing flows back from it.
 #![forbid(unsafe_code)]

@@ -1,8 +1,8 @@
 //! Benchmarks: a load generator (closed and open loop, HDR histograms), a bare-tonic baseline
 //! server that answers `GetAggregation` with pre-encoded bytes (the physical limit of our stack
 //! here), helpers that pin processes to cores and read their CPU time and RSS from `/proc`, and
-//! the scenarios `bench` runs ([`scenarios`] for speed and memory, [`abuse`] for hostile input
-//! and caller churn, [`transport`] for abuse of HTTP/2 and TCP, [`replicas`] for several gateways
+//! the scenarios `bench` runs (`scenarios` for speed and memory, `abuse` for hostile input
+//! and caller churn, [`transport`] for abuse of HTTP/2 and TCP, `replicas` for several gateways
 //! sharing Redis).
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.

@@ -3,7 +3,7 @@
 //! aggregation status.
 //!
 //! Both the emulator (REST-JSON) and the gateway (gRPC) convert their wire types into these and
-//! render [`validate::FieldViolation`]s in their own field naming. Nothing here may know of HTTP,
+//! render `validate::FieldViolation`s in their own field naming. Nothing here may know of HTTP,
 //! tonic or the AWS SDK.
 
 pub(crate) mod buckets;

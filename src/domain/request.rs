@@ -72,7 +72,7 @@ impl Resources {
     }
 }
 
-/// A request that passed [`super::validate`]: every field within the model's limits.
+/// A request that passed `super::validate`: every field within the model's limits.
 ///
 /// Lists hold no duplicates; their order is the caller's (the gateway's canonical key sorts).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -3,20 +3,20 @@
 //! throttling and long-polls.
 //!
 //! - [`clock`]: the one wall clock, injected (tokio's paused time in tests).
-//! - [`config`]: every setting of the core, its default, and the checks across settings.
+//! - `config`: every setting of the core, its default, and the checks across settings.
 //! - [`key`]: what makes two requests the same aggregation.
-//! - [`record`]: one aggregation as the store holds it (owned values, no live objects).
+//! - `record`: one aggregation as the store holds it (owned values, no live objects).
 //! - [`ids`]: minting aggregation ids that say which process made them.
 //! - [`coordination`]: the store of records and farm queues with its rules, in memory or in
 //!   Redis; leases with fencing tokens; the results cache; wake-ups; run models.
-//! - [`scheduler`]: farm workers, one per farm anywhere, holding the farm's lease.
-//! - [`lifecycle`]: driving one aggregation upstream to a terminal state.
+//! - `scheduler`: farm workers, one per farm anywhere, holding the farm's lease.
+//! - `lifecycle`: driving one aggregation upstream to a terminal state.
 //! - [`throttle`]: token buckets for callers and for our own upstream traffic.
-//! - [`spans`]: the lifecycle span of each aggregation, per process.
+//! - `spans`: the lifecycle span of each aggregation, per process.
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
-//! - [`estimate`]: predicted start and completion times from observed run times.
-//! - [`watch`]: one source per watched aggregation, feeding all its watchers.
-//! - [`paging`], [`backoff`], [`rows`], [`error`]: helpers and the refusals callers can see.
+//! - `estimate`: predicted start and completion times from observed run times.
+//! - `watch`: one source per watched aggregation, feeding all its watchers.
+//! - [`paging`], [`backoff`], [`rows`], `error`: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
 //! caller token, and claims the key: joins, reuses or queues; it never waits on the upstream.

@@ -82,7 +82,7 @@ pub struct AggregationRecord {
     /// keeps answering Starts until this one completes.
     pub refresh: bool,
     /// RUNNING: when it is expected to complete, predicted as its upstream Start was accepted
-    /// (see [`super::estimate`]); `None` before anything was observed on its farm.
+    /// (see `super::estimate`); `None` before anything was observed on its farm.
     pub estimated_completion: Option<SystemTime>,
 }
 

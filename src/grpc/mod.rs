@@ -1,4 +1,4 @@
-//! The gRPC transport: the listener ([`listener`], [`tls`], files [`reload`]ed on change), who
+//! The gRPC transport: the listener (`listener`, `tls`, files `reload`ed on change), who
 //! is calling ([`identity`]) and what they may do ([`authz`]), generated types, proto ⇄ domain
 //! conversion, the one error mapping, the tonic service and the server with health and
 //! reflection.

@@ -263,7 +263,7 @@ impl tokio_stream::Stream for Watching {
 }
 
 impl AggregationApi {
-    /// GetAggregation, whether tonic's generated route or [`super::page_route`] serves it.
+    /// GetAggregation, whether tonic's generated route or `super::page_route` serves it.
     pub async fn get_page(&self, request: Request<GetAggregationRequest>) -> Result<GetAggregationResponse, Status> {
         let caller = self.caller(&request);
         let (metadata, _, req) = request.into_parts();

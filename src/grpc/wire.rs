@@ -4,7 +4,7 @@
 //! copied once, never decoded or re-encoded.
 //!
 //! [`GetAggregationResponse::into_parts`] gives the same message in two pieces, the rows
-//! sharing the cache's buffer, for [`super::page_route`] to send without copying them.
+//! sharing the cache's buffer, for `super::page_route` to send without copying them.
 //!
 //! Decoding is the ordinary one (clients see `statistics`); the build maps the proto message
 //! to this type, so the generated server and client both use it.

@@ -3,15 +3,15 @@
 //! read an id, and, for a farm's lease holder, take the head of its queue and write the
 //! aggregation's next state, fenced by the lease's token.
 //!
-//! - [`policy`]: every rule a store follows (freshness, bounds, queue order, refresh
+//! - `policy`: every rule a store follows (freshness, bounds, queue order, refresh
 //!   eligibility), written once; the Redis scripts mirror it.
-//! - [`memory`]: the store of one process, its rows in the [`results`] cache.
+//! - `memory`: the store of one process, its rows in the `results` cache.
 //! - [`redis`]: the store shared by replicas through Redis, its Lua scripts in files.
 //! - [`lease`]: farm leases with fencing tokens.
-//! - [`results`]: this replica's results cache (where the memory store keeps rows; the Redis
+//! - `results`: this replica's results cache (where the memory store keeps rows; the Redis
 //!   store's near-cache).
 //! - [`wakeups`]: this replica's long-poll and watch wake-ups.
-//! - [`run_model`]: each farm's observed run times.
+//! - `run_model`: each farm's observed run times.
 //! - [`pacing`]: where the gateway's upstream calls take their pacing tokens.
 //!
 //! [`Coordination`] is what a backend gives the gateway; the gateway never names a backend.
@@ -226,8 +226,8 @@ pub trait AggregationStore: Send + Sync + 'static {
     fn leases(&self) -> &dyn FarmLeases;
 
     /// Atomically finds the live aggregation for `key` that `freshness` accepts, or queues a
-    /// new one named `id` in its farm's queue ([`policy::caller_slot`]), within `limits`
-    /// ([`policy::admit`]).
+    /// new one named `id` in its farm's queue (`policy::caller_slot`), within `limits`
+    /// (`policy::admit`).
     async fn claim(
         &self,
         key: &CanonicalKey,
@@ -265,7 +265,7 @@ pub trait AggregationStore: Send + Sync + 'static {
     }
 
     /// Refresh-ahead: queues a refresh of each COMPLETED result that expires by `due_by`, as
-    /// [`policy::refresh_verdict`] says; each named by `mint`. A due result is refreshed once,
+    /// `policy::refresh_verdict` says; each named by `mint`. A due result is refreshed once,
     /// whichever replica asks. The refreshes queued.
     ///
     /// A refresh waits behind callers' aggregations (a Start queued later goes before it), is

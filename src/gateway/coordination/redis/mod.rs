@@ -1,9 +1,9 @@
 //! The [`AggregationStore`] shared by replicas through Redis.
 //!
-//! - [`client`]: the connection, leases, shared rates and the relay of change notifications.
-//! - [`keys`]: the name of every key (see there for the layout).
-//! - [`wire`]: how a record is stored.
-//! - [`scripts`]: the Lua scripts, one file each under `scripts/`.
+//! - `client`: the connection, leases, shared rates and the relay of change notifications.
+//! - `keys`: the name of every key (see there for the layout).
+//! - `wire`: how a record is stored.
+//! - `scripts`: the Lua scripts, one file each under `scripts/`.
 //!
 //! A claim, an update, a finish and queueing a refresh are each one script: the claim reads the
 //! key's record and either answers it or queues a new one; updates and finishes check the
