@@ -548,7 +548,7 @@ fn terminal_page(
     now: SystemTime,
 ) -> Result<Page, GatewayError> {
     let record = result.record.clone();
-    if let Found::Expired(at) = Found::terminal(result.clone(), now) {
+    if let Some(at) = record.expired_at(now) {
         return Err(GatewayError::Expired { id: id.to_owned(), at });
     }
     let (rows, next_page_token) = match &result.rows {

@@ -116,9 +116,10 @@ impl AggregationRecord {
         self.key.farm_id()
     }
 
-    /// Whether the result is past its validity at `now`.
-    pub fn is_expired(&self, now: SystemTime) -> bool {
-        self.expire_time.is_some_and(|at| now >= at)
+    /// When a COMPLETED result's validity ended, if it has by `now` (a failure's TTL ends its
+    /// answering Starts, never its reading).
+    pub fn expired_at(&self, now: SystemTime) -> Option<SystemTime> {
+        self.expire_time.filter(|at| self.state == State::Completed && now >= *at)
     }
 
     /// How long the result stays valid after `now`.

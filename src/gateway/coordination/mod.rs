@@ -79,10 +79,9 @@ impl Found {
     /// A terminal result as a read finds it at `now`: an expired COMPLETED one says when it
     /// expired.
     pub fn terminal(result: Arc<CachedResult>, now: SystemTime) -> Self {
-        let r = &result.record;
-        match r.expire_time {
-            Some(at) if r.state == super::State::Completed && now >= at => Self::Expired(at),
-            _ => Self::Terminal(result),
+        match result.record.expired_at(now) {
+            Some(at) => Self::Expired(at),
+            None => Self::Terminal(result),
         }
     }
 }

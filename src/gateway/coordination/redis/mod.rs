@@ -34,7 +34,7 @@ use super::{
 };
 use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationId, AggregationRecord, Rows, State};
+use crate::gateway::record::{AggregationId, AggregationRecord, Rows};
 use crate::gateway::rows::RowBlock;
 use client::unavailable;
 use scripts::{CLAIM, DUE, FINISH, LOADS, OBSERVE_RUN, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
@@ -127,9 +127,7 @@ impl RedisStore {
 
     /// The terminal result `record`, with its rows when it has any; kept in the near cache.
     async fn terminal(&self, record: AggregationRecord, has_rows: bool) -> Result<Found, StoreError> {
-        if record.state == State::Completed
-            && let Some(at) = record.expire_time.filter(|at| self.clock.now() >= *at)
-        {
+        if let Some(at) = record.expired_at(self.clock.now()) {
             return Ok(Found::Expired(at));
         }
         let rows = if has_rows {
