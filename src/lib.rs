@@ -29,6 +29,7 @@
 //! - [`emulator`]: a Deadline Cloud emulator served over HTTP, the upstream of every test, demo
 //!   and benchmark.
 //! - [`telemetry`]: logs, OpenTelemetry traces, metrics, and the admin HTTP listener.
+//! - `every`: the tick of a background task (housekeeping, refresh, the farm scan, file reloads).
 //! - [`bench`](mod@bench): the load generator, the bare-tonic baseline and the benchmark scenarios.
 //! - [`cli`]: the command line; it maps flags onto [`app::AppConfig`] and checks nothing of
 //!   its own. `main` parses it and calls [`cli::run`].
@@ -71,6 +72,7 @@ pub mod bench;
 pub mod cli;
 pub mod domain;
 pub mod emulator;
+pub(crate) mod every;
 pub mod gateway;
 pub mod grpc;
 pub mod telemetry;

@@ -572,13 +572,8 @@ async fn housekeeping(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = cancel.cancelled() => return,
-        }
+    let mut every = crate::every::Every::new(every, cancel);
+    while every.tick().await {
         store.housekeeping().await;
         refresh_epoch(store.as_ref(), &ids).await;
         for b in buckets.iter().filter_map(|b| b.as_ref().as_ref()) {

@@ -57,13 +57,8 @@ impl Refresher {
         if !self.config.enabled() {
             return;
         }
-        let mut tick = tokio::time::interval(self.every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = self.stop.cancelled() => return,
-            }
+        let mut every = crate::every::Every::new(self.every, self.stop.clone());
+        while every.tick().await {
             self.once().await;
         }
     }

@@ -147,13 +147,8 @@ impl Shared {
 
 /// Every scan interval: a worker for each farm with work that has none here.
 async fn scan(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.settings.scan_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shared.cancel.cancelled() => return,
-        }
+    let mut every = crate::every::Every::new(shared.settings.scan_interval, shared.cancel.clone());
+    while every.tick().await {
         match shared.store.farms_with_work().await {
             Ok(farms) => farms.iter().for_each(|farm| kick(&shared, farm)),
             Err(e) => tracing::warn!(error = %e, "cannot list farms with work"),

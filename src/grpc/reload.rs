@@ -14,13 +14,8 @@ pub(crate) trait Reload: Send + Sync + 'static {
 
 /// Looks at `target`'s files every `every` until `stop`.
 pub(crate) async fn watch(target: Arc<dyn Reload>, every: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
+    let mut every = crate::every::Every::new(every, stop);
+    while every.tick().await {
         target.reload_if_changed();
     }
 }
