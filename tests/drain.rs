@@ -52,16 +52,27 @@ async fn app(
     (stop, serving, AggregationServiceClient::new(channel.expect("connects")), emu)
 }
 
+type Client = AggregationServiceClient<tonic::transport::Channel>;
+
+/// Starts an aggregation on farm `farm_n` and long-polls it for `wait` in a task of its own.
+async fn start_and_long_poll(
+    client: &Client,
+    farm_n: u64,
+    wait: Duration,
+) -> tokio::task::JoinHandle<
+    Result<tonic::Response<deadline_stats_gateway::grpc::pb::GetAggregationResponse>, tonic::Status>,
+> {
+    let mut client = client.clone();
+    let started = client.start_aggregation(start_request(farm_n, 1, 1, &[GroupBy::QueueId])).await.expect("start");
+    let id = started.into_inner().aggregation.expect("aggregation").aggregation_id;
+    tokio::spawn(async move { client.get_aggregation(get_request(&id, 0, "", wait)).await })
+}
+
 #[tokio::test]
 async fn a_running_aggregation_finishes_within_the_grace_and_serving_then_ends() {
     let (stop, serving, client, _emu) = app(Duration::from_secs(1), Duration::from_secs(20)).await;
     let mut starter = client.clone();
-    let started = starter.start_aggregation(start_request(1, 1, 1, &[GroupBy::QueueId])).await.expect("start");
-    let id = started.into_inner().aggregation.expect("aggregation").aggregation_id;
-    let poll = {
-        let (mut client, id) = (client.clone(), id.clone());
-        tokio::spawn(async move { client.get_aggregation(get_request(&id, 0, "", Duration::from_secs(30))).await })
-    };
+    let poll = start_and_long_poll(&client, 1, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.send(()).expect("serving");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -78,13 +89,7 @@ async fn a_running_aggregation_finishes_within_the_grace_and_serving_then_ends()
 #[tokio::test]
 async fn when_the_grace_runs_out_long_polls_answer_with_the_state_they_see() {
     let (stop, serving, client, _emu) = app(Duration::from_secs(60), Duration::from_millis(500)).await;
-    let mut starter = client.clone();
-    let started = starter.start_aggregation(start_request(2, 1, 1, &[GroupBy::QueueId])).await.expect("start");
-    let id = started.into_inner().aggregation.expect("aggregation").aggregation_id;
-    let poll = {
-        let (mut client, id) = (client.clone(), id.clone());
-        tokio::spawn(async move { client.get_aggregation(get_request(&id, 0, "", Duration::from_secs(50))).await })
-    };
+    let poll = start_and_long_poll(&client, 2, Duration::from_secs(50)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.send(()).expect("serving");
     let page = tokio::time::timeout(Duration::from_secs(10), poll).await.expect("answered after the grace");
