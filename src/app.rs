@@ -11,6 +11,7 @@
 
 use crate::emulator::{EmulatorConfig, EmulatorHandle};
 use crate::gateway::config::ConfigError;
+use crate::gateway::coordination::redis::RedisConfig;
 use crate::gateway::{Coordination, Gateway, GatewayConfig, StoreError};
 use crate::grpc::authz::Authorizer;
 use crate::grpc::identity::IdentitySource;
@@ -54,7 +55,7 @@ pub enum StoreConfig {
     /// In this process: one replica.
     Memory,
     /// In Redis: any number of replicas act as one gateway.
-    Redis { url: String, prefix: String },
+    Redis(RedisConfig),
     /// Built by the caller (a test sharing one store between replicas of one process).
     Given(Coordination),
 }
@@ -99,6 +100,9 @@ impl AppConfig {
     /// Every check across settings, the core's and the server's.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
+        if let StoreConfig::Redis(redis) = &self.store {
+            self.gateway.fits_store_timeout(redis.response_timeout, "redis-response-timeout")?;
+        }
         let s = &self.server;
         if s.request_timeout <= self.gateway.max_wait {
             return Err(ConfigError::Other("--request-timeout must be longer than --max-wait".into()));
@@ -297,9 +301,9 @@ where
 async fn coordination(store: StoreConfig, config: &GatewayConfig) -> Result<Coordination, AppError> {
     Ok(match store {
         StoreConfig::Memory => Coordination::memory(&config.coordination()),
-        StoreConfig::Redis { url, prefix } => {
-            let coordination = Coordination::redis(&config.coordination(), &url, &prefix).await?;
-            tracing::info!(%prefix, instance = %config.instance_id, "coordination shared through Redis");
+        StoreConfig::Redis(redis) => {
+            let coordination = Coordination::redis(&config.coordination(), &redis).await?;
+            tracing::info!(prefix = %redis.prefix, instance = %config.instance_id, "coordination shared through Redis");
             coordination
         }
         StoreConfig::Given(coordination) => coordination,

@@ -179,3 +179,15 @@ fn a_bad_setting_stops_serve_with_a_message() {
     let out = Command::new(BIN).args(["serve", "--upstream", "mars"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_lease_shorter_than_three_redis_response_timeouts_is_refused_naming_both() {
+    let out = Command::new(BIN)
+        .args(["serve", "--upstream", "emulator", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--store", "redis", "--redis-url", "redis://127.0.0.1:9", "--lease-ttl", "5s"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lease-ttl (5s) must be at least 3 × --redis-response-timeout (2s) = 6s"), "{err}");
+}

@@ -11,7 +11,7 @@ use common::*;
 use deadline_stats_gateway::gateway::coordination::StoreError;
 use deadline_stats_gateway::gateway::coordination::lease::{FarmLeases, MemoryLeases};
 use deadline_stats_gateway::gateway::coordination::pacing::{LocalRate, Pacer, RateSource};
-use deadline_stats_gateway::gateway::coordination::redis::RedisClient;
+use deadline_stats_gateway::gateway::coordination::redis::{RedisClient, RedisConfig};
 use deadline_stats_gateway::gateway::coordination::wakeups::{Waiter, Wakeups};
 use deadline_stats_gateway::gateway::throttle::Rate;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 const TTL: Duration = Duration::from_secs(30);
 
 async fn redis(server: &RedisServer, prefix: &str) -> RedisClient {
-    RedisClient::connect(&server.url(), prefix).await.expect("connects to redis-server")
+    RedisClient::connect(&RedisConfig::new(server.url()).with_prefix(prefix)).await.expect("connects to redis-server")
 }
 
 /// One holder at a time; release lets the next in with a larger token, and fences the first.

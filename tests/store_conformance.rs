@@ -7,6 +7,7 @@
 //! Redis lost its state needs an id of the new epoch.
 
 use deadline_stats_gateway::gateway::clock::Clock;
+use deadline_stats_gateway::gateway::coordination::redis::RedisConfig;
 use deadline_stats_gateway::gateway::coordination::{
     AggregationStore, Bound, ClaimError, Claimed, Coordination, CoordinationSettings, Disposition, FarmLoad, Found,
     Freshness, Lease, Limits, MemoryStore, RunModel, Wakeups, Written,
@@ -413,7 +414,9 @@ async fn on_redis(server: &common::RedisServer, prefix: &str) -> Coordination {
         upstream_get: Rate { per_second: 0.0, burst: 1 },
         clock: Clock::system(),
     };
-    Coordination::redis(&settings, &server.url(), prefix).await.expect("connects to redis-server")
+    Coordination::redis(&settings, &RedisConfig::new(server.url()).with_prefix(prefix))
+        .await
+        .expect("connects to redis-server")
 }
 
 async fn in_redis(server: &common::RedisServer) -> Subject {

@@ -418,7 +418,10 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
 async fn gcra_round_trips(url: &str, opts: &BenchOptions) -> Result<Value, BenchError> {
     use crate::gateway::coordination::pacing::RateSource as _;
     use crate::gateway::throttle::Rate;
-    let redis = crate::gateway::coordination::redis::RedisClient::connect(url, "bench:").await?;
+    let redis = crate::gateway::coordination::redis::RedisClient::connect(
+        &crate::gateway::coordination::redis::RedisConfig::new(url).with_prefix("bench:"),
+    )
+    .await?;
     let rate = redis.rate("caller", Rate { per_second: 1e6, burst: 1_000 }).ok_or("a rate")?;
     let n = if opts.smoke { 100 } else { 5_000 };
     let mut took = Vec::with_capacity(n);

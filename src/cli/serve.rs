@@ -8,6 +8,7 @@ use crate::emulator::EmulatorConfig;
 use crate::emulator::defaults as emulator_defaults;
 use crate::gateway::GatewayConfig;
 use crate::gateway::backoff::BackoffPolicy;
+use crate::gateway::coordination::redis::RedisConfig;
 use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
 use crate::gateway::throttle::Rate;
@@ -142,8 +143,13 @@ pub struct ServeArgs {
     #[arg(long, env = "DSG_REDIS_URL")]
     pub redis_url: Option<String>,
     /// With --store redis: the prefix of every key, so several gateways can share one Redis.
-    #[arg(long, env = "DSG_REDIS_KEY_PREFIX", default_value = "dsg:")]
+    #[arg(long, env = "DSG_REDIS_KEY_PREFIX", default_value = RedisConfig::DEFAULT_PREFIX)]
     pub redis_key_prefix: String,
+    /// With --store redis: how long one Redis command may take before it counts as failed (a
+    /// lease holder then retries it while its lease lasts; --lease-ttl must be at least three
+    /// times this).
+    #[arg(long, env = "DSG_REDIS_RESPONSE_TIMEOUT", default_value_t = RedisConfig::DEFAULT_RESPONSE_TIMEOUT.into())]
+    pub redis_response_timeout: humantime::Duration,
     /// How long a farm lease lasts unless renewed (every third of it): a replica that dies holds
     /// its farms this long before another takes them over.
     #[arg(long, env = "DSG_LEASE_TTL", default_value_t = g::LEASE_TTL.into())]
@@ -297,10 +303,11 @@ impl ServeArgs {
     pub fn app_config(&self) -> Result<AppConfig, RunError> {
         let store = match (self.store, &self.redis_url) {
             (StoreKind::Memory, _) => StoreConfig::Memory,
-            (StoreKind::Redis, Some(url)) => StoreConfig::Redis {
+            (StoreKind::Redis, Some(url)) => StoreConfig::Redis(RedisConfig {
                 url: with_password(url, std::env::var("DSG_REDIS_PASSWORD").ok().as_deref()),
                 prefix: self.redis_key_prefix.clone(),
-            },
+                response_timeout: *self.redis_response_timeout,
+            }),
             (StoreKind::Redis, None) => {
                 return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));
             }

@@ -25,6 +25,9 @@ pub struct FarmStats {
     pub start_calls: u64,
     pub get_calls: u64,
     pub throttled_starts: u64,
+    /// Starts that created an aggregation (not refused, whether by the one-running rule or by
+    /// injected faults).
+    pub aggregations_started: u64,
     pub max_in_progress: u64,
     /// Gets of a page after the first (with a `nextToken`) of a COMPLETED aggregation.
     pub page_calls: u64,
@@ -127,6 +130,7 @@ impl Emulator {
         let running =
             farm.aggregations.values().filter(|a| a.started + self.config.aggregation_duration > now).count() as u64;
         farm.stats.max_in_progress = farm.stats.max_in_progress.max(running);
+        farm.stats.aggregations_started += 1;
         Ok(id)
     }
 
@@ -302,7 +306,14 @@ mod tests {
         let stats = emu.stats().farms[&farm].clone();
         assert_eq!(
             stats,
-            FarmStats { start_calls: 0, get_calls: 0, throttled_starts: 1, max_in_progress: 1, page_calls: 0 }
+            FarmStats {
+                start_calls: 0,
+                get_calls: 0,
+                throttled_starts: 1,
+                aggregations_started: 2,
+                max_in_progress: 1,
+                page_calls: 0
+            }
         );
     }
 

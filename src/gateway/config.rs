@@ -134,6 +134,9 @@ impl Default for GatewayConfig {
 /// The shortest farm lease: a holder renews at a third of it.
 pub(crate) const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
 
+/// How many of the store's response timeouts a lease must last at least.
+pub(crate) const LEASE_TIMEOUTS: u32 = 3;
+
 /// A setting, or a combination of settings, that cannot work. Settings are named as the command
 /// line and the config file name them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,6 +147,12 @@ pub enum ConfigError {
     NotPositive { setting: &'static str },
     #[error("--lease-ttl ({}) must be at least {}", human(*.ttl), human(*.least))]
     LeaseTooShort { ttl: Duration, least: Duration },
+    #[error(
+        "--lease-ttl ({}) must be at least {LEASE_TIMEOUTS} × --{setting} ({}) = {}: a lease holder retries a write \
+         that timed out while its lease lasts",
+        human(*.ttl), human(*.timeout), human(*.least)
+    )]
+    LeaseShorterThanStore { ttl: Duration, setting: &'static str, timeout: Duration, least: Duration },
     #[error("--{shorter} ({}) must be shorter than --{longer} ({})", human(*.short), human(*.long))]
     NotShorter { shorter: &'static str, short: Duration, longer: &'static str, long: Duration },
     #[error("--{initial} must be positive and at most --{max}")]
@@ -177,6 +186,16 @@ impl GatewayConfig {
     }
 
     /// Every check across the core's settings: the first that fails.
+    /// The lease must outlast a few of the store's response timeouts, so a holder can retry a
+    /// write that timed out before its lease runs out.
+    pub fn fits_store_timeout(&self, timeout: Duration, setting: &'static str) -> Result<(), ConfigError> {
+        let least = timeout * LEASE_TIMEOUTS;
+        if self.lease_ttl < least {
+            return Err(ConfigError::LeaseShorterThanStore { ttl: self.lease_ttl, setting, timeout, least });
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let counts = [
             ("farm-queue-capacity", self.farm_queue_capacity),

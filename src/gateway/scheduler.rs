@@ -34,14 +34,24 @@ pub(crate) enum Abandoned {
     Overran(Duration),
 }
 
-/// The future of one aggregation's run.
-pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// A boxed future of a runner.
+pub(crate) type BoxFuture<T = ()> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ran {
+    /// The aggregation is terminal.
+    Ended,
+    /// The holder stopped before it was (the lease was lost, or ran out while the store could
+    /// not be written): the aggregation stays active for the farm's next holder to resume.
+    Stopped,
+}
 
 /// Runs one aggregation upstream to a terminal state.
 pub(crate) trait Runner: Send + Sync + 'static {
     /// Drives `record` (the head of its farm) to a terminal state under `lease`, resuming
     /// where an earlier holder left it.
-    fn run(self: Arc<Self>, record: Arc<AggregationRecord>, lease: Lease) -> BoxFuture;
+    fn run(self: Arc<Self>, record: Arc<AggregationRecord>, lease: Lease) -> BoxFuture<Ran>;
 
     /// Ends an aggregation whose run did not (it crashed, or overran the run limit): it becomes
     /// terminal with a failure that says why, and leaves its farm's queue.
@@ -229,23 +239,34 @@ impl Drop for Forget {
     }
 }
 
-/// Renews `lease` at a third of its TTL; fires `lost` the moment a renewal fails.
+/// Renews `lease` at a third of its TTL, and sooner again after a renewal the store could not
+/// take, for as long as the lease lasts by this replica's clock; fires `lost` the moment the
+/// store says the lease is gone, or it runs out.
 async fn renew(shared: Arc<Shared>, lease: Lease, lost: CancellationToken) {
     let ttl = shared.settings.lease_ttl;
+    let mut wait = ttl / 3;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(ttl / 3) => {}
+            () = tokio::time::sleep(wait.min(lease.remaining())) => {}
             () = lost.cancelled() => return,
         }
+        let asked = tokio::time::Instant::now();
         match shared.store.leases().renew(&lease, ttl).await {
-            Ok(true) => {}
+            Ok(true) => {
+                lease.renewed(asked, ttl);
+                wait = ttl / 3;
+            }
             Ok(false) => {
                 tracing::warn!(farm = %lease.farm, "the farm's lease was lost; its worker stops");
                 lost.cancel();
                 return;
             }
+            Err(e) if lease.is_valid() => {
+                tracing::warn!(farm = %lease.farm, error = %e, left = ?lease.remaining(), "cannot renew the farm's lease; trying again while it lasts");
+                wait = (ttl / 10).max(Duration::from_millis(50));
+            }
             Err(e) => {
-                tracing::warn!(farm = %lease.farm, error = %e, "cannot renew the farm's lease; its worker stops");
+                tracing::warn!(farm = %lease.farm, error = %e, "the farm's lease ran out unrenewed; its worker stops");
                 lost.cancel();
                 return;
             }
@@ -289,7 +310,9 @@ async fn supervise(
         }
     };
     let why = match ended {
-        Ok(Ok(())) => match shared.store.read(&id).await {
+        // The aggregation stays active; the farm's next holder resumes it.
+        Ok(Ok(Ran::Stopped)) => return false,
+        Ok(Ok(Ran::Ended)) => match shared.store.read(&id).await {
             Ok(Found::Active { .. }) => Some(Abandoned::Crashed("it ended without a terminal state".into())),
             _ => None,
         },
@@ -335,7 +358,7 @@ mod tests {
     struct Never;
 
     impl Runner for Never {
-        fn run(self: Arc<Self>, _: Arc<AggregationRecord>, _: Lease) -> BoxFuture {
+        fn run(self: Arc<Self>, _: Arc<AggregationRecord>, _: Lease) -> BoxFuture<Ran> {
             Box::pin(async { panic!("this replica does not hold the farm") })
         }
 

@@ -5,6 +5,7 @@ use super::{emulator, sdk, stats};
 use deadline_stats_gateway::app::{App, AppConfig, Listeners, StoreConfig, UpstreamConfig};
 use deadline_stats_gateway::emulator::EmulatorHandle;
 use deadline_stats_gateway::gateway::backoff::BackoffPolicy;
+use deadline_stats_gateway::gateway::coordination::redis::RedisConfig;
 use deadline_stats_gateway::gateway::coordination::{Coordination, MemoryStore, Wakeups};
 use deadline_stats_gateway::gateway::throttle::Rate;
 use deadline_stats_gateway::gateway::{Gateway, GatewayConfig};
@@ -108,7 +109,7 @@ pub async fn replica(emu: Arc<EmulatorHandle>, config: GatewayConfig, coordinati
 /// The coordination of one replica on the Redis at `url` (its own connection, results cache
 /// and wake-ups), as `serve --store redis` builds it.
 pub async fn on_redis(url: &str, config: &GatewayConfig) -> Coordination {
-    Coordination::redis(&config.coordination(), url, "dsg:").await.expect("connects to redis-server")
+    Coordination::redis(&config.coordination(), &RedisConfig::new(url)).await.expect("connects to redis-server")
 }
 
 /// The coordination of one more replica on an in-memory `store` that several share (a test

@@ -1,12 +1,13 @@
 //! Shared pieces of the integration tests, one file per concern: the upstream (emulator, SDK,
 //! faults), the in-process gateway and its requests, the binary as a process, HTTP and metric
-//! scrapes, Python tools, a real redis-server and gateway processes sharing it. `use common::*` brings them all.
+//! scrapes, Python tools, a real redis-server (and a proxy that breaks its connections) and gateway processes sharing it. `use common::*` brings them all.
 #![allow(dead_code, unused_imports)]
 
 mod certs;
 mod gateway;
 mod http;
 mod process;
+mod proxy;
 mod python;
 mod redis;
 mod replicas;
@@ -16,6 +17,7 @@ pub use certs::*;
 pub use gateway::*;
 pub use http::*;
 pub use process::*;
+pub use proxy::*;
 pub use python::*;
 pub use redis::*;
 pub use replicas::*;

@@ -95,11 +95,21 @@ pub fn spawn_replica(endpoint: &str, extra: &[&str]) -> (Running, String, String
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(replica_logs())
         .spawn()
         .expect("serve starts");
     let lines = stdout_lines(&mut child, 2);
     let grpc = lines[0].strip_prefix("listening on ").expect("gRPC address line").to_owned();
     let admin = lines[1].strip_prefix("admin on ").expect("admin address line").to_owned();
     (Running(child), grpc, admin)
+}
+
+/// Where a replica's logs go: nowhere, unless `DSG_TEST_LOGS` is set (then to the test's
+/// stderr, for debugging a test).
+fn replica_logs() -> std::process::Stdio {
+    if std::env::var_os("DSG_TEST_LOGS").is_some() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    }
 }

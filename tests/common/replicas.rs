@@ -26,8 +26,6 @@ pub fn redis_replica(endpoint: &str, redis: &str, n: usize, extra: &[&str]) -> (
         redis,
         "--instance-id",
         &id,
-        "--lease-ttl",
-        "1s",
         "--caller-start-rate",
         "0",
         "--caller-get-rate",
@@ -37,6 +35,12 @@ pub fn redis_replica(endpoint: &str, redis: &str, n: usize, extra: &[&str]) -> (
         "--upstream-start-rate",
         "0",
     ];
+    if !extra.contains(&"--lease-ttl") {
+        flags.extend_from_slice(&["--lease-ttl", "1500ms"]);
+    }
+    if !extra.contains(&"--redis-response-timeout") {
+        flags.extend_from_slice(&["--redis-response-timeout", "500ms"]);
+    }
     flags.extend_from_slice(extra);
     spawn_replica(endpoint, &flags)
 }

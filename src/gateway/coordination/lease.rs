@@ -8,18 +8,64 @@
 
 use super::StoreError;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// A held lease on one farm.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Besides what the store knows of it, a lease carries its holder's own deadline: when it was
+/// asked for (or last renewed) plus its TTL, less a margin for the clocks' drift. The store's
+/// expiry can only be later, so while the local deadline has not passed no other holder can
+/// exist (unless the store lost the lease: the fence catches that). Clones share the deadline,
+/// so a renewal is seen by everything acting under the lease.
+#[derive(Debug, Clone)]
 pub struct Lease {
     pub farm: String,
     /// The replica holding it (its instance id).
     pub holder: String,
     /// Larger than the token of every earlier holder of this farm.
     pub token: u64,
+    deadline: Arc<Mutex<Instant>>,
+}
+
+impl PartialEq for Lease {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.farm, &self.holder, self.token) == (&other.farm, &other.holder, other.token)
+    }
+}
+
+impl Eq for Lease {}
+
+/// How much of a lease's TTL its holder does not count on: the clocks of the holder and the
+/// store may run at slightly different rates.
+fn margin(ttl: Duration) -> Duration {
+    ttl / 10
+}
+
+impl Lease {
+    /// A lease the store granted for `ttl`, asked for at `asked`.
+    pub fn granted(farm: &str, holder: &str, token: u64, asked: Instant, ttl: Duration) -> Self {
+        let deadline = Arc::new(Mutex::new(asked + ttl - margin(ttl)));
+        Self { farm: farm.to_owned(), holder: holder.to_owned(), token, deadline }
+    }
+
+    /// The store renewed it for `ttl`, asked at `asked`.
+    pub fn renewed(&self, asked: Instant, ttl: Duration) {
+        let mut deadline = self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *deadline = (*deadline).max(asked + ttl - margin(ttl));
+    }
+
+    /// How long this holder may still act under it by its own clock (zero once it ran out).
+    pub fn remaining(&self) -> Duration {
+        let deadline = *self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether this holder may still act under it by its own clock.
+    pub fn is_valid(&self) -> bool {
+        !self.remaining().is_zero()
+    }
 }
 
 /// Leases on farms, with fencing tokens.
@@ -81,7 +127,7 @@ impl FarmLeases for MemoryLeases {
         }
         state.fence += 1;
         state.held = Some((holder.to_owned(), state.fence, now + ttl));
-        Ok(Some(Lease { farm: farm.to_owned(), holder: holder.to_owned(), token: state.fence }))
+        Ok(Some(Lease::granted(farm, holder, state.fence, now, ttl)))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {

@@ -461,11 +461,8 @@ mod tests {
         r.data_time = Some(store.clock.now());
         let mut block = RowBlockBuilder::new(|_, buf| buf.extend_from_slice(&[0; 100]));
         (0..rows).for_each(|_| block.push(&StatisticsRow::default()));
-        let lease = Lease {
-            farm: r.farm_id().to_owned(),
-            holder: "test".into(),
-            token: store.leases.newest_token(r.farm_id()),
-        };
+        let token = store.leases.newest_token(r.farm_id());
+        let lease = Lease::granted(r.farm_id(), "test", token, tokio::time::Instant::now(), Duration::from_secs(60));
         assert!(matches!(store.finish(&lease, r, Some(Arc::new(block.finish()))).await, Ok(Written::Done)));
     }
 
@@ -475,11 +472,8 @@ mod tests {
         r.error = Some(Failure { code: FailureCode::Internal, message: "it broke".into() });
         r.expire_time = Some(store.clock.now() + ttl);
         r.data_time = Some(store.clock.now());
-        let lease = Lease {
-            farm: r.farm_id().to_owned(),
-            holder: "test".into(),
-            token: store.leases.newest_token(r.farm_id()),
-        };
+        let token = store.leases.newest_token(r.farm_id());
+        let lease = Lease::granted(r.farm_id(), "test", token, tokio::time::Instant::now(), Duration::from_secs(60));
         assert!(matches!(store.finish(&lease, r, None).await, Ok(Written::Done)));
     }
 

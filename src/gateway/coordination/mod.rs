@@ -213,6 +213,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether trying again later may succeed (the store was unreachable, slow or full), as
+    /// opposed to an answer that will not change.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
     pub(crate) fn corrupt(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Corrupt { what: what.into(), source: Some(Arc::new(source)) }
     }
@@ -357,11 +363,11 @@ impl Coordination {
         }
     }
 
-    /// Shared by every replica through the Redis at `url`, under `prefix`: records, queues,
-    /// leases, rows, the upstream rates and change notifications; a results cache of this
-    /// replica in front. Refuses a Redis that may evict keys.
-    pub async fn redis(settings: &CoordinationSettings, url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::RedisClient::connect(url, prefix).await?;
+    /// Shared by every replica through the Redis `redis` names: records, queues, leases, rows,
+    /// the upstream rates and change notifications; a results cache of this replica in front.
+    /// Refuses a Redis that may evict keys.
+    pub async fn redis(settings: &CoordinationSettings, redis: &redis::RedisConfig) -> Result<Self, StoreError> {
+        let client = redis::RedisClient::connect(redis).await?;
         client.check_eviction_policy().await?;
         let epoch = Some(client.epoch().await?);
         let wakeups = Arc::new(Wakeups::default());

@@ -1,15 +1,31 @@
 //! The aggregation a holder drives, and its writes: each is the next state of its record,
 //! fenced by the farm's lease, so the moment a newer holder exists this one stops.
+//!
+//! A write the store cannot take (it timed out, the connection dropped, memory is full) is
+//! tried again while the lease lasts by this replica's clock: a store fault never ends an
+//! aggregation. Once the lease runs out the holder stops, and whichever replica holds the farm
+//! next resumes the aggregation from its record.
 
-use crate::gateway::coordination::{AggregationStore, Lease, StoreError, Written};
+use crate::gateway::backoff::BackoffPolicy;
+use crate::gateway::coordination::{AggregationStore, Found, Lease, StoreError, Written};
 use crate::gateway::record::{AggregationRecord, Rows};
+use std::future::Future;
+use std::time::Duration;
+
+/// Delays between attempts at a write the store could not take.
+const WRITE_RETRY: BackoffPolicy =
+    BackoffPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 };
 
 /// Why a holder stops driving an aggregation before it is terminal.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Stop {
     #[error("a newer holder of the farm's lease exists")]
     Fenced,
-    #[error("the store could not take the write: {0}")]
+    #[error("the farm's lease ran out while the store could not be written: {0}")]
+    LeaseRanOut(StoreError),
+    #[error("the farm's lease ran out by this replica's clock")]
+    LeaseExpired,
+    #[error("the store cannot take the write: {0}")]
     Store(StoreError),
 }
 
@@ -24,19 +40,62 @@ impl Driven<'_> {
     /// Changes the record and writes it, fenced.
     pub(super) async fn set(&mut self, change: impl FnOnce(&mut AggregationRecord)) -> Result<(), Stop> {
         change(&mut self.record);
-        landed(self.store.update(&self.lease, self.record.clone()).await)
+        let (store, lease, record) = (self.store, &self.lease, &self.record);
+        persist(lease, || store.update(lease, record.clone())).await
     }
 
     /// Writes the record, terminal now, with its rows, fenced.
     pub(super) async fn finish(&mut self, rows: Option<Rows>) -> Result<(), Stop> {
-        landed(self.store.finish(&self.lease, self.record.clone(), rows).await)
+        let (store, lease, record) = (self.store, &self.lease, &self.record);
+        match persist(lease, || store.finish(lease, record.clone(), rows.clone())).await {
+            Ok(()) => Ok(()),
+            // An attempt the store took without answering, then fenced by its own effect: the
+            // record is terminal already.
+            Err(Stop::Fenced) if matches!(store.read(&record.id).await, Ok(found) if !is_active(&found)) => Ok(()),
+            Err(stop) => Err(stop),
+        }
+    }
+
+    /// Before an act that only the farm's one holder may take (an upstream Start): the lease
+    /// is still valid by this replica's clock, and still the farm's newest in the store.
+    pub(super) async fn confirm(&self) -> Result<(), Stop> {
+        let lease = &self.lease;
+        if !lease.is_valid() {
+            return Err(Stop::LeaseExpired);
+        }
+        let current = persist(lease, || async {
+            let current = self.store.leases().is_current(lease).await?;
+            Ok(if current { Written::Done } else { Written::Fenced })
+        });
+        current.await?;
+        if lease.is_valid() { Ok(()) } else { Err(Stop::LeaseExpired) }
     }
 }
 
-fn landed(written: Result<Written, StoreError>) -> Result<(), Stop> {
-    match written {
-        Ok(Written::Done) => Ok(()),
-        Ok(Written::Fenced) => Err(Stop::Fenced),
-        Err(e) => Err(Stop::Store(e)),
+fn is_active(found: &Found) -> bool {
+    matches!(found, Found::Active { .. })
+}
+
+/// Makes `attempt` until the store takes it, or the lease runs out.
+async fn persist<F, Fut>(lease: &Lease, mut attempt: F) -> Result<(), Stop>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Written, StoreError>>,
+{
+    let mut backoff = WRITE_RETRY.start();
+    loop {
+        match attempt().await {
+            Ok(Written::Done) => return Ok(()),
+            Ok(Written::Fenced) => return Err(Stop::Fenced),
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
+                if lease.remaining() <= delay {
+                    return Err(Stop::LeaseRanOut(e));
+                }
+                tracing::warn!(farm = %lease.farm, error = %e, ?delay, "the store cannot take a write; trying again while the lease lasts");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(Stop::Store(e)),
+        }
     }
 }

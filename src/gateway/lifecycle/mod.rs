@@ -24,7 +24,7 @@ use super::coordination::pacing::Pacer;
 use super::coordination::{AggregationStore, Found, Lease};
 use super::record::{AggregationRecord, Failure, FailureCode, State};
 use super::rows::{RowBlock, RowEncoder};
-use super::scheduler::{Abandoned, BoxFuture, Runner};
+use super::scheduler::{Abandoned, BoxFuture, Ran, Runner};
 use super::spans::Spans;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{OutcomeLabels, ReasonLabels, StateLabels};
@@ -129,14 +129,18 @@ pub(crate) struct UpstreamRunner {
 }
 
 impl Runner for UpstreamRunner {
-    fn run(self: Arc<Self>, record: Arc<AggregationRecord>, lease: Lease) -> BoxFuture {
+    fn run(self: Arc<Self>, record: Arc<AggregationRecord>, lease: Lease) -> BoxFuture<Ran> {
         let span = self.spans.of(&record);
         Box::pin(
             async move {
                 let id = record.id.clone();
                 let mut agg = Driven { store: self.store.as_ref(), lease, record: (*record).clone() };
-                if let Err(stop) = self.drive(&mut agg).await {
-                    tracing::warn!(aggregation = %id, reason = %stop, "stopped driving the aggregation; another holder takes over");
+                match self.drive(&mut agg).await {
+                    Ok(()) => Ran::Ended,
+                    Err(stop) => {
+                        tracing::warn!(aggregation = %id, reason = %stop, "stopped driving the aggregation; the farm's next holder resumes it");
+                        Ran::Stopped
+                    }
                 }
             }
             .instrument(span),

@@ -4,10 +4,10 @@
 
 use super::fenced::{Driven, Stop};
 use super::retry::{GaveUp, Retry};
-use super::{Outcome, START, Started, UpstreamRunner, failure};
+use super::{Interrupt, Outcome, START, Started, UpstreamRunner, failure};
 use crate::domain::AggregationRequest;
 use crate::domain::split::halve;
-use crate::gateway::record::{AggregationRecord, Failure, FailureCode, State};
+use crate::gateway::record::{Failure, FailureCode, State};
 use crate::gateway::rows::RowBlockBuilder;
 use crate::upstream::UpstreamError;
 use std::collections::VecDeque;
@@ -50,14 +50,15 @@ impl UpstreamRunner {
             agg.set(|r| r.status_message = note).await?;
             let span = tracing::info_span!("part", part.index = done + 1, part.window = %describe(&part));
             let ran = async {
-                let (upstream_id, started) = self.start_part(&agg.record, &part).await?;
-                Ok::<_, Failure>((self.follow(&agg.record, &upstream_id, started).await, started))
+                let (upstream_id, started) = self.start_part(agg, &part).await?;
+                Ok::<_, Interrupt>((self.follow(&agg.record, &upstream_id, started).await, started))
             }
             .instrument(span)
             .await;
             let (outcome, started) = match ran {
                 Ok(ran) => ran,
-                Err(failure) => return Ok((Outcome::Ended { state: State::Failed, failure }, None)),
+                Err(Interrupt::Fail(failure)) => return Ok((Outcome::Ended { state: State::Failed, failure }, None)),
+                Err(Interrupt::Stop(stop)) => return Err(stop),
             };
             match outcome {
                 Outcome::Completed { rows: block, .. } => {
@@ -85,12 +86,10 @@ impl UpstreamRunner {
 
     /// Starts one part upstream, waiting out throttling (the farm is busy, or an earlier
     /// part's Start of unknown outcome runs) until the start deadline, or the result validity
-    /// after an unknown outcome. Writes nothing: the part is not the aggregation.
-    async fn start_part(
-        &self,
-        agg: &AggregationRecord,
-        part: &AggregationRequest,
-    ) -> Result<(String, Started), Failure> {
+    /// after an unknown outcome. Writes nothing: the part is not the aggregation; but each
+    /// attempt is made under a lease confirmed current, as the whole's Start is.
+    async fn start_part(&self, driven: &Driven<'_>, part: &AggregationRequest) -> Result<(String, Started), Interrupt> {
+        let agg = &driven.record;
         let c = &self.config;
         let mut retry = Retry::new(&self.start_pacer, &c.start_retry, Instant::now() + c.start_deadline);
         let gave_up = |gave_up| match gave_up {
@@ -106,17 +105,18 @@ impl UpstreamRunner {
         };
         loop {
             retry.ready().await;
+            driven.confirm().await?;
             let started = Started::now(self.clock.now());
             let err = match retry.attempt(self.call(START, agg, None, self.upstream.start(part))).await {
                 Ok(Ok(id)) => return Ok((id, started)),
                 Ok(Err(err)) => err,
-                Err(e) => return Err(gave_up(e)),
+                Err(e) => return Err(Interrupt::Fail(gave_up(e))),
             };
             if matches!(err, UpstreamError::OutcomeUnknown { .. }) {
                 self.metrics.start_outcome_unknown.inc();
                 retry.extend_to(Instant::now() + c.result_validity);
             }
-            retry.back_off(err).await.map_err(gave_up)?;
+            retry.back_off(err).await.map_err(|e| Interrupt::Fail(gave_up(e)))?;
         }
     }
 }

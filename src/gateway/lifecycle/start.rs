@@ -31,6 +31,9 @@ impl UpstreamRunner {
                 .await?;
                 tracing::info!(aggregation = %agg.record.id, farm = %agg.record.farm_id(), "aggregation running");
             }
+            // Only the farm's one holder may Start: a holder paused past its lease (or
+            // superseded) stops here, before the upstream sees a second Start.
+            agg.confirm().await?;
             let started = Started::now(self.clock.now());
             let call = self.call(START, &agg.record, None, self.upstream.start(agg.record.key.request()));
             let err = match retry.attempt(call).await {

@@ -21,9 +21,35 @@ use std::time::Duration;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-/// How long one Redis command may take before it counts as unreachable.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// How a replica reaches the shared Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT` or `rediss://` for TLS, credentials included.
+    pub url: String,
+    /// The prefix of every key, so several gateways can share one Redis.
+    pub prefix: String,
+    /// How long one command may take before it counts as unreachable (and is tried again).
+    pub response_timeout: Duration,
+}
+
+impl RedisConfig {
+    pub const DEFAULT_PREFIX: &str = "dsg:";
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// The Redis at `url`, with the default prefix and response timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+        }
+    }
+
+    /// The same, keys under `prefix`.
+    pub fn with_prefix(self, prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into(), ..self }
+    }
+}
 
 /// A connection to the shared Redis, reconnecting by itself, and the names of this gateway's
 /// keys there.
@@ -46,14 +72,14 @@ pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
 }
 
 impl RedisClient {
-    /// Connects to `url` (`redis://` or `rediss://` for TLS) and keeps its keys under `prefix`.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECTION_TIMEOUT));
-        let conn = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
-        Ok(Self { client, conn, keys: Keys::new(prefix) })
+    /// Connects as `config` says.
+    pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout))
+            .set_connection_timeout(Some(config.response_timeout));
+        let conn = client.get_connection_manager_with_config(manager).await.map_err(unavailable)?;
+        Ok(Self { client, conn, keys: Keys::new(&config.prefix) })
     }
 
     /// A handle on the shared connection.
@@ -154,6 +180,7 @@ fn millis(ttl: Duration) -> u64 {
 impl FarmLeases for RedisClient {
     async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let mut conn = self.conn.clone();
+        let asked = tokio::time::Instant::now();
         let token: Option<u64> = ACQUIRE
             .key(self.keys.lease(farm))
             .key(self.keys.fence(farm))
@@ -162,7 +189,7 @@ impl FarmLeases for RedisClient {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(token.map(|token| Lease { farm: farm.to_owned(), holder: holder.to_owned(), token }))
+        Ok(token.map(|token| Lease::granted(farm, holder, token, asked, ttl)))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {

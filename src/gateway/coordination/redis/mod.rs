@@ -21,7 +21,7 @@ mod keys;
 mod scripts;
 mod wire;
 
-pub use client::{RedisClient, RedisRate};
+pub use client::{RedisClient, RedisConfig, RedisRate};
 
 use super::lease::{FarmLeases, Lease};
 use super::policy::{Freshness, Limits, RefreshVerdict};

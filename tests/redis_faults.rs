@@ -1,0 +1,171 @@
+//! Gateway processes on one real `redis-server`, in front of one emulator process, meeting the
+//! faults an operated Redis has every month: connections that hang and then reset (writes lost
+//! on the way), a server paused past the store's response timeout, a lease holder frozen past
+//! its lease, records gone from a farm's queue. The replicas reach Redis through a
+//! [`FaultProxy`].
+//!
+//! Each test counts, at the emulator, the upstream Starts each farm accepted (one per
+//! aggregation) and the most aggregations ever running on a farm at once (one), and checks
+//! that every accepted aggregation ends COMPLETED with its rows: a store fault never fails one.
+
+mod common;
+
+use common::*;
+use deadline_stats_gateway::grpc::pb::{AggregationState, GroupBy};
+use serde_json::json;
+use std::time::Duration;
+
+/// Replicas, their Redis and their emulator.
+struct Rig {
+    replicas: Vec<(Running, String, String)>,
+    clients: Vec<Client>,
+    endpoint: String,
+    redis: RedisServer,
+    /// Between the replicas and Redis.
+    proxy: FaultProxy,
+    _emulator: Running,
+}
+
+/// What one accepted aggregation must end as.
+struct Accepted {
+    id: String,
+    farm_n: u64,
+    rows: u64,
+}
+
+impl Rig {
+    /// `n` replicas with `replica_flags`, over an emulator run with `emulator_flags`.
+    async fn launch(n: usize, replica_flags: &[&str], emulator_flags: &[&str]) -> Self {
+        let redis = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+        let proxy = FaultProxy::start(redis.port).await;
+        let (emulator, endpoint) = spawn_emulator(emulator_flags);
+        let replicas: Vec<_> = (0..n).map(|i| redis_replica(&endpoint, &proxy.url(), i, replica_flags)).collect();
+        let mut clients = Vec::new();
+        for (_, url, _) in &replicas {
+            clients.push(client_of(url).await);
+        }
+        Self { replicas, clients, endpoint, redis, proxy, _emulator: emulator }
+    }
+
+    /// `per_farm` distinct aggregations on each of `farms`, spread over the replicas.
+    async fn start_many(&mut self, farms: std::ops::Range<u64>, per_farm: i64) -> Vec<Accepted> {
+        let mut accepted = Vec::new();
+        for farm_n in farms {
+            for days in 1..=per_farm {
+                let on = accepted.len() % self.clients.len();
+                let request = start_request(farm_n, 1, days, &[GroupBy::QueueId]);
+                let resp = self.clients[on].start_aggregation(request).await.expect("start").into_inner();
+                let id = resp.aggregation.expect("aggregation").aggregation_id;
+                accepted.push(Accepted { id, farm_n, rows: 24 * u64::try_from(days).expect("positive") });
+            }
+        }
+        accepted
+    }
+
+    /// Waits until `farm_n` has been sent `n` upstream Starts (or more).
+    async fn until_starts(&self, farm_n: u64, n: u64) {
+        eventually(Duration::from_secs(10), || {
+            let (endpoint, farm_id) = (self.endpoint.clone(), farm(farm_n));
+            async move { (upstream_of(&endpoint, &farm_id).await["start_calls"].as_u64() >= Some(n)).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) to replica `n`.
+    fn signal(&self, n: usize, signal: &str) {
+        let pid = self.replicas[n].0.0.id().to_string();
+        let sent = std::process::Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        assert!(sent.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Every accepted aggregation ended COMPLETED with its rows, each farm accepted one
+    /// upstream Start per aggregation, and never ran two at once.
+    async fn assert_all_completed_once(&mut self, accepted: &[Accepted]) {
+        for (i, a) in accepted.iter().enumerate() {
+            let client = &mut self.clients[i % self.replicas.len()];
+            let done = wait_terminal(client, &a.id).await.aggregation.expect("aggregation");
+            assert_eq!((done.state(), done.row_count), (AggregationState::Completed, a.rows), "{}: {done:?}", a.id);
+        }
+        let mut farms: Vec<u64> = accepted.iter().map(|a| a.farm_n).collect();
+        farms.dedup();
+        for farm_n in farms {
+            let upstream = upstream_of(&self.endpoint, &farm(farm_n)).await;
+            let count = accepted.iter().filter(|a| a.farm_n == farm_n).count() as u64;
+            let started = upstream["aggregations_started"].as_u64();
+            assert_eq!(
+                started,
+                Some(count),
+                "one upstream aggregation per aggregation on {}: {upstream}",
+                farm(farm_n)
+            );
+            assert_eq!(upstream["max_in_progress"], 1, "never two at once on {}: {upstream}", farm(farm_n));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_paused_past_the_response_timeout_fail_no_aggregation() {
+    // Each pause outlasts the store's response timeout (2 s) but not the lease: holders whose
+    // write or renewal times out retry it, and one that stopped is resumed by the next holder.
+    let mut rig = Rig::launch(2, &["--lease-ttl", "10s"], &["--aggregation-duration", "1s"]).await;
+    let accepted = rig.start_many(300..306, 4).await;
+    for pause_ms in ["2500", "3000", "2500", "3000"] {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        rig.redis.cli(&["CLIENT", "PAUSE", pause_ms, "WRITE"]).expect("CLIENT PAUSE");
+        let ms: u64 = pause_ms.parse().expect("a number");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    rig.assert_all_completed_once(&accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_lost_in_connections_that_hang_then_reset_fail_no_aggregation_and_start_none_twice() {
+    // Each black hole outlasts the response timeout (2 s) but not the lease; the writes sent
+    // into it are lost when the connections reset.
+    let mut rig = Rig::launch(2, &["--lease-ttl", "10s"], &["--aggregation-duration", "1s"]).await;
+    let accepted = rig.start_many(310..316, 4).await;
+    for hold_ms in [2500, 3000, 2500, 3000] {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        rig.proxy.black_hole(Duration::from_millis(hold_ms)).await;
+    }
+    rig.assert_all_completed_once(&accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_of_the_upstream_id_is_retried_not_failed_or_started_twice() {
+    let mut rig = Rig::launch(2, &["--lease-ttl", "10s"], &["--aggregation-duration", "1s"]).await;
+    // The upstream answers Start after 500 ms; meanwhile Redis's memory is full, so the write
+    // of the upstream id is refused (OOM) while reads go on, for 1.5 s.
+    faults_of(&rig.endpoint, json!({ "latency_ms": 500, "operations": ["start"] })).await;
+    let accepted = rig.start_many(320..321, 1).await;
+    rig.until_starts(320, 1).await;
+    rig.redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).expect("CONFIG SET");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rig.redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).expect("CONFIG SET");
+    faults_of(&rig.endpoint, json!({})).await;
+    rig.assert_all_completed_once(&accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_frozen_past_its_lease_while_its_start_is_throttled_never_starts_again() {
+    let flags = ["--lease-ttl", "2s", "--start-retry-initial", "300ms", "--start-retry-max", "300ms"];
+    let mut rig = Rig::launch(2, &flags, &["--aggregation-duration", "300ms"]).await;
+    let throttle =
+        json!({ "error_rates": { "ThrottlingException": 1.0 }, "retry_after_secs": 0, "operations": ["start"] });
+    faults_of(&rig.endpoint, throttle).await;
+    let accepted = rig.start_many(330..331, 1).await;
+    rig.until_starts(330, 2).await;
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    let holder = lease_holder(&mut conn, &farm(330)).await.expect("a replica holds the farm");
+    // Frozen (a paused VM, a throttled pod) with its Start's retry pending; meanwhile the farm
+    // goes to the other replica, whose Start the upstream accepts and soon completes.
+    rig.signal(holder, "-STOP");
+    faults_of(&rig.endpoint, json!({})).await;
+    let mut other = rig.clients[1 - holder].clone();
+    let done = wait_terminal(&mut other, &accepted[0].id).await.aggregation.expect("aggregation");
+    assert_eq!(done.state(), AggregationState::Completed, "{done:?}");
+    // Thawed, the old holder's retry comes due at once: it must see its lease ran out.
+    rig.signal(holder, "-CONT");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rig.assert_all_completed_once(&accepted).await;
+}
