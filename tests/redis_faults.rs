@@ -14,6 +14,7 @@ use common::*;
 use deadline_stats_gateway::grpc::pb::{AggregationState, GroupBy};
 use serde_json::json;
 use std::time::Duration;
+use tonic_types::StatusExt as _;
 
 /// Replicas, their Redis and their emulator.
 struct Rig {
@@ -168,4 +169,43 @@ async fn a_holder_frozen_past_its_lease_while_its_start_is_throttled_never_start
     rig.signal(holder, "-CONT");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     rig.assert_all_completed_once(&accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_gone_or_unreadable_in_a_farms_queue_are_skipped_counted_and_the_farm_moves_on() {
+    let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "1s"]).await;
+    let mut all = rig.start_many(340..341, 4).await;
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    // Behind the running head: one record deleted by hand (or evicted), one that a version of
+    // the gateway this one cannot read wrote.
+    let (last, first) = (all.pop().expect("four"), all.remove(0));
+    let (gone, unreadable) = (all[0].id.clone(), all[1].id.clone());
+    let _: () = ::redis::cmd("DEL").arg(format!("dsg:agg:{gone}")).query_async(&mut conn).await.expect("DEL");
+    let _: () = ::redis::cmd("HSET")
+        .arg(format!("dsg:agg:{unreadable}"))
+        .arg("json")
+        .arg("{\"written_by\": \"a future version\"}")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let ran = [first, last];
+    let finished = tokio::time::timeout(Duration::from_secs(30), rig.assert_all_completed_once(&ran)).await;
+    assert!(finished.is_ok(), "the farm wedged behind the broken records");
+    let mut client = rig.clients[0].clone();
+    let err = client.get_aggregation(get_request(&unreadable, 0, "", Duration::ZERO)).await.expect_err("unreadable");
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert_eq!(err.get_details_error_info().map(|e| e.reason), Some("AGGREGATION_UNREADABLE".into()), "{err:?}");
+    assert!(err.message().contains("cannot read"), "{err:?}");
+    let live: i64 = ::redis::cmd("GET").arg("dsg:live").query_async(&mut conn).await.expect("GET live");
+    assert_eq!(live, 0, "no aggregation is counted live for ever");
+    let mut discarded = 0.0;
+    for (_, _, admin) in &rig.replicas {
+        let (_, _, text) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+        discarded += parse_metrics(&text)
+            .iter()
+            .filter(|(k, _)| k.starts_with("dsg_store_corrupt_total"))
+            .map(|(_, v)| v)
+            .sum::<f64>();
+    }
+    assert_eq!(discarded, 2.0, "both broken entries were counted once");
 }

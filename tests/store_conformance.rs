@@ -10,7 +10,7 @@ use deadline_stats_gateway::gateway::clock::Clock;
 use deadline_stats_gateway::gateway::coordination::redis::RedisConfig;
 use deadline_stats_gateway::gateway::coordination::{
     AggregationStore, Bound, ClaimError, Claimed, Coordination, CoordinationSettings, Disposition, FarmLoad, Found,
-    Freshness, Lease, Limits, MemoryStore, RunModel, Wakeups, Written,
+    Freshness, Head, Lease, Limits, MemoryStore, QueueFault, RunModel, Wakeups, Written,
 };
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
@@ -103,7 +103,11 @@ fn position(found: Found) -> u32 {
 }
 
 async fn head(store: &dyn AggregationStore, farm: &str) -> Option<Arc<str>> {
-    store.head(farm).await.expect("store").map(|r| r.id.clone())
+    match store.head(farm).await.expect("store") {
+        Head::Ready(r) => Some(r.id.clone()),
+        Head::Empty => None,
+        Head::Broken { id, fault } => panic!("{id} is broken: {fault}"),
+    }
 }
 
 async fn identical_claims_coalesce_and_farms_are_independent(s: &Subject) {
@@ -182,6 +186,31 @@ async fn only_the_current_lease_holders_writes_land(s: &Subject) {
     }
     assert_eq!(store.finish(&new, completed(&record, TTL), None).await.expect("store"), Written::Done);
     assert_eq!(store.update(&new, record).await.expect("store"), Written::Fenced, "a terminal one is not rewritten");
+}
+
+/// A broken id is taken off its farm's queue by the current holder only, and then counts
+/// nowhere: not in the queue, not as live, not as a farm with work.
+async fn a_discarded_id_leaves_its_farms_queue_under_the_current_lease_only(s: &Subject) {
+    let store = s.store.as_ref();
+    let (first, second) = (
+        claim(store, &key(25, 1), &ROOMY).await.expect("room"),
+        claim(store, &key(25, 2), &ROOMY).await.expect("room"),
+    );
+    let farm = first.record.farm_id().to_owned();
+    let old = holder(store, &farm, "replica-a").await;
+    store.leases().release(&old).await.expect("store");
+    let new = holder(store, &farm, "replica-b").await;
+    let (a, b) = (first.record.id.to_string(), second.record.id.to_string());
+    assert_eq!(store.discard(&old, &a, &QueueFault::Missing).await.expect("store"), Written::Fenced);
+    assert_eq!(head(store, &farm).await.as_deref(), Some(a.as_str()), "a stale holder discards nothing");
+    assert_eq!(store.discard(&new, &a, &QueueFault::Missing).await.expect("store"), Written::Done);
+    assert_eq!(store.discard(&new, &a, &QueueFault::Missing).await.expect("store"), Written::Done, "idempotent");
+    assert_eq!(head(store, &farm).await.as_deref(), Some(b.as_str()), "the farm moves on");
+    assert_eq!(store.discard(&new, &b, &QueueFault::Missing).await.expect("store"), Written::Done);
+    assert_eq!(head(store, &farm).await, None);
+    assert!(store.farms_with_work().await.expect("store").is_empty(), "no farm has work");
+    let one_live = Limits { max_live: 1, ..ROOMY };
+    claim(store, &key(26, 1), &one_live).await.expect("the discarded ones count as live no more");
 }
 
 /// `Freshness::accepts`: enough validity left, not too stale.
@@ -452,6 +481,7 @@ conformance! {
     a_farm_queue_is_first_in_first_out,
     claims_respect_every_bound,
     only_the_current_lease_holders_writes_land,
+    a_discarded_id_leaves_its_farms_queue_under_the_current_lease_only,
     a_terminal_result_answers_while_fresh_enough,
     an_expired_result_reads_expired_and_answers_no_start,
     every_write_wakes_its_waiters,
@@ -486,7 +516,10 @@ async fn two_replicas_on_one_redis_see_one_store() {
         }
         other => panic!("replica a does not see replica b's result: {other:?}"),
     }
-    assert!(a.head(first.record.farm_id()).await.expect("store").is_none(), "the farm's queue is empty everywhere");
+    assert!(
+        matches!(a.head(first.record.farm_id()).await.expect("store"), Head::Empty),
+        "the farm's queue is empty everywhere"
+    );
 
     // Refresh-ahead: hits counted on both replicas, the refresh claimed by one.
     let k = key(52, 1);

@@ -58,6 +58,23 @@ pub enum GatewayError {
     FarmNotAllowed { farm_id: String, method: &'static str },
     #[error("the gateway's coordination store is unavailable; retry shortly ({0})")]
     StoreUnavailable(StoreError),
+    #[error(
+        "the gateway's shared store holds a record of aggregation {} that this gateway cannot read ({cause}); \
+         it was taken off its farm's queue; start the aggregation again",
+        quoted(.id)
+    )]
+    Unreadable { id: String, cause: StoreError },
+}
+
+impl GatewayError {
+    /// A store error reading aggregation `id`: a record that cannot be read says so (it will
+    /// not change by retrying), anything else is the store being unavailable.
+    pub(crate) fn reading(id: &str) -> impl FnOnce(StoreError) -> Self + '_ {
+        move |e| match e {
+            StoreError::Corrupt { .. } => Self::Unreadable { id: id.to_owned(), cause: e },
+            e => Self::StoreUnavailable(e),
+        }
+    }
 }
 
 /// Why rows a shared store lost could not be put back.

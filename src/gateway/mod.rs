@@ -358,7 +358,7 @@ impl Gateway {
         let mut waiter = (!wait.is_zero()).then(|| self.wakeups.waiter(id));
         let _waiting = waiter.as_ref().map(|_| crate::telemetry::metrics::Open::count(&self.metrics.long_polls));
         loop {
-            let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
+            let found = self.store.read(id).await.map_err(GatewayError::reading(id))?;
             let (record, queue_position) = match found {
                 Found::Terminal(result) => {
                     may_read(result.record.farm_id())?;
@@ -404,7 +404,7 @@ impl Gateway {
             may_read(result.record.farm_id())?;
             return Ok(self.watches.subscribe(watch::View::terminal(result.record.clone())));
         }
-        let found = self.store.read(id).await.map_err(GatewayError::StoreUnavailable)?;
+        let found = self.store.read(id).await.map_err(GatewayError::reading(id))?;
         match &found {
             Found::Active { record, .. } | Found::RowsLost(record) => may_read(record.farm_id())?,
             Found::Terminal(result) => may_read(result.record.farm_id())?,

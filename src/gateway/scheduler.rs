@@ -11,7 +11,7 @@
 
 use super::clock::Clock;
 use super::coordination::Lease;
-use super::coordination::{AggregationStore, Found, Wakeups};
+use super::coordination::{AggregationStore, Found, Head, QueueFault, Wakeups};
 use super::record::AggregationRecord;
 use std::collections::HashSet;
 use std::future::Future;
@@ -56,6 +56,11 @@ pub(crate) trait Runner: Send + Sync + 'static {
     /// Ends an aggregation whose run did not (it crashed, or overran the run limit): it becomes
     /// terminal with a failure that says why, and leaves its farm's queue.
     fn abandon(self: Arc<Self>, id: Arc<str>, lease: Lease, why: Abandoned) -> BoxFuture;
+
+    /// Takes an id whose record is missing or unreadable off its farm's queue, so the farm
+    /// moves on; `false` when it could not (the worker stops, and the farm's next holder tries
+    /// again).
+    fn discard(self: Arc<Self>, id: String, fault: QueueFault, lease: Lease) -> BoxFuture<bool>;
 }
 
 /// How workers run.
@@ -191,9 +196,15 @@ async fn worker(shared: Arc<Shared>, farm: String) {
             break;
         }
         let head = match shared.store.head(&farm).await {
-            Ok(Some(head)) => head,
-            Ok(None) => {
+            Ok(Head::Ready(head)) => head,
+            Ok(Head::Empty) => {
                 forget.drained = true;
+                break;
+            }
+            Ok(Head::Broken { id, fault }) => {
+                if shared.runner.clone().discard(id, fault, lease.clone()).await {
+                    continue;
+                }
                 break;
             }
             Err(e) => {
@@ -231,7 +242,7 @@ impl Drop for Forget {
         let (shared, farm) = (self.shared.clone(), std::mem::take(&mut self.farm));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if shared.store.head(&farm).await.is_ok_and(|head| head.is_some()) {
+                if shared.store.head(&farm).await.is_ok_and(|head| !matches!(head, Head::Empty)) {
                     kick(&shared, &farm);
                 }
             });
@@ -364,6 +375,10 @@ mod tests {
 
         fn abandon(self: Arc<Self>, _: Arc<str>, _: Lease, _: Abandoned) -> BoxFuture {
             Box::pin(async {})
+        }
+
+        fn discard(self: Arc<Self>, _: String, _: QueueFault, _: Lease) -> BoxFuture<bool> {
+            Box::pin(async { false })
         }
     }
 

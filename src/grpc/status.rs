@@ -106,6 +106,14 @@ impl From<GatewayError> for Status {
                 );
                 Code::PermissionDenied
             }
+            GatewayError::Unreadable { id, cause } => {
+                details.set_error_info(
+                    "AGGREGATION_UNREADABLE",
+                    ERROR_DOMAIN,
+                    meta([("aggregation_id", quoted(&id)), ("cause", quoted(&cause.to_string()))]),
+                );
+                Code::Internal
+            }
             GatewayError::StoreUnavailable(_) => {
                 details.set_retry_info(Some(STORE_RETRY));
                 details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub time_to_complete: Histogram,
     /// Aggregations the farm's supervisor ended: `crashed` or `overran`.
     pub abandoned: Family<ReasonLabels, Counter>,
+    /// Ids a farm's queue held whose record was `missing` or `unreadable`, taken off it.
+    pub store_corrupt: Family<ReasonLabels, Counter>,
     /// Upstream Starts whose outcome is unknown (timeout, 5xx, lost response).
     pub start_outcome_unknown: Counter,
     /// Starts refused by a gateway-wide bound: `max_active_aggregations` or `max_farms`.
@@ -195,6 +197,12 @@ impl Metrics {
             "aggregations ended by the farm supervisor: crashed (the task died) or overran (the run limit)",
             abandoned.clone(),
         );
+        let store_corrupt = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "store_corrupt",
+            "ids in a farm's queue whose record was missing or unreadable, taken off the queue so the farm moves on",
+            store_corrupt.clone(),
+        );
         let start_outcome_unknown = Counter::default();
         registry.register(
             "upstream_start_outcome_unknown",
@@ -250,6 +258,9 @@ impl Metrics {
         for reason in ["crashed", "overran"] {
             let _ = abandoned.get_or_create(&ReasonLabels { reason });
         }
+        for reason in ["missing", "unreadable"] {
+            let _ = store_corrupt.get_or_create(&ReasonLabels { reason });
+        }
         for reason in ["max_active_aggregations", "max_farms"] {
             let _ = busy.get_or_create(&ReasonLabels { reason });
         }
@@ -287,6 +298,7 @@ impl Metrics {
             finished,
             time_to_complete,
             abandoned,
+            store_corrupt,
             start_outcome_unknown,
             busy,
             rows_refetched,

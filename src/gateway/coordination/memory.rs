@@ -8,7 +8,10 @@ use super::policy::{self, Candidate, Freshness, Limits, Occupancy, RefreshVerdic
 use super::results::{CachedResult, Removal, ResultsCache};
 use super::run_model::RunModel;
 use super::wakeups::{Wakeups, farm_topic};
-use super::{AggregationStore, ClaimError, Claimed, Disposition, FarmLoad, Found, StoreError, StoreStats, Written};
+use super::{
+    AggregationStore, ClaimError, Claimed, Disposition, FarmLoad, Found, Head, QueueFault, StoreError, StoreStats,
+    Written,
+};
 use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Rows, State};
@@ -255,9 +258,30 @@ impl AggregationStore for MemoryStore {
         })
     }
 
-    async fn head(&self, farm: &str) -> Result<Option<Arc<AggregationRecord>>, StoreError> {
+    async fn head(&self, farm: &str) -> Result<Head, StoreError> {
         let index = self.lock();
-        Ok(index.farms.get(farm).and_then(VecDeque::front).and_then(|id| index.active.get(id)).cloned())
+        Ok(match index.farms.get(farm).and_then(VecDeque::front) {
+            None => Head::Empty,
+            Some(id) => match index.active.get(id) {
+                Some(record) => Head::Ready(record.clone()),
+                None => Head::Broken { id: id.to_string(), fault: QueueFault::Missing },
+            },
+        })
+    }
+
+    async fn discard(&self, lease: &Lease, id: &str, _: &QueueFault) -> Result<Written, StoreError> {
+        if self.fenced(lease) {
+            return Ok(Written::Fenced);
+        }
+        let mut index = self.lock();
+        if let Some(queue) = index.farms.get_mut(&lease.farm) {
+            queue.retain(|queued| &**queued != id);
+            if queue.is_empty() {
+                index.farms.remove(&lease.farm);
+            }
+        }
+        index.active.remove(id);
+        Ok(Written::Done)
     }
 
     async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError> {

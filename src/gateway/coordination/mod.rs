@@ -86,6 +86,41 @@ impl Found {
     }
 }
 
+/// The head of a farm's queue, as its lease holder finds it.
+#[derive(Debug, Clone)]
+pub enum Head {
+    Empty,
+    /// The aggregation to drive.
+    Ready(Arc<AggregationRecord>),
+    /// An id whose record the store lost or cannot read: its holder discards it
+    /// ([`AggregationStore::discard`]) so the farm moves on.
+    Broken {
+        id: String,
+        fault: QueueFault,
+    },
+}
+
+/// What is wrong with an id in a farm's queue.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueFault {
+    /// Its record is gone (deleted by hand, evicted, lost in a failover).
+    #[error("its record is missing")]
+    Missing,
+    /// Its record cannot be read (written by another version, edited by hand).
+    #[error(transparent)]
+    Unreadable(StoreError),
+}
+
+impl QueueFault {
+    /// The fault's name, as metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Unreadable(_) => "unreadable",
+        }
+    }
+}
+
 /// What a claim answers with.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -245,9 +280,15 @@ pub trait AggregationStore: Send + Sync + 'static {
     async fn read(&self, id: &str) -> Result<Found, StoreError>;
 
     /// The aggregation at the head of `farm`'s queue: the one its lease holder drives.
-    async fn head(&self, farm: &str) -> Result<Option<Arc<AggregationRecord>>, StoreError>;
+    async fn head(&self, farm: &str) -> Result<Head, StoreError>;
 
-    /// The first `count` aggregations of `farm`'s queue, its head first.
+    /// Takes `id`, a [`Head::Broken`], off `lease`'s farm's queue, if `lease` is still current,
+    /// so the farm moves on: it no longer counts as active, and a record that cannot be read is
+    /// kept (as not active) so its id still answers why, until it expires.
+    async fn discard(&self, lease: &Lease, id: &str, fault: &QueueFault) -> Result<Written, StoreError>;
+
+    /// The first `count` aggregations of `farm`'s queue, its head first (broken entries left
+    /// out).
     async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
 
     /// Farms with queued or running aggregations.

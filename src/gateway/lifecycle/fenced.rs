@@ -7,7 +7,7 @@
 //! next resumes the aggregation from its record.
 
 use crate::gateway::backoff::BackoffPolicy;
-use crate::gateway::coordination::{AggregationStore, Found, Lease, StoreError, Written};
+use crate::gateway::coordination::{AggregationStore, Found, Lease, QueueFault, StoreError, Written};
 use crate::gateway::record::{AggregationRecord, Rows};
 use std::future::Future;
 use std::time::Duration;
@@ -70,6 +70,16 @@ impl Driven<'_> {
         current.await?;
         if lease.is_valid() { Ok(()) } else { Err(Stop::LeaseExpired) }
     }
+}
+
+/// Takes a broken id off `lease`'s farm's queue, fenced, retried as a write is.
+pub(super) async fn discard(
+    store: &dyn AggregationStore,
+    lease: &Lease,
+    id: &str,
+    fault: &QueueFault,
+) -> Result<(), Stop> {
+    persist(lease, || store.discard(lease, id, fault)).await
 }
 
 fn is_active(found: &Found) -> bool {

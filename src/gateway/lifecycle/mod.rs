@@ -21,7 +21,7 @@ mod start;
 use super::backoff::BackoffPolicy;
 use super::clock::Clock;
 use super::coordination::pacing::Pacer;
-use super::coordination::{AggregationStore, Found, Lease};
+use super::coordination::{AggregationStore, Found, Lease, QueueFault};
 use super::record::{AggregationRecord, Failure, FailureCode, State};
 use super::rows::{RowBlock, RowEncoder};
 use super::scheduler::{Abandoned, BoxFuture, Ran, Runner};
@@ -147,6 +147,10 @@ impl Runner for UpstreamRunner {
         )
     }
 
+    fn discard(self: Arc<Self>, id: String, fault: QueueFault, lease: Lease) -> BoxFuture<bool> {
+        Box::pin(async move { self.discard_broken(&id, &fault, &lease).await })
+    }
+
     fn abandon(self: Arc<Self>, id: Arc<str>, lease: Lease, why: Abandoned) -> BoxFuture {
         Box::pin(async move {
             let record = match self.store.read(&id).await {
@@ -180,6 +184,19 @@ impl Runner for UpstreamRunner {
 }
 
 impl UpstreamRunner {
+    /// A broken queue entry, logged, counted and taken off its farm's queue.
+    async fn discard_broken(&self, id: &str, fault: &QueueFault, lease: &Lease) -> bool {
+        tracing::error!(aggregation = id, farm = %lease.farm, fault = %fault, "an id in the farm's queue has no readable record; taking it off the queue so the farm moves on");
+        self.metrics.store_corrupt.get_or_create(&ReasonLabels { reason: fault.name() }).inc();
+        match fenced::discard(self.store.as_ref(), lease, id, fault).await {
+            Ok(()) => true,
+            Err(stop) => {
+                tracing::warn!(aggregation = id, reason = %stop, "could not take the broken id off the farm's queue");
+                false
+            }
+        }
+    }
+
     /// The state machine: resume or start, follow, split when too large, record the end.
     async fn drive(&self, agg: &mut Driven<'_>) -> Result<(), Stop> {
         let resumed = match (agg.record.state, agg.record.upstream_id.clone(), agg.record.running_since) {

@@ -29,15 +29,15 @@ use super::results::{CachedResult, ResultsCache};
 use super::run_model::{RunModel, SMOOTHING};
 use super::wakeups::{Wakeups, farm_topic};
 use super::{
-    AggregationStore, Bound, ClaimError, Claimed, Disposition, FarmLoad, Found, StoreError, StoreStats, Topology,
-    Written,
+    AggregationStore, Bound, ClaimError, Claimed, Disposition, FarmLoad, Found, Head, QueueFault, StoreError,
+    StoreStats, Topology, Written,
 };
 use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Rows};
 use crate::gateway::rows::RowBlock;
 use client::unavailable;
-use scripts::{CLAIM, DUE, FINISH, LOADS, OBSERVE_RUN, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
+use scripts::{CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -152,6 +152,20 @@ impl RedisStore {
     }
 
     /// Wakes this replica's waiters of a write it made (others learn it from the channel).
+    /// The first `count` ids of `farm`'s queue.
+    async fn queued_ids(&self, farm: &str, count: usize) -> Result<Vec<String>, StoreError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        redis::cmd("LRANGE")
+            .arg(self.keys().queue(farm))
+            .arg(0)
+            .arg(count - 1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
     fn wake(&self, id: &str, farm: &str) {
         self.wakeups.wake(id);
         self.wakeups.wake(&farm_topic(farm));
@@ -291,21 +305,46 @@ impl AggregationStore for RedisStore {
         Ok(Found::Active { record: Arc::new(record), queue_position })
     }
 
-    async fn head(&self, farm: &str) -> Result<Option<Arc<AggregationRecord>>, StoreError> {
-        Ok(self.queue(farm, 1).await?.into_iter().next())
-    }
-
-    async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<String> = redis::cmd("LRANGE")
-            .arg(self.keys().queue(farm))
-            .arg(0)
-            .arg(count - 1)
+    async fn head(&self, farm: &str) -> Result<Head, StoreError> {
+        let Some(id) = self.queued_ids(farm, 1).await?.into_iter().next() else { return Ok(Head::Empty) };
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(self.keys().record(&id))
+            .arg("json")
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
+        Ok(match json.map(|json| from_json(&json)) {
+            Some(Ok(record)) => Head::Ready(Arc::new(record)),
+            Some(Err(e)) => Head::Broken { id, fault: QueueFault::Unreadable(e) },
+            None => Head::Broken { id, fault: QueueFault::Missing },
+        })
+    }
+
+    async fn discard(&self, lease: &Lease, id: &str, _: &QueueFault) -> Result<Written, StoreError> {
+        let k = self.keys();
+        let done: i64 = DISCARD
+            .key(k.fence(&lease.farm))
+            .key(k.record(id))
+            .key(k.queue(&lease.farm))
+            .key(k.farms())
+            .key(k.live())
+            .arg(lease.token)
+            .arg(id)
+            .arg(&lease.farm)
+            .arg(ms(KEEP_AFTER_EXPIRY))
+            .arg(k.changes())
+            .arg(farm_topic(&lease.farm))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if done == 1 {
+            self.wake(id, &lease.farm);
+        }
+        Ok(Self::written(done))
+    }
+
+    async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
+        let ids = self.queued_ids(farm, count).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -314,7 +353,7 @@ impl AggregationStore for RedisStore {
             pipe.cmd("HGET").arg(self.keys().record(id)).arg("json");
         });
         let records: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await.map_err(unavailable)?;
-        records.iter().flatten().map(|json| from_json(json).map(Arc::new)).collect()
+        Ok(records.iter().flatten().filter_map(|json| from_json(json).ok().map(Arc::new)).collect())
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {

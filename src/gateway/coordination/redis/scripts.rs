@@ -24,6 +24,7 @@ scripts! {
     CLAIM = "claim.lua";
     UPDATE = "update.lua";
     FINISH = "finish.lua";
+    DISCARD = "discard.lua";
     DUE = "due.lua";
     QUEUE_REFRESH = "queue_refresh.lua";
     OBSERVE_RUN = "observe_run.lua";
