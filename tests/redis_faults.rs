@@ -209,3 +209,36 @@ async fn records_gone_or_unreadable_in_a_farms_queue_are_skipped_counted_and_the
     }
     assert_eq!(discarded, 2.0, "both broken entries were counted once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_from_an_older_snapshot_ids_of_the_lost_window_answer_lost() {
+    let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "300ms"]).await;
+    let kept = rig.start_many(350..351, 1).await;
+    rig.assert_all_completed_once(&kept).await;
+    rig.redis.cli(&["SAVE"]).expect("SAVE");
+    let lost = rig.start_many(351..352, 1).await;
+    rig.assert_all_completed_once(&lost).await;
+    // Redis comes back from the snapshot (an older RDB, or a failover to a replica that lagged):
+    // what was written after it is gone.
+    tokio::task::block_in_place(|| rig.redis.restart());
+    let mut client = rig.clients[1].clone();
+    let err = eventually(Duration::from_secs(10), || {
+        let (mut client, id) = (client.clone(), lost[0].id.clone());
+        async move {
+            let answer = client.get_aggregation(get_request(&id, 0, "", Duration::ZERO)).await;
+            answer.err().filter(|e| e.code() != tonic::Code::Unavailable)
+        }
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let info = err.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "AGGREGATION_LOST", "{err:?}");
+    assert_eq!(info.metadata.get("cause").map(String::as_str), Some("shared_state_lost"), "{err:?}");
+    let page = client.get_aggregation(get_request(&kept[0].id, 0, "", Duration::ZERO)).await.expect("still kept");
+    assert_eq!(page.into_inner().aggregation.map(|a| a.state()), Some(AggregationState::Completed));
+    // Started again, it runs again: in the new epoch, one more upstream aggregation.
+    let again = rig.start_many(351..352, 1).await;
+    assert_ne!(again[0].id, lost[0].id);
+    let done = wait_terminal(&mut client, &again[0].id).await.aggregation.expect("aggregation");
+    assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 24));
+}

@@ -580,3 +580,24 @@ async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
     assert_ne!(after, before, "a new generation");
     claim(store.as_ref(), &key(60, 1), &ROOMY).await.expect("an id of the new epoch is claimed");
 }
+
+#[tokio::test]
+async fn after_redis_restarts_from_an_older_snapshot_no_two_holders_share_a_token_and_the_epoch_is_new() {
+    let mut server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let store = on_redis(&server, "dsg:").await.store;
+    let before = store.epoch().await.expect("store").expect("a shared store has an epoch");
+    let farm = key(61, 1).farm_id().to_owned();
+    let a = holder(store.as_ref(), &farm, "replica-a").await;
+    server.cli(&["SAVE"]).expect("SAVE");
+    store.leases().release(&a).await.expect("store");
+    let b = holder(store.as_ref(), &farm, "replica-b").await;
+    // Redis comes back from the snapshot: B's lease and its fence are lost, A's lease is back.
+    server.restart();
+    let store = on_redis(&server, "dsg:").await.store;
+    store.leases().release(&a).await.expect("store");
+    let c = holder(store.as_ref(), &farm, "replica-c").await;
+    assert!(c.token > b.token, "a token after the loss is larger than every token before: {c:?} {b:?}");
+    assert!(!store.leases().is_current(&b).await.expect("store"), "the holder whose lease was lost is fenced");
+    let after = store.epoch().await.expect("store").expect("an epoch");
+    assert_ne!(after, before, "the state may have lost writes: ids minted since the snapshot must answer lost");
+}

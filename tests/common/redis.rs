@@ -35,7 +35,7 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
-    /// Starts it again, empty, on the same port.
+    /// Starts it again on the same port: empty, or from the last `SAVE` (an older snapshot).
     pub fn restart(&mut self) {
         self.stop();
         self.child = spawn(self.port, &self.dir, &self.extra);

@@ -21,6 +21,10 @@ use std::time::Duration;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
+/// How long a farm's fence outlives its last lease (its next token is larger anyway: tokens
+/// come from Redis's clock).
+const FENCE_OUTLIVES_LEASE: Duration = Duration::from_secs(24 * 3600);
+
 /// How a replica reaches the shared Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
@@ -56,8 +60,49 @@ impl RedisConfig {
 #[derive(Clone)]
 pub struct RedisClient {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     pub(crate) keys: Keys,
+}
+
+/// The shared connection, which sends a command once more when the connection had dropped
+/// under it (the manager reconnects meanwhile), so a restart or failover of Redis costs
+/// callers nothing. Every command and script of the gateway is safe to repeat: scripts are
+/// fenced and idempotent, a repeated claim joins the aggregation the first one queued. A
+/// command that timed out is not repeated here: its caller decides.
+#[derive(Clone)]
+pub(crate) struct Conn(ConnectionManager);
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            match self.0.req_packed_command(cmd).await {
+                Err(e) if dropped(&e) => self.0.req_packed_command(cmd).await,
+                answer => answer,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            match self.0.req_packed_commands(pipeline, offset, count).await {
+                Err(e) if dropped(&e) => self.0.req_packed_commands(pipeline, offset, count).await,
+                answer => answer,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+fn dropped(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() && !e.is_timeout()
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -78,23 +123,33 @@ impl RedisClient {
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.response_timeout));
-        let conn = client.get_connection_manager_with_config(manager).await.map_err(unavailable)?;
+        let conn = Conn(client.get_connection_manager_with_config(manager).await.map_err(unavailable)?);
         Ok(Self { client, conn, keys: Keys::new(&config.prefix) })
     }
 
     /// A handle on the shared connection.
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
     /// The generation of the shared state: a random number kept in Redis, made anew when it is
-    /// missing, so a Redis that restarted empty (or was flushed) has a new epoch, and ids
-    /// minted under the old one can be told apart from ids that never existed.
+    /// missing or the server is not the one it was made on (its `run_id` changed: a restart, a
+    /// failover), so after Redis lost writes ids minted in the lost window can be told apart
+    /// from ids that never existed.
     pub async fn epoch(&self) -> Result<u32, StoreError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(unavailable)?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(str::trim)
+            .ok_or_else(|| StoreError::UnexpectedAnswer { script: "INFO server", answer: "no run_id".into() })?;
         let epoch: String = EPOCH
             .key(self.keys.epoch())
+            .key(self.keys.server())
             .arg(rand::random::<u32>())
-            .invoke_async(&mut self.conn.clone())
+            .arg(run_id)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         epoch.parse().map_err(|e| StoreError::corrupt(format!("the epoch {epoch:?}"), e))
@@ -186,6 +241,7 @@ impl FarmLeases for RedisClient {
             .key(self.keys.fence(farm))
             .arg(holder)
             .arg(millis(ttl))
+            .arg(millis(FENCE_OUTLIVES_LEASE))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -196,8 +252,10 @@ impl FarmLeases for RedisClient {
         let mut conn = self.conn.clone();
         let renewed: i64 = RENEW
             .key(self.keys.lease(&lease.farm))
+            .key(self.keys.fence(&lease.farm))
             .arg(owner(lease))
             .arg(millis(ttl))
+            .arg(millis(FENCE_OUTLIVES_LEASE))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;

@@ -8,12 +8,14 @@
 //! - `{farm}:queue`: the farm's ids, its head first; `farms`: farms with work; `live`: queued
 //!   plus running aggregations;
 //! - `{farm}:lease` (`token:holder`, expiring with the lease) and `{farm}:fence` (the newest
-//!   token);
+//!   token, expiring a day after the farm's last lease: tokens come from Redis's clock, so a
+//!   farm's next token is larger without it);
 //! - refresh-ahead: `due` (COMPLETED ids by expiry), `refresh:{canonical request}` (the refresh
 //!   of a key no caller has joined yet), `{farm}:refreshes` (the farm's such refreshes);
 //! - `{farm}:model`: the farm's run model;
 //! - `rate:{name}`: a shared rate's theoretical arrival time;
-//! - `epoch`: the generation of this state;
+//! - `epoch`: the generation of this state, and `server`: the `run_id` of the server it was made
+//!   on (a restart or failover may have lost writes: it begins a new epoch);
 //! - `changes`: the channel on which changed ids and farm topics are published.
 
 use super::wire::canonical;
@@ -103,6 +105,11 @@ impl Keys {
 
     pub(crate) fn epoch(&self) -> String {
         self.named(&["epoch"])
+    }
+
+    /// The `run_id` of the server the epoch was made on.
+    pub(crate) fn server(&self) -> String {
+        self.named(&["server"])
     }
 
     pub(crate) fn rate(&self, name: &str) -> String {

@@ -117,7 +117,7 @@ impl RedisStore {
         Self { redis, near, wakeups, counted: Mutex::default(), clock }
     }
 
-    fn conn(&self) -> redis::aio::ConnectionManager {
+    fn conn(&self) -> client::Conn {
         self.redis.conn()
     }
 
