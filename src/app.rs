@@ -101,6 +101,7 @@ impl AppConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
         if let StoreConfig::Redis(redis) = &self.store {
+            redis.validate().map_err(ConfigError::Other)?;
             self.gateway.fits_store_timeout(redis.response_timeout, "redis-response-timeout")?;
         }
         let s = &self.server;

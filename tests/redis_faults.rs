@@ -38,6 +38,11 @@ impl Rig {
     /// `n` replicas with `replica_flags`, over an emulator run with `emulator_flags`.
     async fn launch(n: usize, replica_flags: &[&str], emulator_flags: &[&str]) -> Self {
         let redis = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+        Self::over(redis, n, replica_flags, emulator_flags).await
+    }
+
+    /// [`Rig::launch`] on `redis`.
+    async fn over(redis: RedisServer, n: usize, replica_flags: &[&str], emulator_flags: &[&str]) -> Self {
         let proxy = FaultProxy::start(redis.port).await;
         let (emulator, endpoint) = spawn_emulator(emulator_flags);
         let replicas: Vec<_> = (0..n).map(|i| redis_replica(&endpoint, &proxy.url(), i, replica_flags)).collect();
@@ -58,6 +63,25 @@ impl Rig {
                 let resp = self.clients[on].start_aggregation(request).await.expect("start").into_inner();
                 let id = resp.aggregation.expect("aggregation").aggregation_id;
                 accepted.push(Accepted { id, farm_n, rows: 24 * u64::try_from(days).expect("positive") });
+            }
+        }
+        accepted
+    }
+
+    /// [`Rig::start_many`] where a Start may be refused as unavailable: the accepted ones.
+    async fn try_start_many(&mut self, farms: std::ops::Range<u64>, per_farm: i64) -> Vec<Accepted> {
+        let mut accepted = Vec::new();
+        for (i, farm_n) in farms.enumerate() {
+            for days in 1..=per_farm {
+                let on = (i + usize::try_from(days).expect("positive")) % self.clients.len();
+                let request = start_request(farm_n, 1, days, &[GroupBy::QueueId]);
+                match self.clients[on].start_aggregation(request).await {
+                    Ok(resp) => {
+                        let id = resp.into_inner().aggregation.expect("aggregation").aggregation_id;
+                        accepted.push(Accepted { id, farm_n, rows: 24 * u64::try_from(days).expect("positive") });
+                    }
+                    Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "refused only as unavailable: {e:?}"),
+                }
             }
         }
         accepted
@@ -241,4 +265,39 @@ async fn after_redis_restarts_from_an_older_snapshot_ids_of_the_lost_window_answ
     assert_ne!(again[0].id, lost[0].id);
     let done = wait_terminal(&mut client, &again[0].id).await.aggregation.expect("aggregation");
     assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 24));
+}
+
+/// `INFO replication` of `server` says its link to the primary is up.
+async fn replicating(server: &RedisServer) {
+    eventually(Duration::from_secs(10), || async {
+        let mut conn = redis_conn(&server.url()).await;
+        let info: String = ::redis::cmd("INFO").arg("replication").query_async(&mut conn).await.ok()?;
+        info.contains("master_link_status:up").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_that_lagged_loses_no_accepted_aggregation_with_wait_replicas() {
+    let primary = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    // The replica reaches its primary through a proxy of its own, so the test can stall it.
+    let link = FaultProxy::start(primary.port).await;
+    let link_port = link.port.to_string();
+    let replica = tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &link_port]))
+        .await
+        .expect("joins");
+    replicating(&replica).await;
+    let flags = ["--redis-wait-replicas", "1", "--redis-wait-timeout", "200ms"];
+    let mut rig = Rig::over(primary, 2, &flags, &["--aggregation-duration", "1s"]).await;
+    let mut accepted = rig.start_many(360..362, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The replica falls behind: what the primary takes now is not replicated.
+    link.hold();
+    accepted.extend(rig.try_start_many(362..364, 2).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The primary dies; the replica is promoted, and the name the gateways use moves to it.
+    tokio::task::block_in_place(|| rig.redis.stop());
+    replica.cli(&["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
+    rig.proxy.retarget(replica.port);
+    rig.assert_all_completed_once(&accepted).await;
 }

@@ -150,6 +150,16 @@ pub struct ServeArgs {
     /// times this).
     #[arg(long, env = "DSG_REDIS_RESPONSE_TIMEOUT", default_value_t = RedisConfig::DEFAULT_RESPONSE_TIMEOUT.into())]
     pub redis_response_timeout: humantime::Duration,
+    /// With --store redis: how many Redis replicas must acknowledge a write that guards the
+    /// one-running rule (a farm's lease, a new aggregation, its next state) before the gateway
+    /// acts on it, so a failover to a replica loses none of them; 0 waits for none. While fewer
+    /// replicas answer, new aggregations are refused as unavailable and running ones wait.
+    #[arg(long, env = "DSG_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+    /// With --store redis and --redis-wait-replicas: how long a write waits for the replicas
+    /// (shorter than --redis-response-timeout).
+    #[arg(long, env = "DSG_REDIS_WAIT_TIMEOUT", default_value_t = RedisConfig::DEFAULT_WAIT_TIMEOUT.into())]
+    pub redis_wait_timeout: humantime::Duration,
     /// How long a farm lease lasts unless renewed (every third of it): a replica that dies holds
     /// its farms this long before another takes them over.
     #[arg(long, env = "DSG_LEASE_TTL", default_value_t = g::LEASE_TTL.into())]
@@ -307,6 +317,8 @@ impl ServeArgs {
                 url: with_password(url, std::env::var("DSG_REDIS_PASSWORD").ok().as_deref()),
                 prefix: self.redis_key_prefix.clone(),
                 response_timeout: *self.redis_response_timeout,
+                wait_replicas: self.redis_wait_replicas,
+                wait_timeout: *self.redis_wait_timeout,
             }),
             (StoreKind::Redis, None) => {
                 return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));

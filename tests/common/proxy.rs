@@ -4,6 +4,7 @@
 //! in a timeout or a failover drops connections), or pass again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -18,6 +19,8 @@ enum Mode {
 /// A proxy running in the test's runtime until dropped.
 pub struct FaultProxy {
     pub port: u16,
+    /// The server's port: new connections go there.
+    target: Arc<AtomicU16>,
     mode: watch::Sender<Mode>,
     /// Bumped to reset every open connection.
     resets: watch::Sender<u64>,
@@ -38,13 +41,14 @@ impl FaultProxy {
         let port = listener.local_addr().expect("its address").port();
         let (mode, _) = watch::channel(Mode::Pass);
         let (resets, _) = watch::channel(0);
-        let (m, r) = (mode.clone(), resets.clone());
+        let target = Arc::new(AtomicU16::new(target));
+        let (m, r, t) = (mode.clone(), resets.clone(), target.clone());
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(connection(client, target, m.subscribe(), r.subscribe()));
+                tokio::spawn(connection(client, t.clone(), m.subscribe(), r.subscribe()));
             }
         });
-        Self { port, mode, resets, accepting }
+        Self { port, target, mode, resets, accepting }
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -67,6 +71,13 @@ impl FaultProxy {
         self.resets.send_modify(|n| *n += 1);
     }
 
+    /// Sends new connections to `127.0.0.1:port` and resets the open ones: what a failover
+    /// looks like behind a DNS name (ElastiCache's primary endpoint).
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, Ordering::SeqCst);
+        self.reset_all();
+    }
+
     /// Holds for `hold`, then resets every connection and passes again: the writes sent
     /// meanwhile never reach the server, and their senders hear nothing until the reset.
     pub async fn black_hole(&self, hold: Duration) {
@@ -78,12 +89,17 @@ impl FaultProxy {
     }
 }
 
-async fn connection(client: TcpStream, target: u16, mut mode: watch::Receiver<Mode>, mut resets: watch::Receiver<u64>) {
+async fn connection(
+    client: TcpStream,
+    target: Arc<AtomicU16>,
+    mut mode: watch::Receiver<Mode>,
+    mut resets: watch::Receiver<u64>,
+) {
     resets.mark_unchanged();
     if passing(&mut mode).await.is_err() {
         return;
     }
-    let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+    let Ok(server) = TcpStream::connect(("127.0.0.1", target.load(Ordering::SeqCst))).await else { return };
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
     let (client, server) = (Arc::new(client), Arc::new(server));
     let up = pump(client.clone(), server.clone(), mode.clone());

@@ -232,6 +232,12 @@ pub enum StoreError {
     /// It could not be reached, or did not answer in time.
     #[error("the shared store is unavailable: {0}")]
     Unavailable(#[source] Cause),
+    /// A write that guards the one-running rule reached the primary, but not the replicas it
+    /// must reach before the gateway acts on it.
+    #[error(
+        "the shared store took the write, but only {acked} of the {wanted} replicas to wait for acknowledged it within {within:?}"
+    )]
+    NotReplicated { wanted: u32, acked: u32, within: Duration },
     /// It holds something this gateway cannot read: a record of another version, an edit by hand.
     #[error("the shared store holds {what} that this gateway cannot read")]
     Corrupt {
@@ -251,7 +257,7 @@ impl StoreError {
     /// Whether trying again later may succeed (the store was unreachable, slow or full), as
     /// opposed to an answer that will not change.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::NotReplicated { .. })
     }
 
     pub(crate) fn corrupt(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {

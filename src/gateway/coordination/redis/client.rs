@@ -34,19 +34,39 @@ pub struct RedisConfig {
     pub prefix: String,
     /// How long one command may take before it counts as unreachable (and is tried again).
     pub response_timeout: Duration,
+    /// How many replicas must acknowledge a write that guards the one-running rule (a lease
+    /// taken, a claim, an aggregation's next state) before the gateway acts on it; 0: none.
+    pub wait_replicas: u32,
+    /// How long such a write waits for them before it counts as failed (and is tried again).
+    pub wait_timeout: Duration,
 }
 
 impl RedisConfig {
     pub const DEFAULT_PREFIX: &str = "dsg:";
     pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(500);
 
-    /// The Redis at `url`, with the default prefix and response timeout.
+    /// The Redis at `url`, with the default prefix and timeouts, waiting for no replica.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             prefix: Self::DEFAULT_PREFIX.to_owned(),
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+            wait_replicas: 0,
+            wait_timeout: Self::DEFAULT_WAIT_TIMEOUT,
         }
+    }
+
+    /// Whether the settings fit together: a wait must end before the command times out.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.wait_replicas > 0 && self.wait_timeout >= self.response_timeout {
+            return Err(format!(
+                "--redis-wait-timeout ({}) must be shorter than --redis-response-timeout ({})",
+                humantime::format_duration(self.wait_timeout),
+                humantime::format_duration(self.response_timeout)
+            ));
+        }
+        Ok(())
     }
 
     /// The same, keys under `prefix`.
@@ -61,6 +81,9 @@ impl RedisConfig {
 pub struct RedisClient {
     client: redis::Client,
     conn: Conn,
+    /// With replicas to wait for: a connection of its own for guarded writes, since `WAIT`
+    /// counts one connection's writes and blocks it meanwhile.
+    guarded: Option<(Conn, u32, Duration)>,
     pub(crate) keys: Keys,
 }
 
@@ -123,8 +146,55 @@ impl RedisClient {
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.response_timeout));
-        let conn = Conn(client.get_connection_manager_with_config(manager).await.map_err(unavailable)?);
-        Ok(Self { client, conn, keys: Keys::new(&config.prefix) })
+        let conn = Conn(client.get_connection_manager_with_config(manager.clone()).await.map_err(unavailable)?);
+        let guarded = match config.wait_replicas {
+            0 => None,
+            n => {
+                let own = Conn(client.get_connection_manager_with_config(manager).await.map_err(unavailable)?);
+                Some((own, n, config.wait_timeout))
+            }
+        };
+        Ok(Self { client, conn, guarded, keys: Keys::new(&config.prefix) })
+    }
+
+    /// Runs a script whose write guards the one-running rule; with replicas to wait for, it
+    /// counts as done only once they acknowledged it ([`StoreError::NotReplicated`] else: the
+    /// write may be lost in a failover, so the caller must not act on it yet).
+    pub(crate) async fn guarded<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let (answer, replicated) = self.write_then_wait(script).await?;
+        replicated.map(|()| answer)
+    }
+
+    /// The script's answer, and whether the replicas to wait for acknowledged it.
+    async fn write_then_wait<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<(T, Result<(), StoreError>), StoreError> {
+        let Some((conn, replicas, timeout)) = &self.guarded else {
+            return Ok((script.invoke_async(&mut self.conn()).await.map_err(unavailable)?, Ok(())));
+        };
+        let mut conn = conn.clone();
+        let answer = script.invoke_async(&mut conn).await.map_err(unavailable)?;
+        // As many as asked, of the replicas the primary has now: a primary left without any
+        // (its replica was promoted elsewhere, or died) has nothing to wait for.
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.map_err(unavailable)?;
+        let connected = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or_default();
+        let wanted = (*replicas).min(connected);
+        if wanted == 0 {
+            return Ok((answer, Ok(())));
+        }
+        let acked: u32 =
+            redis::cmd("WAIT").arg(wanted).arg(millis(*timeout)).query_async(&mut conn).await.map_err(unavailable)?;
+        let replicated =
+            if acked < wanted { Err(StoreError::NotReplicated { wanted, acked, within: *timeout }) } else { Ok(()) };
+        Ok((answer, replicated))
     }
 
     /// A handle on the shared connection.
@@ -234,18 +304,18 @@ fn millis(ttl: Duration) -> u64 {
 #[async_trait::async_trait]
 impl FarmLeases for RedisClient {
     async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
-        let mut conn = self.conn.clone();
         let asked = tokio::time::Instant::now();
-        let token: Option<u64> = ACQUIRE
-            .key(self.keys.lease(farm))
-            .key(self.keys.fence(farm))
-            .arg(holder)
-            .arg(millis(ttl))
-            .arg(millis(FENCE_OUTLIVES_LEASE))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(token.map(|token| Lease::granted(farm, holder, token, asked, ttl)))
+        let mut acquire = ACQUIRE.key(self.keys.lease(farm));
+        acquire.key(self.keys.fence(farm)).arg(holder).arg(millis(ttl)).arg(millis(FENCE_OUTLIVES_LEASE));
+        let (token, replicated) = self.write_then_wait::<Option<u64>>(&acquire).await?;
+        let Some(token) = token else { return Ok(None) };
+        let lease = Lease::granted(farm, holder, token, asked, ttl);
+        if let Err(e) = replicated {
+            // Taken, but it could be lost in a failover: give it back, and take it later.
+            let _ = self.release(&lease).await;
+            return Err(e);
+        }
+        Ok(Some(lease))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
@@ -301,5 +371,22 @@ impl RateSource for RedisRate {
             .await
             .map_err(unavailable)?;
         Ok(u64::try_from(early_us).ok().filter(|us| *us > 0).map(Duration::from_micros))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_for_replicas_must_end_before_the_command_times_out() {
+        let config = RedisConfig { wait_replicas: 1, ..RedisConfig::new("redis://h") };
+        assert_eq!(config.validate(), Ok(()));
+        let long = RedisConfig { wait_timeout: Duration::from_secs(2), ..config.clone() };
+        assert_eq!(
+            long.validate(),
+            Err("--redis-wait-timeout (2s) must be shorter than --redis-response-timeout (2s)".to_owned())
+        );
+        assert_eq!(RedisConfig { wait_replicas: 0, ..long }.validate(), Ok(()), "no wait, nothing to check");
     }
 }

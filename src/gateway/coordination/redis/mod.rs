@@ -233,30 +233,32 @@ impl AggregationStore for RedisStore {
     ) -> Result<Claimed, ClaimError> {
         let fresh = AggregationRecord::queued(id.clone(), key.clone(), self.clock.now());
         let (k, farm) = (self.keys(), key.farm_id());
-        let (verdict, json, position): (String, String, i64) = CLAIM
-            .key(k.index(key))
-            .key(k.queue(farm))
-            .key(k.farms())
-            .key(k.live())
-            .key(k.record(&id))
-            .key(k.epoch())
-            .key(k.marker(key))
-            .key(k.refreshes(farm))
-            .arg(&*id)
-            .arg(to_json(&fresh)?)
-            .arg(farm)
-            .arg(ms(freshness.min_remaining))
-            .arg(freshness.max_staleness.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
-            .arg(limits.queue_capacity)
-            .arg(limits.max_live)
-            .arg(limits.max_farms)
-            .arg(k.record_prefix())
-            .arg(k.rows_prefix())
-            .arg(crate::gateway::ids::tag_of(&id).map(|t| t.to_string()).unwrap_or_default())
-            .arg(millis(self.clock.now()))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let (verdict, json, position): (String, String, i64) = self
+            .redis
+            .guarded(
+                CLAIM
+                    .key(k.index(key))
+                    .key(k.queue(farm))
+                    .key(k.farms())
+                    .key(k.live())
+                    .key(k.record(&id))
+                    .key(k.epoch())
+                    .key(k.marker(key))
+                    .key(k.refreshes(farm))
+                    .arg(&*id)
+                    .arg(to_json(&fresh)?)
+                    .arg(farm)
+                    .arg(ms(freshness.min_remaining))
+                    .arg(freshness.max_staleness.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+                    .arg(limits.queue_capacity)
+                    .arg(limits.max_live)
+                    .arg(limits.max_farms)
+                    .arg(k.record_prefix())
+                    .arg(k.rows_prefix())
+                    .arg(crate::gateway::ids::tag_of(&id).map(|t| t.to_string()).unwrap_or_default())
+                    .arg(millis(self.clock.now())),
+            )
+            .await?;
         let disposition = match verdict.parse()? {
             ClaimVerdict::Started => Disposition::Started,
             ClaimVerdict::Joined => Disposition::Joined,
@@ -322,21 +324,23 @@ impl AggregationStore for RedisStore {
 
     async fn discard(&self, lease: &Lease, id: &str, _: &QueueFault) -> Result<Written, StoreError> {
         let k = self.keys();
-        let done: i64 = DISCARD
-            .key(k.fence(&lease.farm))
-            .key(k.record(id))
-            .key(k.queue(&lease.farm))
-            .key(k.farms())
-            .key(k.live())
-            .arg(lease.token)
-            .arg(id)
-            .arg(&lease.farm)
-            .arg(ms(KEEP_AFTER_EXPIRY))
-            .arg(k.changes())
-            .arg(farm_topic(&lease.farm))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let done: i64 = self
+            .redis
+            .guarded(
+                DISCARD
+                    .key(k.fence(&lease.farm))
+                    .key(k.record(id))
+                    .key(k.queue(&lease.farm))
+                    .key(k.farms())
+                    .key(k.live())
+                    .arg(lease.token)
+                    .arg(id)
+                    .arg(&lease.farm)
+                    .arg(ms(KEEP_AFTER_EXPIRY))
+                    .arg(k.changes())
+                    .arg(farm_topic(&lease.farm)),
+            )
+            .await?;
         if done == 1 {
             self.wake(id, &lease.farm);
         }
@@ -362,18 +366,20 @@ impl AggregationStore for RedisStore {
 
     async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError> {
         let k = self.keys();
-        let done: i64 = UPDATE
-            .key(k.fence(&lease.farm))
-            .key(k.record(&record.id))
-            .arg(lease.token)
-            .arg(to_json(&record)?)
-            .arg(state_name(record.state))
-            .arg(k.changes())
-            .arg(&*record.id)
-            .arg(farm_topic(&lease.farm))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let done: i64 = self
+            .redis
+            .guarded(
+                UPDATE
+                    .key(k.fence(&lease.farm))
+                    .key(k.record(&record.id))
+                    .arg(lease.token)
+                    .arg(to_json(&record)?)
+                    .arg(state_name(record.state))
+                    .arg(k.changes())
+                    .arg(&*record.id)
+                    .arg(farm_topic(&lease.farm)),
+            )
+            .await?;
         if done == 1 {
             self.wake(&record.id, &lease.farm);
         }
@@ -388,33 +394,35 @@ impl AggregationStore for RedisStore {
     ) -> Result<Written, StoreError> {
         let (k, farm) = (self.keys(), record.farm_id());
         let expire = record.expire_time.unwrap_or_else(|| self.clock.now());
-        let done: i64 = FINISH
-            .key(k.fence(&lease.farm))
-            .key(k.record(&record.id))
-            .key(k.queue(farm))
-            .key(k.farms())
-            .key(k.live())
-            .key(k.rows(&record.id))
-            .key(k.index(&record.key))
-            .key(k.due())
-            .key(k.marker(&record.key))
-            .key(k.refreshes(farm))
-            .arg(lease.token)
-            .arg(to_json(&record)?)
-            .arg(state_name(record.state))
-            .arg(millis(expire))
-            .arg(record.data_time.map_or(0, millis))
-            .arg(rows.as_ref().map(|r| r.to_bytes()).unwrap_or_default())
-            .arg(farm)
-            .arg(k.changes())
-            .arg(&*record.id)
-            .arg(ms(KEEP_AFTER_EXPIRY))
-            .arg(if record.refresh { "1" } else { "0" })
-            .arg(k.record_prefix())
-            .arg(farm_topic(&lease.farm))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let done: i64 = self
+            .redis
+            .guarded(
+                FINISH
+                    .key(k.fence(&lease.farm))
+                    .key(k.record(&record.id))
+                    .key(k.queue(farm))
+                    .key(k.farms())
+                    .key(k.live())
+                    .key(k.rows(&record.id))
+                    .key(k.index(&record.key))
+                    .key(k.due())
+                    .key(k.marker(&record.key))
+                    .key(k.refreshes(farm))
+                    .arg(lease.token)
+                    .arg(to_json(&record)?)
+                    .arg(state_name(record.state))
+                    .arg(millis(expire))
+                    .arg(record.data_time.map_or(0, millis))
+                    .arg(rows.as_ref().map(|r| r.to_bytes()).unwrap_or_default())
+                    .arg(farm)
+                    .arg(k.changes())
+                    .arg(&*record.id)
+                    .arg(ms(KEEP_AFTER_EXPIRY))
+                    .arg(if record.refresh { "1" } else { "0" })
+                    .arg(k.record_prefix())
+                    .arg(farm_topic(&lease.farm)),
+            )
+            .await?;
         if done == 1 {
             self.wake(&record.id, &lease.farm);
             self.near.insert(Arc::new(CachedResult::new(Arc::new(record), rows)));
