@@ -99,7 +99,7 @@ async fn gateways_with_different_prefixes_share_a_redis_without_meeting() {
 async fn a_rate_in_memory_paces_the_handles_that_share_it() {
     let rate = Rate { per_second: 40.0, burst: 1 };
     let source: Arc<dyn RateSource> = Arc::new(LocalRate::new(rate).expect("paces"));
-    let (a, b) = (Pacer::with_source(Some(source.clone())), Pacer::with_source(Some(source)));
+    let (a, b) = (Pacer::with_source(Some(source.clone()), rate), Pacer::with_source(Some(source), rate));
     a_shared_rate_paces_every_replica_together(Arc::new(a), Arc::new(b), rate).await;
 }
 
@@ -109,7 +109,7 @@ async fn a_rate_in_redis_paces_two_replicas_together() {
     let rate = Rate { per_second: 40.0, burst: 2 };
     let pacer = |r: RedisClient| {
         let source = r.rate("upstream-start", rate).map(|s| Arc::new(s) as Arc<dyn RateSource>);
-        Arc::new(Pacer::with_source(source))
+        Arc::new(Pacer::with_source(source, rate))
     };
     let (a, b) = (pacer(redis(&server, "dsg:").await), pacer(redis(&server, "dsg:").await));
     a_shared_rate_paces_every_replica_together(a, b, rate).await;

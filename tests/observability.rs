@@ -219,8 +219,18 @@ async fn metrics_are_valid_openmetrics_with_typed_counters() {
     })
     .await
     .expect("joins");
-    let (gateway, _url, admin) = spawn_serve(&["--caller-start-rate", "0"], &[]);
-    let (status, headers, body) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+    // On Redis, so the shared store's gauges are scraped too.
+    let redis = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let (gateway, _url, admin) =
+        spawn_serve(&["--caller-start-rate", "0", "--store", "redis", "--redis-url", &redis.url()], &[]);
+    let (status, headers, body) = eventually(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let scrape = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+            scrape.2.contains("dsg_store_keys").then_some(scrape)
+        }
+    })
+    .await;
     drop(gateway);
     assert_eq!(status, 200);
     assert_eq!(headers["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
@@ -249,6 +259,13 @@ async fn metrics_are_valid_openmetrics_with_typed_counters() {
     }
     assert_eq!(families.get("dsg_rpc_duration_seconds").map(String::as_str), Some("histogram"));
     assert_eq!(families.get("dsg_aggregations_active").map(String::as_str), Some("gauge"));
+    for gauge in ["dsg_store_keys", "dsg_store_memory_bytes", "dsg_store_max_memory_bytes"] {
+        assert_eq!(families.get(gauge).map(String::as_str), Some("gauge"), "{gauge}: {families:?}");
+    }
+    assert_eq!(families.get("dsg_store_corrupt").map(String::as_str), Some("counter"), "{families:?}");
+    let m = parse_metrics(&body);
+    assert!(m.get("dsg_store_keys").is_some_and(|n| *n >= 1.0), "the epoch at least: {m:?}");
+    assert!(m.get("dsg_store_memory_bytes").is_some_and(|n| *n > 0.0), "{m:?}");
 }
 
 #[tokio::test]

@@ -301,3 +301,38 @@ async fn a_failover_to_a_replica_that_lagged_loses_no_accepted_aggregation_with_
     rig.proxy.retarget(replica.port);
     rig.assert_all_completed_once(&accepted).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_new_aggregations_as_store_full_keeps_running_ones_and_recovers_by_itself() {
+    let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "2s"]).await;
+    let accepted = rig.start_many(370..371, 2).await;
+    rig.until_starts(370, 1).await;
+    let conn = redis_conn(&rig.redis.url()).await;
+    let lease_key = format!("dsg:{{{}}}:lease", farm(370));
+    let lease = || {
+        let (mut conn, key) = (conn.clone(), lease_key.clone());
+        async move { ::redis::cmd("GET").arg(key).query_async::<Option<String>>(&mut conn).await.expect("GET") }
+    };
+    let held = lease().await.expect("the farm is held");
+    rig.redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).expect("CONFIG SET");
+    let refused = rig.clients[0]
+        .start_aggregation(start_request(371, 1, 1, &[GroupBy::QueueId]))
+        .await
+        .expect_err("no room for a new aggregation");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(refused.get_details_error_info().map(|e| e.reason), Some("STORE_FULL".into()), "{refused:?}");
+    assert!(refused.get_details_retry_info().is_some(), "it says when to retry: {refused:?}");
+    // Two lease TTLs of full memory: the holder keeps its farm (renewals write nothing new),
+    // and its running aggregation goes on being polled upstream.
+    let polls = upstream_of(&rig.endpoint, &farm(370)).await["get_calls"].as_u64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lease().await, Some(held), "the running aggregation's holder kept its lease");
+    let polled = upstream_of(&rig.endpoint, &farm(370)).await["get_calls"].as_u64();
+    assert!(polled > polls, "still polled while Redis is full: {polls:?} then {polled:?}");
+    let page = rig.clients[1].get_aggregation(get_request(&accepted[0].id, 0, "", Duration::ZERO)).await;
+    assert!(page.is_ok(), "reads go on: {page:?}");
+    rig.redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).expect("CONFIG SET");
+    rig.assert_all_completed_once(&accepted).await;
+    let again = rig.start_many(371..372, 1).await;
+    rig.assert_all_completed_once(&again).await;
+}

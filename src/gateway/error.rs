@@ -58,6 +58,8 @@ pub enum GatewayError {
     FarmNotAllowed { farm_id: String, method: &'static str },
     #[error("the gateway's coordination store is unavailable; retry shortly ({0})")]
     StoreUnavailable(StoreError),
+    #[error("the gateway's shared store is full and takes no new aggregations until memory frees; retry later ({0})")]
+    StoreFull(StoreError),
     #[error(
         "the gateway's shared store holds a record of aggregation {} that this gateway cannot read ({cause}); \
          it was taken off its farm's queue; start the aggregation again",
@@ -94,6 +96,7 @@ impl From<ClaimError> for GatewayError {
             ClaimError::QueueFull { farm_id, capacity } => Self::QueueFull { farm_id, capacity },
             ClaimError::Busy { bound, limit } => Self::Busy { bound, limit },
             ClaimError::NewEpoch => Self::StoreUnavailable(StoreError::Unavailable(Arc::new(e))),
+            ClaimError::Store(e @ StoreError::Full(_)) => Self::StoreFull(e),
             ClaimError::Store(e) => Self::StoreUnavailable(e),
         }
     }

@@ -168,8 +168,8 @@ impl Gateway {
         let runner = Arc::new(UpstreamRunner {
             upstream,
             store: store.clone(),
-            start_pacer: Pacer::with_source(start_rate),
-            get_pacer: Pacer::with_source(get_rate),
+            start_pacer: Pacer::with_source(start_rate, config.upstream_start),
+            get_pacer: Pacer::with_source(get_rate, config.upstream_get),
             config: config.lifecycle.clone(),
             metrics: metrics.clone(),
             encoder,
@@ -265,6 +265,7 @@ impl Gateway {
                     .map(|(farm_id, l)| FarmLevel { farm_id, queued: l.queued as u64, running: l.running as u64 })
                     .collect(),
                 store_up: s.up,
+                store_memory: s.memory.map(|m| [m.keys, m.used_bytes, m.max_bytes]),
                 caller_buckets: buckets
                     .iter()
                     .filter_map(std::sync::Weak::upgrade)

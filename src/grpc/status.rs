@@ -114,6 +114,11 @@ impl From<GatewayError> for Status {
                 );
                 Code::Internal
             }
+            GatewayError::StoreFull(_) => {
+                details.set_retry_info(Some(BUSY_RETRY));
+                details.set_error_info("STORE_FULL", ERROR_DOMAIN, HashMap::new());
+                Code::ResourceExhausted
+            }
             GatewayError::StoreUnavailable(_) => {
                 details.set_retry_info(Some(STORE_RETRY));
                 details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());

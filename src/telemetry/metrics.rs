@@ -74,6 +74,8 @@ pub struct Levels {
     pub caller_buckets: u64,
     /// Whether the coordination store answers (1) or not (0).
     pub store_up: bool,
+    /// A shared store's keys, used and maximum memory bytes (none in memory).
+    pub store_memory: Option<[u64; 3]>,
 }
 
 /// Queue depth and running count of one farm.
@@ -429,7 +431,14 @@ impl prometheus_client::collector::Collector for LevelsCollector {
                 u64::from(l.store_up),
             ),
         ];
-        for (name, help, value) in gauges {
+        let store = l.store_memory.map(|[keys, used, max]| {
+            [
+                ("store_keys", "keys in the shared store (Redis DBSIZE)", keys),
+                ("store_memory_bytes", "memory the shared store uses (Redis used_memory)", used),
+                ("store_max_memory_bytes", "memory the shared store may use (Redis maxmemory; 0: no limit)", max),
+            ]
+        });
+        for (name, help, value) in gauges.into_iter().chain(store.into_iter().flatten()) {
             let metric = ConstGauge::new(value as i64);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }

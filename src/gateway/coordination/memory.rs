@@ -444,7 +444,16 @@ impl AggregationStore for MemoryStore {
                 (farm.clone(), FarmLoad::of(queue.len(), head_running))
             })
             .collect();
-        StoreStats { active: index.active.len(), cached, cached_bytes, expirations, evictions, farms, up: true }
+        StoreStats {
+            active: index.active.len(),
+            cached,
+            cached_bytes,
+            expirations,
+            evictions,
+            farms,
+            up: true,
+            memory: None,
+        }
     }
 }
 

@@ -172,6 +172,18 @@ pub struct StoreStats {
     pub farms: HashMap<String, FarmLoad>,
     /// Whether the store answered its last housekeeping (always, in memory).
     pub up: bool,
+    /// A shared store's own memory, as it last said (`None`: in this process).
+    pub memory: Option<StoreMemory>,
+}
+
+/// What a shared store holds of its own memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreMemory {
+    /// Keys in its database (every replica's, under every prefix).
+    pub keys: u64,
+    /// Bytes it uses (`used_memory`), and may use (`maxmemory`; 0: no limit).
+    pub used_bytes: u64,
+    pub max_bytes: u64,
 }
 
 /// Who else sees a store's state.
@@ -232,6 +244,9 @@ pub enum StoreError {
     /// It could not be reached, or did not answer in time.
     #[error("the shared store is unavailable: {0}")]
     Unavailable(#[source] Cause),
+    /// Its memory is full and it refuses writes that would grow it (`OOM` under `noeviction`).
+    #[error("the shared store is full: {0}")]
+    Full(#[source] Cause),
     /// A write that guards the one-running rule reached the primary, but not the replicas it
     /// must reach before the gateway acts on it.
     #[error(
@@ -257,7 +272,7 @@ impl StoreError {
     /// Whether trying again later may succeed (the store was unreachable, slow or full), as
     /// opposed to an answer that will not change.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::NotReplicated { .. })
+        matches!(self, Self::Unavailable(_) | Self::Full(_) | Self::NotReplicated { .. })
     }
 
     pub(crate) fn corrupt(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {

@@ -33,7 +33,7 @@ impl LocalRate {
 #[async_trait::async_trait]
 impl RateSource for LocalRate {
     async fn try_take(&self) -> Result<Option<Duration>, StoreError> {
-        Ok(self.limiter.check().err().map(|not_until| not_until.wait_time_from(self.clock.now())))
+        Ok(self.try_take_now())
     }
 }
 
@@ -43,42 +43,52 @@ impl RateSource for LocalRate {
 /// round-robin across farms: a farm with a long backlog gets one turn per round like any other.
 pub struct Pacer {
     source: Option<Arc<dyn RateSource>>,
+    /// Where tokens come from while a shared source cannot be reached.
+    fallback: Option<LocalRate>,
     /// The line: tokio's mutex hands itself to waiters in the order they asked.
     line: tokio::sync::Mutex<()>,
 }
 
-/// The longest pause between attempts when the rate source cannot be reached.
-const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_secs(2);
-
 impl Pacer {
     /// Paces at `rate` in this process; a zero rate does not pace.
     pub fn new(rate: Rate) -> Self {
-        Self::with_source(LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>))
+        Self::with_source(LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>), rate)
     }
 
-    /// Paces on `source`; `None` does not pace.
-    pub fn with_source(source: Option<Arc<dyn RateSource>>) -> Self {
-        Self { source, line: tokio::sync::Mutex::new(()) }
+    /// Paces on `source`, or at `rate` in this process while `source` cannot be reached;
+    /// `None` does not pace.
+    pub fn with_source(source: Option<Arc<dyn RateSource>>, rate: Rate) -> Self {
+        Self { fallback: source.as_ref().and_then(|_| LocalRate::new(rate)), source, line: tokio::sync::Mutex::new(()) }
     }
 
-    /// Waits for a token, behind every caller of this process that asked before. While the
-    /// source cannot be reached it keeps trying (a shared source's holder loses its farm lease
-    /// meanwhile and is stopped by that, not by this).
+    /// Waits for a token, behind every caller of this process that asked before. While a
+    /// shared source cannot be reached (or Redis is full) it paces at the same rate in this
+    /// process instead: the upstream's own throttling guards the rest, and no call waits on
+    /// the store for ever.
     pub async fn ready(&self) {
         let Some(source) = &self.source else { return };
         let _turn = self.line.lock().await;
-        let mut backoff = Duration::from_millis(50);
         loop {
-            match source.try_take().await {
+            let wait = match source.try_take().await {
                 Ok(None) => return,
-                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Ok(Some(wait)) => wait,
                 Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "no upstream pacing token: the rate source is unreachable");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(UNREACHABLE_BACKOFF_MAX);
+                    tracing::warn!(error = %e, "the shared upstream pacing cannot be reached; pacing in this replica");
+                    match self.fallback.as_ref().map(LocalRate::try_take_now) {
+                        Some(Some(wait)) => wait,
+                        Some(None) | None => return,
+                    }
                 }
-            }
+            };
+            tokio::time::sleep(wait).await;
         }
+    }
+}
+
+impl LocalRate {
+    /// Takes a token now (`None`), or says how long until the next one is due.
+    fn try_take_now(&self) -> Option<Duration> {
+        self.limiter.check().err().map(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 }
 
@@ -115,5 +125,30 @@ mod tests {
             w.await.expect("waiter");
         }
         assert_eq!(*order.lock().expect("lock"), (0..8).collect::<Vec<_>>(), "first come, first served");
+    }
+}
+
+#[cfg(test)]
+mod fallback {
+    use super::*;
+
+    /// A shared source that cannot be reached.
+    struct Down;
+
+    #[async_trait::async_trait]
+    impl RateSource for Down {
+        async fn try_take(&self) -> Result<Option<Duration>, StoreError> {
+            Err(StoreError::Unavailable(Arc::new(std::io::Error::other("down"))))
+        }
+    }
+
+    #[tokio::test]
+    async fn while_the_shared_source_is_down_tokens_come_from_this_process_at_the_same_rate() {
+        let pacer = Pacer::with_source(Some(Arc::new(Down)), Rate { per_second: 10.0, burst: 1 });
+        let begin = std::time::Instant::now();
+        for _ in 0..3 {
+            pacer.ready().await;
+        }
+        assert!(begin.elapsed() >= Duration::from_millis(190), "paced at 10/s in this replica");
     }
 }

@@ -10,10 +10,10 @@
 
 use super::keys::Keys;
 use super::scripts::{ACQUIRE, EPOCH, GCRA, RELEASE, RENEW};
-use crate::gateway::coordination::StoreError;
 use crate::gateway::coordination::lease::{FarmLeases, Lease};
 use crate::gateway::coordination::pacing::RateSource;
 use crate::gateway::coordination::wakeups::Wakeups;
+use crate::gateway::coordination::{StoreError, StoreMemory};
 use crate::gateway::throttle::Rate;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Arc;
@@ -134,23 +134,24 @@ impl std::fmt::Debug for RedisClient {
     }
 }
 
-/// A Redis error as the store's: it could not be reached or did not answer.
-pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(Arc::new(e))
+/// A Redis error as the store's: its memory is full (`OOM` under `noeviction`), or it could not
+/// be reached or did not answer.
+pub(crate) fn store_error(e: redis::RedisError) -> StoreError {
+    if e.code() == Some("OOM") { StoreError::Full(Arc::new(e)) } else { StoreError::Unavailable(Arc::new(e)) }
 }
 
 impl RedisClient {
     /// Connects as `config` says.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
+        let client = redis::Client::open(config.url.as_str()).map_err(store_error)?;
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.response_timeout));
-        let conn = Conn(client.get_connection_manager_with_config(manager.clone()).await.map_err(unavailable)?);
+        let conn = Conn(client.get_connection_manager_with_config(manager.clone()).await.map_err(store_error)?);
         let guarded = match config.wait_replicas {
             0 => None,
             n => {
-                let own = Conn(client.get_connection_manager_with_config(manager).await.map_err(unavailable)?);
+                let own = Conn(client.get_connection_manager_with_config(manager).await.map_err(store_error)?);
                 Some((own, n, config.wait_timeout))
             }
         };
@@ -174,13 +175,13 @@ impl RedisClient {
         script: &redis::ScriptInvocation<'_>,
     ) -> Result<(T, Result<(), StoreError>), StoreError> {
         let Some((conn, replicas, timeout)) = &self.guarded else {
-            return Ok((script.invoke_async(&mut self.conn()).await.map_err(unavailable)?, Ok(())));
+            return Ok((script.invoke_async(&mut self.conn()).await.map_err(store_error)?, Ok(())));
         };
         let mut conn = conn.clone();
-        let answer = script.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let answer = script.invoke_async(&mut conn).await.map_err(store_error)?;
         // As many as asked, of the replicas the primary has now: a primary left without any
         // (its replica was promoted elsewhere, or died) has nothing to wait for.
-        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.map_err(unavailable)?;
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.map_err(store_error)?;
         let connected = info
             .lines()
             .find_map(|l| l.strip_prefix("connected_slaves:"))
@@ -191,7 +192,7 @@ impl RedisClient {
             return Ok((answer, Ok(())));
         }
         let acked: u32 =
-            redis::cmd("WAIT").arg(wanted).arg(millis(*timeout)).query_async(&mut conn).await.map_err(unavailable)?;
+            redis::cmd("WAIT").arg(wanted).arg(millis(*timeout)).query_async(&mut conn).await.map_err(store_error)?;
         let replicated =
             if acked < wanted { Err(StoreError::NotReplicated { wanted, acked, within: *timeout }) } else { Ok(()) };
         Ok((answer, replicated))
@@ -208,7 +209,7 @@ impl RedisClient {
     /// from ids that never existed.
     pub async fn epoch(&self) -> Result<u32, StoreError> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(unavailable)?;
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(store_error)?;
         let run_id = info
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
@@ -221,8 +222,22 @@ impl RedisClient {
             .arg(run_id)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         epoch.parse().map_err(|e| StoreError::corrupt(format!("the epoch {epoch:?}"), e))
+    }
+
+    /// How many keys Redis holds and how much memory it uses (`DBSIZE`, `INFO memory`).
+    pub(crate) async fn memory(&self) -> Result<StoreMemory, StoreError> {
+        let mut conn = self.conn();
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.map_err(store_error)?;
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(store_error)?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_default()
+        };
+        Ok(StoreMemory { keys, used_bytes: field("used_memory:"), max_bytes: field("maxmemory:") })
     }
 
     /// Refuses a Redis that may evict keys: leases, fences and records must never be evicted,
@@ -231,7 +246,7 @@ impl RedisClient {
     /// `INFO memory`, which managed services (ElastiCache, MemoryDB) allow where `CONFIG` is not.
     pub async fn check_eviction_policy(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(unavailable)?;
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(store_error)?;
         let policy =
             info.lines().find_map(|l| l.strip_prefix("maxmemory_policy:")).map(str::trim).ok_or_else(|| {
                 StoreError::UnexpectedAnswer { script: "INFO memory", answer: "no maxmemory_policy".into() }
@@ -328,7 +343,7 @@ impl FarmLeases for RedisClient {
             .arg(millis(FENCE_OUTLIVES_LEASE))
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(renewed == 1)
     }
 
@@ -339,14 +354,14 @@ impl FarmLeases for RedisClient {
             .arg(owner(lease))
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(())
     }
 
     async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let fence: Option<u64> =
-            redis::cmd("GET").arg(self.keys.fence(&lease.farm)).query_async(&mut conn).await.map_err(unavailable)?;
+            redis::cmd("GET").arg(self.keys.fence(&lease.farm)).query_async(&mut conn).await.map_err(store_error)?;
         Ok(fence == Some(lease.token))
     }
 }
@@ -369,7 +384,7 @@ impl RateSource for RedisRate {
             .arg(self.tolerance_us)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(u64::try_from(early_us).ok().filter(|us| *us > 0).map(Duration::from_micros))
     }
 }

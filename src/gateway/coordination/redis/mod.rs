@@ -36,7 +36,7 @@ use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Rows};
 use crate::gateway::rows::RowBlock;
-use client::unavailable;
+use client::store_error;
 use scripts::{CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use wire::{from_json, millis, state_name, to_json};
 
 /// How long a record outlives its result, so Get can say it expired or why it failed.
-const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(3600);
 
 /// Due results looked at per refresh scan.
 const DUE_SCAN_LIMIT: usize = 1000;
@@ -135,7 +135,7 @@ impl RedisStore {
                 .arg(self.keys().rows(&record.id))
                 .query_async(&mut self.conn())
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
             match bytes.map(|b| RowBlock::from_bytes(b.into())) {
                 Some(Some(rows)) => Some(Arc::new(rows)),
                 Some(None) => {
@@ -163,7 +163,7 @@ impl RedisStore {
             .arg(count - 1)
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)
+            .map_err(store_error)
     }
 
     fn wake(&self, id: &str, farm: &str) {
@@ -213,7 +213,7 @@ impl RedisStore {
             .arg(millis(self.clock.now()))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         verdict.parse()
     }
 }
@@ -290,7 +290,7 @@ impl AggregationStore for RedisStore {
             .arg("rows")
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let Some(json) = json else { return Ok(Found::Unknown) };
         let record = from_json(&json)?;
         if record.state.is_terminal() {
@@ -302,7 +302,7 @@ impl AggregationStore for RedisStore {
             .arg(id)
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let queue_position = position.and_then(|p| u32::try_from(p).ok()).unwrap_or_default();
         Ok(Found::Active { record: Arc::new(record), queue_position })
     }
@@ -314,7 +314,7 @@ impl AggregationStore for RedisStore {
             .arg("json")
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(match json.map(|json| from_json(&json)) {
             Some(Ok(record)) => Head::Ready(Arc::new(record)),
             Some(Err(e)) => Head::Broken { id, fault: QueueFault::Unreadable(e) },
@@ -356,12 +356,12 @@ impl AggregationStore for RedisStore {
         ids.iter().for_each(|id| {
             pipe.cmd("HGET").arg(self.keys().record(id)).arg("json");
         });
-        let records: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await.map_err(unavailable)?;
+        let records: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await.map_err(store_error)?;
         Ok(records.iter().flatten().filter_map(|json| from_json(json).ok().map(Arc::new)).collect())
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
-        redis::cmd("SMEMBERS").arg(self.keys().farms()).query_async(&mut self.conn()).await.map_err(unavailable)
+        redis::cmd("SMEMBERS").arg(self.keys().farms()).query_async(&mut self.conn()).await.map_err(store_error)
     }
 
     async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError> {
@@ -439,7 +439,7 @@ impl AggregationStore for RedisStore {
             .arg(millis(expire))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let result = Arc::new(CachedResult::new(record, Some(rows)));
         self.near.insert(result.clone());
         Ok(result)
@@ -460,7 +460,7 @@ impl AggregationStore for RedisStore {
             .arg(DUE_SCAN_LIMIT)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let mut queued = Vec::new();
         for (old_id, hits, json) in due {
             if hits < min_hits {
@@ -484,7 +484,7 @@ impl AggregationStore for RedisStore {
             .arg("runs")
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(rate.zip(runs).map(|(seconds_per_unit, runs)| RunModel { seconds_per_unit, runs }))
     }
 
@@ -495,7 +495,7 @@ impl AggregationStore for RedisStore {
             .arg(SMOOTHING)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(())
     }
 
@@ -517,7 +517,9 @@ impl AggregationStore for RedisStore {
             .query_async(&mut self.conn())
             .await;
         let live: Option<usize> = redis::cmd("GET").arg(k.live()).query_async(&mut self.conn()).await.ok().flatten();
+        let memory = self.redis.memory().await.ok();
         let mut counted = self.counted();
+        counted.memory = memory;
         counted.active = live.unwrap_or_default();
         counted.farms = loads.into_iter().map(|(farm, len, running)| (farm, FarmLoad::of(len, running == 1))).collect();
         counted.up = true;

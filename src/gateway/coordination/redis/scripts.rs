@@ -1,14 +1,25 @@
 //! The Lua scripts, one file each in `scripts/`, with `scripts/lib.lua` (Redis's clock, the
 //! active states) put before every one. Each script names its KEYS and ARGV at its top and
 //! says which rule of [`crate::gateway::coordination::policy`] it mirrors.
+//!
+//! Scripts that must work while Redis's memory is full (`OOM` under `noeviction`) start with
+//! `#!lua flags=allow-oom`: those that keep what runs running (leases, the next state of a
+//! running aggregation, the upstream pacing, taking a broken id off a queue) and write only
+//! small keys that exist already or replace others. Claims and finishes (rows) have no such
+//! flag: a full Redis refuses new aggregations and holds finished rows until memory frees.
 
 use std::sync::LazyLock;
 
 /// The shared snippets every script starts with.
 const LIB: &str = include_str!("scripts/lib.lua");
 
+/// `body` after the shared snippets; a script's shebang line (`#!lua flags=allow-oom`) stays
+/// its first line, where Redis reads it.
 fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{LIB}\n{body}"))
+    match body.split_once('\n') {
+        Some((shebang, rest)) if shebang.starts_with("#!") => redis::Script::new(&format!("{shebang}\n{LIB}\n{rest}")),
+        _ => redis::Script::new(&format!("{LIB}\n{body}")),
+    }
 }
 
 macro_rules! scripts {

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Takes a farm's lease if nobody holds it; its token is the farm's next fence.
 --
 -- A token is the larger of the last one plus one and Redis's clock in microseconds: after

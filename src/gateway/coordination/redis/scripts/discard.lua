@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Takes an id whose record is missing or unreadable off its farm's queue, fenced like
 -- update.lua, so the farm moves on. An unreadable record stays (marked FAILED, so no script
 -- counts it active) until it expires, and its id answers why; the key it answered is freed.

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- The generation of the shared state: made anew when it is missing (Redis restarted empty, or
 -- was flushed) and when the server is not the one it was made on (a restart or a failover,
 -- which may have lost recent writes: ids minted in the lost window must answer lost).

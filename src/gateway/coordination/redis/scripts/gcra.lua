@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- A token bucket shared by every replica, as a GCRA: takes a token, or says how long until one
 -- is due.
 local rate_key = KEYS[1]             -- rate:{name}: the theoretical arrival time, µs

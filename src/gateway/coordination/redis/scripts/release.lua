@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Drops a lease if it is still held under the caller's token.
 local lease_key = KEYS[1]   -- {farm}:lease
 

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Extends a lease while it is still held under the caller's token (and its fence with it).
 local lease_key = KEYS[1]   -- {farm}:lease
 local fence_key = KEYS[2]   -- {farm}:fence

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Writes the next state of an active aggregation, if the writer's lease is still the farm's
 -- newest (fenced) and the record is still active.
 local fence_key = KEYS[1]   -- {farm}:fence: the farm's newest lease token
