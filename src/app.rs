@@ -284,6 +284,7 @@ where
         tracing::warn!("aggregations still running at the end of the shutdown grace; they are abandoned");
     }
     gateway.shutdown();
+    gateway.release_farms().await;
     if let Some(ended) = served {
         return ended;
     }

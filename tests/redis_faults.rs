@@ -336,3 +336,45 @@ async fn a_full_redis_refuses_new_aggregations_as_store_full_keeps_running_ones_
     let again = rig.start_many(371..372, 1).await;
     rig.assert_all_completed_once(&again).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_with_an_aggregation_still_running_gives_its_farm_up_when_its_grace_ends() {
+    let flags = ["--lease-ttl", "30s", "--shutdown-grace", "1s"];
+    let mut rig = Rig::launch(2, &flags, &["--aggregation-duration", "4s"]).await;
+    let accepted = rig.start_many(380..381, 1).await;
+    rig.until_starts(380, 1).await;
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    let holder = lease_holder(&mut conn, &farm(380)).await.expect("a replica holds the farm");
+    rig.replicas[holder].0.terminate();
+    rig.replicas[holder].0.wait_exit(Duration::from_secs(15));
+    // Not 30 s of a lease nobody renews: the other replica takes the farm at its next scan.
+    assert_ne!(lease_holder(&mut conn, &farm(380)).await, Some(holder), "the stopped replica released its lease");
+    let mut other = rig.clients[1 - holder].clone();
+    let done = tokio::time::timeout(Duration::from_secs(20), wait_terminal(&mut other, &accepted[0].id))
+        .await
+        .expect("taken over well before the lease would have expired")
+        .aggregation
+        .expect("aggregation");
+    assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 24));
+    let upstream = upstream_of(&rig.endpoint, &farm(380)).await;
+    assert_eq!(upstream["aggregations_started"], 1, "the next holder polled the recorded upstream id: {upstream}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_whose_far_end_vanished_without_a_word_are_noticed_and_made_anew() {
+    let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "300ms"]).await;
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    let subscribers = |mut conn: ::redis::aio::MultiplexedConnection| async move {
+        let counts: Vec<(String, u64)> =
+            ::redis::cmd("PUBSUB").arg("NUMSUB").arg("dsg:changes").query_async(&mut conn).await.expect("NUMSUB");
+        counts.first().map_or(0, |(_, n)| *n)
+    };
+    eventually(Duration::from_secs(10), || async { (subscribers(conn.clone()).await == 2).then_some(()) }).await;
+    // Every open connection's far end goes silent: no bytes, no reset, ever.
+    rig.proxy.freeze_open();
+    // Each replica's health check finds its subscription dead and subscribes anew.
+    eventually(Duration::from_secs(15), || async { (subscribers(conn.clone()).await >= 4).then_some(()) }).await;
+    let accepted = rig.start_many(390..392, 2).await;
+    rig.assert_all_completed_once(&accepted).await;
+    let _ = &mut conn;
+}

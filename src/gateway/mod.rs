@@ -509,6 +509,13 @@ impl Gateway {
         self.cancel.cancel();
     }
 
+    /// After [`Self::shutdown`]: gives up the farm leases this replica still holds (its
+    /// workers were stopped mid-aggregation), so other replicas resume those aggregations at
+    /// once.
+    pub async fn release_farms(&self) {
+        self.dispatcher.release_all().await;
+    }
+
     fn take_token(
         &self,
         buckets: &Option<CallerBuckets>,

@@ -13,7 +13,7 @@ use super::clock::Clock;
 use super::coordination::Lease;
 use super::coordination::{AggregationStore, Found, Head, QueueFault, Wakeups};
 use super::record::AggregationRecord;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 /// deadlines (the result validity, the default limit) fall on the same moment and end the
 /// aggregation with the more specific reason.
 const SUPERVISOR_SLACK: Duration = Duration::from_secs(2);
+
+/// How long giving up the leases at shutdown may take.
+const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// Why the farm's supervisor ended an aggregation its runner did not.
 #[derive(Debug, Clone)]
@@ -85,6 +88,8 @@ struct Shared {
     settings: WorkerSettings,
     /// Farms with a worker in this process.
     working: Mutex<HashSet<String>>,
+    /// The leases this process's workers hold, to give up at shutdown.
+    held: Mutex<HashMap<String, Lease>>,
     /// Workers started so far.
     started: std::sync::atomic::AtomicU64,
     /// Set when this replica drains a shared store: workers finish the aggregation they run,
@@ -114,6 +119,7 @@ impl FarmDispatcher {
             wakeups,
             settings,
             working: Mutex::default(),
+            held: Mutex::default(),
             started: 0.into(),
             handing_over: CancellationToken::new(),
             cancel,
@@ -139,6 +145,28 @@ impl FarmDispatcher {
         self.shared.handing_over.cancel();
     }
 
+    /// Gives up every lease this process's workers hold (after [`Self::new`]'s `cancel`
+    /// stopped them), so other replicas take the farms over at once rather than after the
+    /// leases' TTL. Bounded: a store that does not answer leaves them to expire.
+    pub(crate) async fn release_all(&self) {
+        let held: Vec<Lease> = {
+            let mut held = self.shared.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            held.drain().map(|(_, lease)| lease).collect()
+        };
+        let mut releases = tokio::task::JoinSet::new();
+        for lease in held {
+            let store = self.shared.store.clone();
+            releases.spawn(async move {
+                if let Err(e) = store.leases().release(&lease).await {
+                    tracing::warn!(farm = %lease.farm, error = %e, "cannot give the farm's lease up; it expires by itself");
+                }
+            });
+        }
+        if tokio::time::timeout(RELEASE_AT_SHUTDOWN, releases.join_all()).await.is_err() {
+            tracing::warn!("the store did not take every lease back in time; they expire by themselves");
+        }
+    }
+
     /// Workers started so far.
     #[cfg(test)]
     fn workers_started(&self) -> u64 {
@@ -157,6 +185,10 @@ fn kick(shared: &Arc<Shared>, farm: &str) {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, HashSet<String>> {
         self.working.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Lease>> {
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -184,6 +216,7 @@ async fn worker(shared: Arc<Shared>, farm: String) {
             return;
         }
     };
+    let _holding = Holding::register(&shared, &lease);
     let lost = shared.cancel.child_token();
     let renewing = tokio::spawn(renew(shared.clone(), lease.clone(), lost.clone()));
     loop {
@@ -219,6 +252,28 @@ async fn worker(shared: Arc<Shared>, farm: String) {
     renewing.abort();
     if !lost.is_cancelled() {
         let _ = shared.store.leases().release(&lease).await;
+    }
+}
+
+/// A lease in [`Shared::held`] while its worker lives.
+struct Holding {
+    shared: Arc<Shared>,
+    lease: Lease,
+}
+
+impl Holding {
+    fn register(shared: &Arc<Shared>, lease: &Lease) -> Self {
+        shared.held().insert(lease.farm.clone(), lease.clone());
+        Self { shared: shared.clone(), lease: lease.clone() }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let mut held = self.shared.held();
+        if held.get(&self.lease.farm) == Some(&self.lease) {
+            held.remove(&self.lease.farm);
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! A TCP proxy on a loopback port in front of a server (Redis), that a test can make misbehave
 //! the way networks and managed services do: hold every byte (a black hole: nothing lost yet,
 //! nothing answered), reset every connection (what was held is lost, as when a black hole ends
-//! in a timeout or a failover drops connections), or pass again.
+//! in a timeout or a failover drops connections), freeze the open connections for good (a
+//! half-open socket), send new connections elsewhere (a DNS name moved by a failover), or pass
+//! again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -21,9 +23,13 @@ pub struct FaultProxy {
     pub port: u16,
     /// The server's port: new connections go there.
     target: Arc<AtomicU16>,
+    /// Connections accepted so far (each is numbered in order).
+    accepted: Arc<AtomicU64>,
     mode: watch::Sender<Mode>,
     /// Bumped to reset every open connection.
     resets: watch::Sender<u64>,
+    /// Connections numbered below this are frozen: held for good, never reset.
+    frozen_below: watch::Sender<u64>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
@@ -34,6 +40,29 @@ impl Drop for FaultProxy {
     }
 }
 
+/// What one connection's pumps watch.
+#[derive(Clone)]
+struct Gate {
+    number: u64,
+    mode: watch::Receiver<Mode>,
+    frozen_below: watch::Receiver<u64>,
+}
+
+impl Gate {
+    /// Waits until bytes may pass.
+    async fn open(&mut self) -> Result<(), watch::error::RecvError> {
+        loop {
+            if *self.mode.borrow_and_update() == Mode::Pass && self.number >= *self.frozen_below.borrow_and_update() {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = self.mode.changed() => changed?,
+                changed = self.frozen_below.changed() => changed?,
+            }
+        }
+    }
+}
+
 impl FaultProxy {
     /// A proxy to `127.0.0.1:target`, passing bytes.
     pub async fn start(target: u16) -> Self {
@@ -41,14 +70,18 @@ impl FaultProxy {
         let port = listener.local_addr().expect("its address").port();
         let (mode, _) = watch::channel(Mode::Pass);
         let (resets, _) = watch::channel(0);
+        let (frozen_below, _) = watch::channel(0);
         let target = Arc::new(AtomicU16::new(target));
-        let (m, r, t) = (mode.clone(), resets.clone(), target.clone());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (m, r, f, t, a) = (mode.clone(), resets.clone(), frozen_below.clone(), target.clone(), accepted.clone());
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(connection(client, t.clone(), m.subscribe(), r.subscribe()));
+                let number = a.fetch_add(1, Ordering::SeqCst);
+                let gate = Gate { number, mode: m.subscribe(), frozen_below: f.subscribe() };
+                tokio::spawn(connection(client, t.clone(), gate, r.subscribe()));
             }
         });
-        Self { port, target, mode, resets, accepting }
+        Self { port, target, accepted, mode, resets, frozen_below, accepting }
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -71,6 +104,12 @@ impl FaultProxy {
         self.resets.send_modify(|n| *n += 1);
     }
 
+    /// Freezes every open connection for good (bytes neither pass nor fail, and no reset ever
+    /// comes) while new connections pass: what a half-open socket looks like.
+    pub fn freeze_open(&self) {
+        self.frozen_below.send_replace(self.accepted.load(Ordering::SeqCst));
+    }
+
     /// Sends new connections to `127.0.0.1:port` and resets the open ones: what a failover
     /// looks like behind a DNS name (ElastiCache's primary endpoint).
     pub fn retarget(&self, port: u16) {
@@ -89,47 +128,43 @@ impl FaultProxy {
     }
 }
 
-async fn connection(
-    client: TcpStream,
-    target: Arc<AtomicU16>,
-    mut mode: watch::Receiver<Mode>,
-    mut resets: watch::Receiver<u64>,
-) {
+async fn connection(client: TcpStream, target: Arc<AtomicU16>, mut gate: Gate, mut resets: watch::Receiver<u64>) {
     resets.mark_unchanged();
-    if passing(&mut mode).await.is_err() {
+    if gate.open().await.is_err() {
         return;
     }
     let Ok(server) = TcpStream::connect(("127.0.0.1", target.load(Ordering::SeqCst))).await else { return };
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
     let (client, server) = (Arc::new(client), Arc::new(server));
-    let up = pump(client.clone(), server.clone(), mode.clone());
-    let down = pump(server.clone(), client.clone(), mode);
+    let up = pump(client.clone(), server.clone(), gate.clone());
+    let down = pump(server.clone(), client.clone(), gate.clone());
+    let frozen = gate.number;
     tokio::select! {
         () = up => {}
         () = down => {}
         _ = resets.changed() => {
-            let _ = (client.set_zero_linger(), server.set_zero_linger());
+            // A frozen connection's far end is gone without a word: no reset reaches it.
+            if frozen >= *gate.frozen_below.borrow() {
+                let _ = (client.set_zero_linger(), server.set_zero_linger());
+            } else {
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
 
-/// Waits until the proxy passes bytes.
-async fn passing(mode: &mut watch::Receiver<Mode>) -> Result<(), watch::error::RecvError> {
-    mode.wait_for(|m| *m == Mode::Pass).await.map(|_| ())
-}
-
-/// Copies `from` to `to` while passing; bytes read while holding wait for the proxy to pass.
-async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>, mut mode: watch::Receiver<Mode>) {
+/// Copies `from` to `to` while the gate is open; bytes read meanwhile wait for it.
+async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>, mut gate: Gate) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if passing(&mut mode).await.is_err() {
+        if gate.open().await.is_err() {
             return;
         }
         let n = match read(&from, &mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if passing(&mut mode).await.is_err() || write(&to, &buf[..n]).await.is_err() {
+        if gate.open().await.is_err() || write(&to, &buf[..n]).await.is_err() {
             return;
         }
     }

@@ -6,8 +6,10 @@
 //!
 //! A replica keeps one subscription to the changes channel and fans it out to its local
 //! waiters ([`Wakeups`]); after every (re)connect it wakes them all, since messages published
-//! while it was disconnected are lost.
+//! while it was disconnected are lost. The subscription is pinged every two seconds: one that
+//! does not answer within the response timeout is made anew.
 
+use super::conn::Conn;
 use super::keys::Keys;
 use super::scripts::{ACQUIRE, EPOCH, GCRA, RELEASE, RENEW};
 use crate::gateway::coordination::lease::{FarmLeases, Lease};
@@ -15,11 +17,18 @@ use crate::gateway::coordination::pacing::RateSource;
 use crate::gateway::coordination::wakeups::Wakeups;
 use crate::gateway::coordination::{StoreError, StoreMemory};
 use crate::gateway::throttle::Rate;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+
+/// How often the change subscription proves itself alive.
+const PUBSUB_HEALTH_CHECK: Duration = Duration::from_secs(2);
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
 
 /// How long a farm's fence outlives its last lease (its next token is larger anyway: tokens
 /// come from Redis's clock).
@@ -84,48 +93,9 @@ pub struct RedisClient {
     /// With replicas to wait for: a connection of its own for guarded writes, since `WAIT`
     /// counts one connection's writes and blocks it meanwhile.
     guarded: Option<(Conn, u32, Duration)>,
+    /// How long the change subscription may take to answer (the response timeout).
+    health_timeout: Duration,
     pub(crate) keys: Keys,
-}
-
-/// The shared connection, which sends a command once more when the connection had dropped
-/// under it (the manager reconnects meanwhile), so a restart or failover of Redis costs
-/// callers nothing. Every command and script of the gateway is safe to repeat: scripts are
-/// fenced and idempotent, a repeated claim joins the aggregation the first one queued. A
-/// command that timed out is not repeated here: its caller decides.
-#[derive(Clone)]
-pub(crate) struct Conn(ConnectionManager);
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
-        Box::pin(async move {
-            match self.0.req_packed_command(cmd).await {
-                Err(e) if dropped(&e) => self.0.req_packed_command(cmd).await,
-                answer => answer,
-            }
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        Box::pin(async move {
-            match self.0.req_packed_commands(pipeline, offset, count).await {
-                Err(e) if dropped(&e) => self.0.req_packed_commands(pipeline, offset, count).await,
-                answer => answer,
-            }
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.0.get_db()
-    }
-}
-
-fn dropped(e: &redis::RedisError) -> bool {
-    e.is_connection_dropped() && !e.is_timeout()
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -147,15 +117,15 @@ impl RedisClient {
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.response_timeout));
-        let conn = Conn(client.get_connection_manager_with_config(manager.clone()).await.map_err(store_error)?);
+        let conn = Conn::connect(&client, &manager).await.map_err(store_error)?;
         let guarded = match config.wait_replicas {
             0 => None,
             n => {
-                let own = Conn(client.get_connection_manager_with_config(manager).await.map_err(store_error)?);
+                let own = Conn::connect(&client, &manager).await.map_err(store_error)?;
                 Some((own, n, config.wait_timeout))
             }
         };
-        Ok(Self { client, conn, guarded, keys: Keys::new(&config.prefix) })
+        Ok(Self { client, conn, guarded, health_timeout: config.response_timeout, keys: Keys::new(&config.prefix) })
     }
 
     /// Runs a script whose write guards the one-running rule; with replicas to wait for, it
@@ -264,11 +234,15 @@ impl RedisClient {
                 pubsub.subscribe(self.keys.changes()).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
-            match tokio::select! { s = subscribed => s, () = stop.cancelled() => return } {
+            let subscribed = tokio::time::timeout(self.health_timeout, subscribed);
+            match tokio::select! { s = subscribed => s.unwrap_or_else(|_| Err(timed_out())), () = stop.cancelled() => return }
+            {
                 Ok(pubsub) => {
                     backoff = Duration::from_millis(100);
                     wakeups.wake_all();
-                    let mut messages = pubsub.into_on_message();
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut health = tokio::time::interval(PUBSUB_HEALTH_CHECK);
+                    health.tick().await;
                     loop {
                         tokio::select! {
                             message = messages.next() => match message {
@@ -278,6 +252,15 @@ impl RedisClient {
                                 },
                                 None => break,
                             },
+                            _ = health.tick() => {
+                                // A socket whose far end vanished without a word delivers
+                                // nothing and fails nothing: only an answer proves it alive.
+                                let pong = tokio::time::timeout(self.health_timeout, sink.ping::<redis::Value>()).await;
+                                if !matches!(pong, Ok(Ok(_))) {
+                                    tracing::warn!("the change subscription to Redis stopped answering");
+                                    break;
+                                }
+                            }
                             () = stop.cancelled() => return,
                         }
                     }

@@ -1,6 +1,7 @@
 //! The [`AggregationStore`] shared by replicas through Redis.
 //!
 //! - `client`: the connection, leases, shared rates and the relay of change notifications.
+//! - `conn`: a connection that survives drops and half-open sockets.
 //! - `keys`: the name of every key (see there for the layout).
 //! - `wire`: how a record is stored.
 //! - `scripts`: the Lua scripts, one file each under `scripts/`.
@@ -17,6 +18,7 @@
 //! cluster of one shard).
 
 pub(crate) mod client;
+mod conn;
 mod keys;
 mod scripts;
 mod wire;
@@ -117,7 +119,7 @@ impl RedisStore {
         Self { redis, near, wakeups, counted: Mutex::default(), clock }
     }
 
-    fn conn(&self) -> client::Conn {
+    fn conn(&self) -> conn::Conn {
         self.redis.conn()
     }
 
