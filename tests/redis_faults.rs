@@ -43,9 +43,21 @@ impl Rig {
 
     /// [`Rig::launch`] on `redis`.
     async fn over(redis: RedisServer, n: usize, replica_flags: &[&str], emulator_flags: &[&str]) -> Self {
+        Self::reaching(redis, None, n, replica_flags, emulator_flags).await
+    }
+
+    /// [`Rig::over`], the replicas reaching Redis at `url` (else through the proxy).
+    async fn reaching(
+        redis: RedisServer,
+        url: Option<String>,
+        n: usize,
+        replica_flags: &[&str],
+        emulator_flags: &[&str],
+    ) -> Self {
         let proxy = FaultProxy::start(redis.port).await;
+        let url = url.unwrap_or_else(|| proxy.url());
         let (emulator, endpoint) = spawn_emulator(emulator_flags);
-        let replicas: Vec<_> = (0..n).map(|i| redis_replica(&endpoint, &proxy.url(), i, replica_flags)).collect();
+        let replicas: Vec<_> = (0..n).map(|i| redis_replica(&endpoint, &url, i, replica_flags)).collect();
         let mut clients = Vec::new();
         for (_, url, _) in &replicas {
             clients.push(client_of(url).await);
@@ -108,7 +120,7 @@ impl Rig {
     async fn assert_all_completed_once(&mut self, accepted: &[Accepted]) {
         for (i, a) in accepted.iter().enumerate() {
             let client = &mut self.clients[i % self.replicas.len()];
-            let done = wait_terminal(client, &a.id).await.aggregation.expect("aggregation");
+            let done = until_terminal(client, &a.id).await;
             assert_eq!((done.state(), done.row_count), (AggregationState::Completed, a.rows), "{}: {done:?}", a.id);
         }
         let mut farms: Vec<u64> = accepted.iter().map(|a| a.farm_n).collect();
@@ -267,6 +279,28 @@ async fn after_redis_restarts_from_an_older_snapshot_ids_of_the_lost_window_answ
     assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 24));
 }
 
+/// Long-polls `id` until it is terminal, as a client does: `UNAVAILABLE` (the store failing
+/// over) is retried after the second it says.
+async fn until_terminal(client: &mut Client, id: &str) -> deadline_stats_gateway::grpc::pb::Aggregation {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "{id} never became terminal");
+        match client.get_aggregation(get_request(id, 0, "", Duration::from_secs(10))).await {
+            Ok(page) => {
+                let a = page.into_inner().aggregation.expect("aggregation");
+                if matches!(
+                    a.state(),
+                    AggregationState::Completed | AggregationState::Failed | AggregationState::TimedOut
+                ) {
+                    return a;
+                }
+            }
+            Err(e) if e.code() == tonic::Code::Unavailable => tokio::time::sleep(Duration::from_secs(1)).await,
+            Err(e) => panic!("get {id}: {e:?}"),
+        }
+    }
+}
+
 /// `INFO replication` of `server` says its link to the primary is up.
 async fn replicating(server: &RedisServer) {
     eventually(Duration::from_secs(10), || async {
@@ -377,4 +411,34 @@ async fn connections_whose_far_end_vanished_without_a_word_are_noticed_and_made_
     let accepted = rig.start_many(390..392, 2).await;
     rig.assert_all_completed_once(&accepted).await;
     let _ = &mut conn;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_a_primary_killed_mid_work_is_followed_to_the_replica_it_promotes() {
+    let primary = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let primary_port = primary.port.to_string();
+    let replica = tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &primary_port]))
+        .await
+        .expect("joins");
+    replicating(&replica).await;
+    let primary_port = primary.port;
+    let sentinel = tokio::task::spawn_blocking(move || redis_sentinel(primary_port)).await.expect("joins");
+    // The Sentinel has found the replica (from the primary's INFO) before the primary dies.
+    eventually(Duration::from_secs(20), || async {
+        let mut conn = redis_conn(&format!("redis://127.0.0.1:{}", sentinel.port)).await;
+        let replicas: Vec<::redis::Value> =
+            ::redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster").query_async(&mut conn).await.ok()?;
+        (!replicas.is_empty()).then_some(())
+    })
+    .await;
+    let flags = ["--redis-wait-replicas", "1", "--redis-wait-timeout", "200ms"];
+    let mut rig = Rig::reaching(primary, Some(sentinel.url()), 2, &flags, &["--aggregation-duration", "1s"]).await;
+    let mut accepted = rig.start_many(395..397, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| rig.redis.stop());
+    rig.assert_all_completed_once(&accepted).await;
+    // New work goes to the promoted primary.
+    accepted = rig.start_many(397..398, 1).await;
+    rig.assert_all_completed_once(&accepted).await;
+    assert!(replica.cli(&["ROLE"]).is_ok(), "the promoted replica answers");
 }

@@ -138,8 +138,10 @@ pub struct ServeArgs {
     /// Where coordination state lives: memory (one replica) or redis (several replicas).
     #[arg(long, env = "DSG_STORE", value_enum, default_value = "memory")]
     pub store: StoreKind,
-    /// With --store redis: redis://HOST:PORT or rediss:// for TLS; credentials in the URL or in
-    /// DSG_REDIS_PASSWORD.
+    /// With --store redis: redis://HOST:PORT or rediss:// for TLS, or
+    /// redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER to follow the primary Redis Sentinel
+    /// names (the Sentinels' password in DSG_REDIS_SENTINEL_PASSWORD); credentials in the URL or
+    /// in DSG_REDIS_PASSWORD.
     #[arg(long, env = "DSG_REDIS_URL")]
     pub redis_url: Option<String>,
     /// With --store redis: the prefix of every key, so several gateways can share one Redis.
@@ -319,6 +321,7 @@ impl ServeArgs {
                 response_timeout: *self.redis_response_timeout,
                 wait_replicas: self.redis_wait_replicas,
                 wait_timeout: *self.redis_wait_timeout,
+                sentinel_password: std::env::var("DSG_REDIS_SENTINEL_PASSWORD").ok().filter(|p| !p.is_empty()),
             }),
             (StoreKind::Redis, None) => {
                 return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));

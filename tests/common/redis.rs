@@ -132,3 +132,50 @@ impl RedisServer {
         if line.starts_with('-') { Err(line) } else { Ok(line) }
     }
 }
+
+/// A Redis Sentinel (`redis-server --sentinel`) watching the primary on `primary_port` as
+/// `mymaster`, with a quorum of one and a one-second down-after, stopped when dropped.
+pub struct RedisSentinel {
+    child: Child,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisSentinel {
+    /// `redis+sentinel://127.0.0.1:PORT/mymaster`, as the gateway takes it.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.port)
+    }
+}
+
+/// Starts a Sentinel for the primary on `primary_port`, answering PING.
+pub fn redis_sentinel(primary_port: u16) -> RedisSentinel {
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port();
+    let dir = std::env::temp_dir().join(format!("dsg-sentinel-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the sentinel");
+    let conf = dir.join("sentinel.conf");
+    let text = format!(
+        "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary_port} 1\n\
+         sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n",
+        dir.display()
+    );
+    std::fs::write(&conf, text).expect("writes sentinel.conf");
+    let child = Command::new(redis_binary())
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server --sentinel starts");
+    wait_for_pong(port);
+    RedisSentinel { child, port, dir }
+}

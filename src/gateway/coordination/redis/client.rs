@@ -9,7 +9,7 @@
 //! while it was disconnected are lost. The subscription is pinged every two seconds: one that
 //! does not answer within the response timeout is made anew.
 
-use super::conn::Conn;
+use super::conn::{Conn, Endpoint};
 use super::keys::Keys;
 use super::scripts::{ACQUIRE, EPOCH, GCRA, RELEASE, RENEW};
 use crate::gateway::coordination::lease::{FarmLeases, Lease};
@@ -37,7 +37,9 @@ const FENCE_OUTLIVES_LEASE: Duration = Duration::from_secs(24 * 3600);
 /// How a replica reaches the shared Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://HOST:PORT` or `rediss://` for TLS, credentials included.
+    /// `redis://HOST:PORT`, `rediss://` for TLS, or
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER` for the primary Redis Sentinel names;
+    /// credentials included.
     pub url: String,
     /// The prefix of every key, so several gateways can share one Redis.
     pub prefix: String,
@@ -48,6 +50,8 @@ pub struct RedisConfig {
     pub wait_replicas: u32,
     /// How long such a write waits for them before it counts as failed (and is tried again).
     pub wait_timeout: Duration,
+    /// With a `redis+sentinel://` URL: the Sentinels' own password.
+    pub sentinel_password: Option<String>,
 }
 
 impl RedisConfig {
@@ -63,6 +67,7 @@ impl RedisConfig {
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
             wait_replicas: 0,
             wait_timeout: Self::DEFAULT_WAIT_TIMEOUT,
+            sentinel_password: None,
         }
     }
 
@@ -88,7 +93,7 @@ impl RedisConfig {
 /// keys there.
 #[derive(Clone)]
 pub struct RedisClient {
-    client: redis::Client,
+    endpoint: Endpoint,
     conn: Conn,
     /// With replicas to wait for: a connection of its own for guarded writes, since `WAIT`
     /// counts one connection's writes and blocks it meanwhile.
@@ -113,19 +118,24 @@ pub(crate) fn store_error(e: redis::RedisError) -> StoreError {
 impl RedisClient {
     /// Connects as `config` says.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(store_error)?;
+        let endpoint = Endpoint::parse(&config.url, config.sentinel_password.as_deref()).map_err(store_error)?;
+        // One quick reconnect attempt per failure: a call during an outage fails within about a
+        // response timeout (not after the manager's own backoff), and `Conn` decides what next.
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
-            .set_connection_timeout(Some(config.response_timeout));
-        let conn = Conn::connect(&client, &manager).await.map_err(store_error)?;
+            .set_connection_timeout(Some(config.response_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(200));
+        let conn = Conn::connect(&endpoint, &manager).await.map_err(store_error)?;
         let guarded = match config.wait_replicas {
             0 => None,
             n => {
-                let own = Conn::connect(&client, &manager).await.map_err(store_error)?;
+                let own = Conn::connect(&endpoint, &manager).await.map_err(store_error)?;
                 Some((own, n, config.wait_timeout))
             }
         };
-        Ok(Self { client, conn, guarded, health_timeout: config.response_timeout, keys: Keys::new(&config.prefix) })
+        Ok(Self { endpoint, conn, guarded, health_timeout: config.response_timeout, keys: Keys::new(&config.prefix) })
     }
 
     /// Runs a script whose write guards the one-running rule; with replicas to wait for, it
@@ -230,7 +240,7 @@ impl RedisClient {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let subscribed = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = self.endpoint.client().await?.get_async_pubsub().await?;
                 pubsub.subscribe(self.keys.changes()).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };

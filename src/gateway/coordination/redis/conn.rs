@@ -10,10 +10,103 @@
 //!   does not reconnect on timeouts. After a timeout a probe (`PING`) checks the connection;
 //!   if the probe times out too, the manager is replaced by a new one. A command that was
 //!   merely slow is not repeated: its caller decides.
+//! - Behind Redis Sentinel ([`Endpoint::Sentinel`]), the primary moves: a dropped connection
+//!   or a `READONLY` answer (the old primary, demoted) makes a new manager on the primary
+//!   Sentinel names now. A plain URL's host name is resolved again by every reconnect, which
+//!   follows a primary endpoint whose DNS moves (ElastiCache).
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Where the primary is.
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    /// At a URL (its host name resolved again on every reconnect).
+    Fixed(Box<redis::Client>),
+    /// Wherever Redis Sentinel says the primary of its master name is now.
+    Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
+}
+
+impl Endpoint {
+    /// `redis://…`, `rediss://…`, or
+    /// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER` (the credentials are the
+    /// data nodes'; `sentinel_password` is the Sentinels').
+    pub(crate) fn parse(url: &str, sentinel_password: Option<&str>) -> redis::RedisResult<Self> {
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            return redis::Client::open(url).map(|c| Self::Fixed(Box::new(c)));
+        };
+        let invalid = |why: &str| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis+sentinel URL", why.to_owned()))
+        };
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            Some((credentials, rest)) => (Some(credentials), rest),
+            None => (None, rest),
+        };
+        let (hosts, master) = rest.split_once('/').ok_or_else(|| invalid("it names no master: …/MASTER"))?;
+        if master.is_empty() || hosts.is_empty() {
+            return Err(invalid("it needs HOST:PORT[,HOST:PORT…]/MASTER"));
+        }
+        let auth = sentinel_password.map(|p| format!(":{}@", percent(p))).unwrap_or_default();
+        let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{auth}{h}")).collect();
+        let mut node = redis::RedisConnectionInfo::default();
+        if let Some((user, password)) = credentials.map(|c| c.split_once(':').unwrap_or(("", c))) {
+            if !user.is_empty() {
+                node = node.set_username(decode(user));
+            }
+            if !password.is_empty() {
+                node = node.set_password(decode(password));
+            }
+        }
+        let info = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+        let client = SentinelClient::build(sentinels, master, Some(info), SentinelServerType::Master)?;
+        Ok(Self::Sentinel(Arc::new(tokio::sync::Mutex::new(client))))
+    }
+
+    /// A client of the primary now.
+    pub(crate) async fn client(&self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Self::Fixed(client) => Ok((**client).clone()),
+            Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
+        }
+    }
+}
+
+fn percent(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// A connection shared by clones.
 #[derive(Clone)]
@@ -23,19 +116,19 @@ pub(crate) struct Conn {
 
 struct Shared {
     current: Mutex<ConnectionManager>,
-    client: redis::Client,
+    endpoint: Endpoint,
     config: ConnectionManagerConfig,
     /// A probe of the current connection is running.
     probing: AtomicBool,
 }
 
 impl Conn {
-    pub(crate) async fn connect(client: &redis::Client, config: &ConnectionManagerConfig) -> redis::RedisResult<Self> {
-        let manager = client.get_connection_manager_with_config(config.clone()).await?;
+    pub(crate) async fn connect(endpoint: &Endpoint, config: &ConnectionManagerConfig) -> redis::RedisResult<Self> {
+        let manager = endpoint.client().await?.get_connection_manager_with_config(config.clone()).await?;
         Ok(Self {
             shared: Arc::new(Shared {
                 current: Mutex::new(manager),
-                client: client.clone(),
+                endpoint: endpoint.clone(),
                 config: config.clone(),
                 probing: AtomicBool::new(false),
             }),
@@ -46,22 +139,32 @@ impl Conn {
         self.shared.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
-    /// After `e`: probes the connection if it timed out (once at a time), and replaces it when
-    /// the probe times out too.
+    /// After `e`: behind Sentinel, a connection that dropped or reached a demoted primary is
+    /// made anew on the primary now; a connection that timed out is probed (once at a time)
+    /// and made anew when the probe times out too.
     fn after(&self, e: &redis::RedisError) {
-        if !e.is_timeout() || self.shared.probing.swap(true, Ordering::SeqCst) {
+        let moved = matches!(self.shared.endpoint, Endpoint::Sentinel(_))
+            && (e.is_connection_dropped() || e.is_connection_refusal() || e.code() == Some("READONLY"));
+        if !(moved || e.is_timeout()) || self.shared.probing.swap(true, Ordering::SeqCst) {
             return;
         }
         let shared = self.shared.clone();
         let mut suspect = self.current();
         tokio::spawn(async move {
-            let probe: redis::RedisResult<redis::Value> = redis::cmd("PING").query_async(&mut suspect).await;
-            if probe.as_ref().is_err_and(redis::RedisError::is_timeout) {
-                tracing::warn!("a Redis connection stopped answering; replacing it");
-                match shared.client.get_connection_manager_with_config(shared.config.clone()).await {
+            let replace = moved || {
+                let probe: redis::RedisResult<redis::Value> = redis::cmd("PING").query_async(&mut suspect).await;
+                probe.as_ref().is_err_and(redis::RedisError::is_timeout)
+            };
+            if replace {
+                tracing::warn!("a Redis connection stopped answering or its primary moved; connecting anew");
+                let fresh = match shared.endpoint.client().await {
+                    Ok(client) => client.get_connection_manager_with_config(shared.config.clone()).await,
+                    Err(e) => Err(e),
+                };
+                match fresh {
                     Ok(fresh) => *shared.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot connect to Redis anew; trying again after the next timeout")
+                        tracing::warn!(error = %e, "cannot connect to Redis anew; trying again after the next failure")
                     }
                 }
             }
@@ -108,5 +211,23 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         self.current().get_db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sentinel_url_names_its_sentinels_and_master_and_a_plain_url_stays_plain() {
+        assert!(matches!(Endpoint::parse("redis://127.0.0.1:6379", None), Ok(Endpoint::Fixed(_))));
+        let sentinel = Endpoint::parse("redis+sentinel://u:p%40ss@10.0.0.1:26379,10.0.0.2:26379/mymaster", Some("s"));
+        assert!(matches!(sentinel, Ok(Endpoint::Sentinel(_))));
+        for bad in ["redis+sentinel://10.0.0.1:26379", "redis+sentinel://10.0.0.1:26379/", "redis+sentinel:///m"] {
+            let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("redis+sentinel URL"), "{bad}: {err}");
+        }
+        assert_eq!(decode("p%40ss%20word"), "p@ss word");
+        assert_eq!(percent("p@ss word"), "p%40ss%20word");
     }
 }
