@@ -442,3 +442,37 @@ async fn behind_sentinel_a_primary_killed_mid_work_is_followed_to_the_replica_it
     rig.assert_all_completed_once(&accepted).await;
     assert!(replica.cli(&["ROLE"]).is_ok(), "the promoted replica answers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_taken_over_midway_resumes_its_parts_and_its_lost_rows_come_back_part_by_part() {
+    // 2 queues × 7 days × 24 hours × 3 usage types = 1,008 rows, against an upstream that
+    // refuses more than 600: the whole, then two parts of 3 and 4 days (432 and 576 rows).
+    let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "1s", "--max-rows", "600"]).await;
+    let request = start_request(400, 2, 7, &[GroupBy::QueueId, GroupBy::UsageType]);
+    let id = rig.clients[0].start_aggregation(request).await.expect("start").into_inner().aggregation.expect("agg");
+    let id = id.aggregation_id;
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    eventually(Duration::from_secs(30), || {
+        let (mut conn, id) = (conn.clone(), id.clone());
+        async move { record_json(&mut conn, &id).await.filter(|r| r["split"][0]["done"] == true).map(|_| ()) }
+    })
+    .await;
+    // The first part is done, the second started or about to: its holder dies.
+    let holder = lease_holder(&mut conn, &farm(400)).await.expect("a replica holds the farm");
+    let _ = rig.replicas[holder].0.0.kill();
+    let _ = rig.replicas[holder].0.0.wait();
+    let mut survivor = rig.clients[1 - holder].clone();
+    let done = until_terminal(&mut survivor, &id).await;
+    assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 1008), "{done:?}");
+    let upstream = upstream_of(&rig.endpoint, &farm(400)).await;
+    assert_eq!(upstream["aggregations_started"], 3, "the whole and two parts, none run twice: {upstream}");
+    assert_eq!(upstream["max_in_progress"], 1, "{upstream}");
+    // The rows go from Redis; a replica that never held them fetches them again, part by part.
+    let _: () = ::redis::cmd("DEL").arg(format!("dsg:rows:{id}")).query_async(&mut conn).await.expect("DEL");
+    let (_fresh, url, _) = redis_replica(&rig.endpoint, &rig.proxy.url(), 7, &[]);
+    let mut fresh = client_of(&url).await;
+    let page = fresh.get_aggregation(get_request(&id, 1000, "", Duration::ZERO)).await.expect("rows back");
+    let page = page.into_inner();
+    assert_eq!(page.aggregation.map(|a| a.row_count), Some(1008));
+    assert_eq!(page.statistics.len(), 1000, "the first page of the merged rows");
+}

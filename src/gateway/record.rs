@@ -4,6 +4,7 @@
 //! views sit beside the store, not in it.
 
 use super::key::CanonicalKey;
+use crate::domain::{AggregationRequest, Resources};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -84,6 +85,51 @@ pub struct AggregationRecord {
     /// RUNNING: when it is expected to complete, predicted as its upstream Start was accepted
     /// (see `super::estimate`); `None` before anything was observed on its farm.
     pub estimated_completion: Option<SystemTime>,
+    /// Run as parts (the upstream found it too large): every part in the order their rows
+    /// merge, with its upstream aggregation once started; empty when not split. A holder that
+    /// takes over resumes here, and a COMPLETED split result's rows are fetched again part by
+    /// part.
+    pub split: Vec<SplitPart>,
+}
+
+/// One part of a split aggregation: its window and resources, and its upstream aggregation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitPart {
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    pub end_time: chrono::DateTime<chrono::Utc>,
+    /// The queue (fleet) ids, when the part has only some of the whole's.
+    pub resource_ids: Option<Vec<String>>,
+    /// Once started: the upstream aggregation, and when the upstream accepted it.
+    pub upstream: Option<(String, SystemTime)>,
+    /// Its rows are in hand (merged into the result when the last part is).
+    pub done: bool,
+}
+
+impl SplitPart {
+    /// The part `part` of `whole`, not started.
+    pub fn of(part: &AggregationRequest, whole: &AggregationRequest) -> Self {
+        Self {
+            start_time: part.start_time,
+            end_time: part.end_time,
+            resource_ids: (part.resources != whole.resources).then(|| part.resources.ids().to_vec()),
+            upstream: None,
+            done: false,
+        }
+    }
+
+    /// The request this part sends upstream.
+    pub fn request(&self, whole: &AggregationRequest) -> AggregationRequest {
+        let mut part = whole.clone();
+        part.start_time = self.start_time;
+        part.end_time = self.end_time;
+        if let Some(ids) = &self.resource_ids {
+            part.resources = match &whole.resources {
+                Resources::Queues(_) => Resources::Queues(ids.clone()),
+                Resources::Fleets(_) => Resources::Fleets(ids.clone()),
+            };
+        }
+        part
+    }
 }
 
 impl AggregationRecord {
@@ -104,6 +150,7 @@ impl AggregationRecord {
             parts: 0,
             refresh: false,
             estimated_completion: None,
+            split: Vec::new(),
         }
     }
 

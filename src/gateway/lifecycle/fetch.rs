@@ -123,17 +123,31 @@ impl UpstreamRunner {
     /// upstream id (the store lost them), while its results are still valid there.
     pub(crate) async fn refetch(&self, agg: &AggregationRecord) -> Result<RowBlock, Failure> {
         let lost = |message: String| Failure { code: FailureCode::NotFound, message };
-        let upstream_id = agg.upstream_id.as_deref().ok_or_else(|| lost("no upstream id was recorded".to_owned()))?;
+        // A split result: every part's upstream aggregation, in order; else the one.
+        let upstream_ids: Vec<&str> = if agg.split.is_empty() {
+            vec![agg.upstream_id.as_deref().ok_or_else(|| lost("no upstream id was recorded".to_owned()))?]
+        } else {
+            agg.split
+                .iter()
+                .map(|p| p.upstream.as_ref().map(|(id, _)| id.as_str()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| lost("a part's upstream id was not recorded".to_owned()))?
+        };
         let left = agg
             .expire_time
             .and_then(|at| at.duration_since(self.clock.now()).ok())
             .ok_or_else(|| lost("its results have expired upstream too".to_owned()))?;
         let expires = Instant::now() + left;
-        let first = self.page(agg, upstream_id, None, expires).await?;
-        if first.status != AggregationStatus::Completed {
-            return Err(lost(format!("the upstream aggregation is {:?}, not COMPLETED", first.status)));
+        let mut rows = RowBlockBuilder::new(self.encoder);
+        for upstream_id in upstream_ids {
+            let first = self.page(agg, upstream_id, None, expires).await?;
+            if first.status != AggregationStatus::Completed {
+                return Err(lost(format!("the upstream aggregation is {:?}, not COMPLETED", first.status)));
+            }
+            let (part, _) = self.fetch_rest(agg, upstream_id, first, expires).await?;
+            rows.append(&part);
         }
-        let (rows, _) = self.fetch_rest(agg, upstream_id, first, expires).await?;
+        let rows = rows.finish();
         if rows.len() as u64 != agg.row_count {
             return Err(lost(format!("the upstream returned {} rows, not the {} recorded", rows.len(), agg.row_count)));
         }

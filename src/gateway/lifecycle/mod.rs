@@ -199,6 +199,11 @@ impl UpstreamRunner {
 
     /// The state machine: resume or start, follow, split when too large, record the end.
     async fn drive(&self, agg: &mut Driven<'_>) -> Result<(), Stop> {
+        if !agg.record.split.is_empty() {
+            // An earlier holder was running it as parts: go on where it left off.
+            let (outcome, started) = self.run_split(agg, "recorded by an earlier holder").await?;
+            return self.record(agg, outcome, started).await;
+        }
         let resumed = match (agg.record.state, agg.record.upstream_id.clone(), agg.record.running_since) {
             (State::Running, Some(upstream_id), Some(since)) => {
                 Some((upstream_id, Started::at(since, self.clock.now())))
@@ -218,12 +223,11 @@ impl UpstreamRunner {
                 Err(Interrupt::Stop(stop)) => return Err(stop),
             },
         };
-        // Too large upstream: run it as parts. A holder that takes over mid-split polls the
-        // whole's upstream id again, finds it too large again, and splits afresh: parts are
-        // never recorded as the whole's upstream aggregation.
+        // Too large upstream: run it as parts, recorded in the aggregation (a holder that takes
+        // over mid-split resumes them, above).
         let (outcome, started) = match outcome {
             Outcome::TooLarge { failure, .. } if self.config.split_max_parts > 1 && agg.record.key.may_split() => {
-                self.run_split(agg, failure).await?
+                self.run_split(agg, &failure.message).await?
             }
             Outcome::TooLarge { state, failure } => (Outcome::Ended { state, failure }, started),
             other => (other, started),

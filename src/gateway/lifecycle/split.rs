@@ -7,50 +7,69 @@ use super::retry::{GaveUp, Retry};
 use super::{Interrupt, Outcome, START, Started, UpstreamRunner, failure};
 use crate::domain::AggregationRequest;
 use crate::domain::split::halve;
-use crate::gateway::record::{Failure, FailureCode, State};
+use crate::gateway::record::{Failure, FailureCode, SplitPart, State};
 use crate::gateway::rows::RowBlockBuilder;
 use crate::upstream::UpstreamError;
-use std::collections::VecDeque;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
 impl UpstreamRunner {
-    /// Runs the aggregation's request as parts and merges their rows. Before each part's Start
-    /// a fenced write says which part runs, so a replaced holder stops before starting anything
-    /// upstream. The outcome and the earliest part's start (the merged result expires with it).
+    /// Runs the aggregation's request as parts and merges their rows. The parts are recorded
+    /// in the aggregation (`split`) before any starts, each part's upstream aggregation as soon
+    /// as it is accepted and each part once its rows are in hand, every write fenced: a holder
+    /// that takes over resumes here, fetching the rows of finished parts again by their
+    /// upstream ids and following a started part, never starting a part twice. `whole`: why
+    /// the whole was refused. The outcome and the earliest part's start (the merged result
+    /// expires with it).
     pub(super) async fn run_split(
         &self,
         agg: &mut Driven<'_>,
-        whole: Failure,
+        whole: &str,
     ) -> Result<(Outcome, Option<Started>), Stop> {
         let max = self.config.split_max_parts;
+        let request = agg.record.key.request().clone();
         let unsplittable = |what: &AggregationRequest, why: &str| Outcome::Ended {
             state: State::Failed,
             failure: Failure {
                 code: FailureCode::FailedPrecondition,
                 message: format!(
-                    "the upstream's result was too large ({}); the part {} {why} and cannot be split further \
+                    "the upstream's result was too large ({whole}); the part {} {why} and cannot be split further \
                      without cutting a period bucket or a group; narrow the request",
-                    whole.message,
                     describe(what),
                 ),
             },
         };
-        let Some((_, halves)) = halve(agg.record.key.request()) else {
-            return Ok((unsplittable(agg.record.key.request(), "is one part already"), None));
-        };
-        tracing::info!(aggregation = %agg.record.id, reason = %whole.message, "the upstream's result is too large; splitting");
-        let mut todo: VecDeque<AggregationRequest> = halves.into_iter().collect();
-        let (mut planned, mut done) = (2u32, 0u32);
+        if agg.record.split.is_empty() {
+            let Some((_, halves)) = halve(&request) else {
+                return Ok((unsplittable(&request, "is one part already"), None));
+            };
+            tracing::info!(aggregation = %agg.record.id, reason = %whole, "the upstream's result is too large; splitting");
+            agg.set(|r| r.split = halves.iter().map(|h| SplitPart::of(h, &request)).collect()).await?;
+        } else {
+            let done = agg.record.split.iter().filter(|p| p.done).count();
+            tracing::info!(aggregation = %agg.record.id, parts = agg.record.split.len(), done, "resuming a split aggregation where an earlier holder left it");
+        }
         let mut rows = RowBlockBuilder::new(self.encoder);
         let mut earliest: Option<Started> = None;
-        while let Some(part) = todo.pop_front() {
-            let note =
-                format!("the upstream's result was too large; split into {planned} parts, running part {}", done + 1);
-            agg.set(|r| r.status_message = note).await?;
-            let span = tracing::info_span!("part", part.index = done + 1, part.window = %describe(&part));
+        let mut i = 0;
+        while let Some(part) = agg.record.split.get(i).cloned() {
+            let planned = agg.record.split.len();
+            let part_request = part.request(&request);
+            if !part.done {
+                let note =
+                    format!("the upstream's result was too large; split into {planned} parts, running part {}", i + 1);
+                agg.set(|r| r.status_message = note).await?;
+            }
+            let span = tracing::info_span!("part", part.index = i + 1, part.window = %describe(&part_request));
             let ran = async {
-                let (upstream_id, started) = self.start_part(agg, &part).await?;
+                let (upstream_id, started) = match &part.upstream {
+                    Some((id, at)) => (id.clone(), Started::at(*at, self.clock.now())),
+                    None => {
+                        let (id, started) = self.start_part(agg, &part_request).await?;
+                        agg.set(|r| r.split[i].upstream = Some((id.clone(), started.wall))).await?;
+                        (id, started)
+                    }
+                };
                 Ok::<_, Interrupt>((self.follow(&agg.record, &upstream_id, started).await, started))
             }
             .instrument(span)
@@ -63,23 +82,31 @@ impl UpstreamRunner {
             match outcome {
                 Outcome::Completed { rows: block, .. } => {
                     rows.append(&block);
-                    done += 1;
-                    self.metrics.split_parts.inc();
+                    if !part.done {
+                        self.metrics.split_parts.inc();
+                        agg.set(|r| r.split[i].done = true).await?;
+                    }
                     earliest =
                         Some(earliest.map_or(started, |e: Started| if started.wall < e.wall { started } else { e }));
+                    i += 1;
                 }
-                Outcome::TooLarge { .. } => match halve(&part) {
-                    Some((_, [a, b])) if planned < max => {
-                        planned += 1;
-                        todo.push_front(b);
-                        todo.push_front(a);
+                Outcome::TooLarge { .. } => match halve(&part_request) {
+                    Some((_, halves)) if (planned as u32) < max => {
+                        let parts: Vec<SplitPart> = halves.iter().map(|h| SplitPart::of(h, &request)).collect();
+                        agg.set(|r| {
+                            r.split.splice(i..=i, parts);
+                        })
+                        .await?;
                     }
-                    Some(_) => return Ok((unsplittable(&part, &format!("reaches the limit of {max} parts")), None)),
-                    None => return Ok((unsplittable(&part, "is a single bucket"), None)),
+                    Some(_) => {
+                        return Ok((unsplittable(&part_request, &format!("reaches the limit of {max} parts")), None));
+                    }
+                    None => return Ok((unsplittable(&part_request, "is a single bucket"), None)),
                 },
                 ended @ Outcome::Ended { .. } => return Ok((ended, None)),
             }
         }
+        let done = agg.record.split.len() as u32;
         let message = format!("the upstream's result was too large; answered by {done} upstream aggregations, merged");
         Ok((Outcome::Completed { rows: rows.finish(), message: Some(message), parts: done }, earliest))
     }

@@ -5,7 +5,7 @@
 use crate::domain::{AggregationRequest, GroupBy, Period, Resources, Statistic, Timezone};
 use crate::gateway::coordination::StoreError;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationRecord, Failure, FailureCode, State};
+use crate::gateway::record::{AggregationRecord, Failure, FailureCode, SplitPart, State};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch (0 before it).
@@ -97,6 +97,23 @@ struct Wire {
     refresh: bool,
     #[serde(default)]
     estimate_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    split: Vec<WirePart>,
+}
+
+/// A part of a split aggregation as it is stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WirePart {
+    start_ms: i64,
+    end_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resource_ids: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started_ms: Option<i64>,
+    #[serde(default)]
+    done: bool,
 }
 
 /// A record as it is stored.
@@ -133,6 +150,18 @@ pub(crate) fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         no_split: !r.key.may_split(),
         refresh: r.refresh,
         estimate_ms: r.estimated_completion.map(millis),
+        split: r
+            .split
+            .iter()
+            .map(|p| WirePart {
+                start_ms: p.start_time.timestamp_millis(),
+                end_ms: p.end_time.timestamp_millis(),
+                resource_ids: p.resource_ids.clone(),
+                upstream_id: p.upstream.as_ref().map(|(id, _)| id.clone()),
+                started_ms: p.upstream.as_ref().map(|(_, at)| millis(*at)),
+                done: p.done,
+            })
+            .collect(),
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::corrupt(format!("the record of {}", r.id), e))
 }
@@ -183,6 +212,19 @@ pub(crate) fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         parts: w.parts,
         refresh: w.refresh,
         estimated_completion: w.estimate_ms.map(from_millis),
+        split: w
+            .split
+            .into_iter()
+            .map(|p| {
+                Ok(SplitPart {
+                    start_time: time(p.start_ms)?,
+                    end_time: time(p.end_ms)?,
+                    resource_ids: p.resource_ids,
+                    upstream: p.upstream_id.zip(p.started_ms.map(from_millis)),
+                    done: p.done,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?,
     })
 }
 
@@ -200,8 +242,17 @@ mod tests {
         r.running_since = Some(from_millis(1_800_000_000_000));
         r.create_time = from_millis(millis(r.create_time));
         r.parts = 3;
+        let whole = r.key.request().clone();
+        let (mut early, mut late) = (whole.clone(), whole.clone());
+        early.end_time = whole.start_time + chrono::Duration::hours(1);
+        late.start_time = early.end_time;
+        late.resources = Resources::Queues(vec!["queue-only".into()]);
+        r.split = vec![SplitPart::of(&early, &whole), SplitPart::of(&late, &whole)];
+        r.split[0].upstream = Some(("upstream-1".into(), from_millis(1_800_000_000_456)));
+        r.split[0].done = true;
         let back = from_json(&to_json(&r).expect("encodes")).expect("decodes");
         assert_eq!(back, r);
+        assert_eq!(back.split[1].request(&whole), late, "a part's request comes back whole");
         r.key = r.key.clone().no_split();
         let back = from_json(&to_json(&r).expect("encodes")).expect("decodes");
         assert!(!back.key.may_split(), "a request that refused a split stays so");
