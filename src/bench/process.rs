@@ -26,7 +26,15 @@ impl Server {
         env: &[(&str, &str)],
         announced: usize,
     ) -> std::io::Result<Self> {
-        Self::spawn(this_executable(core)?, args, env, announced, Stdio::null())
+        // `DSG_BENCH_LOGS=DIR` keeps each server's logs in DIR, for looking into a run.
+        let logs = match std::env::var_os("DSG_BENCH_LOGS") {
+            Some(dir) => {
+                let name = format!("{}-{}.log", args.first().map_or("server", String::as_str), rand::random::<u32>());
+                Stdio::from(std::fs::File::create(std::path::Path::new(&dir).join(name))?)
+            }
+            None => Stdio::null(),
+        };
+        Self::spawn(this_executable(core)?, args, env, announced, logs)
     }
 
     /// [`Server::start`] with its logs (stderr) written to `log`.

@@ -33,6 +33,11 @@ impl Drop for Redis {
 
 impl Redis {
     pub(crate) fn start() -> Result<Self, BenchError> {
+        Self::start_with(&[])
+    }
+
+    /// [`Redis::start`] with `extra` arguments (`--replicaof 127.0.0.1 PORT`).
+    pub(crate) fn start_with(extra: &[&str]) -> Result<Self, BenchError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!("dsg-bench-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -40,6 +45,7 @@ impl Redis {
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--maxmemory-policy", "noeviction", "--dir"])
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -59,6 +65,10 @@ impl Redis {
 
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
     }
 }
 

@@ -24,6 +24,10 @@ pub enum Scenario {
     Callers,
     /// Three gateways sharing one redis-server: 100 distinct aggregations, each sent to all.
     Replicas,
+    /// Three gateways on a Redis primary, replica and Sentinel, 200 aggregations on 20 farms,
+    /// a fault every few seconds (pause, failover, SIGKILL, SIGSTOP); against the same run
+    /// without faults.
+    Chaos,
     /// Rapid reset, stream floods, idle sockets, 1 MB metadata, descriptor exhaustion.
     Transport,
     /// 10,000 watchers (streams and long-polls) on 100 aggregations completing over time.
@@ -86,6 +90,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
                 Scenario::Hostile => crate::bench::abuse::hostile(&opts).await,
                 Scenario::Callers => crate::bench::abuse::callers(&opts).await,
                 Scenario::Replicas => crate::bench::replicas::replicas(&opts).await,
+                Scenario::Chaos => crate::bench::chaos::chaos(&opts).await,
                 Scenario::Transport => crate::bench::transport::transport(&opts).await,
                 Scenario::Watchers => crate::bench::watchers::watchers(&opts).await,
             }
