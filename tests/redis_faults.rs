@@ -314,25 +314,32 @@ async fn replicating(server: &RedisServer) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_replica_that_lagged_loses_no_accepted_aggregation_with_wait_replicas() {
     let primary = tokio::task::spawn_blocking(redis_server).await.expect("joins");
-    // The replica reaches its primary through a proxy of its own, so the test can stall it.
-    let link = FaultProxy::start(primary.port).await;
-    let link_port = link.port.to_string();
-    let replica = tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &link_port]))
-        .await
-        .expect("joins");
-    replicating(&replica).await;
+    // Two replicas, each reaching the primary through a proxy of its own, so the test can
+    // stall them: with `--redis-wait-replicas 1` a failover must leave one replica behind.
+    let links = [FaultProxy::start(primary.port).await, FaultProxy::start(primary.port).await];
+    let mut replicas = Vec::new();
+    for link in &links {
+        let port = link.port.to_string();
+        let replica = tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &port]))
+            .await
+            .expect("joins");
+        replicating(&replica).await;
+        replicas.push(replica);
+    }
     let flags = ["--redis-wait-replicas", "1", "--redis-wait-timeout", "200ms"];
     let mut rig = Rig::over(primary, 2, &flags, &["--aggregation-duration", "1s"]).await;
     let mut accepted = rig.start_many(360..362, 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // The replica falls behind: what the primary takes now is not replicated.
-    link.hold();
+    // The replicas fall behind: what the primary takes now is not replicated.
+    links.iter().for_each(FaultProxy::hold);
     accepted.extend(rig.try_start_many(362..364, 2).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // The primary dies; the replica is promoted, and the name the gateways use moves to it.
+    // The primary dies; a replica is promoted, the other follows it, and the name the
+    // gateways use moves to the new primary.
     tokio::task::block_in_place(|| rig.redis.stop());
-    replica.cli(&["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
-    rig.proxy.retarget(replica.port);
+    replicas[0].cli(&["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
+    replicas[1].cli(&["REPLICAOF", "127.0.0.1", &replicas[0].port.to_string()]).expect("REPLICAOF");
+    rig.proxy.retarget(replicas[0].port);
     rig.assert_all_completed_once(&accepted).await;
 }
 
@@ -416,22 +423,30 @@ async fn connections_whose_far_end_vanished_without_a_word_are_noticed_and_made_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_sentinel_a_primary_killed_mid_work_is_followed_to_the_replica_it_promotes() {
     let primary = tokio::task::spawn_blocking(redis_server).await.expect("joins");
-    let primary_port = primary.port.to_string();
-    let replica = tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &primary_port]))
-        .await
-        .expect("joins");
-    replicating(&replica).await;
+    // Two replicas, as Sentinel deployments run them.
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let primary_port = primary.port.to_string();
+        let replica =
+            tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &primary_port]))
+                .await
+                .expect("joins");
+        replicating(&replica).await;
+        replicas.push(replica);
+    }
     let primary_port = primary.port;
     let sentinel = tokio::task::spawn_blocking(move || redis_sentinel(primary_port)).await.expect("joins");
-    // The Sentinel has found the replica (from the primary's INFO) before the primary dies.
+    // The Sentinel has found the replicas (from the primary's INFO) before the primary dies.
     eventually(Duration::from_secs(20), || async {
         let mut conn = redis_conn(&format!("redis://127.0.0.1:{}", sentinel.port)).await;
-        let replicas: Vec<::redis::Value> =
+        let known: Vec<::redis::Value> =
             ::redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster").query_async(&mut conn).await.ok()?;
-        (!replicas.is_empty()).then_some(())
+        (known.len() == 2).then_some(())
     })
     .await;
-    let flags = ["--redis-wait-replicas", "1", "--redis-wait-timeout", "200ms"];
+    // Following Sentinel is what is tested here (waiting for replicas is tested above): how
+    // soon Sentinel re-points the other replica varies with the machine's load.
+    let flags: [&str; 0] = [];
     let mut rig = Rig::reaching(primary, Some(sentinel.url()), 2, &flags, &["--aggregation-duration", "1s"]).await;
     let mut accepted = rig.start_many(395..397, 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -440,7 +455,7 @@ async fn behind_sentinel_a_primary_killed_mid_work_is_followed_to_the_replica_it
     // New work goes to the promoted primary.
     accepted = rig.start_many(397..398, 1).await;
     rig.assert_all_completed_once(&accepted).await;
-    assert!(replica.cli(&["ROLE"]).is_ok(), "the promoted replica answers");
+    assert!(replicas.iter().all(|r| r.cli(&["ROLE"]).is_ok()), "both replicas answer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

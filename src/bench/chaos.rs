@@ -1,4 +1,4 @@
-//! `bench chaos`: three gateway processes on a Redis primary with a replica and a Sentinel
+//! `bench chaos`: three gateway processes on a Redis primary with two replicas and a Sentinel
 //! (`--redis-url redis+sentinel://…`, `--redis-wait-replicas 1`), in front of one emulator
 //! process. 200 aggregations on 20 farms are started (a Start refused as unavailable or full is
 //! retried, as a client does), and every few seconds a fault strikes: `CLIENT PAUSE` of the
@@ -124,17 +124,23 @@ enum Fate {
 
 async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
     let primary = Redis::start()?;
-    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()])?;
-    until("replication", || async {
-        let info: Result<String, _> = redis_cmd(replica.port(), redis::cmd("INFO").arg("replication")).await;
-        info.is_ok_and(|i| i.contains("master_link_status:up"))
-    })
-    .await?;
+    // Two replicas: `--redis-wait-replicas 1` needs one left after a failover.
+    let replicas = [
+        Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()])?,
+        Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()])?,
+    ];
+    for replica in &replicas {
+        until("replication", || async {
+            let info: Result<String, _> = redis_cmd(replica.port(), redis::cmd("INFO").arg("replication")).await;
+            info.is_ok_and(|i| i.contains("master_link_status:up"))
+        })
+        .await?;
+    }
     let sentinel = Sentinel::start(primary.port())?;
-    until("the Sentinel finding the replica", || async {
+    until("the Sentinel finding the replicas", || async {
         let found: Result<Vec<redis::Value>, _> =
             redis_cmd(sentinel.port, redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster")).await;
-        found.is_ok_and(|r| !r.is_empty())
+        found.is_ok_and(|r| r.len() == 2)
     })
     .await?;
     let run_for = if opts.smoke { "200ms" } else { "1s" };

@@ -159,18 +159,9 @@ impl RedisClient {
         };
         let mut conn = conn.clone();
         let answer = script.invoke_async(&mut conn).await.map_err(store_error)?;
-        // As many as asked, of the replicas the primary has now: a primary left without any
-        // (its replica was promoted elsewhere, or died) has nothing to wait for.
-        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.map_err(store_error)?;
-        let connected = info
-            .lines()
-            .find_map(|l| l.strip_prefix("connected_slaves:"))
-            .and_then(|n| n.trim().parse::<u32>().ok())
-            .unwrap_or_default();
-        let wanted = (*replicas).min(connected);
-        if wanted == 0 {
-            return Ok((answer, Ok(())));
-        }
+        // As many as asked, however many the primary has now: a primary cut off from its
+        // replicas (the one a failover just left behind) must not take writes it would lose.
+        let wanted = *replicas;
         let acked: u32 =
             redis::cmd("WAIT").arg(wanted).arg(millis(*timeout)).query_async(&mut conn).await.map_err(store_error)?;
         let replicated =

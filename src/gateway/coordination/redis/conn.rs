@@ -143,8 +143,11 @@ impl Conn {
     /// made anew on the primary now; a connection that timed out is probed (once at a time)
     /// and made anew when the probe times out too.
     fn after(&self, e: &redis::RedisError) {
-        let moved = matches!(self.shared.endpoint, Endpoint::Sentinel(_))
-            && (e.is_connection_dropped() || e.is_connection_refusal() || e.code() == Some("READONLY"));
+        // A demoted primary answers writes READONLY, wherever it was found; behind Sentinel a
+        // dropped or refused connection may also mean the primary moved.
+        let moved = e.code() == Some("READONLY")
+            || (matches!(self.shared.endpoint, Endpoint::Sentinel(_))
+                && (e.is_connection_dropped() || e.is_connection_refusal()));
         if !(moved || e.is_timeout()) || self.shared.probing.swap(true, Ordering::SeqCst) {
             return;
         }

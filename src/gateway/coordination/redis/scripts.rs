@@ -7,6 +7,11 @@
 //! running aggregation, the upstream pacing, taking a broken id off a queue) and write only
 //! small keys that exist already or replace others. Claims and finishes (rows) have no such
 //! flag: a full Redis refuses new aggregations and holds finished rows until memory frees.
+//!
+//! A script that checks its fence before it writes must not run on a replica (a demoted
+//! primary a connection still points at): there it would answer "fenced" from stale data
+//! without failing. Every such script has a shebang (`#!lua`, with or without flags), which
+//! makes Redis refuse it on a replica with `READONLY`, and the connection moves on.
 
 use std::sync::LazyLock;
 

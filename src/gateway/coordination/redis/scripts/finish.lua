@@ -1,3 +1,4 @@
+#!lua
 -- Writes a terminal state (and a COMPLETED one's rows), takes the aggregation off its farm's
 -- queue and keeps the record until its expiry plus a while; fenced like update.lua. A
 -- completed refresh becomes what its key answers.
