@@ -155,7 +155,8 @@ pub struct ServeArgs {
     /// With --store redis: how many Redis replicas must acknowledge a write that guards the
     /// one-running rule (a farm's lease, a new aggregation, its next state) before the gateway
     /// acts on it, so a failover to a replica loses none of them; 0 waits for none. While fewer
-    /// replicas answer, new aggregations are refused as unavailable and running ones wait.
+    /// replicas answer, new aggregations are refused as unavailable and running ones wait: run
+    /// at least N + 1 replicas.
     #[arg(long, env = "DSG_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
     /// With --store redis and --redis-wait-replicas: how long a write waits for the replicas
