@@ -18,7 +18,7 @@ use super::scenarios::{BenchError, BenchOptions, FAST_AND_UNPACED, string};
 use crate::grpc::pb;
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -29,46 +29,6 @@ pub(crate) async fn chaos(opts: &BenchOptions) -> Result<Value, BenchError> {
     let calm = run(opts, false).await?;
     let stormy = run(opts, true).await?;
     Ok(json!({ "scenario": "chaos", "without_faults": calm, "with_faults": stormy, "smoke": opts.smoke }))
-}
-
-/// A Redis Sentinel watching `mymaster`, stopped when dropped.
-struct Sentinel {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Sentinel {
-    fn start(primary: u16) -> Result<Self, BenchError> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!("dsg-bench-sentinel-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let conf = dir.join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary} 1\n\
-                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n",
-                dir.display()
-            ),
-        )?;
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("this benchmark needs redis-server on the PATH: {e}"))?;
-        Ok(Self { child, port, dir })
-    }
 }
 
 /// A command to the Redis (or Sentinel) at `port`.
@@ -136,10 +96,10 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
         })
         .await?;
     }
-    let sentinel = Sentinel::start(primary.port())?;
+    let sentinel = Redis::sentinel(primary.port())?;
     until("the Sentinel finding the replicas", || async {
         let found: Result<Vec<redis::Value>, _> =
-            redis_cmd(sentinel.port, redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster")).await;
+            redis_cmd(sentinel.port(), redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster")).await;
         found.is_ok_and(|r| r.len() == 2)
     })
     .await?;
@@ -148,7 +108,7 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
         ["emulator", "--listen", "127.0.0.1:0", "--aggregation-duration", run_for].into_iter().map(string).collect();
     let emulator = Server::start(None, &emulator_args, 1)?;
     let endpoint = emulator.url("listening on ").ok_or("no emulator address")?;
-    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port());
     let mut gateways = Gateways { args: Vec::new(), env: Vec::new(), running: Vec::new() };
     gateways.env = [
         ("AWS_ENDPOINT_URL_DEADLINE", endpoint.as_str()),
@@ -220,7 +180,7 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
         })
         .collect();
     let gateways = Arc::new(Mutex::new(gateways));
-    let storm = faults.then(|| tokio::spawn(storm(gateways.clone(), sentinel.port, opts.smoke)));
+    let storm = faults.then(|| tokio::spawn(storm(gateways.clone(), sentinel.port(), opts.smoke)));
     let mut fates = Vec::new();
     for run in runs {
         fates.push(run.await?);

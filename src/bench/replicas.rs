@@ -38,20 +38,46 @@ impl Redis {
 
     /// [`Redis::start`] with `extra` arguments (`--replicaof 127.0.0.1 PORT`).
     pub(crate) fn start_with(extra: &[&str]) -> Result<Self, BenchError> {
+        Self::spawn("redis", |port, dir| {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--maxmemory-policy", "noeviction", "--dir"])
+                .arg(dir)
+                .args(extra);
+            Ok(cmd)
+        })
+    }
+
+    /// A Redis Sentinel watching the primary on `primary` as `mymaster` (quorum 1, down after
+    /// 1 s).
+    pub(crate) fn sentinel(primary: u16) -> Result<Self, BenchError> {
+        Self::spawn("sentinel", |port, dir| {
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary} 1\n\
+                     sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n",
+                    dir.display()
+                ),
+            )?;
+            let mut cmd = Command::new("redis-server");
+            cmd.arg(&conf).arg("--sentinel");
+            Ok(cmd)
+        })
+    }
+
+    /// `command(port, dir)` on a free port with a directory of its own, answering connections.
+    fn spawn(
+        what: &str,
+        command: impl FnOnce(u16, &std::path::Path) -> Result<Command, BenchError>,
+    ) -> Result<Self, BenchError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!("dsg-bench-redis-{}-{port}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("dsg-bench-{what}-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--maxmemory-policy", "noeviction", "--dir"])
-            .arg(&dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("this benchmark needs redis-server on the PATH (apt-get install redis-server): {e}")
-            })?;
+        let child = command(port, &dir)?.stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| {
+            format!("this benchmark needs redis-server on the PATH (apt-get install redis-server): {e}")
+        })?;
         let redis = Self { child, port, dir };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
