@@ -404,7 +404,7 @@ async fn a_replica_stopped_with_an_aggregation_still_running_gives_its_farm_up_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_whose_far_end_vanished_without_a_word_are_noticed_and_made_anew() {
     let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "300ms"]).await;
-    let mut conn = redis_conn(&rig.redis.url()).await;
+    let conn = redis_conn(&rig.redis.url()).await;
     let subscribers = |mut conn: ::redis::aio::MultiplexedConnection| async move {
         let counts: Vec<(String, u64)> =
             ::redis::cmd("PUBSUB").arg("NUMSUB").arg("dsg:changes").query_async(&mut conn).await.expect("NUMSUB");
@@ -417,7 +417,6 @@ async fn connections_whose_far_end_vanished_without_a_word_are_noticed_and_made_
     eventually(Duration::from_secs(15), || async { (subscribers(conn.clone()).await >= 4).then_some(()) }).await;
     let accepted = rig.start_many(390..392, 2).await;
     rig.assert_all_completed_once(&accepted).await;
-    let _ = &mut conn;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use deadline_stats_gateway::gateway::clock::Clock;
 use deadline_stats_gateway::gateway::coordination::redis::RedisConfig;
 use deadline_stats_gateway::gateway::coordination::{
     AggregationStore, Bound, ClaimError, Claimed, Coordination, CoordinationSettings, Disposition, FarmLoad, Found,
-    Freshness, Head, Lease, Limits, MemoryStore, QueueFault, RunModel, Wakeups, Written,
+    Freshness, Head, Lease, Limits, MemoryStore, RunModel, Wakeups, Written,
 };
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
@@ -201,12 +201,12 @@ async fn a_discarded_id_leaves_its_farms_queue_under_the_current_lease_only(s: &
     store.leases().release(&old).await.expect("store");
     let new = holder(store, &farm, "replica-b").await;
     let (a, b) = (first.record.id.to_string(), second.record.id.to_string());
-    assert_eq!(store.discard(&old, &a, &QueueFault::Missing).await.expect("store"), Written::Fenced);
+    assert_eq!(store.discard(&old, &a).await.expect("store"), Written::Fenced);
     assert_eq!(head(store, &farm).await.as_deref(), Some(a.as_str()), "a stale holder discards nothing");
-    assert_eq!(store.discard(&new, &a, &QueueFault::Missing).await.expect("store"), Written::Done);
-    assert_eq!(store.discard(&new, &a, &QueueFault::Missing).await.expect("store"), Written::Done, "idempotent");
+    assert_eq!(store.discard(&new, &a).await.expect("store"), Written::Done);
+    assert_eq!(store.discard(&new, &a).await.expect("store"), Written::Done, "idempotent");
     assert_eq!(head(store, &farm).await.as_deref(), Some(b.as_str()), "the farm moves on");
-    assert_eq!(store.discard(&new, &b, &QueueFault::Missing).await.expect("store"), Written::Done);
+    assert_eq!(store.discard(&new, &b).await.expect("store"), Written::Done);
     assert_eq!(head(store, &farm).await, None);
     assert!(store.farms_with_work().await.expect("store").is_empty(), "no farm has work");
     let one_live = Limits { max_live: 1, ..ROOMY };

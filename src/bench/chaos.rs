@@ -180,22 +180,17 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
         })
         .collect();
     let gateways = Arc::new(Mutex::new(gateways));
-    let storm = faults.then(|| tokio::spawn(storm(gateways.clone(), sentinel.port(), opts.smoke)));
+    let struck = Arc::new(Mutex::new(Vec::new()));
+    let storm = faults.then(|| tokio::spawn(storm(gateways.clone(), sentinel.port(), opts.smoke, struck.clone())));
     let mut fates = Vec::new();
     for run in runs {
         fates.push(run.await?);
     }
-    let struck = match storm {
-        Some(storm) => {
-            storm.abort();
-            let _ = storm.await;
-            STRUCK.lock().map(|s| s.clone()).unwrap_or_default()
-        }
-        None => Vec::new(),
-    };
-    if let Ok(mut s) = STRUCK.lock() {
-        s.clear();
+    if let Some(storm) = storm {
+        storm.abort();
+        let _ = storm.await;
     }
+    let struck = struck.lock().map(|s| s.clone()).unwrap_or_default();
     let stats: Value = serde_json::from_str(&http_get(&endpoint, "/_emulator/stats").await?)?;
     let mut accepted_on = std::collections::HashMap::<u64, u64>::new();
     for (i, f) in fates.iter().enumerate() {
@@ -235,11 +230,8 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
     }))
 }
 
-/// The faults struck so far in this run, in order.
-static STRUCK: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// A fault every few seconds, in turn, until aborted.
-async fn storm(gateways: Arc<Mutex<Gateways>>, sentinel: u16, smoke: bool) {
+/// A fault every few seconds, in turn, until aborted; each struck is added to `struck`.
+async fn storm(gateways: Arc<Mutex<Gateways>>, sentinel: u16, smoke: bool, struck: Arc<Mutex<Vec<String>>>) {
     let every = if smoke { Duration::from_millis(300) } else { Duration::from_secs(3) };
     // `DSG_CHAOS_FIRST=N` begins with the Nth fault (0 pause, 1 failover, 2 SIGKILL, 3 SIGSTOP).
     let first: usize = std::env::var("DSG_CHAOS_FIRST").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -286,7 +278,7 @@ async fn storm(gateways: Arc<Mutex<Gateways>>, sentinel: u16, smoke: bool) {
                 format!("sigstop_gateway_{victim}_{}ms", frozen.as_millis())
             }
         };
-        if let Ok(mut s) = STRUCK.lock() {
+        if let Ok(mut s) = struck.lock() {
             s.push(what);
         }
     }

@@ -269,7 +269,7 @@ impl AggregationStore for MemoryStore {
         })
     }
 
-    async fn discard(&self, lease: &Lease, id: &str, _: &QueueFault) -> Result<Written, StoreError> {
+    async fn discard(&self, lease: &Lease, id: &str) -> Result<Written, StoreError> {
         if self.fenced(lease) {
             return Ok(Written::Fenced);
         }

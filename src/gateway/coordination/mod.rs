@@ -306,7 +306,7 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// Takes `id`, a [`Head::Broken`], off `lease`'s farm's queue, if `lease` is still current,
     /// so the farm moves on: it no longer counts as active, and a record that cannot be read is
     /// kept (as not active) so its id still answers why, until it expires.
-    async fn discard(&self, lease: &Lease, id: &str, fault: &QueueFault) -> Result<Written, StoreError>;
+    async fn discard(&self, lease: &Lease, id: &str) -> Result<Written, StoreError>;
 
     /// The first `count` aggregations of `farm`'s queue, its head first (broken entries left
     /// out).

@@ -52,7 +52,8 @@ pub struct Pacer {
 impl Pacer {
     /// Paces at `rate` in this process; a zero rate does not pace.
     pub fn new(rate: Rate) -> Self {
-        Self::with_source(LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>), rate)
+        let source = LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
+        Self { source, fallback: None, line: tokio::sync::Mutex::new(()) }
     }
 
     /// Paces on `source`, or at `rate` in this process while `source` cannot be reached;

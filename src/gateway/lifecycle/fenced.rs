@@ -7,7 +7,7 @@
 //! next resumes the aggregation from its record.
 
 use crate::gateway::backoff::BackoffPolicy;
-use crate::gateway::coordination::{AggregationStore, Found, Lease, QueueFault, StoreError, Written};
+use crate::gateway::coordination::{AggregationStore, Found, Lease, StoreError, Written};
 use crate::gateway::record::{AggregationRecord, Rows};
 use std::future::Future;
 use std::time::Duration;
@@ -73,13 +73,8 @@ impl Driven<'_> {
 }
 
 /// Takes a broken id off `lease`'s farm's queue, fenced, retried as a write is.
-pub(super) async fn discard(
-    store: &dyn AggregationStore,
-    lease: &Lease,
-    id: &str,
-    fault: &QueueFault,
-) -> Result<(), Stop> {
-    persist(lease, || store.discard(lease, id, fault)).await
+pub(super) async fn discard(store: &dyn AggregationStore, lease: &Lease, id: &str) -> Result<(), Stop> {
+    persist(lease, || store.discard(lease, id)).await
 }
 
 fn is_active(found: &Found) -> bool {

@@ -188,7 +188,7 @@ impl UpstreamRunner {
     async fn discard_broken(&self, id: &str, fault: &QueueFault, lease: &Lease) -> bool {
         tracing::error!(aggregation = id, farm = %lease.farm, fault = %fault, "an id in the farm's queue has no readable record; taking it off the queue so the farm moves on");
         self.metrics.store_corrupt.get_or_create(&ReasonLabels { reason: fault.name() }).inc();
-        match fenced::discard(self.store.as_ref(), lease, id, fault).await {
+        match fenced::discard(self.store.as_ref(), lease, id).await {
             Ok(()) => true,
             Err(stop) => {
                 tracing::warn!(aggregation = id, reason = %stop, "could not take the broken id off the farm's queue");

@@ -324,7 +324,7 @@ impl AggregationStore for RedisStore {
         })
     }
 
-    async fn discard(&self, lease: &Lease, id: &str, _: &QueueFault) -> Result<Written, StoreError> {
+    async fn discard(&self, lease: &Lease, id: &str) -> Result<Written, StoreError> {
         let k = self.keys();
         let done: i64 = self
             .redis
