@@ -208,6 +208,48 @@ async fn a_holder_frozen_past_its_lease_while_its_start_is_throttled_never_start
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_upstream_accepts_after_its_holder_lost_the_farm_is_adopted_not_started_again() {
+    let flags = [
+        "--lease-ttl",
+        "2s",
+        "--start-retry-initial",
+        "300ms",
+        "--start-retry-max",
+        "300ms",
+        "--upstream-attempt-timeout",
+        "30s",
+    ];
+    let mut rig = Rig::launch(2, &flags, &["--aggregation-duration", "6s"]).await;
+    // The upstream takes 2 s to answer the first Start; its holder freezes meanwhile.
+    faults_of(&rig.endpoint, json!({ "latency_ms": 2000, "operations": ["start"] })).await;
+    let accepted = rig.start_many(335..336, 1).await;
+    rig.until_starts(335, 1).await;
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    let holder = lease_holder(&mut conn, &farm(335)).await.expect("a replica holds the farm");
+    rig.signal(holder, "-STOP");
+    faults_of(&rig.endpoint, json!({})).await;
+    // The other replica takes the farm; the upstream aggregation the frozen holder's Start
+    // created keeps the farm busy, so its own Start is refused as throttled (told to retry
+    // when that aggregation ends).
+    rig.until_starts(335, 2).await;
+    // Thawed, the old holder has the upstream id but no lease to record it under: it leaves it
+    // for the new holder, which follows it instead of starting again once the farm is free.
+    rig.signal(holder, "-CONT");
+    rig.assert_all_completed_once(&accepted).await;
+    let mut offers = std::collections::BTreeMap::new();
+    for (_, _, admin) in &rig.replicas {
+        let (_, _, text) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+        for (series, n) in parse_metrics(&text) {
+            if let Some(outcome) = series.strip_prefix("dsg_upstream_start_offers_total") {
+                *offers.entry(outcome.to_owned()).or_insert(0.0) += n;
+            }
+        }
+    }
+    let expected = [("{outcome=\"adopted\"}".to_owned(), 1.0), ("{outcome=\"left\"}".to_owned(), 1.0)];
+    assert_eq!(offers, expected.into(), "left by the old holder, adopted by the new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_gone_or_unreadable_in_a_farms_queue_are_skipped_counted_and_the_farm_moves_on() {
     let mut rig = Rig::launch(2, &[], &["--aggregation-duration", "1s"]).await;
     let mut all = rig.start_many(340..341, 4).await;

@@ -15,7 +15,7 @@ use deadline_stats_gateway::gateway::coordination::{
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::throttle::Rate;
-use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Rows, State};
+use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -211,6 +211,33 @@ async fn a_discarded_id_leaves_its_farms_queue_under_the_current_lease_only(s: &
     assert!(store.farms_with_work().await.expect("store").is_empty(), "no farm has work");
     let one_live = Limits { max_live: 1, ..ROOMY };
     claim(store, &key(26, 1), &one_live).await.expect("the discarded ones count as live no more");
+}
+
+/// An upstream aggregation left by a holder that lost its lease (unfenced) is read back while
+/// its aggregation is active, the last one left wins, and it goes with the aggregation's end;
+/// nothing is left with an aggregation that is not active.
+async fn an_offer_is_kept_with_its_active_aggregation_only(s: &Subject) {
+    let store = s.store.as_ref();
+    let claimed = claim(store, &key(27, 1), &ROOMY).await.expect("room");
+    let (id, farm) = (claimed.record.id.to_string(), claimed.record.farm_id().to_owned());
+    assert_eq!(store.offered(&id).await.expect("store"), None);
+    let started = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
+    let whole = Offer { part: None, upstream_id: "upstream-1".into(), started };
+    store.offer(&id, &whole).await.expect("store");
+    assert_eq!(store.offered(&id).await.expect("store"), Some(whole), "unfenced: no lease is needed");
+    let r = &claimed.record;
+    let part = SplitPart::of(r.key.request(), r.key.request());
+    let second = Offer { part: Some((1, part)), upstream_id: "upstream-2".into(), started };
+    store.offer(&id, &second).await.expect("store");
+    assert_eq!(store.offered(&id).await.expect("store"), Some(second), "the last one left wins");
+    let lease = holder(store, &farm, "replica-a").await;
+    complete(store, &lease, r, TTL).await;
+    assert_eq!(store.offered(&id).await.expect("store"), None, "gone with the aggregation's end");
+    let late = Offer { part: None, upstream_id: "upstream-3".into(), started };
+    store.offer(&id, &late).await.expect("store");
+    assert_eq!(store.offered(&id).await.expect("store"), None, "nothing is left with a terminal aggregation");
+    store.offer("agg-never-claimed", &late).await.expect("store");
+    assert_eq!(store.offered("agg-never-claimed").await.expect("store"), None);
 }
 
 /// `Freshness::accepts`: enough validity left, not too stale.
@@ -482,6 +509,7 @@ conformance! {
     claims_respect_every_bound,
     only_the_current_lease_holders_writes_land,
     a_discarded_id_leaves_its_farms_queue_under_the_current_lease_only,
+    an_offer_is_kept_with_its_active_aggregation_only,
     a_terminal_result_answers_while_fresh_enough,
     an_expired_result_reads_expired_and_answers_no_start,
     every_write_wakes_its_waiters,

@@ -42,7 +42,7 @@ pub(crate) mod watch;
 pub use config::{GatewayConfig, defaults};
 pub use coordination::{CachedResult, Coordination, Disposition, Freshness, StoreError};
 pub use error::GatewayError;
-pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Rows, SplitPart, State};
+pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
 
 use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;

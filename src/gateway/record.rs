@@ -132,6 +132,37 @@ impl SplitPart {
     }
 }
 
+/// An upstream aggregation that a Start created but its holder could not record under its
+/// lease: the lease ran out, or a newer holder took the farm, while the upstream was answering
+/// the Start. The holder leaves it with the aggregation (unfenced, [`super::coordination::AggregationStore::offer`]),
+/// and the farm's holder, before it sends a Start of the same aggregation or part, adopts it
+/// instead of starting a second upstream aggregation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// Which Start: the whole aggregation (`None`), or the part at this index of its split,
+    /// as the part was then (the offer is adopted only while the part is still that, unstarted).
+    pub part: Option<(usize, SplitPart)>,
+    pub upstream_id: String,
+    /// When the upstream accepted the Start.
+    pub started: SystemTime,
+}
+
+impl Offer {
+    /// Whether this offer is the Start of `part` (`None`: the whole) of `record` that is still
+    /// to be sent.
+    pub fn fits(&self, record: &AggregationRecord, part: Option<usize>) -> bool {
+        match (&self.part, part) {
+            (None, None) => record.upstream_id.is_none() && record.split.is_empty(),
+            (Some((i, offered)), Some(j)) if *i == j => record.split.get(j).is_some_and(|p| {
+                p.upstream.is_none()
+                    && (&p.start_time, &p.end_time, &p.resource_ids)
+                        == (&offered.start_time, &offered.end_time, &offered.resource_ids)
+            }),
+            _ => false,
+        }
+    }
+}
+
 impl AggregationRecord {
     /// A new QUEUED aggregation, created at `now`.
     pub fn queued(id: AggregationId, key: CanonicalKey, now: SystemTime) -> Self {

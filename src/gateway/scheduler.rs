@@ -28,6 +28,12 @@ const SUPERVISOR_SLACK: Duration = Duration::from_secs(2);
 /// How long giving up the leases at shutdown may take.
 const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 
+/// How long a run whose lease was lost may take to stop by itself before it is aborted. It
+/// stops at its next write or Start check, at once while it waits or polls; only an upstream
+/// Start being answered (bounded by the SDK's operation timeout) is let finish, so that the
+/// upstream aggregation it created is recorded, or left for the next holder, never forgotten.
+const STOP_AFTER_LOSS: Duration = Duration::from_secs(35);
+
 /// Why the farm's supervisor ended an aggregation its runner did not.
 #[derive(Debug, Clone)]
 pub(crate) enum Abandoned {
@@ -372,7 +378,14 @@ async fn supervise(
             joined = &mut task => break Ok(joined),
             () = overdue => break Err(()),
             () = changes.woken() => {}
-            () = lost.cancelled() => return false,
+            () = lost.cancelled() => {
+                lease.revoke();
+                let patience = if shared.cancel.is_cancelled() { RELEASE_AT_SHUTDOWN } else { STOP_AFTER_LOSS };
+                if tokio::time::timeout(patience, &mut task).await.is_err() {
+                    tracing::warn!(aggregation = %id, farm = %lease.farm, ?patience, "the run did not stop after its lease was lost; aborting it");
+                }
+                return false;
+            }
         }
     };
     let why = match ended {

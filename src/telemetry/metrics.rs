@@ -105,6 +105,10 @@ pub struct Metrics {
     pub store_corrupt: Family<ReasonLabels, Counter>,
     /// Upstream Starts whose outcome is unknown (timeout, 5xx, lost response).
     pub start_outcome_unknown: Counter,
+    /// Upstream aggregations a holder started but could not record under its lease: `left`
+    /// with the aggregation for the next holder, `adopted` by it, or `lost` (the store could
+    /// not take the offer either: the next holder starts again).
+    pub start_offers: Family<OutcomeLabels, Counter>,
     /// Starts refused by a gateway-wide bound: `max_active_aggregations` or `max_farms`.
     pub busy: Family<ReasonLabels, Counter>,
     /// Results whose rows the shared store lost, fetched again from the upstream: `recovered`
@@ -211,6 +215,12 @@ impl Metrics {
             "upstream Starts whose outcome is unknown (timeout, 5xx, lost response)",
             start_outcome_unknown.clone(),
         );
+        let start_offers = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "upstream_start_offers",
+            "upstream aggregations started by a holder that lost its lease: left for the next holder, adopted by it, or lost",
+            start_offers.clone(),
+        );
         let busy = Family::<ReasonLabels, Counter>::default();
         registry.register("gateway_busy", "Starts refused by a gateway-wide bound, by bound", busy.clone());
         let rows_refetched = Family::<OutcomeLabels, Counter>::default();
@@ -302,6 +312,7 @@ impl Metrics {
             abandoned,
             store_corrupt,
             start_outcome_unknown,
+            start_offers,
             busy,
             rows_refetched,
             authz_denied,

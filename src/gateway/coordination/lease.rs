@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// A held lease on one farm.
 ///
@@ -27,6 +28,8 @@ pub struct Lease {
     /// Larger than the token of every earlier holder of this farm.
     pub token: u64,
     deadline: Arc<Mutex<Instant>>,
+    /// Fired when the holder learns the lease is gone before its deadline.
+    revoked: CancellationToken,
 }
 
 impl PartialEq for Lease {
@@ -47,13 +50,37 @@ impl Lease {
     /// A lease the store granted for `ttl`, asked for at `asked`.
     pub fn granted(farm: &str, holder: &str, token: u64, asked: Instant, ttl: Duration) -> Self {
         let deadline = Arc::new(Mutex::new(asked + ttl - margin(ttl)));
-        Self { farm: farm.to_owned(), holder: holder.to_owned(), token, deadline }
+        Self { farm: farm.to_owned(), holder: holder.to_owned(), token, deadline, revoked: CancellationToken::new() }
+    }
+
+    /// The holder learned the lease is gone (the store says another holds it, or the worker
+    /// gives it up): it is no longer valid, and [`Self::lost`] resolves.
+    pub fn revoke(&self) {
+        *self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
+        self.revoked.cancel();
+    }
+
+    /// Resolves once this holder may no longer act under the lease: it ran out by this
+    /// holder's clock, or was revoked.
+    pub async fn lost(&self) {
+        loop {
+            let left = self.remaining();
+            if left.is_zero() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(left) => {}
+                () = self.revoked.cancelled() => return,
+            }
+        }
     }
 
     /// The store renewed it for `ttl`, asked at `asked`.
     pub fn renewed(&self, asked: Instant, ttl: Duration) {
         let mut deadline = self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *deadline = (*deadline).max(asked + ttl - margin(ttl));
+        if !self.revoked.is_cancelled() {
+            *deadline = (*deadline).max(asked + ttl - margin(ttl));
+        }
     }
 
     /// How long this holder may still act under it by its own clock (zero once it ran out).

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationId, AggregationRecord, Rows, State};
+use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Rows, State};
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -74,6 +74,8 @@ struct Index {
     refreshing: HashMap<CanonicalKey, AggregationId>,
     /// Each farm's observed run times.
     models: HashMap<String, RunModel>,
+    /// Upstream aggregations left by holders that lost their lease, by active aggregation.
+    offers: HashMap<AggregationId, Offer>,
 }
 
 impl Index {
@@ -281,6 +283,7 @@ impl AggregationStore for MemoryStore {
             }
         }
         index.active.remove(id);
+        index.offers.remove(id);
         Ok(Written::Done)
     }
 
@@ -297,6 +300,19 @@ impl AggregationStore for MemoryStore {
         self.wakeups.wake(&id);
         self.wakeups.wake(&farm_topic(&lease.farm));
         Ok(Written::Done)
+    }
+
+    async fn offer(&self, id: &str, offer: &Offer) -> Result<(), StoreError> {
+        let mut index = self.lock();
+        if let Some((id, _)) = index.active.get_key_value(id) {
+            let id = id.clone();
+            index.offers.insert(id, offer.clone());
+        }
+        Ok(())
+    }
+
+    async fn offered(&self, id: &str) -> Result<Option<Offer>, StoreError> {
+        Ok(self.lock().offers.get(id).cloned())
     }
 
     async fn finish(
@@ -321,6 +337,7 @@ impl AggregationStore for MemoryStore {
             // Into the cache before out of `active`, so a concurrent reader never sees neither.
             self.results.insert(result.clone());
             index.active.remove(&id);
+            index.offers.remove(&id);
             let r = &result.record;
             if r.state == State::Completed
                 && let Some(at) = r.expire_time

@@ -35,7 +35,7 @@ pub use wakeups::Wakeups;
 
 use super::clock::Clock;
 use super::key::CanonicalKey;
-use super::record::{AggregationId, AggregationRecord, Rows};
+use super::record::{AggregationId, AggregationRecord, Offer, Rows};
 use super::throttle::Rate;
 use pacing::{LocalRate, RateSource};
 use std::collections::HashMap;
@@ -322,6 +322,15 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// and keeps it until its expiry; if `lease` is still current.
     async fn finish(&self, lease: &Lease, record: AggregationRecord, rows: Option<Rows>)
     -> Result<Written, StoreError>;
+
+    /// Leaves `offer` with active aggregation `id`, unfenced: the one write a holder makes
+    /// after it lost its lease, so that the upstream aggregation its last Start created is
+    /// adopted by the farm's next holder, not started a second time ([`Offer`]). Replaces an
+    /// earlier offer; nothing when `id` is no longer active.
+    async fn offer(&self, id: &str, offer: &Offer) -> Result<(), StoreError>;
+
+    /// The offer left with active aggregation `id`, if any.
+    async fn offered(&self, id: &str) -> Result<Option<Offer>, StoreError>;
 
     /// Puts back the rows of a COMPLETED aggregation that the store lost ([`Found::RowsLost`],
     /// fetched again from the upstream), unless it has them already; rows are immutable, so

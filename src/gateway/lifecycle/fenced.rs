@@ -8,13 +8,17 @@
 
 use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::coordination::{AggregationStore, Found, Lease, StoreError, Written};
-use crate::gateway::record::{AggregationRecord, Rows};
+use crate::gateway::record::{AggregationRecord, Offer, Rows};
 use std::future::Future;
 use std::time::Duration;
 
 /// Delays between attempts at a write the store could not take.
 const WRITE_RETRY: BackoffPolicy =
     BackoffPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 };
+
+/// How long a holder that lost its lease with a Start answered keeps trying to leave the
+/// upstream aggregation for the next holder.
+const OFFER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Why a holder stops driving an aggregation before it is terminal.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,15 @@ impl Driven<'_> {
         }
     }
 
+    /// `work`, unless the lease is lost first: for what may stop at any point (a wait, a poll),
+    /// never an upstream Start, whose answer must be recorded or offered.
+    pub(super) async fn unless_lost<T>(&self, work: impl Future<Output = T>) -> Result<T, Stop> {
+        tokio::select! {
+            done = work => Ok(done),
+            () = self.lease.lost() => Err(Stop::LeaseExpired),
+        }
+    }
+
     /// Before an act that only the farm's one holder may take (an upstream Start): the lease
     /// is still valid by this replica's clock, and still the farm's newest in the store.
     pub(super) async fn confirm(&self) -> Result<(), Stop> {
@@ -69,6 +82,42 @@ impl Driven<'_> {
         });
         current.await?;
         if lease.is_valid() { Ok(()) } else { Err(Stop::LeaseExpired) }
+    }
+}
+
+impl Driven<'_> {
+    /// The one write after the lease is lost: the upstream aggregation a Start created,
+    /// which the record could not take under the lease, left with the aggregation (unfenced)
+    /// for the farm's next holder to adopt ([`Offer`]). Tried while the store cannot take it,
+    /// for a while. Whether it was left.
+    pub(super) async fn offer(&self, offer: Offer) -> bool {
+        let deadline = tokio::time::Instant::now() + OFFER_PATIENCE;
+        let mut backoff = WRITE_RETRY.start();
+        loop {
+            match self.store.offer(&self.record.id, &offer).await {
+                Ok(()) => return true,
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::error!(aggregation = %self.record.id, upstream = %offer.upstream_id, error = %e, "cannot leave the upstream aggregation this holder started for the next one; it will start the aggregation again");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// An upstream aggregation a holder that lost its lease left for the Start of `part`
+    /// (`None`: the whole) that this holder is about to send. A store that cannot say is
+    /// taken as none: the Start goes on, under a confirmed lease.
+    pub(super) async fn adoptable(&self, part: Option<usize>) -> Option<Offer> {
+        match self.store.offered(&self.record.id).await {
+            Ok(offer) => offer.filter(|o| o.fits(&self.record, part)),
+            Err(e) => {
+                tracing::debug!(aggregation = %self.record.id, error = %e, "cannot read offers; none taken");
+                None
+            }
+        }
     }
 }
 

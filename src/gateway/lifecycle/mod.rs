@@ -215,10 +215,12 @@ impl UpstreamRunner {
         let (outcome, started) = match resumed {
             Some((upstream_id, started)) => {
                 tracing::info!(aggregation = %agg.record.id, upstream = %upstream_id, "resuming an aggregation an earlier holder started");
-                (self.follow(&agg.record, &upstream_id, started).await, Some(started))
+                (agg.unless_lost(self.follow(&agg.record, &upstream_id, started)).await?, Some(started))
             }
             None => match self.start(agg, unknown).await {
-                Ok((upstream_id, started)) => (self.follow(&agg.record, &upstream_id, started).await, Some(started)),
+                Ok((upstream_id, started)) => {
+                    (agg.unless_lost(self.follow(&agg.record, &upstream_id, started)).await?, Some(started))
+                }
                 Err(Interrupt::Fail(failure)) => (Outcome::Ended { state: State::Failed, failure }, None),
                 Err(Interrupt::Stop(stop)) => return Err(stop),
             },

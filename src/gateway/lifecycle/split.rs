@@ -7,7 +7,7 @@ use super::retry::{GaveUp, Retry};
 use super::{Interrupt, Outcome, START, Started, UpstreamRunner, failure};
 use crate::domain::AggregationRequest;
 use crate::domain::split::halve;
-use crate::gateway::record::{Failure, FailureCode, SplitPart, State};
+use crate::gateway::record::{Failure, FailureCode, Offer, SplitPart, State};
 use crate::gateway::rows::RowBlockBuilder;
 use crate::upstream::UpstreamError;
 use tokio::time::Instant;
@@ -65,12 +65,17 @@ impl UpstreamRunner {
                 let (upstream_id, started) = match &part.upstream {
                     Some((id, at)) => (id.clone(), Started::at(*at, self.clock.now())),
                     None => {
-                        let (id, started) = self.start_part(agg, &part_request).await?;
-                        agg.set(|r| r.split[i].upstream = Some((id.clone(), started.wall))).await?;
+                        let (id, started) = self.start_part(agg, i, &part_request).await?;
+                        if let Err(stop) = agg.set(|r| r.split[i].upstream = Some((id.clone(), started.wall))).await {
+                            let offer = Offer { part: Some((i, part.clone())), upstream_id: id, started: started.wall };
+                            self.offer(agg, offer).await;
+                            return Err(stop.into());
+                        }
                         (id, started)
                     }
                 };
-                Ok::<_, Interrupt>((self.follow(&agg.record, &upstream_id, started).await, started))
+                let outcome = agg.unless_lost(self.follow(&agg.record, &upstream_id, started)).await?;
+                Ok::<_, Interrupt>((outcome, started))
             }
             .instrument(span)
             .await;
@@ -114,8 +119,14 @@ impl UpstreamRunner {
     /// Starts one part upstream, waiting out throttling (the farm is busy, or an earlier
     /// part's Start of unknown outcome runs) until the start deadline, or the result validity
     /// after an unknown outcome. Writes nothing: the part is not the aggregation; but each
-    /// attempt is made under a lease confirmed current, as the whole's Start is.
-    async fn start_part(&self, driven: &Driven<'_>, part: &AggregationRequest) -> Result<(String, Started), Interrupt> {
+    /// attempt is made under a lease confirmed current, as the whole's Start is, and adopts
+    /// the part's upstream aggregation instead when an earlier holder left one.
+    async fn start_part(
+        &self,
+        driven: &Driven<'_>,
+        index: usize,
+        part: &AggregationRequest,
+    ) -> Result<(String, Started), Interrupt> {
         let agg = &driven.record;
         let c = &self.config;
         let mut retry = Retry::new(&self.start_pacer, &c.start_retry, Instant::now() + c.start_deadline);
@@ -132,6 +143,10 @@ impl UpstreamRunner {
         };
         loop {
             retry.ready().await;
+            if let Some(offer) = driven.adoptable(Some(index)).await {
+                self.adopted(driven, &offer.upstream_id);
+                return Ok((offer.upstream_id, Started::at(offer.started, self.clock.now())));
+            }
             driven.confirm().await?;
             let started = Started::now(self.clock.now());
             let err = match retry.attempt(self.call(START, agg, None, self.upstream.start(part))).await {
@@ -143,7 +158,7 @@ impl UpstreamRunner {
                 self.metrics.start_outcome_unknown.inc();
                 retry.extend_to(Instant::now() + c.result_validity);
             }
-            retry.back_off(err).await.map_err(|e| Interrupt::Fail(gave_up(e)))?;
+            driven.unless_lost(retry.back_off(err)).await?.map_err(|e| Interrupt::Fail(gave_up(e)))?;
         }
     }
 }

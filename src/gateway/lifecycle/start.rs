@@ -6,7 +6,8 @@
 use super::fenced::Driven;
 use super::retry::{GaveUp, Retry};
 use super::{Interrupt, OUTCOME_UNKNOWN_WAITING, START, Started, UpstreamRunner, failure};
-use crate::gateway::record::{Failure, FailureCode, State};
+use crate::gateway::record::{Failure, FailureCode, Offer, State};
+use crate::telemetry::metrics::OutcomeLabels;
 use crate::upstream::UpstreamError;
 use tokio::time::Instant;
 
@@ -31,6 +32,13 @@ impl UpstreamRunner {
                 .await?;
                 tracing::info!(aggregation = %agg.record.id, farm = %agg.record.farm_id(), "aggregation running");
             }
+            // An earlier holder's Start the upstream accepted after that holder lost the farm:
+            // followed, not started again.
+            if let Some(offer) = agg.adoptable(None).await {
+                let started = Started::at(offer.started, self.clock.now());
+                self.adopted(agg, &offer.upstream_id);
+                return self.started(agg, offer.upstream_id, started, unknown_since.is_some()).await;
+            }
             // Only the farm's one holder may Start: a holder paused past its lease (or
             // superseded) stops here, before the upstream sees a second Start.
             agg.confirm().await?;
@@ -47,7 +55,9 @@ impl UpstreamRunner {
                 self.waiting_out_an_orphan(agg, &mut retry, &mut unknown_since).await?;
             }
             tracing::debug!(aggregation = %agg.record.id, error = %err, "upstream Start refused; waiting");
-            retry.back_off(err).await.map_err(|gave_up| self.start_failed(gave_up, unknown_since.is_some()))?;
+            agg.unless_lost(retry.back_off(err))
+                .await?
+                .map_err(|gave_up| self.start_failed(gave_up, unknown_since.is_some()))?;
         }
     }
 
@@ -78,17 +88,37 @@ impl UpstreamRunner {
     ) -> Result<(String, Started), Interrupt> {
         let model = self.store.run_model(agg.record.farm_id()).await.ok().flatten();
         let predicted = model.and_then(|m| started.wall.checked_add(m.run_time(agg.record.key.request())));
-        agg.set(|r| {
-            r.upstream_id = Some(id.clone());
-            r.running_since = Some(started.wall);
-            r.estimated_completion = predicted;
-            if waited {
-                r.status_message.clear();
-            }
-        })
-        .await?;
+        let recorded = agg
+            .set(|r| {
+                r.upstream_id = Some(id.clone());
+                r.running_since = Some(started.wall);
+                r.estimated_completion = predicted;
+                if waited {
+                    r.status_message.clear();
+                }
+            })
+            .await;
+        if let Err(stop) = recorded {
+            self.offer(agg, Offer { part: None, upstream_id: id, started: started.wall }).await;
+            return Err(stop.into());
+        }
         tracing::Span::current().record("upstream.aggregation_id", id.as_str());
         Ok((id, started))
+    }
+
+    /// Leaves the upstream aggregation of an accepted Start that the record could not take
+    /// under the lease (it ran out, or a newer holder took the farm, while the upstream
+    /// answered) for the farm's next holder to adopt.
+    pub(super) async fn offer(&self, agg: &Driven<'_>, offer: Offer) {
+        tracing::warn!(aggregation = %agg.record.id, upstream = %offer.upstream_id, "the lease was lost while the upstream accepted a Start; leaving its aggregation for the farm's next holder");
+        let outcome = if agg.offer(offer).await { "left" } else { "lost" };
+        self.metrics.start_offers.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts and logs the adoption of an earlier holder's upstream aggregation.
+    pub(super) fn adopted(&self, agg: &Driven<'_>, upstream_id: &str) {
+        tracing::info!(aggregation = %agg.record.id, upstream = upstream_id, "adopting the upstream aggregation an earlier holder started but could not record");
+        self.metrics.start_offers.get_or_create(&OutcomeLabels { outcome: "adopted" }).inc();
     }
 
     /// Why the aggregation fails when its Start is given up.

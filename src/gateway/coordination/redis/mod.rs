@@ -36,14 +36,14 @@ use super::{
 };
 use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationId, AggregationRecord, Rows};
+use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Rows, State};
 use crate::gateway::rows::RowBlock;
 use client::store_error;
-use scripts::{CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
+use scripts::{CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
-use wire::{from_json, millis, state_name, to_json};
+use wire::{from_json, millis, offer_from_json, offer_to_json, state_name, to_json};
 
 /// How long a record outlives its result, so Get can say it expired or why it failed.
 const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(3600);
@@ -347,6 +347,28 @@ impl AggregationStore for RedisStore {
             self.wake(id, &lease.farm);
         }
         Ok(Self::written(done))
+    }
+
+    async fn offer(&self, id: &str, offer: &Offer) -> Result<(), StoreError> {
+        // Replicated like the writes that guard the one-running rule: it is one of them.
+        let _left: i64 = self.redis.guarded(&OFFER.key(self.keys().record(id)).arg(offer_to_json(offer)?)).await?;
+        Ok(())
+    }
+
+    async fn offered(&self, id: &str) -> Result<Option<Offer>, StoreError> {
+        let (state, offer): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys().record(id))
+            .arg("state")
+            .arg("offer")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        match (state.as_deref(), offer) {
+            (Some(state), Some(json)) if [State::Queued, State::Running].map(state_name).contains(&state) => {
+                offer_from_json(&json).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {

@@ -41,6 +41,7 @@ scripts! {
     UPDATE = "update.lua";
     FINISH = "finish.lua";
     DISCARD = "discard.lua";
+    OFFER = "offer.lua";
     DUE = "due.lua";
     QUEUE_REFRESH = "queue_refresh.lua";
     OBSERVE_RUN = "observe_run.lua";

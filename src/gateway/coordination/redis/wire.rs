@@ -5,7 +5,7 @@
 use crate::domain::{AggregationRequest, GroupBy, Period, Resources, Statistic, Timezone};
 use crate::gateway::coordination::StoreError;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationRecord, Failure, FailureCode, SplitPart, State};
+use crate::gateway::record::{AggregationRecord, Failure, FailureCode, Offer, SplitPart, State};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch (0 before it).
@@ -150,18 +150,7 @@ pub(crate) fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         no_split: !r.key.may_split(),
         refresh: r.refresh,
         estimate_ms: r.estimated_completion.map(millis),
-        split: r
-            .split
-            .iter()
-            .map(|p| WirePart {
-                start_ms: p.start_time.timestamp_millis(),
-                end_ms: p.end_time.timestamp_millis(),
-                resource_ids: p.resource_ids.clone(),
-                upstream_id: p.upstream.as_ref().map(|(id, _)| id.clone()),
-                started_ms: p.upstream.as_ref().map(|(_, at)| millis(*at)),
-                done: p.done,
-            })
-            .collect(),
+        split: r.split.iter().map(WirePart::of).collect(),
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::corrupt(format!("the record of {}", r.id), e))
 }
@@ -212,19 +201,63 @@ pub(crate) fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         parts: w.parts,
         refresh: w.refresh,
         estimated_completion: w.estimate_ms.map(from_millis),
-        split: w
-            .split
-            .into_iter()
-            .map(|p| {
-                Ok(SplitPart {
-                    start_time: time(p.start_ms)?,
-                    end_time: time(p.end_ms)?,
-                    resource_ids: p.resource_ids,
-                    upstream: p.upstream_id.zip(p.started_ms.map(from_millis)),
-                    done: p.done,
-                })
-            })
-            .collect::<Result<_, StoreError>>()?,
+        split: w.split.into_iter().map(WirePart::part).collect::<Result<_, StoreError>>()?,
+    })
+}
+
+impl WirePart {
+    fn of(p: &SplitPart) -> Self {
+        Self {
+            start_ms: p.start_time.timestamp_millis(),
+            end_ms: p.end_time.timestamp_millis(),
+            resource_ids: p.resource_ids.clone(),
+            upstream_id: p.upstream.as_ref().map(|(id, _)| id.clone()),
+            started_ms: p.upstream.as_ref().map(|(_, at)| millis(*at)),
+            done: p.done,
+        }
+    }
+
+    fn part(self) -> Result<SplitPart, StoreError> {
+        let time = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .ok_or_else(|| StoreError::Corrupt { what: "a split part with a bad time".into(), source: None })
+        };
+        Ok(SplitPart {
+            start_time: time(self.start_ms)?,
+            end_time: time(self.end_ms)?,
+            resource_ids: self.resource_ids,
+            upstream: self.upstream_id.zip(self.started_ms.map(from_millis)),
+            done: self.done,
+        })
+    }
+}
+
+/// An [`Offer`] as it is stored, in its aggregation's record.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireOffer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    part: Option<(usize, WirePart)>,
+    upstream_id: String,
+    started_ms: i64,
+}
+
+/// An offer as it is stored.
+pub(crate) fn offer_to_json(offer: &Offer) -> Result<String, StoreError> {
+    let wire = WireOffer {
+        part: offer.part.as_ref().map(|(i, p)| (*i, WirePart::of(p))),
+        upstream_id: offer.upstream_id.clone(),
+        started_ms: millis(offer.started),
+    };
+    serde_json::to_string(&wire).map_err(|e| StoreError::corrupt("an offer", e))
+}
+
+/// A stored offer; one that does not decode is [`StoreError::Corrupt`].
+pub(crate) fn offer_from_json(json: &str) -> Result<Offer, StoreError> {
+    let w: WireOffer = serde_json::from_str(json).map_err(|e| StoreError::corrupt("an offer", e))?;
+    Ok(Offer {
+        part: w.part.map(|(i, p)| Ok::<_, StoreError>((i, p.part()?))).transpose()?,
+        upstream_id: w.upstream_id,
+        started: from_millis(w.started_ms),
     })
 }
 
