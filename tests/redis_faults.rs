@@ -500,6 +500,46 @@ async fn behind_sentinel_a_primary_killed_mid_work_is_followed_to_the_replica_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_connections_to_a_primary_left_behind_move_to_the_one_sentinel_names() {
+    let primary = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    let primary_port = primary.port.to_string();
+    let replica = tokio::task::spawn_blocking(move || redis_server_with(&["--replicaof", "127.0.0.1", &primary_port]))
+        .await
+        .expect("joins");
+    replicating(&replica).await;
+    let primary_port = primary.port;
+    let sentinel = tokio::task::spawn_blocking(move || redis_sentinel(primary_port)).await.expect("joins");
+    let old = primary.url();
+    let mut rig = Rig::reaching(primary, Some(sentinel.url()), 1, &[], &["--aggregation-duration", "300ms"]).await;
+    let accepted = rig.start_many(418..419, 1).await;
+    rig.assert_all_completed_once(&accepted).await;
+    // The replica becomes a primary and Sentinel names it; the old primary is left as it was,
+    // answering reads and writes without an error, as a primary a failover left behind does
+    // until it is demoted (or for good, when Sentinel cannot reach it to demote it).
+    assert_eq!(replica.cli(&["REPLICAOF", "NO", "ONE"]).as_deref(), Ok("+OK"));
+    let mut to_sentinel = redis_conn(&format!("redis://127.0.0.1:{}", sentinel.port)).await;
+    let port = replica.port.to_string();
+    for command in [vec!["REMOVE", "mymaster"], vec!["MONITOR", "mymaster", "127.0.0.1", &port, "1"]] {
+        let _: () = ::redis::cmd("SENTINEL").arg(&command).query_async(&mut to_sentinel).await.expect("SENTINEL");
+    }
+    // Every connection of the gateway leaves the old primary by itself.
+    let mut on_old = redis_conn(&old).await;
+    eventually(Duration::from_secs(20), || {
+        let mut conn = on_old.clone();
+        async move {
+            let clients: String = ::redis::cmd("CLIENT").arg("LIST").query_async(&mut conn).await.ok()?;
+            (clients.lines().count() == 1).then_some(())
+        }
+    })
+    .await;
+    let accepted = rig.start_many(419..420, 1).await;
+    rig.assert_all_completed_once(&accepted).await;
+    let mut on_new = redis_conn(&replica.url()).await;
+    assert!(record_json(&mut on_new, &accepted[0].id).await.is_some(), "queued and run on the primary Sentinel names");
+    assert!(record_json(&mut on_old, &accepted[0].id).await.is_none(), "nothing written to the one left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_taken_over_midway_resumes_its_parts_and_its_lost_rows_come_back_part_by_part() {
     // 2 queues × 7 days × 24 hours × 3 usage types = 1,008 rows, against an upstream that
     // refuses more than 600: the whole, then two parts of 3 and 4 days (432 and 576 rows).

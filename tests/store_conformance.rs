@@ -17,6 +17,7 @@ use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::throttle::Rate;
 use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::{Duration, SystemTime};
 
 mod common;
@@ -463,12 +464,17 @@ fn memory() -> Subject {
 /// A replica's coordination on `server` under `prefix`, as `serve --store redis` builds it (on
 /// the system's clock: Redis expires keys in real time).
 async fn on_redis(server: &common::RedisServer, prefix: &str) -> Coordination {
+    on_redis_by(server, prefix, Clock::system()).await
+}
+
+/// [`on_redis`], the replica's own clock being `clock`.
+async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -> Coordination {
     let settings = CoordinationSettings {
         cache_max_bytes: 64 * 1024 * 1024,
         result_grace: Duration::from_secs(30),
         upstream_start: Rate { per_second: 0.0, burst: 1 },
         upstream_get: Rate { per_second: 0.0, burst: 1 },
-        clock: Clock::system(),
+        clock,
     };
     Coordination::redis(&settings, &RedisConfig::new(server.url()).with_prefix(prefix))
         .await
@@ -557,6 +563,36 @@ async fn two_replicas_on_one_redis_see_one_store() {
     let (on_a, on_b) =
         tokio::join!(refreshes(a, Duration::from_secs(120), &ROOMY), refreshes(b, Duration::from_secs(120), &ROOMY));
     assert_eq!(on_a.len() + on_b.len(), 1, "one refresh between them: {on_a:?} {on_b:?}");
+}
+
+/// Every replica reads the time of day from Redis's clock: a result a replica whose own clock
+/// is two hours behind completes for ten minutes is fresh, with its rows, to a replica whose
+/// clock is two hours ahead, and to Redis's key TTLs.
+#[tokio::test]
+async fn replicas_whose_clocks_are_hours_apart_agree_on_redis_time() {
+    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let off_by = |secs: i64| Clock::corrected(Clock::system(), Arc::new(AtomicI64::new(secs * 1_000_000)));
+    let behind = on_redis_by(&server, "dsg:", off_by(-7200)).await;
+    let ahead = on_redis_by(&server, "dsg:", off_by(7200)).await;
+    for c in [&behind, &ahead] {
+        let skew = c.clock.now().duration_since(SystemTime::now()).unwrap_or_else(|e| e.duration());
+        assert!(skew < Duration::from_secs(1), "reads Redis's time, not its own: {skew:?} off");
+    }
+    let (writer, reader) = (behind.store.as_ref(), ahead.store.as_ref());
+    let claimed = claim(writer, &key(56, 1), &ROOMY).await.expect("room");
+    let lease = holder(writer, claimed.record.farm_id(), "replica-behind").await;
+    let mut done = claimed.record.as_ref().clone();
+    done.state = State::Completed;
+    done.expire_time = Some(behind.clock.now() + Duration::from_secs(600));
+    done.data_time = Some(behind.clock.now());
+    let rows = rows(1, |_, buf| buf.extend_from_slice(b"row"));
+    assert_eq!(writer.finish(&lease, done, Some(rows)).await.expect("store"), Written::Done);
+    match reader.read(&claimed.record.id).await.expect("store") {
+        Found::Terminal(result) => assert!(result.rows.is_some(), "the rows are in Redis"),
+        other => panic!("not fresh with its rows to the other replica: {other:?}"),
+    }
+    let disposition = claim(reader, &key(56, 1), &ROOMY).await.expect("claims").disposition;
+    assert_eq!(disposition, Disposition::Cached, "answered from the cache by the other replica");
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! with: the system's in production, one that follows tokio's clock in tests.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime};
 
 /// Where the core reads the time of day.
 #[derive(Clone)]
@@ -23,8 +24,28 @@ impl Clock {
         Self(Arc::new(move || wall + mono.elapsed()))
     }
 
+    /// `base` corrected by an offset someone else keeps measuring (µs to add, may be
+    /// negative): a shared store's clock as this replica reads it, so that every replica's
+    /// expiry and freshness decisions agree with each other and with the store's key TTLs.
+    pub fn corrected(base: Clock, offset_us: Arc<AtomicI64>) -> Self {
+        Self(Arc::new(move || {
+            let offset = offset_us.load(Ordering::Relaxed);
+            let magnitude = Duration::from_micros(offset.unsigned_abs());
+            let now = base.now();
+            if offset >= 0 { now + magnitude } else { now.checked_sub(magnitude).unwrap_or(now) }
+        }))
+    }
+
     pub fn now(&self) -> SystemTime {
         (self.0)()
+    }
+}
+
+/// How far `other` is ahead of `base` (negative: behind), in µs.
+pub fn offset_us(base: SystemTime, other: SystemTime) -> i64 {
+    match other.duration_since(base) {
+        Ok(ahead) => i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX),
+        Err(behind) => -i64::try_from(behind.duration().as_micros()).unwrap_or(i64::MAX),
     }
 }
 
@@ -43,7 +64,18 @@ impl std::fmt::Debug for Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn a_corrected_clock_follows_its_offset_both_ways() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let offset = Arc::new(AtomicI64::new(0));
+        let clock = Clock::corrected(Clock(Arc::new(move || base)), offset.clone());
+        assert_eq!(clock.now(), base);
+        offset.store(offset_us(base, base + Duration::from_secs(3600)), Ordering::Relaxed);
+        assert_eq!(clock.now(), base + Duration::from_secs(3600));
+        offset.store(offset_us(base, base - Duration::from_millis(1500)), Ordering::Relaxed);
+        assert_eq!(clock.now(), base - Duration::from_millis(1500));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_tokio_clock_moves_with_paused_time_only() {

@@ -161,7 +161,9 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let Coordination { store, results, wakeups, start_rate, get_rate, epoch } = coordination;
+        let Coordination { store, results, wakeups, start_rate, get_rate, epoch, clock } = coordination;
+        // Every wall-clock reading is the store's: the same on every replica.
+        let config = GatewayConfig { clock, ..config };
         let cancel = CancellationToken::new();
         store.spawn_background(cancel.clone());
         let spans = Arc::new(Spans::default());

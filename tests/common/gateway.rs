@@ -122,6 +122,8 @@ pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordinati
         start_rate: None,
         get_rate: None,
         epoch: None,
+        // `MemoryStore::new`'s.
+        clock: deadline_stats_gateway::gateway::clock::Clock::system(),
     }
 }
 

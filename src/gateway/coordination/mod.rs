@@ -396,6 +396,9 @@ pub struct Coordination {
     pub get_rate: Option<Arc<dyn RateSource>>,
     /// The store's epoch when it was connected, which ids are tagged with.
     pub epoch: Option<u32>,
+    /// The clock every replica on the store reads the time of day from (a shared store's
+    /// own; in this process, the one it was built with).
+    pub clock: Clock,
 }
 
 /// What a backend is built with.
@@ -431,6 +434,7 @@ impl Coordination {
             start_rate: local(settings.upstream_start),
             get_rate: local(settings.upstream_get),
             epoch: None,
+            clock: settings.clock.clone(),
         }
     }
 
@@ -441,17 +445,19 @@ impl Coordination {
         let client = redis::RedisClient::connect(redis).await?;
         client.check_eviction_policy().await?;
         let epoch = Some(client.epoch().await?);
+        let time = redis::time::RedisTime::measure(&client, settings.clock.clone()).await?;
+        let clock = time.clock();
         let wakeups = Arc::new(Wakeups::default());
         let results = Arc::new(ResultsCache::with_clock(
             settings.cache_max_bytes,
             settings.result_grace,
             Box::new(|_, _| {}),
-            settings.clock.clone(),
+            clock.clone(),
         ));
         let shared = |name, rate| client.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
         let start_rate = shared("upstream-start", settings.upstream_start);
         let get_rate = shared("upstream-get", settings.upstream_get);
-        let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), settings.clock.clone()));
-        Ok(Self { store, results, wakeups, start_rate, get_rate, epoch })
+        let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), time));
+        Ok(Self { store, results, wakeups, start_rate, get_rate, epoch, clock })
     }
 }

@@ -7,7 +7,7 @@
 //! next resumes the aggregation from its record.
 
 use crate::gateway::backoff::BackoffPolicy;
-use crate::gateway::coordination::{AggregationStore, Found, Lease, StoreError, Written};
+use crate::gateway::coordination::{AggregationStore, Found, Head, Lease, StoreError, Written};
 use crate::gateway::record::{AggregationRecord, Offer, Rows};
 use std::future::Future;
 use std::time::Duration;
@@ -54,10 +54,25 @@ impl Driven<'_> {
         match persist(lease, || store.finish(lease, record.clone(), rows.clone())).await {
             Ok(()) => Ok(()),
             // An attempt the store took without answering, then fenced by its own effect: the
-            // record is terminal already.
-            Err(Stop::Fenced) if matches!(store.read(&record.id).await, Ok(found) if !is_active(&found)) => Ok(()),
+            // record is terminal already, and off its farm's queue (read from the store, not a
+            // cache: after a failover a connection may still reach the primary left behind,
+            // whose queue has it; carrying on would drive it again at once).
+            Err(Stop::Fenced) if self.finished_already().await => Ok(()),
             Err(stop) => Err(stop),
         }
+    }
+
+    /// Whether the record is terminal in the store and no longer the head of its farm's queue.
+    async fn finished_already(&self) -> bool {
+        let id = &self.record.id;
+        let terminal = matches!(self.store.read(id).await, Ok(found) if !is_active(&found));
+        let off_queue = match self.store.head(self.record.farm_id()).await {
+            Ok(Head::Ready(head)) => head.id != *id,
+            Ok(Head::Broken { id: head, .. }) => head != **id,
+            Ok(Head::Empty) => true,
+            Err(_) => false,
+        };
+        terminal && off_queue
     }
 
     /// `work`, unless the lease is lost first: for what may stop at any point (a wait, a poll),

@@ -23,6 +23,8 @@ use std::time::Duration;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
+/// How often connections behind Sentinel check that they reach the primary it names.
+const FOLLOW_PRIMARY: Duration = Duration::from_secs(1);
 /// How often the change subscription proves itself alive.
 const PUBSUB_HEALTH_CHECK: Duration = Duration::from_secs(2);
 
@@ -225,20 +227,39 @@ impl RedisClient {
         if policy == "noeviction" { Ok(()) } else { Err(StoreError::EvictionPolicy { policy: policy.to_owned() }) }
     }
 
+    /// Behind Sentinel, until `stop` fires: every [`FOLLOW_PRIMARY`], moves every connection
+    /// to the primary Sentinel names, if it reaches another (one a failover left behind).
+    pub async fn follow_primary(&self, stop: CancellationToken) {
+        if !matches!(self.endpoint, Endpoint::Sentinel(_)) {
+            return;
+        }
+        let mut every = crate::every::Every::new(FOLLOW_PRIMARY, stop);
+        while every.tick().await {
+            let guarded = self.guarded.as_ref().map(|(conn, _, _)| conn);
+            for conn in std::iter::once(&self.conn).chain(guarded) {
+                if let Err(e) = conn.follow_primary().await {
+                    tracing::debug!(error = %e, "cannot ask Sentinel for the primary");
+                }
+            }
+        }
+    }
+
     /// Relays every published change to `wakeups` until `stop` fires: one subscription,
     /// re-made after any loss (with backoff), and every waiter woken after each (re)connect.
     pub async fn relay_changes(&self, wakeups: Arc<Wakeups>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let subscribed = async {
-                let mut pubsub = self.endpoint.client().await?.get_async_pubsub().await?;
+                let client = self.endpoint.client().await?;
+                let primary = client.get_connection_info().addr().clone();
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(self.keys.changes()).await?;
-                Ok::<_, redis::RedisError>(pubsub)
+                Ok::<_, redis::RedisError>((pubsub, primary))
             };
             let subscribed = tokio::time::timeout(self.health_timeout, subscribed);
             match tokio::select! { s = subscribed => s.unwrap_or_else(|_| Err(timed_out())), () = stop.cancelled() => return }
             {
-                Ok(pubsub) => {
+                Ok((pubsub, primary)) => {
                     backoff = Duration::from_millis(100);
                     wakeups.wake_all();
                     let (mut sink, mut messages) = pubsub.split();
@@ -259,6 +280,14 @@ impl RedisClient {
                                 let pong = tokio::time::timeout(self.health_timeout, sink.ping::<redis::Value>()).await;
                                 if !matches!(pong, Ok(Ok(_))) {
                                     tracing::warn!("the change subscription to Redis stopped answering");
+                                    break;
+                                }
+                                // Changes are published on the primary: follow it when it moves.
+                                if let Endpoint::Sentinel(_) = &self.endpoint
+                                    && let Ok(Ok(now)) = tokio::time::timeout(self.health_timeout, self.endpoint.client()).await
+                                    && now.get_connection_info().addr() != &primary
+                                {
+                                    tracing::warn!("Sentinel names another primary; subscribing there");
                                     break;
                                 }
                             }

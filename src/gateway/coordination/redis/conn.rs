@@ -116,6 +116,8 @@ pub(crate) struct Conn {
 
 struct Shared {
     current: Mutex<ConnectionManager>,
+    /// Where `current` connects to.
+    addr: Mutex<redis::ConnectionAddr>,
     endpoint: Endpoint,
     config: ConnectionManagerConfig,
     /// A probe of the current connection is running.
@@ -124,10 +126,13 @@ struct Shared {
 
 impl Conn {
     pub(crate) async fn connect(endpoint: &Endpoint, config: &ConnectionManagerConfig) -> redis::RedisResult<Self> {
-        let manager = endpoint.client().await?.get_connection_manager_with_config(config.clone()).await?;
+        let client = endpoint.client().await?;
+        let addr = client.get_connection_info().addr().clone();
+        let manager = client.get_connection_manager_with_config(config.clone()).await?;
         Ok(Self {
             shared: Arc::new(Shared {
                 current: Mutex::new(manager),
+                addr: Mutex::new(addr),
                 endpoint: endpoint.clone(),
                 config: config.clone(),
                 probing: AtomicBool::new(false),
@@ -160,19 +165,46 @@ impl Conn {
             };
             if replace {
                 tracing::warn!("a Redis connection stopped answering or its primary moved; connecting anew");
-                let fresh = match shared.endpoint.client().await {
-                    Ok(client) => client.get_connection_manager_with_config(shared.config.clone()).await,
-                    Err(e) => Err(e),
-                };
-                match fresh {
-                    Ok(fresh) => *shared.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot connect to Redis anew; trying again after the next failure")
-                    }
+                if let Err(e) = shared.connect_anew().await {
+                    tracing::warn!(error = %e, "cannot connect to Redis anew; trying again after the next failure");
                 }
             }
             shared.probing.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Behind Sentinel: when Sentinel names another primary than the one this connection
+    /// reaches, connects to that one. A primary a failover left behind answers reads (and,
+    /// until Sentinel demotes it, writes) without an error, so nothing else would move a
+    /// connection off it. Nothing for a fixed endpoint, or while a probe runs.
+    pub(crate) async fn follow_primary(&self) -> redis::RedisResult<()> {
+        let Endpoint::Sentinel(_) = &self.shared.endpoint else { return Ok(()) };
+        let named = self.shared.endpoint.client().await?;
+        let now = named.get_connection_info().addr().clone();
+        let reached = self.shared.addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if now == reached || self.shared.probing.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        tracing::warn!(primary = %now, was = %reached, "Sentinel names another primary; connecting to it");
+        let connected = self.shared.connect_anew_to(named).await;
+        self.shared.probing.store(false, Ordering::SeqCst);
+        connected
+    }
+}
+
+impl Shared {
+    /// A new manager on the primary now, in place of the current one.
+    async fn connect_anew(&self) -> redis::RedisResult<()> {
+        let client = self.endpoint.client().await?;
+        self.connect_anew_to(client).await
+    }
+
+    async fn connect_anew_to(&self, client: redis::Client) -> redis::RedisResult<()> {
+        let addr = client.get_connection_info().addr().clone();
+        let fresh = client.get_connection_manager_with_config(self.config.clone()).await?;
+        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+        *self.addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = addr;
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 //! - `keys`: the name of every key (see there for the layout).
 //! - `wire`: how a record is stored.
 //! - `scripts`: the Lua scripts, one file each under `scripts/`.
+//! - `time`: Redis's clock, which every replica reads the time of day from.
 //!
 //! A claim, an update, a finish and queueing a refresh are each one script: the claim reads the
 //! key's record and either answers it or queues a new one; updates and finishes check the
@@ -21,6 +22,7 @@ pub(crate) mod client;
 mod conn;
 mod keys;
 mod scripts;
+pub(crate) mod time;
 mod wire;
 
 pub use client::{RedisClient, RedisConfig, RedisRate};
@@ -108,6 +110,8 @@ pub struct RedisStore {
     wakeups: Arc<Wakeups>,
     /// What housekeeping last counted.
     counted: Mutex<StoreStats>,
+    /// Redis's clock (`time`): every replica's expiry and freshness decisions agree.
+    time: time::RedisTime,
     clock: Clock,
 }
 
@@ -115,8 +119,13 @@ impl RedisStore {
     /// A store on `redis`, keeping terminal results it reads in `near`, and waking `wakeups`
     /// on its own writes (other replicas' arrive through [`RedisClient::relay_changes`], which
     /// [`AggregationStore::spawn_background`] starts).
-    pub fn new(redis: RedisClient, near: Arc<ResultsCache>, wakeups: Arc<Wakeups>, clock: Clock) -> Self {
-        Self { redis, near, wakeups, counted: Mutex::default(), clock }
+    pub(crate) fn new(
+        redis: RedisClient,
+        near: Arc<ResultsCache>,
+        wakeups: Arc<Wakeups>,
+        time: time::RedisTime,
+    ) -> Self {
+        Self { redis, near, wakeups, counted: Mutex::default(), clock: time.clock(), time }
     }
 
     fn conn(&self) -> conn::Conn {
@@ -564,6 +573,10 @@ impl AggregationStore for RedisStore {
 
     fn spawn_background(&self, stop: CancellationToken) {
         let (redis, wakeups) = (self.redis.clone(), self.wakeups.clone());
+        tokio::spawn(self.time.clone().keep_measuring(redis.clone(), stop.clone()));
+        let follower = redis.clone();
+        let following = stop.clone();
+        tokio::spawn(async move { follower.follow_primary(following).await });
         tokio::spawn(async move { redis.relay_changes(wakeups, stop).await });
     }
 }
