@@ -41,11 +41,15 @@ fn expiry(a: &deadline_stats_gateway::grpc::pb::Aggregation) -> SystemTime {
 }
 
 async fn start(client: &mut Client, farm_n: u64, days: i64) -> (String, Disposition) {
-    let answer = client
-        .start_aggregation(start_request(farm_n, 1, days, &[GroupBy::QueueId]))
-        .await
-        .expect("start")
-        .into_inner();
+    start_by(client, farm_n, days, "caller-0").await
+}
+
+/// [`start`] by the caller named `caller` (`x-caller-id`: a result is popular when several
+/// callers start it, not one caller several times).
+async fn start_by(client: &mut Client, farm_n: u64, days: i64, caller: &str) -> (String, Disposition) {
+    let mut request = tonic::Request::new(start_request(farm_n, 1, days, &[GroupBy::QueueId]));
+    request.metadata_mut().insert("x-caller-id", caller.parse().expect("an ASCII caller id"));
+    let answer = client.start_aggregation(request).await.expect("start").into_inner();
     let disposition = answer.disposition();
     (answer.aggregation.expect("aggregation").aggregation_id, disposition)
 }
@@ -56,8 +60,8 @@ async fn rows_of(client: &mut Client, id: &str) -> Vec<String> {
     page.statistics.iter().map(|s| format!("{s:?}")).collect()
 }
 
-/// The key of `farm_n` started three times through `clients` in turn (the first Start waits for
-/// its result): popular. Its id and first aggregation.
+/// The key of `farm_n` started by three callers through `clients` in turn (the first Start
+/// waits for its result): popular. Its id and first aggregation.
 async fn make_popular(clients: &mut [Client], farm_n: u64) -> (String, deadline_stats_gateway::grpc::pb::Aggregation) {
     let (id, disposition) = start(&mut clients[0], farm_n, 1).await;
     assert_eq!(disposition, Disposition::Started);
@@ -65,7 +69,8 @@ async fn make_popular(clients: &mut [Client], farm_n: u64) -> (String, deadline_
     assert_eq!(done.state(), AggregationState::Completed, "{done:?}");
     for n in 1..3 {
         let i = n % clients.len();
-        assert_eq!(start(&mut clients[i], farm_n, 1).await, (id.clone(), Disposition::Cached));
+        let by = format!("caller-{n}");
+        assert_eq!(start_by(&mut clients[i], farm_n, 1, &by).await, (id.clone(), Disposition::Cached));
     }
     (id, done)
 }

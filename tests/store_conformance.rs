@@ -61,7 +61,17 @@ async fn mint(store: &dyn AggregationStore) -> deadline_stats_gateway::gateway::
 }
 
 async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) -> Result<Claimed, ClaimError> {
-    store.claim(k, &ANY, limits, mint(store).await).await
+    claim_by(store, k, limits, "caller-a").await
+}
+
+/// [`claim`] by `caller`.
+async fn claim_by(
+    store: &dyn AggregationStore,
+    k: &CanonicalKey,
+    limits: &Limits,
+    caller: &str,
+) -> Result<Claimed, ClaimError> {
+    store.claim(k, &ANY, limits, mint(store).await, caller).await
 }
 
 async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
@@ -251,7 +261,7 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     let cached = claim(store, &k, &ROOMY).await.expect("claims");
     assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &claimed.record.id));
     let needs_more = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
-    let fresh = store.claim(&k, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
+    let fresh = store.claim(&k, &needs_more, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
     assert_eq!(fresh.disposition, Disposition::Started, "60 s left is too little to read it");
     assert!(
         matches!(store.read(&claimed.record.id).await.expect("store"), Found::Terminal(_)),
@@ -259,7 +269,7 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     );
     tokio::time::sleep(Duration::from_millis(30)).await;
     let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
-    let joined = store.claim(&k, &strict, &ROOMY, mint(store).await).await.expect("claims");
+    let joined = store.claim(&k, &strict, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
     assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &fresh.record.id), "the key names it");
 
     let failed_key = key(31, 2);
@@ -270,7 +280,7 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     failed.expire_time = Some(now() + TTL);
     failed.data_time = Some(now());
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
-    let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
+    let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
     assert_eq!(cached.disposition, Disposition::Cached, "a failure needs no time to be read");
 }
 
@@ -345,8 +355,9 @@ async fn the_run_model_is_a_moving_average(s: &Subject) {
 async fn popular(store: &dyn AggregationStore, lease: &Lease, k: &CanonicalKey, hits: u32) -> Claimed {
     let first = claim(store, k, &ROOMY).await.expect("room");
     complete(store, lease, &first.record, Duration::from_secs(60)).await;
-    for _ in 1..hits {
-        assert_eq!(claim(store, k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
+    for n in 1..hits {
+        let by = format!("caller-{n}");
+        assert_eq!(claim_by(store, k, &ROOMY, &by).await.expect("claims").disposition, Disposition::Cached);
     }
     first
 }
@@ -374,6 +385,24 @@ async fn popular_results_are_refreshed_once_when_due(s: &Subject) {
     assert_eq!(keys, vec![(a.clone(), true), (c, true)], "the two popular keys, not the cold one");
     assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty(), "each result is refreshed once");
     assert_eq!(head(store, a.farm_id()).await, Some(queued[0].id.clone()), "queued on the farm");
+}
+
+/// `policy::counts_as_hit`: one caller's Starts of a result, however many, are one hit (within
+/// the window; the window itself is a unit test of the policy), so a caller retrying or
+/// polling by Start cannot make a result look popular; other callers' count.
+async fn a_caller_counts_once_toward_a_results_popularity(s: &Subject) {
+    let store = s.store.as_ref();
+    let (busy, shared) = (key(72, 1), key(72, 2));
+    let lease = holder(store, busy.farm_id(), "replica-a").await;
+    let first = claim(store, &busy, &ROOMY).await.expect("room");
+    complete(store, &lease, &first.record, Duration::from_secs(60)).await;
+    for _ in 0..10 {
+        assert_eq!(claim(store, &busy, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
+    }
+    popular(store, &lease, &shared, 3).await;
+    let queued = refreshes(store, Duration::from_secs(120), &ROOMY).await;
+    let keys: Vec<_> = queued.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, vec![shared], "three callers once each make a result popular; one caller eleven times does not");
 }
 
 /// `policy::caller_slot`: a caller's Start goes before the refreshes waiting, never before the
@@ -410,7 +439,7 @@ async fn a_refresh_becomes_what_its_key_answers_or_is_joined(s: &Subject) {
     assert!(matches!(store.read(&old_a.record.id).await.expect("store"), Found::Terminal(_)), "the old id reads");
 
     let needs_more = Freshness { min_remaining: Duration::from_secs(90), max_staleness: None };
-    let joined = store.claim(&c, &needs_more, &ROOMY, mint(store).await).await.expect("claims");
+    let joined = store.claim(&c, &needs_more, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
     assert_eq!(
         (joined.disposition, &joined.record.id),
         (Disposition::Joined, &refresh_c.id),
@@ -522,6 +551,7 @@ conformance! {
     stats_count_what_the_store_holds,
     the_run_model_is_a_moving_average,
     popular_results_are_refreshed_once_when_due,
+    a_caller_counts_once_toward_a_results_popularity,
     a_caller_goes_before_waiting_refreshes,
     a_refresh_becomes_what_its_key_answers_or_is_joined,
     a_farm_with_callers_work_gets_no_refresh_until_it_is_done,
@@ -559,7 +589,7 @@ async fn two_replicas_on_one_redis_see_one_store() {
     let k = key(52, 1);
     let lease = holder(a, k.farm_id(), "replica-a").await;
     popular(a, &lease, &k, 2).await;
-    assert_eq!(claim(b, &k, &ROOMY).await.expect("claims").disposition, Disposition::Cached);
+    assert_eq!(claim_by(b, &k, &ROOMY, "caller-2").await.expect("claims").disposition, Disposition::Cached);
     let (on_a, on_b) =
         tokio::join!(refreshes(a, Duration::from_secs(120), &ROOMY), refreshes(b, Duration::from_secs(120), &ROOMY));
     assert_eq!(on_a.len() + on_b.len(), 1, "one refresh between them: {on_a:?} {on_b:?}");
@@ -638,7 +668,7 @@ async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
     assert_eq!(store.epoch().await.expect("store"), Some(before), "stable while the state lives");
     let old = mint(store.as_ref()).await;
     server.cli(&["FLUSHALL"]).expect("FLUSHALL");
-    let refused = store.claim(&key(60, 1), &ANY, &ROOMY, old).await.expect_err("an id of the lost state");
+    let refused = store.claim(&key(60, 1), &ANY, &ROOMY, old, "caller-a").await.expect_err("an id of the lost state");
     assert!(matches!(refused, ClaimError::NewEpoch), "{refused:?}");
     let after = store.epoch().await.expect("store").expect("a new epoch");
     assert_ne!(after, before, "a new generation");

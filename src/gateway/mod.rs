@@ -292,12 +292,12 @@ impl Gateway {
         self.take_token(&self.start_buckets, caller, "StartAggregation")?;
         let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
-        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
+        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(), caller).await;
         if let Err(ClaimError::NewEpoch) = claimed {
             // The shared store lost its state since this replica last looked: ids are minted
             // in its new epoch from now on.
             refresh_epoch(self.store.as_ref(), &self.ids).await;
-            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint()).await;
+            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(), caller).await;
         }
         let claimed = claimed.inspect_err(|e| {
             if let ClaimError::Busy { bound, .. } = e {

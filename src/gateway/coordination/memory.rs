@@ -67,7 +67,7 @@ struct Index {
     /// Each farm's queue, its head first.
     farms: HashMap<String, VecDeque<AggregationId>>,
     /// Starts each aggregation answered (started, joined or cached), for refresh-ahead.
-    hits: HashMap<AggregationId, u32>,
+    hits: HashMap<AggregationId, Hits>,
     /// COMPLETED results by expiry: the candidates for refresh-ahead.
     due: BTreeSet<(SystemTime, AggregationId)>,
     /// Refreshes no caller has joined yet, by the key they renew.
@@ -89,8 +89,25 @@ impl Index {
         self.farms.get(farm).is_some_and(|q| q.iter().any(|id| !self.pending_refresh(id)))
     }
 
-    fn hit(&mut self, id: &AggregationId) {
-        *self.hits.entry(id.clone()).or_default() += 1;
+    fn hit(&mut self, id: &AggregationId, caller: &str, now: SystemTime) {
+        self.hits.entry(id.clone()).or_default().hit(caller, now);
+    }
+}
+
+/// The hits of one aggregation: each caller counts once per `policy::HIT_WINDOW`.
+#[derive(Debug, Default)]
+struct Hits {
+    count: u32,
+    /// When each caller's last counted hit was.
+    last: HashMap<String, SystemTime>,
+}
+
+impl Hits {
+    fn hit(&mut self, caller: &str, now: SystemTime) {
+        if policy::counts_as_hit(self.last.get(caller).copied(), now) {
+            self.count += 1;
+            self.last.insert(caller.to_owned(), now);
+        }
     }
 }
 
@@ -190,19 +207,20 @@ impl AggregationStore for MemoryStore {
         freshness: &Freshness,
         limits: &Limits,
         id: AggregationId,
+        caller: &str,
     ) -> Result<Claimed, ClaimError> {
+        let now = self.clock.now();
         let mut index = self.lock();
         if let Some(existing) = index.by_key.get(key).cloned() {
             if let Some(record) = index.active.get(&existing).cloned() {
                 let queue_position = Self::position(&index, &record);
-                index.hit(&existing);
+                index.hit(&existing, caller, now);
                 return Ok(Claimed { record, queue_position, disposition: Disposition::Joined });
             }
-            let now = self.clock.now();
             if let Some(result) = self.results.get(&existing)
                 && freshness.accepts(&result.record, result.rows.is_some(), now)
             {
-                index.hit(&existing);
+                index.hit(&existing, caller, now);
                 return Ok(Claimed {
                     record: result.record.clone(),
                     queue_position: 0,
@@ -217,7 +235,7 @@ impl AggregationStore for MemoryStore {
         {
             let queue_position = Self::position(&index, &record);
             index.by_key.insert(key.clone(), refresh.clone());
-            index.hit(&refresh);
+            index.hit(&refresh, caller, now);
             return Ok(Claimed { record, queue_position, disposition: Disposition::Joined });
         }
         let farm = key.farm_id();
@@ -230,7 +248,7 @@ impl AggregationStore for MemoryStore {
         let record = Arc::new(AggregationRecord::queued(id.clone(), key.clone(), self.clock.now()));
         index.farms.entry(farm.to_owned()).or_default().insert(position, id.clone());
         index.active.insert(id.clone(), record.clone());
-        index.hits.insert(id.clone(), 1);
+        index.hit(&id, caller, now);
         index.by_key.insert(key.clone(), id);
         let queue_position = u32::try_from(position).unwrap_or(u32::MAX);
         Ok(Claimed { record, queue_position, disposition: Disposition::Started })
@@ -389,7 +407,7 @@ impl AggregationStore for MemoryStore {
             let farm = farm.as_str();
             let candidate = Candidate {
                 answering,
-                hits: index.hits.get(id).copied().unwrap_or_default(),
+                hits: index.hits.get(id).map_or(0, |h| h.count),
                 caller_backlog: index.caller_backlog(farm),
                 farm_has_work: index.farms.contains_key(farm),
                 farms: index.farms.len(),
@@ -495,7 +513,7 @@ mod tests {
     }
 
     async fn start_with(store: &MemoryStore, k: &CanonicalKey, f: &Freshness) -> Claimed {
-        store.claim(k, f, &ROOMY, IdMinter::new().mint()).await.expect("claimed")
+        store.claim(k, f, &ROOMY, IdMinter::new().mint(), "caller").await.expect("claimed")
     }
 
     async fn start(store: &MemoryStore, k: &CanonicalKey) -> Claimed {

@@ -288,13 +288,15 @@ pub trait AggregationStore: Send + Sync + 'static {
 
     /// Atomically finds the live aggregation for `key` that `freshness` accepts, or queues a
     /// new one named `id` in its farm's queue (`policy::caller_slot`), within `limits`
-    /// (`policy::admit`).
+    /// (`policy::admit`). The aggregation answering gets a hit for refresh-ahead, once per
+    /// `caller` (the caller's identity) and `policy::HIT_WINDOW`.
     async fn claim(
         &self,
         key: &CanonicalKey,
         freshness: &Freshness,
         limits: &Limits,
         id: AggregationId,
+        caller: &str,
     ) -> Result<Claimed, ClaimError>;
 
     /// Looks up an aggregation by id.

@@ -110,6 +110,16 @@ pub(crate) enum RefreshVerdict {
     Epoch,
 }
 
+/// A caller's Starts of one result count as one hit for refresh-ahead per this window: a
+/// caller retrying, polling by Start, or looping cannot make a result look popular.
+pub(crate) const HIT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Whether a caller's Start at `now` counts as a hit, its last counted one of the same result
+/// having been at `last`.
+pub(crate) fn counts_as_hit(last: Option<SystemTime>, now: SystemTime) -> bool {
+    last.is_none_or(|last| now.duration_since(last).unwrap_or_default() >= HIT_WINDOW)
+}
+
 /// What is known of a due result and its farm when refresh-ahead looks at it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Candidate {
@@ -184,5 +194,17 @@ mod tests {
         let busy_farm = Candidate { farms: 3, farm_has_work: true, ..ok };
         assert_eq!(refresh_verdict(busy_farm, 3, &LIMITS), RefreshVerdict::Queued, "its farm is counted already");
         assert_eq!(refresh_verdict(Candidate { live: 10, ..ok }, 3, &LIMITS), RefreshVerdict::Live);
+    }
+
+    #[test]
+    fn a_caller_counts_once_a_hit_window() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(counts_as_hit(None, t), "a caller's first Start counts");
+        assert!(
+            !counts_as_hit(Some(t), t + HIT_WINDOW - Duration::from_millis(1)),
+            "its retries within the window do not"
+        );
+        assert!(counts_as_hit(Some(t), t + HIT_WINDOW), "a Start a window later counts again");
+        assert!(!counts_as_hit(Some(t + HIT_WINDOW), t), "nor does one from a clock that went back");
     }
 }

@@ -28,7 +28,7 @@ mod wire;
 pub use client::{RedisClient, RedisConfig, RedisRate};
 
 use super::lease::{FarmLeases, Lease};
-use super::policy::{Freshness, Limits, RefreshVerdict};
+use super::policy::{self, Freshness, Limits, RefreshVerdict};
 use super::results::{CachedResult, ResultsCache};
 use super::run_model::{RunModel, SMOOTHING};
 use super::wakeups::{Wakeups, farm_topic};
@@ -241,6 +241,7 @@ impl AggregationStore for RedisStore {
         freshness: &Freshness,
         limits: &Limits,
         id: AggregationId,
+        caller: &str,
     ) -> Result<Claimed, ClaimError> {
         let fresh = AggregationRecord::queued(id.clone(), key.clone(), self.clock.now());
         let (k, farm) = (self.keys(), key.farm_id());
@@ -267,7 +268,9 @@ impl AggregationStore for RedisStore {
                     .arg(k.record_prefix())
                     .arg(k.rows_prefix())
                     .arg(crate::gateway::ids::tag_of(&id).map(|t| t.to_string()).unwrap_or_default())
-                    .arg(millis(self.clock.now())),
+                    .arg(millis(self.clock.now()))
+                    .arg(caller)
+                    .arg(ms(policy::HIT_WINDOW)),
             )
             .await?;
         let disposition = match verdict.parse()? {

@@ -22,7 +22,20 @@ local max_farms = tonumber(ARGV[8])
 local record_prefix = ARGV[9]
 local rows_prefix = ARGV[10]
 local id_epoch = ARGV[11]       -- the epoch the new id was minted in
-local now = tonumber(ARGV[12])  -- the replica's clock, ms
+local now = tonumber(ARGV[12])  -- Redis's clock as the replica reads it, ms
+local caller = ARGV[13]         -- the caller's identity
+local hit_window_ms = tonumber(ARGV[14])
+
+-- A hit for refresh-ahead, once per caller and window (policy::counts_as_hit): the caller's
+-- last counted hit is kept in the record, as `seen:{caller}`.
+local function hit(agg)
+    local seen = 'seen:' .. caller
+    local last = tonumber(redis.call('HGET', agg, seen) or '')
+    if not last or now - last >= hit_window_ms then
+        redis.call('HSET', agg, seen, now)
+        redis.call('HINCRBY', agg, 'hits', 1)
+    end
+end
 
 -- Answers {verdict, record json, queue position}.
 if redis.call('GET', epoch_key) ~= id_epoch then return {'epoch', '', 0} end
@@ -32,7 +45,7 @@ if existing then
     local f = redis.call('HMGET', agg, 'state', 'expire_ms', 'data_ms', 'json')
     local state = f[1]
     if is_active(state) then
-        redis.call('HINCRBY', agg, 'hits', 1)
+        hit(agg)
         local pos = redis.call('LPOS', queue_key, existing)
         return {'joined', f[4], pos or 0}
     end
@@ -44,7 +57,7 @@ if existing then
         if max_staleness_ms >= 0 then fresh = f[3] ~= false and now - tonumber(f[3]) <= max_staleness_ms end
         local rows = state ~= 'COMPLETED' or redis.call('EXISTS', rows_prefix .. existing) == 1
         if remaining > 0 and remaining >= need and fresh and rows then
-            redis.call('HINCRBY', agg, 'hits', 1)
+            hit(agg)
             return {'cached', f[4], 0}
         end
     end
@@ -58,7 +71,7 @@ if refresh then
     local f = redis.call('HMGET', agg, 'state', 'json')
     if is_active(f[1]) then
         redis.call('SET', index_key, refresh)
-        redis.call('HINCRBY', agg, 'hits', 1)
+        hit(agg)
         local pos = redis.call('LPOS', queue_key, refresh)
         return {'joined', f[2], pos or 0}
     end
@@ -81,6 +94,7 @@ end
 if position == queued then redis.call('RPUSH', queue_key, id) end
 redis.call('SADD', farms_key, farm)
 redis.call('INCR', live_key)
-redis.call('HSET', record_key, 'json', json, 'state', 'QUEUED', 'farm', farm, 'index', index_key, 'hits', 1)
+redis.call('HSET', record_key, 'json', json, 'state', 'QUEUED', 'farm', farm, 'index', index_key, 'hits', 1,
+    'seen:' .. caller, now)
 redis.call('SET', index_key, id)
 return {'started', json, position}
