@@ -128,8 +128,8 @@ mod tests {
         let first = gateway.start("caller", &request, None, false).await.expect("started");
         assert_eq!(first.disposition, Disposition::Started);
         tokio::time::sleep(Duration::from_secs(5)).await;
-        for _ in 0..2 {
-            let again = gateway.start("caller", &request, None, false).await.expect("answered");
+        for other in ["caller-b", "caller-c"] {
+            let again = gateway.start(other, &request, None, false).await.expect("answered");
             assert_eq!((again.disposition, &again.record.id), (Disposition::Cached, &first.record.id));
         }
         // Valid for 59:30; due for a refresh 10 minutes before.
