@@ -625,6 +625,28 @@ async fn replicas_whose_clocks_are_hours_apart_agree_on_redis_time() {
     assert_eq!(disposition, Disposition::Cached, "answered from the cache by the other replica");
 }
 
+/// The refresh-ahead due set does not grow with results nobody refreshes: results past their
+/// expiry leave it at the next scan, popular or not.
+#[tokio::test]
+async fn expired_results_leave_the_refresh_due_set() {
+    let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
+    let store = on_redis(&server, "dsg:").await.store;
+    let store = store.as_ref();
+    for days in 1..=3 {
+        let claimed = claim(store, &key(57, days), &ROOMY).await.expect("room");
+        let lease = holder(store, claimed.record.farm_id(), "replica-a").await;
+        complete(store, &lease, &claimed.record, Duration::from_millis(300)).await;
+        store.leases().release(&lease).await.expect("store");
+    }
+    let mut conn = common::redis_conn(&server.url()).await;
+    let due: u64 = ::redis::cmd("ZCARD").arg("dsg:due").query_async(&mut conn).await.expect("ZCARD");
+    assert_eq!(due, 3);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty());
+    let due: u64 = ::redis::cmd("ZCARD").arg("dsg:due").query_async(&mut conn).await.expect("ZCARD");
+    assert_eq!(due, 0, "expired results left the due set");
+}
+
 #[tokio::test]
 async fn rows_redis_lost_are_put_back_and_never_over_rows_present() {
     let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");

@@ -109,6 +109,8 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
     let emulator = Server::start(None, &emulator_args, 1)?;
     let endpoint = emulator.url("listening on ").ok_or("no emulator address")?;
     let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port());
+    // `DSG_CHAOS_WAIT_REPLICAS=N` (default 1): the gateways' `--redis-wait-replicas`.
+    let wait_replicas = std::env::var("DSG_CHAOS_WAIT_REPLICAS").unwrap_or_else(|_| "1".to_owned());
     let mut gateways = Gateways { args: Vec::new(), env: Vec::new(), running: Vec::new() };
     gateways.env = [
         ("AWS_ENDPOINT_URL_DEADLINE", endpoint.as_str()),
@@ -143,7 +145,7 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
             "--redis-response-timeout",
             "1s",
             "--redis-wait-replicas",
-            "1",
+            &wait_replicas,
             "--redis-wait-timeout",
             "300ms",
             "--lease-ttl",

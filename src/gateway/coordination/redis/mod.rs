@@ -494,6 +494,7 @@ impl AggregationStore for RedisStore {
             .arg(millis(due_by))
             .arg(self.keys().record_prefix())
             .arg(DUE_SCAN_LIMIT)
+            .arg(min_hits)
             .invoke_async(&mut self.conn())
             .await
             .map_err(store_error)?;
