@@ -41,7 +41,11 @@ impl Cluster {
     }
 
     /// Starts `request` on replica `on`; its id.
+    /// Starts `request` on replica `on`, as the caller `caller-{on}` (refresh-ahead counts a
+    /// caller once).
     async fn start(&mut self, on: usize, request: deadline_stats_gateway::grpc::pb::StartAggregationRequest) -> String {
+        let mut request = tonic::Request::new(request);
+        request.metadata_mut().insert("x-caller-id", format!("caller-{on}").parse().expect("ASCII"));
         let resp = self.clients[on].start_aggregation(request).await.expect("start").into_inner();
         resp.aggregation.expect("aggregation").aggregation_id
     }

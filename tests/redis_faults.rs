@@ -540,6 +540,56 @@ async fn behind_sentinel_connections_to_a_primary_left_behind_move_to_the_one_se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_larger_than_the_near_cache_is_served_page_by_page_and_the_cache_stays_within_budget() {
+    // 2 queues × 7 days × 24 hours × 3 usage types = 1,008 rows: far more than 20 KB encoded.
+    let budget = 20_000;
+    let mut rig = Rig::launch(1, &["--cache-max-bytes", "20000"], &["--aggregation-duration", "300ms"]).await;
+    let request = start_request(420, 2, 7, &[GroupBy::QueueId, GroupBy::UsageType]);
+    let id = rig.clients[0].start_aggregation(request).await.expect("start").into_inner().aggregation.expect("agg");
+    let id = id.aggregation_id;
+    let done = until_terminal(&mut rig.clients[0], &id).await;
+    assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 1008));
+    // Every page, 100 rows at a time, from the replica whose cache cannot hold the result...
+    let mut conn = redis_conn(&rig.redis.url()).await;
+    let stored: u64 =
+        ::redis::cmd("STRLEN").arg(format!("dsg:rows:{id}")).query_async(&mut conn).await.expect("STRLEN");
+    let sent_before = redis_output_bytes(&mut conn).await;
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = rig.clients[0].get_aggregation(get_request(&id, 100, &token, Duration::ZERO)).await;
+        let page = page.expect("a page").into_inner();
+        paged.extend(page.statistics.iter().map(|s| format!("{s:?}")));
+        token = page.next_page_token;
+        let (_, _, admin) = &rig.replicas[0];
+        let (_, _, text) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+        let held = parse_metrics(&text).get("dsg_cache_bytes").copied().unwrap_or(0.0);
+        assert!(held <= f64::from(budget), "the results cache holds {held} bytes, over its {budget}");
+        if token.is_empty() {
+            break;
+        }
+    }
+    // ...read from Redis a page at a time: the stored rows moved out of Redis about once, not
+    // once per page (eleven times).
+    let sent = redis_output_bytes(&mut conn).await - sent_before;
+    assert!(sent < 2 * stored, "Redis sent {sent} bytes for rows stored in {stored}");
+    // And it is the result as a replica with room for it serves it whole.
+    let (_roomy, url, _) = redis_replica(&rig.endpoint, &rig.proxy.url(), 8, &[]);
+    let mut roomy = client_of(&url).await;
+    let whole = roomy.get_aggregation(get_request(&id, 1000, "", Duration::ZERO)).await.expect("rows").into_inner();
+    let rest = roomy.get_aggregation(get_request(&id, 1000, &whole.next_page_token, Duration::ZERO)).await;
+    let rest = rest.expect("rows").into_inner();
+    let all: Vec<String> = whole.statistics.iter().chain(&rest.statistics).map(|s| format!("{s:?}")).collect();
+    assert_eq!(paged.len(), 1008);
+    assert_eq!(paged, all, "the same rows in the same order");
+    let (_, _, admin) = &rig.replicas[0];
+    let (_, _, text) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
+    let metrics = parse_metrics(&text);
+    assert!(metrics.get("dsg_cache_bytes").copied().unwrap_or(0.0) <= f64::from(budget), "{metrics:?}");
+    assert_eq!(metrics.get("dsg_cache_entries").copied(), Some(0.0), "the result was never held whole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_taken_over_midway_resumes_its_parts_and_its_lost_rows_come_back_part_by_part() {
     // 2 queues × 7 days × 24 hours × 3 usage types = 1,008 rows, against an upstream that
     // refuses more than 600: the whole, then two parts of 3 and 4 days (432 and 576 rows).
@@ -578,4 +628,13 @@ async fn a_split_taken_over_midway_resumes_its_parts_and_its_lost_rows_come_back
     let page = page.into_inner();
     assert_eq!(page.aggregation.map(|a| a.row_count), Some(1008));
     assert_eq!(page.statistics.len(), 1000, "the first page of the merged rows");
+}
+
+/// The bytes Redis has sent its clients so far (`INFO stats`).
+async fn redis_output_bytes(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = ::redis::cmd("INFO").arg("stats").query_async(conn).await.expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_net_output_bytes")
 }

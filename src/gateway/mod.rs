@@ -380,6 +380,10 @@ impl Gateway {
                     let result = Box::pin(self.recover_rows(record)).await?;
                     return terminal_page(id, result, offset, size, self.clock.now());
                 }
+                Found::Large(record) => {
+                    may_read(record.farm_id())?;
+                    return Box::pin(self.large_page(id, record, offset, size)).await;
+                }
                 Found::Unknown => return Err(Box::pin(self.unknown(id)).await),
             };
             let now = tokio::time::Instant::now();
@@ -409,7 +413,9 @@ impl Gateway {
         }
         let found = self.store.read(id).await.map_err(GatewayError::reading(id))?;
         match &found {
-            Found::Active { record, .. } | Found::RowsLost(record) => may_read(record.farm_id())?,
+            Found::Active { record, .. } | Found::RowsLost(record) | Found::Large(record) => {
+                may_read(record.farm_id())?;
+            }
             Found::Terminal(result) => may_read(result.record.farm_id())?,
             Found::Expired(at) => return Err(GatewayError::Expired { id: id.to_owned(), at: *at }),
             Found::Evicted => return Err(GatewayError::Evicted { id: id.to_owned() }),
@@ -550,6 +556,42 @@ async fn refresh_epoch(store: &dyn AggregationStore, ids: &IdMinter) {
 }
 
 /// A page of a terminal result; an expired COMPLETED one is refused.
+impl Gateway {
+    /// A page of a result too large for this replica's results cache, read from the store
+    /// alone (its rows gone meanwhile: fetched again from the upstream, as a lost result's).
+    async fn large_page(
+        &self,
+        id: &str,
+        record: Arc<AggregationRecord>,
+        offset: usize,
+        size: usize,
+    ) -> Result<Page, GatewayError> {
+        if let Some(at) = record.expired_at(self.clock.now()) {
+            return Err(GatewayError::Expired { id: id.to_owned(), at });
+        }
+        let total = usize::try_from(record.row_count).unwrap_or(usize::MAX);
+        if offset > total {
+            return Err(paging::past_the_end());
+        }
+        let end = total.min(offset + size);
+        let Some(rows) = self.store.rows_page(&record, offset..end).await.map_err(GatewayError::reading(id))? else {
+            let result = self.recover_rows(record).await?;
+            return terminal_page(id, result, offset, size, self.clock.now());
+        };
+        let next_page_token = (end < total).then(|| paging::encode(&record.id, end));
+        let range = 0..rows.len();
+        let result = Arc::new(CachedResult::new(record.clone(), None));
+        Ok(Page {
+            record,
+            queue_position: 0,
+            result: Some(result),
+            rows: Some((Arc::new(rows), range)),
+            next_page_token,
+            estimate: Default::default(),
+        })
+    }
+}
+
 fn terminal_page(
     id: &str,
     result: Arc<CachedResult>,

@@ -86,6 +86,21 @@ impl RowBlock {
     }
 }
 
+impl RowBlock {
+    /// Some rows of a block stored as [`RowBlock::to_bytes`], read without the rest: `ends`
+    /// holds their end offsets in the stored block's rows (little-endian `u32`s), `start` is
+    /// where the first of them begins, and `buf` their bytes from there. `None` when they do
+    /// not fit together.
+    pub fn window(ends: &[u8], start: usize, buf: Bytes) -> Option<Self> {
+        let ends = ends
+            .chunks(4)
+            .map(|b| <[u8; 4]>::try_from(b).ok().map(|w| (u32::from_le_bytes(w) as usize).checked_sub(start)))
+            .collect::<Option<Option<Vec<usize>>>>()??;
+        let ordered = ends.windows(2).all(|w| w[0] <= w[1]) && ends.last().is_none_or(|last| *last == buf.len());
+        ordered.then_some(Self { buf, ends })
+    }
+}
+
 /// Builds a [`RowBlock`] row by row.
 pub struct RowBlockBuilder {
     buf: Vec<u8>,
@@ -153,5 +168,24 @@ mod tests {
         assert_eq!(again, block);
         assert_eq!(RowBlock::from_bytes(Bytes::from_static(b"\x05\0\0\0")), None, "too short");
         assert_eq!(RowBlock::from_bytes(Bytes::from_static(b"\x01\0\0\0\x09\0\0\0xx")), None, "past the end");
+    }
+
+    #[test]
+    fn a_window_of_a_stored_block_is_the_same_rows() {
+        let mut builder =
+            RowBlockBuilder::new(|row, buf| buf.extend_from_slice(row.queue_id.as_deref().unwrap_or("").as_bytes()));
+        for name in ["a", "bb", "ccc", "dddd", "e"] {
+            builder.push(&StatisticsRow { queue_id: Some(name.to_owned()), ..StatisticsRow::default() });
+        }
+        let whole = builder.finish();
+        let stored = whole.to_bytes();
+        // Rows 1..4 ("bb", "ccc", "dddd"): their ends, and the bytes from the end of row 0.
+        let ends = &stored[4 + 4..4 + 4 * 4];
+        let window = RowBlock::window(ends, 1, Bytes::copy_from_slice(&stored[4 + 4 * 5 + 1..4 + 4 * 5 + 10]));
+        let window = window.expect("fits");
+        assert_eq!(window.len(), 3);
+        assert_eq!(window.slice(0..3), whole.slice(1..4));
+        assert_eq!(window.slice(1..2), b"ccc");
+        assert!(RowBlock::window(ends, 1, Bytes::from_static(b"short")).is_none(), "ends past the bytes");
     }
 }

@@ -57,7 +57,7 @@ pub(crate) async fn view_of(
             Some(View { record, queue_position, estimate })
         }
         Found::Terminal(result) => Some(View::terminal(result.record.clone())),
-        Found::RowsLost(record) => Some(View::terminal(record)),
+        Found::RowsLost(record) | Found::Large(record) => Some(View::terminal(record)),
         Found::Expired(_) | Found::Evicted | Found::Unknown => None,
     })
 }

@@ -36,9 +36,11 @@ pub use wakeups::Wakeups;
 use super::clock::Clock;
 use super::key::CanonicalKey;
 use super::record::{AggregationId, AggregationRecord, Offer, Rows};
+use super::rows::RowBlock;
 use super::throttle::Rate;
 use pacing::{LocalRate, RateSource};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -72,6 +74,9 @@ pub enum Found {
     /// COMPLETED, but the store lost its rows (a shared store's eviction or failover) while
     /// the record survived: the rows can be fetched again with its upstream id.
     RowsLost(Arc<AggregationRecord>),
+    /// COMPLETED, with rows larger than this replica's results cache may hold: read page by
+    /// page ([`AggregationStore::rows_page`]), never held whole.
+    Large(Arc<AggregationRecord>),
     Unknown,
 }
 
@@ -334,6 +339,13 @@ pub trait AggregationStore: Send + Sync + 'static {
     /// The offer left with active aggregation `id`, if any.
     async fn offered(&self, id: &str) -> Result<Option<Offer>, StoreError>;
 
+    /// The rows `range` of a [`Found::Large`] result, read without the rest; `None` when the
+    /// store lost them. A store that never answers [`Found::Large`] has none.
+    async fn rows_page(&self, record: &AggregationRecord, range: Range<usize>) -> Result<Option<RowBlock>, StoreError> {
+        let _ = (record, range);
+        Ok(None)
+    }
+
     /// Puts back the rows of a COMPLETED aggregation that the store lost ([`Found::RowsLost`],
     /// fetched again from the upstream), unless it has them already; rows are immutable, so
     /// any replica may write them and no fence is needed. A store that never loses rows keeps
@@ -450,9 +462,11 @@ impl Coordination {
         let time = redis::time::RedisTime::measure(&client, settings.clock.clone()).await?;
         let clock = time.clock();
         let wakeups = Arc::new(Wakeups::default());
+        // The near-cache holds nothing past its budget: a result Redis holds is read again
+        // (page by page when larger than the budget), so there is no residency grace.
         let results = Arc::new(ResultsCache::with_clock(
             settings.cache_max_bytes,
-            settings.result_grace,
+            Duration::ZERO,
             Box::new(|_, _| {}),
             clock.clone(),
         ));

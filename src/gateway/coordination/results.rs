@@ -111,6 +111,11 @@ impl ResultsCache {
         self.resident.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The most bytes it holds.
+    pub fn max_bytes(&self) -> u64 {
+        self.cache.policy().max_capacity().unwrap_or(u64::MAX)
+    }
+
     /// The result `id`, if held (expired ones included: the caller decides what expiry means).
     pub fn get(&self, id: &str) -> Option<Arc<CachedResult>> {
         self.cache.get(id).or_else(|| self.residents().get(id).map(|(r, _)| r.clone()))

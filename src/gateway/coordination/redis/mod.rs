@@ -41,7 +41,11 @@ use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Rows, State};
 use crate::gateway::rows::RowBlock;
 use client::store_error;
-use scripts::{CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, UPDATE};
+use scripts::{
+    CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, ROWS_IF_SMALL, ROWS_PAGE,
+    UPDATE,
+};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -142,17 +146,26 @@ impl RedisStore {
             return Ok(Found::Expired(at));
         }
         let rows = if has_rows {
-            let bytes: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(self.keys().rows(&record.id))
-                .query_async(&mut self.conn())
+            // Rows the near-cache cannot hold are not moved out of Redis whole: read page by
+            // page instead (`rows_page`).
+            let answer: redis::Value = ROWS_IF_SMALL
+                .key(self.keys().rows(&record.id))
+                .arg(self.near.max_bytes())
+                .invoke_async(&mut self.conn())
                 .await
                 .map_err(store_error)?;
-            match bytes.map(|b| RowBlock::from_bytes(b.into())) {
-                Some(Some(rows)) => Some(Arc::new(rows)),
-                Some(None) => {
-                    return Err(StoreError::Corrupt { what: format!("the rows of {}", record.id), source: None });
+            match answer {
+                redis::Value::Nil => return Ok(Found::RowsLost(Arc::new(record))),
+                redis::Value::Int(_) => return Ok(Found::Large(Arc::new(record))),
+                redis::Value::BulkString(bytes) => match RowBlock::from_bytes(bytes.into()) {
+                    Some(rows) => Some(Arc::new(rows)),
+                    None => {
+                        return Err(StoreError::Corrupt { what: format!("the rows of {}", record.id), source: None });
+                    }
+                },
+                other => {
+                    return Err(StoreError::UnexpectedAnswer { script: "rows_if_small", answer: format!("{other:?}") });
                 }
-                None => return Ok(Found::RowsLost(Arc::new(record))),
             }
         } else {
             None
@@ -359,6 +372,22 @@ impl AggregationStore for RedisStore {
             self.wake(id, &lease.farm);
         }
         Ok(Self::written(done))
+    }
+
+    async fn rows_page(&self, record: &AggregationRecord, range: Range<usize>) -> Result<Option<RowBlock>, StoreError> {
+        let answer: Option<(u64, Vec<u8>, u64, Vec<u8>)> = ROWS_PAGE
+            .key(self.keys().rows(&record.id))
+            .arg(range.start)
+            .arg(range.end)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        let Some((_count, ends, start, bytes)) = answer else { return Ok(None) };
+        let start = usize::try_from(start).unwrap_or(usize::MAX);
+        match RowBlock::window(&ends, start, bytes.into()) {
+            Some(rows) => Ok(Some(rows)),
+            None => Err(StoreError::Corrupt { what: format!("the rows of {}", record.id), source: None }),
+        }
     }
 
     async fn offer(&self, id: &str, offer: &Offer) -> Result<(), StoreError> {

@@ -46,6 +46,8 @@ scripts! {
     QUEUE_REFRESH = "queue_refresh.lua";
     OBSERVE_RUN = "observe_run.lua";
     RESTORE_ROWS = "restore_rows.lua";
+    ROWS_IF_SMALL = "rows_if_small.lua";
+    ROWS_PAGE = "rows_page.lua";
     LOADS = "loads.lua";
     ACQUIRE = "acquire.lua";
     RENEW = "renew.lua";
