@@ -242,6 +242,7 @@ impl UpstreamRunner {
         let c = &self.config;
         let now = self.clock.now();
         let r = &mut agg.record;
+        let mut observed = None;
         let (state, failed, rows) = match outcome {
             Outcome::Completed { rows, message, parts } => {
                 let started = started.unwrap_or_else(|| Started::now(now));
@@ -260,12 +261,11 @@ impl UpstreamRunner {
                     self.metrics.estimate_error.observe(error.as_secs_f64());
                 }
                 // What the farm's estimates learn from: the upstream Start's acceptance to
-                // the rows in hand (pacing, polls and pages included).
+                // the rows in hand (pacing, polls and pages included); recorded once the
+                // fenced finish landed, so a holder that paused past its lease (whose time
+                // includes the pause) teaches nothing.
                 let took = now.duration_since(started.wall).unwrap_or_default();
-                let size = super::coordination::run_model::size(r.key.request());
-                if let Err(e) = agg.store.observe_run(r.farm_id(), size, took).await {
-                    tracing::debug!(error = %e, "cannot record the run time");
-                }
+                observed = Some((super::coordination::run_model::size(r.key.request()), took));
                 ("COMPLETED", false, Some(Arc::new(rows)))
             }
             Outcome::Ended { state, failure } | Outcome::TooLarge { state, failure } => {
@@ -279,6 +279,11 @@ impl UpstreamRunner {
             }
         };
         agg.finish(rows).await?;
+        if let Some((size, took)) = observed
+            && let Err(e) = agg.store.observe_run(agg.record.farm_id(), size, took).await
+        {
+            tracing::debug!(error = %e, "cannot record the run time");
+        }
         self.metrics.finished.get_or_create(&StateLabels { state }).inc();
         if agg.record.refresh {
             let outcome = if failed { "failed" } else { "completed" };

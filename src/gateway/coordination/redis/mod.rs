@@ -392,7 +392,7 @@ impl AggregationStore for RedisStore {
 
     async fn offer(&self, id: &str, offer: &Offer) -> Result<(), StoreError> {
         // Replicated like the writes that guard the one-running rule: it is one of them.
-        let _left: i64 = self.redis.guarded(&OFFER.key(self.keys().record(id)).arg(offer_to_json(offer)?)).await?;
+        let _left: i64 = self.redis.guarded(OFFER.key(self.keys().record(id)).arg(offer_to_json(offer)?)).await?;
         Ok(())
     }
 
