@@ -503,6 +503,9 @@ async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -
         result_grace: Duration::from_secs(30),
         upstream_start: Rate { per_second: 0.0, burst: 1 },
         upstream_get: Rate { per_second: 0.0, burst: 1 },
+        caller_start: Rate { per_second: 0.0, burst: 1 },
+        caller_get: Rate { per_second: 0.0, burst: 1 },
+        caller_limits: Default::default(),
         clock,
     };
     Coordination::redis(&settings, &RedisConfig::new(server.url()).with_prefix(prefix))

@@ -11,7 +11,7 @@ use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::coordination::redis::RedisConfig;
 use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
-use crate::gateway::throttle::Rate;
+use crate::gateway::throttle::{CallerLimits, Rate};
 use crate::grpc::identity::IdentitySource;
 use crate::grpc::server::{self, ServerOptions};
 use crate::grpc::tls::TlsFiles;
@@ -33,6 +33,15 @@ pub enum StoreKind {
     Memory,
     /// In Redis (or Valkey, ElastiCache, MemoryDB): any number of replicas act as one gateway.
     Redis,
+}
+
+/// Where callers' limits hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CallerLimitsKind {
+    /// Across every replica sharing the store (tokens taken from Redis in batches).
+    Global,
+    /// In each replica: a caller spread over N replicas gets N times its rate.
+    Local,
 }
 
 /// Which upstream the gateway talks to.
@@ -246,6 +255,10 @@ pub struct ServeArgs {
     /// Burst of StartAggregation calls per caller.
     #[arg(long, env = "DSG_CALLER_START_BURST", default_value_t = g::CALLER_START_BURST)]
     pub caller_start_burst: u32,
+    /// Whether the caller limits hold across every replica (`global`: with `--store redis`, the
+    /// buckets are shared through Redis) or in each replica (`local`).
+    #[arg(long, env = "DSG_CALLER_LIMITS", value_enum, default_value = "global")]
+    pub caller_limits: CallerLimitsKind,
     /// GetAggregation calls per second per caller (0 = unlimited).
     #[arg(long, env = "DSG_CALLER_GET_RATE", default_value_t = g::CALLER_GET_RATE, value_parser = parse_per_second)]
     pub caller_get_rate: f64,
@@ -299,6 +312,10 @@ impl ServeArgs {
             },
             caller_start: Rate { per_second: self.caller_start_rate, burst: self.caller_start_burst },
             caller_get: Rate { per_second: self.caller_get_rate, burst: self.caller_get_burst },
+            caller_limits: match self.caller_limits {
+                CallerLimitsKind::Global => CallerLimits::Global,
+                CallerLimitsKind::Local => CallerLimits::Local,
+            },
             upstream_start: Rate::upstream_start(self.upstream_start_rate),
             upstream_get: Rate::upstream_get(self.upstream_get_rate),
             max_wait: *self.max_wait,

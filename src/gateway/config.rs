@@ -8,7 +8,7 @@ use super::clock::Clock;
 use super::coordination::CoordinationSettings;
 use super::lifecycle::LifecycleConfig;
 use super::refresh;
-use super::throttle::Rate;
+use super::throttle::{CallerLimits, Rate};
 use std::time::Duration;
 
 /// Everything the gateway core can be tuned by.
@@ -33,6 +33,8 @@ pub struct GatewayConfig {
     pub lifecycle: LifecycleConfig,
     pub caller_start: Rate,
     pub caller_get: Rate,
+    /// Whether callers' limits hold across replicas.
+    pub caller_limits: CallerLimits,
     pub upstream_start: Rate,
     pub upstream_get: Rate,
     /// The longest long-poll.
@@ -119,6 +121,7 @@ impl Default for GatewayConfig {
             },
             caller_start: Rate { per_second: d::CALLER_START_RATE, burst: d::CALLER_START_BURST },
             caller_get: Rate { per_second: d::CALLER_GET_RATE, burst: d::CALLER_GET_BURST },
+            caller_limits: CallerLimits::default(),
             upstream_start: Rate::upstream_start(d::UPSTREAM_START_RATE),
             upstream_get: Rate::upstream_get(d::UPSTREAM_GET_RATE),
             max_wait: d::MAX_WAIT,
@@ -181,6 +184,9 @@ impl GatewayConfig {
             result_grace: self.result_grace,
             upstream_start: self.upstream_start,
             upstream_get: self.upstream_get,
+            caller_start: self.caller_start,
+            caller_get: self.caller_get,
+            caller_limits: self.caller_limits,
             clock: self.clock.clone(),
         }
     }

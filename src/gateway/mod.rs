@@ -62,7 +62,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use throttle::CallerBuckets;
+use throttle::{CallerBuckets, Granted};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How often farms with work and no worker are looked for.
@@ -161,7 +161,17 @@ impl Gateway {
         metrics: Arc<Metrics>,
         encoder: rows::RowEncoder,
     ) -> Self {
-        let Coordination { store, results, wakeups, start_rate, get_rate, epoch, clock } = coordination;
+        let Coordination {
+            store,
+            results,
+            wakeups,
+            start_rate,
+            get_rate,
+            caller_start_tokens,
+            caller_get_tokens,
+            epoch,
+            clock,
+        } = coordination;
         // Every wall-clock reading is the store's: the same on every replica.
         let config = GatewayConfig { clock, ..config };
         let cancel = CancellationToken::new();
@@ -212,8 +222,8 @@ impl Gateway {
                 max_farms: config.max_farms,
             },
             min_remaining_validity: config.min_remaining_validity,
-            start_buckets: Arc::new(CallerBuckets::new(config.caller_start)),
-            get_buckets: Arc::new(CallerBuckets::new(config.caller_get)),
+            start_buckets: Arc::new(CallerBuckets::shared(config.caller_start, caller_start_tokens)),
+            get_buckets: Arc::new(CallerBuckets::shared(config.caller_get, caller_get_tokens)),
             max_wait: config.max_wait,
             metrics,
             watches,
@@ -289,7 +299,7 @@ impl Gateway {
         if self.draining.is_cancelled() || self.cancel.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
-        self.take_token(&self.start_buckets, caller, "StartAggregation")?;
+        self.take_token(&self.start_buckets, caller, "StartAggregation").await?;
         let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
         let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(), caller).await;
@@ -348,7 +358,7 @@ impl Gateway {
         wait: Duration,
         may_read: &(dyn Fn(&str) -> Result<(), GatewayError> + Sync),
     ) -> Result<Page, GatewayError> {
-        self.take_token(&self.get_buckets, caller, "GetAggregation")?;
+        self.take_token(&self.get_buckets, caller, "GetAggregation").await?;
         let size = paging::page_size(page_size)?;
         let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, id)? };
         // The hot path: a terminal result held by this replica.
@@ -406,7 +416,7 @@ impl Gateway {
         id: &str,
         may_read: &(dyn Fn(&str) -> Result<(), GatewayError> + Sync),
     ) -> Result<tokio::sync::watch::Receiver<watch::View>, GatewayError> {
-        self.take_token(&self.get_buckets, caller, "WatchAggregation")?;
+        self.take_token(&self.get_buckets, caller, "WatchAggregation").await?;
         if let Some(result) = self.results.get(id) {
             may_read(result.record.farm_id())?;
             return Ok(self.watches.subscribe(watch::View::terminal(result.record.clone())));
@@ -524,17 +534,24 @@ impl Gateway {
         self.dispatcher.release_all().await;
     }
 
-    fn take_token(
+    async fn take_token(
         &self,
         buckets: &Option<CallerBuckets>,
         caller: &str,
         operation: &'static str,
     ) -> Result<(), GatewayError> {
         let Some(b) = buckets else { return Ok(()) };
-        b.check(caller).map_err(|retry_after| {
-            self.metrics.throttled.get_or_create(&MethodLabels { method: operation }).inc();
-            GatewayError::RateLimited { operation, retry_after }
-        })
+        match b.check(caller).await {
+            Ok(Granted::Local | Granted::Shared) => Ok(()),
+            Ok(Granted::Fallback) => {
+                self.metrics.caller_limit_fallbacks.get_or_create(&MethodLabels { method: operation }).inc();
+                Ok(())
+            }
+            Err(retry_after) => {
+                self.metrics.throttled.get_or_create(&MethodLabels { method: operation }).inc();
+                Err(GatewayError::RateLimited { operation, retry_after })
+            }
+        }
     }
 
     pub fn stats(&self) -> GatewayStats {

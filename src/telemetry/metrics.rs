@@ -103,6 +103,9 @@ pub struct Metrics {
     pub abandoned: Family<ReasonLabels, Counter>,
     /// Ids a farm's queue held whose record was `missing` or `unreadable`, taken off it.
     pub store_corrupt: Family<ReasonLabels, Counter>,
+    /// Callers' requests let through by this replica's own buckets while the buckets shared
+    /// by every replica could not be reached, by method.
+    pub caller_limit_fallbacks: Family<MethodLabels, Counter>,
     /// Upstream Starts whose outcome is unknown (timeout, 5xx, lost response).
     pub start_outcome_unknown: Counter,
     /// Upstream aggregations a holder started but could not record under its lease: `left`
@@ -215,6 +218,12 @@ impl Metrics {
             "upstream Starts whose outcome is unknown (timeout, 5xx, lost response)",
             start_outcome_unknown.clone(),
         );
+        let caller_limit_fallbacks = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "caller_limit_fallbacks",
+            "callers' requests let through by this replica's own buckets while the shared ones could not be reached",
+            caller_limit_fallbacks.clone(),
+        );
         let start_offers = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "upstream_start_offers",
@@ -312,6 +321,7 @@ impl Metrics {
             abandoned,
             store_corrupt,
             start_outcome_unknown,
+            caller_limit_fallbacks,
             start_offers,
             busy,
             rows_refetched,

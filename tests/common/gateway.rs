@@ -121,6 +121,8 @@ pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordinati
         wakeups: wakeups.clone(),
         start_rate: None,
         get_rate: None,
+        caller_start_tokens: None,
+        caller_get_tokens: None,
         epoch: None,
         // `MemoryStore::new`'s.
         clock: deadline_stats_gateway::gateway::clock::Clock::system(),

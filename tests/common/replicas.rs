@@ -26,15 +26,16 @@ pub fn redis_replica(endpoint: &str, redis: &str, n: usize, extra: &[&str]) -> (
         redis,
         "--instance-id",
         &id,
-        "--caller-start-rate",
-        "0",
-        "--caller-get-rate",
-        "0",
         "--poll-initial-interval",
         "100ms",
         "--upstream-start-rate",
         "0",
     ];
+    for unlimited in ["--caller-start-rate", "--caller-get-rate"] {
+        if !extra.contains(&unlimited) {
+            flags.extend_from_slice(&[unlimited, "0"]);
+        }
+    }
     if !extra.contains(&"--lease-ttl") {
         flags.extend_from_slice(&["--lease-ttl", "1500ms"]);
     }

@@ -37,8 +37,8 @@ use super::clock::Clock;
 use super::key::CanonicalKey;
 use super::record::{AggregationId, AggregationRecord, Offer, Rows};
 use super::rows::RowBlock;
-use super::throttle::Rate;
-use pacing::{LocalRate, RateSource};
+use super::throttle::{CallerLimits, Rate};
+use pacing::{CallerTokens, LocalRate, RateSource};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -408,6 +408,10 @@ pub struct Coordination {
     pub wakeups: Arc<Wakeups>,
     pub start_rate: Option<Arc<dyn RateSource>>,
     pub get_rate: Option<Arc<dyn RateSource>>,
+    /// Where callers' Start and Get tokens come from when their limits hold across replicas
+    /// (`None`: each replica's own buckets).
+    pub caller_start_tokens: Option<Arc<dyn CallerTokens>>,
+    pub caller_get_tokens: Option<Arc<dyn CallerTokens>>,
     /// The store's epoch when it was connected, which ids are tagged with.
     pub epoch: Option<u32>,
     /// The clock every replica on the store reads the time of day from (a shared store's
@@ -425,6 +429,10 @@ pub struct CoordinationSettings {
     /// The pacing of upstream Starts and Gets.
     pub upstream_start: Rate,
     pub upstream_get: Rate,
+    /// Callers' Start and Get limits, and whether they hold across replicas.
+    pub caller_start: Rate,
+    pub caller_get: Rate,
+    pub caller_limits: CallerLimits,
     /// Where the store reads the time of day.
     pub clock: Clock,
 }
@@ -447,6 +455,8 @@ impl Coordination {
             wakeups,
             start_rate: local(settings.upstream_start),
             get_rate: local(settings.upstream_get),
+            caller_start_tokens: None,
+            caller_get_tokens: None,
             epoch: None,
             clock: settings.clock.clone(),
         }
@@ -473,7 +483,13 @@ impl Coordination {
         let shared = |name, rate| client.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
         let start_rate = shared("upstream-start", settings.upstream_start);
         let get_rate = shared("upstream-get", settings.upstream_get);
+        let callers = |operation, rate| match settings.caller_limits {
+            CallerLimits::Global => client.caller_tokens(operation, rate).map(|t| Arc::new(t) as Arc<dyn CallerTokens>),
+            CallerLimits::Local => None,
+        };
+        let caller_start_tokens = callers("start", settings.caller_start);
+        let caller_get_tokens = callers("get", settings.caller_get);
         let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), time));
-        Ok(Self { store, results, wakeups, start_rate, get_rate, epoch, clock })
+        Ok(Self { store, results, wakeups, start_rate, get_rate, caller_start_tokens, caller_get_tokens, epoch, clock })
     }
 }

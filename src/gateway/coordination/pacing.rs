@@ -17,6 +17,23 @@ pub trait RateSource: Send + Sync + 'static {
     async fn try_take(&self) -> Result<Option<Duration>, StoreError>;
 }
 
+/// How many of a caller's tokens a replica took from a bucket shared by every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// This many (at least one).
+    Tokens(u32),
+    /// None: the next is due after this long.
+    Wait(Duration),
+}
+
+/// Callers' token buckets shared by every replica, for one operation: a caller's limit holds
+/// across replicas. Replicas take tokens in batches, so most requests cost no round trip.
+#[async_trait::async_trait]
+pub trait CallerTokens: Send + Sync + 'static {
+    /// Takes up to `want` of `caller`'s tokens that are due now.
+    async fn take(&self, caller: &str, want: u32) -> Result<Taken, StoreError>;
+}
+
 /// A token bucket of this process.
 pub struct LocalRate {
     limiter: DefaultDirectRateLimiter,

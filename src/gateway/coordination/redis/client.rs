@@ -11,9 +11,9 @@
 
 use super::conn::{Conn, Endpoint};
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, EPOCH, GCRA, RELEASE, RENEW};
+use super::scripts::{ACQUIRE, CALLER_TAKE, EPOCH, GCRA, RELEASE, RENEW};
 use crate::gateway::coordination::lease::{FarmLeases, Lease};
-use crate::gateway::coordination::pacing::RateSource;
+use crate::gateway::coordination::pacing::{CallerTokens, RateSource, Taken};
 use crate::gateway::coordination::wakeups::Wakeups;
 use crate::gateway::coordination::{StoreError, StoreMemory};
 use crate::gateway::throttle::Rate;
@@ -308,6 +308,19 @@ impl RedisClient {
         }
     }
 
+    /// Callers' buckets of `rate` for `operation`, shared by every replica; `None` when `rate`
+    /// does not limit.
+    pub fn caller_tokens(&self, operation: &str, rate: Rate) -> Option<RedisCallerTokens> {
+        let (interval, burst) = rate.interval_and_burst()?;
+        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX).max(1);
+        Some(RedisCallerTokens {
+            redis: self.clone(),
+            prefix: self.keys.caller(operation),
+            interval_us,
+            tolerance_us: interval_us.saturating_mul(u64::from(burst.saturating_sub(1))),
+        })
+    }
+
     /// A rate shared by every replica under `name`; `None` when `rate` does not pace.
     pub fn rate(&self, name: &str, rate: Rate) -> Option<RedisRate> {
         let (interval, burst) = rate.interval_and_burst()?;
@@ -376,6 +389,30 @@ impl FarmLeases for RedisClient {
         let fence: Option<u64> =
             redis::cmd("GET").arg(self.keys.fence(&lease.farm)).query_async(&mut conn).await.map_err(store_error)?;
         Ok(fence == Some(lease.token))
+    }
+}
+
+/// Callers' token buckets shared by every replica, one GCRA per caller in Redis.
+pub struct RedisCallerTokens {
+    redis: RedisClient,
+    prefix: String,
+    interval_us: u64,
+    tolerance_us: u64,
+}
+
+#[async_trait::async_trait]
+impl CallerTokens for RedisCallerTokens {
+    async fn take(&self, caller: &str, want: u32) -> Result<Taken, StoreError> {
+        let mut conn = self.redis.conn.clone();
+        let (taken, wait_us): (u32, u64) = CALLER_TAKE
+            .key(format!("{}{caller}", self.prefix))
+            .arg(self.interval_us)
+            .arg(self.tolerance_us)
+            .arg(want.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(if taken > 0 { Taken::Tokens(taken) } else { Taken::Wait(Duration::from_micros(wait_us.max(1))) })
     }
 }
 

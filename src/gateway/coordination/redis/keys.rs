@@ -2,7 +2,7 @@
 //! default). A farm's keys carry the farm as a hash tag (`{farm-…}`), so they stay in one slot
 //! of a cluster:
 //! - `agg:{id}`: a hash of the record (`json`, and `state`, `farm`, `expire_ms`, `data_ms`,
-//!   `rows`, `index`, `hits` for the scripts), kept until the result's expiry plus a day;
+//!   `rows`, `index`, `hits`, `seen:{caller}`, `offer` for the scripts), kept until the result's expiry plus a day;
 //! - `rows:{id}`: the encoded rows of a COMPLETED result, expiring with it;
 //! - `key:{canonical request}`: the id answering a key;
 //! - `{farm}:queue`: the farm's ids, its head first; `farms`: farms with work; `live`: queued
@@ -14,6 +14,8 @@
 //!   of a key no caller has joined yet), `{farm}:refreshes` (the farm's such refreshes);
 //! - `{farm}:model`: the farm's run model;
 //! - `rate:{name}`: a shared rate's theoretical arrival time;
+//! - `caller:{operation}:{caller}`: a caller's shared bucket for an operation (`--caller-limits
+//!   global`), its theoretical arrival time, expiring once the bucket is full again;
 //! - `epoch`: the generation of this state, and `server`: the `run_id` of the server it was made
 //!   on (a restart or failover may have lost writes: it begins a new epoch);
 //! - `changes`: the channel on which changed ids and farm topics are published.
@@ -114,6 +116,11 @@ impl Keys {
 
     pub(crate) fn rate(&self, name: &str) -> String {
         self.named(&["rate:", name])
+    }
+
+    /// The prefix of callers' shared buckets for `operation` (the caller's identity follows).
+    pub(crate) fn caller(&self, operation: &str) -> String {
+        self.named(&["caller:", operation, ":"])
     }
 
     pub(crate) fn changes(&self) -> String {

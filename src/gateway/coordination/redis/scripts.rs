@@ -54,4 +54,5 @@ scripts! {
     RELEASE = "release.lua";
     EPOCH = "epoch.lua";
     GCRA = "gcra.lua";
+    CALLER_TAKE = "caller_take.lua";
 }
