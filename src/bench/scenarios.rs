@@ -312,7 +312,19 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
             flags.extend(["--store", "redis", "--redis-url", &url]);
             let on_redis = gateway(server_core, &flags)?;
             let (request, _) = with_a_result(&on_redis).await?;
-            Some((redis, on_redis, request))
+            // The same gateway with a caller limit the load never reaches (the load generator
+            // is one caller), kept by each replica (`local`) or shared through Redis (`global`:
+            // a round trip per batch of 1,000 tokens).
+            let mut limited = Vec::new();
+            for mode in ["local", "global"] {
+                let mut args = serve_args();
+                args.extend(flags.iter().map(|f| string(*f)));
+                let caller =
+                    ["--caller-start-rate", "0", "--caller-get-rate", "1000000", "--caller-get-burst", "10000"];
+                args.extend(caller.into_iter().chain(["--caller-limits", mode]).map(string));
+                limited.push(Server::start(server_core, &args, 3)?);
+            }
+            Some((redis, on_redis, request, limited))
         }
     };
     let mut targets = vec![
@@ -327,12 +339,14 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
             request: request_bytes,
         },
     ];
-    if let Some((_, on_redis, request)) = &redis {
-        targets.push(Target {
-            server: on_redis,
-            clients: raw_clients(&address(on_redis)?, opts.connections).await?,
-            request: request.clone(),
-        });
+    if let Some((_, on_redis, request, limited)) = &redis {
+        for server in std::iter::once(on_redis).chain(limited) {
+            targets.push(Target {
+                server,
+                clients: raw_clients(&address(server)?, opts.connections).await?,
+                request: request.clone(),
+            });
+        }
     }
 
     let rounds = rounds(opts);
@@ -406,7 +420,20 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
         report["redis_open_cpu_us_per_request"] = json!(one_decimal(r.open_cpu_us()));
         report["redis"] = json!({ "closed": r.closed.json(), "open": r.open.json() });
     }
-    if let Some((redis, _, _)) = &redis {
+    if let (Some(local), Some(global)) = (measured.get(3), measured.get(4)) {
+        let ((local_cpu, _, _), (global_cpu, _, _)) = (local.cpu_us(), global.cpu_us());
+        report["caller_limits"] = json!({
+            "local_cpu_us_per_request": one_decimal(local_cpu),
+            "global_cpu_us_per_request": one_decimal(global_cpu),
+            "global_vs_local_cpu_ratio": ratio(global_cpu, local_cpu),
+            "local_open_cpu_us_per_request": one_decimal(local.open_cpu_us()),
+            "global_open_cpu_us_per_request": one_decimal(global.open_cpu_us()),
+            "global_vs_local_equal_rate_cpu_ratio": ratio(global.open_cpu_us(), local.open_cpu_us()),
+            "local_rps": local.closed.rps().round(),
+            "global_rps": global.closed.rps().round(),
+        });
+    }
+    if let Some((redis, _, _, _)) = &redis {
         report["global_caller_bucket_round_trip_us"] = gcra_round_trips(&redis.url(), opts).await?;
     }
     drop(redis);

@@ -81,6 +81,10 @@ struct Shared {
     /// Tokens taken and not yet spent, by caller.
     held: DashMap<String, Held>,
     batch: u32,
+    rate: Rate,
+    /// While the shared buckets cannot be reached: buckets of this replica's share of the
+    /// rate, for the replica count they were made for.
+    fallback: std::sync::Mutex<Option<(usize, DefaultKeyedRateLimiter<String>)>>,
 }
 
 struct Held {
@@ -112,7 +116,7 @@ impl CallerBuckets {
         let mut buckets = Self::new(rate)?;
         buckets.shared = tokens.map(|tokens| {
             let batch = (rate.per_second * BATCH_OF.as_secs_f64()).ceil().clamp(1.0, f64::from(rate.burst.max(1)));
-            Shared { tokens, held: DashMap::new(), batch: batch as u32 }
+            Shared { tokens, held: DashMap::new(), batch: batch as u32, rate, fallback: std::sync::Mutex::default() }
         });
         Some(buckets)
     }
@@ -142,8 +146,25 @@ impl CallerBuckets {
                 Ok(Granted::Shared)
             }
             Ok(Taken::Wait(wait)) => Err(wait),
-            Err(_) => self.check_local(caller).map(|()| Granted::Fallback),
+            Err(_) => self.check_share(shared, caller).map(|()| Granted::Fallback),
         }
+    }
+
+    /// `caller`'s token from this replica's share of its rate: the rate over the replicas
+    /// sharing it (burst likewise, at least one).
+    fn check_share(&self, shared: &Shared, caller: &str) -> Result<(), Duration> {
+        let replicas = shared.tokens.replicas().max(1);
+        let mut fallback = shared.fallback.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if fallback.as_ref().is_none_or(|(made_for, _)| *made_for != replicas) {
+            let share = Rate {
+                per_second: shared.rate.per_second / replicas as f64,
+                burst: (shared.rate.burst / u32::try_from(replicas).unwrap_or(u32::MAX)).max(1),
+            };
+            let Some(quota) = share.quota() else { return Ok(()) };
+            *fallback = Some((replicas, DefaultKeyedRateLimiter::keyed(quota)));
+        }
+        let Some((_, limiter)) = fallback.as_ref() else { return Ok(()) };
+        limiter.check_key(&caller.to_owned()).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     fn check_local(&self, caller: &str) -> Result<(), Duration> {
@@ -159,6 +180,10 @@ impl CallerBuckets {
         if let Some(shared) = &self.shared {
             let now = Instant::now();
             shared.held.retain(|_, held| held.tokens > 0 && held.until > now);
+            if let Some((_, limiter)) = shared.fallback.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref()
+            {
+                limiter.retain_recent();
+            }
         }
     }
 
@@ -203,7 +228,7 @@ mod tests {
         assert!(CallerBuckets::new(Rate { per_second: 0.0, burst: 1 }).is_none());
     }
 
-    /// A shared bucket of `left` tokens in all, or an unreachable one.
+    /// A shared bucket of `left` tokens in all, or an unreachable one, shared by 3 replicas.
     struct Counted {
         left: std::sync::Mutex<u32>,
         asked: std::sync::atomic::AtomicU32,
@@ -221,6 +246,10 @@ mod tests {
             let taken = want.min(*left);
             *left -= taken;
             Ok(if taken == 0 { Taken::Wait(Duration::from_millis(100)) } else { Taken::Tokens(taken) })
+        }
+
+        fn replicas(&self) -> usize {
+            3
         }
     }
 
@@ -247,11 +276,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreachable_shared_bucket_falls_back_to_this_replicas_own() {
-        let rate = Rate { per_second: 1.0, burst: 2 };
+    async fn an_unreachable_shared_bucket_falls_back_to_this_replicas_share() {
+        // 3 per second, burst 6, over 3 replicas: this replica's share is 1 per second, burst 2.
+        let rate = Rate { per_second: 3.0, burst: 6 };
         let buckets = CallerBuckets::shared(rate, Some(counted(0, true) as Arc<dyn CallerTokens>)).expect("limited");
         assert_eq!(buckets.check("a").await, Ok(Granted::Fallback));
         assert_eq!(buckets.check("a").await, Ok(Granted::Fallback));
-        assert!(buckets.check("a").await.is_err(), "the local bucket's burst is spent");
+        let wait = buckets.check("a").await.expect_err("the share's burst is spent");
+        assert!(wait > Duration::from_millis(500), "at a third of the rate: {wait:?}");
     }
 }

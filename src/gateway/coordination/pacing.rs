@@ -32,6 +32,12 @@ pub enum Taken {
 pub trait CallerTokens: Send + Sync + 'static {
     /// Takes up to `want` of `caller`'s tokens that are due now.
     async fn take(&self, caller: &str, want: u32) -> Result<Taken, StoreError>;
+
+    /// How many replicas share the buckets, as last counted (at least 1): while the store
+    /// cannot be reached, each replica lets a caller through at its share of the rate.
+    fn replicas(&self) -> usize {
+        1
+    }
 }
 
 /// A token bucket of this process.

@@ -19,6 +19,7 @@ use crate::gateway::coordination::{StoreError, StoreMemory};
 use crate::gateway::throttle::Rate;
 use redis::aio::ConnectionManagerConfig;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -103,6 +104,9 @@ pub struct RedisClient {
     /// How long the change subscription may take to answer (the response timeout).
     health_timeout: Duration,
     pub(crate) keys: Keys,
+    /// Gateway replicas subscribed to the changes channel, as housekeeping last counted (at
+    /// least 1): what each replica's share of a caller's limit is while Redis is unreachable.
+    pub(crate) replicas: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -137,7 +141,14 @@ impl RedisClient {
                 Some((own, n, config.wait_timeout))
             }
         };
-        Ok(Self { endpoint, conn, guarded, health_timeout: config.response_timeout, keys: Keys::new(&config.prefix) })
+        Ok(Self {
+            endpoint,
+            conn,
+            guarded,
+            health_timeout: config.response_timeout,
+            keys: Keys::new(&config.prefix),
+            replicas: Arc::new(AtomicUsize::new(1)),
+        })
     }
 
     /// Runs a script whose write guards the one-running rule; with replicas to wait for, it
@@ -197,6 +208,19 @@ impl RedisClient {
             .await
             .map_err(store_error)?;
         epoch.parse().map_err(|e| StoreError::corrupt(format!("the epoch {epoch:?}"), e))
+    }
+
+    /// Counts the gateway replicas subscribed to the changes channel (`PUBSUB NUMSUB`).
+    pub(crate) async fn count_replicas(&self) -> Result<usize, StoreError> {
+        let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(self.keys.changes())
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(store_error)?;
+        let replicas = counts.first().map_or(1, |(_, n)| *n).max(1);
+        self.replicas.store(replicas, Ordering::Relaxed);
+        Ok(replicas)
     }
 
     /// How many keys Redis holds and how much memory it uses (`DBSIZE`, `INFO memory`).
@@ -413,6 +437,10 @@ impl CallerTokens for RedisCallerTokens {
             .await
             .map_err(store_error)?;
         Ok(if taken > 0 { Taken::Tokens(taken) } else { Taken::Wait(Duration::from_micros(wait_us.max(1))) })
+    }
+
+    fn replicas(&self) -> usize {
+        self.redis.replicas.load(Ordering::Relaxed).max(1)
     }
 }
 

@@ -584,6 +584,7 @@ impl AggregationStore for RedisStore {
             .await;
         let live: Option<usize> = redis::cmd("GET").arg(k.live()).query_async(&mut self.conn()).await.ok().flatten();
         let memory = self.redis.memory().await.ok();
+        let _ = self.redis.count_replicas().await;
         let mut counted = self.counted();
         counted.memory = memory;
         counted.active = live.unwrap_or_default();
