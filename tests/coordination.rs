@@ -149,6 +149,24 @@ async fn a_redis_that_may_evict_keys_is_refused() {
     }
 }
 
+/// A node of a Redis Cluster is refused at start-up with a message that says why and what to
+/// use instead (its scripts would fail at run time with `CROSSSLOT` or `MOVED`), a plain Redis is
+/// not.
+#[tokio::test]
+async fn a_redis_cluster_is_refused_at_start_up_with_what_to_use_instead() {
+    let cluster = tokio::task::spawn_blocking(redis_cluster).await.expect("joins");
+    let single = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    redis(&single, "dsg:").await.check_not_a_cluster().await.expect("a plain Redis is no cluster");
+    let client = RedisClient::connect(&RedisConfig::new(cluster.url())).await.expect("connects to a node");
+    match client.check_not_a_cluster().await {
+        Err(e @ StoreError::ClusterMode) => {
+            let message = e.to_string();
+            assert!(message.contains("cluster mode") && message.contains("Sentinel"), "{message}");
+        }
+        other => panic!("a cluster node accepted: {other:?}"),
+    }
+}
+
 /// Another replica's change: `id` published on the gateway's changes channel, with a client
 /// of redis-server's own.
 fn publish_change(server: &RedisServer, id: &str) -> Result<String, String> {

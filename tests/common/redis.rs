@@ -179,3 +179,51 @@ pub fn redis_sentinel(primary_port: u16) -> RedisSentinel {
     wait_for_pong(port);
     RedisSentinel { child, port, dir }
 }
+
+/// A Redis Cluster on loopback: three primaries with a replica each (`redis-server
+/// --cluster-enabled yes`, joined by `redis-cli --cluster create`, from Debian's
+/// `redis-tools`, which `redis-server` brings), once every node says `cluster_state:ok`;
+/// stopped when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `redis://127.0.0.1:PORT` of one node (any node knows the whole cluster).
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+}
+
+/// Starts a [`RedisCluster`].
+pub fn redis_cluster() -> RedisCluster {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    // The bus port is chosen too: the default (port + 10000) may not exist.
+    let nodes: Vec<RedisServer> = (0..6)
+        .map(|_| {
+            let bus = free().to_string();
+            redis_server_with(&["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-node-timeout", "2000"])
+        })
+        .collect();
+    let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(created.is_ok_and(|s| s.success()), "redis-cli --cluster create failed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &nodes {
+        loop {
+            let info = Command::new("redis-cli").args(["-p", &node.port.to_string(), "cluster", "info"]).output();
+            if info.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not come up within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    RedisCluster { nodes }
+}

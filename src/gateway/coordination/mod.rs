@@ -268,6 +268,13 @@ pub enum StoreError {
     /// A script answered something it never answers.
     #[error("the shared store's {script} script answered {answer:?}")]
     UnexpectedAnswer { script: &'static str, answer: String },
+    /// It is a node of a Redis Cluster (or a cluster-mode service: MemoryDB, ElastiCache
+    /// Serverless), whose slots the gateway's scripts do not yet respect.
+    #[error(
+        "Redis is in cluster mode (cluster_enabled:1): the gateway's scripts address keys of several hash slots, \
+         which a cluster refuses; use a Redis, Valkey or ElastiCache without cluster mode (with Sentinel for failover)"
+    )]
+    ClusterMode,
     /// It may evict keys: leases, fences and records must never be evicted.
     #[error("Redis maxmemory-policy is {policy}: it may evict the gateway's leases and records; set it to noeviction")]
     EvictionPolicy { policy: String },
@@ -467,6 +474,7 @@ impl Coordination {
     /// Refuses a Redis that may evict keys.
     pub async fn redis(settings: &CoordinationSettings, redis: &redis::RedisConfig) -> Result<Self, StoreError> {
         let client = redis::RedisClient::connect(redis).await?;
+        client.check_not_a_cluster().await?;
         client.check_eviction_policy().await?;
         let epoch = Some(client.epoch().await?);
         let time = redis::time::RedisTime::measure(&client, settings.clock.clone()).await?;

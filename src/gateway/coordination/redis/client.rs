@@ -251,6 +251,15 @@ impl RedisClient {
         if policy == "noeviction" { Ok(()) } else { Err(StoreError::EvictionPolicy { policy: policy.to_owned() }) }
     }
 
+    /// Refuses a node of a Redis Cluster (`INFO cluster`): every script would answer
+    /// `CROSSSLOT` or `MOVED` at run time; better said at start-up.
+    pub async fn check_not_a_cluster(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await.map_err(store_error)?;
+        let enabled = info.lines().any(|l| l.trim() == "cluster_enabled:1");
+        if enabled { Err(StoreError::ClusterMode) } else { Ok(()) }
+    }
+
     /// Behind Sentinel, until `stop` fires: every [`FOLLOW_PRIMARY`], moves every connection
     /// to the primary Sentinel names, if it reaches another (one a failover left behind).
     pub async fn follow_primary(&self, stop: CancellationToken) {
