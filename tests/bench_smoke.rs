@@ -113,6 +113,15 @@ fn hostile_input_is_refused_while_health_checks_run() {
 }
 
 #[test]
+fn with_redis_callers_reports_one_callers_rate_over_three_replicas_both_ways() {
+    let r = run_with("callers", &["--store", "redis"]);
+    for mode in ["global", "local"] {
+        let m = &r["across_replicas"]["modes"][mode];
+        assert!(m["through"].as_u64().is_some() && m["ratio"].as_f64().is_some(), "{mode}: {r}");
+    }
+}
+
+#[test]
 fn caller_churn_reports_memory_and_forgets_idle_callers() {
     let r = run("callers");
     has_numbers(&r, &["callers", "rss_peak_bytes", "rss_idle_bytes", "rss_growth_per_caller_bytes"]);

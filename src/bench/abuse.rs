@@ -9,7 +9,7 @@
 use super::baseline::RawCodec;
 use super::process::{Server, cores, http_get, pin_self};
 use super::requests::{get_request, start_request};
-use super::scenarios::{BenchError, BenchOptions, RawClient, connect, gateway, raw_clients, serve_args};
+use super::scenarios::{BenchError, BenchOptions, BenchStore, RawClient, connect, gateway, raw_clients, serve_args};
 use crate::grpc::pb;
 use crate::grpc::service::{GET, START};
 use prost::Message as _;
@@ -174,8 +174,14 @@ pub(crate) async fn callers(opts: &BenchOptions) -> Result<Value, BenchError> {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let idle = gw.rss_bytes();
     let buckets_idle = series(&http_get(&admin, "/metrics").await?, "dsg_caller_buckets");
+    drop(gw);
+    let across_replicas = match opts.store {
+        BenchStore::Memory => Value::Null,
+        BenchStore::Redis => across_replicas(opts).await?,
+    };
     Ok(json!({
         "scenario": "callers",
+        "across_replicas": across_replicas,
         "callers": callers,
         "caller_id_bytes": 124,
         "seconds": sent_in.as_secs_f64(),
@@ -188,4 +194,67 @@ pub(crate) async fn callers(opts: &BenchOptions) -> Result<Value, BenchError> {
         "caller_buckets_idle": buckets_idle,
         "smoke": opts.smoke,
     }))
+}
+
+/// With `--store redis`: one caller sending Gets as fast as it can through three gateways on
+/// one `redis-server`, its Get limit held across them (`--caller-limits global`) or by each
+/// (`local`): how many went through against how many the limit allows in the window.
+async fn across_replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
+    const RATE: f64 = 50.0;
+    const BURST: u32 = 10;
+    let redis = super::replicas::Redis::start()?;
+    let url = redis.url();
+    let window = if opts.smoke { Duration::from_secs(2) } else { opts.duration };
+    let mut report = serde_json::Map::new();
+    for mode in ["global", "local"] {
+        let mut gateways = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let mut args = serve_args();
+            let (rate, burst) = (RATE.to_string(), BURST.to_string());
+            let limits = ["--caller-get-rate", &rate, "--caller-get-burst", &burst, "--caller-limits", mode];
+            let store = ["--store", "redis", "--redis-url", &url, "--caller-start-rate", "0"];
+            args.extend(store.iter().chain(&limits).map(|a| (*a).to_owned()));
+            let gw = Server::start(None, &args, 3)?;
+            clients.extend(connect(&gw.url("listening on ").ok_or("no gRPC address")?, 1).await?);
+            gateways.push(gw);
+        }
+        let end = Instant::now() + window;
+        let senders: Vec<_> = clients
+            .into_iter()
+            .map(|mut client| {
+                tokio::spawn(async move {
+                    let mut through = 0u64;
+                    while Instant::now() < end {
+                        let mut req = tonic::Request::new(get_request("agg-unknown", 0, "", Duration::ZERO));
+                        req.metadata_mut()
+                            .insert("x-caller-id", tonic::metadata::MetadataValue::from_static("one-caller"));
+                        if client
+                            .get_aggregation(req)
+                            .await
+                            .err()
+                            .is_none_or(|s| s.code() != tonic::Code::ResourceExhausted)
+                        {
+                            through += 1;
+                        }
+                    }
+                    through
+                })
+            })
+            .collect();
+        let mut through = 0;
+        for sender in senders {
+            through += sender.await?;
+        }
+        let allowed = RATE * window.as_secs_f64() + f64::from(BURST);
+        report.insert(
+            mode.to_owned(),
+            json!({
+                "through": through,
+                "allowed": allowed,
+                "ratio": (through as f64 / allowed * 1000.0).round() / 1000.0,
+            }),
+        );
+    }
+    Ok(json!({ "replicas": 3, "get_rate": RATE, "get_burst": BURST, "seconds": window.as_secs_f64(), "modes": report }))
 }
