@@ -16,6 +16,9 @@ use std::time::Duration;
 const WRITE_RETRY: BackoffPolicy =
     BackoffPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 };
 
+/// The shortest delay between attempts at a write, however little of the lease is left.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(10);
+
 /// How long a holder that lost its lease with a Start answered keeps trying to leave the
 /// upstream aggregation for the next holder.
 const OFFER_PATIENCE: Duration = Duration::from_secs(60);
@@ -157,10 +160,13 @@ where
             Ok(Written::Done) => return Ok(()),
             Ok(Written::Fenced) => return Err(Stop::Fenced),
             Err(e) if e.is_transient() => {
-                let delay = backoff.next_delay();
-                if lease.remaining() <= delay {
+                // While renewals keep the lease, it lasts: the backoff never outruns it (a
+                // delay longer than what is left would give up a lease that is renewed).
+                let left = lease.remaining();
+                if left.is_zero() {
                     return Err(Stop::LeaseRanOut(e));
                 }
+                let delay = backoff.next_delay().min(left / 2).max(MIN_RETRY_DELAY);
                 tracing::warn!(farm = %lease.farm, error = %e, ?delay, "the store cannot take a write; trying again while the lease lasts");
                 tokio::time::sleep(delay).await;
             }
