@@ -220,8 +220,9 @@ async fn a_start_the_upstream_accepts_after_its_holder_lost_the_farm_is_adopted_
         "30s",
     ];
     let mut rig = Rig::launch(2, &flags, &["--aggregation-duration", "6s"]).await;
-    // The upstream takes 2 s to answer the first Start; its holder freezes meanwhile.
-    faults_of(&rig.endpoint, json!({ "latency_ms": 2000, "operations": ["start"] })).await;
+    // The upstream takes 1 s to answer the first Start (less than the lease, so the upstream
+    // aggregation exists before the farm can change hands); its holder freezes meanwhile.
+    faults_of(&rig.endpoint, json!({ "latency_ms": 1000, "operations": ["start"] })).await;
     let accepted = rig.start_many(335..336, 1).await;
     rig.until_starts(335, 1).await;
     let mut conn = redis_conn(&rig.redis.url()).await;
