@@ -11,7 +11,8 @@
 //!   Redis; leases with fencing tokens; the results cache; wake-ups; run models.
 //! - `scheduler`: farm workers, one per farm anywhere, holding the farm's lease.
 //! - `lifecycle`: driving one aggregation upstream to a terminal state.
-//! - [`throttle`]: token buckets for callers and for our own upstream traffic.
+//! - [`throttle`]: token buckets for callers (this replica's, or shared by every replica) and
+//!   for our own upstream traffic.
 //! - `spans`: the lifecycle span of each aggregation, per process.
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
 //! - `estimate`: predicted start and completion times from observed run times.

@@ -12,7 +12,8 @@
 //!   store's near-cache).
 //! - [`wakeups`]: this replica's long-poll and watch wake-ups.
 //! - `run_model`: each farm's observed run times.
-//! - [`pacing`]: where the gateway's upstream calls take their pacing tokens.
+//! - [`pacing`]: where the gateway's upstream calls take their pacing tokens, and where callers'
+//!   tokens come from when their limits hold across replicas.
 //!
 //! [`Coordination`] is what a backend gives the gateway; the gateway never names a backend.
 //! Nothing here knows of tonic, the SDK, spans or metrics.
