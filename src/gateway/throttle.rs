@@ -67,7 +67,7 @@ const HELD_FOR: Duration = Duration::from_millis(250);
 
 /// Per-caller buckets for one operation: this replica's own (`--caller-limits local`), or
 /// buckets shared by every replica (`global`), from which this replica takes tokens in
-/// batches of [`BATCH_OF`] worth of the rate, spent within [`HELD_FOR`]; a caller's request
+/// batches of `BATCH_OF` (100 ms) worth of the rate, spent within `HELD_FOR` (250 ms); a caller's request
 /// costs a round trip to the store only when this replica holds none of its tokens. While the
 /// store cannot be reached, this replica's own buckets stand in.
 pub struct CallerBuckets {

@@ -260,7 +260,7 @@ impl RedisClient {
         if enabled { Err(StoreError::ClusterMode) } else { Ok(()) }
     }
 
-    /// Behind Sentinel, until `stop` fires: every [`FOLLOW_PRIMARY`], moves every connection
+    /// Behind Sentinel, until `stop` fires: every `FOLLOW_PRIMARY` (a second), moves every connection
     /// to the primary Sentinel names, if it reaches another (one a failover left behind).
     pub async fn follow_primary(&self, stop: CancellationToken) {
         if !matches!(self.endpoint, Endpoint::Sentinel(_)) {
