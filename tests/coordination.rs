@@ -13,7 +13,7 @@ use deadline_stats_gateway::gateway::coordination::lease::{FarmLeases, MemoryLea
 use deadline_stats_gateway::gateway::coordination::pacing::{LocalRate, Pacer, RateSource};
 use deadline_stats_gateway::gateway::coordination::redis::{RedisClient, RedisConfig};
 use deadline_stats_gateway::gateway::coordination::wakeups::{Waiter, Wakeups};
-use deadline_stats_gateway::gateway::throttle::Rate;
+use deadline_stats_gateway::gateway::rate::Rate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -254,8 +254,8 @@ async fn an_aggregation_started_outside_the_gateway_is_waited_out() {
 #[tokio::test]
 async fn callers_are_throttled_per_caller_with_retry_info() {
     let mut config = fast_config(HOUR);
-    config.caller_start = deadline_stats_gateway::gateway::throttle::Rate { per_second: 0.5, burst: 2 };
-    config.caller_get = deadline_stats_gateway::gateway::throttle::Rate { per_second: 0.5, burst: 1 };
+    config.caller_start = deadline_stats_gateway::gateway::rate::Rate { per_second: 0.5, burst: 2 };
+    config.caller_get = deadline_stats_gateway::gateway::rate::Rate { per_second: 0.5, burst: 1 };
     let gw = gateway(Duration::from_millis(100), config).await;
     let mut client = gw.client().await;
     let as_caller = |caller: &str, req: pb::StartAggregationRequest| {

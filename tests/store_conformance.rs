@@ -14,7 +14,7 @@ use deadline_stats_gateway::gateway::coordination::{
 };
 use deadline_stats_gateway::gateway::ids::IdMinter;
 use deadline_stats_gateway::gateway::key::CanonicalKey;
-use deadline_stats_gateway::gateway::throttle::Rate;
+use deadline_stats_gateway::gateway::rate::Rate;
 use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;

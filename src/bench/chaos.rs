@@ -12,9 +12,9 @@
 //! and without faults. Needs `redis-server` on the PATH (it runs the Sentinel too).
 
 use super::process::{Server, http_get};
-use super::replicas::Redis;
+use super::replicas::{Redis, emulator_as_aws, serve_on_redis};
 use super::requests::{farm, get_request, start_request};
-use super::scenarios::{BenchError, BenchOptions, FAST_AND_UNPACED, string};
+use super::scenarios::{BenchError, BenchOptions, string};
 use crate::grpc::pb;
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
 use serde_json::{Value, json};
@@ -111,16 +111,7 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
     let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port());
     // `DSG_CHAOS_WAIT_REPLICAS=N` (default 1): the gateways' `--redis-wait-replicas`.
     let wait_replicas = std::env::var("DSG_CHAOS_WAIT_REPLICAS").unwrap_or_else(|_| "1".to_owned());
-    let mut gateways = Gateways { args: Vec::new(), env: Vec::new(), running: Vec::new() };
-    gateways.env = [
-        ("AWS_ENDPOINT_URL_DEADLINE", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
-    .iter()
-    .map(|(k, v)| (string(*k), string(*v)))
-    .collect();
+    let mut gateways = Gateways { args: Vec::new(), env: emulator_as_aws(&endpoint), running: Vec::new() };
     // Smoke runs take farms over quickly; full runs keep the default-like lease a failover fits in.
     let lease = if opts.smoke { "3s" } else { "10s" };
     let mut urls = Vec::new();
@@ -128,20 +119,7 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let listen = format!("127.0.0.1:{port}");
         let instance = format!("chaos-{n}");
-        let args: Vec<String> = [
-            "serve",
-            "--upstream",
-            "aws",
-            "--region",
-            "us-west-2",
-            "--listen",
-            &listen,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--store",
-            "redis",
-            "--redis-url",
-            &url,
+        let extra = [
             "--redis-response-timeout",
             "1s",
             "--redis-wait-replicas",
@@ -150,19 +128,10 @@ async fn run(opts: &BenchOptions, faults: bool) -> Result<Value, BenchError> {
             "300ms",
             "--lease-ttl",
             lease,
-            "--instance-id",
-            &instance,
-            "--caller-start-rate",
-            "0",
-            "--caller-get-rate",
-            "0",
             "--farm-queue-capacity",
             "50",
-        ]
-        .into_iter()
-        .chain(FAST_AND_UNPACED)
-        .map(string)
-        .collect();
+        ];
+        let args = serve_on_redis(&listen, &url, &instance, &extra);
         gateways.args.push(args);
         gateways.running.push(None);
         gateways.start(n)?;

@@ -98,6 +98,51 @@ impl Redis {
     }
 }
 
+/// The environment that sends a gateway's AWS SDK to the emulator at `endpoint`.
+pub(crate) fn emulator_as_aws(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL_DEADLINE", endpoint),
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+    .iter()
+    .map(|(k, v)| (string(*k), string(*v)))
+    .collect()
+}
+
+/// `serve` through the AWS SDK (the emulator's, with [`emulator_as_aws`]) on the Redis at
+/// `redis_url`, as `instance`, listening on `listen`, without caller limits, polling fast and
+/// unpaced; then `extra`.
+pub(crate) fn serve_on_redis(listen: &str, redis_url: &str, instance: &str, extra: &[&str]) -> Vec<String> {
+    [
+        "serve",
+        "--upstream",
+        "aws",
+        "--region",
+        "us-west-2",
+        "--listen",
+        listen,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--store",
+        "redis",
+        "--redis-url",
+        redis_url,
+        "--instance-id",
+        instance,
+        "--caller-start-rate",
+        "0",
+        "--caller-get-rate",
+        "0",
+    ]
+    .into_iter()
+    .chain(FAST_AND_UNPACED)
+    .chain(extra.iter().copied())
+    .map(string)
+    .collect()
+}
+
 pub(crate) async fn replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
     let redis = Redis::start()?;
     let in_progress = if opts.smoke { Duration::from_millis(100) } else { Duration::from_secs(2) };
@@ -108,42 +153,12 @@ pub(crate) async fn replicas(opts: &BenchOptions) -> Result<Value, BenchError> {
         .collect();
     let emulator = Server::start(None, &emulator_args, 1)?;
     let endpoint = emulator.url("listening on ").ok_or("no emulator address")?;
-    let env = [
-        ("AWS_ENDPOINT_URL_DEADLINE", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let env = emulator_as_aws(&endpoint);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let replica_count = 3;
     let mut gateways = Vec::new();
     for n in 0..replica_count {
-        let args: Vec<String> = [
-            "serve",
-            "--upstream",
-            "aws",
-            "--region",
-            "us-west-2",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--store",
-            "redis",
-            "--redis-url",
-            &redis.url(),
-            "--instance-id",
-            &format!("bench-{n}"),
-            "--caller-start-rate",
-            "0",
-            "--caller-get-rate",
-            "0",
-        ]
-        .into_iter()
-        .chain(FAST_AND_UNPACED)
-        .map(string)
-        .collect();
+        let args = serve_on_redis("127.0.0.1:0", &redis.url(), &format!("bench-{n}"), &["--log-format", "json"]);
         gateways.push(Server::start_with_env(None, &args, &env, 2)?);
     }
     let mut clients = Vec::new();

@@ -444,7 +444,7 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
 /// take (the script the upstream rates use), one at a time from this process, in µs.
 async fn gcra_round_trips(url: &str, opts: &BenchOptions) -> Result<Value, BenchError> {
     use crate::gateway::coordination::pacing::RateSource as _;
-    use crate::gateway::throttle::Rate;
+    use crate::gateway::rate::Rate;
     let redis = crate::gateway::coordination::redis::RedisClient::connect(
         &crate::gateway::coordination::redis::RedisConfig::new(url).with_prefix("bench:"),
     )

@@ -11,7 +11,7 @@ use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::coordination::redis::RedisConfig;
 use crate::gateway::defaults as g;
 use crate::gateway::lifecycle::LifecycleConfig;
-use crate::gateway::throttle::{CallerLimits, Rate};
+use crate::gateway::rate::{CallerLimits, Rate};
 use crate::grpc::identity::IdentitySource;
 use crate::grpc::server::{self, ServerOptions};
 use crate::grpc::tls::TlsFiles;

@@ -7,8 +7,8 @@ use super::backoff::BackoffPolicy;
 use super::clock::Clock;
 use super::coordination::CoordinationSettings;
 use super::lifecycle::LifecycleConfig;
+use super::rate::{CallerLimits, Rate};
 use super::refresh;
-use super::throttle::{CallerLimits, Rate};
 use std::time::Duration;
 
 /// Everything the gateway core can be tuned by.

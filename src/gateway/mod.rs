@@ -11,8 +11,8 @@
 //!   Redis; leases with fencing tokens; the results cache; wake-ups; run models.
 //! - `scheduler`: farm workers, one per farm anywhere, holding the farm's lease.
 //! - `lifecycle`: driving one aggregation upstream to a terminal state.
-//! - [`throttle`]: token buckets for callers (this replica's, or shared by every replica) and
-//!   for our own upstream traffic.
+//! - [`rate`]: rates with a burst, as callers' limits and our upstream pacing are set.
+//! - [`throttle`]: token buckets for callers (this replica's, or shared by every replica).
 //! - `spans`: the lifecycle span of each aggregation, per process.
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
 //! - `estimate`: predicted start and completion times from observed run times.
@@ -32,6 +32,7 @@ pub mod ids;
 pub mod key;
 pub(crate) mod lifecycle;
 pub mod paging;
+pub mod rate;
 pub(crate) mod record;
 pub mod refresh;
 pub mod rows;

@@ -85,7 +85,7 @@ impl Refresher {
 mod tests {
     use crate::domain::{AggregationRequest, AggregationStatus, StatisticsRow};
     use crate::gateway::clock::Clock;
-    use crate::gateway::throttle::Rate;
+    use crate::gateway::rate::Rate;
     use crate::gateway::{Disposition, Gateway, GatewayConfig};
     use crate::upstream::{Upstream, UpstreamError, UpstreamPage};
     use std::sync::Arc;

@@ -1,64 +1,15 @@
-//! Token buckets (governor): rates, and per caller for Start and Get, rejecting with a retry
-//! delay. The gateway's own upstream traffic waits on a [`super::coordination::pacing::Pacer`]
-//! instead.
+//! Token buckets (governor) per caller for Start and Get, rejecting with a retry delay; this
+//! replica's own, or shared by every replica through the store. The gateway's own upstream
+//! traffic waits on a [`super::coordination::pacing::Pacer`] instead.
 
 use super::coordination::pacing::{CallerTokens, Taken};
+use super::rate::Rate;
 use dashmap::DashMap;
+use governor::DefaultKeyedRateLimiter;
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// A rate in events per second and the burst allowed on top of it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub per_second: f64,
-    pub burst: u32,
-}
-
-impl Rate {
-    /// The pacing of upstream Starts: no burst, so Starts are spread evenly.
-    pub fn upstream_start(per_second: f64) -> Self {
-        Self { per_second, burst: 1 }
-    }
-
-    /// The pacing of upstream Gets: a burst of one second's worth (at least one), so a page
-    /// fetch is not slowed while the bucket is full.
-    pub fn upstream_get(per_second: f64) -> Self {
-        let burst = if per_second.is_finite() && per_second > 1.0 { per_second.ceil() as u32 } else { 1 };
-        Self { per_second, burst }
-    }
-
-    /// The time between two tokens, and how many may be taken at once; `None` when the rate
-    /// is not a positive number.
-    pub fn interval_and_burst(self) -> Option<(Duration, u32)> {
-        let quota = self.quota()?;
-        Some((quota.replenish_interval(), quota.burst_size().get()))
-    }
-
-    /// `None` when the rate is not a positive number.
-    pub(crate) fn quota(self) -> Option<Quota> {
-        if !(self.per_second.is_finite() && self.per_second > 0.0) {
-            return None;
-        }
-        let period = Duration::from_secs_f64(1.0 / self.per_second).max(Duration::from_nanos(1));
-        let burst = NonZeroU32::new(self.burst.max(1))?;
-        Some(Quota::with_period(period)?.allow_burst(burst))
-    }
-}
-
-/// Where callers' limits hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CallerLimits {
-    /// Across every replica sharing the store (a replica's own buckets on a store of one
-    /// process).
-    #[default]
-    Global,
-    /// In each replica: a caller spread over N replicas gets N times its rate.
-    Local,
-}
 
 /// How much of a caller's rate a replica takes from a shared bucket at once.
 const BATCH_OF: Duration = Duration::from_millis(100);
@@ -69,7 +20,7 @@ const HELD_FOR: Duration = Duration::from_millis(250);
 /// buckets shared by every replica (`global`), from which this replica takes tokens in
 /// batches of `BATCH_OF` (100 ms) worth of the rate, spent within `HELD_FOR` (250 ms); a caller's request
 /// costs a round trip to the store only when this replica holds none of its tokens. While the
-/// store cannot be reached, this replica's own buckets stand in.
+/// store cannot be reached, this replica lets each caller through at its share of the rate.
 pub struct CallerBuckets {
     limiter: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,

@@ -7,7 +7,7 @@ use deadline_stats_gateway::emulator::EmulatorHandle;
 use deadline_stats_gateway::gateway::backoff::BackoffPolicy;
 use deadline_stats_gateway::gateway::coordination::redis::RedisConfig;
 use deadline_stats_gateway::gateway::coordination::{Coordination, MemoryStore, Wakeups};
-use deadline_stats_gateway::gateway::throttle::Rate;
+use deadline_stats_gateway::gateway::rate::Rate;
 use deadline_stats_gateway::gateway::{Gateway, GatewayConfig};
 use deadline_stats_gateway::grpc::pb;
 use deadline_stats_gateway::grpc::pb::aggregation_service_client::AggregationServiceClient;

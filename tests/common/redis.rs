@@ -43,12 +43,14 @@ impl RedisServer {
     }
 }
 
-/// The path of `redis-server`, installing Debian's package first when it is missing.
+/// The path of `redis-server`, installing Debian's packages first when it (or `redis-cli`,
+/// which the cluster tests use) is missing.
 fn redis_binary() -> &'static str {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let present = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
-        if present.is_ok_and(|s| s.success()) {
+        let present =
+            |tool: &str| Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+        if present("redis-server") && present("redis-cli") {
             return;
         }
         let apt = |args: &[&str]| {
@@ -60,7 +62,7 @@ fn redis_binary() -> &'static str {
                 .is_ok_and(|s| s.success())
         };
         assert!(apt(&["update", "-q"]), "apt-get update failed: redis-server cannot be installed");
-        assert!(apt(&["install", "-y", "-q", "redis-server"]), "apt-get install redis-server failed");
+        assert!(apt(&["install", "-y", "-q", "redis-server", "redis-tools"]), "apt-get install redis-server failed");
     });
     "redis-server"
 }

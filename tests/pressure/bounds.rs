@@ -2,7 +2,7 @@
 //! upstream pacer is still queued.
 
 use super::*;
-use deadline_stats_gateway::gateway::throttle::Rate;
+use deadline_stats_gateway::gateway::rate::Rate;
 
 #[tokio::test]
 async fn gateway_wide_bounds_answer_gateway_busy_with_retry_info() {

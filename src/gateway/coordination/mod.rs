@@ -36,9 +36,9 @@ pub use wakeups::Wakeups;
 
 use super::clock::Clock;
 use super::key::CanonicalKey;
+use super::rate::{CallerLimits, Rate};
 use super::record::{AggregationId, AggregationRecord, Offer, Rows};
 use super::rows::RowBlock;
-use super::throttle::{CallerLimits, Rate};
 use pacing::{CallerTokens, LocalRate, RateSource};
 use std::collections::HashMap;
 use std::ops::Range;

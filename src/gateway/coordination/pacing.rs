@@ -4,7 +4,7 @@
 //! upstream's quota is per account, not per pod.
 
 use super::StoreError;
-use crate::gateway::throttle::Rate;
+use crate::gateway::rate::Rate;
 use governor::DefaultDirectRateLimiter;
 use governor::clock::{Clock, DefaultClock};
 use std::sync::Arc;

@@ -88,7 +88,7 @@ impl<'a> Retry<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::throttle::Rate;
+    use crate::gateway::rate::Rate;
 
     const POLICY: BackoffPolicy =
         BackoffPolicy { initial: Duration::from_secs(1), max: Duration::from_secs(8), multiplier: 2.0 };

@@ -16,7 +16,7 @@ use crate::gateway::coordination::lease::{FarmLeases, Lease};
 use crate::gateway::coordination::pacing::{CallerTokens, RateSource, Taken};
 use crate::gateway::coordination::wakeups::Wakeups;
 use crate::gateway::coordination::{StoreError, StoreMemory};
-use crate::gateway::throttle::Rate;
+use crate::gateway::rate::Rate;
 use redis::aio::ConnectionManagerConfig;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -268,10 +268,17 @@ impl RedisClient {
         }
         let mut every = crate::every::Every::new(FOLLOW_PRIMARY, stop);
         while every.tick().await {
+            let named = match self.endpoint.client().await {
+                Ok(named) => named,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot ask Sentinel for the primary");
+                    continue;
+                }
+            };
             let guarded = self.guarded.as_ref().map(|(conn, _, _)| conn);
             for conn in std::iter::once(&self.conn).chain(guarded) {
-                if let Err(e) = conn.follow_primary().await {
-                    tracing::debug!(error = %e, "cannot ask Sentinel for the primary");
+                if let Err(e) = conn.follow_primary(named.clone()).await {
+                    tracing::debug!(error = %e, "cannot connect to the primary Sentinel names");
                 }
             }
         }
@@ -344,26 +351,14 @@ impl RedisClient {
     /// Callers' buckets of `rate` for `operation`, shared by every replica; `None` when `rate`
     /// does not limit.
     pub fn caller_tokens(&self, operation: &str, rate: Rate) -> Option<RedisCallerTokens> {
-        let (interval, burst) = rate.interval_and_burst()?;
-        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX).max(1);
-        Some(RedisCallerTokens {
-            redis: self.clone(),
-            prefix: self.keys.caller(operation),
-            interval_us,
-            tolerance_us: interval_us.saturating_mul(u64::from(burst.saturating_sub(1))),
-        })
+        let (interval_us, tolerance_us) = rate.gcra_us()?;
+        Some(RedisCallerTokens { redis: self.clone(), prefix: self.keys.caller(operation), interval_us, tolerance_us })
     }
 
     /// A rate shared by every replica under `name`; `None` when `rate` does not pace.
     pub fn rate(&self, name: &str, rate: Rate) -> Option<RedisRate> {
-        let (interval, burst) = rate.interval_and_burst()?;
-        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX).max(1);
-        Some(RedisRate {
-            redis: self.clone(),
-            key: self.keys.rate(name),
-            interval_us,
-            tolerance_us: interval_us.saturating_mul(u64::from(burst.saturating_sub(1))),
-        })
+        let (interval_us, tolerance_us) = rate.gcra_us()?;
+        Some(RedisRate { redis: self.clone(), key: self.keys.rate(name), interval_us, tolerance_us })
     }
 }
 

@@ -173,13 +173,11 @@ impl Conn {
         });
     }
 
-    /// Behind Sentinel: when Sentinel names another primary than the one this connection
-    /// reaches, connects to that one. A primary a failover left behind answers reads (and,
-    /// until Sentinel demotes it, writes) without an error, so nothing else would move a
-    /// connection off it. Nothing for a fixed endpoint, or while a probe runs.
-    pub(crate) async fn follow_primary(&self) -> redis::RedisResult<()> {
-        let Endpoint::Sentinel(_) = &self.shared.endpoint else { return Ok(()) };
-        let named = self.shared.endpoint.client().await?;
+    /// Behind Sentinel: when `named`, the primary Sentinel names now, is another than the one
+    /// this connection reaches, connects to it. A primary a failover left behind answers reads
+    /// (and, until Sentinel demotes it, writes) without an error, so nothing else would move a
+    /// connection off it. Nothing while a probe runs.
+    pub(crate) async fn follow_primary(&self, named: redis::Client) -> redis::RedisResult<()> {
         let now = named.get_connection_info().addr().clone();
         let reached = self.shared.addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if now == reached || self.shared.probing.swap(true, Ordering::SeqCst) {

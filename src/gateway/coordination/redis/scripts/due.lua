@@ -1,7 +1,7 @@
 -- The refresh-ahead candidates: COMPLETED results expiring by a time that still answer their
--- key and are popular enough, with their hits and records. Results past their expiry leave the
--- due set first, wherever they are in it; those that no longer answer their key leave it when
--- looked at. Records of results not popular enough are not read (`policy::refresh_verdict`'s
+-- key and are popular enough, with their hits and records. Those that no longer answer their
+-- key (expired ones among them) leave the due set when looked at; housekeeping drops every
+-- expired one. Records of results not popular enough are not read (`policy::refresh_verdict`'s
 -- Cold: they may still become popular, so they stay).
 local due_key = KEYS[1]          -- due: COMPLETED ids by expiry
 
@@ -12,7 +12,6 @@ local most = tonumber(ARGV[4])   -- candidates looked at
 local min_hits = tonumber(ARGV[5])
 
 -- Answers a flat list: id, hits, json, id, hits, json, ...
-redis.call('ZREMRANGEBYSCORE', due_key, '-inf', now)
 local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', due_by, 'LIMIT', 0, most)
 local out = {}
 for _, id in ipairs(ids) do
