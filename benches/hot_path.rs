@@ -59,7 +59,8 @@ fn hot_path(c: &mut Criterion) {
 
     let results = ResultsCache::new(1 << 30, Duration::ZERO, Box::new(|_, _| {}));
     let key = CanonicalKey::new(&req);
-    let mut record = AggregationRecord::queued(IdMinter::new().mint(), key, std::time::SystemTime::now());
+    let id = IdMinter::new().mint(key.farm_id());
+    let mut record = AggregationRecord::queued(id, key, std::time::SystemTime::now());
     let mut block = RowBlockBuilder::new(convert::encode_row);
     rows(100).iter().for_each(|r| block.push(r));
     let all = Arc::new(block.finish());

@@ -7,12 +7,12 @@
 //! Redis lost its state needs an id of the new epoch.
 
 use deadline_stats_gateway::gateway::clock::Clock;
-use deadline_stats_gateway::gateway::coordination::redis::RedisConfig;
+use deadline_stats_gateway::gateway::coordination::redis::{RedisConfig, RedisKeys};
 use deadline_stats_gateway::gateway::coordination::{
     AggregationStore, Bound, ClaimError, Claimed, Coordination, CoordinationSettings, Disposition, FarmLoad, Found,
     Freshness, Head, Lease, Limits, MemoryStore, RunModel, Wakeups, Written,
 };
-use deadline_stats_gateway::gateway::ids::IdMinter;
+use deadline_stats_gateway::gateway::ids::{Bucket, IdMinter};
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::rate::Rate;
 use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
@@ -55,9 +55,15 @@ fn key(farm: u64, days: i64) -> CanonicalKey {
     CanonicalKey::new(&request.request)
 }
 
-/// A new id, as the gateway mints it: in the store's epoch (any tag, in memory).
-async fn mint(store: &dyn AggregationStore) -> deadline_stats_gateway::gateway::AggregationId {
-    IdMinter::tagged(store.epoch().await.expect("store").unwrap_or_default()).mint()
+/// A new id for `k`, as the gateway mints it: in the store's epoch of the farm's bucket (any
+/// tag, in memory).
+async fn mint(store: &dyn AggregationStore, k: &CanonicalKey) -> deadline_stats_gateway::gateway::AggregationId {
+    IdMinter::tagged(epoch(store, k.farm_id()).await.unwrap_or_default()).mint(k.farm_id())
+}
+
+/// The store's epoch of `farm`'s bucket.
+async fn epoch(store: &dyn AggregationStore, farm: &str) -> Option<u32> {
+    store.epoch(Bucket::of_farm(farm)).await.expect("store")
 }
 
 async fn claim(store: &dyn AggregationStore, k: &CanonicalKey, limits: &Limits) -> Result<Claimed, ClaimError> {
@@ -71,7 +77,7 @@ async fn claim_by(
     limits: &Limits,
     caller: &str,
 ) -> Result<Claimed, ClaimError> {
-    store.claim(k, &ANY, limits, mint(store).await, caller).await
+    store.claim(k, &ANY, limits, mint(store, k).await, caller).await
 }
 
 async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
@@ -261,7 +267,7 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     let cached = claim(store, &k, &ROOMY).await.expect("claims");
     assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &claimed.record.id));
     let needs_more = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
-    let fresh = store.claim(&k, &needs_more, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
+    let fresh = store.claim(&k, &needs_more, &ROOMY, mint(store, &k).await, "caller-a").await.expect("claims");
     assert_eq!(fresh.disposition, Disposition::Started, "60 s left is too little to read it");
     assert!(
         matches!(store.read(&claimed.record.id).await.expect("store"), Found::Terminal(_)),
@@ -269,7 +275,7 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     );
     tokio::time::sleep(Duration::from_millis(30)).await;
     let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
-    let joined = store.claim(&k, &strict, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
+    let joined = store.claim(&k, &strict, &ROOMY, mint(store, &k).await, "caller-a").await.expect("claims");
     assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &fresh.record.id), "the key names it");
 
     let failed_key = key(31, 2);
@@ -280,7 +286,7 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     failed.expire_time = Some(now() + TTL);
     failed.data_time = Some(now());
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
-    let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
+    let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store, &failed_key).await, "caller-a").await.expect("claims");
     assert_eq!(cached.disposition, Disposition::Cached, "a failure needs no time to be read");
 }
 
@@ -363,9 +369,11 @@ async fn popular(store: &dyn AggregationStore, lease: &Lease, k: &CanonicalKey, 
 }
 
 async fn refreshes(store: &dyn AggregationStore, due_in: Duration, limits: &Limits) -> Vec<Arc<AggregationRecord>> {
-    let tag = store.epoch().await.expect("store").unwrap_or_default();
-    let ids = IdMinter::tagged(tag);
-    store.start_refreshes(now() + due_in, 3, limits, &|| ids.mint()).await.expect("store")
+    let ids = IdMinter::per_bucket(|_| 0);
+    for bucket in Bucket::all() {
+        ids.retag(bucket, store.epoch(bucket).await.expect("store").unwrap_or_default());
+    }
+    store.start_refreshes(now() + due_in, 3, limits, &|farm| ids.mint(farm)).await.expect("store")
 }
 
 /// `policy::refresh_verdict`: due, popular, within bounds, once.
@@ -439,7 +447,7 @@ async fn a_refresh_becomes_what_its_key_answers_or_is_joined(s: &Subject) {
     assert!(matches!(store.read(&old_a.record.id).await.expect("store"), Found::Terminal(_)), "the old id reads");
 
     let needs_more = Freshness { min_remaining: Duration::from_secs(90), max_staleness: None };
-    let joined = store.claim(&c, &needs_more, &ROOMY, mint(store).await, "caller-a").await.expect("claims");
+    let joined = store.claim(&c, &needs_more, &ROOMY, mint(store, &c).await, "caller-a").await.expect("claims");
     assert_eq!(
         (joined.disposition, &joined.record.id),
         (Disposition::Joined, &refresh_c.id),
@@ -642,11 +650,12 @@ async fn expired_results_leave_the_refresh_due_set() {
         store.leases().release(&lease).await.expect("store");
     }
     let mut conn = common::redis_conn(&server.url()).await;
-    let due: u64 = ::redis::cmd("ZCARD").arg("dsg:due").query_async(&mut conn).await.expect("ZCARD");
+    let due_key = RedisKeys::new("dsg:", false).due(Bucket::of_farm(key(57, 1).farm_id()));
+    let due: u64 = ::redis::cmd("ZCARD").arg(&due_key).query_async(&mut conn).await.expect("ZCARD");
     assert_eq!(due, 3);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(refreshes(store, Duration::from_secs(120), &ROOMY).await.is_empty());
-    let due: u64 = ::redis::cmd("ZCARD").arg("dsg:due").query_async(&mut conn).await.expect("ZCARD");
+    let due: u64 = ::redis::cmd("ZCARD").arg(&due_key).query_async(&mut conn).await.expect("ZCARD");
     assert_eq!(due, 0, "expired results left the due set");
 }
 
@@ -662,7 +671,7 @@ async fn rows_redis_lost_are_put_back_and_never_over_rows_present() {
         Written::Done
     );
     let id = claimed.record.id.clone();
-    server.cli(&["DEL", &format!("dsg:rows:{id}")]).expect("DEL");
+    server.cli(&["DEL", &RedisKeys::new("dsg:", false).rows(&id)]).expect("DEL");
     let Found::RowsLost(record) = reader.read(&id).await.expect("store") else { panic!("the rows are gone") };
     reader.restore_rows(record.clone(), rows(2, |_, buf| buf.extend_from_slice(b"new"))).await.expect("store");
     let fresh = on_redis(&server, "dsg:").await.store;
@@ -689,13 +698,14 @@ async fn rows_redis_lost_are_put_back_and_never_over_rows_present() {
 async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
     let server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
     let store = on_redis(&server, "dsg:").await.store;
-    let before = store.epoch().await.expect("store").expect("a shared store has an epoch");
-    assert_eq!(store.epoch().await.expect("store"), Some(before), "stable while the state lives");
-    let old = mint(store.as_ref()).await;
+    let k = key(60, 1);
+    let before = epoch(store.as_ref(), k.farm_id()).await.expect("a shared store has an epoch");
+    assert_eq!(epoch(store.as_ref(), k.farm_id()).await, Some(before), "stable while the state lives");
+    let old = mint(store.as_ref(), &k).await;
     server.cli(&["FLUSHALL"]).expect("FLUSHALL");
-    let refused = store.claim(&key(60, 1), &ANY, &ROOMY, old, "caller-a").await.expect_err("an id of the lost state");
+    let refused = store.claim(&k, &ANY, &ROOMY, old, "caller-a").await.expect_err("an id of the lost state");
     assert!(matches!(refused, ClaimError::NewEpoch), "{refused:?}");
-    let after = store.epoch().await.expect("store").expect("a new epoch");
+    let after = epoch(store.as_ref(), k.farm_id()).await.expect("a new epoch");
     assert_ne!(after, before, "a new generation");
     claim(store.as_ref(), &key(60, 1), &ROOMY).await.expect("an id of the new epoch is claimed");
 }
@@ -704,8 +714,8 @@ async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
 async fn after_redis_restarts_from_an_older_snapshot_no_two_holders_share_a_token_and_the_epoch_is_new() {
     let mut server = tokio::task::spawn_blocking(common::redis_server).await.expect("joins");
     let store = on_redis(&server, "dsg:").await.store;
-    let before = store.epoch().await.expect("store").expect("a shared store has an epoch");
     let farm = key(61, 1).farm_id().to_owned();
+    let before = epoch(store.as_ref(), &farm).await.expect("a shared store has an epoch");
     let a = holder(store.as_ref(), &farm, "replica-a").await;
     server.cli(&["SAVE"]).expect("SAVE");
     store.leases().release(&a).await.expect("store");
@@ -717,6 +727,6 @@ async fn after_redis_restarts_from_an_older_snapshot_no_two_holders_share_a_toke
     let c = holder(store.as_ref(), &farm, "replica-c").await;
     assert!(c.token > b.token, "a token after the loss is larger than every token before: {c:?} {b:?}");
     assert!(!store.leases().is_current(&b).await.expect("store"), "the holder whose lease was lost is fenced");
-    let after = store.epoch().await.expect("store").expect("an epoch");
+    let after = epoch(store.as_ref(), &farm).await.expect("an epoch");
     assert_ne!(after, before, "the state may have lost writes: ids minted since the snapshot must answer lost");
 }

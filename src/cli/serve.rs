@@ -147,12 +147,18 @@ pub struct ServeArgs {
     /// Where coordination state lives: memory (one replica) or redis (several replicas).
     #[arg(long, env = "DSG_STORE", value_enum, default_value = "memory")]
     pub store: StoreKind,
-    /// With --store redis: redis://HOST:PORT or rediss:// for TLS, or
+    /// With --store redis: redis://HOST:PORT or rediss:// for TLS;
     /// redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER to follow the primary Redis Sentinel
-    /// names (the Sentinels' password in DSG_REDIS_SENTINEL_PASSWORD); credentials in the URL or
-    /// in DSG_REDIS_PASSWORD.
+    /// names (the Sentinels' password in DSG_REDIS_SENTINEL_PASSWORD); or
+    /// redis-cluster://HOST:PORT[,HOST:PORT...] (rediss-cluster:// for TLS) for seed nodes of a
+    /// Redis Cluster. Credentials (USER:PASSWORD@) in the URL or in DSG_REDIS_PASSWORD.
     #[arg(long, env = "DSG_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// With --store redis: --redis-url names seed nodes of a Redis Cluster (Valkey or Redis
+    /// Cluster, MemoryDB, ElastiCache in cluster mode or Serverless), as redis://HOST:PORT[,...]
+    /// or rediss:// for TLS: the same as a redis-cluster:// URL.
+    #[arg(long, env = "DSG_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
     /// With --store redis: the prefix of every key, so several gateways can share one Redis.
     #[arg(long, env = "DSG_REDIS_KEY_PREFIX", default_value = RedisConfig::DEFAULT_PREFIX)]
     pub redis_key_prefix: String,
@@ -340,6 +346,7 @@ impl ServeArgs {
                 wait_replicas: self.redis_wait_replicas,
                 wait_timeout: *self.redis_wait_timeout,
                 sentinel_password: std::env::var("DSG_REDIS_SENTINEL_PASSWORD").ok().filter(|p| !p.is_empty()),
+                cluster: self.redis_cluster,
             }),
             (StoreKind::Redis, None) => {
                 return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));

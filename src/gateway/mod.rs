@@ -55,7 +55,7 @@ use coordination::{
     AggregationStore, ClaimError, FarmLoad, Found, Limits, ResultsCache, StoreStats, Topology, Wakeups,
 };
 use error::RecoveryError;
-use ids::{IdMinter, Origin};
+use ids::{Bucket, IdMinter, Origin};
 use key::CanonicalKey;
 use lifecycle::UpstreamRunner;
 use scheduler::{FarmDispatcher, WorkerSettings};
@@ -171,7 +171,7 @@ impl Gateway {
             get_rate,
             caller_start_tokens,
             caller_get_tokens,
-            epoch,
+            epochs,
             clock,
         } = coordination;
         // Every wall-clock reading is the store's: the same on every replica.
@@ -217,7 +217,10 @@ impl Gateway {
                 .time_to_live(Duration::from_secs(10))
                 .build(),
             spans,
-            ids: Arc::new(epoch.map_or_else(IdMinter::new, IdMinter::tagged)),
+            ids: Arc::new(match epochs {
+                Some(epochs) => IdMinter::per_bucket(|b| epochs.get(b.index()).copied().unwrap_or_default()),
+                None => IdMinter::new(),
+            }),
             limits: Limits {
                 queue_capacity: config.farm_queue_capacity,
                 max_live: config.max_active_aggregations,
@@ -304,12 +307,13 @@ impl Gateway {
         self.take_token(&self.start_buckets, caller, "StartAggregation").await?;
         let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
-        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(), caller).await;
+        let farm = key.farm_id();
+        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(farm), caller).await;
         if let Err(ClaimError::NewEpoch) = claimed {
-            // The shared store lost its state since this replica last looked: ids are minted
-            // in its new epoch from now on.
-            refresh_epoch(self.store.as_ref(), &self.ids).await;
-            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(), caller).await;
+            // The shared store lost the farm's bucket's state since this replica last looked:
+            // its ids are minted in the new epoch from now on.
+            refresh_epoch(self.store.as_ref(), &self.ids, Bucket::of_farm(farm)).await;
+            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(farm), caller).await;
         }
         let claimed = claimed.inspect_err(|e| {
             if let ClaimError::Busy { bound, .. } = e {
@@ -445,9 +449,9 @@ impl Gateway {
     /// The refusal for an id the store does not know: never made, or made in a state since lost.
     async fn unknown(&self, id: &str) -> GatewayError {
         let shared = self.store.topology() == Topology::Shared;
-        if shared {
-            // The store may have lost its state since housekeeping last looked.
-            refresh_epoch(self.store.as_ref(), &self.ids).await;
+        if shared && let Some(bucket) = Bucket::of_id(id) {
+            // The store may have lost the bucket's state since housekeeping last looked.
+            refresh_epoch(self.store.as_ref(), &self.ids, bucket).await;
         }
         match self.ids.origin(id) {
             Origin::Elsewhere if shared => GatewayError::SharedStateLost { id: id.to_owned() },
@@ -567,12 +571,18 @@ impl Gateway {
     }
 }
 
-/// Follows a shared store's epoch: after its state was lost, new ids carry the new one.
-async fn refresh_epoch(store: &dyn AggregationStore, ids: &IdMinter) {
-    if let Ok(Some(epoch)) = store.epoch().await {
-        ids.retag(epoch);
+/// Follows a shared store's epoch of `bucket`: after its state was lost, new ids carry the new
+/// one.
+async fn refresh_epoch(store: &dyn AggregationStore, ids: &IdMinter, bucket: Bucket) {
+    if let Ok(Some(epoch)) = store.epoch(bucket).await {
+        ids.retag(bucket, epoch);
     }
 }
+
+/// Buckets whose epoch housekeeping looks at each round: every bucket within
+/// `Bucket::COUNT / EPOCHS_PER_ROUND` rounds (a lost state is also noticed by the next claim or
+/// Get of its bucket).
+const EPOCHS_PER_ROUND: usize = 8;
 
 /// A page of a terminal result; an expired COMPLETED one is refused.
 impl Gateway {
@@ -644,9 +654,13 @@ async fn housekeeping(
     cancel: CancellationToken,
 ) {
     let mut every = crate::every::Every::new(every, cancel);
+    let mut round = 0;
     while every.tick().await {
         store.housekeeping().await;
-        refresh_epoch(store.as_ref(), &ids).await;
+        for bucket in Bucket::all().skip(round % usize::from(Bucket::COUNT)).take(EPOCHS_PER_ROUND) {
+            refresh_epoch(store.as_ref(), &ids, bucket).await;
+        }
+        round += EPOCHS_PER_ROUND;
         for b in buckets.iter().filter_map(|b| b.as_ref().as_ref()) {
             b.housekeeping();
         }

@@ -67,7 +67,7 @@ impl Refresher {
     pub(crate) async fn once(&self) {
         let due_by = self.clock.now() + self.config.ahead;
         let ids = self.ids.clone();
-        let mint = move || ids.mint();
+        let mint = move |farm: &str| ids.mint(farm);
         match self.store.start_refreshes(due_by, self.config.min_hits, &self.limits, &mint).await {
             Ok(queued) => {
                 for refresh in queued {

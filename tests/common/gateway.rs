@@ -123,7 +123,7 @@ pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordinati
         get_rate: None,
         caller_start_tokens: None,
         caller_get_tokens: None,
-        epoch: None,
+        epochs: None,
         // `MemoryStore::new`'s.
         clock: deadline_stats_gateway::gateway::clock::Clock::system(),
     }

@@ -390,7 +390,7 @@ impl AggregationStore for MemoryStore {
         due_by: SystemTime,
         min_hits: u32,
         limits: &Limits,
-        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+        mint: &(dyn for<'f> Fn(&'f str) -> AggregationId + Send + Sync),
     ) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
         let now = self.clock.now();
         let mut index = self.lock();
@@ -416,7 +416,7 @@ impl AggregationStore for MemoryStore {
             match (policy::refresh_verdict(candidate, min_hits, limits), old) {
                 (RefreshVerdict::Queued, Some(old)) => {
                     index.due.remove(&entry);
-                    let refresh = Arc::new(AggregationRecord::refresh_of(mint(), &old, now));
+                    let refresh = Arc::new(AggregationRecord::refresh_of(mint(old.farm_id()), &old, now));
                     index.farms.entry(farm.to_owned()).or_default().push_back(refresh.id.clone());
                     index.active.insert(refresh.id.clone(), refresh.clone());
                     index.refreshing.insert(old.key.clone(), refresh.id.clone());
@@ -513,7 +513,7 @@ mod tests {
     }
 
     async fn start_with(store: &MemoryStore, k: &CanonicalKey, f: &Freshness) -> Claimed {
-        store.claim(k, f, &ROOMY, IdMinter::new().mint(), "caller").await.expect("claimed")
+        store.claim(k, f, &ROOMY, IdMinter::new().mint(k.farm_id()), "caller").await.expect("claimed")
     }
 
     async fn start(store: &MemoryStore, k: &CanonicalKey) -> Claimed {

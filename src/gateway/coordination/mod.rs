@@ -35,6 +35,7 @@ pub use run_model::RunModel;
 pub use wakeups::Wakeups;
 
 use super::clock::Clock;
+use super::ids::Bucket;
 use super::key::CanonicalKey;
 use super::rate::{CallerLimits, Rate};
 use super::record::{AggregationId, AggregationRecord, Offer, Rows};
@@ -269,11 +270,11 @@ pub enum StoreError {
     /// A script answered something it never answers.
     #[error("the shared store's {script} script answered {answer:?}")]
     UnexpectedAnswer { script: &'static str, answer: String },
-    /// It is a node of a Redis Cluster (or a cluster-mode service: MemoryDB, ElastiCache
-    /// Serverless), whose slots the gateway's scripts do not yet respect.
+    /// A plain URL names a node of a Redis Cluster (or a cluster-mode service: MemoryDB,
+    /// ElastiCache Serverless): one connection would reach one shard only.
     #[error(
-        "Redis is in cluster mode (cluster_enabled:1): the gateway's scripts address keys of several hash slots, \
-         which a cluster refuses; use a Redis, Valkey or ElastiCache without cluster mode (with Sentinel for failover)"
+        "Redis is in cluster mode (cluster_enabled:1) but was given as one server: \
+         use a redis-cluster:// (rediss-cluster:// for TLS) URL or --redis-cluster"
     )]
     ClusterMode,
     /// It may evict keys: leases, fences and records must never be evicted.
@@ -374,7 +375,7 @@ pub trait AggregationStore: Send + Sync + 'static {
         due_by: SystemTime,
         min_hits: u32,
         limits: &Limits,
-        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+        mint: &(dyn for<'f> Fn(&'f str) -> AggregationId + Send + Sync),
     ) -> Result<Vec<Arc<AggregationRecord>>, StoreError>;
 
     /// What has been observed of `farm`'s run times, if anything.
@@ -394,10 +395,11 @@ pub trait AggregationStore: Send + Sync + 'static {
         Topology::Local
     }
 
-    /// The generation of a shared store's state, new after the state was lost (the store
-    /// restarted empty); ids are tagged with it. `None`: the state lives and dies with this
-    /// process.
-    async fn epoch(&self) -> Result<Option<u32>, StoreError> {
+    /// The generation of a shared store's state of `bucket`, new after that state was lost
+    /// (the store restarted empty, or failed over); ids of the bucket are tagged with it.
+    /// `None`: the state lives and dies with this process.
+    async fn epoch(&self, bucket: Bucket) -> Result<Option<u32>, StoreError> {
+        let _ = bucket;
         Ok(None)
     }
 
@@ -420,8 +422,9 @@ pub struct Coordination {
     /// (`None`: each replica's own buckets).
     pub caller_start_tokens: Option<Arc<dyn CallerTokens>>,
     pub caller_get_tokens: Option<Arc<dyn CallerTokens>>,
-    /// The store's epoch when it was connected, which ids are tagged with.
-    pub epoch: Option<u32>,
+    /// The store's epoch of each bucket when it was connected, in bucket order, which ids are
+    /// tagged with (`None`: in this process).
+    pub epochs: Option<Vec<u32>>,
     /// The clock every replica on the store reads the time of day from (a shared store's
     /// own; in this process, the one it was built with).
     pub clock: Clock,
@@ -465,7 +468,7 @@ impl Coordination {
             get_rate: local(settings.upstream_get),
             caller_start_tokens: None,
             caller_get_tokens: None,
-            epoch: None,
+            epochs: None,
             clock: settings.clock.clone(),
         }
     }
@@ -477,7 +480,7 @@ impl Coordination {
         let client = redis::RedisClient::connect(redis).await?;
         client.check_not_a_cluster().await?;
         client.check_eviction_policy().await?;
-        let epoch = Some(client.epoch().await?);
+        let epochs = Some(client.epochs().await?);
         let time = redis::time::RedisTime::measure(&client, settings.clock.clone()).await?;
         let clock = time.clock();
         let wakeups = Arc::new(Wakeups::default());
@@ -499,6 +502,6 @@ impl Coordination {
         let caller_start_tokens = callers("start", settings.caller_start);
         let caller_get_tokens = callers("get", settings.caller_get);
         let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), time));
-        Ok(Self { store, results, wakeups, start_rate, get_rate, caller_start_tokens, caller_get_tokens, epoch, clock })
+        Ok(Self { store, results, wakeups, start_rate, get_rate, caller_start_tokens, caller_get_tokens, epochs, clock })
     }
 }

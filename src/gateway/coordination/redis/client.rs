@@ -7,11 +7,15 @@
 //! A replica keeps one subscription to the changes channel and fans it out to its local
 //! waiters ([`Wakeups`]); after every (re)connect it wakes them all, since messages published
 //! while it was disconnected are lost. The subscription is pinged every two seconds: one that
-//! does not answer within the response timeout is made anew.
+//! does not answer within the response timeout is made anew. On a Redis Cluster with sharded
+//! pub/sub (Redis 7, Valkey), changes are published per bucket (`SPUBLISH`) and the
+//! subscription (`SSUBSCRIBE`, one per shard, which the cluster connection moves with the
+//! slots) covers every bucket.
 
-use super::conn::{Conn, Endpoint};
+use super::conn::{Conn, Endpoint, cluster_url};
 use super::keys::Keys;
 use super::scripts::{ACQUIRE, CALLER_TAKE, EPOCH, GCRA, RELEASE, RENEW};
+use crate::gateway::ids::Bucket;
 use crate::gateway::coordination::lease::{FarmLeases, Lease};
 use crate::gateway::coordination::pacing::{CallerTokens, RateSource, Taken};
 use crate::gateway::coordination::wakeups::Wakeups;
@@ -55,6 +59,8 @@ pub struct RedisConfig {
     pub wait_timeout: Duration,
     /// With a `redis+sentinel://` URL: the Sentinels' own password.
     pub sentinel_password: Option<String>,
+    /// The URL names seed nodes of a Redis Cluster (as a `redis-cluster://` URL does).
+    pub cluster: bool,
 }
 
 impl RedisConfig {
@@ -71,11 +77,28 @@ impl RedisConfig {
             wait_replicas: 0,
             wait_timeout: Self::DEFAULT_WAIT_TIMEOUT,
             sentinel_password: None,
+            cluster: false,
+        }
+    }
+
+    /// The URL to connect with: with [`Self::cluster`], `redis://` and `rediss://` seed lists
+    /// read as `redis-cluster://` and `rediss-cluster://`.
+    fn endpoint_url(&self) -> String {
+        if !self.cluster || cluster_url(&self.url).is_some() {
+            return self.url.clone();
+        }
+        match (self.url.strip_prefix("redis://"), self.url.strip_prefix("rediss://")) {
+            (Some(rest), _) => format!("redis-cluster://{rest}"),
+            (_, Some(rest)) => format!("rediss-cluster://{rest}"),
+            _ => self.url.clone(),
         }
     }
 
     /// Whether the settings fit together: a wait must end before the command times out.
     pub fn validate(&self) -> Result<(), String> {
+        if self.cluster && self.url.starts_with("redis+sentinel://") {
+            return Err("--redis-cluster takes seed nodes (redis://HOST:PORT[,HOST:PORT…]), not Sentinels".to_owned());
+        }
         if self.wait_replicas > 0 && self.wait_timeout >= self.response_timeout {
             return Err(format!(
                 "--redis-wait-timeout ({}) must be shorter than --redis-response-timeout ({})",
@@ -124,7 +147,8 @@ pub(crate) fn store_error(e: redis::RedisError) -> StoreError {
 impl RedisClient {
     /// Connects as `config` says.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
-        let endpoint = Endpoint::parse(&config.url, config.sentinel_password.as_deref()).map_err(store_error)?;
+        let endpoint =
+            Endpoint::parse(&config.endpoint_url(), config.sentinel_password.as_deref()).map_err(store_error)?;
         // One quick reconnect attempt per failure: a call during an outage fails within about a
         // response timeout (not after the manager's own backoff), and `Conn` decides what next.
         let manager = ConnectionManagerConfig::new()
@@ -133,38 +157,49 @@ impl RedisClient {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
-        let conn = Conn::connect(&endpoint, &manager).await.map_err(store_error)?;
+        let cluster = cluster_config(config.response_timeout);
+        let conn = Conn::connect(&endpoint, &manager, cluster.clone()).await.map_err(store_error)?;
         let guarded = match config.wait_replicas {
             0 => None,
             n => {
-                let own = Conn::connect(&endpoint, &manager).await.map_err(store_error)?;
+                let own = Conn::connect(&endpoint, &manager, cluster).await.map_err(store_error)?;
                 Some((own, n, config.wait_timeout))
             }
         };
+        let sharded = endpoint.is_cluster() && sharded_pubsub(&conn).await?;
         Ok(Self {
             endpoint,
             conn,
             guarded,
             health_timeout: config.response_timeout,
-            keys: Keys::new(&config.prefix),
+            keys: Keys::new(&config.prefix, sharded),
             replicas: Arc::new(AtomicUsize::new(1)),
         })
+    }
+
+    /// Whether it is a Redis Cluster (scripts cannot reach the admission sums with a bucket's
+    /// keys there: the replica reads and tallies them itself).
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.endpoint.is_cluster()
     }
 
     /// Runs a script whose write guards the one-running rule; with replicas to wait for, it
     /// counts as done only once they acknowledged it ([`StoreError::NotReplicated`] else: the
     /// write may be lost in a failover, so the caller must not act on it yet).
+    /// `at` is the script's first key: on a cluster, the shard whose replicas are waited for.
     pub(crate) async fn guarded<T: redis::FromRedisValue>(
         &self,
+        at: &str,
         script: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let (answer, replicated) = self.write_then_wait(script).await?;
+        let (answer, replicated) = self.write_then_wait(at, script).await?;
         replicated.map(|()| answer)
     }
 
     /// The script's answer, and whether the replicas to wait for acknowledged it.
     async fn write_then_wait<T: redis::FromRedisValue>(
         &self,
+        at: &str,
         script: &redis::ScriptInvocation<'_>,
     ) -> Result<(T, Result<(), StoreError>), StoreError> {
         let Some((conn, replicas, timeout)) = &self.guarded else {
@@ -175,8 +210,9 @@ impl RedisClient {
         // As many as asked, however many the primary has now: a primary cut off from its
         // replicas (the one a failover just left behind) must not take writes it would lose.
         let wanted = *replicas;
-        let acked: u32 =
-            redis::cmd("WAIT").arg(wanted).arg(millis(*timeout)).query_async(&mut conn).await.map_err(store_error)?;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(millis(*timeout));
+        let acked: u32 = conn.at_key(at, wait).await.map_err(store_error)?;
         let replicated =
             if acked < wanted { Err(StoreError::NotReplicated { wanted, acked, within: *timeout }) } else { Ok(()) };
         Ok((answer, replicated))
@@ -187,21 +223,25 @@ impl RedisClient {
         self.conn.clone()
     }
 
-    /// The generation of the shared state: a random number kept in Redis, made anew when it is
-    /// missing or the server is not the one it was made on (its `run_id` changed: a restart, a
-    /// failover), so after Redis lost writes ids minted in the lost window can be told apart
-    /// from ids that never existed.
-    pub async fn epoch(&self) -> Result<u32, StoreError> {
+    /// The generation of `bucket`'s shared state: a random number kept in Redis, made anew
+    /// when it is missing or the server holding it is not the one it was made on (its `run_id`
+    /// changed: a restart, a failover; on a cluster also a resharding that moved the bucket,
+    /// which lost nothing but only changes what an id found nowhere answers), so after Redis
+    /// lost writes ids minted in the lost window can be told apart from ids that never existed.
+    pub async fn epoch(&self, bucket: Bucket) -> Result<u32, StoreError> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(store_error)?;
+        let epoch_key = self.keys.epoch(bucket);
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let info: String = conn.at_key(&epoch_key, info).await.map_err(store_error)?;
         let run_id = info
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(str::trim)
             .ok_or_else(|| StoreError::UnexpectedAnswer { script: "INFO server", answer: "no run_id".into() })?;
         let epoch: String = EPOCH
-            .key(self.keys.epoch())
-            .key(self.keys.server())
+            .key(epoch_key)
+            .key(self.keys.server(bucket))
             .arg(rand::random::<u32>())
             .arg(run_id)
             .invoke_async(&mut conn)
@@ -210,50 +250,76 @@ impl RedisClient {
         epoch.parse().map_err(|e| StoreError::corrupt(format!("the epoch {epoch:?}"), e))
     }
 
-    /// Counts the gateway replicas subscribed to the changes channel (`PUBSUB NUMSUB`).
+    /// Every bucket's epoch, in bucket order.
+    pub async fn epochs(&self) -> Result<Vec<u32>, StoreError> {
+        futures::future::try_join_all(Bucket::all().map(|b| self.epoch(b))).await
+    }
+
+    /// Counts the gateway replicas subscribed to the changes channel (`PUBSUB NUMSUB`; on a
+    /// cluster, `SHARDNUMSUB` of the first bucket's channel, or `NUMSUB` summed over the
+    /// primaries, each of which serves its own subscribers).
     pub(crate) async fn count_replicas(&self) -> Result<usize, StoreError> {
-        let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(self.keys.changes())
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(store_error)?;
-        let replicas = counts.first().map_or(1, |(_, n)| *n).max(1);
+        let channel = self.keys.changes(Bucket::default());
+        let mut numsub = redis::cmd("PUBSUB");
+        let counted: usize = if self.keys.sharded() {
+            numsub.arg("SHARDNUMSUB").arg(&channel);
+            let counts: Vec<(String, usize)> = self.conn.at_key(&channel, numsub).await.map_err(store_error)?;
+            counts.first().map_or(1, |(_, n)| *n)
+        } else {
+            numsub.arg("NUMSUB").arg(&channel);
+            let counts: Vec<Vec<(String, usize)>> = self.conn.on_primaries(numsub).await.map_err(store_error)?;
+            counts.iter().filter_map(|c| c.first()).map(|(_, n)| n).sum()
+        };
+        let replicas = counted.max(1);
         self.replicas.store(replicas, Ordering::Relaxed);
         Ok(replicas)
     }
 
-    /// How many keys Redis holds and how much memory it uses (`DBSIZE`, `INFO memory`).
+    /// How many keys Redis holds and how much memory it uses (`DBSIZE`, `INFO memory`; on a
+    /// cluster, summed over its primaries).
     pub(crate) async fn memory(&self) -> Result<StoreMemory, StoreError> {
-        let mut conn = self.conn();
-        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.map_err(store_error)?;
-        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(store_error)?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or_default()
+        let keys: Vec<u64> = self.conn.on_primaries(redis::cmd("DBSIZE")).await.map_err(store_error)?;
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let infos: Vec<String> = self.conn.on_primaries(info).await.map_err(store_error)?;
+        let field = |name: &str| -> u64 {
+            infos
+                .iter()
+                .filter_map(|info| info.lines().find_map(|l| l.strip_prefix(name)))
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum()
         };
-        Ok(StoreMemory { keys, used_bytes: field("used_memory:"), max_bytes: field("maxmemory:") })
+        Ok(StoreMemory { keys: keys.iter().sum(), used_bytes: field("used_memory:"), max_bytes: field("maxmemory:") })
     }
 
     /// Refuses a Redis that may evict keys: leases, fences and records must never be evicted,
     /// or the one-running rule and accepted aggregations could be lost. Only `noeviction` is
     /// safe (the `volatile-*` policies may evict leases and records, which expire). Reads
     /// `INFO memory`, which managed services (ElastiCache, MemoryDB) allow where `CONFIG` is not.
+    /// On a cluster, every primary's.
     pub async fn check_eviction_policy(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(store_error)?;
-        let policy =
-            info.lines().find_map(|l| l.strip_prefix("maxmemory_policy:")).map(str::trim).ok_or_else(|| {
-                StoreError::UnexpectedAnswer { script: "INFO memory", answer: "no maxmemory_policy".into() }
-            })?;
-        if policy == "noeviction" { Ok(()) } else { Err(StoreError::EvictionPolicy { policy: policy.to_owned() }) }
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let infos: Vec<String> = self.conn.on_primaries(info).await.map_err(store_error)?;
+        for info in infos {
+            let policy =
+                info.lines().find_map(|l| l.strip_prefix("maxmemory_policy:")).map(str::trim).ok_or_else(|| {
+                    StoreError::UnexpectedAnswer { script: "INFO memory", answer: "no maxmemory_policy".into() }
+                })?;
+            if policy != "noeviction" {
+                return Err(StoreError::EvictionPolicy { policy: policy.to_owned() });
+            }
+        }
+        Ok(())
     }
 
-    /// Refuses a node of a Redis Cluster (`INFO cluster`): every script would answer
-    /// `CROSSSLOT` or `MOVED` at run time; better said at start-up.
+    /// Refuses a node of a Redis Cluster given as one server (`INFO cluster`): one connection
+    /// would reach one shard, and every other shard's keys answer `MOVED`; better said at
+    /// start-up, with what to use instead. A cluster connection passes.
     pub async fn check_not_a_cluster(&self) -> Result<(), StoreError> {
+        if self.is_cluster() {
+            return Ok(());
+        }
         let mut conn = self.conn.clone();
         let info: String = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await.map_err(store_error)?;
         let enabled = info.lines().any(|l| l.trim() == "cluster_enabled:1");
@@ -287,13 +353,16 @@ impl RedisClient {
     /// Relays every published change to `wakeups` until `stop` fires: one subscription,
     /// re-made after any loss (with backoff), and every waiter woken after each (re)connect.
     pub async fn relay_changes(&self, wakeups: Arc<Wakeups>, stop: CancellationToken) {
+        if self.is_cluster() {
+            return self.relay_cluster_changes(wakeups, stop).await;
+        }
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let subscribed = async {
                 let client = self.endpoint.client().await?;
                 let primary = client.get_connection_info().addr().clone();
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(self.keys.changes()).await?;
+                pubsub.subscribe(self.keys.channels()).await?;
                 Ok::<_, redis::RedisError>((pubsub, primary))
             };
             let subscribed = tokio::time::timeout(self.health_timeout, subscribed);
@@ -348,6 +417,74 @@ impl RedisClient {
         }
     }
 
+    /// On a cluster: the changes subscribed through a cluster connection of its own (RESP3
+    /// push messages; `SSUBSCRIBE` to every bucket's channel where sharded), which subscribes
+    /// again by itself when a shard's primary moves or a slot migrates. Every waiter is woken
+    /// after each (re)subscription and disconnection: messages may have been missed.
+    async fn relay_cluster_changes(&self, wakeups: Arc<Wakeups>, stop: CancellationToken) {
+        let Endpoint::Cluster(client) = &self.endpoint else { return };
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+            let config = cluster_config(self.health_timeout).set_push_sender(tx);
+            let subscribed = async {
+                let mut conn = client.get_async_connection_with_config(config).await?;
+                if self.keys.sharded() {
+                    conn.ssubscribe(self.keys.channels()).await?;
+                } else {
+                    conn.subscribe(self.keys.channels()).await?;
+                }
+                Ok::<_, redis::RedisError>(conn)
+            };
+            let subscribed = tokio::time::timeout(self.health_timeout, subscribed);
+            let mut conn = match tokio::select! { s = subscribed => s.unwrap_or_else(|_| Err(timed_out())), () = stop.cancelled() => return }
+            {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "cannot subscribe to changes in the Redis Cluster; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            wakeups.wake_all();
+            let mut health = tokio::time::interval(PUBSUB_HEALTH_CHECK);
+            health.tick().await;
+            loop {
+                tokio::select! {
+                    push = pushes.recv() => match push {
+                        Some(push) => match push.kind {
+                            redis::PushKind::Message | redis::PushKind::SMessage => {
+                                match push.data.last().cloned().map(redis::from_redis_value::<String>) {
+                                    Some(Ok(id)) => wakeups.wake(&id),
+                                    _ => tracing::warn!("a change notification that is not an id"),
+                                }
+                            }
+                            redis::PushKind::Subscribe | redis::PushKind::SSubscribe | redis::PushKind::Disconnection => {
+                                wakeups.wake_all();
+                            }
+                            _ => {}
+                        },
+                        None => break,
+                    },
+                    _ = health.tick() => {
+                        let pong = tokio::time::timeout(self.health_timeout, redis::cmd("PING").query_async::<redis::Value>(&mut conn)).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            tracing::warn!("the Redis Cluster stopped answering the change subscription");
+                            break;
+                        }
+                    }
+                    () = stop.cancelled() => return,
+                }
+            }
+            tracing::warn!("the change subscription to the Redis Cluster was lost; re-subscribing");
+        }
+    }
+
     /// Callers' buckets of `rate` for `operation`, shared by every replica; `None` when `rate`
     /// does not limit.
     pub fn caller_tokens(&self, operation: &str, rate: Rate) -> Option<RedisCallerTokens> {
@@ -362,6 +499,24 @@ impl RedisClient {
     }
 }
 
+/// A cluster connection's timeouts: a command within `timeout`, like one Redis's.
+fn cluster_config(timeout: Duration) -> redis::cluster::ClusterConfig {
+    redis::cluster::ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout)
+}
+
+/// Whether every primary has sharded pub/sub (`SPUBLISH`: Redis and Valkey 7 and later).
+async fn sharded_pubsub(conn: &Conn) -> Result<bool, StoreError> {
+    let mut info = redis::cmd("INFO");
+    info.arg("server");
+    let infos: Vec<String> = conn.on_primaries(info).await.map_err(store_error)?;
+    let major = |info: &String| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .and_then(|v| v.trim().split('.').next()?.parse::<u32>().ok())
+    };
+    Ok(!infos.is_empty() && infos.iter().all(|info| major(info).is_some_and(|m| m >= 7)))
+}
+
 fn owner(lease: &Lease) -> String {
     format!("{}:{}", lease.token, lease.holder)
 }
@@ -374,9 +529,10 @@ fn millis(ttl: Duration) -> u64 {
 impl FarmLeases for RedisClient {
     async fn acquire(&self, farm: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let asked = tokio::time::Instant::now();
-        let mut acquire = ACQUIRE.key(self.keys.lease(farm));
+        let lease_key = self.keys.lease(farm);
+        let mut acquire = ACQUIRE.key(&lease_key);
         acquire.key(self.keys.fence(farm)).arg(holder).arg(millis(ttl)).arg(millis(FENCE_OUTLIVES_LEASE));
-        let (token, replicated) = self.write_then_wait::<Option<u64>>(&acquire).await?;
+        let (token, replicated) = self.write_then_wait::<Option<u64>>(&lease_key, &acquire).await?;
         let Some(token) = token else { return Ok(None) };
         let lease = Lease::granted(farm, holder, token, asked, ttl);
         if let Err(e) = replicated {

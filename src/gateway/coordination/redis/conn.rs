@@ -14,8 +14,15 @@
 //!   or a `READONLY` answer (the old primary, demoted) makes a new manager on the primary
 //!   Sentinel names now. A plain URL's host name is resolved again by every reconnect, which
 //!   follows a primary endpoint whose DNS moves (ElastiCache).
+//! - On a Redis Cluster ([`Endpoint::Cluster`]) the `redis` crate's cluster connection routes
+//!   each command to the shard of its keys and follows `MOVED` and `ASK` (a resharding) and
+//!   new primaries (a failover) by itself; commands without keys that must reach a given
+//!   shard or every primary are routed explicitly ([`Conn::at_key`], [`Conn::on_primaries`]).
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +34,8 @@ pub(crate) enum Endpoint {
     Fixed(Box<redis::Client>),
     /// Wherever Redis Sentinel says the primary of its master name is now.
     Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
+    /// The shards of a Redis Cluster, found from its seed nodes.
+    Cluster(Box<ClusterClient>),
 }
 
 impl Endpoint {
@@ -34,6 +43,9 @@ impl Endpoint {
     /// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER` (the credentials are the
     /// data nodes'; `sentinel_password` is the Sentinels').
     pub(crate) fn parse(url: &str, sentinel_password: Option<&str>) -> redis::RedisResult<Self> {
+        if let Some((tls, rest)) = cluster_url(url) {
+            return Self::cluster(tls, rest);
+        }
         let Some(rest) = url.strip_prefix("redis+sentinel://") else {
             return redis::Client::open(url).map(|c| Self::Fixed(Box::new(c)));
         };
@@ -64,13 +76,59 @@ impl Endpoint {
         Ok(Self::Sentinel(Arc::new(tokio::sync::Mutex::new(client))))
     }
 
-    /// A client of the primary now.
+    /// `[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]`: a cluster's seed nodes (any of its nodes; the
+    /// rest are found from them), with TLS when `tls`.
+    fn cluster(tls: bool, rest: &str) -> redis::RedisResult<Self> {
+        let invalid = |why: &str| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis-cluster URL", why.to_owned()))
+        };
+        let (credentials, hosts) = match rest.rsplit_once('@') {
+            Some((credentials, hosts)) => (Some(credentials), hosts),
+            None => (None, rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.is_empty() || hosts.split(',').any(str::is_empty) {
+            return Err(invalid("it needs HOST:PORT[,HOST:PORT…]"));
+        }
+        let scheme = if tls { "rediss" } else { "redis" };
+        let seeds: Vec<String> = hosts.split(',').map(|h| format!("{scheme}://{h}")).collect();
+        let mut builder = ClusterClient::builder(seeds);
+        if let Some((user, password)) = credentials.map(|c| c.split_once(':').unwrap_or(("", c))) {
+            if !user.is_empty() {
+                builder = builder.username(decode(user));
+            }
+            if !password.is_empty() {
+                builder = builder.password(decode(password));
+            }
+        }
+        // Push messages (the change subscription) need RESP3 on a cluster connection.
+        let client = builder.use_protocol(redis::ProtocolVersion::RESP3).build()?;
+        Ok(Self::Cluster(Box::new(client)))
+    }
+
+    /// A client of the primary now (on a cluster: of a seed node, for what is not keyed).
     pub(crate) async fn client(&self) -> redis::RedisResult<redis::Client> {
         match self {
             Self::Fixed(client) => Ok((**client).clone()),
             Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
+            Self::Cluster(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a cluster has no single primary",
+            ))),
         }
     }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+/// A cluster URL's TLS and the rest after its scheme: `redis-cluster://` (`rediss-cluster://`
+/// for TLS).
+pub(crate) fn cluster_url(url: &str) -> Option<(bool, &str)> {
+    url.strip_prefix("redis-cluster://")
+        .map(|rest| (false, rest))
+        .or_else(|| url.strip_prefix("rediss-cluster://").map(|rest| (true, rest)))
 }
 
 fn percent(text: &str) -> String {
@@ -108,9 +166,16 @@ fn decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A connection shared by clones.
+/// A connection shared by clones: to one Redis (behind Sentinel or not), or to a cluster.
 #[derive(Clone)]
-pub(crate) struct Conn {
+pub(crate) enum Conn {
+    Single(Single),
+    Cluster(ClusterConnection),
+}
+
+/// The connection to one Redis.
+#[derive(Clone)]
+pub(crate) struct Single {
     shared: Arc<Shared>,
 }
 
@@ -125,7 +190,60 @@ struct Shared {
 }
 
 impl Conn {
-    pub(crate) async fn connect(endpoint: &Endpoint, config: &ConnectionManagerConfig) -> redis::RedisResult<Self> {
+    /// A connection to `endpoint`; on a cluster, `cluster` gives its timeouts (and, for the
+    /// change subscription, where push messages go).
+    pub(crate) async fn connect(
+        endpoint: &Endpoint,
+        config: &ConnectionManagerConfig,
+        cluster: redis::cluster::ClusterConfig,
+    ) -> redis::RedisResult<Self> {
+        match endpoint {
+            Endpoint::Cluster(client) => Ok(Self::Cluster(client.get_async_connection_with_config(cluster).await?)),
+            _ => Ok(Self::Single(Single::connect(endpoint, config).await?)),
+        }
+    }
+
+    /// Sends `cmd`, which names no key, to the primary of the shard holding `key`.
+    pub(crate) async fn at_key<T: redis::FromRedisValue>(&self, key: &str, cmd: redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(single) => cmd.query_async(&mut single.clone()).await,
+            Self::Cluster(cluster) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+                    key.as_bytes(),
+                    SlotAddr::Master,
+                )));
+                Ok(redis::from_redis_value(cluster.clone().route_command(cmd, route).await?)?)
+            }
+        }
+    }
+
+    /// Sends `cmd` to every primary (the one Redis, or each shard's), answering each one's.
+    pub(crate) async fn on_primaries<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> redis::RedisResult<Vec<T>> {
+        match self {
+            Self::Single(single) => Ok(vec![cmd.query_async(&mut single.clone()).await?]),
+            Self::Cluster(cluster) => {
+                let route = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                match cluster.clone().route_command(cmd, route).await? {
+                    redis::Value::Map(answers) => {
+                        answers.into_iter().map(|(_, answer)| Ok(redis::from_redis_value(answer)?)).collect()
+                    }
+                    other => Ok(vec![redis::from_redis_value(other)?]),
+                }
+            }
+        }
+    }
+
+    /// Behind Sentinel: see [`Single::follow_primary`]; nothing elsewhere.
+    pub(crate) async fn follow_primary(&self, named: redis::Client) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(single) => single.follow_primary(named).await,
+            Self::Cluster(_) => Ok(()),
+        }
+    }
+}
+
+impl Single {
+    async fn connect(endpoint: &Endpoint, config: &ConnectionManagerConfig) -> redis::RedisResult<Self> {
         let client = endpoint.client().await?;
         let addr = client.get_connection_info().addr().clone();
         let manager = client.get_connection_manager_with_config(config.clone()).await?;
@@ -212,6 +330,34 @@ fn dropped(e: &redis::RedisError) -> bool {
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(single) => single.req_packed_command(cmd),
+            Self::Cluster(cluster) => cluster.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(single) => single.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(cluster) => cluster.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(single) => single.get_db(),
+            Self::Cluster(_) => 0,
+        }
+    }
+}
+
+impl ConnectionLike for Single {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
         Box::pin(async move {
             let answer = match self.current().req_packed_command(cmd).await {
                 Err(e) if dropped(&e) => self.current().req_packed_command(cmd).await,
@@ -259,6 +405,12 @@ mod tests {
         for bad in ["redis+sentinel://10.0.0.1:26379", "redis+sentinel://10.0.0.1:26379/", "redis+sentinel:///m"] {
             let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("redis+sentinel URL"), "{bad}: {err}");
+        }
+        assert!(matches!(Endpoint::parse("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000", None), Ok(Endpoint::Cluster(_))));
+        assert!(matches!(Endpoint::parse("rediss-cluster://10.0.0.1:7000", None), Ok(Endpoint::Cluster(_))));
+        for bad in ["redis-cluster://", "redis-cluster://h:1,,h:2", "redis-cluster://u:p@"] {
+            let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("redis-cluster URL"), "{bad}: {err}");
         }
         assert_eq!(decode("p%40ss%20word"), "p@ss word");
         assert_eq!(percent("p@ss word"), "p%40ss%20word");

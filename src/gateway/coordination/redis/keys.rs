@@ -1,134 +1,201 @@
 //! The name of every key and channel the gateway uses in Redis, under its prefix (`dsg:` by
-//! default). A farm's keys carry the farm as a hash tag (`{farm-…}`), so they stay in one slot
-//! of a cluster:
-//! - `agg:{id}`: a hash of the record (`json`, and `state`, `farm`, `expire_ms`, `data_ms`,
-//!   `rows`, `index`, `hits`, `seen:{caller}`, `offer` for the scripts), kept until the result's expiry plus a day;
-//! - `rows:{id}`: the encoded rows of a COMPLETED result, expiring with it;
-//! - `key:{canonical request}`: the id answering a key;
-//! - `{farm}:queue`: the farm's ids, its head first; `farms`: farms with work; `live`: queued
-//!   plus running aggregations;
-//! - `{farm}:lease` (`token:holder`, expiring with the lease) and `{farm}:fence` (the newest
-//!   token, expiring a day after the farm's last lease: tokens come from Redis's clock, so a
-//!   farm's next token is larger without it);
-//! - refresh-ahead: `due` (COMPLETED ids by expiry), `refresh:{canonical request}` (the refresh
-//!   of a key no caller has joined yet), `{farm}:refreshes` (the farm's such refreshes);
-//! - `{farm}:model`: the farm's run model;
+//! default). Every key one script touches carries the same hash tag, the farm's bucket
+//! ([`Bucket`], `{07}`), so it lives in one slot of a Redis Cluster:
+//! - `{b}:agg:{id}`: a hash of the record (`json`, and `state`, `farm`, `expire_ms`,
+//!   `data_ms`, `rows`, `index`, `hits`, `seen:{caller}`, `offer` for the scripts), kept until
+//!   the result's expiry plus an hour (the id names its bucket, so a Get finds it directly);
+//! - `{b}:rows:{id}`: the encoded rows of a COMPLETED result, expiring with it;
+//! - `{b}:key:{canonical request}`: the id answering a key;
+//! - `{b}:{farm}:queue`: the farm's ids, its head first;
+//! - `{b}:{farm}:lease` (`token:holder`, expiring with the lease) and `{b}:{farm}:fence` (the
+//!   newest token, expiring a day after the farm's last lease: tokens come from Redis's clock,
+//!   so a farm's next token is larger without it);
+//! - `{b}:{farm}:model`: the farm's run model;
+//! - refresh-ahead: `{b}:due` (the bucket's COMPLETED ids by expiry), `{b}:refresh:{canonical
+//!   request}` (the refresh of a key no caller has joined yet), `{b}:{farm}:refreshes` (the
+//!   farm's such refreshes);
+//! - the bucket's counts: `{b}:farms` (its farms with work), `{b}:live` (its queued plus
+//!   running aggregations), `{b}:version` (when they last changed, µs of Redis's clock);
+//! - `{b}:epoch`: the generation of the bucket's state, and `{b}:server`: the `run_id` of the
+//!   server it was made on (a restart or failover may have lost writes: a new epoch begins);
+//! - `{all}:admission`: every bucket's counts and their sums, which the bounds
+//!   (`--max-active-aggregations`, `--max-farms`) are checked against;
 //! - `rate:{name}`: a shared rate's theoretical arrival time;
 //! - `caller:{operation}:{caller}`: a caller's shared bucket for an operation (`--caller-limits
 //!   global`), its theoretical arrival time, expiring once the bucket is full again;
-//! - `epoch`: the generation of this state, and `server`: the `run_id` of the server it was made
-//!   on (a restart or failover may have lost writes: it begins a new epoch);
-//! - `changes`: the channel on which changed ids and farm topics are published.
+//! - channels: `changes`, on which changed ids and farm topics are published; on a cluster
+//!   with sharded pub/sub, `{b}:changes` per bucket instead (`SPUBLISH`, served by the shard
+//!   that holds the bucket).
 
 use super::wire::canonical;
+use crate::gateway::ids::Bucket;
 use crate::gateway::key::CanonicalKey;
 
 /// Key names under one prefix.
 #[derive(Debug, Clone)]
-pub(crate) struct Keys {
+pub struct Keys {
     prefix: String,
+    /// Changes are published per bucket (`SPUBLISH`), not on one channel.
+    sharded: bool,
 }
 
+/// The hash tag of ids that name no bucket (minted before buckets): nothing is ever stored
+/// under it.
+const NO_BUCKET: &str = "{-}";
+
 impl Keys {
-    pub(crate) fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
+    pub fn new(prefix: &str, sharded: bool) -> Self {
+        Self { prefix: prefix.to_owned(), sharded }
     }
 
-    fn named(&self, parts: &[&str]) -> String {
-        let mut key = self.prefix.clone();
-        parts.iter().for_each(|p| key.push_str(p));
+    /// `{prefix}{b}:` and `rest`.
+    fn in_bucket(&self, bucket: Bucket, rest: &[&str]) -> String {
+        let mut key = format!("{}{{{}}}:", self.prefix, bucket.hex());
+        rest.iter().for_each(|p| key.push_str(p));
         key
     }
 
-    /// What record keys start with: scripts add the id.
-    pub(crate) fn record_prefix(&self) -> String {
-        self.named(&["agg:"])
+    /// Where the record of `id` lives, and its rows.
+    fn of_id(&self, what: &str, id: &str) -> String {
+        match Bucket::of_id(id) {
+            Some(bucket) => self.in_bucket(bucket, &[what, id]),
+            None => format!("{}{NO_BUCKET}:{what}{id}", self.prefix),
+        }
     }
 
-    pub(crate) fn record(&self, id: &str) -> String {
-        self.named(&["agg:", id])
+    pub fn record(&self, id: &str) -> String {
+        self.of_id("agg:", id)
     }
 
-    /// What rows keys start with.
-    pub(crate) fn rows_prefix(&self) -> String {
-        self.named(&["rows:"])
-    }
-
-    pub(crate) fn rows(&self, id: &str) -> String {
-        self.named(&["rows:", id])
+    pub fn rows(&self, id: &str) -> String {
+        self.of_id("rows:", id)
     }
 
     /// The id answering `key`.
-    pub(crate) fn index(&self, key: &CanonicalKey) -> String {
-        self.named(&["key:", &canonical(key)])
+    pub fn index(&self, key: &CanonicalKey) -> String {
+        self.in_bucket(Bucket::of_farm(key.farm_id()), &["key:", &canonical(key)])
     }
 
     /// The refresh of `key` no caller has joined yet.
-    pub(crate) fn marker(&self, key: &CanonicalKey) -> String {
-        self.named(&["refresh:", &canonical(key)])
+    pub fn marker(&self, key: &CanonicalKey) -> String {
+        self.in_bucket(Bucket::of_farm(key.farm_id()), &["refresh:", &canonical(key)])
     }
 
-    pub(crate) fn farm(&self, farm: &str, what: &str) -> String {
-        format!("{}{{{farm}}}:{what}", self.prefix)
+    fn farm(&self, farm: &str, what: &str) -> String {
+        self.in_bucket(Bucket::of_farm(farm), &[farm, ":", what])
     }
 
-    pub(crate) fn queue(&self, farm: &str) -> String {
+    pub fn queue(&self, farm: &str) -> String {
         self.farm(farm, "queue")
     }
 
     /// The farm's refreshes no caller has joined yet.
-    pub(crate) fn refreshes(&self, farm: &str) -> String {
+    pub fn refreshes(&self, farm: &str) -> String {
         self.farm(farm, "refreshes")
     }
 
-    pub(crate) fn fence(&self, farm: &str) -> String {
+    pub fn fence(&self, farm: &str) -> String {
         self.farm(farm, "fence")
     }
 
-    pub(crate) fn lease(&self, farm: &str) -> String {
+    pub fn lease(&self, farm: &str) -> String {
         self.farm(farm, "lease")
     }
 
-    pub(crate) fn model(&self, farm: &str) -> String {
+    pub fn model(&self, farm: &str) -> String {
         self.farm(farm, "model")
     }
 
-    pub(crate) fn farms(&self) -> String {
-        self.named(&["farms"])
+    /// The bucket's farms with work.
+    pub fn farms(&self, bucket: Bucket) -> String {
+        self.in_bucket(bucket, &["farms"])
     }
 
-    pub(crate) fn live(&self) -> String {
-        self.named(&["live"])
+    /// The bucket's queued plus running aggregations.
+    pub fn live(&self, bucket: Bucket) -> String {
+        self.in_bucket(bucket, &["live"])
     }
 
-    pub(crate) fn due(&self) -> String {
-        self.named(&["due"])
+    /// When the bucket's counts last changed.
+    pub fn version(&self, bucket: Bucket) -> String {
+        self.in_bucket(bucket, &["version"])
     }
 
-    pub(crate) fn epoch(&self) -> String {
-        self.named(&["epoch"])
+    pub fn due(&self, bucket: Bucket) -> String {
+        self.in_bucket(bucket, &["due"])
     }
 
-    /// The `run_id` of the server the epoch was made on.
-    pub(crate) fn server(&self) -> String {
-        self.named(&["server"])
+    pub fn epoch(&self, bucket: Bucket) -> String {
+        self.in_bucket(bucket, &["epoch"])
     }
 
-    pub(crate) fn rate(&self, name: &str) -> String {
-        self.named(&["rate:", name])
+    /// The `run_id` of the server the bucket's epoch was made on.
+    pub fn server(&self, bucket: Bucket) -> String {
+        self.in_bucket(bucket, &["server"])
+    }
+
+    /// Every bucket's counts and their sums.
+    pub fn admission(&self) -> String {
+        format!("{}{{all}}:admission", self.prefix)
+    }
+
+    pub fn rate(&self, name: &str) -> String {
+        format!("{}rate:{name}", self.prefix)
     }
 
     /// The prefix of callers' shared buckets for `operation` (the caller's identity follows).
-    pub(crate) fn caller(&self, operation: &str) -> String {
-        self.named(&["caller:", operation, ":"])
+    pub fn caller(&self, operation: &str) -> String {
+        format!("{}caller:{operation}:", self.prefix)
     }
 
-    pub(crate) fn changes(&self) -> String {
-        self.named(&["changes"])
+    /// Whether changes are published per bucket, with `SPUBLISH`.
+    pub fn sharded(&self) -> bool {
+        self.sharded
     }
 
-    /// The prefix itself, for scripts that name a farm's keys from its id.
-    pub(crate) fn prefix(&self) -> &str {
-        &self.prefix
+    /// The channel changes of `bucket` are published on.
+    pub fn changes(&self, bucket: Bucket) -> String {
+        if self.sharded { self.in_bucket(bucket, &["changes"]) } else { format!("{}changes", self.prefix) }
+    }
+
+    /// What a script publishes changes with.
+    pub fn publish(&self) -> &'static str {
+        if self.sharded { "SPUBLISH" } else { "PUBLISH" }
+    }
+
+    /// Every channel to subscribe to, each once.
+    pub fn channels(&self) -> Vec<String> {
+        if self.sharded { Bucket::all().map(|b| self.changes(b)).collect() } else { vec![self.changes(Bucket::default())] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_farm_and_its_ids_shares_the_farms_bucket_tag() {
+        let keys = Keys::new("dsg:", true);
+        let farm = "farm-0123456789abcdef0123456789abcdef";
+        let id = crate::gateway::ids::IdMinter::new().mint(farm);
+        let tag = format!("{{{}}}", Bucket::of_farm(farm).hex());
+        let bucket = Bucket::of_farm(farm);
+        for key in [
+            keys.record(&id),
+            keys.rows(&id),
+            keys.queue(farm),
+            keys.lease(farm),
+            keys.fence(farm),
+            keys.model(farm),
+            keys.refreshes(farm),
+            keys.farms(bucket),
+            keys.live(bucket),
+            keys.due(bucket),
+            keys.epoch(bucket),
+            keys.changes(bucket),
+        ] {
+            assert!(key.starts_with(&format!("dsg:{tag}:")), "{key}");
+        }
+        assert_eq!(keys.record("agg-old"), "dsg:{-}:agg:agg-old");
     }
 }

@@ -13,11 +13,16 @@
 //! the changes channel. Terminal results read here are kept in this replica's results cache
 //! (the near-cache), so cache-hit Gets do not touch Redis.
 //!
-//! The state has an epoch ([`RedisClient::epoch`]): a claim is only made with an id of the
-//! current one, so every id names the state it lives in. Every script addresses some keys by
-//! name inside the script, so this store needs a Redis that is not in cluster mode (or a
-//! cluster of one shard).
+//! Every key a script touches is declared in its KEYS and carries its farm's bucket as hash
+//! tag (`keys`), so the same scripts run on one Redis and on a Redis Cluster. Where a script
+//! would read a key it only learns from another (the record of the id a key answers), the
+//! replica reads that first and the script checks it is unchanged (`moved` else, and the
+//! replica reads again). The bounds shared by every bucket are checked through `admission`.
+//!
+//! Each bucket's state has an epoch ([`RedisClient::epoch`]): a claim is only made with an id
+//! of the bucket's current one, so every id names the state it lives in.
 
+mod admission;
 pub(crate) mod client;
 mod conn;
 mod keys;
@@ -26,6 +31,7 @@ pub(crate) mod time;
 mod wire;
 
 pub use client::{RedisClient, RedisConfig, RedisRate};
+pub use keys::Keys as RedisKeys;
 
 use super::lease::{FarmLeases, Lease};
 use super::policy::{self, Freshness, Limits, RefreshVerdict};
@@ -37,13 +43,14 @@ use super::{
     StoreStats, Topology, Written,
 };
 use crate::gateway::clock::Clock;
+use crate::gateway::ids::{Bucket, tag_of};
 use crate::gateway::key::CanonicalKey;
 use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Rows, State};
 use crate::gateway::rows::RowBlock;
+use admission::{Admission, Counts};
 use client::store_error;
 use scripts::{
-    CLAIM, DISCARD, DUE, FINISH, LOADS, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, ROWS_IF_SMALL, ROWS_PAGE,
-    UPDATE,
+    CLAIM, DISCARD, FINISH, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, ROWS_IF_SMALL, ROWS_PAGE, UPDATE,
 };
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,8 +61,22 @@ use wire::{from_json, millis, offer_from_json, offer_to_json, state_name, to_jso
 /// How long a record outlives its result, so Get can say it expired or why it failed.
 const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(3600);
 
-/// Due results looked at per refresh scan.
+/// Due results looked at per bucket and refresh scan.
 const DUE_SCAN_LIMIT: usize = 1000;
+
+/// How often a script is run again after it answered `moved` (what it was given to declare
+/// changed meanwhile) before the store gives up: each time another replica's write won.
+const MOVED_RETRIES: usize = 20;
+
+/// The error after [`MOVED_RETRIES`].
+fn kept_moving(script: &'static str) -> StoreError {
+    StoreError::UnexpectedAnswer { script, answer: format!("moved {MOVED_RETRIES} times in a row") }
+}
+
+/// The epoch an id was minted in, as scripts compare it.
+fn epoch_arg(id: &str) -> String {
+    tag_of(id).map(|t| t.to_string()).unwrap_or_default()
+}
 
 /// What the claim script answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +87,10 @@ enum ClaimVerdict {
     QueueFull,
     Busy(Bound),
     Epoch,
+    /// What the replica declared changed meanwhile: read again.
+    Moved,
+    /// It would queue a new aggregation: the replica checks the bounds first.
+    Admit,
 }
 
 impl std::str::FromStr for ClaimVerdict {
@@ -80,6 +105,8 @@ impl std::str::FromStr for ClaimVerdict {
             "busy_live" => Self::Busy(Bound::ActiveAggregations),
             "busy_farms" => Self::Busy(Bound::Farms),
             "epoch" => Self::Epoch,
+            "moved" => Self::Moved,
+            "admit" => Self::Admit,
             other => return Err(StoreError::UnexpectedAnswer { script: "claim", answer: other.to_owned() }),
         })
     }
@@ -114,6 +141,8 @@ pub struct RedisStore {
     wakeups: Arc<Wakeups>,
     /// What housekeeping last counted.
     counted: Mutex<StoreStats>,
+    /// On a cluster: held while this replica admits a new aggregation (`admission`).
+    admitting: tokio::sync::Mutex<()>,
     /// Redis's clock (`time`): every replica's expiry and freshness decisions agree.
     time: time::RedisTime,
     clock: Clock,
@@ -129,7 +158,15 @@ impl RedisStore {
         wakeups: Arc<Wakeups>,
         time: time::RedisTime,
     ) -> Self {
-        Self { redis, near, wakeups, counted: Mutex::default(), clock: time.clock(), time }
+        Self {
+            redis,
+            near,
+            wakeups,
+            counted: Mutex::default(),
+            admitting: tokio::sync::Mutex::new(()),
+            clock: time.clock(),
+            time,
+        }
     }
 
     fn conn(&self) -> conn::Conn {
@@ -204,7 +241,8 @@ impl RedisStore {
         self.counted.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a refresh of the due result `old_id` if [`RefreshVerdict`] allows.
+    /// Queues a refresh of the due result `old_id` if [`RefreshVerdict`] allows; the bucket's
+    /// counts when it queued one.
     async fn queue_refresh(
         &self,
         old_id: &str,
@@ -212,19 +250,26 @@ impl RedisStore {
         refresh: &AggregationRecord,
         min_hits: u32,
         limits: &Limits,
-    ) -> Result<RefreshVerdict, StoreError> {
+        admission: Admission,
+    ) -> Result<(RefreshVerdict, Option<Counts>), StoreError> {
         let (k, farm) = (self.keys(), old.farm_id());
-        let verdict: String = QUEUE_REFRESH
-            .key(k.due())
+        let bucket = Bucket::of_farm(farm);
+        let mut script = QUEUE_REFRESH.key(k.due(bucket));
+        script
             .key(k.record(old_id))
             .key(k.index(&old.key))
             .key(k.marker(&old.key))
             .key(k.queue(farm))
             .key(k.refreshes(farm))
-            .key(k.farms())
-            .key(k.live())
+            .key(k.farms(bucket))
+            .key(k.live(bucket))
             .key(k.record(&refresh.id))
-            .key(k.epoch())
+            .key(k.epoch(bucket))
+            .key(k.version(bucket));
+        if admission == Admission::Inline {
+            script.key(k.admission());
+        }
+        script
             .arg(old_id)
             .arg(&*refresh.id)
             .arg(to_json(refresh)?)
@@ -232,13 +277,212 @@ impl RedisStore {
             .arg(min_hits)
             .arg(limits.max_live)
             .arg(limits.max_farms)
-            .arg(crate::gateway::ids::tag_of(&refresh.id).map(|t| t.to_string()).unwrap_or_default())
+            .arg(epoch_arg(&refresh.id))
             .arg(ms(KEEP_AFTER_EXPIRY))
-            .arg(millis(self.clock.now()))
-            .invoke_async(&mut self.conn())
+            .arg(millis(self.clock.now()));
+        admission.args(&mut script);
+        script.arg(bucket.hex());
+        let answer: Vec<redis::Value> = script.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        let verdict: String = answer
+            .first()
+            .and_then(|v| redis::from_redis_value(v.clone()).ok())
+            .ok_or_else(|| StoreError::UnexpectedAnswer { script: "queue_refresh", answer: format!("{answer:?}") })?;
+        Ok((verdict.parse()?, Counts::from_answer(&answer, 1)))
+    }
+
+    /// Runs the claim script once, with what the replica read of the key and its marker.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_once(
+        &self,
+        key: &CanonicalKey,
+        freshness: &Freshness,
+        limits: &Limits,
+        id: &str,
+        json: &str,
+        caller: &str,
+        admission: Admission,
+    ) -> Result<ClaimAnswer, StoreError> {
+        let (k, farm) = (self.keys(), key.farm_id());
+        let bucket = Bucket::of_farm(farm);
+        let (existing, refresh): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(k.index(key))
+            .arg(k.marker(key))
+            .query_async(&mut self.conn())
             .await
             .map_err(store_error)?;
-        verdict.parse()
+        let (existing, refresh) = (existing.unwrap_or_default(), refresh.unwrap_or_default());
+        // A record key for each id read, the new record's where there is none.
+        let record_of = |read: &str| if read.is_empty() { k.record(id) } else { k.record(read) };
+        let rows_of = |read: &str| if read.is_empty() { k.rows(id) } else { k.rows(read) };
+        let mut script = CLAIM.key(k.index(key));
+        script
+            .key(k.queue(farm))
+            .key(k.farms(bucket))
+            .key(k.live(bucket))
+            .key(k.record(id))
+            .key(k.epoch(bucket))
+            .key(k.marker(key))
+            .key(k.refreshes(farm))
+            .key(k.version(bucket))
+            .key(record_of(&existing))
+            .key(rows_of(&existing))
+            .key(record_of(&refresh));
+        if admission == Admission::Inline {
+            script.key(k.admission());
+        }
+        script
+            .arg(id)
+            .arg(json)
+            .arg(farm)
+            .arg(ms(freshness.min_remaining))
+            .arg(freshness.max_staleness.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+            .arg(limits.queue_capacity)
+            .arg(limits.max_live)
+            .arg(limits.max_farms)
+            .arg(epoch_arg(id))
+            .arg(millis(self.clock.now()))
+            .arg(caller)
+            .arg(ms(policy::HIT_WINDOW))
+            .arg(&existing)
+            .arg(&refresh);
+        admission.args(&mut script);
+        script.arg(bucket.hex());
+        let answer: Vec<redis::Value> = self.redis.guarded(&k.index(key), &script).await?;
+        ClaimAnswer::read(&answer)
+    }
+
+    /// The id `key` answers now ('' none).
+    async fn answering(&self, key: &CanonicalKey) -> Result<String, StoreError> {
+        let id: Option<String> =
+            redis::cmd("GET").arg(self.keys().index(key)).query_async(&mut self.conn()).await.map_err(store_error)?;
+        Ok(id.unwrap_or_default())
+    }
+
+    /// The ids of one bucket's farms with work.
+    async fn bucket_farms(&self, bucket: Bucket) -> Result<Vec<String>, StoreError> {
+        redis::cmd("SMEMBERS").arg(self.keys().farms(bucket)).query_async(&mut self.conn()).await.map_err(store_error)
+    }
+
+    /// What each farm of `bucket` with work holds: its queue's length and whether its head
+    /// runs.
+    async fn bucket_loads(&self, bucket: Bucket) -> Result<Vec<(String, FarmLoad)>, StoreError> {
+        let farms = self.bucket_farms(bucket).await?;
+        let k = self.keys();
+        let mut loads = Vec::with_capacity(farms.len());
+        for farm in farms {
+            let (len, head): (usize, Option<String>) = redis::pipe()
+                .cmd("LLEN")
+                .arg(k.queue(&farm))
+                .cmd("LINDEX")
+                .arg(k.queue(&farm))
+                .arg(0)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let running = match head {
+                Some(head) => {
+                    let state: Option<String> = redis::cmd("HGET")
+                        .arg(k.record(&head))
+                        .arg("state")
+                        .query_async(&mut self.conn())
+                        .await
+                        .map_err(store_error)?;
+                    state.as_deref() == Some(state_name(State::Running))
+                }
+                None => false,
+            };
+            loads.push((farm, FarmLoad::of(len, running)));
+        }
+        Ok(loads)
+    }
+
+    /// The refresh-ahead candidates of `bucket`: COMPLETED results expiring by `due_by` that
+    /// still answer their key and are popular enough, with their hits and records. Those that
+    /// no longer answer their key (expired ones among them) leave the due set when looked at;
+    /// housekeeping drops every expired one. Records of results not popular enough are not
+    /// read (`policy::refresh_verdict`'s Cold: they may still become popular, so they stay).
+    async fn due(
+        &self,
+        bucket: Bucket,
+        due_by: SystemTime,
+        min_hits: u32,
+    ) -> Result<Vec<(String, u32, AggregationRecord)>, StoreError> {
+        let k = self.keys();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(k.due(bucket))
+            .arg("-inf")
+            .arg(millis(due_by))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(DUE_SCAN_LIMIT)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        ids.iter().for_each(|id| {
+            pipe.cmd("HMGET").arg(k.record(id)).arg("state").arg("expire_ms").arg("hits").arg("index");
+        });
+        type Fields = (Option<String>, Option<i64>, Option<u32>, Option<String>);
+        let fields: Vec<Fields> = pipe.query_async(&mut self.conn()).await.map_err(store_error)?;
+        let now = millis(self.clock.now());
+        let completed = state_name(State::Completed);
+        let mut pipe = redis::pipe();
+        let mut checked = Vec::new();
+        for (id, (state, expire, hits, index)) in ids.iter().zip(fields) {
+            match index {
+                Some(index) if state.as_deref() == Some(completed) && expire.unwrap_or_default() > now => {
+                    pipe.cmd("GET").arg(index);
+                    checked.push((id, hits.unwrap_or_default()));
+                }
+                _ => checked.push((id, u32::MAX)),
+            }
+        }
+        let answering: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await.map_err(store_error)?;
+        let mut answering = answering.into_iter();
+        let (mut dead, mut popular) = (Vec::new(), Vec::new());
+        for (id, hits) in checked {
+            // u32::MAX marks those not alive without an index to read.
+            let alive = hits != u32::MAX && answering.next().flatten().as_deref() == Some(id.as_str());
+            if !alive {
+                dead.push(id.clone());
+            } else if hits >= min_hits {
+                popular.push((id.clone(), hits));
+            }
+        }
+        if !dead.is_empty() {
+            let _: i64 = redis::cmd("ZREM").arg(k.due(bucket)).arg(&dead).query_async(&mut self.conn()).await.map_err(store_error)?;
+        }
+        let mut out = Vec::with_capacity(popular.len());
+        for (id, hits) in popular {
+            let json: Option<String> =
+                redis::cmd("HGET").arg(k.record(&id)).arg("json").query_async(&mut self.conn()).await.map_err(store_error)?;
+            if let Some(json) = json {
+                out.push((id, hits, from_json(&json)?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What the claim script answered.
+struct ClaimAnswer {
+    verdict: ClaimVerdict,
+    json: String,
+    position: i64,
+    /// After `started`: the bucket's new counts.
+    counts: Option<Counts>,
+}
+
+impl ClaimAnswer {
+    fn read(answer: &[redis::Value]) -> Result<Self, StoreError> {
+        let unexpected = || StoreError::UnexpectedAnswer { script: "claim", answer: format!("{answer:?}") };
+        let verdict: String = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
+        let json: String = answer.get(1).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
+        let position: i64 = answer.get(2).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
+        Ok(Self { verdict: verdict.parse()?, json, position, counts: Counts::from_answer(answer, 3) })
     }
 }
 
@@ -257,36 +501,33 @@ impl AggregationStore for RedisStore {
         caller: &str,
     ) -> Result<Claimed, ClaimError> {
         let fresh = AggregationRecord::queued(id.clone(), key.clone(), self.clock.now());
-        let (k, farm) = (self.keys(), key.farm_id());
-        let (verdict, json, position): (String, String, i64) = self
-            .redis
-            .guarded(
-                CLAIM
-                    .key(k.index(key))
-                    .key(k.queue(farm))
-                    .key(k.farms())
-                    .key(k.live())
-                    .key(k.record(&id))
-                    .key(k.epoch())
-                    .key(k.marker(key))
-                    .key(k.refreshes(farm))
-                    .arg(&*id)
-                    .arg(to_json(&fresh)?)
-                    .arg(farm)
-                    .arg(ms(freshness.min_remaining))
-                    .arg(freshness.max_staleness.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
-                    .arg(limits.queue_capacity)
-                    .arg(limits.max_live)
-                    .arg(limits.max_farms)
-                    .arg(k.record_prefix())
-                    .arg(k.rows_prefix())
-                    .arg(crate::gateway::ids::tag_of(&id).map(|t| t.to_string()).unwrap_or_default())
-                    .arg(millis(self.clock.now()))
-                    .arg(caller)
-                    .arg(ms(policy::HIT_WINDOW)),
-            )
-            .await?;
-        let disposition = match verdict.parse()? {
+        let json = to_json(&fresh)?;
+        let farm = key.farm_id();
+        let mut answer = None;
+        for _ in 0..MOVED_RETRIES {
+            let first = self.claim_once(key, freshness, limits, &id, &json, caller, self.admission()).await?;
+            let settled = match first.verdict {
+                ClaimVerdict::Moved => continue,
+                ClaimVerdict::Admit => {
+                    // One admission at a time on this replica (`admission`).
+                    let _admitting = self.admitting.lock().await;
+                    let totals = self.totals().await?;
+                    let given = self.claim_once(key, freshness, limits, &id, &json, caller, Admission::Given(totals));
+                    let given = given.await?;
+                    if let (ClaimVerdict::Started, Some(counts)) = (given.verdict, given.counts) {
+                        self.tally(Bucket::of_farm(farm), counts).await;
+                    }
+                    given
+                }
+                _ => first,
+            };
+            if settled.verdict != ClaimVerdict::Moved {
+                answer = Some(settled);
+                break;
+            }
+        }
+        let answer = answer.ok_or_else(|| kept_moving("claim"))?;
+        let disposition = match answer.verdict {
             ClaimVerdict::Started => Disposition::Started,
             ClaimVerdict::Joined => Disposition::Joined,
             ClaimVerdict::Cached => Disposition::Cached,
@@ -301,14 +542,21 @@ impl AggregationStore for RedisStore {
                 return Err(ClaimError::Busy { bound, limit });
             }
             ClaimVerdict::Epoch => return Err(ClaimError::NewEpoch),
+            ClaimVerdict::Moved | ClaimVerdict::Admit => {
+                return Err(StoreError::UnexpectedAnswer { script: "claim", answer: format!("{:?}", answer.verdict) }.into());
+            }
         };
-        let queue_position = u32::try_from(position).unwrap_or(u32::MAX);
-        Ok(Claimed { record: Arc::new(from_json(&json)?), queue_position, disposition })
+        let queue_position = u32::try_from(answer.position).unwrap_or(u32::MAX);
+        Ok(Claimed { record: Arc::new(from_json(&answer.json)?), queue_position, disposition })
     }
 
     async fn read(&self, id: &str) -> Result<Found, StoreError> {
         if let Some(result) = self.near.get(id) {
             return Ok(Found::terminal(result, self.clock.now()));
+        }
+        if Bucket::of_id(id).is_none() {
+            // Names no bucket (minted before buckets): nothing is stored for it.
+            return Ok(Found::Unknown);
         }
         let (json, farm, rows): (Option<String>, Option<String>, Option<i64>) = redis::cmd("HMGET")
             .arg(self.keys().record(id))
@@ -351,27 +599,48 @@ impl AggregationStore for RedisStore {
 
     async fn discard(&self, lease: &Lease, id: &str) -> Result<Written, StoreError> {
         let k = self.keys();
-        let done: i64 = self
-            .redis
-            .guarded(
-                DISCARD
-                    .key(k.fence(&lease.farm))
-                    .key(k.record(id))
-                    .key(k.queue(&lease.farm))
-                    .key(k.farms())
-                    .key(k.live())
-                    .arg(lease.token)
-                    .arg(id)
-                    .arg(&lease.farm)
-                    .arg(ms(KEEP_AFTER_EXPIRY))
-                    .arg(k.changes())
-                    .arg(farm_topic(&lease.farm)),
-            )
-            .await?;
-        if done == 1 {
-            self.wake(id, &lease.farm);
+        let bucket = Bucket::of_farm(&lease.farm);
+        for _ in 0..MOVED_RETRIES {
+            let index: Option<String> =
+                redis::cmd("HGET").arg(k.record(id)).arg("index").query_async(&mut self.conn()).await.map_err(store_error)?;
+            let index = index.unwrap_or_default();
+            let mut script = DISCARD.key(k.fence(&lease.farm));
+            script
+                .key(k.record(id))
+                .key(k.queue(&lease.farm))
+                .key(k.farms(bucket))
+                .key(k.live(bucket))
+                .key(k.version(bucket))
+                .key(if index.is_empty() { k.record(id) } else { index.clone() });
+            let admission = if self.redis.is_cluster() { Admission::Given(Default::default()) } else { Admission::Inline };
+            if admission == Admission::Inline {
+                script.key(k.admission());
+            }
+            script
+                .arg(lease.token)
+                .arg(id)
+                .arg(&lease.farm)
+                .arg(ms(KEEP_AFTER_EXPIRY))
+                .arg(k.changes(bucket))
+                .arg(farm_topic(&lease.farm))
+                .arg(&index)
+                .arg(if admission == Admission::Inline { "inline" } else { "given" })
+                .arg(bucket.hex())
+                .arg(k.publish());
+            let answer: Vec<redis::Value> = self.redis.guarded(&k.fence(&lease.farm), &script).await?;
+            let done: i64 = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).unwrap_or_default();
+            if done == -1 {
+                continue;
+            }
+            if let Some(counts) = Counts::from_answer(&answer, 1) {
+                self.tally(bucket, counts).await;
+            }
+            if done == 1 {
+                self.wake(id, &lease.farm);
+            }
+            return Ok(Self::written(done));
         }
-        Ok(Self::written(done))
+        Err(kept_moving("discard"))
     }
 
     async fn rows_page(&self, record: &AggregationRecord, range: Range<usize>) -> Result<Option<RowBlock>, StoreError> {
@@ -392,7 +661,8 @@ impl AggregationStore for RedisStore {
 
     async fn offer(&self, id: &str, offer: &Offer) -> Result<(), StoreError> {
         // Replicated like the writes that guard the one-running rule: it is one of them.
-        let _left: i64 = self.redis.guarded(OFFER.key(self.keys().record(id)).arg(offer_to_json(offer)?)).await?;
+        let record = self.keys().record(id);
+        let _left: i64 = self.redis.guarded(&record, OFFER.key(&record).arg(offer_to_json(offer)?)).await?;
         Ok(())
     }
 
@@ -426,23 +696,27 @@ impl AggregationStore for RedisStore {
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
-        redis::cmd("SMEMBERS").arg(self.keys().farms()).query_async(&mut self.conn()).await.map_err(store_error)
+        let farms = futures::future::try_join_all(Bucket::all().map(|b| self.bucket_farms(b))).await?;
+        Ok(farms.into_iter().flatten().collect())
     }
 
     async fn update(&self, lease: &Lease, record: AggregationRecord) -> Result<Written, StoreError> {
         let k = self.keys();
+        let fence = k.fence(&lease.farm);
         let done: i64 = self
             .redis
             .guarded(
+                &fence,
                 UPDATE
-                    .key(k.fence(&lease.farm))
+                    .key(&fence)
                     .key(k.record(&record.id))
                     .arg(lease.token)
                     .arg(to_json(&record)?)
                     .arg(state_name(record.state))
-                    .arg(k.changes())
+                    .arg(k.changes(Bucket::of_farm(&lease.farm)))
                     .arg(&*record.id)
-                    .arg(farm_topic(&lease.farm)),
+                    .arg(farm_topic(&lease.farm))
+                    .arg(k.publish()),
             )
             .await?;
         if done == 1 {
@@ -458,41 +732,62 @@ impl AggregationStore for RedisStore {
         rows: Option<Rows>,
     ) -> Result<Written, StoreError> {
         let (k, farm) = (self.keys(), record.farm_id());
+        let bucket = Bucket::of_farm(farm);
         let expire = record.expire_time.unwrap_or_else(|| self.clock.now());
-        let done: i64 = self
-            .redis
-            .guarded(
-                FINISH
-                    .key(k.fence(&lease.farm))
-                    .key(k.record(&record.id))
-                    .key(k.queue(farm))
-                    .key(k.farms())
-                    .key(k.live())
-                    .key(k.rows(&record.id))
-                    .key(k.index(&record.key))
-                    .key(k.due())
-                    .key(k.marker(&record.key))
-                    .key(k.refreshes(farm))
-                    .arg(lease.token)
-                    .arg(to_json(&record)?)
-                    .arg(state_name(record.state))
-                    .arg(millis(expire))
-                    .arg(record.data_time.map_or(0, millis))
-                    .arg(rows.as_ref().map(|r| r.to_bytes()).unwrap_or_default())
-                    .arg(farm)
-                    .arg(k.changes())
-                    .arg(&*record.id)
-                    .arg(ms(KEEP_AFTER_EXPIRY))
-                    .arg(if record.refresh { "1" } else { "0" })
-                    .arg(k.record_prefix())
-                    .arg(farm_topic(&lease.farm)),
-            )
-            .await?;
-        if done == 1 {
-            self.wake(&record.id, &lease.farm);
-            self.near.insert(Arc::new(CachedResult::new(Arc::new(record), rows)));
+        let (json, bytes) = (to_json(&record)?, rows.as_ref().map(|r| r.to_bytes()).unwrap_or_default());
+        let admission = if self.redis.is_cluster() { Admission::Given(Default::default()) } else { Admission::Inline };
+        for _ in 0..MOVED_RETRIES {
+            // A refresh checks what its key answers: the record of that id is declared.
+            let answering = if record.refresh { self.answering(&record.key).await? } else { String::new() };
+            let fence = k.fence(&lease.farm);
+            let mut script = FINISH.key(&fence);
+            script
+                .key(k.record(&record.id))
+                .key(k.queue(farm))
+                .key(k.farms(bucket))
+                .key(k.live(bucket))
+                .key(k.rows(&record.id))
+                .key(k.index(&record.key))
+                .key(k.due(bucket))
+                .key(k.marker(&record.key))
+                .key(k.refreshes(farm))
+                .key(k.version(bucket))
+                .key(if answering.is_empty() { k.record(&record.id) } else { k.record(&answering) });
+            if admission == Admission::Inline {
+                script.key(k.admission());
+            }
+            script
+                .arg(lease.token)
+                .arg(&json)
+                .arg(state_name(record.state))
+                .arg(millis(expire))
+                .arg(record.data_time.map_or(0, millis))
+                .arg(&bytes)
+                .arg(farm)
+                .arg(k.changes(bucket))
+                .arg(&*record.id)
+                .arg(ms(KEEP_AFTER_EXPIRY))
+                .arg(if record.refresh { "1" } else { "0" })
+                .arg(farm_topic(&lease.farm))
+                .arg(&answering)
+                .arg(if admission == Admission::Inline { "inline" } else { "given" })
+                .arg(bucket.hex())
+                .arg(k.publish());
+            let answer: Vec<redis::Value> = self.redis.guarded(&fence, &script).await?;
+            let done: i64 = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).unwrap_or_default();
+            if done == -1 {
+                continue;
+            }
+            if let Some(counts) = Counts::from_answer(&answer, 1) {
+                self.tally(bucket, counts).await;
+            }
+            if done == 1 {
+                self.wake(&record.id, &lease.farm);
+                self.near.insert(Arc::new(CachedResult::new(Arc::new(record), rows)));
+            }
+            return Ok(Self::written(done));
         }
-        Ok(Self::written(done))
+        Err(kept_moving("finish"))
     }
 
     async fn restore_rows(&self, record: Arc<AggregationRecord>, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
@@ -515,29 +810,39 @@ impl AggregationStore for RedisStore {
         due_by: SystemTime,
         min_hits: u32,
         limits: &Limits,
-        mint: &(dyn Fn() -> AggregationId + Send + Sync),
+        mint: &(dyn for<'f> Fn(&'f str) -> AggregationId + Send + Sync),
     ) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
-        let due: Vec<(String, u32, String)> = DUE
-            .key(self.keys().due())
-            .arg(millis(self.clock.now()))
-            .arg(millis(due_by))
-            .arg(self.keys().record_prefix())
-            .arg(DUE_SCAN_LIMIT)
-            .arg(min_hits)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(store_error)?;
         let mut queued = Vec::new();
-        for (old_id, hits, json) in due {
-            if hits < min_hits {
+        'buckets: for bucket in Bucket::all() {
+            let due = self.due(bucket, due_by, min_hits).await?;
+            if due.is_empty() {
                 continue;
             }
-            let old = from_json(&json)?;
-            let refresh = AggregationRecord::refresh_of(mint(), &old, self.clock.now());
-            match self.queue_refresh(&old_id, &old, &refresh, min_hits, limits).await? {
-                RefreshVerdict::Queued => queued.push(Arc::new(refresh)),
-                RefreshVerdict::Live | RefreshVerdict::Epoch => break,
-                RefreshVerdict::Gone | RefreshVerdict::Cold | RefreshVerdict::Backlog | RefreshVerdict::Farms => {}
+            // On a cluster, one admission at a time on this replica (`admission`).
+            let _admitting = match self.admission() {
+                Admission::Ask => Some(self.admitting.lock().await),
+                _ => None,
+            };
+            for (old_id, hits, old) in due {
+                if hits < min_hits {
+                    continue;
+                }
+                let admission = match self.admission() {
+                    Admission::Ask => Admission::Given(self.totals().await?),
+                    inline => inline,
+                };
+                let refresh = AggregationRecord::refresh_of(mint(old.farm_id()), &old, self.clock.now());
+                let (verdict, counts) = self.queue_refresh(&old_id, &old, &refresh, min_hits, limits, admission).await?;
+                if let Some(counts) = counts {
+                    self.tally(bucket, counts).await;
+                }
+                match verdict {
+                    RefreshVerdict::Queued => queued.push(Arc::new(refresh)),
+                    RefreshVerdict::Live => break 'buckets,
+                    // That bucket's epoch changed: its next ids are minted in the new one.
+                    RefreshVerdict::Epoch => break,
+                    RefreshVerdict::Gone | RefreshVerdict::Cold | RefreshVerdict::Backlog | RefreshVerdict::Farms => {}
+                }
             }
         }
         Ok(queued)
@@ -568,27 +873,28 @@ impl AggregationStore for RedisStore {
     async fn housekeeping(&self) {
         self.near.housekeeping();
         let k = self.keys();
-        let loads: Result<Vec<(String, usize, u8)>, _> =
-            LOADS.key(k.farms()).arg(k.prefix()).arg(k.record_prefix()).invoke_async(&mut self.conn()).await;
+        let loads = futures::future::try_join_all(Bucket::all().map(|b| self.bucket_loads(b))).await;
         let Ok(loads) = loads else {
             self.counted().up = false;
             return;
         };
         // Expired results leave the refresh candidates (when refresh-ahead is off, nothing
         // else takes them out).
-        let _: Result<i64, _> = redis::cmd("ZREMRANGEBYSCORE")
-            .arg(k.due())
-            .arg("-inf")
-            .arg(millis(self.clock.now()))
-            .query_async(&mut self.conn())
-            .await;
-        let live: Option<usize> = redis::cmd("GET").arg(k.live()).query_async(&mut self.conn()).await.ok().flatten();
+        let now = millis(self.clock.now());
+        let trims = Bucket::all().map(|b| async move {
+            let trimmed: Result<i64, _> =
+                redis::cmd("ZREMRANGEBYSCORE").arg(k.due(b)).arg("-inf").arg(now).query_async(&mut self.conn()).await;
+            trimmed
+        });
+        let _ = futures::future::join_all(trims).await;
+        self.resync().await;
+        let live = self.totals().await.ok().map(|t| usize::try_from(t.live).unwrap_or(usize::MAX));
         let memory = self.redis.memory().await.ok();
         let _ = self.redis.count_replicas().await;
         let mut counted = self.counted();
         counted.memory = memory;
         counted.active = live.unwrap_or_default();
-        counted.farms = loads.into_iter().map(|(farm, len, running)| (farm, FarmLoad::of(len, running == 1))).collect();
+        counted.farms = loads.into_iter().flatten().collect();
         counted.up = true;
     }
 
@@ -601,8 +907,8 @@ impl AggregationStore for RedisStore {
         Topology::Shared
     }
 
-    async fn epoch(&self) -> Result<Option<u32>, StoreError> {
-        self.redis.epoch().await.map(Some)
+    async fn epoch(&self, bucket: Bucket) -> Result<Option<u32>, StoreError> {
+        self.redis.epoch(bucket).await.map(Some)
     }
 
     fn spawn_background(&self, stop: CancellationToken) {

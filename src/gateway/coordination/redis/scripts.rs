@@ -42,17 +42,16 @@ scripts! {
     FINISH = "finish.lua";
     DISCARD = "discard.lua";
     OFFER = "offer.lua";
-    DUE = "due.lua";
     QUEUE_REFRESH = "queue_refresh.lua";
     OBSERVE_RUN = "observe_run.lua";
     RESTORE_ROWS = "restore_rows.lua";
     ROWS_IF_SMALL = "rows_if_small.lua";
     ROWS_PAGE = "rows_page.lua";
-    LOADS = "loads.lua";
     ACQUIRE = "acquire.lua";
     RENEW = "renew.lua";
     RELEASE = "release.lua";
     EPOCH = "epoch.lua";
     GCRA = "gcra.lua";
     CALLER_TAKE = "caller_take.lua";
+    TALLY = "tally.lua";
 }

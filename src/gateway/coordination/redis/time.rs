@@ -56,9 +56,11 @@ impl RedisTime {
 async fn offset(redis: &RedisClient, local: &Clock) -> Result<i64, StoreError> {
     let mut best: Option<(Duration, i64)> = None;
     for _ in 0..SAMPLES {
-        let mut conn = redis.conn();
+        let conn = redis.conn();
         let (sent, sent_at) = (Instant::now(), local.now());
-        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(store_error)?;
+        // One clock for every replica: on a cluster, the shard holding the first bucket's.
+        let at = redis.keys.epoch(crate::gateway::ids::Bucket::default());
+        let (secs, micros): (u64, u64) = conn.at_key(&at, redis::cmd("TIME")).await.map_err(store_error)?;
         let round_trip = sent.elapsed();
         let theirs = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros);
         let sample = offset_us(sent_at + round_trip / 2, theirs);
