@@ -440,7 +440,11 @@ impl RedisStore {
                 _ => checked.push((id, u32::MAX)),
             }
         }
-        let answering: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await.map_err(store_error)?;
+        let answering: Vec<Option<String>> = if pipe.cmd_iter().next().is_none() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn()).await.map_err(store_error)?
+        };
         let mut answering = answering.into_iter();
         let (mut dead, mut popular) = (Vec::new(), Vec::new());
         for (id, hits) in checked {
