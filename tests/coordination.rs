@@ -149,11 +149,12 @@ async fn a_redis_that_may_evict_keys_is_refused() {
     }
 }
 
-/// A node of a Redis Cluster is refused at start-up with a message that says why and what to
-/// use instead (its scripts would fail at run time with `CROSSSLOT` or `MOVED`), a plain Redis is
-/// not.
+/// A node of a Redis Cluster given as one server is refused at start-up with a message that
+/// says what to use instead (one connection reaches one shard: the others' keys would answer
+/// `MOVED` at run time); the same cluster as a `redis-cluster://` URL, or with `--redis-cluster`
+/// (`RedisConfig::cluster`), passes, and a plain Redis is no cluster.
 #[tokio::test]
-async fn a_redis_cluster_is_refused_at_start_up_with_what_to_use_instead() {
+async fn a_cluster_node_given_as_one_server_is_refused_with_what_to_use_instead() {
     let cluster = tokio::task::spawn_blocking(redis_cluster).await.expect("joins");
     let single = tokio::task::spawn_blocking(redis_server).await.expect("joins");
     redis(&single, "dsg:").await.check_not_a_cluster().await.expect("a plain Redis is no cluster");
@@ -161,10 +162,15 @@ async fn a_redis_cluster_is_refused_at_start_up_with_what_to_use_instead() {
     match client.check_not_a_cluster().await {
         Err(e @ StoreError::ClusterMode) => {
             let message = e.to_string();
-            assert!(message.contains("cluster mode") && message.contains("Sentinel"), "{message}");
+            assert!(message.contains("cluster mode") && message.contains("redis-cluster://"), "{message}");
         }
-        other => panic!("a cluster node accepted: {other:?}"),
+        other => panic!("a cluster node accepted as one server: {other:?}"),
     }
+    let url = RedisClient::connect(&RedisConfig::new(cluster.cluster_url())).await.expect("connects to the cluster");
+    url.check_not_a_cluster().await.expect("a cluster URL passes");
+    let seeds = cluster.nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",").replace(",redis://", ",");
+    let flagged = RedisClient::connect(&RedisConfig { cluster: true, ..RedisConfig::new(seeds) }).await;
+    flagged.expect("connects to the cluster").check_not_a_cluster().await.expect("--redis-cluster passes");
 }
 
 /// Another replica's change: `id` published on the gateway's changes channel, with a client

@@ -232,7 +232,11 @@ async fn rows_lost_from_redis_are_fetched_again_from_the_upstream_under_the_same
     // second's upstream id also no longer answers upstream.
     let mut conn = redis_conn(&redis.url()).await;
     for id in &ids {
-        let deleted: i64 = ::redis::cmd("DEL").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(id)).query_async(&mut conn).await.expect("DEL");
+        let deleted: i64 = ::redis::cmd("DEL")
+            .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(id))
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
         assert_eq!(deleted, 1);
     }
     let mut record = record_json(&mut conn, &ids[1]).await.expect("the record survives");
@@ -261,7 +265,11 @@ async fn rows_lost_from_redis_are_fetched_again_from_the_upstream_under_the_same
     }
     let gets = upstream_of(&endpoint, &farm_id).await["get_calls"].as_u64().unwrap_or_default() - gets_before;
     assert_eq!(gets, 2, "one fetch of the two upstream pages, shared by five concurrent readers");
-    let ttl: i64 = ::redis::cmd("PTTL").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(&ids[0])).query_async(&mut conn).await.expect("PTTL");
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(&ids[0]))
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
     assert!(ttl > 0, "the rows are back in Redis, expiring with the result ({ttl} ms)");
 
     // The second cannot be had again: a clear answer, not a hang or an empty page.

@@ -259,7 +259,11 @@ async fn records_gone_or_unreadable_in_a_farms_queue_are_skipped_counted_and_the
     // the gateway this one cannot read wrote.
     let (last, first) = (all.pop().expect("four"), all.remove(0));
     let (gone, unreadable) = (all[0].id.clone(), all[1].id.clone());
-    let _: () = ::redis::cmd("DEL").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(&gone)).query_async(&mut conn).await.expect("DEL");
+    let _: () = ::redis::cmd("DEL")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(&gone))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
     let _: () = ::redis::cmd("HSET")
         .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(&unreadable))
         .arg("json")
@@ -275,8 +279,12 @@ async fn records_gone_or_unreadable_in_a_farms_queue_are_skipped_counted_and_the
     assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
     assert_eq!(err.get_details_error_info().map(|e| e.reason), Some("AGGREGATION_UNREADABLE".into()), "{err:?}");
     assert!(err.message().contains("cannot read"), "{err:?}");
-    let live: i64 =
-        ::redis::cmd("HGET").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).admission()).arg("live").query_async(&mut conn).await.expect("HGET live");
+    let live: i64 = ::redis::cmd("HGET")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).admission())
+        .arg("live")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET live");
     assert_eq!(live, 0, "no aggregation is counted live for ever");
     let mut discarded = 0.0;
     for (_, _, admin) in &rig.replicas {
@@ -393,7 +401,8 @@ async fn a_full_redis_refuses_new_aggregations_as_store_full_keeps_running_ones_
     let accepted = rig.start_many(370..371, 2).await;
     rig.until_starts(370, 1).await;
     let conn = redis_conn(&rig.redis.url()).await;
-    let lease_key = deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).lease(&farm(370));
+    let lease_key =
+        deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).lease(&farm(370));
     let lease = || {
         let (mut conn, key) = (conn.clone(), lease_key.clone());
         async move { ::redis::cmd("GET").arg(key).query_async::<Option<String>>(&mut conn).await.expect("GET") }
@@ -553,8 +562,11 @@ async fn a_result_larger_than_the_near_cache_is_served_page_by_page_and_the_cach
     assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 1008));
     // Every page, 100 rows at a time, from the replica whose cache cannot hold the result...
     let mut conn = redis_conn(&rig.redis.url()).await;
-    let stored: u64 =
-        ::redis::cmd("STRLEN").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(&id)).query_async(&mut conn).await.expect("STRLEN");
+    let stored: u64 = ::redis::cmd("STRLEN")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(&id))
+        .query_async(&mut conn)
+        .await
+        .expect("STRLEN");
     let sent_before = redis_output_bytes(&mut conn).await;
     let mut paged = Vec::new();
     let mut token = String::new();
@@ -623,7 +635,11 @@ async fn a_split_taken_over_midway_resumes_its_parts_and_its_lost_rows_come_back
     assert_eq!(upstream["aggregations_started"], 3, "the whole and two parts, none run twice: {upstream}");
     assert_eq!(upstream["max_in_progress"], 1, "{upstream}");
     // The rows go from Redis; a replica that never held them fetches them again, part by part.
-    let _: () = ::redis::cmd("DEL").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(&id)).query_async(&mut conn).await.expect("DEL");
+    let _: () = ::redis::cmd("DEL")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).rows(&id))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
     let (_fresh, url, _) = redis_replica(&rig.endpoint, &rig.proxy.url(), 7, &[]);
     let mut fresh = client_of(&url).await;
     let page = fresh.get_aggregation(get_request(&id, 1000, "", Duration::ZERO)).await.expect("rows back");

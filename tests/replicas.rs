@@ -111,7 +111,10 @@ async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill()
     // Polling: the upstream accepted the Start and its id is recorded (a kill between the two
     // is a Start of unknown outcome, a different case).
     eventually(Duration::from_secs(10), || {
-        let (mut conn, key) = (conn.clone(), deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(&id));
+        let (mut conn, key) = (
+            conn.clone(),
+            deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(&id),
+        );
         async move {
             let json: Option<String> = ::redis::cmd("HGET").arg(key).arg("json").query_async(&mut conn).await.ok()?;
             json.filter(|j| !j.contains("\"upstream_id\":null")).map(|_| ())

@@ -286,7 +286,10 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     failed.expire_time = Some(now() + TTL);
     failed.data_time = Some(now());
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
-    let cached = store.claim(&failed_key, &needs_more, &ROOMY, mint(store, &failed_key).await, "caller-a").await.expect("claims");
+    let cached = store
+        .claim(&failed_key, &needs_more, &ROOMY, mint(store, &failed_key).await, "caller-a")
+        .await
+        .expect("claims");
     assert_eq!(cached.disposition, Disposition::Cached, "a failure needs no time to be read");
 }
 
@@ -521,6 +524,27 @@ async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -
         .expect("connects to redis-server")
 }
 
+/// A replica's coordination on the Redis Cluster `cluster`, as `serve --store redis` builds it
+/// for a `redis-cluster://` URL.
+async fn on_cluster(cluster: &common::RedisCluster) -> Coordination {
+    let settings = CoordinationSettings {
+        cache_max_bytes: 64 * 1024 * 1024,
+        result_grace: Duration::from_secs(30),
+        upstream_start: Rate { per_second: 0.0, burst: 1 },
+        upstream_get: Rate { per_second: 0.0, burst: 1 },
+        caller_start: Rate { per_second: 0.0, burst: 1 },
+        caller_get: Rate { per_second: 0.0, burst: 1 },
+        caller_limits: Default::default(),
+        clock: Clock::system(),
+    };
+    Coordination::redis(&settings, &RedisConfig::new(cluster.cluster_url())).await.expect("connects to the cluster")
+}
+
+async fn in_cluster(cluster: &common::RedisCluster) -> Subject {
+    let c = on_cluster(cluster).await;
+    Subject { store: c.store, wakeups: c.wakeups }
+}
+
 async fn in_redis(server: &common::RedisServer) -> Subject {
     let c = on_redis(server, "dsg:").await;
     Subject { store: c.store, wakeups: c.wakeups }
@@ -543,6 +567,15 @@ macro_rules! conformance {
                 async fn $property() {
                     let server = tokio::task::spawn_blocking(super::common::redis_server).await.expect("joins");
                     super::$property(&super::in_redis(&server).await).await;
+                }
+            )*
+        }
+        mod cluster_store {
+            $(
+                #[tokio::test]
+                async fn $property() {
+                    let cluster = tokio::task::spawn_blocking(super::common::redis_cluster).await.expect("joins");
+                    super::$property(&super::in_cluster(&cluster).await).await;
                 }
             )*
         }

@@ -456,7 +456,10 @@ mod tests {
         let store = Arc::new(MemoryStore::new(1 << 20, Duration::ZERO, wakeups.clone()));
         let key = crate::gateway::key::test_key(1, 1);
         let limits = Limits { queue_capacity: 10, max_live: 10, max_farms: 10 };
-        store.claim(&key, &Freshness::default(), &limits, IdMinter::new().mint(key.farm_id()), "caller").await.expect("claimed");
+        store
+            .claim(&key, &Freshness::default(), &limits, IdMinter::new().mint(key.farm_id()), "caller")
+            .await
+            .expect("claimed");
         let farm = key.farm_id().to_owned();
         let other =
             store.leases().acquire(&farm, "replica-b", Duration::from_secs(60)).await.expect("store").expect("free");

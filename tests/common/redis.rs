@@ -195,6 +195,12 @@ impl RedisCluster {
     pub fn url(&self) -> String {
         self.nodes[0].url()
     }
+
+    /// `redis-cluster://127.0.0.1:PORT,…` with every node as a seed, as the gateway takes it.
+    pub fn cluster_url(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
 }
 
 /// Starts a [`RedisCluster`].

@@ -66,14 +66,21 @@ pub async fn redis_conn(url: &str) -> ::redis::aio::MultiplexedConnection {
 
 /// The stored record of `id` (its JSON), under the default prefix.
 pub async fn record_json(conn: &mut ::redis::aio::MultiplexedConnection, id: &str) -> Option<serde_json::Value> {
-    let json: Option<String> =
-        ::redis::cmd("HGET").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(id)).arg("json").query_async(conn).await.ok()?;
+    let json: Option<String> = ::redis::cmd("HGET")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(id))
+        .arg("json")
+        .query_async(conn)
+        .await
+        .ok()?;
     serde_json::from_str(&json?).ok()
 }
 
 /// Which `replica-n` holds the lease of `farm_id`: the lease's value is `token:replica-n-pid`.
 pub async fn lease_holder(conn: &mut ::redis::aio::MultiplexedConnection, farm_id: &str) -> Option<usize> {
-    let lease: Option<String> =
-        ::redis::cmd("GET").arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).lease(farm_id)).query_async(conn).await.ok()?;
+    let lease: Option<String> = ::redis::cmd("GET")
+        .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).lease(farm_id))
+        .query_async(conn)
+        .await
+        .ok()?;
     lease?.split(':').nth(1)?.strip_prefix("replica-")?.split('-').next()?.parse().ok()
 }

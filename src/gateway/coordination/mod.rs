@@ -502,6 +502,16 @@ impl Coordination {
         let caller_start_tokens = callers("start", settings.caller_start);
         let caller_get_tokens = callers("get", settings.caller_get);
         let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), time));
-        Ok(Self { store, results, wakeups, start_rate, get_rate, caller_start_tokens, caller_get_tokens, epochs, clock })
+        Ok(Self {
+            store,
+            results,
+            wakeups,
+            start_rate,
+            get_rate,
+            caller_start_tokens,
+            caller_get_tokens,
+            epochs,
+            clock,
+        })
     }
 }

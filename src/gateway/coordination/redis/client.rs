@@ -15,11 +15,11 @@
 use super::conn::{Conn, Endpoint, cluster_url};
 use super::keys::Keys;
 use super::scripts::{ACQUIRE, CALLER_TAKE, EPOCH, GCRA, RELEASE, RENEW};
-use crate::gateway::ids::Bucket;
 use crate::gateway::coordination::lease::{FarmLeases, Lease};
 use crate::gateway::coordination::pacing::{CallerTokens, RateSource, Taken};
 use crate::gateway::coordination::wakeups::Wakeups;
 use crate::gateway::coordination::{StoreError, StoreMemory};
+use crate::gateway::ids::Bucket;
 use crate::gateway::rate::Rate;
 use redis::aio::ConnectionManagerConfig;
 use std::sync::Arc;

@@ -111,10 +111,9 @@ impl Endpoint {
         match self {
             Self::Fixed(client) => Ok((**client).clone()),
             Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
-            Self::Cluster(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "a cluster has no single primary",
-            ))),
+            Self::Cluster(_) => {
+                Err(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "a cluster has no single primary")))
+            }
         }
     }
 
@@ -406,7 +405,10 @@ mod tests {
             let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("redis+sentinel URL"), "{bad}: {err}");
         }
-        assert!(matches!(Endpoint::parse("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000", None), Ok(Endpoint::Cluster(_))));
+        assert!(matches!(
+            Endpoint::parse("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000", None),
+            Ok(Endpoint::Cluster(_))
+        ));
         assert!(matches!(Endpoint::parse("rediss-cluster://10.0.0.1:7000", None), Ok(Endpoint::Cluster(_))));
         for bad in ["redis-cluster://", "redis-cluster://h:1,,h:2", "redis-cluster://u:p@"] {
             let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();

@@ -165,7 +165,11 @@ impl Keys {
 
     /// Every channel to subscribe to, each once.
     pub fn channels(&self) -> Vec<String> {
-        if self.sharded { Bucket::all().map(|b| self.changes(b)).collect() } else { vec![self.changes(Bucket::default())] }
+        if self.sharded {
+            Bucket::all().map(|b| self.changes(b)).collect()
+        } else {
+            vec![self.changes(Bucket::default())]
+        }
     }
 }
 

@@ -457,12 +457,21 @@ impl RedisStore {
             }
         }
         if !dead.is_empty() {
-            let _: i64 = redis::cmd("ZREM").arg(k.due(bucket)).arg(&dead).query_async(&mut self.conn()).await.map_err(store_error)?;
+            let _: i64 = redis::cmd("ZREM")
+                .arg(k.due(bucket))
+                .arg(&dead)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
         }
         let mut out = Vec::with_capacity(popular.len());
         for (id, hits) in popular {
-            let json: Option<String> =
-                redis::cmd("HGET").arg(k.record(&id)).arg("json").query_async(&mut self.conn()).await.map_err(store_error)?;
+            let json: Option<String> = redis::cmd("HGET")
+                .arg(k.record(&id))
+                .arg("json")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
             if let Some(json) = json {
                 out.push((id, hits, from_json(&json)?));
             }
@@ -483,9 +492,12 @@ struct ClaimAnswer {
 impl ClaimAnswer {
     fn read(answer: &[redis::Value]) -> Result<Self, StoreError> {
         let unexpected = || StoreError::UnexpectedAnswer { script: "claim", answer: format!("{answer:?}") };
-        let verdict: String = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
-        let json: String = answer.get(1).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
-        let position: i64 = answer.get(2).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
+        let verdict: String =
+            answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
+        let json: String =
+            answer.get(1).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
+        let position: i64 =
+            answer.get(2).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
         Ok(Self { verdict: verdict.parse()?, json, position, counts: Counts::from_answer(answer, 3) })
     }
 }
@@ -547,7 +559,9 @@ impl AggregationStore for RedisStore {
             }
             ClaimVerdict::Epoch => return Err(ClaimError::NewEpoch),
             ClaimVerdict::Moved | ClaimVerdict::Admit => {
-                return Err(StoreError::UnexpectedAnswer { script: "claim", answer: format!("{:?}", answer.verdict) }.into());
+                return Err(
+                    StoreError::UnexpectedAnswer { script: "claim", answer: format!("{:?}", answer.verdict) }.into()
+                );
             }
         };
         let queue_position = u32::try_from(answer.position).unwrap_or(u32::MAX);
@@ -605,8 +619,12 @@ impl AggregationStore for RedisStore {
         let k = self.keys();
         let bucket = Bucket::of_farm(&lease.farm);
         for _ in 0..MOVED_RETRIES {
-            let index: Option<String> =
-                redis::cmd("HGET").arg(k.record(id)).arg("index").query_async(&mut self.conn()).await.map_err(store_error)?;
+            let index: Option<String> = redis::cmd("HGET")
+                .arg(k.record(id))
+                .arg("index")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
             let index = index.unwrap_or_default();
             let mut script = DISCARD.key(k.fence(&lease.farm));
             script
@@ -616,7 +634,8 @@ impl AggregationStore for RedisStore {
                 .key(k.live(bucket))
                 .key(k.version(bucket))
                 .key(if index.is_empty() { k.record(id) } else { index.clone() });
-            let admission = if self.redis.is_cluster() { Admission::Given(Default::default()) } else { Admission::Inline };
+            let admission =
+                if self.redis.is_cluster() { Admission::Given(Default::default()) } else { Admission::Inline };
             if admission == Admission::Inline {
                 script.key(k.admission());
             }
@@ -836,7 +855,8 @@ impl AggregationStore for RedisStore {
                     inline => inline,
                 };
                 let refresh = AggregationRecord::refresh_of(mint(old.farm_id()), &old, self.clock.now());
-                let (verdict, counts) = self.queue_refresh(&old_id, &old, &refresh, min_hits, limits, admission).await?;
+                let (verdict, counts) =
+                    self.queue_refresh(&old_id, &old, &refresh, min_hits, limits, admission).await?;
                 if let Some(counts) = counts {
                     self.tally(bucket, counts).await;
                 }
