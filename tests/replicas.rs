@@ -1,5 +1,5 @@
 //! Several replicas acting as one gateway through one coordination store: the in-memory store
-//! shared in-process, and two Redis stores on one real `redis-server`:
+//! shared in-process, and Redis stores on one real `redis-server` or a real Redis Cluster:
 //! identical Starts on different replicas coalesce, any replica reads any aggregation, and when
 //! the replica driving a farm dies mid-poll another takes the farm over after its lease expires
 //! and finishes the aggregation under the same id, without a second upstream Start.
@@ -71,9 +71,17 @@ async fn on_redis_a_farm_whose_driver_dies_is_taken_over_under_the_same_id() {
 
 #[tokio::test]
 async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill() {
-    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    three_processes_act_as_one_and_survive_a_sigkill(SharedRedis::one().await).await;
+}
+
+#[tokio::test]
+async fn three_gateway_processes_on_a_redis_cluster_act_as_one_and_survive_a_sigkill() {
+    three_processes_act_as_one_and_survive_a_sigkill(SharedRedis::cluster().await).await;
+}
+
+async fn three_processes_act_as_one_and_survive_a_sigkill(shared: SharedRedis) {
     let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "3s"]);
-    let redis = server.url();
+    let redis = shared.url();
     let mut replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &redis, n, &[])).collect();
     let mut clients = Vec::new();
     for (_, url, _) in &replicas {
@@ -106,8 +114,7 @@ async fn three_gateway_processes_on_one_redis_act_as_one_and_survive_a_sigkill()
     })
     .await;
     let farm_id = farm(80);
-    let mut conn =
-        ::redis::Client::open(redis.as_str()).expect("URL").get_multiplexed_async_connection().await.expect("connects");
+    let mut conn = shared.conn().await;
     // Polling: the upstream accepted the Start and its id is recorded (a kill between the two
     // is a Start of unknown outcome, a different case).
     eventually(Duration::from_secs(10), || {
@@ -206,9 +213,17 @@ async fn while_redis_is_down_starts_are_unavailable_cached_results_are_served_an
 
 #[tokio::test]
 async fn five_farms_of_six_distinct_requests_over_three_replicas_run_one_at_a_time_per_farm() {
-    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    one_at_a_time_per_farm(SharedRedis::one().await).await;
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_five_farms_of_six_requests_over_three_replicas_run_one_at_a_time_per_farm() {
+    one_at_a_time_per_farm(SharedRedis::cluster().await).await;
+}
+
+async fn one_at_a_time_per_farm(shared: SharedRedis) {
     let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "300ms"]);
-    let replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &server.url(), n, &[])).collect();
+    let replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &shared.url(), n, &[])).collect();
     let mut clients = Vec::new();
     for (_, url, _) in &replicas {
         clients.push(client_of(url).await);
@@ -243,10 +258,19 @@ async fn five_farms_of_six_distinct_requests_over_three_replicas_run_one_at_a_ti
 
 #[tokio::test]
 async fn a_rolling_restart_of_three_replicas_loses_none_of_fifty_aggregations() {
-    let server = tokio::task::spawn_blocking(redis_server).await.expect("joins");
+    rolling_restart_loses_nothing(SharedRedis::one().await).await;
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_a_rolling_restart_of_three_replicas_loses_none_of_fifty_aggregations() {
+    rolling_restart_loses_nothing(SharedRedis::cluster().await).await;
+}
+
+async fn rolling_restart_loses_nothing(shared: SharedRedis) {
     let (_emulator, endpoint) = spawn_emulator(&["--aggregation-duration", "400ms"]);
     let extra = ["--shutdown-grace", "10s"];
-    let mut replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &server.url(), n, &extra)).collect();
+    let redis = shared.url();
+    let mut replicas: Vec<_> = (0..3).map(|n| redis_replica(&endpoint, &redis, n, &extra)).collect();
     let mut ids = Vec::new();
     for i in 0..50u64 {
         let mut client = client_of(&replicas[(i % 3) as usize].1).await;
@@ -260,7 +284,7 @@ async fn a_rolling_restart_of_three_replicas_loses_none_of_fifty_aggregations() 
     for (n, slot) in replicas.iter_mut().enumerate() {
         slot.0.terminate();
         // The next one starts while the old one drains (maxSurge 1).
-        let mut old = std::mem::replace(slot, redis_replica(&endpoint, &server.url(), n + 3, &extra)).0;
+        let mut old = std::mem::replace(slot, redis_replica(&endpoint, &redis, n + 3, &extra)).0;
         let exit = tokio::task::spawn_blocking(move || old.wait_exit(Duration::from_secs(30))).await.expect("joins");
         assert!(exit.success(), "replica {n} drained and exited cleanly: {exit:?}");
     }

@@ -235,3 +235,73 @@ pub fn redis_cluster() -> RedisCluster {
     }
     RedisCluster { nodes }
 }
+
+/// The Redis replicas share in a test: one server, or a cluster.
+pub enum SharedRedis {
+    One(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl SharedRedis {
+    /// A fresh `redis-server`.
+    pub async fn one() -> Self {
+        Self::One(tokio::task::spawn_blocking(redis_server).await.expect("joins"))
+    }
+
+    /// A fresh three-shard cluster.
+    pub async fn cluster() -> Self {
+        Self::Cluster(tokio::task::spawn_blocking(redis_cluster).await.expect("joins"))
+    }
+
+    /// The URL the gateway is given (`redis-cluster://…` for a cluster).
+    pub fn url(&self) -> String {
+        match self {
+            Self::One(server) => server.url(),
+            Self::Cluster(cluster) => cluster.cluster_url(),
+        }
+    }
+
+    /// A connection of the test's own, for reading (and damaging) the gateway's keys.
+    pub async fn conn(&self) -> AnyConn {
+        match self {
+            Self::One(server) => AnyConn::One(super::redis_conn(&server.url()).await),
+            Self::Cluster(cluster) => {
+                let nodes: Vec<String> = cluster.nodes.iter().map(RedisServer::url).collect();
+                let client = ::redis::cluster::ClusterClient::new(nodes).expect("cluster URLs");
+                AnyConn::Cluster(client.get_async_connection().await.expect("connects to the cluster"))
+            }
+        }
+    }
+}
+
+/// A connection to one Redis or to a cluster (which routes each command to its key's shard).
+#[derive(Clone)]
+pub enum AnyConn {
+    One(::redis::aio::MultiplexedConnection),
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl ::redis::aio::ConnectionLike for AnyConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a ::redis::Cmd) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        match self {
+            Self::One(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        match self {
+            Self::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}

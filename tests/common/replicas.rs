@@ -65,7 +65,7 @@ pub async fn redis_conn(url: &str) -> ::redis::aio::MultiplexedConnection {
 }
 
 /// The stored record of `id` (its JSON), under the default prefix.
-pub async fn record_json(conn: &mut ::redis::aio::MultiplexedConnection, id: &str) -> Option<serde_json::Value> {
+pub async fn record_json(conn: &mut impl ::redis::aio::ConnectionLike, id: &str) -> Option<serde_json::Value> {
     let json: Option<String> = ::redis::cmd("HGET")
         .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).record(id))
         .arg("json")
@@ -76,7 +76,7 @@ pub async fn record_json(conn: &mut ::redis::aio::MultiplexedConnection, id: &st
 }
 
 /// Which `replica-n` holds the lease of `farm_id`: the lease's value is `token:replica-n-pid`.
-pub async fn lease_holder(conn: &mut ::redis::aio::MultiplexedConnection, farm_id: &str) -> Option<usize> {
+pub async fn lease_holder(conn: &mut impl ::redis::aio::ConnectionLike, farm_id: &str) -> Option<usize> {
     let lease: Option<String> = ::redis::cmd("GET")
         .arg(deadline_stats_gateway::gateway::coordination::redis::RedisKeys::new("dsg:", false).lease(farm_id))
         .query_async(conn)
