@@ -11,8 +11,9 @@ use common::*;
 use deadline_stats_gateway::gateway::coordination::StoreError;
 use deadline_stats_gateway::gateway::coordination::lease::{FarmLeases, MemoryLeases};
 use deadline_stats_gateway::gateway::coordination::pacing::{LocalRate, Pacer, RateSource};
-use deadline_stats_gateway::gateway::coordination::redis::{RedisClient, RedisConfig};
+use deadline_stats_gateway::gateway::coordination::redis::{RedisClient, RedisConfig, RedisKeys};
 use deadline_stats_gateway::gateway::coordination::wakeups::{Waiter, Wakeups};
+use deadline_stats_gateway::gateway::ids::Bucket;
 use deadline_stats_gateway::gateway::rate::Rate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -205,6 +206,42 @@ async fn a_change_on_one_replica_wakes_the_waiters_of_another_even_across_a_redi
     assert!(woken(&mut two, Duration::from_secs(30)).await, "re-subscribed: every waiter re-reads");
     eventually(Duration::from_secs(30), || std::future::ready(publish_change(&server, "agg-1").ok())).await;
     assert!(woken(&mut one, Duration::from_secs(10)).await, "changes flow again without restarting anything");
+    stop.cancel();
+    relay.await.expect("the relay stops when told");
+}
+
+/// On a Redis Cluster changes are published per bucket on the shard that holds it (`SPUBLISH`):
+/// one replica's subscription hears every bucket, on every shard, and only the changed id's
+/// waiters wake.
+#[tokio::test]
+async fn on_a_cluster_a_change_in_any_bucket_wakes_the_waiters_of_another_replica() {
+    let cluster = SharedRedis::cluster().await;
+    let a = RedisClient::connect(&RedisConfig::new(cluster.url())).await.expect("connects to the cluster");
+    let wakeups = Arc::new(Wakeups::default());
+    let ids: Vec<String> = Bucket::all().map(|b| format!("agg-changed-in-{}", b.hex())).collect();
+    let mut waiters: Vec<Waiter> = ids.iter().map(|id| wakeups.waiter(id)).collect();
+    let mut bystander = wakeups.waiter("agg-unchanged");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn({
+        let (a, wakeups, stop) = (a.clone(), wakeups.clone(), stop.clone());
+        async move { a.relay_changes(wakeups, stop).await }
+    });
+    // Subscribed (on every shard) once the first wake-all arrives; let the rest settle.
+    assert!(woken(&mut bystander, Duration::from_secs(10)).await, "subscribed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for waiter in waiters.iter_mut().chain(std::iter::once(&mut bystander)) {
+        let _ = woken(waiter, Duration::from_millis(10)).await;
+    }
+    let keys = RedisKeys::new("dsg:", true);
+    let mut conn = cluster.conn().await;
+    for (bucket, id) in Bucket::all().zip(&ids) {
+        let _: i64 =
+            ::redis::cmd("SPUBLISH").arg(keys.changes(bucket)).arg(id).query_async(&mut conn).await.expect("SPUBLISH");
+    }
+    for (waiter, id) in waiters.iter_mut().zip(&ids) {
+        assert!(woken(waiter, Duration::from_secs(10)).await, "{id}'s change reached the other replica");
+    }
+    assert!(!woken(&mut bystander, Duration::from_millis(200)).await, "only the changed ids' waiters");
     stop.cancel();
     relay.await.expect("the relay stops when told");
 }

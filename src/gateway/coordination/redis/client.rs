@@ -429,10 +429,13 @@ impl RedisClient {
             let config = cluster_config(self.health_timeout).set_push_sender(tx);
             let subscribed = async {
                 let mut conn = client.get_async_connection_with_config(config).await?;
-                if self.keys.sharded() {
-                    conn.ssubscribe(self.keys.channels()).await?;
-                } else {
-                    conn.subscribe(self.keys.channels()).await?;
+                // One channel at a time: each bucket's lives in a slot of its own.
+                for channel in self.keys.channels() {
+                    if self.keys.sharded() {
+                        conn.ssubscribe(&channel).await?;
+                    } else {
+                        conn.subscribe(&channel).await?;
+                    }
                 }
                 Ok::<_, redis::RedisError>(conn)
             };
