@@ -16,22 +16,27 @@ use serde_json::json;
 use std::time::Duration;
 use tonic_types::StatusExt as _;
 
-/// Replicas, their Redis and their emulator.
+/// Replicas, their Redis and their emulator: a [`Fleet`] reaching Redis through a proxy (or
+/// at a URL of the test's choice).
 struct Rig {
-    replicas: Vec<(Running, String, String)>,
-    clients: Vec<Client>,
-    endpoint: String,
+    fleet: Fleet,
     redis: RedisServer,
     /// Between the replicas and Redis.
     proxy: FaultProxy,
-    _emulator: Running,
 }
 
-/// What one accepted aggregation must end as.
-struct Accepted {
-    id: String,
-    farm_n: u64,
-    rows: u64,
+impl std::ops::Deref for Rig {
+    type Target = Fleet;
+
+    fn deref(&self) -> &Fleet {
+        &self.fleet
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Fleet {
+        &mut self.fleet
+    }
 }
 
 impl Rig {
@@ -56,87 +61,8 @@ impl Rig {
     ) -> Self {
         let proxy = FaultProxy::start(redis.port).await;
         let url = url.unwrap_or_else(|| proxy.url());
-        let (emulator, endpoint) = spawn_emulator(emulator_flags);
-        let replicas: Vec<_> = (0..n).map(|i| redis_replica(&endpoint, &url, i, replica_flags)).collect();
-        let mut clients = Vec::new();
-        for (_, url, _) in &replicas {
-            clients.push(client_of(url).await);
-        }
-        Self { replicas, clients, endpoint, redis, proxy, _emulator: emulator }
-    }
-
-    /// `per_farm` distinct aggregations on each of `farms`, spread over the replicas.
-    async fn start_many(&mut self, farms: std::ops::Range<u64>, per_farm: i64) -> Vec<Accepted> {
-        let mut accepted = Vec::new();
-        for farm_n in farms {
-            for days in 1..=per_farm {
-                let on = accepted.len() % self.clients.len();
-                let request = start_request(farm_n, 1, days, &[GroupBy::QueueId]);
-                let resp = self.clients[on].start_aggregation(request).await.expect("start").into_inner();
-                let id = resp.aggregation.expect("aggregation").aggregation_id;
-                accepted.push(Accepted { id, farm_n, rows: 24 * u64::try_from(days).expect("positive") });
-            }
-        }
-        accepted
-    }
-
-    /// [`Rig::start_many`] where a Start may be refused as unavailable: the accepted ones.
-    async fn try_start_many(&mut self, farms: std::ops::Range<u64>, per_farm: i64) -> Vec<Accepted> {
-        let mut accepted = Vec::new();
-        for (i, farm_n) in farms.enumerate() {
-            for days in 1..=per_farm {
-                let on = (i + usize::try_from(days).expect("positive")) % self.clients.len();
-                let request = start_request(farm_n, 1, days, &[GroupBy::QueueId]);
-                match self.clients[on].start_aggregation(request).await {
-                    Ok(resp) => {
-                        let id = resp.into_inner().aggregation.expect("aggregation").aggregation_id;
-                        accepted.push(Accepted { id, farm_n, rows: 24 * u64::try_from(days).expect("positive") });
-                    }
-                    Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "refused only as unavailable: {e:?}"),
-                }
-            }
-        }
-        accepted
-    }
-
-    /// Waits until `farm_n` has been sent `n` upstream Starts (or more).
-    async fn until_starts(&self, farm_n: u64, n: u64) {
-        eventually(Duration::from_secs(10), || {
-            let (endpoint, farm_id) = (self.endpoint.clone(), farm(farm_n));
-            async move { (upstream_of(&endpoint, &farm_id).await["start_calls"].as_u64() >= Some(n)).then_some(()) }
-        })
-        .await;
-    }
-
-    /// Sends `signal` (`-STOP`, `-CONT`) to replica `n`.
-    fn signal(&self, n: usize, signal: &str) {
-        let pid = self.replicas[n].0.0.id().to_string();
-        let sent = std::process::Command::new("kill").args([signal, &pid]).status().expect("kill runs");
-        assert!(sent.success(), "kill {signal} {pid} failed");
-    }
-
-    /// Every accepted aggregation ended COMPLETED with its rows, each farm accepted one
-    /// upstream Start per aggregation, and never ran two at once.
-    async fn assert_all_completed_once(&mut self, accepted: &[Accepted]) {
-        for (i, a) in accepted.iter().enumerate() {
-            let client = &mut self.clients[i % self.replicas.len()];
-            let done = until_terminal(client, &a.id).await;
-            assert_eq!((done.state(), done.row_count), (AggregationState::Completed, a.rows), "{}: {done:?}", a.id);
-        }
-        let mut farms: Vec<u64> = accepted.iter().map(|a| a.farm_n).collect();
-        farms.dedup();
-        for farm_n in farms {
-            let upstream = upstream_of(&self.endpoint, &farm(farm_n)).await;
-            let count = accepted.iter().filter(|a| a.farm_n == farm_n).count() as u64;
-            let started = upstream["aggregations_started"].as_u64();
-            assert_eq!(
-                started,
-                Some(count),
-                "one upstream aggregation per aggregation on {}: {upstream}",
-                farm(farm_n)
-            );
-            assert_eq!(upstream["max_in_progress"], 1, "never two at once on {}: {upstream}", farm(farm_n));
-        }
+        let fleet = Fleet::launch(&url, n, replica_flags, emulator_flags).await;
+        Self { fleet, redis, proxy }
     }
 }
 
@@ -329,28 +255,6 @@ async fn after_redis_restarts_from_an_older_snapshot_ids_of_the_lost_window_answ
     assert_ne!(again[0].id, lost[0].id);
     let done = wait_terminal(&mut client, &again[0].id).await.aggregation.expect("aggregation");
     assert_eq!((done.state(), done.row_count), (AggregationState::Completed, 24));
-}
-
-/// Long-polls `id` until it is terminal, as a client does: `UNAVAILABLE` (the store failing
-/// over) is retried after the second it says.
-async fn until_terminal(client: &mut Client, id: &str) -> deadline_stats_gateway::grpc::pb::Aggregation {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(tokio::time::Instant::now() < deadline, "{id} never became terminal");
-        match client.get_aggregation(get_request(id, 0, "", Duration::from_secs(10))).await {
-            Ok(page) => {
-                let a = page.into_inner().aggregation.expect("aggregation");
-                if matches!(
-                    a.state(),
-                    AggregationState::Completed | AggregationState::Failed | AggregationState::TimedOut
-                ) {
-                    return a;
-                }
-            }
-            Err(e) if e.code() == tonic::Code::Unavailable => tokio::time::sleep(Duration::from_secs(1)).await,
-            Err(e) => panic!("get {id}: {e:?}"),
-        }
-    }
 }
 
 /// `INFO replication` of `server` says its link to the primary is up.

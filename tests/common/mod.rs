@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod certs;
+mod fleet;
 mod gateway;
 mod http;
 mod process;
@@ -14,6 +15,7 @@ mod replicas;
 mod upstream;
 
 pub use certs::*;
+pub use fleet::*;
 pub use gateway::*;
 pub use http::*;
 pub use process::*;

@@ -233,6 +233,19 @@ pub fn redis_cluster() -> RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // Every primary's replica has synced (writes that wait for a replica go through).
+    for node in &nodes {
+        loop {
+            let info = node.redis_cli(&["INFO", "replication"]).unwrap_or_default();
+            let primary_with_replica =
+                info.contains("role:master") && info.contains("slave0:") && info.contains("state=online");
+            if info.contains("role:slave") && info.contains("master_link_status:up") || primary_with_replica {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster's replicas did not sync within 30 s: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     RedisCluster { nodes }
 }
 
@@ -303,5 +316,71 @@ impl ::redis::aio::ConnectionLike for AnyConn {
 
     fn get_db(&self) -> i64 {
         0
+    }
+}
+
+impl RedisServer {
+    /// `redis-cli` against this server, its output (`Err` when it fails or answers an error).
+    pub fn redis_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || text.starts_with("ERR") || text.starts_with("(error)") {
+            return Err(format!("redis-cli {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(text)
+    }
+}
+
+impl RedisCluster {
+    /// Node `n`'s cluster id.
+    pub fn node_id(&self, n: usize) -> String {
+        self.nodes[n].redis_cli(&["CLUSTER", "MYID"]).expect("CLUSTER MYID").trim().to_owned()
+    }
+
+    /// The slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes[0].redis_cli(&["CLUSTER", "KEYSLOT", key]).expect("KEYSLOT").trim().parse().expect("a slot")
+    }
+
+    /// Which node serves `slot` as primary now, as the first live node reports it.
+    pub fn primary_of(&self, slot: u16) -> Option<usize> {
+        let nodes = self.nodes.iter().find_map(|n| n.redis_cli(&["CLUSTER", "NODES"]).ok())?;
+        let line = nodes.lines().find(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2).is_some_and(|flags| flags.contains("master") && !flags.contains("fail"))
+                && fields.iter().skip(8).any(|range| match range.split_once('-') {
+                    Some((a, b)) => {
+                        a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                    }
+                    None => range.parse::<u16>() == Ok(slot),
+                })
+        })?;
+        let port: u16 = line.split_whitespace().nth(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+        self.nodes.iter().position(|n| n.port == port)
+    }
+
+    /// Moves `slot` from node `from` to node `to` as `redis-cli --cluster reshard` does
+    /// (`CLUSTER SETSLOT … IMPORTING/MIGRATING`, `MIGRATE` key by key, `SETSLOT … NODE`),
+    /// pausing `pause` in the middle of each step so clients meet `ASK` and `TRYAGAIN`.
+    pub fn migrate_slot(&self, slot: u16, from: usize, to: usize, pause: Duration) {
+        let (from_id, to_id, slot_arg) = (self.node_id(from), self.node_id(to), slot.to_string());
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        target.redis_cli(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]).expect("IMPORTING");
+        source.redis_cli(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]).expect("MIGRATING");
+        std::thread::sleep(pause);
+        loop {
+            let keys = source.redis_cli(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "1"]).expect("GETKEYSINSLOT");
+            let Some(key) = keys.lines().next().map(str::trim).filter(|k| !k.is_empty()) else { break };
+            let port = target.port.to_string();
+            source.redis_cli(&["MIGRATE", "127.0.0.1", &port, key, "0", "5000", "REPLACE"]).expect("MIGRATE");
+            std::thread::sleep(pause / 4);
+        }
+        for node in [target, source] {
+            node.redis_cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]).expect("SETSLOT NODE");
+        }
     }
 }

@@ -148,7 +148,8 @@ impl RedisClient {
     /// Connects as `config` says.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
         let endpoint =
-            Endpoint::parse(&config.endpoint_url(), config.sentinel_password.as_deref()).map_err(store_error)?;
+            Endpoint::parse(&config.endpoint_url(), config.sentinel_password.as_deref(), config.response_timeout)
+                .map_err(store_error)?;
         // One quick reconnect attempt per failure: a call during an outage fails within about a
         // response timeout (not after the manager's own backoff), and `Conn` decides what next.
         let manager = ConnectionManagerConfig::new()
@@ -422,7 +423,7 @@ impl RedisClient {
     /// again by itself when a shard's primary moves or a slot migrates. Every waiter is woken
     /// after each (re)subscription and disconnection: messages may have been missed.
     async fn relay_cluster_changes(&self, wakeups: Arc<Wakeups>, stop: CancellationToken) {
-        let Endpoint::Cluster(client) = &self.endpoint else { return };
+        let Endpoint::Cluster { pushes: client, .. } = &self.endpoint else { return };
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();

@@ -26,6 +26,10 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, Route, RoutingInfo, Single
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often a cluster command is tried again (redirections included) within its timeout.
+const RETRIES: u32 = 16;
 
 /// Where the primary is.
 #[derive(Clone)]
@@ -34,17 +38,19 @@ pub(crate) enum Endpoint {
     Fixed(Box<redis::Client>),
     /// Wherever Redis Sentinel says the primary of its master name is now.
     Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
-    /// The shards of a Redis Cluster, found from its seed nodes.
-    Cluster(Box<ClusterClient>),
+    /// The shards of a Redis Cluster, found from its seed nodes: a client for commands, and
+    /// one speaking RESP3 for the change subscription (push messages need it).
+    Cluster { commands: Box<ClusterClient>, pushes: Box<ClusterClient> },
 }
 
 impl Endpoint {
     /// `redis://…`, `rediss://…`, or
     /// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER` (the credentials are the
     /// data nodes'; `sentinel_password` is the Sentinels').
-    pub(crate) fn parse(url: &str, sentinel_password: Option<&str>) -> redis::RedisResult<Self> {
+    /// On a cluster, a command with its redirections and retries takes at most `timeout`.
+    pub(crate) fn parse(url: &str, sentinel_password: Option<&str>, timeout: Duration) -> redis::RedisResult<Self> {
         if let Some((tls, rest)) = cluster_url(url) {
-            return Self::cluster(tls, rest);
+            return Self::cluster(tls, rest, timeout);
         }
         let Some(rest) = url.strip_prefix("redis+sentinel://") else {
             return redis::Client::open(url).map(|c| Self::Fixed(Box::new(c)));
@@ -78,7 +84,10 @@ impl Endpoint {
 
     /// `[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]`: a cluster's seed nodes (any of its nodes; the
     /// rest are found from them), with TLS when `tls`.
-    fn cluster(tls: bool, rest: &str) -> redis::RedisResult<Self> {
+    /// A command is retried quickly (10 ms, doubling up to 100 ms) after `TRYAGAIN` (a
+    /// resharding moving its slot's keys) or a lost connection, within `timeout` in all; the
+    /// crate's defaults wait seconds to minutes, which would outlast a farm's lease.
+    fn cluster(tls: bool, rest: &str, timeout: Duration) -> redis::RedisResult<Self> {
         let invalid = |why: &str| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis-cluster URL", why.to_owned()))
         };
@@ -92,18 +101,30 @@ impl Endpoint {
         }
         let scheme = if tls { "rediss" } else { "redis" };
         let seeds: Vec<String> = hosts.split(',').map(|h| format!("{scheme}://{h}")).collect();
-        let mut builder = ClusterClient::builder(seeds);
-        if let Some((user, password)) = credentials.map(|c| c.split_once(':').unwrap_or(("", c))) {
-            if !user.is_empty() {
-                builder = builder.username(decode(user));
+        let credentials = credentials.map(|c| c.split_once(':').unwrap_or(("", c)));
+        let client = |protocol| {
+            let mut builder = ClusterClient::builder(seeds.clone())
+                .response_timeout(timeout)
+                .connection_timeout(timeout)
+                .retries(RETRIES)
+                .min_retry_wait(10)
+                .max_retry_wait(100)
+                .retry_wait_formula(10, 2)
+                .use_protocol(protocol);
+            if let Some((user, password)) = credentials {
+                if !user.is_empty() {
+                    builder = builder.username(decode(user));
+                }
+                if !password.is_empty() {
+                    builder = builder.password(decode(password));
+                }
             }
-            if !password.is_empty() {
-                builder = builder.password(decode(password));
-            }
-        }
-        // Push messages (the change subscription) need RESP3 on a cluster connection.
-        let client = builder.use_protocol(redis::ProtocolVersion::RESP3).build()?;
-        Ok(Self::Cluster(Box::new(client)))
+            builder.build().map(Box::new)
+        };
+        // Push messages (the change subscription) need RESP3 on a cluster connection; commands
+        // keep RESP2.
+        let pushes = client(redis::ProtocolVersion::RESP3)?;
+        Ok(Self::Cluster { commands: client(redis::ProtocolVersion::RESP2)?, pushes })
     }
 
     /// A client of the primary now (on a cluster: of a seed node, for what is not keyed).
@@ -111,14 +132,14 @@ impl Endpoint {
         match self {
             Self::Fixed(client) => Ok((**client).clone()),
             Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
-            Self::Cluster(_) => {
+            Self::Cluster { .. } => {
                 Err(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "a cluster has no single primary")))
             }
         }
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self, Self::Cluster { .. })
     }
 }
 
@@ -169,7 +190,88 @@ fn decode(text: &str) -> String {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(Single),
-    Cluster(ClusterConnection),
+    Cluster(Cluster),
+}
+
+/// The connection to a cluster, made anew when it stops answering: a command that timed out
+/// is followed by a probe (`PING`, once at a time), and when the probe times out too the
+/// connection is replaced. Besides half-open sockets this covers the `redis` crate's cluster
+/// connection stalling for good after a slot migration under load (seen here with 1.8.1).
+#[derive(Clone)]
+pub(crate) struct Cluster {
+    shared: Arc<ClusterShared>,
+}
+
+struct ClusterShared {
+    current: Mutex<ClusterConnection>,
+    client: Box<ClusterClient>,
+    config: redis::cluster::ClusterConfig,
+    probing: AtomicBool,
+}
+
+impl Cluster {
+    fn current(&self) -> ClusterConnection {
+        self.shared.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// After `e`: a timeout is probed, and the connection replaced when the probe times out.
+    fn after(&self, e: &redis::RedisError) {
+        if !e.is_timeout() || self.shared.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared = self.shared.clone();
+        let mut suspect = self.current();
+        tokio::spawn(async move {
+            let probe: redis::RedisResult<redis::Value> = redis::cmd("PING").query_async(&mut suspect).await;
+            if probe.as_ref().is_err_and(redis::RedisError::is_timeout) {
+                tracing::warn!("the Redis Cluster connection stopped answering; connecting anew");
+                match shared.client.get_async_connection_with_config(shared.config.clone()).await {
+                    Ok(fresh) => *shared.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh,
+                    Err(e) => tracing::warn!(error = %e, "cannot connect to the Redis Cluster anew"),
+                }
+            }
+            shared.probing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    async fn route(&self, cmd: redis::Cmd, route: RoutingInfo) -> redis::RedisResult<redis::Value> {
+        let answer = self.current().route_command(cmd, route).await;
+        if let Err(e) = &answer {
+            self.after(e);
+        }
+        answer
+    }
+}
+
+impl ConnectionLike for Cluster {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let answer = self.current().req_packed_command(cmd).await;
+            if let Err(e) = &answer {
+                self.after(e);
+            }
+            answer
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let answer = self.current().req_packed_commands(pipeline, offset, count).await;
+            if let Err(e) = &answer {
+                self.after(e);
+            }
+            answer
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
 }
 
 /// The connection to one Redis.
@@ -197,7 +299,17 @@ impl Conn {
         cluster: redis::cluster::ClusterConfig,
     ) -> redis::RedisResult<Self> {
         match endpoint {
-            Endpoint::Cluster(client) => Ok(Self::Cluster(client.get_async_connection_with_config(cluster).await?)),
+            Endpoint::Cluster { commands, .. } => {
+                let current = commands.get_async_connection_with_config(cluster.clone()).await?;
+                Ok(Self::Cluster(Cluster {
+                    shared: Arc::new(ClusterShared {
+                        current: Mutex::new(current),
+                        client: commands.clone(),
+                        config: cluster,
+                        probing: AtomicBool::new(false),
+                    }),
+                }))
+            }
             _ => Ok(Self::Single(Single::connect(endpoint, config).await?)),
         }
     }
@@ -211,7 +323,7 @@ impl Conn {
                     key.as_bytes(),
                     SlotAddr::Master,
                 )));
-                Ok(redis::from_redis_value(cluster.clone().route_command(cmd, route).await?)?)
+                Ok(redis::from_redis_value(cluster.route(cmd, route).await?)?)
             }
         }
     }
@@ -222,7 +334,7 @@ impl Conn {
             Self::Single(single) => Ok(vec![cmd.query_async(&mut single.clone()).await?]),
             Self::Cluster(cluster) => {
                 let route = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                match cluster.clone().route_command(cmd, route).await? {
+                match cluster.route(cmd, route).await? {
                     redis::Value::Map(answers) => {
                         answers.into_iter().map(|(_, answer)| Ok(redis::from_redis_value(answer)?)).collect()
                     }
@@ -396,22 +508,25 @@ impl ConnectionLike for Single {
 mod tests {
     use super::*;
 
+    const T: Duration = Duration::from_secs(1);
+
     #[test]
     fn a_sentinel_url_names_its_sentinels_and_master_and_a_plain_url_stays_plain() {
-        assert!(matches!(Endpoint::parse("redis://127.0.0.1:6379", None), Ok(Endpoint::Fixed(_))));
-        let sentinel = Endpoint::parse("redis+sentinel://u:p%40ss@10.0.0.1:26379,10.0.0.2:26379/mymaster", Some("s"));
+        assert!(matches!(Endpoint::parse("redis://127.0.0.1:6379", None, T), Ok(Endpoint::Fixed(_))));
+        let sentinel =
+            Endpoint::parse("redis+sentinel://u:p%40ss@10.0.0.1:26379,10.0.0.2:26379/mymaster", Some("s"), T);
         assert!(matches!(sentinel, Ok(Endpoint::Sentinel(_))));
         for bad in ["redis+sentinel://10.0.0.1:26379", "redis+sentinel://10.0.0.1:26379/", "redis+sentinel:///m"] {
-            let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();
+            let err = Endpoint::parse(bad, None, T).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("redis+sentinel URL"), "{bad}: {err}");
         }
         assert!(matches!(
-            Endpoint::parse("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000", None),
-            Ok(Endpoint::Cluster(_))
+            Endpoint::parse("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000", None, T),
+            Ok(Endpoint::Cluster { .. })
         ));
-        assert!(matches!(Endpoint::parse("rediss-cluster://10.0.0.1:7000", None), Ok(Endpoint::Cluster(_))));
+        assert!(matches!(Endpoint::parse("rediss-cluster://10.0.0.1:7000", None, T), Ok(Endpoint::Cluster { .. })));
         for bad in ["redis-cluster://", "redis-cluster://h:1,,h:2", "redis-cluster://u:p@"] {
-            let err = Endpoint::parse(bad, None).err().map(|e| e.to_string()).unwrap_or_default();
+            let err = Endpoint::parse(bad, None, T).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("redis-cluster URL"), "{bad}: {err}");
         }
         assert_eq!(decode("p%40ss%20word"), "p@ss word");
