@@ -9,6 +9,7 @@ mod common;
 
 use common::*;
 use deadline_stats_gateway::gateway::ids::Bucket;
+use deadline_stats_gateway::grpc::pb::GroupBy;
 use std::time::Duration;
 
 /// The slot holding the keys of `farm_n`'s bucket.
@@ -76,4 +77,44 @@ async fn a_primary_killed_inside_the_cluster_fails_over_and_nothing_is_lost_or_s
     .await;
     tokio::task::block_in_place(|| cluster.nodes[victim].restart());
     fleet.assert_all_completed_once(&accepted).await;
+}
+
+/// The bound on active aggregations holds across replicas: on one Redis exactly (each claim
+/// checks and counts it in one script), on a cluster within the README's precision (a replica
+/// admits one new aggregation at a time, so R replicas racing exceed it by at most R − 1).
+async fn bound_holds_across_replicas(shared: SharedRedis, most: usize) {
+    let flags = ["--max-active-aggregations", "4"];
+    let fleet = Fleet::launch(&shared.url(), 3, &flags, &["--aggregation-duration", "30s"]).await;
+    // 60 distinct Starts at once over 3 replicas, on 60 farms (no farm's queue bounds them).
+    let calls: Vec<_> = (0..60u64)
+        .map(|i| {
+            let mut client = fleet.clients[usize::try_from(i % 3).expect("small")].clone();
+            tokio::spawn(async move { client.start_aggregation(start_request(440 + i, 1, 1, &[GroupBy::QueueId])).await })
+        })
+        .collect();
+    let (mut accepted, mut busy) = (0, 0);
+    for call in calls {
+        match call.await.expect("joins") {
+            Ok(_) => accepted += 1,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                use tonic_types::StatusExt as _;
+                assert_eq!(e.get_details_error_info().map(|i| i.reason), Some("GATEWAY_BUSY".into()), "{e:?}");
+                busy += 1;
+            }
+            Err(e) => panic!("neither accepted nor busy: {e:?}"),
+        }
+    }
+    eprintln!("accepted {accepted} of 60 with --max-active-aggregations 4; {busy} busy");
+    assert_eq!(accepted + busy, 60);
+    assert!((4..=most).contains(&accepted), "accepted {accepted} with --max-active-aggregations 4 (at most {most})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_redis_the_active_bound_holds_exactly_across_three_replicas() {
+    bound_holds_across_replicas(SharedRedis::one().await, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_active_bound_holds_within_one_per_other_replica() {
+    bound_holds_across_replicas(SharedRedis::cluster().await, 4 + 2).await;
 }

@@ -51,6 +51,9 @@ impl TelemetryGuard {
     }
 }
 
+/// What is logged unless `RUST_LOG` says otherwise.
+const DEFAULT_FILTER: &str = "info,redis::cluster_handling=error";
+
 /// Installs the global subscriber: `RUST_LOG`-style filtering (default `info`), logs in
 /// `format`, and the OpenTelemetry layer. Needs a Tokio runtime (the span exporter runs on it).
 pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
@@ -65,7 +68,9 @@ pub fn init(format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_context_activation(false);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The redis crate's cluster client logs every failed reconnect to a dead node at warn
+    // (thousands a minute during a failover); the gateway says what it means for its work.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
