@@ -118,3 +118,38 @@ async fn on_one_redis_the_active_bound_holds_exactly_across_three_replicas() {
 async fn on_a_cluster_the_active_bound_holds_within_one_per_other_replica() {
     bound_holds_across_replicas(SharedRedis::cluster().await, 4 + 2).await;
 }
+
+/// A cluster whose default user has a password and whose gateway user is an ACL user (as
+/// MemoryDB has it): the gateway connects with that user's name and password from the
+/// `redis-cluster://` URL, its keys and channels all under the gateway's prefix (the ACL
+/// allows no others), and is refused with a clear error under a wrong password.
+#[tokio::test]
+async fn a_cluster_with_acl_users_is_reached_as_the_gateway_user() {
+    let extra = [
+        "--requirepass",
+        "admin-secret",
+        "--masterauth",
+        "admin-secret",
+        "--user",
+        "gateway",
+        "on",
+        ">gateway-secret",
+        "~dsg:*",
+        "&dsg:*",
+        "+@all",
+    ];
+    let cluster = tokio::task::spawn_blocking(move || redis_cluster_with(&extra)).await.expect("joins");
+    let seeds = cluster.cluster_url().replace("redis-cluster://", "");
+    let url = format!("redis-cluster://gateway:gateway-secret@{seeds}");
+    let mut fleet = Fleet::launch(&url, 1, &[], &["--aggregation-duration", "200ms"]).await;
+    let accepted = fleet.start_many(460..462, 2).await;
+    fleet.assert_all_completed_once(&accepted).await;
+
+    let wrong = format!("redis-cluster://gateway:not-the-secret@{seeds}");
+    let refused = deadline_stats_gateway::gateway::coordination::redis::RedisClient::connect(
+        &deadline_stats_gateway::gateway::coordination::redis::RedisConfig::new(wrong),
+    )
+    .await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.to_lowercase().contains("auth") || message.contains("WRONGPASS"), "{message}");
+}

@@ -13,6 +13,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: std::path::PathBuf,
     extra: Vec<String>,
+    /// The default user's password (`--requirepass`), which `redis-cli` is given.
+    password: Option<String>,
 }
 
 impl Drop for RedisServer {
@@ -81,7 +83,8 @@ pub fn redis_server_with(extra: &[&str]) -> RedisServer {
     std::fs::create_dir_all(&dir).expect("a directory for redis");
     let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
     let child = spawn(port, &dir, &extra);
-    let server = RedisServer { child, port, dir, extra };
+    let password = extra.iter().position(|a| a == "--requirepass").and_then(|i| extra.get(i + 1)).cloned();
+    let server = RedisServer { child, port, dir, extra, password };
     wait_for_pong(port);
     server
 }
@@ -110,7 +113,10 @@ fn pong(port: u16) -> bool {
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut answer = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+    // A server that wants a password is up too.
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut answer).is_ok()
+        && (&answer == b"+PONG\r\n" || &answer == b"-NOAUTH")
 }
 
 impl RedisServer {
@@ -205,16 +211,25 @@ impl RedisCluster {
 
 /// Starts a [`RedisCluster`].
 pub fn redis_cluster() -> RedisCluster {
+    redis_cluster_with(&[])
+}
+
+/// [`redis_cluster`] with `extra` arguments for every node (`--requirepass`, `--user …`).
+pub fn redis_cluster_with(extra: &[&str]) -> RedisCluster {
     let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     // The bus port is chosen too: the default (port + 10000) may not exist.
     let nodes: Vec<RedisServer> = (0..6)
         .map(|_| {
             let bus = free().to_string();
-            redis_server_with(&["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-node-timeout", "2000"])
+            let mut args = vec!["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-node-timeout", "2000"];
+            args.extend_from_slice(extra);
+            redis_server_with(&args)
         })
         .collect();
     let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let auth: Vec<&str> = nodes[0].password.iter().flat_map(|p| ["-a", p.as_str(), "--no-auth-warning"]).collect();
     let created = Command::new("redis-cli")
+        .args(&auth)
         .args(["--cluster", "create"])
         .args(&addresses)
         .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -225,8 +240,8 @@ pub fn redis_cluster() -> RedisCluster {
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in &nodes {
         loop {
-            let info = Command::new("redis-cli").args(["-p", &node.port.to_string(), "cluster", "info"]).output();
-            if info.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok")) {
+            let info = node.redis_cli(&["cluster", "info"]).unwrap_or_default();
+            if info.contains("cluster_state:ok") {
                 break;
             }
             assert!(Instant::now() < deadline, "the cluster did not come up within 30 s");
@@ -322,8 +337,10 @@ impl ::redis::aio::ConnectionLike for AnyConn {
 impl RedisServer {
     /// `redis-cli` against this server, its output (`Err` when it fails or answers an error).
     pub fn redis_cli(&self, args: &[&str]) -> Result<String, String> {
+        let auth: Vec<&str> = self.password.iter().flat_map(|p| ["-a", p.as_str(), "--no-auth-warning"]).collect();
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(auth)
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;
