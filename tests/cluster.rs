@@ -89,7 +89,9 @@ async fn bound_holds_across_replicas(shared: SharedRedis, most: usize) {
     let calls: Vec<_> = (0..60u64)
         .map(|i| {
             let mut client = fleet.clients[usize::try_from(i % 3).expect("small")].clone();
-            tokio::spawn(async move { client.start_aggregation(start_request(440 + i, 1, 1, &[GroupBy::QueueId])).await })
+            tokio::spawn(
+                async move { client.start_aggregation(start_request(440 + i, 1, 1, &[GroupBy::QueueId])).await },
+            )
         })
         .collect();
     let (mut accepted, mut busy) = (0, 0);
@@ -152,4 +154,28 @@ async fn a_cluster_with_acl_users_is_reached_as_the_gateway_user() {
     .await;
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.to_lowercase().contains("auth") || message.contains("WRONGPASS"), "{message}");
+}
+
+/// A cluster that speaks TLS only (clients, the cluster bus and replication), with a
+/// certificate of a private CA the gateway is told to trust (`SSL_CERT_FILE`, as a pod mounts
+/// one): a `rediss-cluster://` URL reaches it, and an aggregation runs through it.
+#[tokio::test]
+async fn a_cluster_served_over_tls_only_is_reached_with_a_rediss_cluster_url() {
+    let dir = test_dir("redis-tls");
+    let ca = TestCa::new("redis test CA");
+    let ca_path = ca.write(&dir, "ca.crt");
+    let (server, node) = (ca.server(&dir, "redis"), ca.client(&dir, "redis-node", "redis-node"));
+    let ca_file = ca_path.clone();
+    let cluster = tokio::task::spawn_blocking(move || redis_tls_cluster(&server, &node, &ca_file));
+    let cluster = cluster.await.expect("joins");
+    let url = cluster.cluster_url().replace("redis-cluster://", "rediss-cluster://");
+    let flags =
+        ["--store", "redis", "--redis-url", &url, "--caller-start-rate", "0", "--poll-initial-interval", "50ms"];
+    let ca_env = ca_path.display().to_string();
+    let (_gateway, grpc, _) = spawn_serve(&flags, &[("SSL_CERT_FILE", &ca_env)]);
+    let mut client = client_of(&grpc).await;
+    let started = client.start_aggregation(start_request(470, 1, 1, &[GroupBy::QueueId])).await.expect("start");
+    let id = started.into_inner().aggregation.expect("aggregation").aggregation_id;
+    let done = wait_terminal(&mut client, &id).await.aggregation.expect("aggregation");
+    assert_eq!(done.state(), deadline_stats_gateway::grpc::pb::AggregationState::Completed, "{done:?}");
 }

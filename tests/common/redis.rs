@@ -2,6 +2,7 @@
 //! dropped. Debian's `redis-server` package is installed (apt-get, once per machine) when the
 //! machine lacks it, as the Python tools are.
 
+use super::IssuedCert;
 use std::io::{Read as _, Write as _};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -15,6 +16,8 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// The default user's password (`--requirepass`), which `redis-cli` is given.
     password: Option<String>,
+    /// With TLS only (`--tls-port`): the CA certificate `redis-cli` trusts.
+    tls_ca: Option<String>,
 }
 
 impl Drop for RedisServer {
@@ -41,7 +44,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         self.child = spawn(self.port, &self.dir, &self.extra);
-        wait_for_pong(self.port);
+        self.wait_until_up();
     }
 }
 
@@ -79,13 +82,20 @@ pub fn redis_server() -> RedisServer {
 pub fn redis_server_with(extra: &[&str]) -> RedisServer {
     let port =
         std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port();
+    redis_server_at(port, extra)
+}
+
+/// [`redis_server_with`] on `port`; with `--tls-port` among `extra` (and `--port 0`), spoken to
+/// over TLS only, trusting `--tls-ca-cert-file`.
+pub fn redis_server_at(port: u16, extra: &[&str]) -> RedisServer {
     let dir = std::env::temp_dir().join(format!("dsg-redis-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a directory for redis");
     let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
     let child = spawn(port, &dir, &extra);
-    let password = extra.iter().position(|a| a == "--requirepass").and_then(|i| extra.get(i + 1)).cloned();
-    let server = RedisServer { child, port, dir, extra, password };
-    wait_for_pong(port);
+    let after = |flag: &str| extra.iter().position(|a| a == flag).and_then(|i| extra.get(i + 1)).cloned();
+    let (password, tls_ca) = (after("--requirepass"), after("--tls-port").and(after("--tls-ca-cert-file")));
+    let server = RedisServer { child, port, dir, extra, password, tls_ca };
+    server.wait_until_up();
     server
 }
 
@@ -216,27 +226,70 @@ pub fn redis_cluster() -> RedisCluster {
 
 /// [`redis_cluster`] with `extra` arguments for every node (`--requirepass`, `--user …`).
 pub fn redis_cluster_with(extra: &[&str]) -> RedisCluster {
+    redis_cluster_of(|_| extra.iter().map(|a| (*a).to_owned()).collect())
+}
+
+/// [`redis_cluster`] over TLS only: every node serves its port with `server`'s certificate, and
+/// the cluster bus and replication speak TLS too (the nodes showing `node` to each other);
+/// clients need not show a certificate.
+pub fn redis_tls_cluster(server: &IssuedCert, node: &IssuedCert, ca: &std::path::Path) -> RedisCluster {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let files = [
+        ("--tls-cert-file", path(&server.cert)),
+        ("--tls-key-file", path(&server.key)),
+        ("--tls-client-cert-file", path(&node.cert)),
+        ("--tls-client-key-file", path(&node.key)),
+        ("--tls-ca-cert-file", path(ca)),
+    ];
+    redis_cluster_of(|port| {
+        let mut args: Vec<String> = ["--port", "0", "--tls-port", &port.to_string()].map(str::to_owned).to_vec();
+        for (flag, value) in &files {
+            args.extend([(*flag).to_owned(), value.clone()]);
+        }
+        args.extend(
+            ["--tls-auth-clients", "no", "--tls-cluster", "yes", "--tls-replication", "yes"].map(str::to_owned),
+        );
+        args
+    })
+}
+
+/// Six nodes, each started with what `extra(port)` adds, joined as three primaries with a
+/// replica each.
+fn redis_cluster_of(extra: impl Fn(u16) -> Vec<String>) -> RedisCluster {
     let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     // The bus port is chosen too: the default (port + 10000) may not exist.
     let nodes: Vec<RedisServer> = (0..6)
         .map(|_| {
-            let bus = free().to_string();
+            let (port, bus) = (free(), free().to_string());
+            let own = extra(port);
             let mut args = vec!["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-node-timeout", "2000"];
-            args.extend_from_slice(extra);
-            redis_server_with(&args)
+            args.extend(own.iter().map(String::as_str));
+            redis_server_at(port, &args)
         })
         .collect();
     let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-    let auth: Vec<&str> = nodes[0].password.iter().flat_map(|p| ["-a", p.as_str(), "--no-auth-warning"]).collect();
     let created = Command::new("redis-cli")
-        .args(&auth)
+        .args(nodes[0].cli_options())
         .args(["--cluster", "create"])
         .args(&addresses)
         .args(["--cluster-replicas", "1", "--cluster-yes"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
-    assert!(created.is_ok_and(|s| s.success()), "redis-cli --cluster create failed");
+        .spawn();
+    let mut created = created.expect("redis-cli runs");
+    // Bounded: nodes that cannot meet (a bus that refuses them) keep it waiting for ever.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = created.try_wait().expect("redis-cli runs") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = created.kill();
+            panic!("redis-cli --cluster create did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "redis-cli --cluster create failed");
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in &nodes {
         loop {
@@ -335,12 +388,29 @@ impl ::redis::aio::ConnectionLike for AnyConn {
 }
 
 impl RedisServer {
+    /// What `redis-cli` needs to be let in: the password, TLS.
+    fn cli_options(&self) -> Vec<&str> {
+        let auth = self.password.iter().flat_map(|p| ["-a", p.as_str(), "--no-auth-warning"]);
+        auth.chain(self.tls_ca.iter().flat_map(|ca| ["--tls", "--cacert", ca.as_str()])).collect()
+    }
+
+    /// Waits until it answers `PING` (over TLS with `redis-cli`).
+    fn wait_until_up(&self) {
+        if self.tls_ca.is_none() {
+            return wait_for_pong(self.port);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.redis_cli(&["PING"]).is_ok_and(|pong| pong.contains("PONG")) {
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING within 10 s", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `redis-cli` against this server, its output (`Err` when it fails or answers an error).
     pub fn redis_cli(&self, args: &[&str]) -> Result<String, String> {
-        let auth: Vec<&str> = self.password.iter().flat_map(|p| ["-a", p.as_str(), "--no-auth-warning"]).collect();
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
-            .args(auth)
+            .args(self.cli_options())
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;
