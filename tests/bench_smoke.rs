@@ -130,7 +130,7 @@ fn caller_churn_reports_memory_and_forgets_idle_callers() {
 }
 
 #[test]
-fn replicas_act_as_one_gateway_on_redis() {
+fn replicas_act_as_one_gateway_on_redis_and_on_a_redis_cluster() {
     // The bench needs redis-server on the PATH; the shared fixture installs it when missing.
     let _installed = common::redis_server();
     let r = run("replicas");
@@ -138,9 +138,13 @@ fn replicas_act_as_one_gateway_on_redis() {
         &r,
         &["replicas", "distinct_keys", "upstream_starts", "max_in_progress", "makespan_s", "lower_bound_s"],
     );
-    assert_eq!(r["upstream_starts"], r["distinct_keys"], "one upstream Start per distinct key: {r}");
-    assert_eq!(r["max_in_progress"], 1);
-    assert_eq!((r["upstream_throttled"].as_u64(), r["keys_split_across_ids"].as_u64()), (Some(0), Some(0)));
+    for variant in [&r, &r["cluster"]] {
+        has_numbers(variant, &["distinct_keys", "upstream_starts", "redis_commands_per_request", "makespan_ratio"]);
+        assert_eq!(variant["upstream_starts"], variant["distinct_keys"], "one upstream Start per distinct key: {r}");
+        assert_eq!(variant["max_in_progress"], 1);
+        let clean = (variant["upstream_throttled"].as_u64(), variant["keys_split_across_ids"].as_u64());
+        assert_eq!(clean, (Some(0), Some(0)), "{r}");
+    }
 }
 
 #[test]

@@ -108,11 +108,18 @@ pub(crate) async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchErr
 
 /// Long-polls an aggregation until it is terminal; its final view.
 pub(crate) async fn finish(client: &mut Client, id: &str) -> Result<pb::Aggregation, BenchError> {
+    finish_counted(client, id).await.map(|(agg, _)| agg)
+}
+
+/// [`finish`], and how many Gets it took.
+pub(crate) async fn finish_counted(client: &mut Client, id: &str) -> Result<(pb::Aggregation, u64), BenchError> {
+    let mut gets = 0;
     loop {
+        gets += 1;
         let page = client.get_aggregation(get_request(id, 1, "", Duration::from_secs(30))).await?.into_inner();
         let agg = page.aggregation.unwrap_or_default();
         match agg.state() {
-            AggregationState::Completed => return Ok(agg),
+            AggregationState::Completed => return Ok((agg, gets)),
             AggregationState::Failed | AggregationState::TimedOut => {
                 return Err(format!("aggregation {id} ended {:?}: {}", agg.state(), agg.status_message).into());
             }
