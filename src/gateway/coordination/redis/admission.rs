@@ -105,8 +105,27 @@ impl RedisStore {
         }
     }
 
-    /// Tallies every bucket's counts as they are (a tally lost with a replica or a failover).
+    /// The buckets that may have farms with work: on one Redis those whose tallied count says
+    /// so (tallied in the same script that changed it: exact), so an idle gateway does not
+    /// read 64 empty sets a second; on a cluster every bucket (a tally may lag).
+    pub(super) async fn busy_buckets(&self) -> Result<Vec<Bucket>, StoreError> {
+        if self.redis.is_cluster() {
+            return Ok(Bucket::all().collect());
+        }
+        let fields: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys().admission())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        Ok(Bucket::all().filter(|b| fields.get(&format!("f:{}", b.hex())).is_some_and(|n| *n > 0)).collect())
+    }
+
+    /// On a cluster, tallies every bucket's counts as they are (a tally lost with a replica or
+    /// a failover); on one Redis the scripts tallied them already.
     pub(super) async fn resync(&self) {
+        if !self.redis.is_cluster() {
+            return;
+        }
         let read = Bucket::all().map(|bucket| async move {
             let k = self.keys();
             let (live, farms, version): (Option<u64>, u64, Option<u64>) = redis::pipe()

@@ -719,7 +719,8 @@ impl AggregationStore for RedisStore {
     }
 
     async fn farms_with_work(&self) -> Result<Vec<String>, StoreError> {
-        let farms = futures::future::try_join_all(Bucket::all().map(|b| self.bucket_farms(b))).await?;
+        let buckets = self.busy_buckets().await?;
+        let farms = futures::future::try_join_all(buckets.into_iter().map(|b| self.bucket_farms(b))).await?;
         Ok(farms.into_iter().flatten().collect())
     }
 
@@ -897,7 +898,10 @@ impl AggregationStore for RedisStore {
     async fn housekeeping(&self) {
         self.near.housekeeping();
         let k = self.keys();
-        let loads = futures::future::try_join_all(Bucket::all().map(|b| self.bucket_loads(b))).await;
+        let loads = match self.busy_buckets().await {
+            Ok(buckets) => futures::future::try_join_all(buckets.into_iter().map(|b| self.bucket_loads(b))).await,
+            Err(e) => Err(e),
+        };
         let Ok(loads) = loads else {
             self.counted().up = false;
             return;
