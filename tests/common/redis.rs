@@ -44,7 +44,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         self.child = spawn(self.port, &self.dir, &self.extra);
-        self.wait_until_up();
+        assert!(self.wait_until_up(), "redis-server on port {} exited at restart", self.port);
     }
 }
 
@@ -88,15 +88,21 @@ pub fn redis_server_with(extra: &[&str]) -> RedisServer {
 /// [`redis_server_with`] on `port`; with `--tls-port` among `extra` (and `--port 0`), spoken to
 /// over TLS only, trusting `--tls-ca-cert-file`.
 pub fn redis_server_at(port: u16, extra: &[&str]) -> RedisServer {
+    try_redis_server_at(port, extra)
+        .unwrap_or_else(|| panic!("redis-server on port {port} exited at start-up (its port was taken?)"))
+}
+
+/// [`redis_server_at`], or `None` when the server exited at start-up: a port chosen free was
+/// taken meanwhile (by another test's server, say).
+pub fn try_redis_server_at(port: u16, extra: &[&str]) -> Option<RedisServer> {
     let dir = std::env::temp_dir().join(format!("dsg-redis-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a directory for redis");
     let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
     let child = spawn(port, &dir, &extra);
     let after = |flag: &str| extra.iter().position(|a| a == flag).and_then(|i| extra.get(i + 1)).cloned();
     let (password, tls_ca) = (after("--requirepass"), after("--tls-port").and(after("--tls-ca-cert-file")));
-    let server = RedisServer { child, port, dir, extra, password, tls_ca };
-    server.wait_until_up();
-    server
+    let mut server = RedisServer { child, port, dir, extra, password, tls_ca };
+    server.wait_until_up().then_some(server)
 }
 
 fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
@@ -260,11 +266,17 @@ fn redis_cluster_of(extra: impl Fn(u16) -> Vec<String>) -> RedisCluster {
     // The bus port is chosen too: the default (port + 10000) may not exist.
     let nodes: Vec<RedisServer> = (0..6)
         .map(|_| {
-            let (port, bus) = (free(), free().to_string());
-            let own = extra(port);
-            let mut args = vec!["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-node-timeout", "2000"];
-            args.extend(own.iter().map(String::as_str));
-            redis_server_at(port, &args)
+            // A port chosen free may be taken before the node binds it: choose again.
+            (0..5)
+                .find_map(|_| {
+                    let (port, bus) = (free(), free().to_string());
+                    let own = extra(port);
+                    let mut args =
+                        vec!["--cluster-enabled", "yes", "--cluster-port", &bus, "--cluster-node-timeout", "2000"];
+                    args.extend(own.iter().map(String::as_str));
+                    try_redis_server_at(port, &args)
+                })
+                .expect("a cluster node starts on free ports")
         })
         .collect();
     let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
@@ -395,14 +407,25 @@ impl RedisServer {
     }
 
     /// Waits until it answers `PING` (over TLS with `redis-cli`).
-    fn wait_until_up(&self) {
-        if self.tls_ca.is_none() {
-            return wait_for_pong(self.port);
-        }
+    /// `false` when the process exited instead (another process answering on its port does not
+    /// count: the process must still run a moment after the answer).
+    fn wait_until_up(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.redis_cli(&["PING"]).is_ok_and(|pong| pong.contains("PONG")) {
+        loop {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return false;
+            }
+            let up = if self.tls_ca.is_none() {
+                pong(self.port)
+            } else {
+                self.redis_cli(&["PING"]).is_ok_and(|pong| pong.contains("PONG"))
+            };
+            if up {
+                std::thread::sleep(Duration::from_millis(50));
+                return matches!(self.child.try_wait(), Ok(None));
+            }
             assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING within 10 s", self.port);
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
