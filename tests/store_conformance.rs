@@ -1,6 +1,7 @@
 //! The coordination store's conformance suite: every property is one function over a
 //! [`Subject`] (a store and the wake-ups its writes wake), run as one test per backend: the
-//! in-memory store, and the Redis store on a `redis-server` started for that test. Each rule of
+//! in-memory store, the Redis store on a `redis-server` started for that test, and the Redis
+//! store on a Redis Cluster (three primaries, three replicas) started for that test. Each rule of
 //! `gateway::coordination::policy` (freshness, the bounds, queue order, refresh eligibility,
 //! the run-time moving average) has a property here, so the Lua scripts cannot drift from the
 //! Rust. Redis alone: two replicas see one store, lost rows are put back, and a claim after
@@ -507,9 +508,9 @@ async fn on_redis(server: &common::RedisServer, prefix: &str) -> Coordination {
     on_redis_by(server, prefix, Clock::system()).await
 }
 
-/// [`on_redis`], the replica's own clock being `clock`.
-async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -> Coordination {
-    let settings = CoordinationSettings {
+/// A replica's settings on Redis, on `clock`: no pacing, no caller limits.
+fn redis_settings(clock: Clock) -> CoordinationSettings {
+    CoordinationSettings {
         cache_max_bytes: 64 * 1024 * 1024,
         result_grace: Duration::from_secs(30),
         upstream_start: Rate { per_second: 0.0, burst: 1 },
@@ -518,8 +519,12 @@ async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -
         caller_get: Rate { per_second: 0.0, burst: 1 },
         caller_limits: Default::default(),
         clock,
-    };
-    Coordination::redis(&settings, &RedisConfig::new(server.url()).with_prefix(prefix))
+    }
+}
+
+/// [`on_redis`], the replica's own clock being `clock`.
+async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -> Coordination {
+    Coordination::redis(&redis_settings(clock), &RedisConfig::new(server.url()).with_prefix(prefix))
         .await
         .expect("connects to redis-server")
 }
@@ -527,17 +532,9 @@ async fn on_redis_by(server: &common::RedisServer, prefix: &str, clock: Clock) -
 /// A replica's coordination on the Redis Cluster `cluster`, as `serve --store redis` builds it
 /// for a `redis-cluster://` URL.
 async fn on_cluster(cluster: &common::RedisCluster) -> Coordination {
-    let settings = CoordinationSettings {
-        cache_max_bytes: 64 * 1024 * 1024,
-        result_grace: Duration::from_secs(30),
-        upstream_start: Rate { per_second: 0.0, burst: 1 },
-        upstream_get: Rate { per_second: 0.0, burst: 1 },
-        caller_start: Rate { per_second: 0.0, burst: 1 },
-        caller_get: Rate { per_second: 0.0, burst: 1 },
-        caller_limits: Default::default(),
-        clock: Clock::system(),
-    };
-    Coordination::redis(&settings, &RedisConfig::new(cluster.cluster_url())).await.expect("connects to the cluster")
+    Coordination::redis(&redis_settings(Clock::system()), &RedisConfig::new(cluster.cluster_url()))
+        .await
+        .expect("connects to the cluster")
 }
 
 async fn in_cluster(cluster: &common::RedisCluster) -> Subject {

@@ -18,7 +18,7 @@
 use super::RedisStore;
 use super::client::store_error;
 use super::scripts::TALLY;
-use crate::gateway::coordination::StoreError;
+use crate::gateway::coordination::{StoreError, Written};
 use crate::gateway::ids::Bucket;
 
 /// How a bucket's script learns the sums it checks the bounds against.
@@ -33,14 +33,19 @@ pub(super) enum Admission {
 }
 
 impl Admission {
+    /// What scripts call it.
+    pub(super) fn mode(self) -> &'static str {
+        match self {
+            Self::Inline => "inline",
+            Self::Ask => "ask",
+            Self::Given(_) => "given",
+        }
+    }
+
     /// The script's last arguments: the mode, then the sums (zero unless given).
     pub(super) fn args(self, script: &mut redis::ScriptInvocation<'_>) {
-        let (mode, totals) = match self {
-            Self::Inline => ("inline", Totals::default()),
-            Self::Ask => ("ask", Totals::default()),
-            Self::Given(totals) => ("given", totals),
-        };
-        script.arg(mode).arg(totals.live).arg(totals.farms);
+        let totals = if let Self::Given(totals) = self { totals } else { Totals::default() };
+        script.arg(self.mode()).arg(totals.live).arg(totals.farms);
     }
 }
 
@@ -71,6 +76,32 @@ impl RedisStore {
     /// How this store's scripts admit: inline on one Redis, by asking on a cluster.
     pub(super) fn admission(&self) -> Admission {
         if self.redis.is_cluster() { Admission::Ask } else { Admission::Inline }
+    }
+
+    /// How scripts that only lower the counts (finish, discard) treat the sums: they tally
+    /// inline on one Redis; on a cluster the replica tallies after them.
+    pub(super) fn lowering(&self) -> Admission {
+        if self.redis.is_cluster() { Admission::Given(Totals::default()) } else { Admission::Inline }
+    }
+
+    /// Runs `script`, a fenced write that takes an aggregation off its farm's queue in
+    /// `bucket` (finish, discard), guarded at `fence`. It answers 1 (written), 0 (fenced) or
+    /// -1 (moved: `None`, read again), then the bucket's counts, which are tallied.
+    pub(super) async fn off_queue(
+        &self,
+        fence: &str,
+        script: &redis::ScriptInvocation<'_>,
+        bucket: Bucket,
+    ) -> Result<Option<Written>, StoreError> {
+        let answer: Vec<redis::Value> = self.redis.guarded(fence, script).await?;
+        let done: i64 = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).unwrap_or_default();
+        if done == -1 {
+            return Ok(None);
+        }
+        if let Some(counts) = Counts::from_answer(&answer, 1) {
+            self.tally(bucket, counts).await;
+        }
+        Ok(Some(if done == 1 { Written::Done } else { Written::Fenced }))
     }
 
     /// The sums as `{all}:admission` holds them now.

@@ -235,7 +235,11 @@ impl Cluster {
     }
 
     async fn route(&self, cmd: redis::Cmd, route: RoutingInfo) -> redis::RedisResult<redis::Value> {
-        let answer = self.current().route_command(cmd, route).await;
+        self.noticed(self.current().route_command(cmd, route).await)
+    }
+
+    /// `answer`, after [`Self::after`] saw its error.
+    fn noticed<T>(&self, answer: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &answer {
             self.after(e);
         }
@@ -245,13 +249,7 @@ impl Cluster {
 
 impl ConnectionLike for Cluster {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
-        Box::pin(async move {
-            let answer = self.current().req_packed_command(cmd).await;
-            if let Err(e) = &answer {
-                self.after(e);
-            }
-            answer
-        })
+        Box::pin(async move { self.noticed(self.current().req_packed_command(cmd).await) })
     }
 
     fn req_packed_commands<'a>(
@@ -260,13 +258,7 @@ impl ConnectionLike for Cluster {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        Box::pin(async move {
-            let answer = self.current().req_packed_commands(pipeline, offset, count).await;
-            if let Err(e) = &answer {
-                self.after(e);
-            }
-            answer
-        })
+        Box::pin(async move { self.noticed(self.current().req_packed_commands(pipeline, offset, count).await) })
     }
 
     fn get_db(&self) -> i64 {
@@ -402,6 +394,14 @@ impl Single {
         });
     }
 
+    /// `answer`, after [`Self::after`] saw its error.
+    fn noticed<T>(&self, answer: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &answer {
+            self.after(e);
+        }
+        answer
+    }
+
     /// Behind Sentinel: when `named`, the primary Sentinel names now, is another than the one
     /// this connection reaches, connects to it. A primary a failover left behind answers reads
     /// (and, until Sentinel demotes it, writes) without an error, so nothing else would move a
@@ -474,10 +474,7 @@ impl ConnectionLike for Single {
                 Err(e) if dropped(&e) => self.current().req_packed_command(cmd).await,
                 answer => answer,
             };
-            if let Err(e) = &answer {
-                self.after(e);
-            }
-            answer
+            self.noticed(answer)
         })
     }
 
@@ -492,10 +489,7 @@ impl ConnectionLike for Single {
                 Err(e) if dropped(&e) => self.current().req_packed_commands(pipeline, offset, count).await,
                 answer => answer,
             };
-            if let Err(e) = &answer {
-                self.after(e);
-            }
-            answer
+            self.noticed(answer)
         })
     }
 

@@ -1,7 +1,10 @@
 //! The [`AggregationStore`] shared by replicas through Redis.
 //!
+//! - `admission`: the bounds shared by every bucket (exact on one Redis, within R − 1 on a
+//!   cluster).
 //! - `client`: the connection, leases, shared rates and the relay of change notifications.
-//! - `conn`: a connection that survives drops and half-open sockets.
+//! - `conn`: a connection (to one Redis, behind Sentinel, or to a cluster) that survives
+//!   drops, half-open sockets and a stalled cluster connection.
 //! - `keys`: the name of every key (see there for the layout).
 //! - `wire`: how a record is stored.
 //! - `scripts`: the Lua scripts, one file each under `scripts/`.
@@ -634,8 +637,7 @@ impl AggregationStore for RedisStore {
                 .key(k.live(bucket))
                 .key(k.version(bucket))
                 .key(if index.is_empty() { k.record(id) } else { index.clone() });
-            let admission =
-                if self.redis.is_cluster() { Admission::Given(Default::default()) } else { Admission::Inline };
+            let admission = self.lowering();
             if admission == Admission::Inline {
                 script.key(k.admission());
             }
@@ -647,21 +649,14 @@ impl AggregationStore for RedisStore {
                 .arg(k.changes(bucket))
                 .arg(farm_topic(&lease.farm))
                 .arg(&index)
-                .arg(if admission == Admission::Inline { "inline" } else { "given" })
+                .arg(admission.mode())
                 .arg(bucket.hex())
                 .arg(k.publish());
-            let answer: Vec<redis::Value> = self.redis.guarded(&k.fence(&lease.farm), &script).await?;
-            let done: i64 = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).unwrap_or_default();
-            if done == -1 {
-                continue;
-            }
-            if let Some(counts) = Counts::from_answer(&answer, 1) {
-                self.tally(bucket, counts).await;
-            }
-            if done == 1 {
+            let Some(written) = self.off_queue(&k.fence(&lease.farm), &script, bucket).await? else { continue };
+            if written == Written::Done {
                 self.wake(id, &lease.farm);
             }
-            return Ok(Self::written(done));
+            return Ok(written);
         }
         Err(kept_moving("discard"))
     }
@@ -759,7 +754,7 @@ impl AggregationStore for RedisStore {
         let bucket = Bucket::of_farm(farm);
         let expire = record.expire_time.unwrap_or_else(|| self.clock.now());
         let (json, bytes) = (to_json(&record)?, rows.as_ref().map(|r| r.to_bytes()).unwrap_or_default());
-        let admission = if self.redis.is_cluster() { Admission::Given(Default::default()) } else { Admission::Inline };
+        let admission = self.lowering();
         for _ in 0..MOVED_RETRIES {
             // A refresh checks what its key answers: the record of that id is declared.
             let answering = if record.refresh { self.answering(&record.key).await? } else { String::new() };
@@ -794,22 +789,15 @@ impl AggregationStore for RedisStore {
                 .arg(if record.refresh { "1" } else { "0" })
                 .arg(farm_topic(&lease.farm))
                 .arg(&answering)
-                .arg(if admission == Admission::Inline { "inline" } else { "given" })
+                .arg(admission.mode())
                 .arg(bucket.hex())
                 .arg(k.publish());
-            let answer: Vec<redis::Value> = self.redis.guarded(&fence, &script).await?;
-            let done: i64 = answer.first().and_then(|v| redis::from_redis_value(v.clone()).ok()).unwrap_or_default();
-            if done == -1 {
-                continue;
-            }
-            if let Some(counts) = Counts::from_answer(&answer, 1) {
-                self.tally(bucket, counts).await;
-            }
-            if done == 1 {
+            let Some(written) = self.off_queue(&fence, &script, bucket).await? else { continue };
+            if written == Written::Done {
                 self.wake(&record.id, &lease.farm);
                 self.near.insert(Arc::new(CachedResult::new(Arc::new(record), rows)));
             }
-            return Ok(Self::written(done));
+            return Ok(written);
         }
         Err(kept_moving("finish"))
     }
