@@ -179,3 +179,27 @@ async fn a_cluster_served_over_tls_only_is_reached_with_a_rediss_cluster_url() {
     let done = wait_terminal(&mut client, &id).await.aggregation.expect("aggregation");
     assert_eq!(done.state(), deadline_stats_gateway::grpc::pb::AggregationState::Completed, "{done:?}");
 }
+
+/// Ids minted before ids carried their farm's bucket (8 hex digits of epoch, then 24 random)
+/// answer that their state is gone (`AGGREGATION_LOST`), on one Redis and on a cluster; an
+/// id of today's shape that never existed answers not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_minted_before_buckets_answer_lost_and_unknown_ones_not_found() {
+    use tonic_types::StatusExt as _;
+    for shared in [SharedRedis::one().await, SharedRedis::cluster().await] {
+        let mut fleet = Fleet::launch(&shared.url(), 1, &[], &["--aggregation-duration", "100ms"]).await;
+        let accepted = fleet.start_many(480..481, 1).await;
+        let client = &mut fleet.clients[0];
+        for old in ["agg-9f3c2a7b5d1e4f6a8b0c2d4e6f8a0b1c", "agg-000000019f3c2a7b5d1e4f6a8b0c2d4e"] {
+            let lost = client.get_aggregation(get_request(old, 0, "", Duration::ZERO)).await.expect_err("lost");
+            assert_eq!(lost.code(), tonic::Code::NotFound, "{lost:?}");
+            assert_eq!(lost.get_details_error_info().map(|i| i.reason), Some("AGGREGATION_LOST".into()), "{old}");
+        }
+        let mut never = accepted[0].id.clone();
+        never.replace_range(never.len() - 4.., if never.ends_with("0000") { "ffff" } else { "0000" });
+        let missing = client.get_aggregation(get_request(&never, 0, "", Duration::ZERO)).await.expect_err("missing");
+        let reason = missing.get_details_error_info().map(|i| i.reason);
+        assert_eq!(reason, Some("AGGREGATION_NOT_FOUND".into()), "{missing:?}");
+        fleet.assert_all_completed_once(&accepted).await;
+    }
+}

@@ -48,6 +48,24 @@ impl RedisServer {
     }
 }
 
+/// A free loopback port no server of this test process was given before: a server a test
+/// killed leaves its port to nobody else, so clients still pointed at it (a Sentinel's old
+/// primary, a cluster's dead node) never reach another test's server there.
+pub fn fresh_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
 /// The path of `redis-server`, installing Debian's packages first when it (or `redis-cli`,
 /// which the cluster tests use) is missing.
 fn redis_binary() -> &'static str {
@@ -80,9 +98,7 @@ pub fn redis_server() -> RedisServer {
 
 /// [`redis_server`] with `extra` arguments (`--maxmemory-policy allkeys-lru`) after the defaults.
 pub fn redis_server_with(extra: &[&str]) -> RedisServer {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port();
-    redis_server_at(port, extra)
+    redis_server_at(fresh_port(), extra)
 }
 
 /// [`redis_server_with`] on `port`; with `--tls-port` among `extra` (and `--port 0`), spoken to
@@ -182,8 +198,7 @@ impl RedisSentinel {
 
 /// Starts a Sentinel for the primary on `primary_port`, answering PING.
 pub fn redis_sentinel(primary_port: u16) -> RedisSentinel {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port();
+    let port = fresh_port();
     let dir = std::env::temp_dir().join(format!("dsg-sentinel-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a directory for the sentinel");
     let conf = dir.join("sentinel.conf");
@@ -262,7 +277,7 @@ pub fn redis_tls_cluster(server: &IssuedCert, node: &IssuedCert, ca: &std::path:
 /// Six nodes, each started with what `extra(port)` adds, joined as three primaries with a
 /// replica each.
 fn redis_cluster_of(extra: impl Fn(u16) -> Vec<String>) -> RedisCluster {
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let free = fresh_port;
     // The bus port is chosen too: the default (port + 10000) may not exist.
     let nodes: Vec<RedisServer> = (0..6)
         .map(|_| {

@@ -14,7 +14,8 @@ async fn an_id_from_before_a_restart_is_lost_and_an_unknown_one_not_found() {
     assert_eq!(lost.get_details_error_info().map(|e| e.reason), Some("AGGREGATION_LOST".into()));
     assert!(lost.message().contains("restarted") && lost.message().contains("start the aggregation again"));
     let ours = id_of(&start(&mut client, start_request(53, 1, 1, &[GroupBy::QueueId])).await);
-    let never = format!("{}{}", &ours[..12], "0".repeat(24));
+    // Its bucket and epoch (`agg-`, 2 + 8 hex digits) with other random digits.
+    let never = format!("{}{}", &ours[..14], "0".repeat(22));
     let unknown = get(&mut client, &never).await.expect_err("never existed");
     assert_eq!(unknown.get_details_error_info().map(|e| e.reason), Some("AGGREGATION_NOT_FOUND".into()));
     let garbage = get(&mut client, "not-an-id").await.expect_err("not an id");
