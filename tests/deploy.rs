@@ -265,6 +265,10 @@ fn the_dockerfile_agrees_with_the_binary_and_the_manifests() {
     assert!(dockerfile.contains("cargo build --locked --profile production"));
     assert!(dockerfile.contains("COPY --from=build /src/target/production/deadline-stats-gateway"));
     assert!(dockerfile.contains("USER 65532"), "runs as non-root");
+    for arg in ["ARG RUST_IMAGE=rust:1.95-bookworm", "ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot"] {
+        assert!(dockerfile.contains(arg), "the base images are build arguments with today's defaults: {arg}");
+    }
+    assert!(dockerfile.contains("AS prebuilt"), "a stage packages a binary built outside");
     assert_eq!(exposed, vec![port_of(&env["DSG_LISTEN"]), port_of(&env["DSG_ADMIN_LISTEN"])]);
     assert_eq!(cmd, vec!["serve", "--upstream", "aws"]);
     let (_, vars) = accepted();
