@@ -18,6 +18,44 @@ pub struct RedisServer {
     password: Option<String>,
     /// With TLS only (`--tls-port`): the CA certificate `redis-cli` trusts.
     tls_ca: Option<String>,
+    /// While stopped: its port, held so no other process of the test takes it.
+    held: Option<PortHolder>,
+}
+
+/// A stopped server's port, kept from every other process of the test (another test's proxy
+/// or server would otherwise be given it, and clients still pointed there, such as a
+/// Sentinel's old primary, would reach it): every connection is accepted and closed at once,
+/// as a host whose server died resets it.
+struct PortHolder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PortHolder {
+    fn hold(port: u16) -> Option<Self> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok()?;
+        listener.set_nonblocking(true).ok()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => drop(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Some(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for PortHolder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Drop for RedisServer {
@@ -35,14 +73,19 @@ impl RedisServer {
     }
 
     /// Stops the server (its data is gone: no persistence).
+    /// Its port stays held until it restarts (see [`PortHolder`]).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.held.is_none() {
+            self.held = PortHolder::hold(self.port);
+        }
     }
 
     /// Starts it again on the same port: empty, or from the last `SAVE` (an older snapshot).
     pub fn restart(&mut self) {
         self.stop();
+        self.held = None;
         self.child = spawn(self.port, &self.dir, &self.extra);
         assert!(self.wait_until_up(), "redis-server on port {} exited at restart", self.port);
     }
@@ -117,7 +160,7 @@ pub fn try_redis_server_at(port: u16, extra: &[&str]) -> Option<RedisServer> {
     let child = spawn(port, &dir, &extra);
     let after = |flag: &str| extra.iter().position(|a| a == flag).and_then(|i| extra.get(i + 1)).cloned();
     let (password, tls_ca) = (after("--requirepass"), after("--tls-port").and(after("--tls-ca-cert-file")));
-    let mut server = RedisServer { child, port, dir, extra, password, tls_ca };
+    let mut server = RedisServer { child, port, dir, extra, password, tls_ca, held: None };
     server.wait_until_up().then_some(server)
 }
 
