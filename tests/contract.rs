@@ -1,5 +1,5 @@
-//! The proto as a contract for callers. `buf` (from the npm package `@bufbuild/buf`, installed
-//! into `target/` when missing) lints `proto/` with the STANDARD rules (exceptions listed and
+//! The proto as a contract for callers. `buf` (the binary the npm package `@bufbuild/buf`
+//! ships, downloaded from the npm registry into `target/` when missing) lints `proto/` with the STANDARD rules (exceptions listed and
 //! justified in `proto/buf.yaml`) and checks it against the image of the last released API
 //! (`proto/released.binpb`): a wire-breaking change fails, as a renumbered field in a copy
 //! shows. And a Python client generated from `proto/` alone by grpcio-tools starts, watches and
@@ -12,23 +12,40 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// `buf`, installed with npm under `target/` on first use.
+/// The version of `buf` the tests use.
+const BUF_VERSION: &str = "1.75.0";
+
+/// Downloads the npm package of `buf`'s binary for this machine (`@bufbuild/buf-linux-x64`,
+/// the package `@bufbuild/buf` depends on) from the npm registry and unpacks it into `dir`;
+/// with Python's standard library, so the machine needs no Node.js.
+const FETCH_BUF: &str = r#"
+import io, sys, tarfile, urllib.request
+package, version, dir = sys.argv[1:4]
+url = f"https://registry.npmjs.org/@bufbuild/{package}/-/{package}-{version}.tgz"
+with urllib.request.urlopen(url, timeout=120) as answer:
+    tarfile.open(fileobj=io.BytesIO(answer.read()), mode="r:gz").extractall(dir)
+"#;
+
+/// `buf`, from the npm package `@bufbuild/buf`, unpacked under `target/` on first use.
 fn buf() -> PathBuf {
     static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = INSTALLING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("tools-buf");
-    let bin = dir.join("node_modules").join(".bin").join("buf");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(format!("tools-buf-{BUF_VERSION}"));
+    let bin = dir.join("package").join("bin").join("buf");
     let works = |bin: &Path| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success());
     if !works(&bin) {
-        std::fs::create_dir_all(&dir).expect("a directory for buf");
-        let installed = Command::new("npm")
-            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+        let arch = match std::env::consts::ARCH {
+            "aarch64" => "arm64",
+            _ => "x64",
+        };
+        let package = format!("buf-{}-{arch}", std::env::consts::OS);
+        let fetched = Command::new("python3")
+            .args(["-c", FETCH_BUF, &package, BUF_VERSION])
             .arg(&dir)
-            .arg("@bufbuild/buf")
             .status()
-            .expect("npm runs (the tests need Node.js's npm to install buf)");
-        assert!(installed.success(), "npm could not install @bufbuild/buf");
-        assert!(works(&bin), "buf installed but does not run");
+            .expect("python3 runs");
+        assert!(fetched.success(), "could not download @bufbuild/{package} {BUF_VERSION} from the npm registry");
+        assert!(works(&bin), "buf unpacked but does not run");
     }
     bin
 }

@@ -230,30 +230,41 @@ impl RedisClient {
     /// which lost nothing but only changes what an id found nowhere answers), so after Redis
     /// lost writes ids minted in the lost window can be told apart from ids that never existed.
     pub async fn epoch(&self, bucket: Bucket) -> Result<u32, StoreError> {
-        let mut conn = self.conn.clone();
-        let epoch_key = self.keys.epoch(bucket);
+        let run_id = self.run_id_at(&self.keys.epoch(bucket)).await?;
+        self.epoch_on(bucket, &run_id).await
+    }
+
+    /// Every bucket's epoch, in bucket order (on one Redis, its `run_id` asked once).
+    pub async fn epochs(&self) -> Result<Vec<u32>, StoreError> {
+        if self.is_cluster() {
+            return futures::future::try_join_all(Bucket::all().map(|b| self.epoch(b))).await;
+        }
+        let run_id = self.run_id_at(&self.keys.epoch(Bucket::default())).await?;
+        futures::future::try_join_all(Bucket::all().map(|b| self.epoch_on(b, &run_id))).await
+    }
+
+    /// The `run_id` of the server holding `key`.
+    async fn run_id_at(&self, key: &str) -> Result<String, StoreError> {
         let mut info = redis::cmd("INFO");
         info.arg("server");
-        let info: String = conn.at_key(&epoch_key, info).await.map_err(store_error)?;
-        let run_id = info
-            .lines()
+        let info: String = self.conn.at_key(key, info).await.map_err(store_error)?;
+        info.lines()
             .find_map(|l| l.strip_prefix("run_id:"))
-            .map(str::trim)
-            .ok_or_else(|| StoreError::UnexpectedAnswer { script: "INFO server", answer: "no run_id".into() })?;
+            .map(|id| id.trim().to_owned())
+            .ok_or_else(|| StoreError::UnexpectedAnswer { script: "INFO server", answer: "no run_id".into() })
+    }
+
+    /// `bucket`'s epoch on the server whose `run_id` is `run_id`.
+    async fn epoch_on(&self, bucket: Bucket, run_id: &str) -> Result<u32, StoreError> {
         let epoch: String = EPOCH
-            .key(epoch_key)
+            .key(self.keys.epoch(bucket))
             .key(self.keys.server(bucket))
             .arg(rand::random::<u32>())
             .arg(run_id)
-            .invoke_async(&mut conn)
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_error)?;
         epoch.parse().map_err(|e| StoreError::corrupt(format!("the epoch {epoch:?}"), e))
-    }
-
-    /// Every bucket's epoch, in bucket order.
-    pub async fn epochs(&self) -> Result<Vec<u32>, StoreError> {
-        futures::future::try_join_all(Bucket::all().map(|b| self.epoch(b))).await
     }
 
     /// Counts the gateway replicas subscribed to the changes channel (`PUBSUB NUMSUB`; on a

@@ -522,30 +522,24 @@ impl AggregationStore for RedisStore {
         let fresh = AggregationRecord::queued(id.clone(), key.clone(), self.clock.now());
         let json = to_json(&fresh)?;
         let farm = key.farm_id();
-        let mut answer = None;
+        let mut settled = None;
         for _ in 0..MOVED_RETRIES {
-            let first = self.claim_once(key, freshness, limits, &id, &json, caller, self.admission()).await?;
-            let settled = match first.verdict {
-                ClaimVerdict::Moved => continue,
-                ClaimVerdict::Admit => {
-                    // One admission at a time on this replica (`admission`).
-                    let _admitting = self.admitting.lock().await;
-                    let totals = self.totals().await?;
-                    let given = self.claim_once(key, freshness, limits, &id, &json, caller, Admission::Given(totals));
-                    let given = given.await?;
-                    if let (ClaimVerdict::Started, Some(counts)) = (given.verdict, given.counts) {
-                        self.tally(Bucket::of_farm(farm), counts).await;
-                    }
-                    given
+            let mut answer = self.claim_once(key, freshness, limits, &id, &json, caller, self.admission()).await?;
+            if answer.verdict == ClaimVerdict::Admit {
+                // One admission at a time on this replica (`admission`).
+                let _admitting = self.admitting.lock().await;
+                let given = Admission::Given(self.totals().await?);
+                answer = self.claim_once(key, freshness, limits, &id, &json, caller, given).await?;
+                if let (ClaimVerdict::Started, Some(counts)) = (answer.verdict, answer.counts) {
+                    self.tally(Bucket::of_farm(farm), counts).await;
                 }
-                _ => first,
-            };
-            if settled.verdict != ClaimVerdict::Moved {
-                answer = Some(settled);
+            }
+            if answer.verdict != ClaimVerdict::Moved {
+                settled = Some(answer);
                 break;
             }
         }
-        let answer = answer.ok_or_else(|| kept_moving("claim"))?;
+        let answer = settled.ok_or_else(|| kept_moving("claim"))?;
         let disposition = match answer.verdict {
             ClaimVerdict::Started => Disposition::Started,
             ClaimVerdict::Joined => Disposition::Joined,
