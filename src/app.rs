@@ -48,6 +48,16 @@ pub struct AppConfig {
     pub authz_policy: Option<PathBuf>,
     /// On shutdown: how long running aggregations and in-flight RPCs may take.
     pub shutdown_grace: Duration,
+    pub console: ConsoleConfig,
+}
+
+/// The operator console's settings.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleConfig {
+    /// The bearer token's file; `None`: open on a loopback admin address, off elsewhere.
+    pub token_file: Option<PathBuf>,
+    /// A URL with `{trace_id}` where the operator's tracing UI shows a trace.
+    pub trace_url_template: Option<String>,
 }
 
 /// Where coordination state lives.
@@ -66,7 +76,7 @@ pub enum UpstreamConfig {
     Sdk(SdkUpstreamConfig),
     /// The built-in emulator, started on a loopback port, reached through the SDK with these
     /// settings (its endpoint and credentials filled in).
-    Emulator { emulator: EmulatorConfig, sdk: SdkUpstreamConfig },
+    Emulator { emulator: Box<EmulatorConfig>, sdk: SdkUpstreamConfig },
     /// Built by the caller (a test's upstream with faults).
     Given(Arc<dyn Upstream>),
 }
@@ -82,6 +92,8 @@ pub enum AppError {
     Policy(String),
     #[error("invalid configuration: --store redis: {0}")]
     Store(#[from] StoreError),
+    #[error("invalid configuration: {0}")]
+    Console(#[from] crate::console::token::TokenError),
     #[error("invalid configuration: the upstream: {0}")]
     Upstream(String),
     #[error("cannot start the emulator on {addr}: {source}")]
@@ -113,6 +125,11 @@ impl AppConfig {
                 "--max-message-bytes and --max-request-bytes must be at least 1024 and --max-concurrent-streams at least 1"
                     .into(),
             ));
+        }
+        if let Some(template) = &self.console.trace_url_template
+            && !template.contains("{trace_id}")
+        {
+            return Err(ConfigError::Other("--trace-url-template must contain {trace_id}".into()));
         }
         if self.identity_source == Some(IdentitySource::Tls) && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
         {
@@ -152,6 +169,7 @@ impl AppConfig {
 pub struct App {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
+    console: Console,
     serving: Serving,
     listeners: Listeners,
     ready: watch::Receiver<bool>,
@@ -167,6 +185,17 @@ impl App {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let (tls, access) = config.load_access(metrics.clone())?;
+        let token = match &config.console.token_file {
+            Some(path) => Some(Arc::new(crate::console::token::TokenFile::load(path)?)),
+            None => None,
+        };
+        let upstream_rate = |r: crate::gateway::rate::Rate| (r.per_second, r.burst);
+        let console = Console {
+            token,
+            trace_url_template: config.console.trace_url_template.clone(),
+            upstream_start: upstream_rate(config.gateway.upstream_start),
+            upstream_get: upstream_rate(config.gateway.upstream_get),
+        };
         let (upstream, emulator) = upstream(config.upstream).await?;
         let coordination = coordination(config.store, &config.gateway).await?;
         let gateway = Arc::new(Gateway::with_store(
@@ -174,12 +203,21 @@ impl App {
             coordination,
             upstream,
             metrics.clone(),
-            crate::grpc::convert::encode_row,
+            crate::grpc::convert::ROW_CODEC,
         ));
         let (ready, ready_rx) = watch::channel(false);
         let serving =
             Serving { gateway: gateway.clone(), metrics: metrics.clone(), options: config.server, ready, tls, access };
-        Ok(Self { gateway, metrics, serving, listeners, ready: ready_rx, emulator, grace: config.shutdown_grace })
+        Ok(Self {
+            gateway,
+            metrics,
+            console,
+            serving,
+            listeners,
+            ready: ready_rx,
+            emulator,
+            grace: config.shutdown_grace,
+        })
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -212,13 +250,16 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains (see the module's doc) and stops.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-        let Self { gateway, metrics, serving, listeners, ready, emulator, grace } = self;
+        let Self { gateway, metrics, console, serving, listeners, ready, emulator, grace } = self;
         let (stop, stopped) = watch::channel(false);
-        let admin = tokio::spawn(admin::serve(listeners.admin, metrics, ready, until_true(stopped.clone())));
         let watching = tokio_util::sync::CancellationToken::new();
+        let console_routes = console.router(&listeners.admin, gateway.clone(), metrics.clone(), watching.clone());
+        let admin =
+            tokio::spawn(admin::serve(listeners.admin, metrics, ready, console_routes, until_true(stopped.clone())));
         let reloadable = [
             serving.tls.clone().map(|t| t as Arc<dyn Reload>),
             serving.access.authorizer.clone().map(|a| a as Arc<dyn Reload>),
+            console.token.clone().map(|t| t as Arc<dyn Reload>),
         ];
         for target in reloadable.into_iter().flatten() {
             tokio::spawn(crate::grpc::reload::watch(target, RELOAD_INTERVAL, watching.clone()));
@@ -321,6 +362,9 @@ async fn upstream(config: UpstreamConfig) -> Result<(Arc<dyn Upstream>, Option<E
         UpstreamConfig::Sdk(sdk) => Ok((connect(sdk).await.map_err(AppError::Upstream)?, None)),
         UpstreamConfig::Given(upstream) => Ok((upstream, None)),
         UpstreamConfig::Emulator { emulator, mut sdk } => {
+            let mut emulator = *emulator;
+            // The built-in emulator answers for the region the client signs for.
+            emulator.region = sdk.region.get_or_insert_with(|| emulator.region.clone()).clone();
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
             let handle = EmulatorHandle::spawn(emulator, loopback)
                 .await
@@ -329,10 +373,45 @@ async fn upstream(config: UpstreamConfig) -> Result<(Arc<dyn Upstream>, Option<E
             sdk.endpoint_url = Some(handle.endpoint_url());
             sdk.credentials =
                 CredentialSource::Static { access_key_id: "emulator".into(), secret_access_key: "emulator".into() };
-            sdk.region.get_or_insert_with(|| "us-west-2".into());
             let upstream = connect(sdk).await.map_err(AppError::Upstream)?;
             Ok((upstream, Some(handle)))
         }
+    }
+}
+
+/// The operator console's parts, built with the app.
+struct Console {
+    token: Option<Arc<crate::console::token::TokenFile>>,
+    trace_url_template: Option<String>,
+    upstream_start: (f64, u32),
+    upstream_get: (f64, u32),
+}
+
+impl Console {
+    /// The console's routes: behind the token when there is one; open when the admin listener
+    /// is on a loopback address; else off (and said so).
+    fn router(
+        &self,
+        admin: &TcpListener,
+        gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> axum::Router {
+        use crate::console::{ConsoleAccess, ConsoleSettings};
+        let loopback = admin.local_addr().is_ok_and(|a| a.ip().is_loopback());
+        let access = ConsoleAccess::for_listener(self.token.clone(), loopback);
+        if matches!(access, ConsoleAccess::Off) {
+            tracing::warn!(
+                "the operator console is off: the admin listener is not on loopback and no --admin-token-file is set"
+            );
+        }
+        let settings = ConsoleSettings {
+            access,
+            trace_url_template: self.trace_url_template.clone(),
+            upstream_start: self.upstream_start,
+            upstream_get: self.upstream_get,
+        };
+        crate::console::router(gateway, metrics, settings, stop)
     }
 }
 

@@ -29,6 +29,8 @@
 //! - [`emulator`]: a Deadline Cloud emulator served over HTTP, the upstream of every test, demo
 //!   and benchmark.
 //! - [`telemetry`]: logs, OpenTelemetry traces, metrics, and the admin HTTP listener.
+//! - [`console`]: the operator console on the admin listener (a page and a JSON API over the
+//!   gateway's read-only views; a bearer token when reachable from elsewhere).
 //! - `every`: the tick of a background task (housekeeping, refresh, the farm scan, file reloads).
 //! - [`bench`](mod@bench): the load generator, the bare-tonic baseline and the benchmark scenarios.
 //! - [`cli`]: the command line; it maps flags onto [`app::AppConfig`] and checks nothing of
@@ -70,6 +72,7 @@
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod console;
 pub mod domain;
 pub mod emulator;
 pub(crate) mod every;

@@ -171,6 +171,54 @@ fn the_transport_holds_under_resets_floods_idle_sockets_big_metadata_and_descrip
 }
 
 #[test]
+fn console_polling_is_measured_against_the_cache_hit_path_with_every_farm_running() {
+    let r = run("console");
+    has_numbers(&r, &["rps_without_console", "rps_with_console", "throughput_ratio"]);
+    assert_eq!((r["farms"].as_u64(), r["running"].as_u64()), (Some(20), Some(20)), "every farm's head runs: {r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    for path in [
+        "/api/v1/overview",
+        "/api/v1/farms?limit=100&order=queued",
+        "/api/v1/farms/{farm}?limit=50",
+        "/api/v1/aggregations/{id}",
+    ] {
+        assert!(r["console_answer_ms"][path]["reads"].as_u64() > Some(0), "{path} was read: {r}");
+        assert!(r["console_answer_bytes"][path].as_u64() > Some(100), "{path} answered: {r}");
+    }
+}
+
+#[test]
+fn fairness_measures_the_dashboard_and_the_makespan_fair_and_in_arrival_order() {
+    let r = run("fairness");
+    has_numbers(&r, &["dashboard_p99_fifo_over_fair"]);
+    for side in ["fair", "fifo"] {
+        let s = &r[side];
+        assert!(s["dashboard_aggregations"].as_u64() > Some(0), "the dashboard asked ({side}): {r}");
+        for number in ["makespan_s", "lower_bound_s", "makespan_ratio"] {
+            assert!(s[number].as_f64().is_some_and(|n| n > 0.0), "{side}.{number}: {r}");
+        }
+        assert!(s["dashboard_time_to_rows_s"]["p99"].as_f64().is_some(), "{r}");
+    }
+}
+
+#[test]
+fn derive_counts_the_upstream_starts_a_cached_superset_saves() {
+    let r = run("derive");
+    has_numbers(&r, &["makespan_no_derive_over_derive", "upstream_starts_saved"]);
+    let (with, without) = (&r["derive"], &r["no_derive"]);
+    let derivable = r["derivable"].as_u64().expect("derivable");
+    assert_eq!(with["derived"].as_u64(), Some(derivable), "every derivable request derived: {r}");
+    assert_eq!(without["derived"], 0, "{r}");
+    let starts = |side: &serde_json::Value| side["upstream_starts"].as_u64().expect("upstream_starts");
+    assert_eq!(
+        starts(without),
+        r["requests"].as_u64().expect("requests") + 1,
+        "every distinct request and the week: {r}"
+    );
+    assert_eq!(starts(with) + derivable, starts(without), "{r}");
+}
+
+#[test]
 fn watchers_are_woken_and_cost_no_upstream_calls() {
     let r = run("watchers");
     has_numbers(

@@ -82,6 +82,8 @@ async fn serve_with_the_aws_upstream_uses_the_standard_credential_and_endpoint_v
     let emu = deadline_stats_gateway::emulator::EmulatorHandle::spawn(
         deadline_stats_gateway::emulator::EmulatorConfig {
             aggregation_duration: Duration::from_millis(100),
+            // The region the gateway signs for below (from AWS_REGION).
+            region: "eu-west-1".into(),
             ..Default::default()
         },
         "127.0.0.1:0".parse().expect("addr"),

@@ -26,14 +26,17 @@ async fn redis(server: &RedisServer, prefix: &str) -> RedisClient {
 
 /// One holder at a time; release lets the next in with a larger token, and fences the first.
 async fn leases_exclude_and_fence(a: &dyn FarmLeases, b: &dyn FarmLeases) {
+    assert_eq!(b.holder("farm-1").await.expect("store"), None, "nobody holds it yet");
     let first = a.acquire("farm-1", "replica-a", TTL).await.expect("store").expect("free");
     assert_eq!(b.acquire("farm-1", "replica-b", TTL).await.expect("store"), None, "held by a");
+    assert_eq!(b.holder("farm-1").await.expect("store").as_deref(), Some("replica-a"), "every replica sees who");
     assert!(a.renew(&first, TTL).await.expect("store"));
     assert!(a.is_current(&first).await.expect("store"));
     let other = b.acquire("farm-2", "replica-b", TTL).await.expect("store").expect("another farm is free");
     assert_eq!(other.holder, "replica-b");
 
     a.release(&first).await.expect("store");
+    assert_eq!(a.holder("farm-1").await.expect("store"), None, "released");
     let second = b.acquire("farm-1", "replica-b", TTL).await.expect("store").expect("released");
     assert!(second.token > first.token, "tokens only grow: {} then {}", first.token, second.token);
     assert!(!a.renew(&first, TTL).await.expect("store"), "the old holder cannot renew");

@@ -41,6 +41,7 @@ async fn app(
         identity_source: None,
         authz_policy: None,
         shutdown_grace: grace,
+        console: Default::default(),
     };
     let app = App::build(config, listeners).await.expect("builds");
     let addr = app.addr().expect("addr");

@@ -82,7 +82,7 @@ async fn errors_have_the_rest_json_shape() {
         http("GET", &format!("{}?aggregationId={id}", api(&base, &farm(1))), None, &[SIGNED]).await;
     assert_eq!((status, headers["x-amzn-errortype"].to_str().ok()), (500, Some("InternalServerErrorException")));
 
-    let (status, _, body) = http("GET", &format!("{base}/2023-10-12/farms"), None, &[SIGNED]).await;
+    let (status, _, body) = http("GET", &format!("{base}/2023-10-12/queues"), None, &[SIGNED]).await;
     assert_eq!(status, 400);
     assert!(body.contains("UNKNOWN_OPERATION"));
 }

@@ -203,6 +203,8 @@ async fn many_concurrent_distinct_requests_never_break_the_one_running_rule() {
 async fn a_full_farm_queue_is_resource_exhausted_with_retry_info() {
     let mut config = fast_config(HOUR);
     config.farm_queue_capacity = 2;
+    // One caller fills the farm: its share may be all of it.
+    config.farm_queue_caller_share = 1.0;
     let gw = gateway(Duration::from_secs(30), config).await;
     let mut client = gw.client().await;
     let first =

@@ -161,7 +161,13 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
     let admin = format!("http://{}", listener.local_addr().expect("addr"));
     let (_ready, ready_rx) = tokio::sync::watch::channel(true);
-    tokio::spawn(deadline_stats_gateway::telemetry::admin::serve(listener, metrics, ready_rx, std::future::pending()));
+    tokio::spawn(deadline_stats_gateway::telemetry::admin::serve(
+        listener,
+        metrics,
+        ready_rx,
+        axum::Router::new(),
+        std::future::pending(),
+    ));
     let scrape = || async {
         let (status, headers, body) = http("GET", &format!("{admin}/metrics"), None, &[]).await;
         assert_eq!(status, 200);
@@ -189,6 +195,8 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     let m = scrape().await;
     assert_eq!(value(&m, r#"dsg_start_dispositions_total{disposition="cached"}"#), 1.0);
     assert_eq!(value(&m, "dsg_cache_hits_total"), 1.0);
+    assert_eq!(value(&m, r#"dsg_queue_wait_seconds_count{class="interactive"}"#), 1.0, "its wait, by class");
+    assert_eq!(value(&m, r#"dsg_queue_wait_seconds_count{class="batch"}"#), 0.0);
     assert_eq!(value(&m, "dsg_cache_entries"), 1.0);
     assert!(value(&m, "dsg_cache_bytes") > 0.0);
     assert_eq!(value(&m, "dsg_aggregations_active"), 0.0);
@@ -201,6 +209,17 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     assert_eq!(value(&m, "dsg_aggregation_time_to_complete_seconds_count"), 1.0);
     assert_eq!(value(&m, r#"dsg_rpc_requests_total{method="GetAggregation",code="NOT_FOUND"}"#), 1.0);
     assert!(value(&m, r#"dsg_rpc_duration_seconds_count{method="GetAggregation"}"#) >= 2.0);
+
+    // Fewer statistics of the same day: cut out of the cached result.
+    let mut fewer = start_request(2, 1, 1, &[GroupBy::QueueId]);
+    fewer.statistics = vec![deadline_stats_gateway::grpc::pb::Statistic::Sum as i32];
+    let derived = client.start_aggregation(fewer).await.expect("derived").into_inner();
+    assert_eq!(derived.disposition(), Disposition::Derived);
+    let m = scrape().await;
+    assert_eq!(value(&m, r#"dsg_start_dispositions_total{disposition="derived"}"#), 1.0);
+    assert_eq!(value(&m, "dsg_derived_total"), 1.0);
+    assert_eq!(value(&m, "dsg_cache_hits_total"), 2.0, "a derived answer is a cache hit");
+    assert_eq!(value(&m, "dsg_cache_misses_total"), 1.0);
 }
 
 /// Python's `prometheus_client` OpenMetrics parser (strict: it refuses what Prometheus would
@@ -258,6 +277,8 @@ async fn metrics_are_valid_openmetrics_with_typed_counters() {
         assert_eq!(families.get(counter).map(String::as_str), Some("counter"), "{counter}: {families:?}");
     }
     assert_eq!(families.get("dsg_rpc_duration_seconds").map(String::as_str), Some("histogram"));
+    assert_eq!(families.get("dsg_queue_wait_seconds").map(String::as_str), Some("histogram"), "{families:?}");
+    assert_eq!(families.get("dsg_queue_refused").map(String::as_str), Some("counter"), "{families:?}");
     assert_eq!(families.get("dsg_aggregations_active").map(String::as_str), Some("gauge"));
     for gauge in ["dsg_store_keys", "dsg_store_memory_bytes", "dsg_store_max_memory_bytes"] {
         assert_eq!(families.get(gauge).map(String::as_str), Some("gauge"), "{gauge}: {families:?}");

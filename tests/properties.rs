@@ -89,6 +89,7 @@ fn start_requests() -> impl Strategy<Value = pb::StartAggregationRequest> {
         prop::collection::vec(prop_oneof![0i32..6, any::<i32>()], 0..6),
         staleness,
         any::<bool>(),
+        prop_oneof![0i32..3, any::<i32>()],
     )
         .prop_map(
             |(
@@ -102,6 +103,7 @@ fn start_requests() -> impl Strategy<Value = pb::StartAggregationRequest> {
                 statistics,
                 max_staleness,
                 no_split,
+                priority,
             )| {
                 pb::StartAggregationRequest {
                     farm_id,
@@ -114,6 +116,8 @@ fn start_requests() -> impl Strategy<Value = pb::StartAggregationRequest> {
                     statistics,
                     max_staleness,
                     no_split,
+                    priority,
+                    no_derive: false,
                 }
             },
         )

@@ -16,7 +16,9 @@ use deadline_stats_gateway::gateway::coordination::{
 use deadline_stats_gateway::gateway::ids::{Bucket, IdMinter};
 use deadline_stats_gateway::gateway::key::CanonicalKey;
 use deadline_stats_gateway::gateway::rate::Rate;
-use deadline_stats_gateway::gateway::{AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
+use deadline_stats_gateway::gateway::{
+    AggregationRecord, Failure, FailureCode, Offer, Priority, Rows, SplitPart, State,
+};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::{Duration, SystemTime};
@@ -24,7 +26,7 @@ use std::time::{Duration, SystemTime};
 mod common;
 
 const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
-const ROOMY: Limits = Limits { queue_capacity: 100, max_live: 100, max_farms: 100 };
+const ROOMY: Limits = Limits { queue_capacity: 100, max_live: 100, max_farms: 100, caller_capacity: 100, fair: true };
 const TTL: Duration = Duration::from_secs(60);
 
 thread_local! {
@@ -78,7 +80,18 @@ async fn claim_by(
     limits: &Limits,
     caller: &str,
 ) -> Result<Claimed, ClaimError> {
-    store.claim(k, &ANY, limits, mint(store, k).await, caller).await
+    claim_as(store, k, limits, caller, Priority::Interactive).await
+}
+
+/// [`claim`] by `caller` with `priority`.
+async fn claim_as(
+    store: &dyn AggregationStore,
+    k: &CanonicalKey,
+    limits: &Limits,
+    caller: &str,
+    priority: Priority,
+) -> Result<Claimed, ClaimError> {
+    store.claim(k, &ANY, limits, mint(store, k).await, caller, priority).await
 }
 
 async fn holder(store: &dyn AggregationStore, farm: &str, name: &str) -> Lease {
@@ -161,6 +174,148 @@ async fn a_farm_queue_is_first_in_first_out(s: &Subject) {
     assert_eq!(position(store.read(&third.record.id).await.expect("store")), 1, "moved up");
 }
 
+/// The farm's queue, head first, as ids.
+async fn queue_ids(store: &dyn AggregationStore, farm: &str) -> Vec<Arc<str>> {
+    store.queue(farm, 100).await.expect("store").iter().map(|r| r.id.clone()).collect()
+}
+
+/// Completes the head of `farm` until it is empty: the order the aggregations ran in, each
+/// checked against its position (`read`) and the queue just before.
+async fn run_out(store: &dyn AggregationStore, farm: &str) -> Vec<Arc<str>> {
+    let lease = holder(store, farm, "replica-a").await;
+    let mut ran = Vec::new();
+    while let Some(id) = head(store, farm).await {
+        let queue = queue_ids(store, farm).await;
+        for (i, queued) in queue.iter().enumerate() {
+            assert_eq!(position(store.read(queued).await.expect("store")) as usize, i, "{queued} reads its place");
+        }
+        let Found::Active { record, .. } = store.read(&id).await.expect("store") else { panic!("{id} active") };
+        complete(store, &lease, &record, TTL).await;
+        ran.push(id);
+    }
+    ran
+}
+
+/// `policy::place` and `policy::slot`: interactive before batch, callers taking turns within a
+/// class, the head never displaced; with `fair: false`, arrival order.
+async fn a_farms_queue_is_shared_fairly_between_classes_and_callers(s: &Subject) {
+    let store = s.store.as_ref();
+    for (farm, fair) in [(81, true), (82, false)] {
+        let limits = Limits { fair, ..ROOMY };
+        let mut ids = std::collections::HashMap::new();
+        let mut days = 0;
+        for (name, caller, priority) in [
+            ("a-b1", "a", Priority::Batch),
+            ("a-b2", "a", Priority::Batch),
+            ("a-b3", "a", Priority::Batch),
+            ("a-i1", "a", Priority::Interactive),
+            ("a-i2", "a", Priority::Interactive),
+            ("a-i3", "a", Priority::Interactive),
+            ("b-i1", "b", Priority::Interactive),
+            ("b-i2", "b", Priority::Interactive),
+        ] {
+            days += 1;
+            let claimed = claim_as(store, &key(farm, days), &limits, caller, priority).await.expect("room");
+            assert_eq!(claimed.record.priority, priority);
+            ids.insert(claimed.record.id.clone(), name);
+        }
+        let farm_id = key(farm, 1).farm_id().to_owned();
+        let ran: Vec<&str> = run_out(store, &farm_id).await.iter().map(|id| ids[id]).collect();
+        let want = if fair {
+            ["a-b1", "a-i1", "b-i1", "a-i2", "b-i2", "a-i3", "a-b2", "a-b3"]
+        } else {
+            ["a-b1", "a-b2", "a-b3", "a-i1", "a-i2", "a-i3", "b-i1", "b-i2"]
+        };
+        assert_eq!(ran, want, "fair: {fair}");
+    }
+}
+
+/// A caller new to a farm goes next after the head, not behind another caller's backlog; a
+/// caller that joins a waiting aggregation for the first time moves it up to its own place
+/// (an interactive caller raises a batch one) and spends its turn; joining again changes
+/// nothing. Positions that move wake the farm's waiters.
+async fn a_newcomer_goes_next_and_a_join_moves_an_aggregation_up(s: &Subject) {
+    let store = s.store.as_ref();
+    let farm = 83;
+    let backlog: Vec<Claimed> = futures_in_order(store, farm, 1..=5, "a", Priority::Batch).await;
+    let newcomer = claim_as(store, &key(farm, 6), &ROOMY, "b", Priority::Batch).await.expect("room");
+    assert_eq!(newcomer.queue_position, 1, "next after the head, before the backlog");
+    let mut waiter = s.wakeups.waiter(&format!("farm:{}", key(farm, 1).farm_id()));
+    let last = &backlog[4].record;
+    assert_eq!(position(store.read(&last.id).await.expect("store")), 5);
+    let joined = claim_as(store, &last.key, &ROOMY, "c", Priority::Interactive).await.expect("joins");
+    assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &last.id));
+    assert_eq!(joined.queue_position, 1, "raised to interactive: before every batch one waiting");
+    assert_eq!(joined.record.priority, Priority::Interactive);
+    assert_eq!(position(store.read(&newcomer.record.id).await.expect("store")), 2, "pushed back by it");
+    tokio::time::timeout(Duration::from_secs(10), waiter.woken()).await.expect("the farm's waiters were woken");
+    let again = claim_as(store, &last.key, &ROOMY, "c", Priority::Interactive).await.expect("joins");
+    assert_eq!(again.queue_position, 1, "a second join changes nothing");
+    // c spent its first interactive turn on the join: its own next one waits behind it.
+    let own = claim_as(store, &key(farm, 7), &ROOMY, "c", Priority::Interactive).await.expect("room");
+    assert_eq!(own.queue_position, 2, "after the aggregation it joined");
+    let Found::Active { record, .. } = store.read(&last.id).await.expect("store") else { panic!("active") };
+    assert_eq!(record.priority, Priority::Interactive, "the raised class is what a read finds");
+}
+
+/// Claims `days` on `farm` by `caller`, one after the other.
+async fn futures_in_order(
+    store: &dyn AggregationStore,
+    farm: u64,
+    days: std::ops::RangeInclusive<i64>,
+    caller: &str,
+    priority: Priority,
+) -> Vec<Claimed> {
+    let mut out = Vec::new();
+    for d in days {
+        out.push(claim_as(store, &key(farm, d), &ROOMY, caller, priority).await.expect("room"));
+    }
+    out
+}
+
+/// `policy::admit`: one caller holds at most its share of a farm's queue; other callers are
+/// still taken, and joining takes no share.
+async fn a_caller_holds_at_most_its_share_of_a_farms_queue(s: &Subject) {
+    let store = s.store.as_ref();
+    let limits = Limits { queue_capacity: 10, caller_capacity: 2, ..ROOMY };
+    let farm = 84;
+    let mut mine = Vec::new();
+    for d in 1..=3 {
+        mine.push(
+            claim_as(store, &key(farm, d), &limits, "a", Priority::Batch).await.expect("the head and two waiting"),
+        );
+    }
+    let refused = claim_as(store, &key(farm, 4), &limits, "a", Priority::Batch).await.expect_err("a's share is taken");
+    assert!(matches!(refused, ClaimError::CallerQueueFull { capacity: 2, .. }), "{refused:?}");
+    claim_as(store, &key(farm, 5), &limits, "b", Priority::Batch).await.expect("b is still taken");
+    let joined = claim_as(store, &key(farm, 5), &limits, "a", Priority::Batch).await.expect("a may join");
+    assert_eq!(joined.disposition, Disposition::Joined);
+    let lease = holder(store, key(farm, 1).farm_id(), "replica-a").await;
+    complete(store, &lease, &mine[0].record, TTL).await;
+    let refused = claim_as(store, &key(farm, 4), &limits, "a", Priority::Batch).await.expect_err("b's turn is next");
+    assert!(matches!(refused, ClaimError::CallerQueueFull { .. }), "{refused:?}");
+    let Some(next) = head(store, key(farm, 1).farm_id()).await else { panic!("b's is the head") };
+    let Found::Active { record, .. } = store.read(&next).await.expect("store") else { panic!("active") };
+    complete(store, &lease, &record, TTL).await;
+    claim_as(store, &key(farm, 4), &limits, "a", Priority::Batch).await.expect("once one of a's started, room again");
+}
+
+/// A queue longer than one slice of the scripts' reads (1,000) keeps its order.
+async fn a_long_queue_keeps_its_order(s: &Subject) {
+    let store = s.store.as_ref();
+    let limits = Limits { queue_capacity: 1_500, max_live: 2_000, caller_capacity: 1_500, ..ROOMY };
+    let farm = 85;
+    for d in 1..=1_100 {
+        claim_as(store, &key(farm, d), &limits, "a", Priority::Batch).await.expect("room");
+    }
+    let b = claim_as(store, &key(farm, 1_101), &limits, "b", Priority::Batch).await.expect("room");
+    assert_eq!(b.queue_position, 1, "b's turn comes next, whatever a's backlog");
+    let i = claim_as(store, &key(farm, 1_102), &limits, "c", Priority::Interactive).await.expect("room");
+    assert_eq!(i.queue_position, 1, "interactive first");
+    let last = claim_as(store, &key(farm, 1_103), &limits, "a", Priority::Batch).await.expect("room");
+    assert_eq!(last.queue_position, 1_102, "a's next at the back");
+}
+
 /// `policy::admit`: live aggregations, then farms, then the farm's queue.
 async fn claims_respect_every_bound(s: &Subject) {
     let store = s.store.as_ref();
@@ -176,7 +331,7 @@ async fn claims_respect_every_bound(s: &Subject) {
     let three_live = Limits { max_live: 3, ..ROOMY };
     let live = claim(store, &key(11, 4), &three_live).await.expect_err("three live");
     assert!(matches!(live, ClaimError::Busy { bound: Bound::ActiveAggregations, limit: 3 }), "{live:?}");
-    let all = Limits { queue_capacity: 0, max_live: 0, max_farms: 0 };
+    let all = Limits { queue_capacity: 0, max_live: 0, max_farms: 0, caller_capacity: 0, fair: true };
     let first = claim(store, &key(13, 1), &all).await.expect_err("every bound");
     assert!(matches!(first, ClaimError::Busy { bound: Bound::ActiveAggregations, .. }), "live first: {first:?}");
     let joined = claim(store, &key(11, 1), &all).await.expect("joins");
@@ -268,7 +423,10 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     let cached = claim(store, &k, &ROOMY).await.expect("claims");
     assert_eq!((cached.disposition, &cached.record.id), (Disposition::Cached, &claimed.record.id));
     let needs_more = Freshness { min_remaining: Duration::from_secs(120), max_staleness: None };
-    let fresh = store.claim(&k, &needs_more, &ROOMY, mint(store, &k).await, "caller-a").await.expect("claims");
+    let fresh = store
+        .claim(&k, &needs_more, &ROOMY, mint(store, &k).await, "caller-a", Priority::Interactive)
+        .await
+        .expect("claims");
     assert_eq!(fresh.disposition, Disposition::Started, "60 s left is too little to read it");
     assert!(
         matches!(store.read(&claimed.record.id).await.expect("store"), Found::Terminal(_)),
@@ -276,7 +434,10 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     );
     tokio::time::sleep(Duration::from_millis(30)).await;
     let strict = Freshness { min_remaining: Duration::ZERO, max_staleness: Some(Duration::from_millis(10)) };
-    let joined = store.claim(&k, &strict, &ROOMY, mint(store, &k).await, "caller-a").await.expect("claims");
+    let joined = store
+        .claim(&k, &strict, &ROOMY, mint(store, &k).await, "caller-a", Priority::Interactive)
+        .await
+        .expect("claims");
     assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &fresh.record.id), "the key names it");
 
     let failed_key = key(31, 2);
@@ -288,10 +449,102 @@ async fn a_terminal_result_answers_while_fresh_enough(s: &Subject) {
     failed.data_time = Some(now());
     assert_eq!(store.finish(&lease, failed, None).await.expect("store"), Written::Done);
     let cached = store
-        .claim(&failed_key, &needs_more, &ROOMY, mint(store, &failed_key).await, "caller-a")
+        .claim(&failed_key, &needs_more, &ROOMY, mint(store, &failed_key).await, "caller-a", Priority::Interactive)
         .await
         .expect("claims");
     assert_eq!(cached.disposition, Disposition::Cached, "a failure needs no time to be read");
+}
+
+/// `key` of farm `farm` over `days` days (one queue, hourly), grouped by `group`.
+fn key_grouped(farm: u64, days: i64, group: deadline_stats_gateway::grpc::pb::GroupBy) -> CanonicalKey {
+    let request = common::start_request(farm, 1, days, &[group]);
+    CanonicalKey::new(&deadline_stats_gateway::grpc::convert::start_request(request).expect("valid").request)
+}
+
+/// A result of `k` derived from `from`, valid for `valid_for`, with two rows.
+async fn derived(store: &dyn AggregationStore, k: &CanonicalKey, from: &str, valid_for: Duration) -> AggregationRecord {
+    let mut r = completed(&AggregationRecord::queued(mint(store, k).await, k.clone(), now()), valid_for);
+    r.derived_from = Some(from.into());
+    r.row_count = 2;
+    r
+}
+
+async fn the_result_containing_a_request_is_found_through_its_family_most_validity_first(s: &Subject) {
+    let store = s.store.as_ref();
+    let (three_days, four_days) = (key(41, 3), key(41, 4));
+    let mut ids = Vec::new();
+    for (k, valid_for) in [(&three_days, 60), (&four_days, 120)] {
+        let claimed = claim(store, k, &ROOMY).await.expect("room");
+        let lease = holder(store, k.farm_id(), "replica-a").await;
+        complete(store, &lease, &claimed.record, Duration::from_secs(valid_for)).await;
+        store.leases().release(&lease).await.expect("store");
+        ids.push(claimed.record.id.clone());
+    }
+    let found = |k: CanonicalKey, freshness: Freshness| async move {
+        store.containing(&k, &freshness).await.expect("store").map(|r| r.id.clone())
+    };
+    let one_day = key(41, 1);
+    assert_eq!(found(one_day.clone(), ANY).await.as_ref(), Some(&ids[1]), "both contain it: the one valid longer");
+    let needs = |secs| Freshness { min_remaining: Duration::from_secs(secs), max_staleness: None };
+    assert_eq!(found(one_day.clone(), needs(90)).await.as_ref(), Some(&ids[1]));
+    assert_eq!(found(one_day.clone(), needs(150)).await, None, "neither is valid long enough");
+    assert_eq!(found(key(41, 5), ANY).await, None, "a window past both");
+    let other_groups = key_grouped(41, 1, deadline_stats_gateway::grpc::pb::GroupBy::UsageType);
+    assert_eq!(found(other_groups, ANY).await, None, "another family");
+    assert_eq!(found(key(42, 1), ANY).await, None, "another farm");
+    // A derived result is not looked at, even valid longer: the one it came from contains it.
+    let d = derived(store, &one_day, &ids[1], Duration::from_secs(300)).await;
+    store.put_derived(d, rows(2, |_, buf| buf.extend_from_slice(b"row"))).await.expect("store");
+    assert_eq!(found(one_day, ANY).await.as_ref(), Some(&ids[1]));
+}
+
+/// One queue of farm `farm`, hourly, from day `from` of the bench window for `days` days.
+fn window_key(farm: u64, from: i64, days: i64) -> CanonicalKey {
+    let mut request = common::start_request(farm, 1, days, &[deadline_stats_gateway::grpc::pb::GroupBy::QueueId]);
+    let start = request.start_time.as_mut().expect("a start");
+    start.seconds += from * 86_400;
+    let end = request.end_time.as_mut().expect("an end");
+    end.seconds += from * 86_400;
+    CanonicalKey::new(&deadline_stats_gateway::grpc::convert::start_request(request).expect("valid").request)
+}
+
+async fn only_the_results_starting_nearest_before_a_request_are_looked_at(s: &Subject) {
+    let store = s.store.as_ref();
+    // A long result from day 0, then one-day results from day 1 on: a request on day 70 lies in
+    // the long one, which is looked at while fewer than 64 others start between.
+    let mut keys = vec![window_key(44, 0, 100)];
+    keys.extend((1..=64).map(|day| window_key(44, day, 1)));
+    let lease = holder(store, keys[0].farm_id(), "replica-a").await;
+    for (n, k) in keys.iter().enumerate() {
+        let claimed = claim(store, k, &ROOMY).await.expect("room");
+        complete(store, &lease, &claimed.record, Duration::from_secs(60)).await;
+        let found = store.containing(&window_key(44, 70, 1), &ANY).await.expect("store");
+        let looked_at = n < 64;
+        assert_eq!(found.is_some(), looked_at, "{n} one-day results start after the long one");
+    }
+}
+
+async fn a_derived_result_answers_its_key_unless_an_active_aggregation_does(s: &Subject) {
+    let store = s.store.as_ref();
+    let k = key(43, 1);
+    let d = derived(store, &k, "agg-00000000000000000000000000000000", Duration::from_secs(60)).await;
+    let id = d.id.clone();
+    let kept = store.put_derived(d, rows(2, |_, buf| buf.extend_from_slice(b"row"))).await.expect("store");
+    assert_eq!(kept.record.derived_from.as_deref(), Some("agg-00000000000000000000000000000000"));
+    let again = claim(store, &k, &ROOMY).await.expect("claims");
+    assert_eq!((again.disposition, &again.record.id), (Disposition::Cached, &id), "its key answers it");
+    match store.read(&id).await.expect("store") {
+        Found::Terminal(r) => assert_eq!(r.rows.as_ref().map(|r| r.len()), Some(2)),
+        other => panic!("not readable: {other:?}"),
+    }
+    let busy = key(43, 2);
+    let running = claim(store, &busy, &ROOMY).await.expect("room");
+    let d = derived(store, &busy, "agg-00000000000000000000000000000000", Duration::from_secs(60)).await;
+    let other = d.id.clone();
+    store.put_derived(d, rows(2, |_, buf| buf.extend_from_slice(b"row"))).await.expect("store");
+    let joined = claim(store, &busy, &ROOMY).await.expect("claims");
+    assert_eq!((joined.disposition, &joined.record.id), (Disposition::Joined, &running.record.id));
+    assert!(matches!(store.read(&other).await.expect("store"), Found::Terminal(_)), "the derived one still reads");
 }
 
 async fn an_expired_result_reads_expired_and_answers_no_start(s: &Subject) {
@@ -451,7 +704,10 @@ async fn a_refresh_becomes_what_its_key_answers_or_is_joined(s: &Subject) {
     assert!(matches!(store.read(&old_a.record.id).await.expect("store"), Found::Terminal(_)), "the old id reads");
 
     let needs_more = Freshness { min_remaining: Duration::from_secs(90), max_staleness: None };
-    let joined = store.claim(&c, &needs_more, &ROOMY, mint(store, &c).await, "caller-a").await.expect("claims");
+    let joined = store
+        .claim(&c, &needs_more, &ROOMY, mint(store, &c).await, "caller-a", Priority::Interactive)
+        .await
+        .expect("claims");
     assert_eq!(
         (joined.disposition, &joined.record.id),
         (Disposition::Joined, &refresh_c.id),
@@ -597,6 +853,13 @@ conformance! {
     a_refresh_becomes_what_its_key_answers_or_is_joined,
     a_farm_with_callers_work_gets_no_refresh_until_it_is_done,
     a_failed_refresh_changes_nothing_and_is_not_retried,
+    a_farms_queue_is_shared_fairly_between_classes_and_callers,
+    a_newcomer_goes_next_and_a_join_moves_an_aggregation_up,
+    a_caller_holds_at_most_its_share_of_a_farms_queue,
+    a_long_queue_keeps_its_order,
+    the_result_containing_a_request_is_found_through_its_family_most_validity_first,
+    a_derived_result_answers_its_key_unless_an_active_aggregation_does,
+    only_the_results_starting_nearest_before_a_request_are_looked_at,
 }
 
 #[tokio::test]
@@ -733,7 +996,10 @@ async fn after_redis_lost_its_state_a_claim_needs_an_id_of_the_new_epoch() {
     assert_eq!(epoch(store.as_ref(), k.farm_id()).await, Some(before), "stable while the state lives");
     let old = mint(store.as_ref(), &k).await;
     server.cli(&["FLUSHALL"]).expect("FLUSHALL");
-    let refused = store.claim(&k, &ANY, &ROOMY, old, "caller-a").await.expect_err("an id of the lost state");
+    let refused = store
+        .claim(&k, &ANY, &ROOMY, old, "caller-a", Priority::Interactive)
+        .await
+        .expect_err("an id of the lost state");
     assert!(matches!(refused, ClaimError::NewEpoch), "{refused:?}");
     let after = epoch(store.as_ref(), k.farm_id()).await.expect("a new epoch");
     assert_ne!(after, before, "a new generation");

@@ -3,13 +3,18 @@
 //! here), helpers that pin processes to cores and read their CPU time and RSS from `/proc`, and
 //! the scenarios `bench` runs (`scenarios` for speed and memory, `abuse` for hostile input
 //! and caller churn, [`transport`] for abuse of HTTP/2 and TCP, `replicas` for several gateways
-//! sharing Redis, `chaos` for them under Redis and process faults).
+//! sharing Redis, `chaos` for them under Redis and process faults, `console` for the cache-hit
+//! path while the operator console is read, `fairness` for a farm shared by a backfill and a
+//! dashboard, `derive` for a dashboard mix answered from a cached superset).
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.
 
 pub(crate) mod abuse;
 pub mod baseline;
 pub(crate) mod chaos;
+pub(crate) mod console;
+pub(crate) mod derive;
+pub(crate) mod fairness;
 pub(crate) mod loadgen;
 pub mod process;
 pub(crate) mod replicas;

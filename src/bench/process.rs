@@ -207,6 +207,22 @@ pub fn pin_self(core: usize) {
 }
 
 /// `GET path` over plain HTTP/1.0 on loopback; the body.
+/// `POST {base}{path}` with a JSON `body` (HTTP/1.0); the answer's body.
+pub async fn http_post(base: &str, path: &str, body: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}
+
 pub async fn http_get(base: &str, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let host = base.trim_start_matches("http://");

@@ -34,6 +34,8 @@ pub fn start_request(farm_n: u64, queues: u64, days: i64, group_by: &[pb::GroupB
         statistics: vec![pb::Statistic::Sum as i32, pb::Statistic::Avg as i32],
         max_staleness: None,
         no_split: false,
+        priority: pb::Priority::Unspecified as i32,
+        no_derive: false,
     }
 }
 

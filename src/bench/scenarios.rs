@@ -129,7 +129,7 @@ pub(crate) async fn finish_counted(client: &mut Client, id: &str) -> Result<(pb:
 }
 
 /// Upstream counters of the emulator behind a gateway.
-async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
+pub(crate) async fn upstream_stats(server: &Server) -> Result<Value, BenchError> {
     let url = server.url("upstream on ").ok_or("the gateway did not name its emulator")?;
     Ok(serde_json::from_str(&http_get(&url, "/_emulator/stats").await?)?)
 }
@@ -176,7 +176,7 @@ pub(crate) async fn raw_clients(url: &str, n: usize) -> Result<Vec<RawClient>, B
     }
     Ok(out)
 }
-async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
+pub(crate) async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
     if client.ready().await.is_err() {
         return false;
     }
@@ -272,7 +272,7 @@ fn spread(mut values: Vec<f64>) -> Value {
 
 /// A gateway with one completed aggregation: the encoded request for its first page of 100
 /// rows, and the encoded answer.
-async fn with_a_result(gw: &Server) -> Result<(bytes::Bytes, Vec<u8>), BenchError> {
+pub(crate) async fn with_a_result(gw: &Server) -> Result<(bytes::Bytes, Vec<u8>), BenchError> {
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
     let mut clients = connect(&url, 1).await?;
     let started = clients[0].start_aggregation(start_request(1, 1, 1, &[pb::GroupBy::JobId])).await?.into_inner();
@@ -510,6 +510,11 @@ pub(crate) async fn coalesce(opts: &BenchOptions) -> Result<Value, BenchError> {
             }
             (Err(_), _) => errors += 1,
         }
+    }
+    // The upstream Start is sent after the callers are answered: it is counted once the
+    // aggregation completed.
+    for id in &ids {
+        finish(&mut clients[0].clone(), id).await?;
     }
     let stats = upstream_stats(&gw).await?;
     let upstream_starts = stats["farms"][farm(2)]["start_calls"].as_u64().unwrap_or(0);

@@ -32,6 +32,14 @@ pub enum Scenario {
     Transport,
     /// 10,000 watchers (streams and long-polls) on 100 aggregations completing over time.
     Watchers,
+    /// Cache hits with and without the console's JSON read every second, 1,000 farms with work.
+    Console,
+    /// A backfill of 90 batch aggregations and a dashboard's interactive one every 10 s on one
+    /// farm: the dashboard's time to rows and the makespan, fair against arrival order.
+    Fairness,
+    /// A weekly superset, then 200 distinct requests, 60 % inside it: upstream Starts, time to
+    /// rows and makespan with answers derived from the superset and without.
+    Derive,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +101,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
                 Scenario::Chaos => crate::bench::chaos::chaos(&opts).await,
                 Scenario::Transport => crate::bench::transport::transport(&opts).await,
                 Scenario::Watchers => crate::bench::watchers::watchers(&opts).await,
+                Scenario::Console => crate::bench::console::console(&opts).await,
+                Scenario::Fairness => crate::bench::fairness::fairness(&opts).await,
+                Scenario::Derive => crate::bench::derive::derive(&opts).await,
             }
         })
     })

@@ -20,6 +20,23 @@ pub struct EmulatorArgs {
     /// Aggregations with more rows end FAILED as too large.
     #[arg(long, env = "DSG_EMULATOR_MAX_ROWS", default_value_t = defaults::MAX_ROWS)]
     pub max_rows: u64,
+    /// The AWS region it answers for: a request signed for another region is refused, as AWS
+    /// refuses it. Several emulator processes act as several regions.
+    #[arg(long, env = "DSG_EMULATOR_REGION", default_value = defaults::REGION)]
+    pub region: String,
+    /// How long the credentials its STS `AssumeRole` hands out last.
+    #[arg(long, env = "DSG_EMULATOR_STS_CREDENTIAL_LIFETIME", default_value = "1h")]
+    pub sts_credential_lifetime: humantime::Duration,
+    /// The `ExternalId` an `AssumeRole` must give (else refused with AccessDenied).
+    #[arg(long, env = "DSG_EMULATOR_STS_EXTERNAL_ID")]
+    pub sts_external_id: Option<String>,
+    /// What STS credentials are derived with: emulators that share it accept each other's.
+    #[arg(long, env = "DSG_EMULATOR_STS_SECRET", default_value = crate::emulator::sts::DEFAULT_SECRET, hide_default_value = true)]
+    pub sts_secret: String,
+    /// A farm it holds (repeatable): `ListFarms` lists exactly these and any other farm id is
+    /// not found. Without it, every farm id is accepted and `ListFarms` lists those seen so far.
+    #[arg(long = "farm", value_name = "FARM_ID", value_parser = parse_farm_id)]
+    pub farms: Vec<String>,
     #[command(flatten)]
     pub faults: FaultArgs,
 }
@@ -64,8 +81,21 @@ impl EmulatorArgs {
             result_validity: *self.result_validity,
             max_rows: self.max_rows,
             faults: self.faults.spec(),
+            region: self.region.clone(),
+            sts: crate::emulator::sts::StsConfig {
+                credential_lifetime: *self.sts_credential_lifetime,
+                external_id: self.sts_external_id.clone(),
+                secret: self.sts_secret.clone(),
+            },
+            farms: self.farms.clone(),
         }
     }
+}
+
+fn parse_farm_id(s: &str) -> Result<String, String> {
+    let hex =
+        s.strip_prefix("farm-").filter(|h| h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    hex.map(|_| s.to_owned()).ok_or_else(|| format!("'{s}' is not a farm id (farm- and 32 lowercase hex digits)"))
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {

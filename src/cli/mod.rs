@@ -1,4 +1,5 @@
-//! The command line: `serve` (the gateway), `query` (a client of it) and `emulator`.
+//! The command line: `serve` (the gateway), `query` (a client of it), `status` (its console in
+//! a terminal) and `emulator`.
 //!
 //! Every `serve` and `emulator` flag also reads a `DSG_*` environment variable. Parsing and
 //! validation happen here; the work is done by the library modules.
@@ -9,6 +10,7 @@ pub(crate) mod emulator;
 pub(crate) mod progress;
 pub(crate) mod query;
 pub(crate) mod serve;
+pub(crate) mod status;
 
 use clap::{Parser, Subcommand};
 use std::io::Write as _;
@@ -31,8 +33,10 @@ pub enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Start an aggregation through a gateway, wait for it, and print every row.
     Query(Box<query::QueryArgs>),
+    /// Show a gateway's farms, queues and aggregations (its operator console, in a terminal).
+    Status(Box<status::StatusArgs>),
     /// Run the Deadline Cloud emulator (the sessions-statistics REST-JSON API) over HTTP.
-    Emulator(emulator::EmulatorArgs),
+    Emulator(Box<emulator::EmulatorArgs>),
     /// Run a benchmark scenario against the gateway (and the bare-tonic baseline).
     Bench(bench::BenchArgs),
     /// The bare-tonic baseline server of `bench cache-hit`.
@@ -64,7 +68,8 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     match cli.command {
         Command::Serve(args) => serve::run(*args).await,
         Command::Query(args) => query::run(*args).await,
-        Command::Emulator(args) => emulator::run(args).await,
+        Command::Status(args) => status::run(*args).await,
+        Command::Emulator(args) => emulator::run(*args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchBaseline(args) => bench::baseline(args).await,
     }
@@ -80,6 +85,20 @@ fn print_line(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// Rows under a header, each column as wide as its widest cell, for a terminal.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].chars().count()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_owned()
+    };
+    let mut out = vec![line(header.to_vec())];
+    out.extend(rows.iter().map(|r| line(r.iter().map(String::as_str).collect())));
+    out.join("\n")
 }
 
 /// Installs SIGINT and SIGTERM handlers now; the future resolves on the first signal.

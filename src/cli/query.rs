@@ -72,6 +72,14 @@ pub struct QueryArgs {
     /// If the upstream finds the result too large, fail instead of letting the gateway split it.
     #[arg(long)]
     pub no_split: bool,
+    /// Never answer from a larger cached result: an identical cached or running aggregation
+    /// still answers, else it runs upstream.
+    #[arg(long)]
+    pub no_derive: bool,
+    /// How urgently: waiting interactive work on a farm goes before waiting batch work
+    /// (default: interactive, or what the authorization policy allows this caller).
+    #[arg(long, value_enum)]
+    pub priority: Option<PriorityArg>,
     /// With an https:// --gateway (required then): the CA (PEM) its certificate chains to.
     #[arg(long, env = "DSG_QUERY_TLS_CA")]
     pub tls_ca: Option<std::path::PathBuf>,
@@ -129,6 +137,12 @@ pub enum StatisticArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    Interactive,
+    Batch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PeriodArg {
     Hourly,
     Daily,
@@ -159,6 +173,11 @@ impl QueryArgs {
             statistics: self.statistics.iter().map(|s| statistic(*s) as i32).collect(),
             max_staleness: self.max_staleness.and_then(|d| prost_types::Duration::try_from(d).ok()),
             no_split: self.no_split,
+            priority: self.priority.map_or(pb::Priority::Unspecified, |p| match p {
+                PriorityArg::Interactive => pb::Priority::Interactive,
+                PriorityArg::Batch => pb::Priority::Batch,
+            }) as i32,
+            no_derive: self.no_derive,
         }
     }
 }
@@ -337,10 +356,7 @@ fn cells(r: &pb::StatisticsRow) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let num = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_default();
     let time = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref()
-            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default()
+        t.as_ref().and_then(crate::grpc::convert::datetime).map(|t| t.to_rfc3339()).unwrap_or_default()
     };
     let usage = pb::UsageType::try_from(r.usage_type).ok().filter(|u| *u != pb::UsageType::Unspecified);
     let (cost, runtime) = (r.cost_in_usd.unwrap_or_default(), r.runtime_in_seconds.unwrap_or_default());
@@ -390,17 +406,9 @@ fn print(rows: &[pb::StatisticsRow], format: Format) -> std::io::Result<()> {
             }
         }
         Format::Table => {
-            let widths: Vec<usize> = keep
-                .iter()
-                .map(|&i| table.iter().map(|r| r[i].1.len()).max().unwrap_or(0).max(first[i].0.len()))
-                .collect();
-            let line = |cols: Vec<&str>| {
-                cols.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ")
-            };
-            writeln!(out, "{}", line(keep.iter().map(|&i| first[i].0).collect()).trim_end())?;
-            for r in &table {
-                writeln!(out, "{}", line(keep.iter().map(|&i| r[i].1.as_str()).collect()).trim_end())?;
-            }
+            let header: Vec<&str> = keep.iter().map(|&i| first[i].0).collect();
+            let rows: Vec<Vec<String>> = table.iter().map(|r| keep.iter().map(|&i| r[i].1.clone()).collect()).collect();
+            writeln!(out, "{}", super::table(&header, &rows))?;
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! in-process emulator reached through the real SDK over loopback HTTP (`--upstream emulator`).
 
 use super::{RunError, announce, parse_per_second, shutdown_signal};
-use crate::app::{App, AppConfig, Listeners, StoreConfig, UpstreamConfig};
+use crate::app::{App, AppConfig, ConsoleConfig, Listeners, StoreConfig, UpstreamConfig};
 use crate::emulator::EmulatorConfig;
 use crate::emulator::defaults as emulator_defaults;
 use crate::gateway::GatewayConfig;
@@ -65,9 +65,19 @@ pub struct ServeArgs {
     /// Address of the gRPC listener.
     #[arg(long, env = "DSG_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz).
+    /// Address of the admin HTTP listener (/metrics, /healthz, /readyz, and the operator
+    /// console at /).
     #[arg(long, env = "DSG_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
+    /// A file holding the bearer token the console and its API (/, /api/v1/) require; read
+    /// again when it changes. Without it the console is open on a loopback --admin-listen and
+    /// off on any other address. /healthz, /readyz and /metrics never need it.
+    #[arg(long, env = "DSG_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Where the console links an aggregation's trace: a URL with {trace_id}, e.g.
+    /// https://grafana.example/explore?traceId={trace_id}.
+    #[arg(long, env = "DSG_TRACE_URL_TEMPLATE")]
+    pub trace_url_template: Option<String>,
     /// Log format: json, text, or auto (JSON unless stderr is a terminal).
     #[arg(long, env = "DSG_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: crate::telemetry::LogFormat,
@@ -209,6 +219,19 @@ pub struct ServeArgs {
     /// Aggregations that may wait per farm behind the running one.
     #[arg(long, env = "DSG_FARM_QUEUE_CAPACITY", default_value_t = g::FARM_QUEUE_CAPACITY)]
     pub farm_queue_capacity: usize,
+    /// The fraction of --farm-queue-capacity one caller may have waiting on one farm (0 to 1;
+    /// 1: no share).
+    #[arg(long, env = "DSG_FARM_QUEUE_CALLER_SHARE", default_value_t = g::FARM_QUEUE_CALLER_SHARE)]
+    pub farm_queue_caller_share: f64,
+    /// Fair queueing on each farm: interactive before batch, callers taking turns; false keeps
+    /// arrival order.
+    #[arg(long, env = "DSG_FAIR_QUEUEING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fair_queueing: bool,
+    /// Answer a Start at once from a valid cached result of a larger request that contains it
+    /// exactly (same farm, kind, timezone, period and groups; README: "Answers derived from a
+    /// cached superset"); false: every distinct request runs upstream.
+    #[arg(long, env = "DSG_DERIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub derive: bool,
     /// How long upstream results live after the Start call.
     #[arg(long, env = "DSG_RESULT_VALIDITY", default_value_t = g::RESULT_VALIDITY.into())]
     pub result_validity: humantime::Duration,
@@ -293,6 +316,9 @@ impl ServeArgs {
     pub fn gateway_config(&self) -> GatewayConfig {
         GatewayConfig {
             farm_queue_capacity: self.farm_queue_capacity,
+            farm_queue_caller_share: self.farm_queue_caller_share,
+            fair_queueing: self.fair_queueing,
+            derive: self.derive,
             cache_max_bytes: self.cache_max_bytes,
             result_grace: *self.result_grace,
             min_remaining_validity: *self.min_remaining_validity,
@@ -357,12 +383,12 @@ impl ServeArgs {
                 UpstreamConfig::Sdk(self.upstream_config(self.endpoint_url.clone(), CredentialSource::Chain))
             }
             UpstreamKind::Emulator => UpstreamConfig::Emulator {
-                emulator: EmulatorConfig {
+                emulator: Box::new(EmulatorConfig {
                     aggregation_duration: *self.emulator_aggregation_duration,
                     result_validity: *self.result_validity,
                     max_rows: self.emulator_max_rows,
                     ..EmulatorConfig::default()
-                },
+                }),
                 sdk: self.upstream_config(None, CredentialSource::Chain),
             },
         };
@@ -381,6 +407,10 @@ impl ServeArgs {
             identity_source: self.identity_source,
             authz_policy: self.authz_policy.clone(),
             shutdown_grace: *self.shutdown_grace,
+            console: ConsoleConfig {
+                token_file: self.admin_token_file.clone(),
+                trace_url_template: self.trace_url_template.clone(),
+            },
         })
     }
 
@@ -389,6 +419,7 @@ impl ServeArgs {
             endpoint_url,
             region: self.region.clone(),
             credentials,
+            assume_role: None,
             connect_timeout: *self.upstream_connect_timeout,
             attempt_timeout: *self.upstream_attempt_timeout,
             operation_timeout: *self.upstream_operation_timeout,

@@ -43,6 +43,36 @@ impl Iterator for Buckets {
     }
 }
 
+/// How many buckets [`buckets`] yields for the window, without walking them: a window of
+/// centuries is as cheap as a day (the gateway counts them for every estimate).
+pub(crate) fn bucket_count(start: DateTime<Utc>, end: DateTime<Utc>, period: Period, tz: Timezone) -> u64 {
+    if start >= end {
+        return 0;
+    }
+    let offset = Duration::minutes(i64::from(tz.offset_minutes()));
+    let (first, last) = (floor(start.naive_utc() + offset, period), end.naive_utc() + offset);
+    let length = match period {
+        Period::Hourly => Duration::hours(1),
+        Period::Daily => Duration::days(1),
+        Period::Weekly => Duration::weeks(1),
+        Period::Monthly => {
+            let months = (last.year() - first.year()) * 12 + last.month() as i32 - first.month() as i32;
+            let months = u32::try_from(months).unwrap_or(0);
+            let whole = first.checked_add_months(Months::new(months)).is_some_and(|m| m >= last);
+            return u64::from(months) + u64::from(!whole);
+        }
+    };
+    let span = (last - first).num_seconds();
+    let len = length.num_seconds();
+    u64::try_from((span + len - 1) / len).unwrap_or(0)
+}
+
+/// Whether `t` is where a bucket of `period` in `tz` begins (and the one before it ends).
+pub(crate) fn on_boundary(t: DateTime<Utc>, period: Period, tz: Timezone) -> bool {
+    let local = t.naive_utc() + Duration::minutes(i64::from(tz.offset_minutes()));
+    floor(local, period) == local
+}
+
 fn floor(local: NaiveDateTime, period: Period) -> NaiveDateTime {
     let date = local.date();
     let day = match period {
@@ -129,6 +159,31 @@ mod tests {
         );
         // February is 28 days long in 2026; the last bucket is clipped to the window's end.
         assert_eq!(b[3].1, "2026-03-05T00:00:00+00:00");
+    }
+
+    #[test]
+    fn buckets_are_counted_as_they_are_walked() {
+        use proptest::prelude::*;
+        let config = proptest::test_runner::Config { cases: 2_000, failure_persistence: None, ..Default::default() };
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let windows = (0usize..4, -24i32..=28, 0i64..2_000_000, 1i64..2_000_000);
+        let result = runner.run(&windows, |(p, half_hours, from, minutes)| {
+            let period = Period::ALL[p];
+            let sign = if half_hours < 0 { '-' } else { '+' };
+            let offset = half_hours.unsigned_abs() * 30;
+            let zone = tz(&format!("UTC{sign}{:02}:{:02}", offset / 60, offset % 60));
+            let start = t("2024-01-01T00:00:00Z") + Duration::minutes(from);
+            let end = start + Duration::minutes(minutes);
+            let walked = buckets(start, end, period, zone).count() as u64;
+            prop_assert_eq!(bucket_count(start, end, period, zone), walked, "{:?} {} {}", period, start, end);
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        let (start, end) = (t("1970-01-01T00:00:00Z"), t("2200-01-01T00:00:00Z"));
+        let hours = u64::try_from((end - start).num_hours()).expect("positive");
+        assert_eq!(bucket_count(start, end, Period::Hourly, tz("UTC+00:00")), hours, "centuries, counted at once");
     }
 
     #[test]

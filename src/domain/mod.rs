@@ -1,12 +1,14 @@
 //! The upstream's vocabulary, free of any transport: identifiers, the aggregation request and its
-//! validation, the period buckets rows are reported in, the statistics rows, and the
-//! aggregation status.
+//! validation, the period buckets rows are reported in, the statistics rows, the aggregation
+//! status, and the rules on requests themselves: splitting one that is too large (`split`) and
+//! answering one from a result that contains it (`derive`).
 //!
 //! Both the emulator (REST-JSON) and the gateway (gRPC) convert their wire types into these and
 //! render `validate::FieldViolation`s in their own field naming. Nothing here may know of HTTP,
 //! tonic or the AWS SDK.
 
 pub(crate) mod buckets;
+pub(crate) mod derive;
 pub mod ids;
 pub(crate) mod quote;
 pub(crate) mod request;

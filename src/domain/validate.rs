@@ -49,6 +49,8 @@ pub enum Field {
     Wait,
     /// The gateway's freshness bound on cached answers.
     MaxStaleness,
+    /// The gateway's priority class.
+    Priority,
 }
 
 /// One broken rule: which field (and which element of a list), and why.

@@ -235,4 +235,101 @@ mod tests {
         req.end_time = req.start_time + chrono::Duration::days(365 * 50);
         assert!(row_count(&req, 1000) > 1000);
     }
+
+    /// A result and a request it contains, drawn at random: periods, timezones, windows that
+    /// start anywhere, ends cut at bucket boundaries, id and statistic subsets.
+    fn superset_and_subset() -> impl proptest::strategy::Strategy<Value = (AggregationRequest, AggregationRequest)> {
+        use crate::domain::Timezone;
+        use proptest::prelude::*;
+        let periods =
+            prop_oneof![Just(Period::Hourly), Just(Period::Daily), Just(Period::Weekly), Just(Period::Monthly)];
+        let groups = proptest::sample::subsequence(
+            vec![GroupBy::QueueId, GroupBy::FleetId, GroupBy::UsageType, GroupBy::UserId, GroupBy::InstanceType],
+            1..=2,
+        );
+        let statistics =
+            proptest::sample::subsequence(vec![Statistic::Sum, Statistic::Min, Statistic::Max, Statistic::Avg], 1..=4);
+        (periods, -24i32..=28, 0i64..400 * 24 * 60, 1u64..=4, any::<bool>(), groups, statistics, any::<u64>()).prop_map(
+            |(period, half_hours, minute, n_ids, fleets, group_by, statistics, pick)| {
+                let sign = if half_hours < 0 { '-' } else { '+' };
+                let offset = half_hours.unsigned_abs() * 30;
+                let tz = Timezone::parse(&format!("UTC{sign}{:02}:{:02}", offset / 60, offset % 60));
+                let start = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).single().expect("a time")
+                    + chrono::Duration::minutes(minute);
+                let span = match period {
+                    Period::Hourly => chrono::Duration::hours(30),
+                    Period::Daily => chrono::Duration::days(20),
+                    Period::Weekly => chrono::Duration::weeks(8),
+                    Period::Monthly => chrono::Duration::days(250),
+                };
+                let ids: Vec<String> = (0..n_ids).map(|i| ids::format_id("queue-", 7, i)).collect();
+                let r = AggregationRequest {
+                    farm_id: ids::format_id("farm-", 9, 9),
+                    resources: if fleets { Resources::Fleets(ids.clone()) } else { Resources::Queues(ids.clone()) },
+                    start_time: start,
+                    end_time: start + span,
+                    timezone: tz,
+                    period: Some(period),
+                    group_by: group_by.clone(),
+                    statistics: statistics.clone(),
+                };
+                // The window: between two of the result's ends and inner bucket boundaries.
+                let mut ends: Vec<_> = bucket_list(&r).map(|b| b.start).collect();
+                ends.push(r.end_time);
+                // `ends` holds at least the result's start and end.
+                let n = ends.len() as u64;
+                let first = pick % (n - 1);
+                let last = first + 1 + (pick >> 16) % (n - 1 - first);
+                let mut q = r.clone();
+                q.start_time = ends[first as usize];
+                q.end_time = ends[last as usize];
+                let by_id = group_by.contains(if fleets { &GroupBy::FleetId } else { &GroupBy::QueueId });
+                if by_id {
+                    let keep: Vec<String> = ids
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| (pick >> (32 + i)) & 1 == 1)
+                        .map(|(_, id)| id.clone())
+                        .collect();
+                    let keep = if keep.is_empty() { vec![ids[0].clone()] } else { keep };
+                    q.resources = if fleets { Resources::Fleets(keep) } else { Resources::Queues(keep) };
+                }
+                let stats: Vec<Statistic> = statistics
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| (pick >> (48 + i)) & 1 == 1)
+                    .map(|(_, s)| *s)
+                    .collect();
+                q.statistics = if stats.is_empty() { vec![statistics[0]] } else { stats };
+                (r, q)
+            },
+        )
+    }
+
+    /// The emulator answers a request it is asked directly with exactly the rows derived from a
+    /// result that contains it (`domain::derive`): its rows depend only on their group, bucket
+    /// and farm, never on what else was asked, as the upstream's do.
+    #[test]
+    fn rows_derived_from_a_containing_result_are_the_rows_asked_directly() {
+        use crate::domain::derive::{Derivation, contains};
+        let config = proptest::test_runner::Config { cases: 500, failure_persistence: None, ..Default::default() };
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let compared = std::cell::Cell::new(0usize);
+        let result = runner.run(&superset_and_subset(), |(r, q)| {
+            assert!(contains(&r, &q), "{r:?} contains {q:?}");
+            let derivation = Derivation::new(&r, &q);
+            let mut derived: Vec<String> =
+                rows(&r).iter().filter_map(|row| derivation.row(row)).map(|row| format!("{row:?}")).collect();
+            let mut direct: Vec<String> = rows(&q).iter().map(|row| format!("{row:?}")).collect();
+            derived.sort();
+            direct.sort();
+            assert_eq!(derived, direct, "{r:?} → {q:?}");
+            compared.set(compared.get() + direct.len());
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        assert!(compared.get() > 10_000, "rows were compared: {}", compared.get());
+    }
 }

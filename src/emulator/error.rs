@@ -74,11 +74,32 @@ impl ValidationReason {
 /// An error response of the emulated API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
-    Validation { reason: ValidationReason, message: String, fields: Vec<(String, String)> },
-    NotFound { message: String, resource_id: String, resource_type: &'static str },
-    Throttling { message: String, retry_after_secs: u64 },
-    AccessDenied { message: String },
-    Internal { message: String },
+    Validation {
+        reason: ValidationReason,
+        message: String,
+        fields: Vec<(String, String)>,
+    },
+    NotFound {
+        message: String,
+        resource_id: String,
+        resource_type: &'static str,
+    },
+    Throttling {
+        message: String,
+        retry_after_secs: u64,
+    },
+    AccessDenied {
+        message: String,
+    },
+    Internal {
+        message: String,
+    },
+    /// A request whose signature AWS would refuse (403, `x-amzn-ErrorType` as named:
+    /// `InvalidSignatureException`, `ExpiredTokenException`, `UnrecognizedClientException`).
+    Unauthenticated {
+        error_type: &'static str,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -113,7 +134,7 @@ impl ApiError {
             Self::Validation { .. } => ErrorKind::ValidationException,
             Self::NotFound { .. } => ErrorKind::ResourceNotFoundException,
             Self::Throttling { .. } => ErrorKind::ThrottlingException,
-            Self::AccessDenied { .. } => ErrorKind::AccessDeniedException,
+            Self::AccessDenied { .. } | Self::Unauthenticated { .. } => ErrorKind::AccessDeniedException,
             Self::Internal { .. } => ErrorKind::InternalServerErrorException,
         }
     }
@@ -122,6 +143,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = self.kind();
+        let error_type = match &self {
+            Self::Unauthenticated { error_type, .. } => error_type,
+            _ => kind.as_str(),
+        };
         let (body, retry_after) = match self {
             Self::Validation { reason, message, fields } => {
                 let list: Vec<_> =
@@ -135,11 +160,13 @@ impl IntoResponse for ApiError {
                 json!({"message": message, "serviceCode": "deadline", "quotaCode": "sessions-statistics-aggregation"}),
                 Some(retry_after_secs),
             ),
-            Self::AccessDenied { message } | Self::Internal { message } => (json!({ "message": message }), None),
+            Self::AccessDenied { message } | Self::Internal { message } | Self::Unauthenticated { message, .. } => {
+                (json!({ "message": message }), None)
+            }
         };
         let mut response = (kind.status(), axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        headers.insert("x-amzn-ErrorType", HeaderValue::from_static(kind.as_str()));
+        headers.insert("x-amzn-ErrorType", HeaderValue::from_static(error_type));
         if let Some(secs) = retry_after {
             headers.insert("Retry-After", HeaderValue::from(secs));
         }

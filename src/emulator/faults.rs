@@ -51,6 +51,9 @@ pub struct FaultSpec {
     pub latency_ms: u64,
     /// New aggregations end with this status instead of COMPLETED.
     pub force_status: Option<ForcedStatus>,
+    /// New aggregations stay IN_PROGRESS this long instead of the configured duration (a slow
+    /// upstream); those started earlier keep theirs.
+    pub aggregation_duration_ms: Option<u64>,
     /// The operations affected; empty means both.
     pub operations: Vec<Operation>,
     /// How many errors and drops may still fire; `None` is unlimited.
@@ -117,6 +120,11 @@ impl Faults {
     /// The forced final status for a new aggregation, if any.
     pub(crate) fn forced_status(&self) -> Option<ForcedStatus> {
         self.lock().force_status
+    }
+
+    /// How long a new aggregation stays IN_PROGRESS, when a fault says.
+    pub(crate) fn aggregation_duration(&self) -> Option<Duration> {
+        self.lock().aggregation_duration_ms.map(Duration::from_millis)
     }
 
     /// Rolls the dice for one request of `op`.

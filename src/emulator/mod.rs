@@ -4,14 +4,18 @@
 //! It follows `deadline-sessions-statistics-model.json`: paths, camelCase JSON, validation,
 //! REST-JSON errors, the one-running-aggregation-per-farm rule, result expiry and paging, with
 //! deterministic synthetic rows. Faults and counters sit under the reserved `/_emulator/` prefix.
-//! It must never be mistaken for the real service: it checks no signature and keeps no data.
+//! It checks SigV4 as far as it can: the region a request is signed for, and the signature of
+//! credentials its own STS (`sts`) handed out. It must never be mistaken for the real service:
+//! it keeps no data, and any other key is accepted unchecked.
 
 mod dataset;
 mod error;
 mod faults;
 mod routes;
 mod server;
+mod sigv4;
 mod state;
+pub mod sts;
 mod wire;
 
 pub use error::ErrorKind;
@@ -36,6 +40,13 @@ pub struct EmulatorConfig {
     pub max_rows: u64,
     /// Faults in force from the start.
     pub faults: FaultSpec,
+    /// The region it answers for: a request signed for another is refused.
+    pub region: String,
+    /// Its STS: the credentials it hands out, and which it accepts.
+    pub sts: sts::StsConfig,
+    /// The farms it holds (`ListFarms` lists them; any other farm id is not found); empty: any
+    /// farm id is accepted, and `ListFarms` lists the farms seen so far.
+    pub farms: Vec<String>,
 }
 
 /// Decodes and validates the JSON body of a StartSessionsStatisticsAggregation call, as the
@@ -51,6 +62,7 @@ pub mod defaults {
     pub const AGGREGATION_DURATION: Duration = Duration::from_secs(2);
     pub const RESULT_VALIDITY: Duration = Duration::from_secs(3600);
     pub const MAX_ROWS: u64 = 100_000;
+    pub const REGION: &str = "us-west-2";
 }
 
 impl Default for EmulatorConfig {
@@ -60,6 +72,9 @@ impl Default for EmulatorConfig {
             result_validity: defaults::RESULT_VALIDITY,
             max_rows: defaults::MAX_ROWS,
             faults: FaultSpec::default(),
+            region: defaults::REGION.to_owned(),
+            sts: sts::StsConfig::default(),
+            farms: Vec::new(),
         }
     }
 }

@@ -31,7 +31,19 @@ pub struct FarmStats {
     pub max_in_progress: u64,
     /// Gets of a page after the first (with a `nextToken`) of a COMPLETED aggregation.
     pub page_calls: u64,
+    /// The window (`startTime/endTime`, RFC 3339) of each aggregation started, in the order
+    /// they started; the last [`STARTS_KEPT`]. What tests of the gateway's queue order read.
+    pub started_windows: Vec<String>,
+    /// The access key ids its calls were signed with (the first [`KEYS_KEPT`]): which
+    /// credentials reached this region for the farm.
+    pub access_keys: BTreeSet<String>,
 }
+
+/// How many access keys a farm's stats keep.
+pub(super) const KEYS_KEPT: usize = 100;
+
+/// How many started windows a farm's stats keep.
+pub(super) const STARTS_KEPT: usize = 1000;
 
 /// The body of `/_emulator/stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -39,6 +51,10 @@ pub struct StatsReport {
     pub farms: BTreeMap<String, FarmStats>,
     /// Every `Host` header the API saw: a client that mangles the endpoint shows here.
     pub hosts: BTreeSet<String>,
+    /// The region it answers for.
+    pub region: String,
+    /// Roles its STS let callers assume, in order (the last [`STARTS_KEPT`]).
+    pub assumed_roles: Vec<super::sts::Assumed>,
 }
 
 /// One page of a Get.
@@ -54,6 +70,8 @@ pub struct Page {
 struct Aggregation {
     request: Arc<AggregationRequest>,
     started: Instant,
+    /// When it stops being IN_PROGRESS (the duration in force when it started).
+    ends: Instant,
     /// The status once IN_PROGRESS is over, with its message.
     outcome: (AggregationStatus, Option<String>),
     rows: Arc<OnceLock<Arc<Vec<StatisticsRow>>>>,
@@ -69,6 +87,7 @@ struct Farm {
 struct Inner {
     farms: HashMap<String, Farm>,
     hosts: BTreeSet<String>,
+    assumed: Vec<super::sts::Assumed>,
 }
 
 /// The emulated Deadline Cloud service.
@@ -98,20 +117,44 @@ impl Emulator {
         }
     }
 
+    /// Whether it holds `farm_id`: every farm, unless it was given a list.
+    pub(super) fn holds(&self, farm_id: &str) -> Result<(), ApiError> {
+        if self.config.farms.is_empty() || self.config.farms.iter().any(|f| f == farm_id) {
+            return Ok(());
+        }
+        Err(ApiError::NotFound {
+            message: format!("farm {farm_id} does not exist in {}", self.config.region),
+            resource_id: farm_id.to_owned(),
+            resource_type: "farm",
+        })
+    }
+
+    /// ListFarms: the farms it holds (or, without a list, the farms seen so far), in id order,
+    /// `max_results` of them after the farm `after`.
+    pub fn list_farms(&self, max_results: usize, after: Option<&str>) -> (Vec<String>, Option<String>) {
+        let mut farms: Vec<String> = if self.config.farms.is_empty() {
+            self.lock().farms.keys().cloned().collect()
+        } else {
+            self.config.farms.clone()
+        };
+        farms.sort();
+        farms.dedup();
+        let from = after.map_or(0, |a| farms.partition_point(|f| f.as_str() <= a));
+        let page: Vec<String> = farms.iter().skip(from).take(max_results).cloned().collect();
+        let next = (from + page.len() < farms.len()).then(|| page.last().cloned()).flatten();
+        (page, next)
+    }
+
     /// StartSessionsStatisticsAggregation: the one-running rule, then a new aggregation.
     pub fn start(&self, request: AggregationRequest) -> Result<String, ApiError> {
+        self.holds(&request.farm_id)?;
         let now = Instant::now();
         let outcome = self.outcome_for(&request);
+        let duration = self.faults.aggregation_duration().unwrap_or(self.config.aggregation_duration);
         let mut inner = self.lock();
         let farm = inner.farms.entry(request.farm_id.clone()).or_default();
         self.prune(farm, now);
-        if let Some(running_until) = farm
-            .aggregations
-            .values()
-            .map(|a| a.started + self.config.aggregation_duration)
-            .filter(|end| *end > now)
-            .max()
-        {
+        if let Some(running_until) = farm.aggregations.values().map(|a| a.ends).filter(|end| *end > now).max() {
             farm.stats.throttled_starts += 1;
             let wait = running_until - now;
             return Err(ApiError::Throttling {
@@ -123,14 +166,24 @@ impl Emulator {
             });
         }
         let id = new_aggregation_id();
+        let window = format!("{}/{}", request.start_time.to_rfc3339(), request.end_time.to_rfc3339());
         farm.aggregations.insert(
             id.clone(),
-            Aggregation { request: Arc::new(request), started: now, outcome, rows: Arc::default() },
+            Aggregation {
+                request: Arc::new(request),
+                started: now,
+                ends: now + duration,
+                outcome,
+                rows: Arc::default(),
+            },
         );
-        let running =
-            farm.aggregations.values().filter(|a| a.started + self.config.aggregation_duration > now).count() as u64;
+        let running = farm.aggregations.values().filter(|a| a.ends > now).count() as u64;
         farm.stats.max_in_progress = farm.stats.max_in_progress.max(running);
         farm.stats.aggregations_started += 1;
+        if farm.stats.started_windows.len() >= STARTS_KEPT {
+            farm.stats.started_windows.remove(0);
+        }
+        farm.stats.started_windows.push(window);
         Ok(id)
     }
 
@@ -142,6 +195,7 @@ impl Emulator {
         max_results: usize,
         next_token: Option<&str>,
     ) -> Result<Page, ApiError> {
+        self.holds(farm_id)?;
         let now = Instant::now();
         let (request, rows, (status, status_message)) = {
             let mut inner = self.lock();
@@ -156,7 +210,7 @@ impl Emulator {
                     resource_type: AGGREGATION_RESOURCE,
                 });
             };
-            if now < agg.started + self.config.aggregation_duration {
+            if now < agg.ends {
                 return Ok(Page {
                     status: AggregationStatus::InProgress,
                     status_message: None,
@@ -193,7 +247,37 @@ impl Emulator {
         StatsReport {
             farms: inner.farms.iter().map(|(id, f)| (id.clone(), f.stats.clone())).collect(),
             hosts: inner.hosts.clone(),
+            region: self.config.region.clone(),
+            assumed_roles: inner.assumed.clone(),
         }
+    }
+
+    /// The region it answers for.
+    pub fn region(&self) -> &str {
+        &self.config.region
+    }
+
+    /// Its STS settings.
+    pub fn sts(&self) -> &super::sts::StsConfig {
+        &self.config.sts
+    }
+
+    /// Remembers that a call for `farm_id` was signed with `access_key`.
+    pub(super) fn record_key(&self, farm_id: &str, access_key: &str) {
+        let mut inner = self.lock();
+        let keys = &mut inner.farms.entry(farm_id.to_owned()).or_default().stats.access_keys;
+        if keys.len() < KEYS_KEPT {
+            keys.insert(access_key.to_owned());
+        }
+    }
+
+    /// Remembers a role its STS let a caller assume.
+    pub(super) fn record_assumed(&self, assumed: super::sts::Assumed) {
+        let mut inner = self.lock();
+        if inner.assumed.len() >= STARTS_KEPT {
+            inner.assumed.remove(0);
+        }
+        inner.assumed.push(assumed);
     }
 
     /// Forgets every aggregation and counter.
@@ -266,7 +350,7 @@ mod tests {
             aggregation_duration: Duration::from_secs(2),
             result_validity: Duration::from_secs(60),
             max_rows: 1000,
-            faults: Default::default(),
+            ..EmulatorConfig::default()
         }
     }
 
@@ -282,6 +366,23 @@ mod tests {
             group_by: vec![GroupBy::JobId],
             statistics: vec![Statistic::Sum],
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_upstream_fault_lengthens_only_the_aggregations_started_under_it() {
+        let emu = Emulator::new(config());
+        let farm = |n| request(n, 1).farm_id;
+        let before = emu.start(request(1, 1)).expect("starts");
+        emu.faults
+            .set(crate::emulator::faults::FaultSpec { aggregation_duration_ms: Some(20_000), ..Default::default() });
+        let slow = emu.start(request(2, 1)).expect("starts");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(emu.get(&farm(1), &before, 10, None).map(|p| p.status), Ok(AggregationStatus::Completed));
+        assert_eq!(emu.get(&farm(2), &slow, 10, None).map(|p| p.status), Ok(AggregationStatus::InProgress));
+        let err = emu.start(request(2, 2)).expect_err("the farm is still busy");
+        assert!(matches!(err, ApiError::Throttling { retry_after_secs: 17, .. }), "{err:?}");
+        tokio::time::advance(Duration::from_secs(18)).await;
+        assert_eq!(emu.get(&farm(2), &slow, 10, None).map(|p| p.status), Ok(AggregationStatus::Completed));
     }
 
     #[tokio::test(start_paused = true)]
@@ -312,7 +413,11 @@ mod tests {
                 throttled_starts: 1,
                 aggregations_started: 2,
                 max_in_progress: 1,
-                page_calls: 0
+                page_calls: 0,
+                started_windows: [request(1, 1), request(1, 2)]
+                    .map(|r| format!("{}/{}", r.start_time.to_rfc3339(), r.end_time.to_rfc3339()))
+                    .to_vec(),
+                access_keys: Default::default(),
             }
         );
     }

@@ -47,6 +47,7 @@ pub(super) fn field_name(field: Field, index: Option<usize>) -> String {
         Field::NextToken => "nextToken",
         Field::Wait => "wait",
         Field::MaxStaleness => "maxStaleness",
+        Field::Priority => "priority",
     };
     match index {
         Some(i) => format!("{name}[{i}]"),

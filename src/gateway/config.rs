@@ -16,6 +16,13 @@ use std::time::Duration;
 pub struct GatewayConfig {
     /// Aggregations that may wait per farm behind the running one.
     pub farm_queue_capacity: usize,
+    /// The fraction of the farm queue's capacity one caller may have waiting on one farm.
+    pub farm_queue_caller_share: f64,
+    /// Fair queueing on each farm (`coordination::policy::place`); `false`: arrival order.
+    pub fair_queueing: bool,
+    /// Answers derived from a cached result that contains the request (`crate::domain::derive`);
+    /// `false`: every distinct request runs upstream.
+    pub derive: bool,
     /// Memory budget of the results cache, in bytes.
     pub cache_max_bytes: u64,
     /// How long a finished result is held whatever the cache's budget: its own long-polls and
@@ -57,6 +64,7 @@ pub mod defaults {
     use std::time::Duration;
 
     pub const FARM_QUEUE_CAPACITY: usize = 100;
+    pub const FARM_QUEUE_CALLER_SHARE: f64 = 0.5;
     pub const CACHE_MAX_BYTES: u64 = 512 * 1024 * 1024;
     pub const RESULT_GRACE: Duration = Duration::from_secs(30);
     pub const MIN_REMAINING_VALIDITY: Duration = Duration::from_secs(120);
@@ -96,6 +104,9 @@ impl Default for GatewayConfig {
         use defaults as d;
         Self {
             farm_queue_capacity: d::FARM_QUEUE_CAPACITY,
+            farm_queue_caller_share: d::FARM_QUEUE_CALLER_SHARE,
+            fair_queueing: true,
+            derive: true,
             cache_max_bytes: d::CACHE_MAX_BYTES,
             result_grace: d::RESULT_GRACE,
             min_remaining_validity: d::MIN_REMAINING_VALIDITY,
@@ -211,6 +222,12 @@ impl GatewayConfig {
         if let Some((setting, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(ConfigError::Zero { setting });
         }
+        let share = self.farm_queue_caller_share;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::Other(format!(
+                "--farm-queue-caller-share ({share}) must be more than 0 and at most 1 (1: no share)"
+            )));
+        }
         if self.lease_ttl < MIN_LEASE_TTL {
             return Err(ConfigError::LeaseTooShort { ttl: self.lease_ttl, least: MIN_LEASE_TTL });
         }
@@ -265,5 +282,10 @@ mod tests {
         );
         assert!(bad(|c| c.refresh.ahead = Duration::from_secs(3600)).starts_with("--refresh-ahead"));
         assert_eq!(bad(|c| c.run_limit = Some(Duration::ZERO)), "--aggregation-run-limit must be positive");
+        for share in [0.0, -0.5, 1.5, f64::NAN] {
+            let c = GatewayConfig { farm_queue_caller_share: share, ..GatewayConfig::default() };
+            let err = c.validate().expect_err("refused").to_string();
+            assert!(err.starts_with("--farm-queue-caller-share"), "{share}: {err}");
+        }
     }
 }

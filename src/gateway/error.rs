@@ -2,7 +2,7 @@
 //! code with details in one place (`grpc::status`).
 
 use super::coordination::{Bound, ClaimError, StoreError};
-use super::record::Failure;
+use super::record::{Failure, Priority};
 use crate::domain::quote::quoted;
 use crate::domain::validate::FieldViolation;
 use std::sync::Arc;
@@ -46,6 +46,13 @@ pub enum GatewayError {
     ResultsLost { id: String, cause: RecoveryError },
     #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
     QueueFull { farm_id: String, capacity: usize },
+    #[error(
+        "this caller already has {capacity} aggregations waiting on farm {farm_id}, its share of the farm's queue \
+         (--farm-queue-caller-share); retry when one of them has started"
+    )]
+    CallerQueueFull { farm_id: String, capacity: usize },
+    #[error("the caller may not start {} work on farm {farm_id}; ask for batch, or leave priority unspecified", .priority.name())]
+    PriorityNotAllowed { farm_id: String, priority: Priority },
     #[error("the gateway holds as much work as it is allowed ({bound} = {limit}); retry later")]
     Busy { bound: Bound, limit: usize },
     #[error("too many {operation} calls from this caller; retry in {retry_after:?}")]
@@ -88,12 +95,16 @@ pub enum RecoveryError {
     /// They were fetched again, but the store could not take them.
     #[error(transparent)]
     Store(StoreError),
+    /// A derived result's rows: the result they were cut from is gone too.
+    #[error("the result they were derived from, {0}, is gone too")]
+    SourceGone(String),
 }
 
 impl From<ClaimError> for GatewayError {
     fn from(e: ClaimError) -> Self {
         match e {
             ClaimError::QueueFull { farm_id, capacity } => Self::QueueFull { farm_id, capacity },
+            ClaimError::CallerQueueFull { farm_id, capacity } => Self::CallerQueueFull { farm_id, capacity },
             ClaimError::Busy { bound, limit } => Self::Busy { bound, limit },
             ClaimError::NewEpoch => Self::StoreUnavailable(StoreError::Unavailable(Arc::new(e))),
             ClaimError::Store(e @ StoreError::Full(_)) => Self::StoreFull(e),

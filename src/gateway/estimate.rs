@@ -26,6 +26,10 @@ pub struct Estimate {
     pub completion: Option<SystemTime>,
 }
 
+/// How many places back an aggregation may have moved between its read and its estimate's
+/// read of its farm's queue, and still be estimated.
+const MOVED_BACK: usize = 8;
+
 /// The estimate at `now` of the active aggregation `record`, `queue_position` places from its
 /// farm's head, reading from `store` only what that takes: nothing when it runs (its prediction is in
 /// its record), else the farm's model and its queue up to it.
@@ -40,8 +44,9 @@ pub(crate) async fn of(
         return Ok(estimate(record, &[], None, now, start_gap));
     }
     let farm = record.farm_id();
-    // Its position may only have moved forward since it was read.
-    let through = usize::try_from(queue_position).unwrap_or(usize::MAX).saturating_add(1);
+    // Its position may have moved since it was read: forward as those ahead complete, back
+    // as fair queueing puts other work ahead of it. A few places more are read.
+    let through = usize::try_from(queue_position).unwrap_or(usize::MAX).saturating_add(1 + MOVED_BACK);
     let (queue, model) = tokio::try_join!(store.queue(farm, through), store.run_model(farm))?;
     Ok(estimate(record, &queue, model, now, start_gap))
 }

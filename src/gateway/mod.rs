@@ -2,11 +2,14 @@
 //! (the store, the results cache, wake-ups), per-farm queues driven under leases, caller
 //! throttling and long-polls.
 //!
+//! - [`activity`]: what happened to each aggregation, for the operator console (history,
+//!   written in the background, never read by the core).
 //! - [`clock`]: the one wall clock, injected (tokio's paused time in tests).
 //! - `config`: every setting of the core, its default, and the checks across settings.
 //! - [`key`]: what makes two requests the same aggregation.
 //! - `record`: one aggregation as the store holds it (owned values, no live objects).
 //! - [`ids`]: minting aggregation ids that say which process made them.
+//! - `derived`: answers cut out of a cached result that contains the request.
 //! - [`coordination`]: the store of records and farm queues with its rules, in memory or in
 //!   Redis; leases with fencing tokens; the results cache; wake-ups; run models.
 //! - `scheduler`: farm workers, one per farm anywhere, holding the farm's lease.
@@ -17,18 +20,22 @@
 //! - [`refresh`]: refresh-ahead, popular results re-run before they expire.
 //! - `estimate`: predicted start and completion times from observed run times.
 //! - `watch`: one source per watched aggregation, feeding all its watchers.
+//! - [`inspect`]: read-only views of farms, queues and aggregations for the operator console.
 //! - [`paging`], [`backoff`], [`rows`], `error`: helpers and the refusals callers can see.
 //!
 //! A Start validates nothing itself (the transport hands it a validated request), takes a
 //! caller token, and claims the key: joins, reuses or queues; it never waits on the upstream.
 
+pub mod activity;
 pub mod backoff;
 pub mod clock;
 pub(crate) mod config;
 pub mod coordination;
+mod derived;
 pub(crate) mod error;
 pub(crate) mod estimate;
 pub mod ids;
+pub mod inspect;
 pub mod key;
 pub(crate) mod lifecycle;
 pub mod paging;
@@ -44,7 +51,7 @@ pub(crate) mod watch;
 pub use config::{GatewayConfig, defaults};
 pub use coordination::{CachedResult, Coordination, Disposition, Freshness, StoreError};
 pub use error::GatewayError;
-pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Offer, Rows, SplitPart, State};
+pub use record::{AggregationId, AggregationRecord, Failure, FailureCode, Offer, Priority, Rows, SplitPart, State};
 
 use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;
@@ -93,6 +100,19 @@ pub struct Page {
     pub estimate: estimate::Estimate,
 }
 
+/// How a caller wants a Start answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// A cached result whose data is older than this is not reused.
+    pub max_staleness: Option<Duration>,
+    /// A result too large upstream is not split.
+    pub no_split: bool,
+    /// The class it waits in on its farm.
+    pub priority: Priority,
+    /// A larger cached result is not used to answer it.
+    pub no_derive: bool,
+}
+
 /// What a Start answered.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -122,9 +142,14 @@ pub struct Gateway {
     /// Rows being fetched again after the shared store lost them, one fetch per id.
     refetches: moka::future::Cache<AggregationId, Result<Arc<CachedResult>, RecoveryError>>,
     spans: Arc<Spans>,
+    activity: Arc<activity::Activity>,
     ids: Arc<IdMinter>,
     limits: Limits,
     min_remaining_validity: Duration,
+    /// `--derive`: answers derived from a larger cached result.
+    derive: bool,
+    /// How rows are encoded, and read back to derive answers.
+    codec: rows::RowCodec,
     start_buckets: Arc<Option<CallerBuckets>>,
     get_buckets: Arc<Option<CallerBuckets>>,
     max_wait: Duration,
@@ -142,16 +167,16 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway over `upstream` with the in-memory store, reporting to `metrics` and
-    /// keeping results as `encoder` writes them, and starts its background work; needs a Tokio
+    /// keeping results as `codec` encodes them, and starts its background work; needs a Tokio
     /// runtime.
     pub fn new(
         config: GatewayConfig,
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
-        encoder: rows::RowEncoder,
+        codec: rows::RowCodec,
     ) -> Self {
         let coordination = Coordination::memory(&config.coordination());
-        Self::with_store(config, coordination, upstream, metrics, encoder)
+        Self::with_store(config, coordination, upstream, metrics, codec)
     }
 
     /// Builds the gateway on `coordination`: the store, this replica's results cache and
@@ -161,10 +186,11 @@ impl Gateway {
         coordination: Coordination,
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
-        encoder: rows::RowEncoder,
+        codec: rows::RowCodec,
     ) -> Self {
         let Coordination {
             store,
+            activity,
             results,
             wakeups,
             start_rate,
@@ -179,14 +205,16 @@ impl Gateway {
         let cancel = CancellationToken::new();
         store.spawn_background(cancel.clone());
         let spans = Arc::new(Spans::default());
+        let activity = Arc::new(activity::Activity::new(activity, config.clock.clone(), cancel.clone()));
         let runner = Arc::new(UpstreamRunner {
+            activity: activity.clone(),
             upstream,
             store: store.clone(),
             start_pacer: Pacer::with_source(start_rate, config.upstream_start),
             get_pacer: Pacer::with_source(get_rate, config.upstream_get),
             config: config.lifecycle.clone(),
             metrics: metrics.clone(),
-            encoder,
+            encoder: codec.encode,
             spans: spans.clone(),
             clock: config.clock.clone(),
         });
@@ -197,6 +225,7 @@ impl Gateway {
             scan_interval: SCAN_INTERVAL,
             clock: config.clock.clone(),
         };
+        let settings_holder = settings.holder.clone();
         let dispatcher = FarmDispatcher::new(store.clone(), runner.clone(), wakeups.clone(), settings, cancel.clone());
         let start_gap = config.upstream_start.interval_and_burst().map_or(Duration::ZERO, |(gap, _)| gap);
         let watches = Arc::new(watch::Watches::new(
@@ -217,6 +246,7 @@ impl Gateway {
                 .time_to_live(Duration::from_secs(10))
                 .build(),
             spans,
+            activity,
             ids: Arc::new(match epochs {
                 Some(epochs) => IdMinter::per_bucket(|b| epochs.get(b.index()).copied().unwrap_or_default()),
                 None => IdMinter::new(),
@@ -225,8 +255,12 @@ impl Gateway {
                 queue_capacity: config.farm_queue_capacity,
                 max_live: config.max_active_aggregations,
                 max_farms: config.max_farms,
+                caller_capacity: Limits::caller_capacity(config.farm_queue_capacity, config.farm_queue_caller_share),
+                fair: config.fair_queueing,
             },
             min_remaining_validity: config.min_remaining_validity,
+            derive: config.derive,
+            codec,
             start_buckets: Arc::new(CallerBuckets::shared(config.caller_start, caller_start_tokens)),
             get_buckets: Arc::new(CallerBuckets::shared(config.caller_get, caller_get_tokens)),
             max_wait: config.max_wait,
@@ -244,6 +278,7 @@ impl Gateway {
             ids: gateway.ids.clone(),
             dispatcher: gateway.dispatcher.clone(),
             metrics: gateway.metrics.clone(),
+            activity: gateway.activity.clone(),
             limits: gateway.limits,
             config: config.refresh,
             every: config.housekeeping_interval,
@@ -251,6 +286,13 @@ impl Gateway {
             stop: gateway.draining.clone(),
         };
         tokio::spawn(refresher.run());
+        tokio::spawn(heartbeat(
+            gateway.activity.clone(),
+            gateway.dispatcher.clone(),
+            settings_holder,
+            gateway.clock.clone(),
+            gateway.cancel.clone(),
+        ));
         tokio::spawn(housekeeping(
             gateway.store.clone(),
             gateway.ids.clone(),
@@ -292,34 +334,43 @@ impl Gateway {
         }
     }
 
-    /// Starts, joins or reuses the aggregation for `request`; a cached result older than
-    /// `max_staleness` is not reused; with `no_split`, a result too large upstream is not split.
+    /// Starts, joins or reuses the aggregation for `request` as `options` say.
     pub async fn start(
         &self,
         caller: &str,
         request: &AggregationRequest,
-        max_staleness: Option<Duration>,
-        no_split: bool,
+        options: StartOptions,
     ) -> Result<Started, GatewayError> {
+        let StartOptions { max_staleness, no_split, priority, no_derive } = options;
         if self.draining.is_cancelled() || self.cancel.is_cancelled() {
             return Err(GatewayError::ShuttingDown);
         }
         self.take_token(&self.start_buckets, caller, "StartAggregation").await?;
         let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
+        if self.derive
+            && !no_derive
+            && let Some(started) = self.derived(caller, &key, &freshness, priority).await
+        {
+            return Ok(started);
+        }
         let farm = key.farm_id();
-        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(farm), caller).await;
+        let mut claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(farm), caller, priority).await;
         if let Err(ClaimError::NewEpoch) = claimed {
             // The shared store lost the farm's bucket's state since this replica last looked:
             // its ids are minted in the new epoch from now on.
             refresh_epoch(self.store.as_ref(), &self.ids, Bucket::of_farm(farm)).await;
-            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(farm), caller).await;
+            claimed = self.store.claim(&key, &freshness, &self.limits, self.ids.mint(farm), caller, priority).await;
         }
         let claimed = claimed.inspect_err(|e| {
-            if let ClaimError::Busy { bound, .. } = e {
-                let reason = bound.name();
-                self.metrics.busy.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason }).inc();
-            }
+            use crate::telemetry::metrics::ReasonLabels;
+            let (family, reason) = match e {
+                ClaimError::Busy { bound, .. } => (&self.metrics.busy, bound.name()),
+                ClaimError::QueueFull { .. } => (&self.metrics.queue_refused, "farm_queue_full"),
+                ClaimError::CallerQueueFull { .. } => (&self.metrics.queue_refused, "caller_queue_full"),
+                ClaimError::NewEpoch | ClaimError::Store(_) => return,
+            };
+            family.get_or_create(&ReasonLabels { reason }).inc();
         })?;
         let label = match claimed.disposition {
             Disposition::Started => {
@@ -328,7 +379,8 @@ impl Gateway {
                 "started"
             }
             Disposition::Joined => "joined",
-            Disposition::Cached => {
+            // Claims answer neither: a derived answer is given before the claim.
+            Disposition::Cached | Disposition::Derived => {
                 self.metrics.cache_hits.inc();
                 "cached"
             }
@@ -336,10 +388,16 @@ impl Gateway {
         self.metrics.dispositions.get_or_create(&DispositionLabels { disposition: label }).inc();
         if claimed.disposition != Disposition::Cached {
             self.spans.link_from_current(&claimed.record);
+            let (caller, trace_id) = (caller.to_owned(), self.spans.trace_id(&claimed.record));
+            let what = match claimed.disposition {
+                Disposition::Started => activity::What::Queued { caller: Some(caller), trace_id },
+                _ => activity::What::Joined { caller, trace_id },
+            };
+            self.activity.record(&claimed.record, what);
         }
         tracing::debug!(aggregation = %claimed.record.id, disposition = ?claimed.disposition, "start answered");
         let estimate = match claimed.disposition {
-            Disposition::Cached => estimate::Estimate::default(),
+            Disposition::Cached | Disposition::Derived => estimate::Estimate::default(),
             Disposition::Started | Disposition::Joined => {
                 self.estimate_of(&claimed.record, claimed.queue_position).await
             }
@@ -477,6 +535,9 @@ impl Gateway {
     /// upstream with the recorded upstream id and put back; concurrent readers of one id on
     /// this replica share one fetch.
     async fn recover_rows(&self, record: Arc<AggregationRecord>) -> Result<Arc<CachedResult>, GatewayError> {
+        if let Some(source) = record.derived_from.clone() {
+            return self.recover_derived(record, &source).await;
+        }
         let id = record.id.clone();
         let (runner, store, metrics) = (self.runner.clone(), self.store.clone(), self.metrics.clone());
         let fetch = async move {
@@ -644,6 +705,33 @@ fn terminal_page(
         None => (None, None),
     };
     Ok(Page { record, queue_position: 0, result: Some(result), rows, next_page_token, estimate: Default::default() })
+}
+
+/// Says every [`activity::HEARTBEAT_INTERVAL`] that this replica is alive, and which farms it
+/// holds, for the operator console.
+async fn heartbeat(
+    activity: Arc<activity::Activity>,
+    dispatcher: FarmDispatcher,
+    id: String,
+    clock: clock::Clock,
+    cancel: CancellationToken,
+) {
+    let started_ms = activity::millis(clock.now());
+    let mut every = crate::every::Every::new(activity::HEARTBEAT_INTERVAL, cancel);
+    while every.tick().await {
+        let held = dispatcher.held_farms();
+        let replica = activity::Replica {
+            id: id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_ms,
+            seen_ms: activity::millis(clock.now()),
+            farms_held: held.len(),
+            farms: held.into_iter().take(activity::HEARTBEAT_FARMS).collect(),
+        };
+        if let Err(e) = activity.log().heartbeat(&replica).await {
+            tracing::debug!(error = %e, "heartbeat not recorded");
+        }
+    }
 }
 
 async fn housekeeping(

@@ -32,6 +32,29 @@ impl State {
     }
 }
 
+/// How urgently a caller wants an aggregation (the request's `priority`): on a farm, waiting
+/// interactive work goes before waiting batch work (`super::coordination::policy::place`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    /// Its name, as metrics, the console and the shared store say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Batch => "batch",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Interactive, Self::Batch].into_iter().find(|p| p.name() == name)
+    }
+}
+
 /// The canonical code of a failure, in gRPC's vocabulary but free of any transport type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureCode {
@@ -82,6 +105,9 @@ pub struct AggregationRecord {
     /// Queued by refresh-ahead, not by a caller: it renews the result of the same key, which
     /// keeps answering Starts until this one completes.
     pub refresh: bool,
+    /// The class it waits in on its farm: its starter's, raised by an interactive caller that
+    /// joins it while it waits.
+    pub priority: Priority,
     /// RUNNING: when it is expected to complete, predicted as its upstream Start was accepted
     /// (see `super::estimate`); `None` before anything was observed on its farm.
     pub estimated_completion: Option<SystemTime>,
@@ -90,6 +116,9 @@ pub struct AggregationRecord {
     /// takes over resumes here, and a COMPLETED split result's rows are fetched again part by
     /// part.
     pub split: Vec<SplitPart>,
+    /// Answered from the COMPLETED result of a larger request (`crate::domain::derive`):
+    /// that result's id. Its rows are that result's, cut to this request; it expires with it.
+    pub derived_from: Option<AggregationId>,
 }
 
 /// One part of a split aggregation: its window and resources, and its upstream aggregation.
@@ -180,14 +209,21 @@ impl AggregationRecord {
             row_count: 0,
             parts: 0,
             refresh: false,
+            priority: Priority::Interactive,
             estimated_completion: None,
             split: Vec::new(),
+            derived_from: None,
         }
     }
 
-    /// A new QUEUED refresh of the key `of` answers.
+    /// A new QUEUED refresh of the key `of` answers (batch: no caller waits for it).
     pub fn refresh_of(id: AggregationId, of: &AggregationRecord, now: SystemTime) -> Self {
-        Self { refresh: true, ..Self::queued(id, of.key.clone(), now) }
+        Self { refresh: true, priority: Priority::Batch, ..Self::queued(id, of.key.clone(), now) }
+    }
+
+    /// The class it waited in, as the queue-wait metric labels it.
+    pub fn class_name(&self) -> &'static str {
+        if self.refresh { "refresh" } else { self.priority.name() }
     }
 
     pub fn farm_id(&self) -> &str {

@@ -43,6 +43,7 @@ pub(crate) struct Refresher {
     pub ids: Arc<IdMinter>,
     pub dispatcher: FarmDispatcher,
     pub metrics: Arc<Metrics>,
+    pub activity: Arc<super::activity::Activity>,
     pub limits: Limits,
     pub config: RefreshConfig,
     pub every: Duration,
@@ -74,6 +75,8 @@ impl Refresher {
                     tracing::info!(aggregation = %refresh.id, farm = %refresh.farm_id(), "refreshing a popular result before it expires");
                     self.metrics.refreshes.get_or_create(&OutcomeLabels { outcome: "queued" }).inc();
                     self.dispatcher.kick(refresh.farm_id());
+                    let queued = super::activity::What::Queued { caller: None, trace_id: None };
+                    self.activity.record(&refresh, queued);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot look for results to refresh"),
@@ -123,13 +126,13 @@ mod tests {
         };
         let upstream = Arc::new(AtOnce::default());
         let metrics = Arc::new(crate::telemetry::Metrics::new());
-        let gateway = Gateway::new(config, upstream.clone(), metrics, crate::grpc::convert::encode_row);
+        let gateway = Gateway::new(config, upstream.clone(), metrics, crate::grpc::convert::ROW_CODEC);
         let request = crate::gateway::key::test_key(1, 1).request().clone();
-        let first = gateway.start("caller", &request, None, false).await.expect("started");
+        let first = gateway.start("caller", &request, Default::default()).await.expect("started");
         assert_eq!(first.disposition, Disposition::Started);
         tokio::time::sleep(Duration::from_secs(5)).await;
         for other in ["caller-b", "caller-c"] {
-            let again = gateway.start(other, &request, None, false).await.expect("answered");
+            let again = gateway.start(other, &request, Default::default()).await.expect("answered");
             assert_eq!((again.disposition, &again.record.id), (Disposition::Cached, &first.record.id));
         }
         // Valid for 59:30; due for a refresh 10 minutes before.
@@ -137,7 +140,7 @@ mod tests {
         assert_eq!(upstream.starts.load(Ordering::Relaxed), 1, "not due yet");
         tokio::time::sleep(Duration::from_secs(3 * 60)).await;
         assert_eq!(upstream.starts.load(Ordering::Relaxed), 2, "refreshed once, before the expiry");
-        let renewed = gateway.start("caller", &request, None, false).await.expect("answered");
+        let renewed = gateway.start("caller", &request, Default::default()).await.expect("answered");
         assert_eq!(renewed.disposition, Disposition::Cached, "no wait");
         assert_ne!(renewed.record.id, first.record.id, "the key answers the refresh");
         tokio::time::sleep(Duration::from_secs(10 * 60)).await;

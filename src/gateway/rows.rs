@@ -3,7 +3,8 @@
 //! reference-counted slice of that buffer, handed to the socket without a copy, and holding a
 //! row costs its encoded size plus one offset.
 //!
-//! The gateway does not know the encoding: the transport supplies the [`RowEncoder`].
+//! The gateway does not know the encoding: the transport supplies the [`RowCodec`], whose
+//! decoder reads rows back only to derive an answer from a larger result.
 
 use crate::domain::StatisticsRow;
 use bytes::Bytes;
@@ -11,6 +12,16 @@ use std::ops::Range;
 
 /// Appends the encoding of one row to a buffer.
 pub type RowEncoder = fn(&StatisticsRow, &mut Vec<u8>);
+
+/// Reads back one row as the [`RowEncoder`] wrote it; `None` when the bytes are not one.
+pub type RowDecoder = fn(&[u8]) -> Option<StatisticsRow>;
+
+/// How the transport encodes rows, and reads them back.
+#[derive(Debug, Clone, Copy)]
+pub struct RowCodec {
+    pub encode: RowEncoder,
+    pub decode: RowDecoder,
+}
 
 /// Encoded rows, in order.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -50,6 +61,11 @@ impl RowBlock {
     /// The bytes the rows of `range` take, encoded.
     pub fn encoded_len(&self, range: Range<usize>) -> usize {
         self.slice(range).len()
+    }
+
+    /// Every row, read back with `decode` (`None` for one that is not a row).
+    pub fn rows(&self, decode: RowDecoder) -> impl Iterator<Item = Option<StatisticsRow>> + '_ {
+        (0..self.len()).map(move |i| decode(self.slice(i..i + 1)))
     }
 
     /// Heap bytes held, for the cache's memory budget.

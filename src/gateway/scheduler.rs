@@ -145,6 +145,14 @@ impl FarmDispatcher {
         self.shared.lock().len()
     }
 
+    /// The farms whose leases this process holds, sorted.
+    pub(crate) fn held_farms(&self) -> Vec<String> {
+        let held = self.shared.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut farms: Vec<String> = held.keys().cloned().collect();
+        farms.sort();
+        farms
+    }
+
     /// Stops taking new work: each worker finishes the aggregation it runs, then releases its
     /// farm, which another replica takes over at once.
     pub(crate) fn hand_over(&self) {
@@ -256,7 +264,11 @@ async fn worker(shared: Arc<Shared>, farm: String) {
         }
     }
     renewing.abort();
-    if !lost.is_cancelled() {
+    // Given up unless another holder superseded this one. At shutdown (`lost` fires with
+    // `cancel`) the run has stopped by now, and the lease is still this replica's: released
+    // here, before `_holding` leaves `held`, so that whichever of this and `release_all` comes
+    // second finds it released (else a worker ending first left it to expire unreleased).
+    if !lost.is_cancelled() || shared.cancel.is_cancelled() {
         let _ = shared.store.leases().release(&lease).await;
     }
 }
@@ -455,9 +467,16 @@ mod tests {
         let wakeups = Arc::new(Wakeups::default());
         let store = Arc::new(MemoryStore::new(1 << 20, Duration::ZERO, wakeups.clone()));
         let key = crate::gateway::key::test_key(1, 1);
-        let limits = Limits { queue_capacity: 10, max_live: 10, max_farms: 10 };
+        let limits = Limits { queue_capacity: 10, max_live: 10, max_farms: 10, caller_capacity: 10, fair: true };
         store
-            .claim(&key, &Freshness::default(), &limits, IdMinter::new().mint(key.farm_id()), "caller")
+            .claim(
+                &key,
+                &Freshness::default(),
+                &limits,
+                IdMinter::new().mint(key.farm_id()),
+                "caller",
+                Default::default(),
+            )
             .await
             .expect("claimed");
         let farm = key.farm_id().to_owned();

@@ -54,6 +54,11 @@ impl Spans {
         }
     }
 
+    /// The trace id of `record`'s lifecycle span here, when traces are exported.
+    pub(crate) fn trace_id(&self, record: &AggregationRecord) -> Option<String> {
+        crate::telemetry::traces::trace_id(&self.of(record))
+    }
+
     /// Records the final state on the span of `id` and closes it.
     pub(crate) fn end(&self, id: &str, state: &'static str, failed: bool) {
         if let Some(span) = self.open.remove(id) {

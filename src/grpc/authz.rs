@@ -7,10 +7,14 @@
 //! identities = ["spiffe://cluster.local/ns/billing/sa/*"]   # exact, or a trailing * wildcard
 //! farms = ["farm-0123456789abcdef0123456789abcdef"]          # or ["*"]
 //! methods = ["StartAggregation", "GetAggregation"]           # optional, default both
+//! max_priority = "batch"                                     # optional, default "interactive"
 //! ```
+//!
+//! `max_priority` caps the class of the Starts a rule allows: an identity may start
+//! interactive work on a farm when some rule allowing it to start there has no cap.
 
 use super::methods::{Method, START};
-use crate::gateway::GatewayError;
+use crate::gateway::{GatewayError, Priority};
 use crate::telemetry::Metrics;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -46,6 +50,8 @@ struct Rule {
     farms: Vec<Pattern>,
     start: bool,
     get: bool,
+    /// The most urgent class of the Starts it allows.
+    max_priority: Priority,
 }
 
 /// The rules of a policy file.
@@ -67,6 +73,7 @@ struct RuleFile {
     identities: Vec<String>,
     farms: Vec<String>,
     methods: Option<Vec<String>>,
+    max_priority: Option<String>,
 }
 
 impl Policy {
@@ -105,7 +112,12 @@ impl Policy {
                         }
                     }
                 }
-                Ok(Rule { identities, farms, start, get })
+                let max_priority = match r.max_priority.as_deref() {
+                    None => Priority::Interactive,
+                    Some(name) => Priority::parse(name)
+                        .ok_or_else(|| at(format!("unknown max_priority '{name}' (interactive, batch)")))?,
+                };
+                Ok(Rule { identities, farms, start, get, max_priority })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { rules })
@@ -120,6 +132,17 @@ impl Policy {
         })
     }
 
+    /// The most urgent class `identity` may start on `farm` (`None`: it may not start there).
+    pub fn max_priority(&self, identity: &str, farm: &str) -> Option<Priority> {
+        self.rules
+            .iter()
+            .filter(|r| {
+                r.start && r.identities.iter().any(|p| p.matches(identity)) && r.farms.iter().any(|p| p.matches(farm))
+            })
+            .map(|r| r.max_priority)
+            .min()
+    }
+
     pub fn rules(&self) -> usize {
         self.rules.len()
     }
@@ -130,6 +153,7 @@ impl Policy {
 pub enum Denial {
     Unauthenticated,
     FarmNotAllowed,
+    PriorityNotAllowed,
 }
 
 impl Denial {
@@ -137,6 +161,7 @@ impl Denial {
         match self {
             Self::Unauthenticated => "unauthenticated",
             Self::FarmNotAllowed => "farm_not_allowed",
+            Self::PriorityNotAllowed => "priority_not_allowed",
         }
     }
 }
@@ -172,6 +197,28 @@ impl Authorizer {
         Err(self.deny(identity, method, Some(farm), denial))
     }
 
+    /// The class a Start of `identity` (allowed on `farm`) runs in: `asked`, or when
+    /// unspecified the most urgent the policy allows; asking for more is refused.
+    pub fn start_priority(
+        &self,
+        identity: Option<&str>,
+        farm: &str,
+        asked: Option<Priority>,
+    ) -> Result<Priority, GatewayError> {
+        let allowed = identity.and_then(|id| self.policy().max_priority(id, farm)).unwrap_or(Priority::Batch);
+        match asked {
+            None => Ok(allowed),
+            Some(p) if p >= allowed => Ok(p),
+            Some(p) => {
+                let (who, farm_id) = (identity.unwrap_or_default(), farm);
+                tracing::warn!(target: "audit", reason = Denial::PriorityNotAllowed.reason(), enduser.id = who, rpc.method = START.name, farm.id = farm_id, priority = p.name(), "request denied");
+                let reason = Denial::PriorityNotAllowed.reason();
+                self.metrics.authz_denied.get_or_create(&crate::telemetry::metrics::ReasonLabels { reason }).inc();
+                Err(GatewayError::PriorityNotAllowed { farm_id: farm.to_owned(), priority: p })
+            }
+        }
+    }
+
     /// An unauthenticated caller is refused before anything else is looked at.
     pub fn require_identity(&self, identity: Option<&str>, method: Method) -> Result<(), GatewayError> {
         match identity {
@@ -189,7 +236,7 @@ impl Authorizer {
             .inc();
         match denial {
             Denial::Unauthenticated => GatewayError::Unauthenticated { method: method.name },
-            Denial::FarmNotAllowed => {
+            Denial::FarmNotAllowed | Denial::PriorityNotAllowed => {
                 GatewayError::FarmNotAllowed { farm_id: farm.unwrap_or_default().to_owned(), method: method.name }
             }
         }

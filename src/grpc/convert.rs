@@ -4,7 +4,7 @@
 use super::pb;
 use crate::domain::validate::{Field, FieldViolation, RequestDraft, oversized_list};
 use crate::domain::{AggregationRequest, GroupBy, Period, Statistic, StatisticsRow, Stats, UsageType};
-use crate::gateway::{AggregationRecord, Disposition, Failure, FailureCode, GatewayError, State};
+use crate::gateway::{AggregationRecord, Disposition, Failure, FailureCode, GatewayError, Priority, State};
 use chrono::{DateTime, Utc};
 use std::time::SystemTime;
 
@@ -26,6 +26,7 @@ pub fn field_name(field: Field, index: Option<usize>) -> String {
         Field::NextToken => "page_token",
         Field::Wait => "wait",
         Field::MaxStaleness => "max_staleness",
+        Field::Priority => "priority",
     };
     match index {
         Some(i) => format!("{name}[{i}]"),
@@ -41,6 +42,10 @@ pub struct StartRequest {
     pub max_staleness: Option<std::time::Duration>,
     /// The caller refuses a split answer.
     pub no_split: bool,
+    /// The class asked for (`None`: unspecified, the caller's default).
+    pub priority: Option<Priority>,
+    /// The caller refuses an answer derived from a larger result.
+    pub no_derive: bool,
 }
 
 /// Decodes and validates a StartAggregation request.
@@ -55,14 +60,24 @@ pub fn start_request(mut req: pb::StartAggregationRequest) -> Result<StartReques
             None
         }
     };
-    let no_split = req.no_split;
-    let request = aggregation_request(req, staleness_violation)?;
-    Ok(StartRequest { request, max_staleness, no_split })
+    let (no_split, no_derive) = (req.no_split, req.no_derive);
+    let mut violations: Vec<FieldViolation> = staleness_violation.into_iter().collect();
+    let priority = match pb::Priority::try_from(req.priority) {
+        Ok(pb::Priority::Unspecified) => None,
+        Ok(pb::Priority::Interactive) => Some(Priority::Interactive),
+        Ok(pb::Priority::Batch) => Some(Priority::Batch),
+        Err(_) => {
+            violations.push(FieldViolation::new(Field::Priority, format!("{} is not a Priority", req.priority)));
+            None
+        }
+    };
+    let request = aggregation_request(req, violations)?;
+    Ok(StartRequest { request, max_staleness, no_split, priority, no_derive })
 }
 
 fn aggregation_request(
     req: pb::StartAggregationRequest,
-    violation: Option<FieldViolation>,
+    violations: Vec<FieldViolation>,
 ) -> Result<AggregationRequest, GatewayError> {
     let mut draft = RequestDraft {
         farm_id: req.farm_id,
@@ -74,7 +89,7 @@ fn aggregation_request(
         Some(pb::start_aggregation_request::Resources::FleetIds(r)) => draft.fleet_ids = Some(r.ids),
         None => {}
     }
-    draft.violations.extend(violation);
+    draft.violations.extend(violations);
     draft.start_time = req.start_time.and_then(|t| time(&t, Field::StartTime, &mut draft.violations));
     draft.end_time = req.end_time.and_then(|t| time(&t, Field::EndTime, &mut draft.violations));
     draft.period = match pb::Period::try_from(req.period) {
@@ -110,7 +125,7 @@ fn aggregation_request(
 }
 
 fn time(t: &prost_types::Timestamp, field: Field, v: &mut Vec<FieldViolation>) -> Option<DateTime<Utc>> {
-    let parsed = u32::try_from(t.nanos).ok().and_then(|n| DateTime::from_timestamp(t.seconds, n));
+    let parsed = datetime(t);
     if parsed.is_none() {
         v.push(FieldViolation::new(field, "is not a valid timestamp"));
     }
@@ -155,6 +170,7 @@ pub fn disposition(d: Disposition) -> pb::Disposition {
         Disposition::Started => pb::Disposition::Started,
         Disposition::Joined => pb::Disposition::Joined,
         Disposition::Cached => pb::Disposition::Cached,
+        Disposition::Derived => pb::Disposition::Derived,
     }
 }
 
@@ -187,6 +203,15 @@ pub fn estimated(
             .completion
             .filter(|_| matches!(r.state, State::Queued | State::Running))
             .map(prost_types::Timestamp::from),
+        priority: priority(r.priority) as i32,
+        derived_from: r.derived_from.as_deref().unwrap_or_default().to_owned(),
+    }
+}
+
+pub fn priority(p: Priority) -> pb::Priority {
+    match p {
+        Priority::Interactive => pb::Priority::Interactive,
+        Priority::Batch => pb::Priority::Batch,
     }
 }
 
@@ -226,6 +251,46 @@ pub fn encode_row(r: &StatisticsRow, buf: &mut Vec<u8>) {
     prost::encoding::message::encode(super::wire::STATISTICS, &row(r), buf);
 }
 
+/// Reads back one row as [`encode_row`] wrote it; `None` when the bytes are not one.
+pub fn decode_row(mut bytes: &[u8]) -> Option<StatisticsRow> {
+    use prost::Message as _;
+    let response = pb::GetAggregationResponse::decode(&mut bytes).ok()?;
+    let [row] = <[pb::StatisticsRow; 1]>::try_from(response.statistics).ok()?;
+    Some(domain_row(row))
+}
+
+/// The gateway's rows on the wire: [`encode_row`] and [`decode_row`].
+pub const ROW_CODEC: crate::gateway::rows::RowCodec =
+    crate::gateway::rows::RowCodec { encode: encode_row, decode: decode_row };
+
+/// The domain form of one proto row (unknown enum values read as absent).
+fn domain_row(r: pb::StatisticsRow) -> StatisticsRow {
+    let usage_type = match pb::UsageType::try_from(r.usage_type) {
+        Ok(pb::UsageType::Compute) => Some(UsageType::Compute),
+        Ok(pb::UsageType::License) => Some(UsageType::License),
+        Ok(pb::UsageType::PersistentVolume) => Some(UsageType::PersistentVolume),
+        _ => None,
+    };
+    let stats = |s: Option<pb::Stats>| {
+        s.map_or_else(Stats::default, |s| Stats { min: s.min, max: s.max, avg: s.avg, sum: s.sum })
+    };
+    StatisticsRow {
+        queue_id: r.queue_id,
+        fleet_id: r.fleet_id,
+        job_id: r.job_id,
+        job_name: r.job_name,
+        user_id: r.user_id,
+        license_product: r.license_product,
+        instance_type: r.instance_type,
+        usage_type,
+        count: r.count,
+        cost_in_usd: stats(r.cost_in_usd),
+        runtime_in_seconds: stats(r.runtime_in_seconds),
+        aggregation_start_time: r.aggregation_start_time.as_ref().and_then(datetime),
+        aggregation_end_time: r.aggregation_end_time.as_ref().and_then(datetime),
+    }
+}
+
 /// The proto form of one row.
 pub fn row(r: &StatisticsRow) -> pb::StatisticsRow {
     pb::StatisticsRow {
@@ -257,6 +322,11 @@ fn stats(s: &Stats) -> pb::Stats {
     pb::Stats { min: s.min, max: s.max, avg: s.avg, sum: s.sum }
 }
 
+/// A protobuf timestamp as a chrono time; `None` when it is out of range.
+pub fn datetime(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    u32::try_from(t.nanos).ok().and_then(|n| DateTime::from_timestamp(t.seconds, n))
+}
+
 /// A chrono time as a protobuf timestamp.
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::from(t))
@@ -280,6 +350,8 @@ mod tests {
             statistics: vec![pb::Statistic::Sum as i32],
             max_staleness: None,
             no_split: false,
+            priority: 0,
+            no_derive: false,
         }
     }
 
@@ -347,5 +419,55 @@ mod tests {
         req.resources = None;
         req.farm_id = String::new();
         assert_eq!(violations(req), vec!["farm_id", "resources"]);
+    }
+
+    fn stats() -> impl proptest::strategy::Strategy<Value = Stats> {
+        use proptest::prelude::*;
+        let stat = || proptest::option::of(-1e12..1e12f64);
+        (stat(), stat(), stat(), stat()).prop_map(|(min, max, avg, sum)| Stats { min, max, avg, sum })
+    }
+
+    proptest::proptest! {
+        /// What a derived answer reads back is the row that was stored, field by field.
+        #[test]
+        fn a_row_reads_back_as_it_was_encoded(
+            ids in proptest::collection::vec(proptest::option::of("[a-z0-9-]{0,40}"), 7),
+            usage in 0..4usize,
+            count in proptest::prelude::any::<i32>(),
+            cost in stats(),
+            runtime in stats(),
+            times in proptest::option::of((0..4_000_000_000i64, 0..4_000_000_000i64)),
+        ) {
+            let usage_type = [None, Some(UsageType::Compute), Some(UsageType::License), Some(UsageType::PersistentVolume)][usage];
+            let at = |s: i64| DateTime::from_timestamp(s, 0);
+            let row = StatisticsRow {
+                queue_id: ids[0].clone(),
+                fleet_id: ids[1].clone(),
+                job_id: ids[2].clone(),
+                job_name: ids[3].clone(),
+                user_id: ids[4].clone(),
+                license_product: ids[5].clone(),
+                instance_type: ids[6].clone(),
+                usage_type,
+                count,
+                cost_in_usd: cost,
+                runtime_in_seconds: runtime,
+                aggregation_start_time: times.and_then(|(s, _)| at(s)),
+                aggregation_end_time: times.and_then(|(_, e)| at(e)),
+            };
+            let mut buf = Vec::new();
+            encode_row(&row, &mut buf);
+            proptest::prop_assert_eq!(decode_row(&buf), Some(row));
+        }
+    }
+
+    #[test]
+    fn bytes_that_are_not_one_row_read_as_none() {
+        let mut two = Vec::new();
+        encode_row(&StatisticsRow::default(), &mut two);
+        encode_row(&StatisticsRow::default(), &mut two);
+        assert_eq!(decode_row(&two), None, "two rows");
+        assert_eq!(decode_row(b"\x12\x05ab"), None, "cut short");
+        assert_eq!(decode_row(&[]), None, "nothing");
     }
 }

@@ -276,7 +276,7 @@ mod sizes {
             Default::default(),
             Arc::new(Nothing),
             metrics.clone(),
-            crate::grpc::convert::encode_row,
+            crate::grpc::convert::ROW_CODEC,
         ));
         let api = super::AggregationApi::new(gateway, metrics, Default::default());
         let request = http::Request::new(tonic::body::Body::empty());

@@ -15,7 +15,7 @@ use super::pb::{
 };
 use super::wire::{self, EncodedRows};
 use crate::domain::validate::{Field, FieldViolation};
-use crate::gateway::{Gateway, GatewayError};
+use crate::gateway::{Gateway, GatewayError, StartOptions};
 use crate::telemetry::{Metrics, traces};
 use std::future::Future;
 use std::sync::Arc;
@@ -169,7 +169,17 @@ impl AggregationService for AggregationApi {
             self.authenticated(&caller, START)?;
             let req = convert::start_request(message)?;
             self.authorized(&caller, START, &req.request.farm_id)?;
-            let started = self.gateway.start(&caller.bucket, &req.request, req.max_staleness, req.no_split).await?;
+            let priority = match &self.access.authorizer {
+                Some(a) => a.start_priority(caller.identity.as_deref(), &req.request.farm_id, req.priority)?,
+                None => req.priority.unwrap_or_default(),
+            };
+            let options = StartOptions {
+                max_staleness: req.max_staleness,
+                no_split: req.no_split,
+                priority,
+                no_derive: req.no_derive,
+            };
+            let started = self.gateway.start(&caller.bucket, &req.request, options).await?;
             Ok(Response::new(StartAggregationResponse {
                 aggregation: Some(convert::estimated(&started.record, started.queue_position, &started.estimate)),
                 disposition: convert::disposition(started.disposition) as i32,

@@ -88,6 +88,23 @@ impl From<GatewayError> for Status {
                 );
                 Code::ResourceExhausted
             }
+            GatewayError::CallerQueueFull { farm_id, capacity } => {
+                details.set_retry_info(Some(QUEUE_FULL_RETRY));
+                details.set_error_info(
+                    "CALLER_QUEUE_FULL",
+                    ERROR_DOMAIN,
+                    meta([("farm_id", farm_id), ("capacity", capacity.to_string())]),
+                );
+                Code::ResourceExhausted
+            }
+            GatewayError::PriorityNotAllowed { farm_id, priority } => {
+                details.set_error_info(
+                    "PRIORITY_NOT_ALLOWED",
+                    ERROR_DOMAIN,
+                    meta([("farm_id", quoted(&farm_id)), ("priority", priority.name().to_owned())]),
+                );
+                Code::PermissionDenied
+            }
             GatewayError::RateLimited { operation, retry_after } => {
                 details.set_retry_info(Some(retry_after));
                 details.set_error_info("RATE_LIMITED", ERROR_DOMAIN, meta([("method", operation.to_owned())]));

@@ -1,4 +1,4 @@
-//! The admin HTTP listener: `/metrics` (OpenMetrics text format), `/healthz` (the process is
+//! The admin HTTP listener (the operator console is merged in by the app): `/metrics` (OpenMetrics text format), `/healthz` (the process is
 //! alive) and `/readyz` (the gRPC server is serving and not shutting down, with a word on the
 //! coordination store).
 
@@ -28,14 +28,16 @@ pub fn router(metrics: Arc<Metrics>, ready: watch::Receiver<bool>) -> Router {
         .with_state(AdminState { metrics, ready })
 }
 
-/// Serves the admin routes on `listener` until `shutdown` resolves.
+/// Serves the admin routes, and `more` beside them (the operator console), on `listener` until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
+    more: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, ready)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(metrics, ready).merge(more)).with_graceful_shutdown(shutdown).await
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {

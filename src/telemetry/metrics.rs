@@ -53,6 +53,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -93,6 +98,8 @@ pub struct Metrics {
     pub rpc_duration: Family<MethodLabels, Histogram>,
     pub dispositions: Family<DispositionLabels, Counter>,
     pub cache_hits: Counter,
+    /// Starts answered from the rows of a larger cached result.
+    pub derived: Counter,
     pub cache_misses: Counter,
     pub throttled: Family<MethodLabels, Counter>,
     pub upstream_calls: Family<UpstreamLabels, Counter>,
@@ -114,10 +121,16 @@ pub struct Metrics {
     pub start_offers: Family<OutcomeLabels, Counter>,
     /// Starts refused by a gateway-wide bound: `max_active_aggregations` or `max_farms`.
     pub busy: Family<ReasonLabels, Counter>,
+    /// Starts refused by a farm's queue: `farm_queue_full` or `caller_queue_full`.
+    pub queue_refused: Family<ReasonLabels, Counter>,
+    /// How long aggregations waited on their farm before they started upstream, by the class
+    /// they waited in (`interactive`, `batch`, `refresh`).
+    pub queue_wait: Family<ClassLabels, Histogram>,
     /// Results whose rows the shared store lost, fetched again from the upstream: `recovered`
     /// or `failed`.
     pub rows_refetched: Family<OutcomeLabels, Counter>,
-    /// Calls the authorization policy denied: `unauthenticated` or `farm_not_allowed`.
+    /// Calls the authorization policy denied: `unauthenticated`, `farm_not_allowed` or
+    /// `priority_not_allowed`.
     pub authz_denied: Family<ReasonLabels, Counter>,
     /// Upstream aggregations run as parts of split ones.
     pub split_parts: Counter,
@@ -168,6 +181,12 @@ impl Metrics {
         );
         let cache_hits = Counter::default();
         registry.register("cache_hits", "Starts answered from a valid cached result", cache_hits.clone());
+        let derived = Counter::default();
+        registry.register(
+            "derived",
+            "Starts answered from the rows of a valid cached result of a larger request (also counted in cache_hits)",
+            derived.clone(),
+        );
         let cache_misses = Counter::default();
         registry.register(
             "cache_misses",
@@ -232,6 +251,21 @@ impl Metrics {
         );
         let busy = Family::<ReasonLabels, Counter>::default();
         registry.register("gateway_busy", "Starts refused by a gateway-wide bound, by bound", busy.clone());
+        let queue_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "queue_refused",
+            "Starts refused by a farm's queue, by reason (farm_queue_full, caller_queue_full)",
+            queue_refused.clone(),
+        );
+        let queue_wait = Family::<ClassLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.05, 2.0, 18))
+        });
+        registry.register_with_unit(
+            "queue_wait",
+            "time from an aggregation's Start to its upstream Start, by the class it waited in",
+            Unit::Seconds,
+            queue_wait.clone(),
+        );
         let rows_refetched = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "rows_refetched",
@@ -241,7 +275,7 @@ impl Metrics {
         let authz_denied = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "authz_denied",
-            "calls the authorization policy denied, by reason (unauthenticated, farm_not_allowed)",
+            "calls the authorization policy denied, by reason (unauthenticated, farm_not_allowed, priority_not_allowed)",
             authz_denied.clone(),
         );
         let split_parts = Counter::default();
@@ -270,7 +304,13 @@ impl Metrics {
         for outcome in ["queued", "completed", "failed"] {
             let _ = refreshes.get_or_create(&OutcomeLabels { outcome });
         }
-        for reason in ["unauthenticated", "farm_not_allowed"] {
+        for reason in ["farm_queue_full", "caller_queue_full"] {
+            let _ = queue_refused.get_or_create(&ReasonLabels { reason });
+        }
+        for class in ["interactive", "batch", "refresh"] {
+            let _ = queue_wait.get_or_create(&ClassLabels { class });
+        }
+        for reason in ["unauthenticated", "farm_not_allowed", "priority_not_allowed"] {
             let _ = authz_denied.get_or_create(&ReasonLabels { reason });
         }
         for outcome in ["recovered", "failed"] {
@@ -297,7 +337,7 @@ impl Metrics {
         for disposition in ["started", "joined", "cached"] {
             let _ = dispositions.get_or_create(&DispositionLabels { disposition });
         }
-        for operation in ["StartSessionsStatisticsAggregation", "GetSessionsStatisticsAggregation"] {
+        for operation in [crate::upstream::START_OPERATION, crate::upstream::GET_OPERATION] {
             let _ = upstream_calls.get_or_create(&UpstreamLabels { operation, outcome: "ok" });
             let _ = upstream_duration.get_or_create(&OperationLabels { operation });
         }
@@ -312,6 +352,7 @@ impl Metrics {
             rpc_duration,
             dispositions,
             cache_hits,
+            derived,
             cache_misses,
             throttled,
             upstream_calls,
@@ -324,6 +365,8 @@ impl Metrics {
             caller_limit_fallbacks,
             start_offers,
             busy,
+            queue_refused,
+            queue_wait,
             rows_refetched,
             authz_denied,
             split_parts,
@@ -342,6 +385,13 @@ impl Metrics {
     }
 
     /// Whether the coordination store answered its last check (true before levels are known).
+    /// Upstream calls of `operation` so far: answered, throttled, and failed otherwise.
+    pub fn upstream_totals(&self, operation: &'static str) -> (u64, u64, u64) {
+        const FAILED: [&str; 6] = ["invalid", "not_found", "access_denied", "transient", "outcome_unknown", "other"];
+        let count = |outcome| self.upstream_calls.get(&UpstreamLabels { operation, outcome }).map_or(0, |c| c.get());
+        (count("ok"), count("throttled"), FAILED.iter().map(|o| count(o)).sum())
+    }
+
     pub fn store_up(&self) -> bool {
         self.levels.get().is_none_or(|source| source().store_up)
     }

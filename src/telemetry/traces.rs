@@ -86,6 +86,12 @@ pub(crate) fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metada
     }
 }
 
+/// The trace id of `span`, when it is traced (an OpenTelemetry exporter is configured).
+pub(crate) fn trace_id(span: &tracing::Span) -> Option<String> {
+    let context = span_context(span);
+    context.is_valid().then(|| context.trace_id().to_string())
+}
+
 /// The OpenTelemetry context of `span`.
 pub(crate) fn span_context(span: &tracing::Span) -> SpanContext {
     span.context().span().span_context().clone()

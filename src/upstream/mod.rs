@@ -7,6 +7,10 @@
 mod host_prefix;
 pub mod sdk;
 
+/// The upstream's operations, as spans and metrics name them.
+pub const START_OPERATION: &str = "StartSessionsStatisticsAggregation";
+pub const GET_OPERATION: &str = "GetSessionsStatisticsAggregation";
+
 use crate::domain::{AggregationRequest, AggregationStatus, StatisticsRow};
 use std::time::Duration;
 

@@ -27,6 +27,17 @@ pub enum CredentialSource {
     Static { access_key_id: String, secret_access_key: String },
 }
 
+/// A role the client assumes with STS from its base credentials, as a route's `role_arn` asks
+/// (the SDK's role provider: credentials refreshed before they expire).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumeRole {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: String,
+    /// Where STS is (else the standard endpoint chain, `AWS_ENDPOINT_URL_STS` included).
+    pub sts_endpoint_url: Option<String>,
+}
+
 /// How to build the SDK client.
 #[derive(Debug, Clone)]
 pub struct SdkUpstreamConfig {
@@ -35,6 +46,8 @@ pub struct SdkUpstreamConfig {
     /// Overrides the region chain when set.
     pub region: Option<String>,
     pub credentials: CredentialSource,
+    /// A role to assume with `credentials` (`None`: use them as they are).
+    pub assume_role: Option<AssumeRole>,
     pub connect_timeout: Duration,
     /// Bound on one HTTP attempt.
     pub attempt_timeout: Duration,
@@ -60,6 +73,7 @@ impl Default for SdkUpstreamConfig {
             endpoint_url: None,
             region: None,
             credentials: CredentialSource::Chain,
+            assume_role: None,
             connect_timeout: defaults::CONNECT_TIMEOUT,
             attempt_timeout: defaults::ATTEMPT_TIMEOUT,
             operation_timeout: defaults::OPERATION_TIMEOUT,
@@ -110,6 +124,10 @@ impl SdkUpstream {
         if shared.region().is_none() {
             return Err(SdkConfigError::NoRegion);
         }
+        let shared = match &config.assume_role {
+            None => shared,
+            Some(role) => assuming(shared, role).await,
+        };
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(config.connect_timeout)
             .operation_attempt_timeout(config.attempt_timeout)
@@ -127,6 +145,38 @@ impl SdkUpstream {
             get_client: Client::from_conf(builder.retry_config(get_retry).build()),
         })
     }
+}
+
+impl SdkUpstream {
+    /// Every farm the account holds in the client's region (`ListFarms`, page by page): what a
+    /// route that discovers its farms serves.
+    pub async fn farms(&self) -> Result<Vec<String>, UpstreamError> {
+        let mut pages = self.get_client.list_farms().max_results(100).into_paginator().send();
+        let mut farms = Vec::new();
+        while let Some(page) = pages.next().await {
+            farms.extend(page.map_err(map_sdk_error)?.farms().iter().map(|f| f.farm_id().to_owned()));
+        }
+        Ok(farms)
+    }
+}
+
+/// `shared` with the credentials of `role`, assumed from `shared`'s own.
+async fn assuming(shared: aws_types::SdkConfig, role: &AssumeRole) -> aws_types::SdkConfig {
+    let mut sts = shared.clone().into_builder();
+    if let Some(url) = &role.sts_endpoint_url {
+        sts.set_endpoint_url(Some(url.clone()));
+    }
+    let mut provider = aws_config::sts::AssumeRoleProvider::builder(&role.role_arn)
+        .session_name(&role.session_name)
+        .configure(&sts.build());
+    if let Some(id) = &role.external_id {
+        provider = provider.external_id(id);
+    }
+    let provider = provider.build().await;
+    shared
+        .into_builder()
+        .credentials_provider(aws_sdk_deadline::config::SharedCredentialsProvider::new(provider))
+        .build()
 }
 
 #[async_trait::async_trait]

@@ -117,6 +117,7 @@ pub async fn on_redis(url: &str, config: &GatewayConfig) -> Coordination {
 pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordination {
     Coordination {
         store: store.clone(),
+        activity: Arc::new(deadline_stats_gateway::gateway::activity::MemoryActivity::default()),
         results: store.results(),
         wakeups: wakeups.clone(),
         start_rate: None,
@@ -150,6 +151,7 @@ async fn serve_app(
         identity_source: None,
         authz_policy: None,
         shutdown_grace: Duration::ZERO,
+        console: Default::default(),
     };
     let app = App::build(config, listeners).await.expect("the gateway builds");
     let (addr, gateway, metrics) = (app.addr().expect("local addr"), app.gateway().clone(), app.metrics().clone());

@@ -3,6 +3,7 @@
 //! scrapes, Python tools, a real redis-server (and a proxy that breaks its connections) and gateway processes sharing it. `use common::*` brings them all.
 #![allow(dead_code, unused_imports)]
 
+mod apt;
 mod certs;
 mod fleet;
 mod gateway;
@@ -14,6 +15,7 @@ mod redis;
 mod replicas;
 mod upstream;
 
+pub use apt::*;
 pub use certs::*;
 pub use fleet::*;
 pub use gateway::*;

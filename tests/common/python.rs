@@ -28,3 +28,30 @@ pub fn python_packages(dir: &str, packages: &[&str], probe: &str) -> std::path::
     }
     target
 }
+
+/// A `PYTHONPATH` under which `import botocore` works with a model that knows Deadline Cloud.
+pub fn botocore_path() -> std::path::PathBuf {
+    python_packages(
+        "pydeps",
+        &["botocore"],
+        "import botocore.session as s; assert 'deadline' in s.get_session().get_available_services()",
+    )
+}
+
+/// Runs `tests/{script}` with `args` under `pythonpath` (within two minutes) and requires it to
+/// succeed, showing its output when it does not.
+pub async fn python_check(script: &str, args: &[&str], pythonpath: &std::path::Path) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(path).args(args).env("PYTHONPATH", pythonpath).env_remove("AWS_PROFILE");
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
+        .await
+        .expect("finishes in time")
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -119,16 +119,9 @@ fn redis_binary() -> &'static str {
         if present("redis-server") && present("redis-cli") {
             return;
         }
-        let apt = |args: &[&str]| {
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        assert!(apt(&["update", "-q"]), "apt-get update failed: redis-server cannot be installed");
-        assert!(apt(&["install", "-y", "-q", "redis-server", "redis-tools"]), "apt-get install redis-server failed");
+        if let Err(e) = super::apt_install(&["redis-server", "redis-tools"]) {
+            panic!("redis-server cannot be installed: {e}");
+        }
     });
     "redis-server"
 }
@@ -217,7 +210,12 @@ impl RedisServer {
 }
 
 /// A Redis Sentinel (`redis-server --sentinel`) watching the primary on `primary_port` as
-/// `mymaster`, with a quorum of one and a one-second down-after, stopped when dropped.
+/// `mymaster`, with a quorum of one, stopped when dropped.
+///
+/// Down-after is three seconds: Sentinel pings each instance once a second and, right after a
+/// switch to a promoted replica, times its first answer from the switch, so a one-second
+/// down-after on a loaded machine can find the new primary "down" before its first answer
+/// arrives and fail over a second time, losing what was written to the first (seen in CI).
 pub struct RedisSentinel {
     child: Child,
     pub port: u16,
@@ -228,6 +226,11 @@ impl Drop for RedisSentinel {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // With `DSG_TEST_LOGS`, what the Sentinel decided (its failovers) is shown with the
+        // replicas' logs.
+        if std::env::var_os("DSG_TEST_LOGS").is_some() {
+            eprintln!("{}", std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -247,8 +250,9 @@ pub fn redis_sentinel(primary_port: u16) -> RedisSentinel {
     let conf = dir.join("sentinel.conf");
     let text = format!(
         "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary_port} 1\n\
-         sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n",
-        dir.display()
+         sentinel down-after-milliseconds mymaster 3000\nsentinel failover-timeout mymaster 10000\nlogfile {}\n",
+        dir.display(),
+        dir.join("sentinel.log").display()
     );
     std::fs::write(&conf, text).expect("writes sentinel.conf");
     let child = Command::new(redis_binary())

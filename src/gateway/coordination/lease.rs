@@ -110,6 +110,9 @@ pub trait FarmLeases: Send + Sync + 'static {
 
     /// Whether no newer holder exists: the check every fenced write makes.
     async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// Who holds `farm`'s lease now, if anyone (for the operator console; nothing decides on it).
+    async fn holder(&self, farm: &str) -> Result<Option<String>, StoreError>;
 }
 
 #[derive(Debug, Default)]
@@ -180,5 +183,10 @@ impl FarmLeases for MemoryLeases {
 
     async fn is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
         Ok(self.lock().get(&lease.farm).is_some_and(|state| state.fence == lease.token))
+    }
+
+    async fn holder(&self, farm: &str) -> Result<Option<String>, StoreError> {
+        let now = Instant::now();
+        Ok(self.lock().get(farm).and_then(|state| state.live(now)).map(|(holder, _)| holder.to_owned()))
     }
 }

@@ -3,8 +3,9 @@
 //! follows are [`super::policy`]'s. Every write wakes the waiters of the aggregation it
 //! changed and of its farm ([`Wakeups`]).
 
+use super::farm_queue::FarmQueue;
 use super::lease::{FarmLeases, Lease, MemoryLeases};
-use super::policy::{self, Candidate, Freshness, Limits, Occupancy, RefreshVerdict};
+use super::policy::{self, Candidate, Freshness, Limits, Occupancy, Place, RefreshVerdict};
 use super::results::{CachedResult, Removal, ResultsCache};
 use super::run_model::RunModel;
 use super::wakeups::{Wakeups, farm_topic};
@@ -12,12 +13,13 @@ use super::{
     AggregationStore, ClaimError, Claimed, Disposition, FarmLoad, Found, Head, QueueFault, StoreError, StoreStats,
     Written,
 };
+use crate::domain::derive;
 use crate::gateway::clock::Clock;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Rows, State};
+use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Priority, Rows, State};
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -64,12 +66,15 @@ struct Index {
     active: HashMap<AggregationId, Arc<AggregationRecord>>,
     /// The aggregation answering each key, active or terminal.
     by_key: HashMap<CanonicalKey, AggregationId>,
-    /// Each farm's queue, its head first.
-    farms: HashMap<String, VecDeque<AggregationId>>,
+    /// Each farm's queue, its head first, in the fair order.
+    farms: HashMap<String, FarmQueue>,
     /// Starts each aggregation answered (started, joined or cached), for refresh-ahead.
     hits: HashMap<AggregationId, Hits>,
     /// COMPLETED results by expiry: the candidates for refresh-ahead.
     due: BTreeSet<(SystemTime, AggregationId)>,
+    /// COMPLETED results not derived from another, by family (`derive::family`), by start:
+    /// where a Start looks for a result that contains it.
+    families: HashMap<String, BTreeSet<FamilyEntry>>,
     /// Refreshes no caller has joined yet, by the key they renew.
     refreshing: HashMap<CanonicalKey, AggregationId>,
     /// Each farm's observed run times.
@@ -86,12 +91,50 @@ impl Index {
 
     /// Whether `farm` has callers' aggregations queued or running.
     fn caller_backlog(&self, farm: &str) -> bool {
-        self.farms.get(farm).is_some_and(|q| q.iter().any(|id| !self.pending_refresh(id)))
+        self.farms.get(farm).is_some_and(|q| q.ids().any(|id| !self.pending_refresh(id)))
     }
 
     fn hit(&mut self, id: &AggregationId, caller: &str, now: SystemTime) {
         self.hits.entry(id.clone()).or_default().hit(caller, now);
     }
+
+    /// `caller` joins active `record` with `priority`: a hit, and, the first time this caller
+    /// asks for it while it waits, its turn is spent on it and it moves up to the caller's
+    /// place if that is earlier ([`policy::joined_place`]). The record as it now is.
+    fn join(
+        &mut self,
+        record: Arc<AggregationRecord>,
+        limits: &Limits,
+        priority: Priority,
+        caller: &str,
+        now: SystemTime,
+    ) -> Arc<AggregationRecord> {
+        let id = &record.id;
+        let first_ask = self.hits.get(id).is_none_or(|h| !h.last.contains_key(caller));
+        self.hit(id, caller, now);
+        let Some(queue) = self.farms.get_mut(record.farm_id()) else { return record };
+        let Some(current) = queue.waiting_place(id).filter(|_| first_ask) else { return record };
+        let (joiner, next) = queue.place_for(limits, priority, caller);
+        queue.charge(joiner, caller, next);
+        let Some(better) = policy::joined_place(current, joiner) else { return record };
+        queue.move_to(id, better);
+        let raised = policy::priority_of(better.class);
+        if raised >= record.priority {
+            return record;
+        }
+        let raised = Arc::new(AggregationRecord { priority: raised, ..(*record).clone() });
+        self.active.insert(id.clone(), raised.clone());
+        raised
+    }
+}
+
+/// A result in its family's index: its window (ms), expiry and id, in that order.
+type FamilyEntry = ((i64, i64), SystemTime, AggregationId);
+
+/// The window of a request, in ms, as the family index keeps it.
+fn window(key: &CanonicalKey) -> (i64, i64) {
+    let q = key.request();
+    (q.start_time.timestamp_millis(), q.end_time.timestamp_millis())
 }
 
 /// The hits of one aggregation: each caller counts once per `policy::HIT_WINDOW`.
@@ -181,11 +224,7 @@ impl MemoryStore {
 
     /// How many aggregations are ahead of `record` on its farm.
     fn position(index: &Index, record: &AggregationRecord) -> u32 {
-        let position = index
-            .farms
-            .get(record.farm_id())
-            .and_then(|q| q.iter().position(|id| *id == record.id))
-            .unwrap_or_default();
+        let position = index.farms.get(record.farm_id()).and_then(|q| q.position(&record.id)).unwrap_or_default();
         u32::try_from(position).unwrap_or(u32::MAX)
     }
 
@@ -208,13 +247,17 @@ impl AggregationStore for MemoryStore {
         limits: &Limits,
         id: AggregationId,
         caller: &str,
+        priority: Priority,
     ) -> Result<Claimed, ClaimError> {
         let now = self.clock.now();
         let mut index = self.lock();
         if let Some(existing) = index.by_key.get(key).cloned() {
             if let Some(record) = index.active.get(&existing).cloned() {
+                let record = index.join(record, limits, priority, caller, now);
                 let queue_position = Self::position(&index, &record);
-                index.hit(&existing, caller, now);
+                if queue_position > 0 {
+                    self.wakeups.wake(&farm_topic(key.farm_id()));
+                }
                 return Ok(Claimed { record, queue_position, disposition: Disposition::Joined });
             }
             if let Some(result) = self.results.get(&existing)
@@ -233,23 +276,31 @@ impl AggregationStore for MemoryStore {
         if let Some(refresh) = index.refreshing.remove(key)
             && let Some(record) = index.active.get(&refresh).cloned()
         {
-            let queue_position = Self::position(&index, &record);
             index.by_key.insert(key.clone(), refresh.clone());
-            index.hit(&refresh, caller, now);
+            let record = index.join(record, limits, priority, caller, now);
+            let queue_position = Self::position(&index, &record);
+            self.wakeups.wake(&farm_topic(key.farm_id()));
             return Ok(Claimed { record, queue_position, disposition: Disposition::Joined });
         }
         let farm = key.farm_id();
-        let queued = index.farms.get(farm).map_or(0, VecDeque::len);
-        policy::admit(Occupancy { live: index.active.len(), farms: index.farms.len(), queued }, limits, farm)?;
-        let position = match index.farms.get(farm) {
-            Some(queue) => policy::caller_slot(queue.iter().map(|queued| index.pending_refresh(queued))),
-            None => 0,
-        };
-        let record = Arc::new(AggregationRecord::queued(id.clone(), key.clone(), self.clock.now()));
-        index.farms.entry(farm.to_owned()).or_default().insert(position, id.clone());
+        let (queued, caller_waiting) = index.farms.get(farm).map_or((0, 0), |q| (q.len(), q.waiting_of(caller)));
+        let at = Occupancy { live: index.active.len(), farms: index.farms.len(), queued, caller_waiting };
+        policy::admit(at, limits, farm)?;
+        let record = Arc::new(AggregationRecord {
+            priority,
+            ..AggregationRecord::queued(id.clone(), key.clone(), self.clock.now())
+        });
+        let queue = index.farms.entry(farm.to_owned()).or_default();
+        let (place, next) = queue.place_for(limits, priority, caller);
+        queue.charge(place, caller, next);
+        let position = queue.insert(id.clone(), place, Some(caller));
         index.active.insert(id.clone(), record.clone());
         index.hit(&id, caller, now);
         index.by_key.insert(key.clone(), id);
+        if position < queued {
+            // Went before others: their positions moved.
+            self.wakeups.wake(&farm_topic(farm));
+        }
         let queue_position = u32::try_from(position).unwrap_or(u32::MAX);
         Ok(Claimed { record, queue_position, disposition: Disposition::Started })
     }
@@ -278,9 +329,61 @@ impl AggregationStore for MemoryStore {
         })
     }
 
+    async fn containing(
+        &self,
+        key: &CanonicalKey,
+        freshness: &Freshness,
+    ) -> Result<Option<Arc<AggregationRecord>>, StoreError> {
+        let (q, now, asked) = (key.request(), self.clock.now(), window(key));
+        let valid_from = now + freshness.min_remaining;
+        let index = self.lock();
+        let Some(family) = index.families.get(&derive::family(q)) else { return Ok(None) };
+        // The results that start nearest before the request's start (at or before it).
+        let later = ((asked.0.saturating_add(1), i64::MIN), SystemTime::UNIX_EPOCH, AggregationId::from(""));
+        let mut covering: Vec<&FamilyEntry> = family
+            .range(..later)
+            .rev()
+            .take(policy::CONTAINING_LOOKED_AT)
+            .filter(|(window, at, _)| policy::covers(*window, asked) && *at >= valid_from && *at > now)
+            .collect();
+        covering.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        Ok(covering
+            .into_iter()
+            .filter_map(|(.., id)| self.results.get(id))
+            .find(|result| {
+                freshness.accepts(&result.record, result.rows.is_some(), now)
+                    && derive::contains(result.record.key.request(), q)
+            })
+            .map(|result| result.record.clone()))
+    }
+
+    async fn answers(&self, key: &CanonicalKey, freshness: &Freshness) -> Result<bool, StoreError> {
+        let index = self.lock();
+        let Some(id) = index.by_key.get(key) else { return Ok(false) };
+        Ok(index.active.contains_key(id)
+            || self.results.get(id).is_some_and(|r| freshness.accepts(&r.record, r.rows.is_some(), self.clock.now())))
+    }
+
+    async fn put_derived(&self, record: AggregationRecord, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
+        let result = Arc::new(CachedResult::new(Arc::new(record), Some(rows)));
+        let r = &result.record;
+        let mut index = self.lock();
+        self.tombstones.insert(r.id.clone(), Tombstone::of(&result, None));
+        self.results.insert(result.clone());
+        let answering = index.by_key.get(&r.key);
+        let active = answering.is_some_and(|id| index.active.contains_key(id));
+        let answering_expiry = answering.and_then(|id| self.results.get(id)).and_then(|a| a.record.expire_time);
+        if let Some(expire) = r.expire_time
+            && policy::derived_takes_key(active, answering_expiry, expire)
+        {
+            index.by_key.insert(r.key.clone(), r.id.clone());
+        }
+        Ok(result)
+    }
+
     async fn head(&self, farm: &str) -> Result<Head, StoreError> {
         let index = self.lock();
-        Ok(match index.farms.get(farm).and_then(VecDeque::front) {
+        Ok(match index.farms.get(farm).and_then(FarmQueue::head) {
             None => Head::Empty,
             Some(id) => match index.active.get(id) {
                 Some(record) => Head::Ready(record.clone()),
@@ -295,7 +398,7 @@ impl AggregationStore for MemoryStore {
         }
         let mut index = self.lock();
         if let Some(queue) = index.farms.get_mut(&lease.farm) {
-            queue.retain(|queued| &**queued != id);
+            queue.remove(id);
             if queue.is_empty() {
                 index.farms.remove(&lease.farm);
             }
@@ -361,6 +464,10 @@ impl AggregationStore for MemoryStore {
                 && let Some(at) = r.expire_time
             {
                 index.due.insert((at, id.clone()));
+                if r.derived_from.is_none() {
+                    let entry = (window(&r.key), at, id.clone());
+                    index.families.entry(derive::family(r.key.request())).or_default().insert(entry);
+                }
             }
             if r.refresh {
                 if index.refreshing.get(&r.key) == Some(&id) {
@@ -374,7 +481,7 @@ impl AggregationStore for MemoryStore {
             }
             let farm = result.record.farm_id();
             if let Some(queue) = index.farms.get_mut(farm) {
-                queue.retain(|queued| *queued != id);
+                queue.remove(&id);
                 if queue.is_empty() {
                     index.farms.remove(farm);
                 }
@@ -417,7 +524,7 @@ impl AggregationStore for MemoryStore {
                 (RefreshVerdict::Queued, Some(old)) => {
                     index.due.remove(&entry);
                     let refresh = Arc::new(AggregationRecord::refresh_of(mint(old.farm_id()), &old, now));
-                    index.farms.entry(farm.to_owned()).or_default().push_back(refresh.id.clone());
+                    index.farms.entry(farm.to_owned()).or_default().insert(refresh.id.clone(), Place::REFRESH, None);
                     index.active.insert(refresh.id.clone(), refresh.clone());
                     index.refreshing.insert(old.key.clone(), refresh.id.clone());
                     queued.push(refresh);
@@ -438,7 +545,7 @@ impl AggregationStore for MemoryStore {
 
     async fn queue(&self, farm: &str, count: usize) -> Result<Vec<Arc<AggregationRecord>>, StoreError> {
         let index = self.lock();
-        let queue = index.farms.get(farm).into_iter().flatten().take(count);
+        let queue = index.farms.get(farm).into_iter().flat_map(FarmQueue::ids).take(count);
         Ok(queue.filter_map(|id| index.active.get(id).cloned()).collect())
     }
 
@@ -458,7 +565,11 @@ impl AggregationStore for MemoryStore {
         self.tombstones.run_pending_tasks();
         let now = self.clock.now();
         let mut index = self.lock();
-        let Index { active, by_key, hits, due, refreshing, .. } = &mut *index;
+        let Index { active, by_key, hits, due, refreshing, families, .. } = &mut *index;
+        families.retain(|_, results| {
+            results.retain(|(_, at, id)| *at > now && self.results.contains(id));
+            !results.is_empty()
+        });
         by_key.retain(|_, id| active.contains_key(id) || self.results.contains(id));
         hits.retain(|id, _| active.contains_key(id) || self.results.contains(id));
         refreshing.retain(|_, id| active.contains_key(id));
@@ -475,7 +586,7 @@ impl AggregationStore for MemoryStore {
             .iter()
             .map(|(farm, queue)| {
                 let head_running =
-                    queue.front().and_then(|id| index.active.get(id)).is_some_and(|r| r.state == State::Running);
+                    queue.head().and_then(|id| index.active.get(id)).is_some_and(|r| r.state == State::Running);
                 (farm.clone(), FarmLoad::of(queue.len(), head_running))
             })
             .collect();
@@ -505,7 +616,8 @@ mod tests {
     }
 
     const ANY: Freshness = Freshness { min_remaining: Duration::ZERO, max_staleness: None };
-    const ROOMY: Limits = Limits { queue_capacity: 1000, max_live: 1000, max_farms: 1000 };
+    const ROOMY: Limits =
+        Limits { queue_capacity: 1000, max_live: 1000, max_farms: 1000, caller_capacity: 1000, fair: true };
 
     /// A store on tokio's clock: its tests run on paused time.
     fn store(max_bytes: u64, grace: Duration) -> MemoryStore {
@@ -513,7 +625,10 @@ mod tests {
     }
 
     async fn start_with(store: &MemoryStore, k: &CanonicalKey, f: &Freshness) -> Claimed {
-        store.claim(k, f, &ROOMY, IdMinter::new().mint(k.farm_id()), "caller").await.expect("claimed")
+        store
+            .claim(k, f, &ROOMY, IdMinter::new().mint(k.farm_id()), "caller", Priority::Interactive)
+            .await
+            .expect("claimed")
     }
 
     async fn start(store: &MemoryStore, k: &CanonicalKey) -> Claimed {

@@ -3,8 +3,9 @@
 //! read an id, and, for a farm's lease holder, take the head of its queue and write the
 //! aggregation's next state, fenced by the lease's token.
 //!
-//! - `policy`: every rule a store follows (freshness, bounds, queue order, refresh
-//!   eligibility), written once; the Redis scripts mirror it.
+//! - `policy`: every rule a store follows (freshness, bounds, the fair order of a farm's queue,
+//!   refresh eligibility), written once; the Redis scripts mirror it.
+//! - `farm_queue`: one farm's queue in the memory store, in that order.
 //! - `memory`: the store of one process, its rows in the `results` cache.
 //! - [`redis`]: the store shared by replicas through Redis, its Lua scripts in files.
 //! - [`lease`]: farm leases with fencing tokens.
@@ -18,6 +19,7 @@
 //! [`Coordination`] is what a backend gives the gateway; the gateway never names a backend.
 //! Nothing here knows of tonic, the SDK, spans or metrics.
 
+pub(crate) mod farm_queue;
 pub mod lease;
 pub(crate) mod memory;
 pub mod pacing;
@@ -38,7 +40,7 @@ use super::clock::Clock;
 use super::ids::Bucket;
 use super::key::CanonicalKey;
 use super::rate::{CallerLimits, Rate};
-use super::record::{AggregationId, AggregationRecord, Offer, Rows};
+use super::record::{AggregationId, AggregationRecord, Offer, Priority, Rows};
 use super::rows::RowBlock;
 use pacing::{CallerTokens, LocalRate, RateSource};
 use std::collections::HashMap;
@@ -56,6 +58,9 @@ pub enum Disposition {
     Joined,
     /// An identical aggregation is terminal and still valid.
     Cached,
+    /// A valid COMPLETED result of a larger request contains it exactly: a new COMPLETED
+    /// aggregation holds its rows, cut out of that result.
+    Derived,
 }
 
 /// An aggregation as a read finds it.
@@ -233,6 +238,9 @@ impl std::fmt::Display for Bound {
 pub enum ClaimError {
     #[error("the queue of farm {farm_id} is full ({capacity} aggregations wait already)")]
     QueueFull { farm_id: String, capacity: usize },
+    /// The caller's share of the farm's queue is taken (`--farm-queue-caller-share`).
+    #[error("this caller already has {capacity} aggregations waiting on farm {farm_id}, its share of the farm's queue")]
+    CallerQueueFull { farm_id: String, capacity: usize },
     #[error("the gateway holds as much work as it is allowed ({bound} = {limit})")]
     Busy { bound: Bound, limit: usize },
     /// The shared store lost its state since the id was minted: mint one in the new epoch.
@@ -301,9 +309,12 @@ pub trait AggregationStore: Send + Sync + 'static {
     fn leases(&self) -> &dyn FarmLeases;
 
     /// Atomically finds the live aggregation for `key` that `freshness` accepts, or queues a
-    /// new one named `id` in its farm's queue (`policy::caller_slot`), within `limits`
-    /// (`policy::admit`). The aggregation answering gets a hit for refresh-ahead, once per
-    /// `caller` (the caller's identity) and `policy::HIT_WINDOW`.
+    /// new one named `id` of `priority` in its farm's queue at its place in the fair order
+    /// (`policy::place`, `policy::slot`), within `limits` (`policy::admit`). The aggregation
+    /// answering gets a hit for refresh-ahead, once per `caller` (the caller's identity) and
+    /// `policy::HIT_WINDOW`; a waiting one that `caller` joins for the first time spends the
+    /// caller's turn and moves up to the caller's place if earlier (`policy::joined_place`).
+    /// Positions that change wake the farm's topic.
     async fn claim(
         &self,
         key: &CanonicalKey,
@@ -311,10 +322,34 @@ pub trait AggregationStore: Send + Sync + 'static {
         limits: &Limits,
         id: AggregationId,
         caller: &str,
+        priority: Priority,
     ) -> Result<Claimed, ClaimError>;
 
     /// Looks up an aggregation by id.
     async fn read(&self, id: &str) -> Result<Found, StoreError>;
+
+    /// The COMPLETED result that contains `key`'s request exactly (`crate::domain::derive`)
+    /// and that `freshness` accepts, the one with the most validity left of the
+    /// [`policy::CONTAINING_LOOKED_AT`] of its family that start nearest before the request's
+    /// start (at or before it). Found through an index of completed results by family
+    /// (`derive::family`: farm, kind, timezone, period, groups) and start, never by a scan of
+    /// the store's results. Results derived from another are not
+    /// indexed: the one they came from contains all they contain.
+    async fn containing(
+        &self,
+        key: &CanonicalKey,
+        freshness: &Freshness,
+    ) -> Result<Option<Arc<AggregationRecord>>, StoreError>;
+
+    /// Whether `key` is answered by an active aggregation or by a terminal result `freshness`
+    /// accepts: what a claim would join or reuse, which goes before any derived answer.
+    async fn answers(&self, key: &CanonicalKey, freshness: &Freshness) -> Result<bool, StoreError>;
+
+    /// Keeps `record`, a COMPLETED aggregation derived from another, with its `rows` until its
+    /// expiry, and makes it what its key answers unless the key answers an active aggregation
+    /// or a result valid at least as long. Unfenced: it is never in a farm's queue. The
+    /// result, for this replica's results cache.
+    async fn put_derived(&self, record: AggregationRecord, rows: Rows) -> Result<Arc<CachedResult>, StoreError>;
 
     /// The aggregation at the head of `farm`'s queue: the one its lease holder drives.
     async fn head(&self, farm: &str) -> Result<Head, StoreError>;
@@ -414,6 +449,8 @@ pub trait AggregationStore: Send + Sync + 'static {
 /// results cache and wake-ups, and where its upstream pacing tokens come from.
 pub struct Coordination {
     pub store: Arc<dyn AggregationStore>,
+    /// Where the operator console's history is kept (beside the store, never read by it).
+    pub activity: Arc<dyn crate::gateway::activity::ActivityLog>,
     pub results: Arc<ResultsCache>,
     pub wakeups: Arc<Wakeups>,
     pub start_rate: Option<Arc<dyn RateSource>>,
@@ -463,6 +500,7 @@ impl Coordination {
         Self {
             results: store.results(),
             store,
+            activity: Arc::new(crate::gateway::activity::MemoryActivity::default()),
             wakeups,
             start_rate: local(settings.upstream_start),
             get_rate: local(settings.upstream_get),
@@ -501,9 +539,11 @@ impl Coordination {
         };
         let caller_start_tokens = callers("start", settings.caller_start);
         let caller_get_tokens = callers("get", settings.caller_get);
+        let activity = Arc::new(redis::activity::RedisActivity::new(client.clone()));
         let store = Arc::new(redis::RedisStore::new(client, results.clone(), wakeups.clone(), time));
         Ok(Self {
             store,
+            activity,
             results,
             wakeups,
             start_rate,

@@ -1,7 +1,7 @@
 //! The rules every store follows, each written once: when a terminal result may answer a Start
-//! ([`Freshness::accepts`]), which bound a new aggregation would break ([`admit`]), where a
-//! caller's aggregation goes in its farm's queue ([`caller_slot`]), and whether a due result is
-//! refreshed ahead ([`refresh_verdict`]). The run-time moving average is
+//! ([`Freshness::accepts`]), which bound a new aggregation would break ([`admit`]), the order
+//! of a farm's queue ([`place`], [`slot`], [`joined_place`], [`reached_head`]), and whether a
+//! due result is refreshed ahead ([`refresh_verdict`]). The run-time moving average is
 //! [`super::run_model::RunModel::observe`].
 //!
 //! The memory store calls these functions; the Redis scripts mirror them line for line (each
@@ -9,7 +9,7 @@
 //! Nothing here reads a clock or a store: callers pass what they observed.
 
 use super::{Bound, ClaimError};
-use crate::gateway::record::{AggregationRecord, State};
+use crate::gateway::record::{AggregationRecord, Priority, State};
 use std::time::{Duration, SystemTime};
 
 /// What a caller accepts as a cached answer.
@@ -47,6 +47,20 @@ pub struct Limits {
     pub max_live: usize,
     /// Farms with work at once.
     pub max_farms: usize,
+    /// Aggregations one caller's Starts may have waiting on one farm (its share of the queue).
+    pub caller_capacity: usize,
+    /// Fair queueing ([`place`]); `false`: arrival order, callers before refreshes.
+    pub fair: bool,
+}
+
+impl Limits {
+    /// What one caller may have waiting on a farm: `share` of `queue_capacity`, at least one.
+    pub fn caller_capacity(queue_capacity: usize, share: f64) -> usize {
+        // The share is checked to be in (0, 1] where it is read; the product fits.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        let capacity = (queue_capacity as f64 * share).floor() as usize;
+        capacity.max(1)
+    }
 }
 
 /// What a store holds when a claim would queue a new aggregation.
@@ -58,10 +72,13 @@ pub(crate) struct Occupancy {
     pub farms: usize,
     /// The length of the claimed farm's queue, its head included.
     pub queued: usize,
+    /// Aggregations the caller's Starts have waiting (behind the head) on the farm.
+    pub caller_waiting: usize,
 }
 
 /// Whether a new aggregation fits within `limits`: the first bound it would break, checked in
-/// this order: live aggregations, farms, the farm's queue.
+/// this order: live aggregations, farms, the farm's queue, the caller's share of it (so one
+/// caller's backlog never refuses another caller while the farm has room).
 pub(crate) fn admit(at: Occupancy, limits: &Limits, farm: &str) -> Result<(), ClaimError> {
     if at.live >= limits.max_live {
         return Err(ClaimError::Busy { bound: Bound::ActiveAggregations, limit: limits.max_live });
@@ -73,21 +90,80 @@ pub(crate) fn admit(at: Occupancy, limits: &Limits, farm: &str) -> Result<(), Cl
     if at.queued > limits.queue_capacity {
         return Err(ClaimError::QueueFull { farm_id: farm.to_owned(), capacity: limits.queue_capacity });
     }
+    // Nothing waits while the farm is idle: the first aggregation goes to the head.
+    if at.queued > 0 && at.caller_waiting >= limits.caller_capacity {
+        return Err(ClaimError::CallerQueueFull { farm_id: farm.to_owned(), capacity: limits.caller_capacity });
+    }
     Ok(())
 }
 
-/// Where a caller's new aggregation goes in a farm's queue whose entries are `pending_refresh`
-/// (a refresh no caller has joined) or not, its head first: before the first refresh waiting,
-/// never before the head (which may be running), else at the back.
-pub(crate) fn caller_slot(pending_refresh: impl IntoIterator<Item = bool>) -> usize {
-    let mut len = 0;
-    for (i, refresh) in pending_refresh.into_iter().enumerate() {
-        if i > 0 && refresh {
-            return i;
-        }
-        len = i + 1;
+/// The class of refresh-ahead's aggregations: after every caller's.
+pub(crate) const REFRESH_CLASS: u8 = 2;
+
+/// Where an aggregation waits in its farm's queue: by class (interactive 0, batch 1, refresh
+/// [`REFRESH_CLASS`]), then by turn; arrival breaks ties. Start-time fair queueing within a
+/// class: a caller's aggregation takes the later of the class's virtual time (the turn of the
+/// class's last aggregation to reach the head) and the caller's own next turn, and moves the
+/// caller's next turn one past it; so callers take turns, round-robin, whatever they queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Place {
+    pub(crate) class: u8,
+    pub(crate) turn: u64,
+}
+
+impl Place {
+    /// A refresh's: after every caller's, in arrival order.
+    pub(crate) const REFRESH: Self = Self { class: REFRESH_CLASS, turn: 0 };
+    /// A caller's when queueing is not fair: arrival order.
+    pub(crate) const ARRIVAL: Self = Self { class: 0, turn: 0 };
+}
+
+/// The class a priority waits in.
+pub(crate) fn class(priority: Priority) -> u8 {
+    match priority {
+        Priority::Interactive => 0,
+        Priority::Batch => 1,
     }
-    len
+}
+
+/// The priority a caller's class stands for (the inverse of [`class`]; refresh-ahead's waits
+/// as batch).
+pub(crate) fn priority_of(class: u8) -> Priority {
+    if class == 0 { Priority::Interactive } else { Priority::Batch }
+}
+
+/// The place of a caller's aggregation of `priority` on a farm whose class has `virtual_time`
+/// and where the caller's next turn is `caller_next` (0: none yet), and the caller's next turn
+/// after it.
+pub(crate) fn place(limits: &Limits, priority: Priority, virtual_time: u64, caller_next: u64) -> (Place, u64) {
+    if !limits.fair {
+        return (Place::ARRIVAL, caller_next);
+    }
+    let turn = virtual_time.max(caller_next);
+    (Place { class: class(priority), turn }, turn.saturating_add(1))
+}
+
+/// Where an aggregation of `place` goes in a farm's queue of `len` whose waiting entries (all
+/// but the head) are at `waiting`, in order: after every one not later than it, never before
+/// the head (which its holder may be running). An index into the queue.
+pub(crate) fn slot(len: usize, waiting: impl IntoIterator<Item = Place>, place: Place) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    waiting.into_iter().position(|p| p > place).map_or(len, |i| i + 1)
+}
+
+/// A waiting aggregation at `current` that a caller joins, whose own aggregation would be at
+/// `joiner`: it moves up to the joiner's place if that is earlier (a popular request is never
+/// behind where any of its callers would have put it). `None`: it stays.
+pub(crate) fn joined_place(current: Place, joiner: Place) -> Option<Place> {
+    (joiner < current).then_some(joiner)
+}
+
+/// The class's new virtual time when an aggregation at `place` reaches the head of its farm
+/// (`None`: a refresh's, which keeps no turns).
+pub(crate) fn reached_head(virtual_time: u64, place: Place) -> Option<u64> {
+    (place.class < REFRESH_CLASS).then(|| virtual_time.max(place.turn))
 }
 
 /// What refresh-ahead does with one due result.
@@ -108,6 +184,24 @@ pub(crate) enum RefreshVerdict {
     Live,
     /// The shared store's state is of a newer epoch than the refresh's id: the scan stops.
     Epoch,
+}
+
+/// How many completed results of a request's family are looked at for one that contains it:
+/// those that start nearest before the request's start (at or before it). The work of a Start
+/// stays bounded however many results a farm holds.
+pub(crate) const CONTAINING_LOOKED_AT: usize = 64;
+
+/// Whether a result's window `r` covers a request's `q` (`(start, end)` in ms): the first,
+/// cheap test of containment, which the shared store's index applies itself.
+pub(crate) fn covers(r: (i64, i64), q: (i64, i64)) -> bool {
+    r.0 <= q.0 && q.1 <= r.1
+}
+
+/// Whether a derived result expiring at `expire` becomes what its key answers, the key
+/// answering an active aggregation (`active`) or a result expiring at `answering` (`None`:
+/// nothing, or nothing readable): not over an active one, nor over one valid as long.
+pub(crate) fn derived_takes_key(active: bool, answering: Option<SystemTime>, expire: SystemTime) -> bool {
+    !active && answering.is_none_or(|at| at < expire)
 }
 
 /// A caller's Starts of one result count as one hit for refresh-ahead per this window: a
@@ -158,29 +252,58 @@ pub(crate) fn refresh_verdict(c: Candidate, min_hits: u32, limits: &Limits) -> R
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { queue_capacity: 2, max_live: 10, max_farms: 3 };
+    const LIMITS: Limits = Limits { queue_capacity: 2, max_live: 10, max_farms: 3, caller_capacity: 1, fair: true };
 
-    #[test]
-    fn bounds_are_checked_live_first_then_farms_then_the_queue() {
-        let fits = Occupancy { live: 0, farms: 0, queued: 0 };
-        assert!(admit(fits, &LIMITS, "f").is_ok());
-        let all = Occupancy { live: 10, farms: 3, queued: 3 };
-        assert!(matches!(admit(all, &LIMITS, "f"), Err(ClaimError::Busy { bound: Bound::ActiveAggregations, .. })));
-        let farms = Occupancy { live: 1, farms: 3, queued: 0 };
-        assert!(matches!(admit(farms, &LIMITS, "f"), Err(ClaimError::Busy { bound: Bound::Farms, .. })));
-        let own_farm = Occupancy { live: 1, farms: 3, queued: 1 };
-        assert!(admit(own_farm, &LIMITS, "f").is_ok(), "a farm with work is already counted");
-        let full = Occupancy { live: 3, farms: 1, queued: 3 };
-        assert!(matches!(admit(full, &LIMITS, "f"), Err(ClaimError::QueueFull { capacity: 2, .. })));
+    fn at(live: usize, farms: usize, queued: usize) -> Occupancy {
+        Occupancy { live, farms, queued, caller_waiting: 0 }
     }
 
     #[test]
-    fn a_caller_goes_before_waiting_refreshes_never_before_the_head() {
-        assert_eq!(caller_slot([]), 0);
-        assert_eq!(caller_slot([true]), 1, "a refresh at the head may run");
-        assert_eq!(caller_slot([false, false]), 2);
-        assert_eq!(caller_slot([false, false, true, true]), 2);
-        assert_eq!(caller_slot([true, true]), 1);
+    fn bounds_are_checked_live_first_then_farms_then_the_queue() {
+        let fits = at(0, 0, 0);
+        assert!(admit(fits, &LIMITS, "f").is_ok());
+        let all = at(10, 3, 3);
+        assert!(matches!(admit(all, &LIMITS, "f"), Err(ClaimError::Busy { bound: Bound::ActiveAggregations, .. })));
+        let farms = at(1, 3, 0);
+        assert!(matches!(admit(farms, &LIMITS, "f"), Err(ClaimError::Busy { bound: Bound::Farms, .. })));
+        let own_farm = at(1, 3, 1);
+        assert!(admit(own_farm, &LIMITS, "f").is_ok(), "a farm with work is already counted");
+        let full = at(3, 1, 3);
+        assert!(matches!(admit(full, &LIMITS, "f"), Err(ClaimError::QueueFull { capacity: 2, .. })));
+        let share = Occupancy { caller_waiting: 1, ..at(3, 1, 2) };
+        assert!(matches!(admit(share, &LIMITS, "f"), Err(ClaimError::CallerQueueFull { capacity: 1, .. })));
+        assert!(admit(Occupancy { caller_waiting: 1, ..at(3, 1, 0) }, &LIMITS, "f").is_ok(), "an idle farm has room");
+    }
+
+    #[test]
+    fn an_aggregation_waits_after_every_place_not_later_than_its_own_never_before_the_head() {
+        let p = |class, turn| Place { class, turn };
+        assert_eq!(slot(0, [], p(1, 9)), 0, "an idle farm: the head");
+        assert_eq!(slot(1, [], p(0, 0)), 1, "never before the head");
+        let waiting = [p(0, 1), p(0, 2), p(1, 0), Place::REFRESH];
+        assert_eq!(slot(5, waiting, p(0, 1)), 2, "after its equal (arrival breaks ties)");
+        assert_eq!(slot(5, waiting, p(0, 0)), 1);
+        assert_eq!(slot(5, waiting, p(1, 5)), 4, "batch after batch, before refreshes");
+        assert_eq!(slot(5, waiting, Place::REFRESH), 5, "a refresh at the back");
+        let fifo = [Place::ARRIVAL, Place::ARRIVAL, Place::REFRESH];
+        assert_eq!(slot(4, fifo, Place::ARRIVAL), 3, "not fair: callers in arrival order, before refreshes");
+    }
+
+    #[test]
+    fn callers_take_turns_and_a_join_moves_an_aggregation_up() {
+        // A caller's place: the later of the class's virtual time and its own next turn.
+        assert_eq!(place(&LIMITS, Priority::Interactive, 4, 0), (Place { class: 0, turn: 4 }, 5));
+        assert_eq!(place(&LIMITS, Priority::Batch, 4, 7), (Place { class: 1, turn: 7 }, 8));
+        let fifo = Limits { fair: false, ..LIMITS };
+        assert_eq!(place(&fifo, Priority::Batch, 4, 7), (Place::ARRIVAL, 7), "not fair: arrival order");
+        let (waiting, joiner) = (Place { class: 1, turn: 3 }, Place { class: 0, turn: 9 });
+        assert_eq!(joined_place(waiting, joiner), Some(joiner), "an interactive joiner raises it");
+        assert_eq!(joined_place(joiner, waiting), None, "a later joiner leaves it");
+        assert_eq!(reached_head(4, Place { class: 0, turn: 6 }), Some(6));
+        assert_eq!(reached_head(4, Place { class: 0, turn: 2 }), Some(4), "virtual time never goes back");
+        assert_eq!(reached_head(4, Place::REFRESH), None);
+        assert_eq!(Limits::caller_capacity(100, 0.5), 50);
+        assert_eq!(Limits::caller_capacity(3, 0.1), 1, "at least one");
     }
 
     #[test]

@@ -14,8 +14,8 @@ pub(crate) const SMOOTHING: f64 = 0.3;
 pub(crate) fn size(request: &AggregationRequest) -> u64 {
     let period = request.period.unwrap_or(crate::gateway::key::DEFAULT_PERIOD);
     let timezone = request.timezone.unwrap_or(crate::domain::Timezone::UTC);
-    let buckets = crate::domain::buckets::buckets(request.start_time, request.end_time, period, timezone).count();
-    (buckets.max(1) as u64).saturating_mul(request.resources.ids().len().max(1) as u64)
+    let buckets = crate::domain::buckets::bucket_count(request.start_time, request.end_time, period, timezone);
+    buckets.max(1).saturating_mul(request.resources.ids().len().max(1) as u64)
 }
 
 /// The observed run time of a farm's aggregations.

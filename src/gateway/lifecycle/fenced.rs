@@ -6,6 +6,7 @@
 //! aggregation. Once the lease runs out the holder stops, and whichever replica holds the farm
 //! next resumes the aggregation from its record.
 
+use crate::gateway::activity::{self, Activity};
 use crate::gateway::backoff::BackoffPolicy;
 use crate::gateway::coordination::{AggregationStore, Found, Head, Lease, StoreError, Written};
 use crate::gateway::record::{AggregationRecord, Offer, Rows};
@@ -39,6 +40,8 @@ pub(super) enum Stop {
 /// The aggregation being driven: its record as last written, and the lease its writes carry.
 pub(super) struct Driven<'a> {
     pub(super) store: &'a dyn AggregationStore,
+    /// Where each landed write's news is told (the operator console's timeline).
+    pub(super) activity: &'a Activity,
     pub(super) lease: Lease,
     pub(super) record: AggregationRecord,
 }
@@ -46,15 +49,25 @@ pub(super) struct Driven<'a> {
 impl Driven<'_> {
     /// Changes the record and writes it, fenced.
     pub(super) async fn set(&mut self, change: impl FnOnce(&mut AggregationRecord)) -> Result<(), Stop> {
+        let before = self.record.clone();
         change(&mut self.record);
         let (store, lease, record) = (self.store, &self.lease, &self.record);
-        persist(lease, || store.update(lease, record.clone())).await
+        persist(lease, || store.update(lease, record.clone())).await?;
+        self.told(&before);
+        Ok(())
+    }
+
+    /// Tells what the landed write of the record over `before` changed.
+    fn told(&self, before: &AggregationRecord) {
+        for what in activity::transition(before, &self.record) {
+            self.activity.record(&self.record, what);
+        }
     }
 
     /// Writes the record, terminal now, with its rows, fenced.
     pub(super) async fn finish(&mut self, rows: Option<Rows>) -> Result<(), Stop> {
         let (store, lease, record) = (self.store, &self.lease, &self.record);
-        match persist(lease, || store.finish(lease, record.clone(), rows.clone())).await {
+        let landed = match persist(lease, || store.finish(lease, record.clone(), rows.clone())).await {
             Ok(()) => Ok(()),
             // An attempt the store took without answering, then fenced by its own effect: the
             // record is terminal already, and off its farm's queue (read from the store, not a
@@ -62,7 +75,11 @@ impl Driven<'_> {
             // whose queue has it; carrying on would drive it again at once).
             Err(Stop::Fenced) if self.finished_already().await => Ok(()),
             Err(stop) => Err(stop),
+        };
+        if landed.is_ok() {
+            self.activity.record(&self.record, activity::ended(&self.record));
         }
+        landed
     }
 
     /// Whether the record is terminal in the store and no longer the head of its farm's queue.

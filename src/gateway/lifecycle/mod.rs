@@ -18,6 +18,7 @@ mod retry;
 mod split;
 mod start;
 
+use super::activity::{Activity, What};
 use super::backoff::BackoffPolicy;
 use super::clock::Clock;
 use super::coordination::pacing::Pacer;
@@ -36,8 +37,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-const START: &str = "StartSessionsStatisticsAggregation";
-const GET: &str = "GetSessionsStatisticsAggregation";
+use crate::upstream::{GET_OPERATION as GET, START_OPERATION as START};
 
 /// Timing of the lifecycle.
 #[derive(Debug, Clone)]
@@ -118,6 +118,7 @@ impl Started {
 /// Runs aggregations against an [`Upstream`]; farm workers call it.
 pub(crate) struct UpstreamRunner {
     pub(crate) upstream: Arc<dyn Upstream>,
+    pub(crate) activity: Arc<Activity>,
     pub(crate) store: Arc<dyn AggregationStore>,
     pub(crate) start_pacer: Pacer,
     pub(crate) get_pacer: Pacer,
@@ -134,7 +135,14 @@ impl Runner for UpstreamRunner {
         Box::pin(
             async move {
                 let id = record.id.clone();
-                let mut agg = Driven { store: self.store.as_ref(), lease, record: (*record).clone() };
+                let (holder, trace_id) = (lease.holder.clone(), self.spans.trace_id(&record));
+                self.activity.record(&record, What::Driving { holder, trace_id });
+                let mut agg = Driven {
+                    store: self.store.as_ref(),
+                    activity: &self.activity,
+                    lease,
+                    record: (*record).clone(),
+                };
                 match self.drive(&mut agg).await {
                     Ok(()) => Ran::Ended,
                     Err(stop) => {
@@ -175,7 +183,8 @@ impl Runner for UpstreamRunner {
             };
             tracing::error!(aggregation = %id, farm = %record.farm_id(), reason, message = %failure.message, "aggregation abandoned; the farm moves on");
             self.metrics.abandoned.get_or_create(&ReasonLabels { reason }).inc();
-            let mut agg = Driven { store: self.store.as_ref(), lease, record: (*record).clone() };
+            let mut agg =
+                Driven { store: self.store.as_ref(), activity: &self.activity, lease, record: (*record).clone() };
             if let Err(stop) = self.record(&mut agg, Outcome::Ended { state: State::Failed, failure }, None).await {
                 tracing::warn!(aggregation = %id, reason = %stop, "could not record the abandoned aggregation");
             }
@@ -189,7 +198,10 @@ impl UpstreamRunner {
         tracing::error!(aggregation = id, farm = %lease.farm, fault = %fault, "an id in the farm's queue has no readable record; taking it off the queue so the farm moves on");
         self.metrics.store_corrupt.get_or_create(&ReasonLabels { reason: fault.name() }).inc();
         match fenced::discard(self.store.as_ref(), lease, id).await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.activity.record_of(id, &lease.farm, What::Discarded { fault: fault.to_string() });
+                true
+            }
             Err(stop) => {
                 tracing::warn!(aggregation = id, reason = %stop, "could not take the broken id off the farm's queue");
                 false

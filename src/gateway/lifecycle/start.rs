@@ -31,6 +31,9 @@ impl UpstreamRunner {
                 })
                 .await?;
                 tracing::info!(aggregation = %agg.record.id, farm = %agg.record.farm_id(), "aggregation running");
+                let waited = self.clock.now().duration_since(agg.record.create_time).unwrap_or_default();
+                let class = crate::telemetry::metrics::ClassLabels { class: agg.record.class_name() };
+                self.metrics.queue_wait.get_or_create(&class).observe(waited.as_secs_f64());
             }
             // An earlier holder's Start the upstream accepted after that holder lost the farm:
             // followed, not started again.

@@ -589,6 +589,14 @@ impl FarmLeases for RedisClient {
             redis::cmd("GET").arg(self.keys.fence(&lease.farm)).query_async(&mut conn).await.map_err(store_error)?;
         Ok(fence == Some(lease.token))
     }
+
+    async fn holder(&self, farm: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let lease: Option<String> =
+            redis::cmd("GET").arg(self.keys.lease(farm)).query_async(&mut conn).await.map_err(store_error)?;
+        // `token:holder`, as `owner` writes it.
+        Ok(lease.and_then(|l| l.split_once(':').map(|(_, holder)| holder.to_owned())))
+    }
 }
 
 /// Callers' token buckets shared by every replica, one GCRA per caller in Redis.

@@ -11,6 +11,10 @@
 //!   newest token, expiring a day after the farm's last lease: tokens come from Redis's clock,
 //!   so a farm's next token is larger without it);
 //! - `{b}:{farm}:model`: the farm's run model;
+//! - `{b}:family:{family}` and `{b}:family-expiry:{family}`: the COMPLETED results of one
+//!   family (farm, kind, timezone, period, groups; `derive::family`) not derived from another,
+//!   as `start:end:expire:id` (ms), scored by start and by expiry: where a Start looks for a
+//!   result that contains it;
 //! - refresh-ahead: `{b}:due` (the bucket's COMPLETED ids by expiry), `{b}:refresh:{canonical
 //!   request}` (the refresh of a key no caller has joined yet), `{b}:{farm}:refreshes` (the
 //!   farm's such refreshes);
@@ -20,6 +24,9 @@
 //!   server it was made on (a restart or failover may have lost writes: a new epoch begins);
 //! - `{all}:admission`: every bucket's counts and their sums, which the bounds
 //!   (`--max-active-aggregations`, `--max-farms`) are checked against;
+//! - the operator console's history: `{b}:activity:{id}` (an aggregation's timeline, kept three
+//!   hours after its last event), `{b}:{farm}:recent` (the farm's last terminal aggregations),
+//!   and `{all}:replicas` (each replica's last heartbeat);
 //! - `rate:{name}`: a shared rate's theoretical arrival time;
 //! - `caller:{operation}:{caller}`: a caller's shared bucket for an operation (`--caller-limits
 //!   global`), its theoretical arrival time, expiring once the bucket is full again;
@@ -71,7 +78,34 @@ impl Keys {
         self.of_id("rows:", id)
     }
 
+    /// The timeline of `id` (`None`: an id that names no bucket).
+    pub fn activity(&self, id: &str) -> Option<String> {
+        Bucket::of_id(id).map(|bucket| self.in_bucket(bucket, &["activity:", id]))
+    }
+
+    /// `farm`'s last terminal aggregations.
+    pub fn recent(&self, farm: &str) -> String {
+        self.farm(farm, "recent")
+    }
+
+    /// Every replica's last heartbeat.
+    pub fn replicas(&self) -> String {
+        format!("{}{{all}}:replicas", self.prefix)
+    }
+
     /// The id answering `key`.
+    /// The COMPLETED results (not derived) of `key`'s family (`derive::family`), by start.
+    pub fn family(&self, key: &CanonicalKey) -> String {
+        let family = crate::domain::derive::family(key.request());
+        self.in_bucket(Bucket::of_farm(key.farm_id()), &["family:", &family])
+    }
+
+    /// [`Keys::family`]'s members by expiry, for pruning.
+    pub fn family_expiry(&self, key: &CanonicalKey) -> String {
+        let family = crate::domain::derive::family(key.request());
+        self.in_bucket(Bucket::of_farm(key.farm_id()), &["family-expiry:", &family])
+    }
+
     pub fn index(&self, key: &CanonicalKey) -> String {
         self.in_bucket(Bucket::of_farm(key.farm_id()), &["key:", &canonical(key)])
     }
@@ -92,6 +126,11 @@ impl Keys {
     /// The farm's refreshes no caller has joined yet.
     pub fn refreshes(&self, farm: &str) -> String {
         self.farm(farm, "refreshes")
+    }
+
+    /// The fair order of the farm's queue: places, owners and turns (`scripts/lib.lua`).
+    pub fn fair(&self, farm: &str) -> String {
+        self.farm(farm, "fair")
     }
 
     pub fn fence(&self, farm: &str) -> String {
@@ -192,6 +231,8 @@ mod tests {
             keys.fence(farm),
             keys.model(farm),
             keys.refreshes(farm),
+            keys.recent(farm),
+            keys.activity(&id).expect("a bucketed id"),
             keys.farms(bucket),
             keys.live(bucket),
             keys.due(bucket),

@@ -25,6 +25,7 @@
 //! Each bucket's state has an epoch ([`RedisClient::epoch`]): a claim is only made with an id
 //! of the bucket's current one, so every id names the state it lives in.
 
+pub(crate) mod activity;
 mod admission;
 pub(crate) mod client;
 mod conn;
@@ -48,12 +49,13 @@ use super::{
 use crate::gateway::clock::Clock;
 use crate::gateway::ids::{Bucket, tag_of};
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Rows, State};
+use crate::gateway::record::{AggregationId, AggregationRecord, Offer, Priority, Rows, State};
 use crate::gateway::rows::RowBlock;
 use admission::{Admission, Counts};
 use client::store_error;
 use scripts::{
-    CLAIM, DISCARD, FINISH, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, ROWS_IF_SMALL, ROWS_PAGE, UPDATE,
+    CLAIM, CONTAINING, DERIVED, DISCARD, FINISH, OBSERVE_RUN, OFFER, QUEUE_REFRESH, RESTORE_ROWS, ROWS_IF_SMALL,
+    ROWS_PAGE, UPDATE,
 };
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,6 +83,16 @@ fn epoch_arg(id: &str) -> String {
     tag_of(id).map(|t| t.to_string()).unwrap_or_default()
 }
 
+/// How a COMPLETED result not derived from another is listed in its family's index
+/// (containing.lua): its window, expiry and id; empty for any other.
+fn family_member(r: &AggregationRecord) -> String {
+    let Some(expire) = r.expire_time.filter(|_| r.state == State::Completed && r.derived_from.is_none()) else {
+        return String::new();
+    };
+    let q = r.key.request();
+    format!("{}:{}:{}:{}", q.start_time.timestamp_millis(), q.end_time.timestamp_millis(), millis(expire), r.id)
+}
+
 /// What the claim script answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClaimVerdict {
@@ -88,6 +100,7 @@ enum ClaimVerdict {
     Joined,
     Cached,
     QueueFull,
+    CallerQueueFull,
     Busy(Bound),
     Epoch,
     /// What the replica declared changed meanwhile: read again.
@@ -105,6 +118,7 @@ impl std::str::FromStr for ClaimVerdict {
             "joined" => Self::Joined,
             "cached" => Self::Cached,
             "queue_full" => Self::QueueFull,
+            "caller_queue_full" => Self::CallerQueueFull,
             "busy_live" => Self::Busy(Bound::ActiveAggregations),
             "busy_farms" => Self::Busy(Bound::Farms),
             "epoch" => Self::Epoch,
@@ -268,7 +282,8 @@ impl RedisStore {
             .key(k.live(bucket))
             .key(k.record(&refresh.id))
             .key(k.epoch(bucket))
-            .key(k.version(bucket));
+            .key(k.version(bucket))
+            .key(k.fair(farm));
         if admission == Admission::Inline {
             script.key(k.admission());
         }
@@ -302,7 +317,7 @@ impl RedisStore {
         limits: &Limits,
         id: &str,
         json: &str,
-        caller: &str,
+        (caller, priority): (&str, Priority),
         admission: Admission,
     ) -> Result<ClaimAnswer, StoreError> {
         let (k, farm) = (self.keys(), key.farm_id());
@@ -329,7 +344,8 @@ impl RedisStore {
             .key(k.version(bucket))
             .key(record_of(&existing))
             .key(rows_of(&existing))
-            .key(record_of(&refresh));
+            .key(record_of(&refresh))
+            .key(k.fair(farm));
         if admission == Admission::Inline {
             script.key(k.admission());
         }
@@ -349,7 +365,14 @@ impl RedisStore {
             .arg(&existing)
             .arg(&refresh);
         admission.args(&mut script);
-        script.arg(bucket.hex());
+        script
+            .arg(bucket.hex())
+            .arg(limits.caller_capacity)
+            .arg(if limits.fair { "1" } else { "0" })
+            .arg(policy::class(priority))
+            .arg(k.changes(bucket))
+            .arg(farm_topic(farm))
+            .arg(k.publish());
         let answer: Vec<redis::Value> = self.redis.guarded(&k.index(key), &script).await?;
         ClaimAnswer::read(&answer)
     }
@@ -488,6 +511,8 @@ struct ClaimAnswer {
     verdict: ClaimVerdict,
     json: String,
     position: i64,
+    /// Others' positions on the farm moved.
+    reordered: bool,
     /// After `started`: the bucket's new counts.
     counts: Option<Counts>,
 }
@@ -501,7 +526,8 @@ impl ClaimAnswer {
             answer.get(1).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
         let position: i64 =
             answer.get(2).and_then(|v| redis::from_redis_value(v.clone()).ok()).ok_or_else(unexpected)?;
-        Ok(Self { verdict: verdict.parse()?, json, position, counts: Counts::from_answer(answer, 3) })
+        let reordered = answer.get(3).and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok()) == Some(1);
+        Ok(Self { verdict: verdict.parse()?, json, position, reordered, counts: Counts::from_answer(answer, 4) })
     }
 }
 
@@ -518,8 +544,11 @@ impl AggregationStore for RedisStore {
         limits: &Limits,
         id: AggregationId,
         caller: &str,
+        priority: Priority,
     ) -> Result<Claimed, ClaimError> {
-        let fresh = AggregationRecord::queued(id.clone(), key.clone(), self.clock.now());
+        let fresh =
+            AggregationRecord { priority, ..AggregationRecord::queued(id.clone(), key.clone(), self.clock.now()) };
+        let caller = (caller, priority);
         let json = to_json(&fresh)?;
         let farm = key.farm_id();
         let mut settled = None;
@@ -547,6 +576,9 @@ impl AggregationStore for RedisStore {
             ClaimVerdict::QueueFull => {
                 return Err(ClaimError::QueueFull { farm_id: farm.to_owned(), capacity: limits.queue_capacity });
             }
+            ClaimVerdict::CallerQueueFull => {
+                return Err(ClaimError::CallerQueueFull { farm_id: farm.to_owned(), capacity: limits.caller_capacity });
+            }
             ClaimVerdict::Busy(bound) => {
                 let limit = match bound {
                     Bound::ActiveAggregations => limits.max_live,
@@ -562,6 +594,10 @@ impl AggregationStore for RedisStore {
             }
         };
         let queue_position = u32::try_from(answer.position).unwrap_or(u32::MAX);
+        if answer.reordered {
+            // Other replicas hear of it through the script's publish; this one at once.
+            self.wakeups.wake(&farm_topic(farm));
+        }
         Ok(Claimed { record: Arc::new(from_json(&answer.json)?), queue_position, disposition })
     }
 
@@ -597,6 +633,90 @@ impl AggregationStore for RedisStore {
         Ok(Found::Active { record: Arc::new(record), queue_position })
     }
 
+    async fn containing(
+        &self,
+        key: &CanonicalKey,
+        freshness: &Freshness,
+    ) -> Result<Option<Arc<AggregationRecord>>, StoreError> {
+        let (q, now) = (key.request(), self.clock.now());
+        let ids: Vec<String> = CONTAINING
+            .key(self.keys().family(key))
+            .key(self.keys().family_expiry(key))
+            .arg(millis(now + freshness.min_remaining))
+            .arg(q.start_time.timestamp_millis())
+            .arg(q.end_time.timestamp_millis())
+            .arg(policy::CONTAINING_LOOKED_AT)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        ids.iter().for_each(|id| {
+            pipe.cmd("HMGET").arg(self.keys().record(id)).arg("json").arg("rows");
+        });
+        let records: Vec<(Option<String>, Option<i64>)> =
+            pipe.query_async(&mut self.conn()).await.map_err(store_error)?;
+        Ok(records
+            .into_iter()
+            .filter_map(|(json, rows)| Some((from_json(&json?).ok()?, rows == Some(1))))
+            .find(|(r, has_rows)| {
+                r.state == State::Completed
+                    && freshness.accepts(r, *has_rows, now)
+                    && crate::domain::derive::contains(r.key.request(), q)
+            })
+            .map(|(r, _)| Arc::new(r)))
+    }
+
+    async fn answers(&self, key: &CanonicalKey, freshness: &Freshness) -> Result<bool, StoreError> {
+        let id = self.answering(key).await?;
+        if id.is_empty() {
+            return Ok(false);
+        }
+        let (json, rows): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.keys().record(&id))
+            .arg("json")
+            .arg("rows")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        let Some(record) = json.and_then(|json| from_json(&json).ok()) else { return Ok(false) };
+        Ok(!record.state.is_terminal() || freshness.accepts(&record, rows == Some(1), self.clock.now()))
+    }
+
+    async fn put_derived(&self, record: AggregationRecord, rows: Rows) -> Result<Arc<CachedResult>, StoreError> {
+        let k = self.keys();
+        let expire = record.expire_time.unwrap_or_else(|| self.clock.now());
+        let (json, bytes) = (to_json(&record)?, rows.to_bytes());
+        for _ in 0..MOVED_RETRIES {
+            // What the key answers is declared: its record is read by the script.
+            let answering = self.answering(&record.key).await?;
+            let kept: i64 = DERIVED
+                .key(k.record(&record.id))
+                .key(k.rows(&record.id))
+                .key(k.index(&record.key))
+                .key(if answering.is_empty() { k.record(&record.id) } else { k.record(&answering) })
+                .arg(&json)
+                .arg(millis(expire))
+                .arg(record.data_time.map_or(0, millis))
+                .arg(&bytes)
+                .arg(&*record.id)
+                .arg(ms(KEEP_AFTER_EXPIRY))
+                .arg(&answering)
+                .arg(record.farm_id())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if kept == 1 {
+                let result = Arc::new(CachedResult::new(Arc::new(record), Some(rows)));
+                self.near.insert(result.clone());
+                return Ok(result);
+            }
+        }
+        Err(kept_moving("derived"))
+    }
+
     async fn head(&self, farm: &str) -> Result<Head, StoreError> {
         let Some(id) = self.queued_ids(farm, 1).await?.into_iter().next() else { return Ok(Head::Empty) };
         let json: Option<String> = redis::cmd("HGET")
@@ -630,7 +750,8 @@ impl AggregationStore for RedisStore {
                 .key(k.farms(bucket))
                 .key(k.live(bucket))
                 .key(k.version(bucket))
-                .key(if index.is_empty() { k.record(id) } else { index.clone() });
+                .key(if index.is_empty() { k.record(id) } else { index.clone() })
+                .key(k.fair(&lease.farm));
             let admission = self.lowering();
             if admission == Admission::Inline {
                 script.key(k.admission());
@@ -765,7 +886,10 @@ impl AggregationStore for RedisStore {
                 .key(k.marker(&record.key))
                 .key(k.refreshes(farm))
                 .key(k.version(bucket))
-                .key(if answering.is_empty() { k.record(&record.id) } else { k.record(&answering) });
+                .key(if answering.is_empty() { k.record(&record.id) } else { k.record(&answering) })
+                .key(k.fair(farm))
+                .key(k.family(&record.key))
+                .key(k.family_expiry(&record.key));
             if admission == Admission::Inline {
                 script.key(k.admission());
             }
@@ -785,7 +909,9 @@ impl AggregationStore for RedisStore {
                 .arg(&answering)
                 .arg(admission.mode())
                 .arg(bucket.hex())
-                .arg(k.publish());
+                .arg(k.publish())
+                .arg(family_member(&record))
+                .arg(record.key.request().start_time.timestamp_millis());
             let Some(written) = self.off_queue(&fence, &script, bucket).await? else { continue };
             if written == Written::Done {
                 self.wake(&record.id, &lease.farm);

@@ -40,6 +40,8 @@ scripts! {
     CLAIM = "claim.lua";
     UPDATE = "update.lua";
     FINISH = "finish.lua";
+    CONTAINING = "containing.lua";
+    DERIVED = "derived.lua";
     DISCARD = "discard.lua";
     OFFER = "offer.lua";
     QUEUE_REFRESH = "queue_refresh.lua";
@@ -54,4 +56,5 @@ scripts! {
     GCRA = "gcra.lua";
     CALLER_TAKE = "caller_take.lua";
     TALLY = "tally.lua";
+    ACTIVITY = "activity.lua";
 }

@@ -5,7 +5,7 @@
 use crate::domain::{AggregationRequest, GroupBy, Period, Resources, Statistic, Timezone};
 use crate::gateway::coordination::StoreError;
 use crate::gateway::key::CanonicalKey;
-use crate::gateway::record::{AggregationRecord, Failure, FailureCode, Offer, SplitPart, State};
+use crate::gateway::record::{AggregationRecord, Failure, FailureCode, Offer, Priority, SplitPart, State};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch (0 before it).
@@ -97,8 +97,15 @@ struct Wire {
     refresh: bool,
     #[serde(default)]
     estimate_ms: Option<i64>,
+    /// Absent: interactive (and in records of earlier versions). The claim script raises a
+    /// waiting batch aggregation that an interactive caller joins by taking out exactly
+    /// `,"priority":"batch"`: keep the field's name and place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    priority: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     split: Vec<WirePart>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    derived_from: Option<String>,
 }
 
 /// A part of a split aggregation as it is stored.
@@ -150,7 +157,9 @@ pub(crate) fn to_json(r: &AggregationRecord) -> Result<String, StoreError> {
         no_split: !r.key.may_split(),
         refresh: r.refresh,
         estimate_ms: r.estimated_completion.map(millis),
+        priority: (r.priority != Priority::Interactive).then(|| r.priority.name().to_owned()),
         split: r.split.iter().map(WirePart::of).collect(),
+        derived_from: r.derived_from.as_ref().map(|id| id.to_string()),
     };
     serde_json::to_string(&wire).map_err(|e| StoreError::corrupt(format!("the record of {}", r.id), e))
 }
@@ -200,8 +209,13 @@ pub(crate) fn from_json(json: &str) -> Result<AggregationRecord, StoreError> {
         row_count: w.row_count,
         parts: w.parts,
         refresh: w.refresh,
+        priority: match w.priority.as_deref() {
+            None => Priority::Interactive,
+            Some(name) => Priority::parse(name).ok_or_else(|| bad("a bad priority"))?,
+        },
         estimated_completion: w.estimate_ms.map(from_millis),
         split: w.split.into_iter().map(WirePart::part).collect::<Result<_, StoreError>>()?,
+        derived_from: w.derived_from.map(Into::into),
     })
 }
 

@@ -1,7 +1,7 @@
 -- Finds the live aggregation answering a key, or queues a new one at its farm's queue.
 -- Mirrors coordination::policy: Freshness::accepts (a terminal result answers), admit (the
--- bounds, in that order) and caller_slot (a caller goes before waiting refreshes, never
--- before the head).
+-- bounds, in that order), place and slot (where it waits), joined_place (a waiting aggregation
+-- a caller joins for the first time moves up to the caller's place).
 --
 -- Every key is declared, so the replica reads first which ids the key and its refresh marker
 -- name (the records it may touch) and passes them; when either changed meanwhile the script
@@ -18,7 +18,8 @@ local version_key = KEYS[9]     -- {b}:version: when the bucket's counts last ch
 local existing_key = KEYS[10]   -- {b}:agg:{the id the key named}, else the new record's key
 local existing_rows = KEYS[11]  -- {b}:rows:{that id}, else the new rows' key
 local refresh_key = KEYS[12]    -- {b}:agg:{the id the marker named}, else the new record's key
-local admission_key = KEYS[13]  -- {all}:admission, with mode `inline` only
+local fair_key = KEYS[13]       -- {b}:{farm}:fair: the order's places and turns (lib.lua)
+local admission_key = KEYS[14]  -- {all}:admission, with mode `inline` only
 
 local id = ARGV[1]              -- the new aggregation's id
 local json = ARGV[2]            -- its record
@@ -38,6 +39,12 @@ local mode = ARGV[15]           -- inline | ask (answer `admit` before queueing)
 local live_total = ARGV[16]     -- the sums the replica read (mode `given`)
 local farms_total = ARGV[17]
 local bucket = ARGV[18]
+local caller_capacity = tonumber(ARGV[19])
+local fair = ARGV[20] == '1'
+local class = tonumber(ARGV[21])  -- the caller's priority: 0 interactive, 1 batch
+local channel = ARGV[22]
+local farm_topic = ARGV[23]
+local publish_command = ARGV[24]
 
 -- A hit for refresh-ahead, once per caller and window (policy::counts_as_hit): the caller's
 -- last counted hit is kept in the record, as `seen:{caller}`.
@@ -50,8 +57,38 @@ local function hit(agg)
     end
 end
 
+-- `caller` joins the active aggregation `joined_id` (record `agg`): a hit, and the first time
+-- the caller asks for it while it waits, the caller's turn is spent on it and it moves up to
+-- the caller's place if earlier; an interactive caller raises a batch one (its record's json
+-- loses exactly `,"priority":"batch"`, wire.rs). Answers its record json, its position, and 1
+-- when it moved (others' positions changed), else 0.
+local function join(agg, joined_id)
+    local first_ask = redis.call('HEXISTS', agg, 'seen:' .. caller) == 0
+    hit(agg)
+    local pos = redis.call('LPOS', queue_key, joined_id)
+    local moved = 0
+    if pos and pos > 0 and first_ask then
+        local jc, jt, next_turn = caller_place(fair_key, fair, class, caller)
+        charge(fair_key, jc, caller, next_turn)
+        local c, t = place_of(refreshes_key, joined_id, redis.call('HGET', fair_key, 'p:' .. joined_id))
+        if later(c, t, jc, jt) then
+            redis.call('LREM', queue_key, 0, joined_id)
+            pos = insert_at(queue_key, fair_key, refreshes_key, joined_id, jc, jt)
+            if jc == 0 then
+                local json = redis.call('HGET', agg, 'json')
+                local raised, n = string.gsub(json, ',"priority":"batch"', '', 1)
+                if n == 1 then redis.call('HSET', agg, 'json', raised) end
+            end
+            publish(publish_command, channel, farm_topic)
+            moved = 1
+        end
+    end
+    return redis.call('HGET', agg, 'json'), pos or 0, moved
+end
+
 -- Answers {verdict, record json, queue position (for `admit`: 1 when the farm has no work
--- yet), and after `started` the bucket's live, farms and version}.
+-- yet), and after `joined` and `started` 1 when others' positions moved (else 0), and after
+-- `started` the bucket's live, farms and version}.
 if redis.call('GET', epoch_key) ~= id_epoch then return {'epoch', '', 0} end
 if (redis.call('GET', index_key) or '') ~= read_existing or (redis.call('GET', marker_key) or '') ~= read_refresh then
     return {'moved', '', 0}
@@ -60,9 +97,8 @@ if read_existing ~= '' then
     local f = redis.call('HMGET', existing_key, 'state', 'expire_ms', 'data_ms', 'json')
     local state = f[1]
     if is_active(state) then
-        hit(existing_key)
-        local pos = redis.call('LPOS', queue_key, read_existing)
-        return {'joined', f[4], pos or 0}
+        local json, pos, moved = join(existing_key, read_existing)
+        return {'joined', json, pos, moved}
     end
     if state then
         local remaining = tonumber(f[2] or '0') - now
@@ -81,12 +117,10 @@ end
 if read_refresh ~= '' then
     redis.call('DEL', marker_key)
     redis.call('SREM', refreshes_key, read_refresh)
-    local f = redis.call('HMGET', refresh_key, 'state', 'json')
-    if is_active(f[1]) then
+    if is_active(redis.call('HGET', refresh_key, 'state')) then
         redis.call('SET', index_key, read_refresh)
-        hit(refresh_key)
-        local pos = redis.call('LPOS', queue_key, read_refresh)
-        return {'joined', f[2], pos or 0}
+        local json, pos, moved = join(refresh_key, read_refresh)
+        return {'joined', json, pos, moved}
     end
 end
 local queued = redis.call('LLEN', queue_key)
@@ -98,22 +132,23 @@ local live, farms = totals(mode, admission_key, live_total, farms_total)
 if live >= max_live then return {'busy_live', '', 0} end
 if queued == 0 and farms >= max_farms then return {'busy_farms', '', 0} end
 if queued > queue_capacity then return {'queue_full', '', 0} end
-local position = queued
-if redis.call('SCARD', refreshes_key) > 0 then
-    local waiting = redis.call('LRANGE', queue_key, 1, -1)
-    for i, queued_id in ipairs(waiting) do
-        if redis.call('SISMEMBER', refreshes_key, queued_id) == 1 then
-            redis.call('LINSERT', queue_key, 'BEFORE', queued_id, id)
-            position = i
-            break
-        end
-    end
+if queued > 0 and caller_capacity < queue_capacity and waiting_of(queue_key, fair_key, caller) >= caller_capacity then
+    return {'caller_queue_full', '', 0}
 end
-if position == queued then redis.call('RPUSH', queue_key, id) end
+local pc, pt, next_turn = caller_place(fair_key, fair, class, caller)
+charge(fair_key, pc, caller, next_turn)
+local position = insert_at(queue_key, fair_key, refreshes_key, id, pc, pt)
+redis.call('HSET', fair_key, 'o:' .. id, caller)
+if position == 0 and pc < 2 then redis.call('HSET', fair_key, 'v:' .. pc, int(pt)) end
+local reordered = 0
+if position < queued then
+    publish(publish_command, channel, farm_topic)
+    reordered = 1
+end
 redis.call('SADD', farms_key, farm)
 redis.call('INCR', live_key)
 redis.call('HSET', record_key, 'json', json, 'state', 'QUEUED', 'farm', farm, 'index', index_key, 'hits', 1,
     'seen:' .. caller, now)
 redis.call('SET', index_key, id)
 local counts = recount(farms_key, live_key, version_key, mode == 'inline' and admission_key or nil, bucket)
-return {'started', json, position, counts[1], counts[2], counts[3]}
+return {'started', json, position, reordered, counts[1], counts[2], counts[3]}

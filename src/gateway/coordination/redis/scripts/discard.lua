@@ -10,7 +10,8 @@ local farms_key = KEYS[4]       -- {b}:farms
 local live_key = KEYS[5]        -- {b}:live
 local version_key = KEYS[6]     -- {b}:version
 local index_key = KEYS[7]       -- {b}:key:{canonical} the record names, else the record's key
-local admission_key = KEYS[8]   -- {all}:admission, with mode `inline` only
+local fair_key = KEYS[8]        -- {b}:{farm}:fair
+local admission_key = KEYS[9]   -- {all}:admission, with mode `inline` only
 
 local token = ARGV[1]
 local id = ARGV[2]
@@ -27,7 +28,7 @@ local publish_command = ARGV[10]
 -- taking it off, the bucket's live, farms and version}.
 if redis.call('GET', fence_key) ~= token then return {0} end
 if (redis.call('HGET', record_key, 'index') or '') ~= read_index then return {-1} end
-if redis.call('LREM', queue_key, 0, id) == 0 then return {1} end
+if leave_queue(queue_key, fair_key, nil, id) == 0 then return {1} end
 if redis.call('LLEN', queue_key) == 0 then redis.call('SREM', farms_key, farm) end
 if redis.call('DECR', live_key) < 0 then redis.call('SET', live_key, 0) end
 if redis.call('EXISTS', record_key) == 1 then

@@ -15,7 +15,10 @@ local marker_key = KEYS[9]      -- {b}:refresh:{canonical}
 local refreshes_key = KEYS[10]  -- {b}:{farm}:refreshes
 local version_key = KEYS[11]    -- {b}:version
 local answering_key = KEYS[12]  -- {b}:agg:{the id the key named}, else this record's key
-local admission_key = KEYS[13]  -- {all}:admission, with mode `inline` only
+local fair_key = KEYS[13]       -- {b}:{farm}:fair
+local family_key = KEYS[14]     -- {b}:family:{family}: COMPLETED results by start (containing.lua)
+local family_expiry_key = KEYS[15] -- {b}:family-expiry:{family}: the same, by expiry
+local admission_key = KEYS[16]  -- {all}:admission, with mode `inline` only
 
 local token = ARGV[1]
 local json = ARGV[2]
@@ -33,6 +36,8 @@ local read_answering = ARGV[13] -- the id the key named when the replica read it
 local mode = ARGV[14]           -- inline | given
 local bucket = ARGV[15]
 local publish_command = ARGV[16]
+local family_member = ARGV[17]  -- `start:end:expire:id` (ms); '' for a result not to index
+local family_start = ARGV[18]   -- its start (ms)
 
 -- Answers {1 when written, 0 when fenced, -1 when moved; then the bucket's live, farms and
 -- version}.
@@ -49,6 +54,11 @@ redis.call('PEXPIREAT', record_key, keep_until)
 if answering == id then redis.call('PEXPIREAT', index_key, keep_until) end
 if has_rows == 1 and expire_ms > now_ms() then redis.call('SET', rows_key, rows, 'PXAT', expire_ms) end
 if state == 'COMPLETED' then redis.call('ZADD', due_key, expire_ms, id) end
+if state == 'COMPLETED' and family_member ~= '' then
+    prune_family(family_key, family_expiry_key)
+    redis.call('ZADD', family_key, family_start, family_member)
+    redis.call('ZADD', family_expiry_key, expire_ms, family_member)
+end
 if refresh then
     if redis.call('GET', marker_key) == id then redis.call('DEL', marker_key) end
     redis.call('SREM', refreshes_key, id)
@@ -58,7 +68,7 @@ if refresh then
     end
     if state == 'COMPLETED' and superseded then redis.call('SET', index_key, id, 'PXAT', keep_until) end
 end
-redis.call('LREM', queue_key, 0, id)
+leave_queue(queue_key, fair_key, refreshes_key, id)
 if redis.call('LLEN', queue_key) == 0 then redis.call('SREM', farms_key, farm) end
 if redis.call('DECR', live_key) < 0 then redis.call('SET', live_key, 0) end
 publish(publish_command, channel, id)

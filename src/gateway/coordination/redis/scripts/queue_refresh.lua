@@ -11,7 +11,8 @@ local live_key = KEYS[8]         -- {b}:live
 local record_key = KEYS[9]       -- {b}:agg:{new id}
 local epoch_key = KEYS[10]       -- {b}:epoch
 local version_key = KEYS[11]     -- {b}:version
-local admission_key = KEYS[12]   -- {all}:admission, with mode `inline` only
+local fair_key = KEYS[12]        -- {b}:{farm}:fair
+local admission_key = KEYS[13]   -- {all}:admission, with mode `inline` only
 
 local old_id = ARGV[1]
 local id = ARGV[2]
@@ -45,7 +46,9 @@ local live, farms = totals(mode, admission_key, live_total, farms_total)
 if queued == 0 and redis.call('SISMEMBER', farms_key, farm) == 0 and farms >= max_farms then return {'farms'} end
 if live >= max_live then return {'live'} end
 redis.call('ZREM', due_key, old_id)
+-- Only refreshes wait on the farm (else `backlog`): its place, after them all, is the back.
 redis.call('RPUSH', queue_key, id)
+redis.call('HSET', fair_key, 'p:' .. id, '2 0')
 redis.call('SADD', refreshes_key, id)
 redis.call('SADD', farms_key, farm)
 redis.call('INCR', live_key)
