@@ -21,6 +21,8 @@ use crate::grpc::service::Access;
 use crate::grpc::tls::{ReloadingTls, TlsFiles};
 use crate::telemetry::{Metrics, admin};
 use crate::upstream::Upstream;
+use crate::upstream::routed::{RoutedConfig, RoutedUpstream};
+use crate::upstream::routes::Routes;
 use crate::upstream::sdk::{CredentialSource, SdkUpstream, SdkUpstreamConfig};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -77,6 +79,8 @@ pub enum UpstreamConfig {
     /// The built-in emulator, started on a loopback port, reached through the SDK with these
     /// settings (its endpoint and credentials filled in).
     Emulator { emulator: Box<EmulatorConfig>, sdk: SdkUpstreamConfig },
+    /// Deadline Cloud in several regions and accounts, as the routes file says.
+    Routed(RoutedConfig),
     /// Built by the caller (a test's upstream with faults).
     Given(Arc<dyn Upstream>),
 }
@@ -96,6 +100,8 @@ pub enum AppError {
     Console(#[from] crate::console::token::TokenError),
     #[error("invalid configuration: the upstream: {0}")]
     Upstream(String),
+    #[error("invalid configuration: {0}")]
+    Routes(#[from] crate::upstream::routed::RoutedError),
     #[error("cannot start the emulator on {addr}: {source}")]
     Emulator { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
@@ -163,6 +169,16 @@ impl AppConfig {
         };
         Ok((tls, Access { identity_source: source, authorizer }))
     }
+
+    /// The routes file, read and checked (what `--check-config` adds to [`Self::load_access`]);
+    /// the routes, or `None` without a routes file.
+    pub fn check_routes(&self) -> Result<Option<Routes>, AppError> {
+        let UpstreamConfig::Routed(routed) = &self.upstream else { return Ok(None) };
+        let path = routed.file.display().to_string();
+        let file = |message: String| crate::upstream::routed::RoutedError::File { path: path.clone(), message };
+        let text = std::fs::read_to_string(&routed.file).map_err(|e| file(e.to_string()))?;
+        Ok(Some(Routes::parse(&text).map_err(|e| file(e.to_string()))?))
+    }
 }
 
 /// A gateway built and ready to serve.
@@ -174,6 +190,8 @@ pub struct App {
     listeners: Listeners,
     ready: watch::Receiver<bool>,
     emulator: Option<EmulatorHandle>,
+    /// The routes file and its discovery, watched while serving.
+    routes: Option<Arc<RoutedUpstream>>,
     grace: Duration,
 }
 
@@ -196,7 +214,7 @@ impl App {
             upstream_start: upstream_rate(config.gateway.upstream_start),
             upstream_get: upstream_rate(config.gateway.upstream_get),
         };
-        let (upstream, emulator) = upstream(config.upstream).await?;
+        let Built { upstream, emulator, routes } = upstream(config.upstream, &metrics).await?;
         let coordination = coordination(config.store, &config.gateway).await?;
         let gateway = Arc::new(Gateway::with_store(
             config.gateway,
@@ -216,6 +234,7 @@ impl App {
             listeners,
             ready: ready_rx,
             emulator,
+            routes,
             grace: config.shutdown_grace,
         })
     }
@@ -250,7 +269,7 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains (see the module's doc) and stops.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-        let Self { gateway, metrics, console, serving, listeners, ready, emulator, grace } = self;
+        let Self { gateway, metrics, console, serving, listeners, ready, emulator, routes, grace } = self;
         let (stop, stopped) = watch::channel(false);
         let watching = tokio_util::sync::CancellationToken::new();
         let console_routes = console.router(&listeners.admin, gateway.clone(), metrics.clone(), watching.clone());
@@ -263,6 +282,9 @@ impl App {
         ];
         for target in reloadable.into_iter().flatten() {
             tokio::spawn(crate::grpc::reload::watch(target, RELOAD_INTERVAL, watching.clone()));
+        }
+        if let Some(routes) = &routes {
+            routes.spawn(watching.clone());
         }
         let _stop_watching = watching.drop_guard();
         let server = server::serve(listeners.grpc, serving, until_true(stopped));
@@ -353,14 +375,28 @@ async fn coordination(store: StoreConfig, config: &GatewayConfig) -> Result<Coor
     })
 }
 
-/// The upstream, and the in-process emulator when it is the one.
-async fn upstream(config: UpstreamConfig) -> Result<(Arc<dyn Upstream>, Option<EmulatorHandle>), AppError> {
+/// The upstream as built, with what it needs while serving.
+struct Built {
+    upstream: Arc<dyn Upstream>,
+    /// The in-process emulator when it is the upstream.
+    emulator: Option<EmulatorHandle>,
+    /// The routed upstream, whose file and discovery are watched.
+    routes: Option<Arc<RoutedUpstream>>,
+}
+
+/// The upstream `config` names.
+async fn upstream(config: UpstreamConfig, metrics: &Arc<Metrics>) -> Result<Built, AppError> {
     let connect = |sdk: SdkUpstreamConfig| async move {
         SdkUpstream::connect(&sdk).await.map(|u| Arc::new(u) as Arc<dyn Upstream>).map_err(|e| e.to_string())
     };
+    let plain = |upstream| Built { upstream, emulator: None, routes: None };
     match config {
-        UpstreamConfig::Sdk(sdk) => Ok((connect(sdk).await.map_err(AppError::Upstream)?, None)),
-        UpstreamConfig::Given(upstream) => Ok((upstream, None)),
+        UpstreamConfig::Sdk(sdk) => Ok(plain(connect(sdk).await.map_err(AppError::Upstream)?)),
+        UpstreamConfig::Given(upstream) => Ok(plain(upstream)),
+        UpstreamConfig::Routed(routed) => {
+            let routes = RoutedUpstream::load(routed, metrics.clone()).await?;
+            Ok(Built { upstream: routes.clone(), emulator: None, routes: Some(routes) })
+        }
         UpstreamConfig::Emulator { emulator, mut sdk } => {
             let mut emulator = *emulator;
             // The built-in emulator answers for the region the client signs for.
@@ -374,7 +410,7 @@ async fn upstream(config: UpstreamConfig) -> Result<(Arc<dyn Upstream>, Option<E
             sdk.credentials =
                 CredentialSource::Static { access_key_id: "emulator".into(), secret_access_key: "emulator".into() };
             let upstream = connect(sdk).await.map_err(AppError::Upstream)?;
-            Ok((upstream, Some(handle)))
+            Ok(Built { upstream, emulator: Some(handle), routes: None })
         }
     }
 }

@@ -17,6 +17,8 @@ use crate::grpc::server::{self, ServerOptions};
 use crate::grpc::tls::TlsFiles;
 use crate::telemetry::Metrics;
 use crate::upstream::sdk::defaults as sdk_defaults;
+use crate::upstream::routed::RoutedConfig;
+use crate::upstream::routes::RouteFarms;
 use crate::upstream::sdk::{CredentialSource, SdkUpstreamConfig};
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
@@ -204,6 +206,13 @@ pub struct ServeArgs {
     /// AWS region (else the standard region chain).
     #[arg(long, env = "DSG_REGION")]
     pub region: Option<String>,
+    /// With --upstream aws: a TOML file of routes saying which region and account (role) serves
+    /// which farm, read again when it changes (README "Several regions and accounts").
+    #[arg(long, env = "DSG_UPSTREAM_ROUTES")]
+    pub upstream_routes: Option<std::path::PathBuf>,
+    /// How often routes with `discover = true` list their farms (ListFarms).
+    #[arg(long, env = "DSG_ROUTE_DISCOVERY_INTERVAL", default_value = "5m")]
+    pub route_discovery_interval: humantime::Duration,
     /// Connect timeout of upstream calls.
     #[arg(long, env = "DSG_UPSTREAM_CONNECT_TIMEOUT", default_value_t = sdk_defaults::CONNECT_TIMEOUT.into())]
     pub upstream_connect_timeout: humantime::Duration,
@@ -378,11 +387,24 @@ impl ServeArgs {
                 return Err(RunError::Config("--store redis needs --redis-url (or DSG_REDIS_URL)".into()));
             }
         };
-        let upstream = match self.upstream {
-            UpstreamKind::Aws => {
+        if self.route_discovery_interval.is_zero() {
+            return Err(RunError::Config("--route-discovery-interval must be longer than zero".into()));
+        }
+        let upstream = match (self.upstream, &self.upstream_routes) {
+            (UpstreamKind::Aws, Some(file)) => UpstreamConfig::Routed(RoutedConfig {
+                file: file.clone(),
+                base: self.upstream_config(self.endpoint_url.clone(), CredentialSource::Chain),
+                discovery_interval: *self.route_discovery_interval,
+            }),
+            (UpstreamKind::Emulator, Some(_)) => {
+                return Err(RunError::Config(
+                    "--upstream-routes needs --upstream aws (the built-in emulator is one region)".into(),
+                ));
+            }
+            (UpstreamKind::Aws, None) => {
                 UpstreamConfig::Sdk(self.upstream_config(self.endpoint_url.clone(), CredentialSource::Chain))
             }
-            UpstreamKind::Emulator => UpstreamConfig::Emulator {
+            (UpstreamKind::Emulator, None) => UpstreamConfig::Emulator {
                 emulator: Box::new(EmulatorConfig {
                     aggregation_duration: *self.emulator_aggregation_duration,
                     result_validity: *self.result_validity,
@@ -453,6 +475,14 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), RunError> {
     }
     if args.check_config {
         config.load_access(Arc::new(Metrics::new()))?;
+        if let Some(routes) = config.check_routes()? {
+            let discovering = routes.routes.iter().filter(|r| r.farms == RouteFarms::Discovered).count();
+            super::print_line(&format!(
+                "routes ok: {} routes ({discovering} discovering their farms){}",
+                routes.routes.len(),
+                if routes.default.is_some() { " and a [default]" } else { "" }
+            ));
+        }
         super::print_line("configuration ok");
         return Ok(());
     }

@@ -28,6 +28,24 @@ pub fn is_aggregation_id(s: &str) -> bool {
     is_prefixed_hex(s, "")
 }
 
+/// The account and role path (`path/NAME`) of an IAM role's ARN, `arn:aws[-partition]:iam::ACCOUNT:role/NAME`.
+pub fn role_arn_parts(arn: &str) -> Option<(&str, &str)> {
+    let mut parts = arn.splitn(6, ':');
+    let (arn_, partition, service, region, account, resource) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let role = resource.strip_prefix("role/")?;
+    let ok = arn_ == "arn"
+        && partition.starts_with("aws")
+        && service == "iam"
+        && region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && !role.is_empty()
+        && role.len() <= 512
+        && role.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@-_/".contains(c));
+    ok.then_some((account, role))
+}
+
 fn is_prefixed_hex(s: &str, prefix: &str) -> bool {
     s.strip_prefix(prefix)
         .is_some_and(|hex| hex.len() == ID_HEX_LEN && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))

@@ -140,7 +140,7 @@ pub(super) fn assume_role(
     }
     let role_arn = form.get("RoleArn").cloned().unwrap_or_default();
     let session_name = form.get("RoleSessionName").cloned().unwrap_or_default();
-    let Some((account, role)) = parse_role_arn(&role_arn) else {
+    let Some((account, role)) = crate::domain::ids::role_arn_parts(&role_arn) else {
         return Err(invalid(format!("{role_arn} is invalid: a role ARN is arn:aws:iam::ACCOUNT:role/NAME")));
     };
     let name_ok = (2..=64).contains(&session_name.len())
@@ -173,24 +173,6 @@ pub(super) fn assume_role(
         request_id(),
     );
     Ok((body, Assumed { role_arn, session_name, access_key: c.access_key }))
-}
-
-/// The account and role path of `arn:aws[-partition]:iam::ACCOUNT:role/NAME`.
-fn parse_role_arn(arn: &str) -> Option<(&str, &str)> {
-    let mut parts = arn.splitn(6, ':');
-    let (arn_, partition, service, region, account, resource) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let role = resource.strip_prefix("role/")?;
-    let ok = arn_ == "arn"
-        && partition.starts_with("aws")
-        && service == "iam"
-        && region.is_empty()
-        && account.len() == 12
-        && account.bytes().all(|b| b.is_ascii_digit())
-        && !role.is_empty()
-        && role.len() <= 512
-        && role.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@-_/".contains(c));
-    ok.then_some((account, role))
 }
 
 fn escape(s: &str) -> String {
@@ -229,11 +211,11 @@ mod tests {
     #[test]
     fn role_arns_are_checked_as_sts_checks_them() {
         assert_eq!(
-            parse_role_arn("arn:aws:iam::123456789012:role/render/Stats"),
+            crate::domain::ids::role_arn_parts("arn:aws:iam::123456789012:role/render/Stats"),
             Some(("123456789012", "render/Stats"))
         );
         for bad in ["arn:aws:iam::12345:role/x", "arn:aws:s3:::bucket", "arn:aws:iam::123456789012:user/x", "role"] {
-            assert_eq!(parse_role_arn(bad), None, "{bad}");
+            assert_eq!(crate::domain::ids::role_arn_parts(bad), None, "{bad}");
         }
     }
 }

@@ -59,6 +59,9 @@ pub enum GatewayError {
     RateLimited { operation: &'static str, retry_after: Duration },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// No route of the routes file serves the farm (or two claim it).
+    #[error("farm {farm_id} is not routed to any region: {reason}")]
+    FarmNotRouted { farm_id: String, reason: String },
     #[error("{method} needs an authenticated caller, and none was identified")]
     Unauthenticated { method: &'static str },
     #[error("the caller may not call {method} on farm {farm_id}")]

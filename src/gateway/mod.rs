@@ -57,7 +57,7 @@ use crate::domain::AggregationRequest;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{DispositionLabels, FarmLevel, Levels, MethodLabels};
 use crate::upstream::Upstream;
-use coordination::pacing::Pacer;
+use coordination::pacing::RoutePacers;
 use coordination::{
     AggregationStore, ClaimError, FarmLoad, Found, Limits, ResultsCache, StoreStats, Topology, Wakeups,
 };
@@ -193,8 +193,7 @@ impl Gateway {
             activity,
             results,
             wakeups,
-            start_rate,
-            get_rate,
+            upstream_rates,
             caller_start_tokens,
             caller_get_tokens,
             epochs,
@@ -210,8 +209,7 @@ impl Gateway {
             activity: activity.clone(),
             upstream,
             store: store.clone(),
-            start_pacer: Pacer::with_source(start_rate, config.upstream_start),
-            get_pacer: Pacer::with_source(get_rate, config.upstream_get),
+            pacers: RoutePacers::new(upstream_rates, config.upstream_start, config.upstream_get),
             config: config.lifecycle.clone(),
             metrics: metrics.clone(),
             encoder: codec.encode,
@@ -346,6 +344,9 @@ impl Gateway {
             return Err(GatewayError::ShuttingDown);
         }
         self.take_token(&self.start_buckets, caller, "StartAggregation").await?;
+        if let Err(not_routed) = self.runner.upstream.route(&request.farm_id) {
+            return Err(GatewayError::FarmNotRouted { farm_id: request.farm_id.clone(), reason: not_routed.message });
+        }
         let key = if no_split { CanonicalKey::new(request).no_split() } else { CanonicalKey::new(request) };
         let freshness = Freshness { min_remaining: self.min_remaining_validity, max_staleness };
         if self.derive

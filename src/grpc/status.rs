@@ -111,6 +111,10 @@ impl From<GatewayError> for Status {
                 Code::ResourceExhausted
             }
             GatewayError::ShuttingDown => Code::Unavailable,
+            GatewayError::FarmNotRouted { farm_id, .. } => {
+                details.set_error_info("FARM_NOT_ROUTED", ERROR_DOMAIN, meta([("farm_id", quoted(&farm_id))]));
+                Code::FailedPrecondition
+            }
             GatewayError::Unauthenticated { method } => {
                 details.set_error_info("UNAUTHENTICATED", ERROR_DOMAIN, meta([("method", method.to_owned())]));
                 Code::Unauthenticated

@@ -35,6 +35,9 @@ pub struct DispositionLabels {
 pub struct UpstreamLabels {
     pub operation: &'static str,
     pub outcome: &'static str,
+    /// The route of the farm (`default` without a routes file): from the file, never from
+    /// callers, so bounded.
+    pub route: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +63,56 @@ pub struct ClassLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcomeLabels {
+    pub route: String,
+    pub outcome: &'static str,
+}
+
+/// The routes file's metrics (`--upstream-routes`).
+struct RouteMetrics {
+    /// Farms each route serves now.
+    farms: Family<RouteLabels, Gauge>,
+    /// Farms claimed by more than one route, served by none.
+    conflicts: Gauge,
+    discoveries: Family<RouteOutcomeLabels, Counter>,
+    reloads: Family<OutcomeLabels, Counter>,
+    /// Every route an upstream call was made on: the `route` values of `upstream_calls`.
+    seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl RouteMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let farms = Family::<RouteLabels, Gauge>::default();
+        registry.register("upstream_route_farms", "farms each route of the routes file serves now", farms.clone());
+        let conflicts = Gauge::default();
+        registry.register(
+            "upstream_route_conflicts",
+            "farms claimed by more than one route (listed or discovered): served by none until the routes file is fixed",
+            conflicts.clone(),
+        );
+        let discoveries = Family::<RouteOutcomeLabels, Counter>::default();
+        registry.register(
+            "upstream_route_discoveries",
+            "ListFarms discoveries of discover = true routes, by route and outcome (ok, failed)",
+            discoveries.clone(),
+        );
+        let reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "upstream_routes_reloads",
+            "changes of the routes file: put in force (ok) or refused (invalid)",
+            reloads.clone(),
+        );
+        let seen = std::sync::Mutex::new(std::iter::once(crate::upstream::routes::DEFAULT_ROUTE.to_owned()).collect());
+        Self { farms, conflicts, discoveries, reloads, seen }
+    }
 }
 
 /// How many farms get series of their own in the per-farm gauges; the rest are summed under
@@ -144,6 +197,7 @@ pub struct Metrics {
     pub long_polls: Gauge,
     /// Per method: the OK counter and the latency histogram, resolved once.
     rpc_fast: Vec<(&'static str, Counter, Histogram)>,
+    routes: RouteMetrics,
     levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>>,
 }
 
@@ -338,12 +392,14 @@ impl Metrics {
             let _ = dispositions.get_or_create(&DispositionLabels { disposition });
         }
         for operation in [crate::upstream::START_OPERATION, crate::upstream::GET_OPERATION] {
-            let _ = upstream_calls.get_or_create(&UpstreamLabels { operation, outcome: "ok" });
+            let route = crate::upstream::routes::DEFAULT_ROUTE.to_owned();
+            let _ = upstream_calls.get_or_create(&UpstreamLabels { operation, outcome: "ok", route });
             let _ = upstream_duration.get_or_create(&OperationLabels { operation });
         }
         for state in ["COMPLETED", "FAILED", "TIMED_OUT"] {
             let _ = finished.get_or_create(&StateLabels { state });
         }
+        let routes = RouteMetrics::register(&mut registry);
         let levels: Arc<OnceLock<Box<dyn Fn() -> Levels + Send + Sync>>> = Arc::default();
         registry.register_collector(Box::new(LevelsCollector(levels.clone())));
         Self {
@@ -375,6 +431,7 @@ impl Metrics {
             watch_streams,
             long_polls,
             rpc_fast,
+            routes,
             levels,
         }
     }
@@ -387,8 +444,18 @@ impl Metrics {
     /// Whether the coordination store answered its last check (true before levels are known).
     /// Upstream calls of `operation` so far: answered, throttled, and failed otherwise.
     pub fn upstream_totals(&self, operation: &'static str) -> (u64, u64, u64) {
-        const FAILED: [&str; 6] = ["invalid", "not_found", "access_denied", "transient", "outcome_unknown", "other"];
-        let count = |outcome| self.upstream_calls.get(&UpstreamLabels { operation, outcome }).map_or(0, |c| c.get());
+        const FAILED: [&str; 7] =
+            ["invalid", "not_found", "access_denied", "transient", "outcome_unknown", "not_routed", "other"];
+        let routes: Vec<String> = self.routes.seen.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        let count = |outcome: &'static str| {
+            routes
+                .iter()
+                .map(|route| {
+                    let labels = UpstreamLabels { operation, outcome, route: route.clone() };
+                    self.upstream_calls.get(&labels).map_or(0, |c| c.get())
+                })
+                .sum::<u64>()
+        };
         (count("ok"), count("throttled"), FAILED.iter().map(|o| count(o)).sum())
     }
 
@@ -411,9 +478,34 @@ impl Metrics {
         self.rpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
     }
 
-    pub fn upstream(&self, operation: &'static str, outcome: &'static str, elapsed: Duration) {
-        self.upstream_calls.get_or_create(&UpstreamLabels { operation, outcome }).inc();
+    pub fn upstream(&self, operation: &'static str, outcome: &'static str, route: &str, elapsed: Duration) {
+        {
+            let mut seen = self.routes.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.contains(route) {
+                seen.insert(route.to_owned());
+            }
+        }
+        self.upstream_calls.get_or_create(&UpstreamLabels { operation, outcome, route: route.to_owned() }).inc();
         self.upstream_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
+    }
+
+    /// A change of the routes file: `ok` or `invalid`.
+    pub fn route_reload(&self, outcome: &'static str) {
+        self.routes.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// A discovering route listed its farms: `ok` or `failed`.
+    pub fn route_discovery(&self, route: &str, outcome: &'static str) {
+        self.routes.discoveries.get_or_create(&RouteOutcomeLabels { route: route.to_owned(), outcome }).inc();
+    }
+
+    /// The routes table as rebuilt: the farms each route serves, and the farms in conflict.
+    pub fn route_table(&self, farms: &std::collections::BTreeMap<String, usize>, conflicts: usize) {
+        self.routes.farms.clear();
+        for (route, n) in farms {
+            self.routes.farms.get_or_create(&RouteLabels { route: route.clone() }).set(*n as i64);
+        }
+        self.routes.conflicts.set(conflicts as i64);
     }
 
     /// The OpenMetrics text exposition of every metric (what the library writes, `# EOF`

@@ -5,6 +5,8 @@
 //! small [`UpstreamError`] enum, never as SDK types.
 
 mod host_prefix;
+pub mod routed;
+pub mod routes;
 pub mod sdk;
 
 /// The upstream's operations, as spans and metrics name them.
@@ -12,7 +14,33 @@ pub const START_OPERATION: &str = "StartSessionsStatisticsAggregation";
 pub const GET_OPERATION: &str = "GetSessionsStatisticsAggregation";
 
 use crate::domain::{AggregationRequest, AggregationStatus, StatisticsRow};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+
+/// The name of the route that serves a farm: the `route` label of the upstream metrics, the
+/// upstream pacing's bucket. `default` without a routes file.
+pub type RouteName = Arc<str>;
+
+static DEFAULT_ROUTE_NAME: LazyLock<RouteName> = LazyLock::new(|| routes::DEFAULT_ROUTE.into());
+
+/// The route of an upstream that has one: `default`.
+pub fn default_route() -> RouteName {
+    DEFAULT_ROUTE_NAME.clone()
+}
+
+/// No route serves a farm: the routes file names it nowhere (and has no `[default]`), or two
+/// routes claim it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct NotRouted {
+    pub message: String,
+}
+
+impl NotRouted {
+    pub fn into_error(self) -> UpstreamError {
+        UpstreamError::NotRouted { message: self.message }
+    }
+}
 
 /// One page of a `GetSessionsStatisticsAggregation` answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +82,9 @@ pub enum UpstreamError {
     /// Start this means an upstream aggregation may be running.
     #[error("upstream outcome unknown: {message}")]
     OutcomeUnknown { message: String, retry_after: Option<Duration> },
+    /// No route serves the farm (it was unrouted after its aggregation was queued).
+    #[error("{message}")]
+    NotRouted { message: String },
     /// Anything else: a response that could not be understood, a misconfigured client.
     #[error("upstream call failed: {message}")]
     Other { message: String },
@@ -74,6 +105,13 @@ pub trait Upstream: Send + Sync + 'static {
         max_results: u32,
         next_token: Option<&str>,
     ) -> Result<UpstreamPage, UpstreamError>;
+
+    /// The route that serves `farm_id`; the gateway asks before it queues a Start, and paces
+    /// and labels upstream calls by it.
+    fn route(&self, farm_id: &str) -> Result<RouteName, NotRouted> {
+        let _ = farm_id;
+        Ok(default_route())
+    }
 }
 
 impl UpstreamPage {
@@ -96,7 +134,11 @@ impl UpstreamError {
             Self::Throttled { retry_after, .. }
             | Self::Transient { retry_after, .. }
             | Self::OutcomeUnknown { retry_after, .. } => Some(*retry_after),
-            Self::Invalid { .. } | Self::NotFound { .. } | Self::AccessDenied { .. } | Self::Other { .. } => None,
+            Self::Invalid { .. }
+            | Self::NotFound { .. }
+            | Self::AccessDenied { .. }
+            | Self::NotRouted { .. }
+            | Self::Other { .. } => None,
         }
     }
 }

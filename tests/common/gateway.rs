@@ -112,6 +112,19 @@ pub async fn on_redis(url: &str, config: &GatewayConfig) -> Coordination {
     Coordination::redis(&config.coordination(), &RedisConfig::new(url)).await.expect("connects to redis-server")
 }
 
+/// Upstream calls not paced at all.
+struct Unpaced;
+
+impl deadline_stats_gateway::gateway::coordination::pacing::UpstreamRates for Unpaced {
+    fn source(
+        &self,
+        _name: &str,
+        _rate: deadline_stats_gateway::gateway::rate::Rate,
+    ) -> Option<Arc<dyn deadline_stats_gateway::gateway::coordination::pacing::RateSource>> {
+        None
+    }
+}
+
 /// The coordination of one more replica on an in-memory `store` that several share (a test
 /// of what replicas do, without Redis): its results cache and wake-ups are the store's.
 pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordination {
@@ -120,8 +133,7 @@ pub fn on_memory(store: &Arc<MemoryStore>, wakeups: &Arc<Wakeups>) -> Coordinati
         activity: Arc::new(deadline_stats_gateway::gateway::activity::MemoryActivity::default()),
         results: store.results(),
         wakeups: wakeups.clone(),
-        start_rate: None,
-        get_rate: None,
+        upstream_rates: Arc::new(Unpaced),
         caller_start_tokens: None,
         caller_get_tokens: None,
         epochs: None,

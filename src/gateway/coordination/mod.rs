@@ -42,7 +42,7 @@ use super::key::CanonicalKey;
 use super::rate::{CallerLimits, Rate};
 use super::record::{AggregationId, AggregationRecord, Offer, Priority, Rows};
 use super::rows::RowBlock;
-use pacing::{CallerTokens, LocalRate, RateSource};
+use pacing::CallerTokens;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -453,8 +453,8 @@ pub struct Coordination {
     pub activity: Arc<dyn crate::gateway::activity::ActivityLog>,
     pub results: Arc<ResultsCache>,
     pub wakeups: Arc<Wakeups>,
-    pub start_rate: Option<Arc<dyn RateSource>>,
-    pub get_rate: Option<Arc<dyn RateSource>>,
+    /// Where the upstream pacing's buckets are.
+    pub upstream_rates: Arc<dyn pacing::UpstreamRates>,
     /// Where callers' Start and Get tokens come from when their limits hold across replicas
     /// (`None`: each replica's own buckets).
     pub caller_start_tokens: Option<Arc<dyn CallerTokens>>,
@@ -496,14 +496,12 @@ impl Coordination {
             wakeups.clone(),
             settings.clock.clone(),
         ));
-        let local = |rate| LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
         Self {
             results: store.results(),
             store,
             activity: Arc::new(crate::gateway::activity::MemoryActivity::default()),
             wakeups,
-            start_rate: local(settings.upstream_start),
-            get_rate: local(settings.upstream_get),
+            upstream_rates: Arc::new(pacing::LocalRates),
             caller_start_tokens: None,
             caller_get_tokens: None,
             epochs: None,
@@ -530,9 +528,7 @@ impl Coordination {
             Box::new(|_, _| {}),
             clock.clone(),
         ));
-        let shared = |name, rate| client.rate(name, rate).map(|r| Arc::new(r) as Arc<dyn RateSource>);
-        let start_rate = shared("upstream-start", settings.upstream_start);
-        let get_rate = shared("upstream-get", settings.upstream_get);
+        let upstream_rates = Arc::new(client.clone());
         let callers = |operation, rate| match settings.caller_limits {
             CallerLimits::Global => client.caller_tokens(operation, rate).map(|t| Arc::new(t) as Arc<dyn CallerTokens>),
             CallerLimits::Local => None,
@@ -546,8 +542,7 @@ impl Coordination {
             activity,
             results,
             wakeups,
-            start_rate,
-            get_rate,
+            upstream_rates,
             caller_start_tokens,
             caller_get_tokens,
             epochs,

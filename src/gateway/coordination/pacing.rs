@@ -5,9 +5,12 @@
 
 use super::StoreError;
 use crate::gateway::rate::Rate;
+use crate::upstream::RouteName;
+use crate::upstream::routes::DEFAULT_ROUTE;
 use governor::DefaultDirectRateLimiter;
 use governor::clock::{Clock, DefaultClock};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where a pacer's tokens come from.
@@ -15,6 +18,63 @@ use std::time::Duration;
 pub trait RateSource: Send + Sync + 'static {
     /// Takes a token now (`None`), or says how long until the next one is due.
     async fn try_take(&self) -> Result<Option<Duration>, StoreError>;
+}
+
+/// Where the upstream pacing's buckets are: in this process, or shared by every replica.
+pub trait UpstreamRates: Send + Sync + 'static {
+    /// The bucket called `name`, at `rate`; `None` when `rate` does not pace.
+    fn source(&self, name: &str, rate: Rate) -> Option<Arc<dyn RateSource>>;
+}
+
+/// Buckets of this process.
+pub struct LocalRates;
+
+impl UpstreamRates for LocalRates {
+    fn source(&self, _name: &str, rate: Rate) -> Option<Arc<dyn RateSource>> {
+        LocalRate::new(rate).map(|r| Arc::new(r) as Arc<dyn RateSource>)
+    }
+}
+
+/// The upstream Start and Get pacers of each route: the upstream's quotas are per account and
+/// region, so a route throttled (or busy) never slows another's calls. The default route's
+/// buckets keep the names they had before routes (`upstream-start`, `upstream-get`).
+pub struct RoutePacers {
+    rates: Arc<dyn UpstreamRates>,
+    start: Rate,
+    get: Rate,
+    by_route: Mutex<HashMap<RouteName, (Arc<Pacer>, Arc<Pacer>)>>,
+}
+
+impl RoutePacers {
+    pub fn new(rates: Arc<dyn UpstreamRates>, start: Rate, get: Rate) -> Self {
+        Self { rates, start, get, by_route: Mutex::new(HashMap::new()) }
+    }
+
+    /// What `route`'s upstream Starts wait on.
+    pub fn start(&self, route: &RouteName) -> Arc<Pacer> {
+        self.pair(route).0
+    }
+
+    /// What `route`'s upstream Gets wait on.
+    pub fn get(&self, route: &RouteName) -> Arc<Pacer> {
+        self.pair(route).1
+    }
+
+    fn pair(&self, route: &RouteName) -> (Arc<Pacer>, Arc<Pacer>) {
+        let mut by_route = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, get) = by_route.entry(route.clone()).or_insert_with(|| {
+            let pacer = |operation: &str, rate: Rate| {
+                let name = if &**route == DEFAULT_ROUTE {
+                    format!("upstream-{operation}")
+                } else {
+                    format!("upstream-{operation}:{route}")
+                };
+                Arc::new(Pacer::with_source(self.rates.source(&name, rate), rate))
+            };
+            (pacer("start", self.start), pacer("get", self.get))
+        });
+        (start.clone(), get.clone())
+    }
 }
 
 /// How many of a caller's tokens a replica took from a bucket shared by every replica.
@@ -149,6 +209,41 @@ mod tests {
             w.await.expect("waiter");
         }
         assert_eq!(*order.lock().expect("lock"), (0..8).collect::<Vec<_>>(), "first come, first served");
+    }
+}
+
+#[cfg(test)]
+mod routes {
+    use super::*;
+
+    /// Records the names of the buckets asked for.
+    #[derive(Default)]
+    struct Named(Mutex<Vec<String>>);
+
+    impl UpstreamRates for Named {
+        fn source(&self, name: &str, rate: Rate) -> Option<Arc<dyn RateSource>> {
+            self.0.lock().expect("lock").push(name.to_owned());
+            LocalRates.source(name, rate)
+        }
+    }
+
+    #[tokio::test]
+    async fn each_route_waits_on_buckets_of_its_own() {
+        let named = Arc::new(Named::default());
+        let slow = Rate { per_second: 0.01, burst: 1 };
+        let pacers = RoutePacers::new(named.clone(), slow, slow);
+        let (paris, default): (RouteName, RouteName) = ("paris".into(), DEFAULT_ROUTE.into());
+        pacers.start(&paris).ready().await;
+        assert!(Arc::ptr_eq(&pacers.start(&paris), &pacers.start(&paris)), "one pacer a route");
+        // Paris's bucket is empty for 100 s; the default route's is full.
+        tokio::time::timeout(Duration::from_secs(5), pacers.start(&default).ready())
+            .await
+            .expect("another route's token is not taken by paris");
+        tokio::time::timeout(Duration::from_millis(50), pacers.start(&paris).ready())
+            .await
+            .expect_err("paris waits for its own next token");
+        let names = named.0.lock().expect("lock").clone();
+        assert_eq!(names, ["upstream-start:paris", "upstream-get:paris", "upstream-start", "upstream-get"]);
     }
 }
 

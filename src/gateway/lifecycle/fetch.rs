@@ -64,7 +64,8 @@ impl UpstreamRunner {
         expires: Instant,
     ) -> Result<UpstreamPage, Failure> {
         let mut polls = self.config.poll.start();
-        let mut retry = Retry::new(&self.get_pacer, &self.config.start_retry, expires);
+        let pacer = self.get_pacer(agg.farm_id());
+        let mut retry = Retry::new(&pacer, &self.config.start_retry, expires);
         let mut last_error: Option<String> = None;
         let mut delay = polls.next_delay();
         loop {
@@ -181,7 +182,8 @@ impl UpstreamRunner {
         token: Option<&str>,
         expires: Instant,
     ) -> Result<UpstreamPage, Failure> {
-        let retry = Retry::new(&self.get_pacer, &self.config.start_retry, expires);
+        let pacer = self.get_pacer(agg.farm_id());
+        let retry = Retry::new(&pacer, &self.config.start_retry, expires);
         let fetched = retry
             .run(|| {
                 let page = self.upstream.get_page(agg.farm_id(), upstream_id, UPSTREAM_PAGE_SIZE, token);

@@ -21,7 +21,7 @@ mod start;
 use super::activity::{Activity, What};
 use super::backoff::BackoffPolicy;
 use super::clock::Clock;
-use super::coordination::pacing::Pacer;
+use super::coordination::pacing::RoutePacers;
 use super::coordination::{AggregationStore, Found, Lease, QueueFault};
 use super::record::{AggregationRecord, Failure, FailureCode, State};
 use super::rows::{RowBlock, RowEncoder};
@@ -120,8 +120,8 @@ pub(crate) struct UpstreamRunner {
     pub(crate) upstream: Arc<dyn Upstream>,
     pub(crate) activity: Arc<Activity>,
     pub(crate) store: Arc<dyn AggregationStore>,
-    pub(crate) start_pacer: Pacer,
-    pub(crate) get_pacer: Pacer,
+    /// The upstream pacing of each route.
+    pub(crate) pacers: RoutePacers,
     pub(crate) config: LifecycleConfig,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) encoder: RowEncoder,
@@ -313,6 +313,7 @@ impl UpstreamRunner {
         upstream_id: Option<&str>,
         call: impl Future<Output = Result<T, UpstreamError>>,
     ) -> Result<T, UpstreamError> {
+        let route = self.route_of(agg.farm_id());
         let span = tracing::info_span!(
             "upstream",
             otel.name = operation,
@@ -323,6 +324,7 @@ impl UpstreamRunner {
             farm.id = %agg.farm_id(),
             aggregation.id = %agg.id,
             upstream.aggregation_id = upstream_id.unwrap_or_default(),
+            upstream.route = %route,
             outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
@@ -336,14 +338,31 @@ impl UpstreamRunner {
             Err(UpstreamError::AccessDenied { .. }) => "access_denied",
             Err(UpstreamError::Transient { .. }) => "transient",
             Err(UpstreamError::OutcomeUnknown { .. }) => "outcome_unknown",
+            Err(UpstreamError::NotRouted { .. }) => "not_routed",
             Err(UpstreamError::Other { .. }) => "other",
         };
         span.record("outcome", outcome);
         if result.is_err() {
             span.record("otel.status_code", "ERROR");
         }
-        self.metrics.upstream(operation, outcome, begin.elapsed());
+        self.metrics.upstream(operation, outcome, &route, begin.elapsed());
         result
+    }
+
+    /// The route that serves `farm_id` now (the default one's name for a farm no longer
+    /// routed: its calls fail as not routed).
+    fn route_of(&self, farm_id: &str) -> crate::upstream::RouteName {
+        self.upstream.route(farm_id).unwrap_or_else(|_| crate::upstream::default_route())
+    }
+
+    /// What `farm_id`'s upstream Starts wait on.
+    fn start_pacer(&self, farm_id: &str) -> Arc<super::coordination::pacing::Pacer> {
+        self.pacers.start(&self.route_of(farm_id))
+    }
+
+    /// What `farm_id`'s upstream Gets wait on.
+    fn get_pacer(&self, farm_id: &str) -> Arc<super::coordination::pacing::Pacer> {
+        self.pacers.get(&self.route_of(farm_id))
     }
 }
 
@@ -356,6 +375,7 @@ fn failure(context: &str, err: &UpstreamError, not_found: FailureCode) -> Failur
         UpstreamError::Throttled { .. } | UpstreamError::Transient { .. } | UpstreamError::OutcomeUnknown { .. } => {
             FailureCode::Unavailable
         }
+        UpstreamError::NotRouted { .. } => FailureCode::FailedPrecondition,
         UpstreamError::Other { .. } => FailureCode::Internal,
     };
     Failure { code, message: format!("{context}: {err}") }

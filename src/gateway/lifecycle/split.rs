@@ -129,7 +129,8 @@ impl UpstreamRunner {
     ) -> Result<(String, Started), Interrupt> {
         let agg = &driven.record;
         let c = &self.config;
-        let mut retry = Retry::new(&self.start_pacer, &c.start_retry, Instant::now() + c.start_deadline);
+        let pacer = self.start_pacer(agg.farm_id());
+        let mut retry = Retry::new(&pacer, &c.start_retry, Instant::now() + c.start_deadline);
         let gave_up = |gave_up| match gave_up {
             GaveUp::Refused(err) => failure("upstream Start of a part failed", &err, FailureCode::NotFound),
             GaveUp::Deadline(err) => Failure {

@@ -17,7 +17,8 @@ impl UpstreamRunner {
     pub(super) async fn start(&self, agg: &mut Driven<'_>, unknown: bool) -> Result<(String, Started), Interrupt> {
         let c = &self.config;
         let begin = Instant::now();
-        let mut retry = Retry::new(&self.start_pacer, &c.start_retry, begin + c.start_deadline);
+        let pacer = self.start_pacer(agg.record.farm_id());
+        let mut retry = Retry::new(&pacer, &c.start_retry, begin + c.start_deadline);
         let mut unknown_since = None;
         if unknown {
             self.waiting_out_an_orphan(agg, &mut retry, &mut unknown_since).await?;

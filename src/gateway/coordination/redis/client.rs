@@ -514,6 +514,16 @@ impl RedisClient {
     }
 }
 
+impl crate::gateway::coordination::pacing::UpstreamRates for RedisClient {
+    fn source(
+        &self,
+        name: &str,
+        rate: Rate,
+    ) -> Option<std::sync::Arc<dyn crate::gateway::coordination::pacing::RateSource>> {
+        self.rate(name, rate).map(|r| std::sync::Arc::new(r) as _)
+    }
+}
+
 /// A cluster connection's timeouts: a command within `timeout`, like one Redis's.
 fn cluster_config(timeout: Duration) -> redis::cluster::ClusterConfig {
     redis::cluster::ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout)
