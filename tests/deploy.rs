@@ -228,6 +228,7 @@ fn manifests_agree_with_what_the_binary_accepts() {
             ("DSG_TLS_KEY", server.key.clone()),
             ("DSG_TLS_CLIENT_CA", ca.write(&dir, "ca.crt")),
             ("DSG_AUTHZ_POLICY", root().join(format!("deploy/kubernetes/overlays/{overlay}/authz-policy.toml"))),
+            ("DSG_UPSTREAM_ROUTES", root().join(format!("deploy/kubernetes/overlays/{overlay}/upstream-routes.toml"))),
         ];
         for (var, file) in files {
             if env.contains_key(var) {
@@ -240,7 +241,11 @@ fn manifests_agree_with_what_the_binary_accepts() {
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
         let out = check.output().expect("the binary runs");
         assert!(out.status.success(), "{overlay}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration ok");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.lines().last(), Some("configuration ok"), "{overlay}: {stdout}");
+        if env.contains_key("DSG_UPSTREAM_ROUTES") {
+            assert!(stdout.contains("routes ok: 2 routes (1 discovering their farms) and a [default]"), "{stdout}");
+        }
     }
 }
 

@@ -149,7 +149,9 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_rpc_attributes() {
         assert_eq!(attr(call, "farm.id"), Some(farm(1)));
         assert_eq!(attr(call, "aggregation.id").as_deref(), Some(id.as_str()));
         assert_eq!(attr(call, "outcome").as_deref(), Some("ok"));
+        assert_eq!(attr(call, "upstream.route").as_deref(), Some("default"), "the farm's route");
     }
+    assert_eq!(attr(lifecycle, "upstream.route").as_deref(), Some("default"));
     let get = upstream.iter().find(|s| s.name == "GetSessionsStatisticsAggregation").expect("a Get");
     assert!(attr(get, "upstream.aggregation_id").is_some_and(|u| u.len() == 32), "both aggregation ids");
 }
@@ -201,10 +203,10 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     assert!(value(&m, "dsg_cache_bytes") > 0.0);
     assert_eq!(value(&m, "dsg_aggregations_active"), 0.0);
     assert_eq!(
-        value(&m, r#"dsg_upstream_calls_total{operation="StartSessionsStatisticsAggregation",outcome="ok"}"#),
+        value(&m, r#"dsg_upstream_calls_total{operation="StartSessionsStatisticsAggregation",outcome="ok",route="default"}"#),
         1.0
     );
-    assert!(value(&m, r#"dsg_upstream_calls_total{operation="GetSessionsStatisticsAggregation",outcome="ok"}"#) >= 1.0);
+    assert!(value(&m, r#"dsg_upstream_calls_total{operation="GetSessionsStatisticsAggregation",outcome="ok",route="default"}"#) >= 1.0);
     assert_eq!(value(&m, r#"dsg_aggregations_finished_total{state="COMPLETED"}"#), 1.0);
     assert_eq!(value(&m, "dsg_aggregation_time_to_complete_seconds_count"), 1.0);
     assert_eq!(value(&m, r#"dsg_rpc_requests_total{method="GetAggregation",code="NOT_FOUND"}"#), 1.0);

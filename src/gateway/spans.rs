@@ -38,6 +38,7 @@ impl Spans {
                 aggregation.id = %record.id,
                 farm.id = %record.farm_id(),
                 upstream.aggregation_id = tracing::field::Empty,
+                upstream.route = tracing::field::Empty,
                 aggregation.state = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
             )

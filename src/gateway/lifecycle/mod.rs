@@ -314,6 +314,7 @@ impl UpstreamRunner {
         call: impl Future<Output = Result<T, UpstreamError>>,
     ) -> Result<T, UpstreamError> {
         let route = self.route_of(agg.farm_id());
+        self.spans.of(agg).record("upstream.route", &*route);
         let span = tracing::info_span!(
             "upstream",
             otel.name = operation,
