@@ -239,10 +239,12 @@ async fn the_json_api_answers_as_its_schema_says_and_refuses_bad_parameters() {
     let (_, farms) = get_json(&admin, "/api/v1/farms?order=queued&limit=10", None).await;
     assert_eq!(farms["total"], 2, "farms 402 and 403 have work: {farms}");
     assert_eq!(farms["farms"][0]["farm_id"], farm(403), "the longest queue first");
+    assert_eq!(farms["farms"][0]["route"], "default", "one upstream: the default route");
     let (_, page) = get_json(&admin, "/api/v1/farms?limit=1&offset=1", None).await;
     assert_eq!(page["farms"].as_array().map(Vec::len), Some(1));
     let (_, farm_view) = get_json(&admin, &format!("/api/v1/farms/{}", farm(403)), None).await;
     assert_eq!(farm_view["queue"][1]["id"], work.queued.as_str());
+    assert_eq!(farm_view["route"], "default");
     let callers: Vec<String> = serde_json::from_value(farm_view["queue"][1]["callers"].clone()).expect("callers");
     assert_eq!(callers, ["id:team-a", &format!("id:{}", HOSTILE[0]), &format!("id:{}", HOSTILE[1])], "first first");
     let (_, queued) = get_json(&admin, &format!("/api/v1/aggregations/{}", work.queued), None).await;
@@ -403,7 +405,7 @@ async fn status_prints_the_overview_a_farm_and_an_aggregation() {
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(parsed["farms"]["total"], 2);
     let farm_text = status(vec!["--farm".into(), farm(403)]).await.expect("joins");
-    assert!(farm_text.contains(&work.queued) && farm_text.contains("id:team-a"), "{farm_text}");
+    assert!(farm_text.contains(&work.queued) && farm_text.contains("id:team-a") && farm_text.contains("upstream route default"), "{farm_text}");
     let agg_text = status(vec!["--aggregation".into(), work.queued.clone()]).await.expect("joins");
     assert!(agg_text.contains("QUEUED") && agg_text.contains("joined"), "{agg_text}");
     let missing = Command::new(BIN)

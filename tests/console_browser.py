@@ -95,6 +95,7 @@ try:
     click(f'#farms tr[data-farm="{farm}"] a')
     loaded()
     wait.until(lambda d: text("farm-id") == farm)
+    check(f"the farm's page names its upstream route: {text('route')!r}", text("route") == "default")
     queue = attrs("#queue tr[data-aggregation]", "data-aggregation")
     check(f"the farm's queue shows the queued aggregation {scenario['queued']}: {queue}", scenario["queued"] in queue)
     shown = text("queue")

@@ -266,3 +266,47 @@ async fn check_config_names_the_line_of_a_mistake_in_the_routes_file() {
         .expect("runs");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream-routes needs --upstream aws"));
 }
+
+#[tokio::test]
+async fn a_region_unreachable_at_start_up_is_routed_once_it_answers_and_a_bad_edit_changes_nothing() {
+    let dir = test_dir("routes-late");
+    let (_west, west) = spawn_emulator(&["--region", "us-west-2", "--aggregation-duration", "300ms"]);
+    let port = fresh_port();
+    let late = format!("http://127.0.0.1:{port}");
+    let east = format!(
+        "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{late}\"\ndiscover = true\n"
+    );
+    let path = dir.join("routes.toml");
+    let good = format!("{}\n{east}", west_route(&west, &[21]));
+    rewrite(&path, &good);
+    let path_arg = path.display().to_string();
+    let flags = ["--upstream-routes", path_arg.as_str(), "--route-discovery-interval", "1s", "--poll-initial-interval", "100ms"];
+    // Nothing listens in east yet: the gateway starts anyway, and east's farms are not routed.
+    let (_gateway, url, admin) = spawn_replica(&west, &flags);
+    let mut client = client_of(&url).await;
+    let (_, reason, _) = refusal(&mut client, 22, 1).await.expect("not routed yet");
+    assert_eq!(reason, "FARM_NOT_ROUTED");
+    let failed = r#"dsg_upstream_route_discoveries_total{route="east",outcome="failed"}"#;
+    let metrics = parse_metrics(&http("GET", &format!("{admin}/metrics"), None, &[]).await.2);
+    assert!(metrics.get(failed).is_some_and(|n| *n >= 1.0), "{metrics:?}");
+
+    // East comes up: the next discovery routes its farm.
+    let mut child = std::process::Command::new(BIN)
+        .args(["emulator", "--listen", &format!("127.0.0.1:{port}"), "--region", "eu-west-1"])
+        .args(["--aggregation-duration", "300ms", "--farm", &farm(22)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the emulator starts");
+    stdout_lines(&mut child, 1);
+    let _east = Running(child);
+    until_metric(&admin, r#"dsg_upstream_route_farms{route="east"}"#, 1.0).await;
+    assert_eq!(run(&mut client, 22, 1).await, AggregationState::Completed);
+    assert_eq!(upstream_of(&late, &farm(22)).await["aggregations_started"], 1);
+
+    // An edit that does not parse is refused; the routes in force stay.
+    rewrite(&path, &good.replace("discover = true", "discover = maybe"));
+    until_metric(&admin, r#"dsg_upstream_routes_reloads_total{outcome="invalid"}"#, 1.0).await;
+    assert_eq!(run(&mut client, 21, 2).await, AggregationState::Completed);
+    assert_eq!(run(&mut client, 22, 2).await, AggregationState::Completed);
+}

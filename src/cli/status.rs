@@ -202,7 +202,13 @@ fn farm_table(f: &Value) -> String {
         })
         .unwrap_or_default();
     [
-        format!("farm {}: {} in the queue, driven by {}", cell(&f["farm_id"]), cell(&f["length"]), cell(&f["holder"])),
+        format!(
+            "farm {}: {} in the queue, driven by {}, upstream route {}",
+            cell(&f["farm_id"]),
+            cell(&f["length"]),
+            cell(&f["holder"]),
+            cell(&f["route"])
+        ),
         super::table(
             &["#", "AGGREGATION", "STATE", "CLASS", "CALLERS", "WAITING S", "EST. START", "EST. COMPLETION"],
             &queue,

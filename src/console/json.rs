@@ -164,6 +164,7 @@ pub fn farm_summary(f: &FarmSummary, now: SystemTime) -> Value {
         "head": head,
         "oldest_wait_seconds": f.oldest_waiting.as_ref().map(|r| seconds(r.create_time, now)),
         "holder": f.holder,
+        "route": f.route,
     })
 }
 
@@ -190,6 +191,7 @@ pub fn farm(v: &FarmView, now: SystemTime) -> Value {
         "farm_id": v.farm,
         "length": v.length,
         "holder": v.holder,
+        "route": v.route,
         "queue": v.queue.iter().map(|q| queued(q, now)).collect::<Vec<_>>(),
         "recent": v.recent.iter().map(event).collect::<Vec<_>>(),
     })

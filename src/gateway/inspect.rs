@@ -39,6 +39,8 @@ pub struct FarmSummary {
     pub oldest_waiting: Option<Arc<AggregationRecord>>,
     /// The replica holding the farm's lease (driving its head).
     pub holder: Option<String>,
+    /// The route that serves it (`None`: no route does now).
+    pub route: Option<String>,
 }
 
 /// A page of farms with work.
@@ -68,6 +70,8 @@ pub struct FarmView {
     pub length: usize,
     /// The replica holding the farm's lease (driving its head).
     pub holder: Option<String>,
+    /// The route that serves it (`None`: no route does now).
+    pub route: Option<String>,
     pub queue: Vec<Queued>,
     /// Its last terminal aggregations, newest first.
     pub recent: Vec<Event>,
@@ -153,7 +157,8 @@ impl Gateway {
                 let (queue, holder) = tokio::join!(store.queue(&farm, 2), store.leases().holder(&farm));
                 let mut queue = queue.unwrap_or_default().into_iter();
                 let head = queue.next();
-                FarmSummary { farm, load, head, oldest_waiting: queue.next(), holder: holder.ok().flatten() }
+                let route = self.route_of(&farm);
+                FarmSummary { farm, load, head, oldest_waiting: queue.next(), holder: holder.ok().flatten(), route }
             })
             .buffered(CONCURRENT_READS)
             .collect()
@@ -204,7 +209,13 @@ impl Gateway {
             .await;
         let recent = log.recent(farm, recent.min(MAX_PAGE)).await.unwrap_or_default();
         let length = self.store.stats().farms.get(farm).map_or(queue.len(), |l| l.queued + l.running).max(queue.len());
-        Ok(FarmView { farm: farm.to_owned(), length, holder, queue: entries, recent })
+        let route = self.route_of(farm);
+        Ok(FarmView { farm: farm.to_owned(), length, holder, route, queue: entries, recent })
+    }
+
+    /// The route that serves `farm` now, by its name.
+    pub fn route_of(&self, farm: &str) -> Option<String> {
+        self.runner.upstream.route(farm).ok().map(|r| r.to_string())
     }
 
     /// The timeline of `id`, kept for a while after its record is gone.

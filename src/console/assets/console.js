@@ -157,6 +157,7 @@ async function overview() {
     { title: "Part", key: (f) => f.head && f.head.parts, cell: (f) => f.head && f.head.parts ? f.head.parts_done + " of " + f.head.parts : "—" },
     { title: "Est. completion", key: (f) => f.head && f.head.estimated_completion, cell: (f) => fmtWhen(f.head && f.head.estimated_completion) },
     { title: "Driven by", key: (f) => f.holder, cell: (f) => f.holder || "—" },
+    { title: "Route", key: (f) => f.route, cell: (f) => f.route || "not routed" },
     { title: "Queued", num: true, key: (f) => f.queued, cell: (f) => f.queued },
     { title: "Oldest wait", num: true, key: (f) => f.oldest_wait_seconds, cell: (f) => fmtDuration(f.oldest_wait_seconds) },
   ];
@@ -197,7 +198,8 @@ async function farm(id) {
   ];
   return [
     el("h1", {}, "Farm ", el("span", { class: "mono", id: "farm-id" }, f.farm_id)),
-    el("p", {}, f.length + " in the queue", f.holder ? [", driven by ", el("span", { class: "mono", id: "holder" }, f.holder)] : null),
+    el("p", {}, f.length + " in the queue", f.holder ? [", driven by ", el("span", { class: "mono", id: "holder" }, f.holder)] : null,
+      ", upstream route ", el("span", { class: "mono", id: "route" }, f.route || "none (not routed)")),
     el("h2", {}, "Queue"),
     table("queue", queueCols, f.queue.map((q) => ({ data: q, attrs: { "data-aggregation": q.id } })), false),
     el("h2", {}, "Recent (last 50)"),
