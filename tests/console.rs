@@ -405,7 +405,12 @@ async fn status_prints_the_overview_a_farm_and_an_aggregation() {
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(parsed["farms"]["total"], 2);
     let farm_text = status(vec!["--farm".into(), farm(403)]).await.expect("joins");
-    assert!(farm_text.contains(&work.queued) && farm_text.contains("id:team-a") && farm_text.contains("upstream route default"), "{farm_text}");
+    assert!(
+        farm_text.contains(&work.queued)
+            && farm_text.contains("id:team-a")
+            && farm_text.contains("upstream route default"),
+        "{farm_text}"
+    );
     let agg_text = status(vec!["--aggregation".into(), work.queued.clone()]).await.expect("joins");
     assert!(agg_text.contains("QUEUED") && agg_text.contains("joined"), "{agg_text}");
     let missing = Command::new(BIN)

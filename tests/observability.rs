@@ -203,10 +203,18 @@ async fn metrics_are_scraped_and_move_with_starts_joins_and_cache_hits() {
     assert!(value(&m, "dsg_cache_bytes") > 0.0);
     assert_eq!(value(&m, "dsg_aggregations_active"), 0.0);
     assert_eq!(
-        value(&m, r#"dsg_upstream_calls_total{operation="StartSessionsStatisticsAggregation",outcome="ok",route="default"}"#),
+        value(
+            &m,
+            r#"dsg_upstream_calls_total{operation="StartSessionsStatisticsAggregation",outcome="ok",route="default"}"#
+        ),
         1.0
     );
-    assert!(value(&m, r#"dsg_upstream_calls_total{operation="GetSessionsStatisticsAggregation",outcome="ok",route="default"}"#) >= 1.0);
+    assert!(
+        value(
+            &m,
+            r#"dsg_upstream_calls_total{operation="GetSessionsStatisticsAggregation",outcome="ok",route="default"}"#
+        ) >= 1.0
+    );
     assert_eq!(value(&m, r#"dsg_aggregations_finished_total{state="COMPLETED"}"#), 1.0);
     assert_eq!(value(&m, "dsg_aggregation_time_to_complete_seconds_count"), 1.0);
     assert_eq!(value(&m, r#"dsg_rpc_requests_total{method="GetAggregation",code="NOT_FOUND"}"#), 1.0);

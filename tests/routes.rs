@@ -30,12 +30,18 @@ async fn stats_of(endpoint: &str) -> serde_json::Value {
 /// The access keys `farm`'s calls at `endpoint` were signed with.
 async fn keys_of(endpoint: &str, farm: &str) -> Vec<String> {
     let farm = upstream_of(endpoint, farm).await;
-    farm["access_keys"].as_array().map(|k| k.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    farm["access_keys"]
+        .as_array()
+        .map(|k| k.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
 }
 
 fn west_route(west: &str, farms: &[u64]) -> String {
     let farms: Vec<String> = farms.iter().map(|n| format!("\"{}\"", farm(*n))).collect();
-    format!("[[route]]\nname = \"west\"\nregion = \"us-west-2\"\nendpoint_url = \"{west}\"\nfarms = [{}]\n", farms.join(", "))
+    format!(
+        "[[route]]\nname = \"west\"\nregion = \"us-west-2\"\nendpoint_url = \"{west}\"\nfarms = [{}]\n",
+        farms.join(", ")
+    )
 }
 
 fn east_route(east: &str, farms: Option<&[u64]>) -> String {
@@ -204,11 +210,15 @@ async fn a_region_throttling_every_start_does_not_hold_up_another_routes_farms()
     ]);
     let (_east, east) = spawn_emulator(&["--region", "eu-west-1", "--aggregation-duration", "300ms"]);
     let path = dir.join("routes.toml");
-    let east_plain = format!("[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [\"{}\"]\n", farm(12));
+    let east_plain = format!(
+        "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [\"{}\"]\n",
+        farm(12)
+    );
     rewrite(&path, &format!("{}\n{east_plain}", west_route(&west, &[11])));
     let path_arg = path.display().to_string();
     // One upstream Start every 50 s per route.
-    let flags = ["--upstream-routes", path_arg.as_str(), "--upstream-start-rate", "0.02", "--poll-initial-interval", "100ms"];
+    let flags =
+        ["--upstream-routes", path_arg.as_str(), "--upstream-start-rate", "0.02", "--poll-initial-interval", "100ms"];
     let (_gateway, url, _admin) = spawn_replica(&west, &flags);
     let mut client = client_of(&url).await;
 
@@ -240,7 +250,8 @@ async fn check_config_names_the_line_of_a_mistake_in_the_routes_file() {
             .output()
             .expect("runs")
     };
-    let good = format!("[default]\n\n{}\n{}", west_route("http://127.0.0.1:1", &[1]), east_route("http://127.0.0.1:2", None));
+    let good =
+        format!("[default]\n\n{}\n{}", west_route("http://127.0.0.1:1", &[1]), east_route("http://127.0.0.1:2", None));
     std::fs::write(&path, good).expect("writes");
     let out = check(&path);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -273,14 +284,20 @@ async fn a_region_unreachable_at_start_up_is_routed_once_it_answers_and_a_bad_ed
     let (_west, west) = spawn_emulator(&["--region", "us-west-2", "--aggregation-duration", "300ms"]);
     let port = fresh_port();
     let late = format!("http://127.0.0.1:{port}");
-    let east = format!(
-        "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{late}\"\ndiscover = true\n"
-    );
+    let east =
+        format!("[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{late}\"\ndiscover = true\n");
     let path = dir.join("routes.toml");
     let good = format!("{}\n{east}", west_route(&west, &[21]));
     rewrite(&path, &good);
     let path_arg = path.display().to_string();
-    let flags = ["--upstream-routes", path_arg.as_str(), "--route-discovery-interval", "1s", "--poll-initial-interval", "100ms"];
+    let flags = [
+        "--upstream-routes",
+        path_arg.as_str(),
+        "--route-discovery-interval",
+        "1s",
+        "--poll-initial-interval",
+        "100ms",
+    ];
     // Nothing listens in east yet: the gateway starts anyway, and east's farms are not routed.
     let (_gateway, url, admin) = spawn_replica(&west, &flags);
     let mut client = client_of(&url).await;
@@ -309,4 +326,48 @@ async fn a_region_unreachable_at_start_up_is_routed_once_it_answers_and_a_bad_ed
     until_metric(&admin, r#"dsg_upstream_routes_reloads_total{outcome="invalid"}"#, 1.0).await;
     assert_eq!(run(&mut client, 21, 2).await, AggregationState::Completed);
     assert_eq!(run(&mut client, 22, 2).await, AggregationState::Completed);
+}
+
+#[tokio::test]
+async fn an_aggregation_running_when_its_farm_moves_is_read_to_the_end_where_it_started() {
+    let dir = test_dir("routes-move-running");
+    let (_west, west) = spawn_emulator(&["--region", "us-west-2"]);
+    let (_east, east) = spawn_emulator(&["--region", "eu-west-1", "--aggregation-duration", "4s"]);
+    let east_route = |farms: &[u64]| {
+        let farms: Vec<String> = farms.iter().map(|n| format!("\"{}\"", farm(*n))).collect();
+        format!(
+            "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [{}]\n",
+            farms.join(", ")
+        )
+    };
+    let path = dir.join("routes.toml");
+    rewrite(&path, &format!("{}\n{}", west_route(&west, &[31]), east_route(&[32])));
+    let path_arg = path.display().to_string();
+    let flags = ["--upstream-routes", path_arg.as_str(), "--poll-initial-interval", "100ms"];
+    let (_gateway, url, admin) = spawn_replica(&west, &flags);
+    let mut client = client_of(&url).await;
+
+    let answer = client.start_aggregation(start_request(32, 1, 1, &[GroupBy::QueueId])).await.expect("start");
+    let id = answer.into_inner().aggregation.expect("aggregation").aggregation_id;
+    eventually(Duration::from_secs(30), || {
+        let east = east.clone();
+        async move { (upstream_of(&east, &farm(32)).await["aggregations_started"] == 1).then_some(()) }
+    })
+    .await;
+    // Farm 32 moves to west while its aggregation runs in east.
+    rewrite(
+        &path,
+        &format!(
+            "{}\n{}",
+            west_route(&west, &[31, 32]),
+            east_route(&[]).replace("farms = []", &format!("farms = [\"{}\"]", farm(33)))
+        ),
+    );
+    until_metric(&admin, r#"dsg_upstream_routes_reloads_total{outcome="ok"}"#, 1.0).await;
+    assert_eq!(until_terminal(&mut client, &id).await.state(), AggregationState::Completed);
+    assert!(upstream_of(&east, &farm(32)).await["get_calls"].as_u64().is_some_and(|n| n >= 1));
+    assert!(stats_of(&west).await["farms"].get(farm(32)).is_none(), "west was never asked for east's aggregation");
+    // New work on farm 32 goes west.
+    assert_eq!(run(&mut client, 32, 2).await, AggregationState::Completed);
+    assert_eq!(upstream_of(&west, &farm(32)).await["aggregations_started"], 1);
 }

@@ -71,10 +71,17 @@ struct Sources {
     discovered: BTreeMap<String, Vec<String>>,
 }
 
+/// How long an upstream aggregation is read from the route that started it: the upstream
+/// keeps its results an hour.
+const STARTED_ON_TTL: Duration = Duration::from_secs(2 * 3600);
+
 /// Farms routed to regions and accounts by the routes file.
 pub struct RoutedUpstream {
     config: RoutedConfig,
     table: RwLock<Arc<Table>>,
+    /// The route each upstream aggregation this process started was started on: its Gets go
+    /// there even if its farm has moved since (a farm moved mid-aggregation).
+    started_on: moka::sync::Cache<String, Arc<Served>>,
     sources: tokio::sync::Mutex<Sources>,
     metrics: Arc<Metrics>,
 }
@@ -87,11 +94,12 @@ impl RoutedUpstream {
         let text = std::fs::read_to_string(&config.file)
             .map_err(|e| RoutedError::File { path: path.clone(), message: e.to_string() })?;
         let routes = Routes::parse(&text).map_err(|e| RoutedError::File { path, message: e.to_string() })?;
-        let mut sources = Sources { text, routes, clients: HashMap::new(), discovered: BTreeMap::new() };
-        connect_all(&config.base, &mut sources).await?;
+        let clients = connect_all(&config.base, &routes, &HashMap::new()).await?;
+        let sources = Sources { text, routes, clients, discovered: BTreeMap::new() };
         let this = Arc::new(Self {
             config,
             table: RwLock::new(Arc::new(Table::default())),
+            started_on: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(STARTED_ON_TTL).build(),
             sources: tokio::sync::Mutex::new(sources),
             metrics,
         });
@@ -144,15 +152,16 @@ impl RoutedUpstream {
                 return;
             }
         };
-        let mut next =
-            Sources { text, routes, clients: std::mem::take(&mut sources.clients), discovered: BTreeMap::new() };
-        if let Err(e) = connect_all(&self.config.base, &mut next).await {
-            tracing::error!(path, error = %e, "a route of the changed routes file has no client; the previous routes stay in force");
-            self.metrics.route_reload("invalid");
-            sources.clients = next.clients;
-            sources.text = next.text;
-            return;
-        }
+        let clients = match connect_all(&self.config.base, &routes, &sources.clients).await {
+            Ok(clients) => clients,
+            Err(e) => {
+                tracing::error!(path, error = %e, "a route of the changed routes file has no client; the previous routes stay in force");
+                self.metrics.route_reload("invalid");
+                sources.text = text;
+                return;
+            }
+        };
+        let mut next = Sources { text, routes, clients, discovered: BTreeMap::new() };
         // A route still discovering with the same target keeps what it found meanwhile.
         for route in &next.routes.routes {
             let same = sources.routes.routes.iter().any(|r| r.name == route.name && r.target == route.target);
@@ -246,11 +255,15 @@ impl RoutedUpstream {
     }
 }
 
-/// Builds a client for every target that has none yet (and drops those no route uses).
-async fn connect_all(base: &SdkUpstreamConfig, sources: &mut Sources) -> Result<(), RoutedError> {
-    let mut wanted: Vec<(&str, &Target)> =
-        sources.routes.routes.iter().map(|r| (r.name.as_str(), &r.target)).collect();
-    if let Some(default) = &sources.routes.default {
+/// A client for every target `routes` names: those of `existing` kept, the others built. On
+/// failure `existing` is untouched, so the routes in force keep their clients.
+async fn connect_all(
+    base: &SdkUpstreamConfig,
+    routes: &Routes,
+    existing: &HashMap<Target, SdkUpstream>,
+) -> Result<HashMap<Target, SdkUpstream>, RoutedError> {
+    let mut wanted: Vec<(&str, &Target)> = routes.routes.iter().map(|r| (r.name.as_str(), &r.target)).collect();
+    if let Some(default) = &routes.default {
         wanted.push((DEFAULT_ROUTE, default));
     }
     let mut clients = HashMap::new();
@@ -258,16 +271,15 @@ async fn connect_all(base: &SdkUpstreamConfig, sources: &mut Sources) -> Result<
         if clients.contains_key(target) {
             continue;
         }
-        let client = match sources.clients.remove(target) {
-            Some(client) => client,
+        let client = match existing.get(target) {
+            Some(client) => client.clone(),
             None => SdkUpstream::connect(&client_config(base, target))
                 .await
                 .map_err(|e| RoutedError::Client { route: name.to_owned(), message: e.to_string() })?,
         };
         clients.insert(target.clone(), client);
     }
-    sources.clients = clients;
-    Ok(())
+    Ok(clients)
 }
 
 /// A route's client settings: `base` with the route's region, endpoint and role.
@@ -289,7 +301,9 @@ fn client_config(base: &SdkUpstreamConfig, target: &Target) -> SdkUpstreamConfig
 impl Upstream for RoutedUpstream {
     async fn start(&self, request: &AggregationRequest) -> Result<String, UpstreamError> {
         let served = self.served(&request.farm_id).map_err(NotRouted::into_error)?;
-        served.client.start(request).await
+        let id = served.client.start(request).await?;
+        self.started_on.insert(id.clone(), served);
+        Ok(id)
     }
 
     async fn get_page(
@@ -299,11 +313,95 @@ impl Upstream for RoutedUpstream {
         max_results: u32,
         next_token: Option<&str>,
     ) -> Result<UpstreamPage, UpstreamError> {
-        let served = self.served(farm_id).map_err(NotRouted::into_error)?;
+        let served = match self.started_on.get(aggregation_id) {
+            Some(served) => served,
+            None => self.served(farm_id).map_err(NotRouted::into_error)?,
+        };
         served.client.get_page(farm_id, aggregation_id, max_results, next_token).await
     }
 
     fn route(&self, farm_id: &str) -> Result<RouteName, NotRouted> {
         self.served(farm_id).map(|s| s.name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::sdk::CredentialSource;
+
+    const FARM_A: &str = "farm-0123456789abcdef0123456789abcdef";
+    const FARM_B: &str = "farm-fedcba9876543210fedcba9876543210";
+
+    fn route(name: &str, region: &str, farms: &[&str]) -> String {
+        let farms: Vec<String> = farms.iter().map(|f| format!("\"{f}\"")).collect();
+        format!("[[route]]\nname = \"{name}\"\nregion = \"{region}\"\nfarms = [{}]\n", farms.join(", "))
+    }
+
+    fn config(file: PathBuf) -> RoutedConfig {
+        RoutedConfig {
+            file,
+            base: SdkUpstreamConfig {
+                credentials: CredentialSource::Static { access_key_id: "k".into(), secret_access_key: "s".into() },
+                ..SdkUpstreamConfig::default()
+            },
+            discovery_interval: Duration::from_secs(60),
+        }
+    }
+
+    fn route_of(routed: &RoutedUpstream, farm: &str) -> Option<String> {
+        routed.route(farm).ok().map(|r| r.to_string())
+    }
+
+    #[tokio::test]
+    async fn farms_follow_the_file_and_an_invalid_change_keeps_the_routes_in_force() {
+        let dir = std::env::temp_dir().join(format!("dsg-routed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("routes.toml");
+        std::fs::write(&file, route("paris", "eu-west-3", &[FARM_A])).expect("writes");
+        let metrics = Arc::new(Metrics::new());
+        let routed = RoutedUpstream::load(config(file.clone()), metrics.clone()).await.expect("loads");
+        assert_eq!(route_of(&routed, FARM_A).as_deref(), Some("paris"));
+        let refused = routed.route(FARM_B).expect_err("no route and no [default]");
+        assert!(refused.message.contains("no [default]"), "{refused}");
+
+        // Not TOML: refused, the routes in force stay.
+        std::fs::write(&file, "[[route]\n").expect("writes");
+        routed.reload_if_changed().await;
+        assert_eq!(route_of(&routed, FARM_A).as_deref(), Some("paris"));
+
+        // Farm A moves to montreal; the rest goes to the default route.
+        std::fs::write(
+            &file,
+            format!("[default]\nregion = \"us-west-2\"\n{}", route("montreal", "ca-central-1", &[FARM_A])),
+        )
+        .expect("writes");
+        routed.reload_if_changed().await;
+        assert_eq!(route_of(&routed, FARM_A).as_deref(), Some("montreal"));
+        assert_eq!(route_of(&routed, FARM_B).as_deref(), Some(DEFAULT_ROUTE));
+        let text = metrics.encode();
+        assert!(text.contains(r#"dsg_upstream_routes_reloads_total{outcome="invalid"} 1"#), "{text}");
+        assert!(text.contains(r#"dsg_upstream_route_farms{route="montreal"} 1"#), "{text}");
+        assert!(!text.contains(r#"route="paris""#), "a route gone leaves no series: {text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_route_reaches_its_region_endpoint_and_role_over_the_base_settings() {
+        let base = SdkUpstreamConfig { region: Some("us-west-2".into()), ..SdkUpstreamConfig::default() };
+        let routes = Routes::parse(
+            "[[route]]\nname = \"a\"\nregion = \"eu-west-3\"\ndiscover = true\nendpoint_url = \"http://127.0.0.1:9\"\nrole_arn = \"arn:aws:iam::444455556666:role/r\"\nexternal_id = \"x1\"\n[default]\n",
+        )
+        .expect("parses");
+        let routed = client_config(&base, &routes.routes[0].target);
+        assert_eq!(routed.region.as_deref(), Some("eu-west-3"));
+        assert_eq!(routed.endpoint_url.as_deref(), Some("http://127.0.0.1:9"));
+        let role = routed.assume_role.expect("a role");
+        assert_eq!(
+            (role.role_arn.as_str(), role.external_id.as_deref()),
+            ("arn:aws:iam::444455556666:role/r", Some("x1"))
+        );
+        let default = client_config(&base, routes.default.as_ref().expect("default"));
+        assert_eq!((default.region.as_deref(), default.assume_role), (Some("us-west-2"), None), "the base's region");
     }
 }

@@ -186,7 +186,9 @@ impl Routes {
                         if let Some((other, line)) = farms.get(&farm) {
                             return Err(at(
                                 farm_at,
-                                format!("farm {farm} is in route '{other}' (line {line}) already: a farm has one route"),
+                                format!(
+                                    "farm {farm} is in route '{other}' (line {line}) already: a farm has one route"
+                                ),
                             ));
                         }
                         farms.insert(farm.clone(), (name.clone(), line_of(text, farm_at)));
@@ -203,10 +205,9 @@ impl Routes {
                 endpoint_url: r.endpoint_url,
                 sts_endpoint_url: r.sts_endpoint_url,
             };
-            let target = fields.target(&at, span, true).map_err(|e| RoutesError {
-                message: format!("route '{name}': {}", e.message),
-                ..e
-            })?;
+            let target = fields
+                .target(&at, span, true)
+                .map_err(|e| RoutesError { message: format!("route '{name}': {}", e.message), ..e })?;
             routes.push(Route { name, farms: listed, target });
         }
         Ok(Self { routes, default })
@@ -395,8 +396,14 @@ endpoint_url = "http://127.0.0.1:9000"
             "[[route]]\nname = \"a\"\nregion = \"us-west-2\"\ndiscover = true\n[[route]]\nname = \"a\"\nregion = \"us-east-1\"\nfarms = [\"{FARM_A}\"]\n"
         ));
         assert_eq!(twice.line, 6, "{twice}");
-        assert!(error("[[route]]\nname = \"default\"\nregion = \"us-west-2\"\ndiscover = true\n").message.contains("[default]"));
-        assert!(error("[[route]]\nname = \"Paris\"\nregion = \"us-west-2\"\ndiscover = true\n").message.contains("a-z"));
+        assert!(
+            error("[[route]]\nname = \"default\"\nregion = \"us-west-2\"\ndiscover = true\n")
+                .message
+                .contains("[default]")
+        );
+        assert!(
+            error("[[route]]\nname = \"Paris\"\nregion = \"us-west-2\"\ndiscover = true\n").message.contains("a-z")
+        );
         let both = error(&format!(
             "[[route]]\nname = \"a\"\nregion = \"us-west-2\"\ndiscover = true\nfarms = [\"{FARM_A}\"]\n"
         ));

@@ -49,8 +49,10 @@ async fn a_completed_result_is_fetched_whole_while_the_upstream_throttles_ninety
     let done = wait_terminal(&mut client, &id).await.aggregation.expect("aggregation");
     assert_eq!(done.state(), AggregationState::Completed, "{done:?}");
     assert_eq!(done.row_count, 1152, "every row of twelve upstream pages");
-    let throttled =
-        metric(&gw, r#"dsg_upstream_calls_total{operation="GetSessionsStatisticsAggregation",outcome="throttled",route="default"}"#);
+    let throttled = metric(
+        &gw,
+        r#"dsg_upstream_calls_total{operation="GetSessionsStatisticsAggregation",outcome="throttled",route="default"}"#,
+    );
     assert!(throttled >= 20.0, "the upstream did throttle: {throttled}");
 }
 
