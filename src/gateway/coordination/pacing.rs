@@ -42,8 +42,11 @@ pub struct RoutePacers {
     rates: Arc<dyn UpstreamRates>,
     start: Rate,
     get: Rate,
-    by_route: Mutex<HashMap<RouteName, (Arc<Pacer>, Arc<Pacer>)>>,
+    by_route: Mutex<HashMap<RouteName, StartAndGet>>,
 }
+
+/// A route's Start pacer and Get pacer.
+type StartAndGet = (Arc<Pacer>, Arc<Pacer>);
 
 impl RoutePacers {
     pub fn new(rates: Arc<dyn UpstreamRates>, start: Rate, get: Rate) -> Self {
@@ -60,7 +63,7 @@ impl RoutePacers {
         self.pair(route).1
     }
 
-    fn pair(&self, route: &RouteName) -> (Arc<Pacer>, Arc<Pacer>) {
+    fn pair(&self, route: &RouteName) -> StartAndGet {
         let mut by_route = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
         let (start, get) = by_route.entry(route.clone()).or_insert_with(|| {
             let pacer = |operation: &str, rate: Rate| {
