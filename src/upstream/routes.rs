@@ -83,6 +83,8 @@ struct File {
     default: Option<Spanned<TargetFile>>,
 }
 
+// The target's keys are spelled out in both tables: serde's `flatten` cannot be combined with
+// `deny_unknown_fields`, and a misspelt key must be an error that names its line.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFile {
