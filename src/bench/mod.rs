@@ -5,7 +5,8 @@
 //! and caller churn, [`transport`] for abuse of HTTP/2 and TCP, `replicas` for several gateways
 //! sharing Redis, `chaos` for them under Redis and process faults, `console` for the cache-hit
 //! path while the operator console is read, `fairness` for a farm shared by a backfill and a
-//! dashboard, `derive` for a dashboard mix answered from a cached superset).
+//! dashboard, `derive` for a dashboard mix answered from a cached superset); [`paired`] turns
+//! alternating rounds into a median ratio with a confidence interval.
 //!
 //! Benchmarks measure; they never assert. Targets are judged by reading their reports.
 
@@ -16,6 +17,7 @@ pub(crate) mod console;
 pub(crate) mod derive;
 pub(crate) mod fairness;
 pub(crate) mod loadgen;
+pub mod paired;
 pub mod process;
 pub(crate) mod replicas;
 pub mod requests;

@@ -4,6 +4,7 @@
 
 use super::baseline::RawCodec;
 use super::loadgen::{LoadReport, closed_loop, open_loop};
+use super::paired::{MedianRatio, PRECISE_ENOUGH};
 use super::process::{CpuTime, Server, cores, http_get, pin_self};
 use super::requests::{farm, get_request, start_request};
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
@@ -28,6 +29,8 @@ pub struct BenchOptions {
     pub smoke: bool,
     /// The store of the gateway measured (cache-hit: `redis` adds a gateway on Redis).
     pub store: BenchStore,
+    /// cache-hit: rounds of [`ROUND`] per server instead of `duration` / [`ROUND`].
+    pub rounds: Option<u32>,
 }
 
 /// Which store a scenario's gateway keeps its state in.
@@ -253,13 +256,17 @@ fn one_decimal(x: f64) -> f64 {
 }
 
 /// How long one server is measured before the other takes its turn.
-const ROUND: Duration = Duration::from_millis(250);
+pub(crate) const ROUND: Duration = Duration::from_millis(250);
 
 /// Measurement rounds: the two servers take turns of [`ROUND`] (gateway first in even rounds,
 /// baseline first in odd ones) so that drift and bursts of load from elsewhere on a shared
 /// machine, which last seconds, fall on both alike.
 fn rounds(opts: &BenchOptions) -> u32 {
-    if opts.smoke { 1 } else { (opts.duration.as_millis() / ROUND.as_millis()).clamp(1, 400) as u32 }
+    match opts.rounds {
+        _ if opts.smoke => 1,
+        Some(rounds) => rounds.max(1),
+        None => (opts.duration.as_millis() / ROUND.as_millis()).clamp(1, 400) as u32,
+    }
 }
 
 /// Minimum, quartiles and maximum of `values`, each to three decimals.
@@ -357,21 +364,36 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
     }
 
     let rounds = rounds(opts);
-    let length = opts.duration / rounds;
+    let length = if opts.rounds.is_some() && !opts.smoke { ROUND } else { opts.duration / rounds };
     for t in &targets {
         closed_phase(t, Duration::from_millis(300).min(opts.duration), opts).await;
     }
     let mut measured: Vec<Measured> = targets.iter().map(|_| Measured::new()).collect();
-    let mut round_cpu_ratios = Vec::new();
+    // Each round: every target's throughput and CPU per request.
+    let mut per_round: Vec<Vec<Round>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        let mut cpu_us = vec![0.0; targets.len()];
         for i in turn(round, targets.len()) {
             let (report, cpu) = closed_phase(&targets[i], length, opts).await;
-            cpu_us[i] = us_per_request(cpu.total(), report.requests);
+            per_round[i].push(Round { rps: report.rps(), cpu_us: us_per_request(cpu.total(), report.requests) });
             measured[i].closed.merge(&report);
             measured[i].cpu.add(cpu);
         }
-        round_cpu_ratios.push(ratio(cpu_us[0], cpu_us[1]));
+    }
+    let paired = |a: usize, b: usize, of: fn(&Round) -> f64| -> Vec<f64> {
+        match (per_round.get(a), per_round.get(b)) {
+            (Some(a), Some(b)) => a.iter().zip(b).map(|(x, y)| of(x) / of(y)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let (rps, cpu) = (Round::rps as fn(&Round) -> f64, Round::cpu_us as fn(&Round) -> f64);
+    let round_cpu_ratios = paired(0, 1, cpu);
+    let mut comparisons = vec![
+        ("throughput_ratio", MedianRatio::of(&paired(0, 1, rps))),
+        ("cpu_per_request_ratio", MedianRatio::of(&round_cpu_ratios)),
+    ];
+    if per_round.len() > 2 {
+        comparisons.push(("redis_vs_memory_throughput_ratio", MedianRatio::of(&paired(2, 0, rps))));
+        comparisons.push(("redis_vs_memory_cpu_ratio", MedianRatio::of(&paired(2, 0, cpu))));
     }
     let rate = (measured[1].closed.rps() / 2.0).max(10.0);
     for round in 0..rounds {
@@ -399,6 +421,7 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
         "baseline_cpu_us_per_request": one_decimal(b_cpu),
         "cpu_per_request_ratio": ratio(g_cpu, b_cpu),
         "cpu_per_request_ratio_of_rounds": spread(round_cpu_ratios),
+        "paired": paired_report(&comparisons),
         "gateway_cpu_user_us_per_request": one_decimal(g_user),
         "gateway_cpu_system_us_per_request": one_decimal(g_sys),
         "baseline_cpu_user_us_per_request": one_decimal(b_user),
@@ -445,6 +468,48 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
     }
     drop(redis);
     Ok(report)
+}
+
+/// One server's round: its throughput and CPU per request.
+struct Round {
+    rps: f64,
+    cpu_us: f64,
+}
+
+impl Round {
+    fn rps(&self) -> f64 {
+        self.rps
+    }
+
+    fn cpu_us(&self) -> f64 {
+        self.cpu_us
+    }
+}
+
+/// The paired comparisons as the report gives them: each median with its interval, and a
+/// warning when an interval is wider than ±2 % (more `--rounds` narrow it).
+fn paired_report(comparisons: &[(&str, Option<MedianRatio>)]) -> Value {
+    let mut report = serde_json::Map::new();
+    let mut wide = Vec::new();
+    for (name, m) in comparisons {
+        let Some(m) = m else { continue };
+        if !m.precise_enough() {
+            wide.push(format!("{name} ±{:.1} %", m.half_width() * 100.0));
+        }
+        report.insert((*name).to_owned(), m.json());
+    }
+    report.insert("precise_enough".into(), json!(wide.is_empty()));
+    if !wide.is_empty() {
+        report.insert(
+            "warning".into(),
+            json!(format!(
+                "the 95 % interval is wider than ±{} % ({}): run more --rounds to tell a change of that size",
+                PRECISE_ENOUGH * 100.0,
+                wide.join(", ")
+            )),
+        );
+    }
+    Value::Object(report)
 }
 
 /// What a caller bucket kept in Redis would add to every request: the round trip of one GCRA
@@ -666,7 +731,7 @@ mod tests {
     use super::*;
 
     fn opts(duration: Duration, smoke: bool) -> BenchOptions {
-        BenchOptions { duration, concurrency: 1, connections: 1, smoke, store: BenchStore::Memory }
+        BenchOptions { duration, concurrency: 1, connections: 1, smoke, store: BenchStore::Memory, rounds: None }
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// `redis-server` on the PATH) against the memory store, in the same run.
     #[arg(long, value_enum, default_value_t = BenchStore::Memory)]
     pub store: BenchStore,
+    /// cache-hit: measure each server in this many alternating rounds of 250 ms (instead of
+    /// --duration / 250 ms): more rounds, a narrower confidence interval of the ratios.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rounds: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +86,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
         connections: args.connections.max(1),
         smoke: args.smoke,
         store: args.store,
+        rounds: args.rounds,
     };
     // The load generator gets one core; it runs as one thread so that two runtime workers do
     // not take turns on that core in time slices of milliseconds, which would show up as
