@@ -19,6 +19,7 @@ pub(crate) mod fairness;
 pub(crate) mod loadgen;
 pub mod paired;
 pub mod process;
+pub(crate) mod profile;
 pub(crate) mod replicas;
 pub mod requests;
 pub(crate) mod scenarios;

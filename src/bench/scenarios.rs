@@ -31,6 +31,9 @@ pub struct BenchOptions {
     pub store: BenchStore,
     /// cache-hit: rounds of [`ROUND`] per server instead of `duration` / [`ROUND`].
     pub rounds: Option<u32>,
+    /// cache-hit: `perf record` the gateway and the baseline into this directory during the
+    /// closed-loop rounds, and compare their profiles.
+    pub profile: Option<std::path::PathBuf>,
 }
 
 /// Which store a scenario's gateway keeps its state in.
@@ -369,6 +372,13 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
         closed_phase(t, Duration::from_millis(300).min(opts.duration), opts).await;
     }
     let mut measured: Vec<Measured> = targets.iter().map(|_| Measured::new()).collect();
+    let recordings = match &opts.profile {
+        Some(dir) => Some((
+            super::profile::record(dir, "gateway", gw.pid())?,
+            super::profile::record(dir, "baseline", base.pid())?,
+        )),
+        None => None,
+    };
     // Each round: every target's throughput and CPU per request.
     let mut per_round: Vec<Vec<Round>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
@@ -379,6 +389,17 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
             measured[i].cpu.add(cpu);
         }
     }
+    let profile = match recordings {
+        Some((gateway, baseline)) => {
+            let ((_, g), (_, b)) = (gateway.finish()?, baseline.finish()?);
+            let comparison = super::profile::compare(&g, measured[0].closed.requests, &b, measured[1].closed.requests);
+            if let Some(dir) = &opts.profile {
+                std::fs::write(dir.join("comparison.txt"), super::profile::table(&comparison))?;
+            }
+            Some(comparison)
+        }
+        None => None,
+    };
     let paired = |a: usize, b: usize, of: fn(&Round) -> f64| -> Vec<f64> {
         match (per_round.get(a), per_round.get(b)) {
             (Some(a), Some(b)) => a.iter().zip(b).map(|(x, y)| of(x) / of(y)).collect(),
@@ -462,6 +483,9 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
             "local_rps": local.closed.rps().round(),
             "global_rps": global.closed.rps().round(),
         });
+    }
+    if let Some(profile) = profile {
+        report["profile"] = profile;
     }
     if let Some((redis, _, _, _)) = &redis {
         report["global_caller_bucket_round_trip_us"] = gcra_round_trips(&redis.url(), opts).await?;
@@ -731,7 +755,15 @@ mod tests {
     use super::*;
 
     fn opts(duration: Duration, smoke: bool) -> BenchOptions {
-        BenchOptions { duration, concurrency: 1, connections: 1, smoke, store: BenchStore::Memory, rounds: None }
+        BenchOptions {
+            duration,
+            concurrency: 1,
+            connections: 1,
+            smoke,
+            store: BenchStore::Memory,
+            rounds: None,
+            profile: None,
+        }
     }
 
     #[test]

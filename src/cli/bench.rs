@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// --duration / 250 ms): more rounds, a narrower confidence interval of the ratios.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub rounds: Option<u32>,
+    /// cache-hit: `perf record` the gateway and the baseline into this directory while the
+    /// closed-loop rounds run, and report the symbols the gateway spends more samples per
+    /// request on (also written to DIR/comparison.txt). Needs `perf` (Debian's linux-perf).
+    #[arg(long, value_name = "DIR")]
+    pub profile: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +92,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
         smoke: args.smoke,
         store: args.store,
         rounds: args.rounds,
+        profile: args.profile,
     };
     // The load generator gets one core; it runs as one thread so that two runtime workers do
     // not take turns on that core in time slices of milliseconds, which would show up as
