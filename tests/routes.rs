@@ -371,3 +371,44 @@ async fn an_aggregation_running_when_its_farm_moves_is_read_to_the_end_where_it_
     assert_eq!(run(&mut client, 32, 2).await, AggregationState::Completed);
     assert_eq!(upstream_of(&west, &farm(32)).await["aggregations_started"], 1);
 }
+
+#[tokio::test]
+async fn on_redis_each_routes_upstream_pacing_is_a_bucket_every_replica_shares() {
+    let redis = redis_server();
+    let dir = test_dir("routes-redis");
+    let (_west, west) = spawn_emulator(&["--region", "us-west-2", "--aggregation-duration", "300ms"]);
+    let (_east, east) = spawn_emulator(&["--region", "eu-west-1", "--aggregation-duration", "300ms"]);
+    let path = dir.join("routes.toml");
+    let east_route = format!(
+        "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [\"{}\"]\n",
+        farm(42)
+    );
+    rewrite(&path, &format!("{}\n{east_route}", west_route(&west, &[41])));
+    let (path_arg, url) = (path.display().to_string(), redis.url());
+    // A Start every 50 s per route: each bucket stays in Redis while it refills.
+    let flags = [
+        "--upstream-routes",
+        path_arg.as_str(),
+        "--store",
+        "redis",
+        "--redis-url",
+        url.as_str(),
+        "--upstream-start-rate",
+        "0.02",
+        "--poll-initial-interval",
+        "100ms",
+    ];
+    let (_gateway, grpc, _admin) = spawn_replica(&west, &flags);
+    let mut client = client_of(&grpc).await;
+    for n in [41, 42] {
+        assert_eq!(run(&mut client, n, 1).await, AggregationState::Completed, "farm {n}");
+    }
+    let mut conn = redis_conn(&url).await;
+    for key in ["dsg:rate:upstream-start:west", "dsg:rate:upstream-start:east"] {
+        let exists: bool = ::redis::cmd("EXISTS").arg(key).query_async(&mut conn).await.expect("EXISTS");
+        assert!(exists, "{key}: the route's shared bucket");
+    }
+    let default: bool =
+        ::redis::cmd("EXISTS").arg("dsg:rate:upstream-start").query_async(&mut conn).await.expect("EXISTS");
+    assert!(!default, "no call went by the default route");
+}
