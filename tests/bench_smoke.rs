@@ -58,6 +58,13 @@ fn cache_hit_compares_the_gateway_with_the_baseline() {
         assert!(r[target]["open"]["send_lag_p99_us"].is_number(), "no send lag for the {target} in {r}");
     }
     assert!(r["cpu_per_request_ratio_of_rounds"]["median"].is_number(), "no per-round CPU ratios in {r}");
+    for paired in ["throughput_ratio", "cpu_per_request_ratio"] {
+        let m = &r["paired"][paired];
+        assert!(
+            m["median"].is_number() && m["ci95"][1].is_number() && m["precise_enough"].is_boolean(),
+            "{paired}: {r}"
+        );
+    }
     assert!(r["gateway_rps"].as_f64().is_some_and(|v| v > 0.0) && r["baseline_rps"].as_f64().is_some_and(|v| v > 0.0));
 }
 
