@@ -20,13 +20,6 @@ const ROLE: &str = "arn:aws:iam::123456789012:role/deadline-stats-reader";
 /// What east's STS hands out lasts this long: the SDK must refresh within the test.
 const EAST_CREDENTIALS: Duration = Duration::from_secs(15);
 
-/// The emulator's counters for every farm (and its STS).
-async fn stats_of(endpoint: &str) -> serde_json::Value {
-    let (status, _, body) = http("GET", &format!("{endpoint}/_emulator/stats"), None, &[]).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
-
 /// The access keys `farm`'s calls at `endpoint` were signed with.
 async fn keys_of(endpoint: &str, farm: &str) -> Vec<String> {
     let farm = upstream_of(endpoint, farm).await;
@@ -36,22 +29,27 @@ async fn keys_of(endpoint: &str, farm: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn west_route(west: &str, farms: &[u64]) -> String {
+/// `farms = [...]` of farms number `farms`.
+fn farm_list(farms: &[u64]) -> String {
     let farms: Vec<String> = farms.iter().map(|n| format!("\"{}\"", farm(*n))).collect();
+    format!("farms = [{}]", farms.join(", "))
+}
+
+/// A route named `name` listing `farms`, in `region` at `endpoint`, with the gateway's own
+/// credentials.
+fn listed_route(name: &str, region: &str, endpoint: &str, farms: &[u64]) -> String {
     format!(
-        "[[route]]\nname = \"west\"\nregion = \"us-west-2\"\nendpoint_url = \"{west}\"\nfarms = [{}]\n",
-        farms.join(", ")
+        "[[route]]\nname = \"{name}\"\nregion = \"{region}\"\nendpoint_url = \"{endpoint}\"\n{}\n",
+        farm_list(farms)
     )
 }
 
+fn west_route(west: &str, farms: &[u64]) -> String {
+    listed_route("west", "us-west-2", west, farms)
+}
+
 fn east_route(east: &str, farms: Option<&[u64]>) -> String {
-    let serves = match farms {
-        None => "discover = true".to_owned(),
-        Some(farms) => {
-            let farms: Vec<String> = farms.iter().map(|n| format!("\"{}\"", farm(*n))).collect();
-            format!("farms = [{}]", farms.join(", "))
-        }
-    };
+    let serves = farms.map_or_else(|| "discover = true".to_owned(), farm_list);
     format!(
         "[[route]]\nname = \"east\"\n{serves}\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nrole_arn = \"{ROLE}\"\nexternal_id = \"studio-east\"\nsts_endpoint_url = \"{east}\"\n"
     )
@@ -145,7 +143,7 @@ async fn farms_in_two_regions_reach_their_own_region_and_an_edited_file_moves_a_
     // Farm 1 is west's by the list: signed for us-west-2 with the gateway's own key.
     assert_eq!(run(&mut client, 1, 1).await, AggregationState::Completed);
     assert_eq!(keys_of(&west, &farm(1)).await, ["test"]);
-    assert!(stats_of(&east).await["farms"].get(farm(1)).is_none(), "east never saw farm 1");
+    assert!(emulator_stats(&east).await["farms"].get(farm(1)).is_none(), "east never saw farm 1");
 
     // Farms 2 and 3 are east's by discovery: signed for eu-west-1 with the assumed role's key.
     for n in [2, 3] {
@@ -153,15 +151,15 @@ async fn farms_in_two_regions_reach_their_own_region_and_an_edited_file_moves_a_
         let keys = keys_of(&east, &farm(n)).await;
         assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("ASIA")), "assumed keys only: {keys:?}");
     }
-    assert!(stats_of(&west).await["farms"].get(farm(3)).is_none(), "west never saw farm 3");
-    let roles = &stats_of(&east).await["assumed_roles"];
+    assert!(emulator_stats(&west).await["farms"].get(farm(3)).is_none(), "west never saw farm 3");
+    let roles = &emulator_stats(&east).await["assumed_roles"];
     assert_eq!(roles[0]["role_arn"], ROLE, "{roles}");
 
     // A farm no route serves (and no [default]) is refused before anything is queued.
     let (code, reason, message) = refusal(&mut client, 9, 1).await.expect("refused");
     assert_eq!((code, reason.as_str()), (tonic::Code::FailedPrecondition, "FARM_NOT_ROUTED"), "{message}");
     for endpoint in [&west, &east] {
-        assert!(stats_of(endpoint).await["farms"].get(farm(9)).is_none(), "no upstream saw farm 9");
+        assert!(emulator_stats(endpoint).await["farms"].get(farm(9)).is_none(), "no upstream saw farm 9");
     }
 
     // West lists farm 3 too: both routes claim it, so neither serves it.
@@ -184,7 +182,7 @@ async fn farms_in_two_regions_reach_their_own_region_and_an_edited_file_moves_a_
     assert_eq!(run(&mut client, 2, 2).await, AggregationState::Completed);
     let keys = keys_of(&east, &farm(2)).await;
     assert!(keys.len() >= 2, "a refreshed key signed the later calls: {keys:?}");
-    assert!(stats_of(&east).await["assumed_roles"].as_array().is_some_and(|r| r.len() >= 2));
+    assert!(emulator_stats(&east).await["assumed_roles"].as_array().is_some_and(|r| r.len() >= 2));
 
     let metrics = parse_metrics(&http("GET", &format!("{admin}/metrics"), None, &[]).await.2);
     let calls = |route: &str| {
@@ -210,10 +208,7 @@ async fn a_region_throttling_every_start_does_not_hold_up_another_routes_farms()
     ]);
     let (_east, east) = spawn_emulator(&["--region", "eu-west-1", "--aggregation-duration", "300ms"]);
     let path = dir.join("routes.toml");
-    let east_plain = format!(
-        "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [\"{}\"]\n",
-        farm(12)
-    );
+    let east_plain = listed_route("east", "eu-west-1", &east, &[12]);
     rewrite(&path, &format!("{}\n{east_plain}", west_route(&west, &[11])));
     let path_arg = path.display().to_string();
     // One upstream Start every 50 s per route.
@@ -333,13 +328,7 @@ async fn an_aggregation_running_when_its_farm_moves_is_read_to_the_end_where_it_
     let dir = test_dir("routes-move-running");
     let (_west, west) = spawn_emulator(&["--region", "us-west-2"]);
     let (_east, east) = spawn_emulator(&["--region", "eu-west-1", "--aggregation-duration", "4s"]);
-    let east_route = |farms: &[u64]| {
-        let farms: Vec<String> = farms.iter().map(|n| format!("\"{}\"", farm(*n))).collect();
-        format!(
-            "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [{}]\n",
-            farms.join(", ")
-        )
-    };
+    let east_route = |farms: &[u64]| listed_route("east", "eu-west-1", &east, farms);
     let path = dir.join("routes.toml");
     rewrite(&path, &format!("{}\n{}", west_route(&west, &[31]), east_route(&[32])));
     let path_arg = path.display().to_string();
@@ -355,18 +344,14 @@ async fn an_aggregation_running_when_its_farm_moves_is_read_to_the_end_where_it_
     })
     .await;
     // Farm 32 moves to west while its aggregation runs in east.
-    rewrite(
-        &path,
-        &format!(
-            "{}\n{}",
-            west_route(&west, &[31, 32]),
-            east_route(&[]).replace("farms = []", &format!("farms = [\"{}\"]", farm(33)))
-        ),
-    );
+    rewrite(&path, &format!("{}\n{}", west_route(&west, &[31, 32]), east_route(&[33])));
     until_metric(&admin, r#"dsg_upstream_routes_reloads_total{outcome="ok"}"#, 1.0).await;
     assert_eq!(until_terminal(&mut client, &id).await.state(), AggregationState::Completed);
     assert!(upstream_of(&east, &farm(32)).await["get_calls"].as_u64().is_some_and(|n| n >= 1));
-    assert!(stats_of(&west).await["farms"].get(farm(32)).is_none(), "west was never asked for east's aggregation");
+    assert!(
+        emulator_stats(&west).await["farms"].get(farm(32)).is_none(),
+        "west was never asked for east's aggregation"
+    );
     // New work on farm 32 goes west.
     assert_eq!(run(&mut client, 32, 2).await, AggregationState::Completed);
     assert_eq!(upstream_of(&west, &farm(32)).await["aggregations_started"], 1);
@@ -379,10 +364,7 @@ async fn on_redis_each_routes_upstream_pacing_is_a_bucket_every_replica_shares()
     let (_west, west) = spawn_emulator(&["--region", "us-west-2", "--aggregation-duration", "300ms"]);
     let (_east, east) = spawn_emulator(&["--region", "eu-west-1", "--aggregation-duration", "300ms"]);
     let path = dir.join("routes.toml");
-    let east_route = format!(
-        "[[route]]\nname = \"east\"\nregion = \"eu-west-1\"\nendpoint_url = \"{east}\"\nfarms = [\"{}\"]\n",
-        farm(42)
-    );
+    let east_route = listed_route("east", "eu-west-1", &east, &[42]);
     rewrite(&path, &format!("{}\n{east_route}", west_route(&west, &[41])));
     let (path_arg, url) = (path.display().to_string(), redis.url());
     // A Start every 50 s per route: each bucket stays in Redis while it refills.

@@ -19,7 +19,6 @@ const SHOWN: usize = 40;
 pub(crate) struct Recording {
     child: Child,
     data: PathBuf,
-    name: &'static str,
 }
 
 /// Starts `perf record` on `pid`, writing `DIR/NAME.perf.data`.
@@ -33,13 +32,13 @@ pub(crate) fn record(dir: &Path, name: &'static str, pid: u32) -> Result<Recordi
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot run perf ({e}); install linux-perf (Debian) to profile"))?;
-    Ok(Recording { child, data, name })
+    Ok(Recording { child, data })
 }
 
 impl Recording {
     /// Stops recording (SIGINT, as perf expects) and reads the flat profile: samples by
     /// symbol.
-    pub(crate) fn finish(mut self) -> Result<(&'static str, BTreeMap<String, u64>), String> {
+    pub(crate) fn finish(mut self) -> Result<BTreeMap<String, u64>, String> {
         // perf writes its data file on SIGINT.
         let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
         let status = self.child.wait().map_err(|e| e.to_string())?;
@@ -51,7 +50,7 @@ impl Recording {
             .arg(&self.data)
             .output()
             .map_err(|e| e.to_string())?;
-        Ok((self.name, parse_report(&String::from_utf8_lossy(&out.stdout))))
+        Ok(parse_report(&String::from_utf8_lossy(&out.stdout)))
     }
 }
 

@@ -391,7 +391,7 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
     }
     let profile = match recordings {
         Some((gateway, baseline)) => {
-            let ((_, g), (_, b)) = (gateway.finish()?, baseline.finish()?);
+            let (g, b) = (gateway.finish()?, baseline.finish()?);
             let comparison = super::profile::compare(&g, measured[0].closed.requests, &b, measured[1].closed.requests);
             if let Some(dir) = &opts.profile {
                 std::fs::write(dir.join("comparison.txt"), super::profile::table(&comparison))?;
@@ -406,7 +406,8 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
             _ => Vec::new(),
         }
     };
-    let (rps, cpu) = (Round::rps as fn(&Round) -> f64, Round::cpu_us as fn(&Round) -> f64);
+    let rps: fn(&Round) -> f64 = |r| r.rps;
+    let cpu: fn(&Round) -> f64 = |r| r.cpu_us;
     let round_cpu_ratios = paired(0, 1, cpu);
     let mut comparisons = vec![
         ("throughput_ratio", MedianRatio::of(&paired(0, 1, rps))),
@@ -498,16 +499,6 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
 struct Round {
     rps: f64,
     cpu_us: f64,
-}
-
-impl Round {
-    fn rps(&self) -> f64 {
-        self.rps
-    }
-
-    fn cpu_us(&self) -> f64 {
-        self.cpu_us
-    }
 }
 
 /// The paired comparisons as the report gives them: each median with its interval, and a

@@ -214,11 +214,6 @@ impl Routes {
         }
         Ok(Self { routes, default })
     }
-
-    /// The route that names `farm` in the file.
-    pub fn listing(&self, farm: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| matches!(&r.farms, RouteFarms::Listed(ids) if ids.iter().any(|f| f == farm)))
-    }
 }
 
 struct TargetFields {
@@ -357,8 +352,6 @@ endpoint_url = "http://127.0.0.1:9000"
         assert_eq!((role.arn.as_str(), role.external_id.as_deref()), (ROLE, Some("studio")));
         assert_eq!(role.session_name, DEFAULT_SESSION_NAME);
         assert_eq!(routes.routes[1].farms, RouteFarms::Discovered);
-        assert_eq!(routes.listing(FARM_A).map(|r| r.name.as_str()), Some("paris"));
-        assert!(routes.listing(FARM_B).is_none());
         assert_eq!(Routes::parse("").expect("empty"), Routes { routes: Vec::new(), default: None });
     }
 

@@ -46,11 +46,16 @@ pub fn redis_replica(endpoint: &str, redis: &str, n: usize, extra: &[&str]) -> (
     spawn_replica(endpoint, &flags)
 }
 
+/// The emulator process's counters (`GET /_emulator/stats`): every farm's, and its STS's.
+pub async fn emulator_stats(endpoint: &str) -> serde_json::Value {
+    let (status, _, body) = http("GET", &format!("{endpoint}/_emulator/stats"), None, &[]).await;
+    assert_eq!(status, 200, "stats answers: {body}");
+    serde_json::from_str(&body).expect("stats are JSON")
+}
+
 /// The emulator process's counters for `farm`.
 pub async fn upstream_of(endpoint: &str, farm: &str) -> serde_json::Value {
-    let (status, _, body) = http("GET", &format!("{endpoint}/_emulator/stats"), None, &[]).await;
-    assert_eq!(status, 200);
-    serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["farms"][farm].clone()
+    emulator_stats(endpoint).await["farms"][farm].clone()
 }
 
 /// Sets the emulator process's faults (the JSON of `POST /_emulator/faults`).

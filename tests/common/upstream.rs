@@ -50,9 +50,7 @@ pub fn request(farm_n: u64, queues: u64, days: i64, group_by: Vec<GroupBy>) -> A
 
 /// `GET /_emulator/stats` as JSON.
 pub async fn stats(emu: &EmulatorHandle) -> serde_json::Value {
-    let (status, _, body) = http("GET", &format!("{}/_emulator/stats", emu.endpoint_url()), None, &[]).await;
-    assert_eq!(status, 200, "stats answers: {body}");
-    serde_json::from_str(&body).expect("stats are JSON")
+    super::emulator_stats(&emu.endpoint_url()).await
 }
 
 /// `POST /_emulator/faults` with `spec`.
