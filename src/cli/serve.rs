@@ -100,12 +100,17 @@ pub struct ServeArgs {
     /// Longest an RPC may run (must exceed --max-wait).
     #[arg(long, env = "DSG_REQUEST_TIMEOUT", default_value_t = server::defaults::REQUEST_TIMEOUT.into())]
     pub request_timeout: humantime::Duration,
-    /// Interval of HTTP/2 keepalive pings to idle clients.
+    /// HTTP/2 PINGs to a connection this long without frames; 0 (the default): none, TCP
+    /// keepalive finds vanished peers (PINGs cost every request a clock reading and a lock).
     #[arg(long, env = "DSG_HTTP2_KEEPALIVE_INTERVAL", default_value_t = server::defaults::HTTP2_KEEPALIVE_INTERVAL.into())]
     pub http2_keepalive_interval: humantime::Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[arg(long, env = "DSG_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = server::defaults::HTTP2_KEEPALIVE_TIMEOUT.into())]
     pub http2_keepalive_timeout: humantime::Duration,
+    /// TCP keepalive on gRPC connections: probes after this long idle, then every third of
+    /// it; a peer that misses three is gone and its connection closed. 0: off.
+    #[arg(long, env = "DSG_TCP_KEEPALIVE", default_value_t = server::defaults::TCP_KEEPALIVE.into())]
+    pub tcp_keepalive: humantime::Duration,
     /// Connections are closed gracefully after this age, so HTTP/2 clients rebalance across replicas.
     #[arg(long, env = "DSG_MAX_CONNECTION_AGE", default_value_t = server::defaults::MAX_CONNECTION_AGE.into())]
     pub max_connection_age: humantime::Duration,
@@ -456,8 +461,9 @@ impl ServeArgs {
             max_request_bytes: self.max_request_bytes,
             max_concurrent_streams: self.max_concurrent_streams,
             request_timeout: *self.request_timeout,
-            http2_keepalive_interval: *self.http2_keepalive_interval,
+            http2_keepalive_interval: Some(*self.http2_keepalive_interval).filter(|d| !d.is_zero()),
             http2_keepalive_timeout: *self.http2_keepalive_timeout,
+            tcp_keepalive: Some(*self.tcp_keepalive).filter(|d| !d.is_zero()),
             max_connection_age: *self.max_connection_age,
             max_connections: self.max_connections,
             handshake_timeout: *self.handshake_timeout,

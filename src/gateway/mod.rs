@@ -95,9 +95,17 @@ pub struct Page {
     pub result: Option<Arc<CachedResult>>,
     /// The rows of this page: a range of the shared results.
     pub rows: Option<(Rows, Range<usize>)>,
-    pub next_page_token: Option<String>,
+    /// Where the next page starts, when there is one (its token: [`Page::next_page_token`]).
+    pub next_offset: Option<usize>,
     /// While QUEUED or RUNNING: the predicted times.
     pub estimate: estimate::Estimate,
+}
+
+impl Page {
+    /// The token of the next page, when there is one.
+    pub fn next_page_token(&self) -> Option<String> {
+        self.next_offset.map(|at| paging::encode(&self.record.id, at))
+    }
 }
 
 /// How a caller wants a Start answered.
@@ -426,10 +434,11 @@ impl Gateway {
         self.take_token(&self.get_buckets, caller, "GetAggregation").await?;
         let size = paging::page_size(page_size)?;
         let offset = if page_token.is_empty() { 0 } else { paging::decode(page_token, id)? };
-        // The hot path: a terminal result held by this replica.
+        // The hot path: a terminal result held by this replica. Its expiry is checked by the
+        // cheap reading: a few milliseconds early at worst.
         if let Some(result) = self.results.get(id) {
             may_read(result.record.farm_id())?;
-            return terminal_page(id, result, offset, size, self.clock.now());
+            return terminal_page(id, result, offset, size, self.clock.now_or_later());
         }
         let wait = wait.min(self.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
@@ -522,7 +531,7 @@ impl Gateway {
     /// A page of a queued or running aggregation: its state and predicted times.
     async fn active_page(&self, record: Arc<AggregationRecord>, queue_position: u32) -> Page {
         let estimate = self.estimate_of(&record, queue_position).await;
-        Page { record, queue_position, estimate, result: None, rows: None, next_page_token: None }
+        Page { record, queue_position, estimate, result: None, rows: None, next_offset: None }
     }
 
     /// The estimate of an active aggregation (none when the store cannot say).
@@ -669,7 +678,7 @@ impl Gateway {
             let result = self.recover_rows(record).await?;
             return terminal_page(id, result, offset, size, self.clock.now());
         };
-        let next_page_token = (end < total).then(|| paging::encode(&record.id, end));
+        let next_offset = (end < total).then_some(end);
         let range = 0..rows.len();
         let result = Arc::new(CachedResult::new(record.clone(), None));
         Ok(Page {
@@ -677,7 +686,7 @@ impl Gateway {
             queue_position: 0,
             result: Some(result),
             rows: Some((Arc::new(rows), range)),
-            next_page_token,
+            next_offset,
             estimate: Default::default(),
         })
     }
@@ -694,18 +703,17 @@ fn terminal_page(
     if let Some(at) = record.expired_at(now) {
         return Err(GatewayError::Expired { id: id.to_owned(), at });
     }
-    let (rows, next_page_token) = match &result.rows {
+    let (rows, next_offset) = match &result.rows {
         Some(all) => {
             if offset > all.len() {
                 return Err(paging::past_the_end());
             }
             let end = all.len().min(offset + size);
-            let next = (end < all.len()).then(|| paging::encode(&record.id, end));
-            (Some((all.clone(), offset..end)), next)
+            (Some((all.clone(), offset..end)), (end < all.len()).then_some(end))
         }
         None => (None, None),
     };
-    Ok(Page { record, queue_position: 0, result: Some(result), rows, next_page_token, estimate: Default::default() })
+    Ok(Page { record, queue_position: 0, result: Some(result), rows, next_offset, estimate: Default::default() })
 }
 
 /// Says every [`activity::HEARTBEAT_INTERVAL`] that this replica is alive, and which farms it

@@ -7,8 +7,8 @@
 
 use super::listener::PeerInfo;
 use std::net::IpAddr;
-use std::sync::Arc;
-use tonic::metadata::MetadataMap;
+use std::sync::{Arc, LazyLock};
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap};
 
 /// The metadata key callers name themselves by in `header` mode.
 pub const CALLER_ID_HEADER: &str = "x-caller-id";
@@ -61,12 +61,16 @@ impl IdentitySource {
 
     /// The caller's identity, if this source names one.
     pub fn identify(self, metadata: &MetadataMap, peer: Option<&PeerInfo>) -> Option<Arc<str>> {
-        let header = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()).filter(|v| sensible(v));
+        // Keys made once: a key given as text is parsed and checked on every lookup.
+        static KEYS: LazyLock<[MetadataKey<Ascii>; 3]> =
+            LazyLock::new(|| [LINKERD_HEADER, XFCC_HEADER, CALLER_ID_HEADER].map(MetadataKey::from_static));
+        let [linkerd, xfcc, caller] = &*KEYS;
+        let header = |key| metadata.get(key).and_then(|v| v.to_str().ok()).filter(|v| sensible(v));
         match self {
             Self::Tls => peer.and_then(|p| p.certificate_identity.clone()),
-            Self::Linkerd => header(LINKERD_HEADER).map(Arc::from),
-            Self::Xfcc => header(XFCC_HEADER).and_then(xfcc_uri).filter(|v| sensible(v)).map(Arc::from),
-            Self::Header => header(CALLER_ID_HEADER).map(Arc::from),
+            Self::Linkerd => header(linkerd).map(Arc::from),
+            Self::Xfcc => header(xfcc).and_then(xfcc_uri).filter(|v| sensible(v)).map(Arc::from),
+            Self::Header => header(caller).map(Arc::from),
         }
     }
 }

@@ -36,6 +36,9 @@ pub(crate) struct ConnectionLimits {
     /// How long a new connection may take to finish its TLS handshake, and then to send its
     /// first bytes.
     pub handshake_timeout: Duration,
+    /// TCP keepalive on each connection: probes after this long idle, a dead peer's
+    /// connection closed after three unanswered ones.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// One accepted connection.
@@ -132,6 +135,16 @@ pub(crate) fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// Probes a connection idle for `idle`, then every third of it; three unanswered close it.
+fn keep_alive(stream: &TcpStream, idle: Duration, peer: SocketAddr) {
+    let probes = socket2::TcpKeepalive::new().with_time(idle).with_interval((idle / 3).max(Duration::from_secs(1)));
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let probes = probes.with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&probes) {
+        tracing::debug!(peer = %peer, error = %e, "cannot set TCP keepalive");
+    }
+}
+
 const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -168,6 +181,9 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if let Some(idle) = limits.tcp_keepalive {
+            keep_alive(&stream, idle, remote_addr);
+        }
         let info = PeerInfo { remote_addr: Some(remote_addr), certificate_identity: None };
         let first_read_by = Some(Box::pin(tokio::time::sleep(limits.handshake_timeout)));
         match &tls {

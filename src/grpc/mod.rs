@@ -14,6 +14,7 @@ pub(crate) mod reload;
 pub mod server;
 pub mod service;
 pub(crate) mod status;
+pub(crate) mod timeout;
 pub(crate) mod tls;
 pub mod wire;
 

@@ -10,6 +10,7 @@ use super::page_route::AggregationRoutes;
 use super::pb;
 use super::pb::aggregation_service_server::AggregationServiceServer;
 use super::service::{Access, AggregationApi};
+use super::timeout::RequestTimeoutLayer;
 use super::tls::ReloadingTls;
 use crate::gateway::Gateway;
 use crate::telemetry::Metrics;
@@ -41,8 +42,11 @@ pub struct ServerOptions {
     pub max_request_bytes: usize,
     pub max_concurrent_streams: u32,
     pub request_timeout: Duration,
-    pub http2_keepalive_interval: Duration,
+    /// HTTP/2 PINGs to a connection after this long without frames; `None`: no PINGs.
+    pub http2_keepalive_interval: Option<Duration>,
     pub http2_keepalive_timeout: Duration,
+    /// TCP keepalive probes on an idle connection after this long; `None`: none.
+    pub tcp_keepalive: Option<Duration>,
     pub max_connection_age: Duration,
     /// Open connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
@@ -63,8 +67,11 @@ pub mod defaults {
     pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
     pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
-    pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// Off: with HTTP/2 PINGs on, hyper reads the clock and takes a lock on every frame
+    /// (BENCHMARKS.md, issue 28); TCP keepalive finds a vanished peer without that.
+    pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::ZERO;
     pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
     pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
     pub const MAX_CONNECTIONS: usize = 10_000;
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,8 +86,9 @@ impl Default for ServerOptions {
             max_request_bytes: defaults::MAX_REQUEST_BYTES,
             max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
             request_timeout: defaults::REQUEST_TIMEOUT,
-            http2_keepalive_interval: defaults::HTTP2_KEEPALIVE_INTERVAL,
+            http2_keepalive_interval: None,
             http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
+            tcp_keepalive: Some(defaults::TCP_KEEPALIVE),
             max_connection_age: defaults::MAX_CONNECTION_AGE,
             max_connections: defaults::MAX_CONNECTIONS,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
@@ -132,12 +140,12 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(options.max_concurrent_streams)
-        .timeout(options.request_timeout)
-        .http2_keepalive_interval(Some(options.http2_keepalive_interval))
+        .http2_keepalive_interval(options.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(options.http2_keepalive_timeout))
         .max_connection_age(options.max_connection_age)
         .http2_max_pending_accept_reset_streams(Some(options.http2_max_pending_accept_reset_streams))
         .http2_max_header_list_size(options.http2_max_header_list_size)
+        .layer(RequestTimeoutLayer(options.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -151,8 +159,11 @@ pub async fn serve(
         health.set_not_serving::<AggregationServiceServer<AggregationApi>>().await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
-    let limits =
-        ConnectionLimits { max_connections: options.max_connections, handshake_timeout: options.handshake_timeout };
+    let limits = ConnectionLimits {
+        max_connections: options.max_connections,
+        handshake_timeout: options.handshake_timeout,
+        tcp_keepalive: options.tcp_keepalive,
+    };
     router.serve_with_incoming_shutdown(incoming(listener, tls, limits), draining).await?;
     Ok(())
 }

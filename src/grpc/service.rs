@@ -18,8 +18,9 @@ use crate::domain::validate::{Field, FieldViolation};
 use crate::gateway::{Gateway, GatewayError, StartOptions};
 use crate::telemetry::{Metrics, traces};
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tonic::metadata::{Ascii, MetadataKey};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -75,11 +76,14 @@ pub struct AggregationApi {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     access: Access,
+    /// Times each RPC by the CPU's time counter where it is invariant (two counter reads, no
+    /// system clock call), else by the monotonic clock.
+    timer: quanta::Clock,
 }
 
 impl AggregationApi {
     pub fn new(gateway: Arc<Gateway>, metrics: Arc<Metrics>, access: Access) -> Self {
-        Self { gateway, metrics, access }
+        Self { gateway, metrics, access, timer: quanta::Clock::new() }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Caller {
@@ -122,7 +126,7 @@ impl AggregationApi {
         if !span.is_disabled() {
             traces::adopt_remote_parent(&span, metadata);
         }
-        let begin = Instant::now();
+        let begin = self.timer.raw();
         let result = if span.is_disabled() { rpc.await } else { rpc.instrument(span.clone()).await };
         let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         span.record("rpc.grpc.status_code", code as i64);
@@ -152,7 +156,7 @@ impl AggregationApi {
                 );
             });
         }
-        self.metrics.rpc(method.name, code, begin.elapsed());
+        self.metrics.rpc(method.name, code, self.timer.delta(begin, self.timer.raw()));
         result
     }
 }
@@ -285,18 +289,20 @@ impl AggregationApi {
                 .gateway
                 .get(&caller.bucket, &req.aggregation_id, req.page_size, &req.page_token, wait, &may_read)
                 .await?;
-            let encode =
+            let view =
                 || wire::encode_aggregation(&convert::estimated(&page.record, page.queue_position, &page.estimate));
-            // A terminal result never changes: its encoding is made once and shared.
-            let view = match &page.result {
-                Some(result) => result.view.get_or_init(encode),
-                None => encode(),
+            let head = |view: &bytes::Bytes| wire::encode_head(view, page.next_page_token().as_deref());
+            // A terminal result never changes: its view and each page's head are encoded once
+            // and shared.
+            let head = match &page.result {
+                Some(result) => result.view.page_head(page.next_offset, || head(&result.view.get_or_init(view))),
+                None => head(&view()),
             };
             Ok(GetAggregationResponse {
                 aggregation: None,
-                encoded_aggregation: Some(view),
+                encoded_head: Some(head),
                 statistics: Vec::new(),
-                next_page_token: page.next_page_token.unwrap_or_default(),
+                next_page_token: String::new(),
                 encoded_statistics: page.rows.map(|(rows, range)| EncodedRows { rows, range }),
             })
         })
@@ -336,7 +342,8 @@ fn within_deadline(wait: Duration, timeout: Option<Duration>) -> Duration {
 /// The caller's deadline as its `grpc-timeout` header states it: at most eight digits and a
 /// unit (`H`, `M`, `S`, `m`, `u`, `n`).
 fn caller_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    static GRPC_TIMEOUT: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static("grpc-timeout"));
+    let text = metadata.get(&*GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
         return None;

@@ -33,8 +33,9 @@ impl PartialEq for EncodedRows {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GetAggregationResponse {
     pub aggregation: Option<Aggregation>,
-    /// `aggregation` already encoded as field 1, sent in its place (server side only).
-    pub encoded_aggregation: Option<Bytes>,
+    /// Fields 1 and 3 (`aggregation`, then `next_page_token`) already encoded, sent in place of
+    /// both (server side only; `next_page_token` is then left empty): see [`encode_head`].
+    pub encoded_head: Option<Bytes>,
     pub statistics: Vec<StatisticsRow>,
     pub next_page_token: String,
     /// Rows already encoded, sent last, after `statistics` (server side only; never decoded into).
@@ -46,10 +47,23 @@ const AGGREGATION: u32 = 1;
 pub const STATISTICS: u32 = 2;
 const NEXT_PAGE_TOKEN: u32 = 3;
 
-/// `aggregation` encoded as the response's field 1, for [`GetAggregationResponse::encoded_aggregation`].
+/// `aggregation` encoded as the response's field 1.
 pub fn encode_aggregation(aggregation: &Aggregation) -> Bytes {
     let mut buf = Vec::with_capacity(encoding::message::encoded_len(AGGREGATION, aggregation));
     encoding::message::encode(AGGREGATION, aggregation, &mut buf);
+    buf.into()
+}
+
+/// [`GetAggregationResponse::encoded_head`]: the encoded `aggregation` (see
+/// [`encode_aggregation`]), then `next_page_token` when there is one.
+pub fn encode_head(aggregation: &Bytes, next_page_token: Option<&str>) -> Bytes {
+    let Some(token) = next_page_token.filter(|t| !t.is_empty()) else { return aggregation.clone() };
+    let len = encoding::key_len(NEXT_PAGE_TOKEN) + encoding::encoded_len_varint(token.len() as u64) + token.len();
+    let mut buf = Vec::with_capacity(aggregation.len() + len);
+    buf.put_slice(aggregation);
+    encoding::encode_key(NEXT_PAGE_TOKEN, WireType::LengthDelimited, &mut buf);
+    encoding::encode_varint(token.len() as u64, &mut buf);
+    buf.put_slice(token.as_bytes());
     buf.into()
 }
 
@@ -57,8 +71,19 @@ impl GetAggregationResponse {
     /// The message in two pieces, back to back: every other field, then the pre-encoded rows
     /// (sharing the cached buffer, not copied).
     pub fn into_parts(self) -> [Bytes; 2] {
-        let mut head = Vec::new();
-        self.encode_head(&mut head);
+        let head = match &self.encoded_head {
+            // A cached page: its head is shared as it is.
+            Some(head)
+                if self.aggregation.is_none() && self.next_page_token.is_empty() && self.statistics.is_empty() =>
+            {
+                head.clone()
+            }
+            _ => {
+                let mut head = Vec::with_capacity(self.head_len());
+                self.encode_head(&mut head);
+                head.into()
+            }
+        };
         let rows = self.encoded_statistics.map(|page| page.rows.shared(page.range)).unwrap_or_default();
         [head.into(), rows]
     }
@@ -67,7 +92,7 @@ impl GetAggregationResponse {
     /// after: protobuf lets fields come in any order, and this way the rows are the one large
     /// piece at the end, which [`GetAggregationResponse::into_parts`] hands over as it is.
     fn encode_head(&self, buf: &mut impl BufMut) {
-        if let Some(a) = &self.encoded_aggregation {
+        if let Some(a) = &self.encoded_head {
             buf.put_slice(a);
         } else if let Some(a) = &self.aggregation {
             encoding::message::encode(AGGREGATION, a, buf);
@@ -78,6 +103,24 @@ impl GetAggregationResponse {
         for row in &self.statistics {
             encoding::message::encode(STATISTICS, row, buf);
         }
+    }
+}
+
+impl GetAggregationResponse {
+    /// The length of what [`Self::encode_head`] writes.
+    fn head_len(&self) -> usize {
+        let aggregation = match (&self.encoded_head, &self.aggregation) {
+            (Some(a), _) => a.len(),
+            (None, Some(a)) => encoding::message::encoded_len(AGGREGATION, a),
+            (None, None) => 0,
+        };
+        let statistics = encoding::message::encoded_len_repeated(STATISTICS, &self.statistics);
+        let token = if self.next_page_token.is_empty() {
+            0
+        } else {
+            encoding::string::encoded_len(NEXT_PAGE_TOKEN, &self.next_page_token)
+        };
+        aggregation + statistics + token
     }
 }
 
@@ -107,19 +150,7 @@ impl prost::Message for GetAggregationResponse {
     }
 
     fn encoded_len(&self) -> usize {
-        let aggregation = match (&self.encoded_aggregation, &self.aggregation) {
-            (Some(a), _) => a.len(),
-            (None, Some(a)) => encoding::message::encoded_len(AGGREGATION, a),
-            (None, None) => 0,
-        };
-        let statistics = encoding::message::encoded_len_repeated(STATISTICS, &self.statistics);
-        let encoded = self.encoded_statistics.as_ref().map_or(0, |page| page.rows.encoded_len(page.range.clone()));
-        let token = if self.next_page_token.is_empty() {
-            0
-        } else {
-            encoding::string::encoded_len(NEXT_PAGE_TOKEN, &self.next_page_token)
-        };
-        aggregation + statistics + encoded + token
+        self.head_len() + self.encoded_statistics.as_ref().map_or(0, |page| page.rows.encoded_len(page.range.clone()))
     }
 
     fn clear(&mut self) {
@@ -152,12 +183,22 @@ mod tests {
         let bytes = sent.encode_to_vec();
         assert_eq!(bytes.len(), sent.encoded_len());
         let pre = GetAggregationResponse {
-            encoded_aggregation: sent.aggregation.as_ref().map(encode_aggregation),
+            encoded_head: sent.aggregation.as_ref().map(encode_aggregation),
             aggregation: None,
             ..sent.clone()
         };
         assert_eq!(pre.encode_to_vec(), bytes, "a pre-encoded aggregation is the same bytes");
         assert_eq!(pre.encoded_len(), bytes.len());
+        let view = sent.aggregation.as_ref().map(encode_aggregation).unwrap_or_default();
+        let head = GetAggregationResponse {
+            encoded_head: Some(encode_head(&view, Some("next"))),
+            aggregation: None,
+            next_page_token: String::new(),
+            ..sent.clone()
+        };
+        assert_eq!(head.encode_to_vec(), bytes, "a pre-encoded head is the same bytes");
+        assert_eq!(head.encoded_len(), bytes.len());
+        assert_eq!(head.clone().into_parts().concat(), bytes);
         let parts = sent.clone().into_parts().concat();
         assert_eq!(parts.len(), bytes.len());
         assert_eq!(

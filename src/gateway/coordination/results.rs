@@ -39,15 +39,45 @@ impl CachedResult {
     }
 }
 
-/// The transport's encoding of an immutable record's public view, made by the first reader and
-/// shared by the rest. The gateway never reads it.
+/// The transport's encodings of an immutable result, each made by the first reader that needs
+/// it and shared by the rest: the record's public view, and the head of each page read (the
+/// view and the next page's token). The gateway never reads them.
 #[derive(Debug, Default)]
-pub struct EncodedView(OnceLock<Bytes>);
+pub struct EncodedView {
+    view: OnceLock<Bytes>,
+    /// Page heads by where the next page starts (`None`: the last page), for the first
+    /// [`PAGE_HEADS_KEPT`] pages read; set once each, read without a lock.
+    heads: OnceLock<Box<[OnceLock<(Option<usize>, Bytes)>; PAGE_HEADS_KEPT]>>,
+}
+
+/// Page heads kept per result (a few hundred bytes each): the pages most read are the first
+/// ones of the most popular results; a page beyond these is encoded for each response.
+pub(crate) const PAGE_HEADS_KEPT: usize = 16;
 
 impl EncodedView {
-    /// The encoding, made by `encode` if no reader has made it yet.
+    /// The encoding of the view, made by `encode` if no reader has made it yet.
     pub fn get_or_init(&self, encode: impl FnOnce() -> Bytes) -> Bytes {
-        self.0.get_or_init(encode).clone()
+        self.view.get_or_init(encode).clone()
+    }
+
+    /// The head of the page followed by one starting at `next` (`None`: the last page), made by
+    /// `encode` if no reader has made it yet.
+    pub fn page_head(&self, next: Option<usize>, encode: impl FnOnce() -> Bytes) -> Bytes {
+        let slots = self.heads.get_or_init(Default::default);
+        for slot in slots.iter() {
+            match slot.get() {
+                Some((at, head)) if *at == next => return head.clone(),
+                Some(_) => {}
+                None => {
+                    let head = encode();
+                    // Another reader may have filled the slot meanwhile: this head is then
+                    // just not kept.
+                    let _ = slot.set((next, head.clone()));
+                    return head;
+                }
+            }
+        }
+        encode()
     }
 }
 
@@ -174,5 +204,38 @@ impl moka::Expiry<AggregationId, Arc<CachedResult>> for ExpireAtRecord {
         _left: Option<Duration>,
     ) -> Option<Duration> {
         self.expire_after_create(id, r, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn a_page_head_is_encoded_once_per_page_for_the_first_pages_read() {
+        let view = EncodedView::default();
+        let made = Cell::new(0);
+        let encode = |next: Option<usize>| {
+            made.set(made.get() + 1);
+            Bytes::from(format!("head-{next:?}"))
+        };
+        for _ in 0..3 {
+            for next in [Some(100), Some(200), None] {
+                assert_eq!(view.page_head(next, || encode(next)), format!("head-{next:?}").as_bytes());
+            }
+        }
+        assert_eq!(made.get(), 3, "each page's head made once");
+        // Past the pages kept, a head is made for each read, and still right.
+        for next in (0..PAGE_HEADS_KEPT).map(|n| Some(1000 + n)) {
+            view.page_head(next, || encode(next));
+        }
+        made.set(0);
+        let beyond = Some(5000);
+        assert_eq!(view.page_head(beyond, || encode(beyond)), &b"head-Some(5000)"[..]);
+        assert_eq!(view.page_head(beyond, || encode(beyond)), &b"head-Some(5000)"[..]);
+        assert_eq!(made.get(), 2);
+        assert_eq!(view.page_head(Some(100), || encode(Some(100))), &b"head-Some(100)"[..]);
+        assert_eq!(made.get(), 2, "the first pages stay kept");
     }
 }
