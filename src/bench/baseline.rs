@@ -110,18 +110,34 @@ where
     }
 }
 
-/// Serves the baseline on `listener` until `shutdown` resolves.
+/// Mutual TLS on the baseline: its certificate and key, and the CA its clients' certificates
+/// must chain to (PEM).
+pub struct Tls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Vec<u8>,
+}
+
+/// Serves the baseline on `listener`, with tonic's own TLS when `tls` is given, until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     response: Bytes,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     // `Server::tcp_nodelay` does not reach an incoming stream given to the server, so the
     // stream sets it, as `Server::serve` would and as the gateway's own listener does: Nagle's
     // algorithm on one side only would make the comparison one of socket options.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(BaselineService::new(response))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        server = server.tls_config(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(tls.cert, tls.key))
+                .client_ca_root(Certificate::from_pem(tls.client_ca)),
+        )?;
+    }
+    server.add_service(BaselineService::new(response)).serve_with_incoming_shutdown(incoming, shutdown).await
 }

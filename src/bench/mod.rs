@@ -12,6 +12,7 @@
 
 pub(crate) mod abuse;
 pub mod baseline;
+pub mod certs;
 pub(crate) mod chaos;
 pub(crate) mod console;
 pub(crate) mod derive;
@@ -23,5 +24,6 @@ pub(crate) mod profile;
 pub(crate) mod replicas;
 pub mod requests;
 pub(crate) mod scenarios;
+pub(crate) mod tls;
 pub mod transport;
 pub(crate) mod watchers;

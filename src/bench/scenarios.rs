@@ -7,6 +7,7 @@ use super::loadgen::{LoadReport, closed_loop, open_loop};
 use super::paired::{MedianRatio, PRECISE_ENOUGH};
 use super::process::{CpuTime, Server, cores, http_get, pin_self};
 use super::requests::{farm, get_request, start_request};
+use super::tls::BenchTls;
 use crate::grpc::pb::aggregation_service_client::AggregationServiceClient;
 use crate::grpc::pb::{self, AggregationState, Disposition};
 use crate::grpc::service::GET;
@@ -34,6 +35,8 @@ pub struct BenchOptions {
     /// cache-hit: `perf record` the gateway and the baseline into this directory during the
     /// closed-loop rounds, and compare their profiles.
     pub profile: Option<std::path::PathBuf>,
+    /// cache-hit: mutual TLS and an authorization policy on the gateway, TLS on the baseline.
+    pub tls: bool,
 }
 
 /// Which store a scenario's gateway keeps its state in.
@@ -104,9 +107,18 @@ pub(crate) fn serve_args() -> Vec<String> {
 }
 
 pub(crate) async fn connect(url: &str, n: usize) -> Result<Vec<Client>, BenchError> {
+    connect_over(url, n, None).await
+}
+
+/// [`connect`], over mutual TLS when `tls` is given.
+pub(crate) async fn connect_over(url: &str, n: usize, tls: Option<&BenchTls>) -> Result<Vec<Client>, BenchError> {
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
-        let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+        let mut endpoint = Channel::from_shared(url.to_owned())?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.channel())?;
+        }
+        let channel = endpoint.connect().await?;
         out.push(AggregationServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024));
     }
     Ok(out)
@@ -166,21 +178,41 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
 }
 
 pub(crate) async fn raw_clients(url: &str, n: usize) -> Result<Vec<RawClient>, BenchError> {
+    raw_clients_over(url, n, None).await
+}
+
+/// [`raw_clients`], over mutual TLS when `tls` is given.
+pub(crate) async fn raw_clients_over(
+    url: &str,
+    n: usize,
+    tls: Option<&BenchTls>,
+) -> Result<Vec<RawClient>, BenchError> {
     let origin: http::Uri = url.parse()?;
     let authority = origin.authority().ok_or("the URL names no host")?.as_str().to_owned();
+    let connector = tls.map(BenchTls::connector).transpose()?;
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
         let stream = tokio::net::TcpStream::connect(&authority).await?;
         stream.set_nodelay(true)?;
-        let (send, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await?;
-        tokio::spawn(connection);
+        let send = match &connector {
+            None => handshake(stream).await?,
+            Some(connector) => handshake(connector.connect(BenchTls::server_name()?, stream).await?).await?,
+        };
         out.push(tonic::client::Grpc::with_origin(Connection(send), origin.clone()));
     }
     Ok(out)
+}
+
+/// An HTTP/2 connection over `io`, driven by a task of its own.
+async fn handshake<T>(io: T) -> Result<hyper::client::conn::http2::SendRequest<tonic::body::Body>, BenchError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(io))
+            .await?;
+    tokio::spawn(connection);
+    Ok(send)
 }
 pub(crate) async fn raw_get(mut client: RawClient, request: bytes::Bytes) -> bool {
     if client.ready().await.is_err() {
@@ -283,8 +315,13 @@ fn spread(mut values: Vec<f64>) -> Value {
 /// A gateway with one completed aggregation: the encoded request for its first page of 100
 /// rows, and the encoded answer.
 pub(crate) async fn with_a_result(gw: &Server) -> Result<(bytes::Bytes, Vec<u8>), BenchError> {
+    with_a_result_over(gw, None).await
+}
+
+/// [`with_a_result`], over mutual TLS when `tls` is given.
+async fn with_a_result_over(gw: &Server, tls: Option<&BenchTls>) -> Result<(bytes::Bytes, Vec<u8>), BenchError> {
     let url = gw.url("listening on ").ok_or("no gRPC address")?;
-    let mut clients = connect(&url, 1).await?;
+    let mut clients = connect_over(&url, 1, tls).await?;
     let started = clients[0].start_aggregation(start_request(1, 1, 1, &[pb::GroupBy::JobId])).await?.into_inner();
     let id = started.aggregation.unwrap_or_default().aggregation_id;
     finish(&mut clients[0], &id).await?;
@@ -294,6 +331,13 @@ pub(crate) async fn with_a_result(gw: &Server) -> Result<(bytes::Bytes, Vec<u8>)
         return Err(format!("expected a page of 100 rows, got {}", response.statistics.len()).into());
     }
     Ok((bytes::Bytes::from(page.encode_to_vec()), response.encode_to_vec()))
+}
+
+/// The bytes of an encoded GetAggregationResponse before its rows: the view and the token.
+fn head_bytes(encoded: &[u8]) -> usize {
+    let rows = pb::GetAggregationResponse::decode(encoded)
+        .map_or(0, |r| prost::encoding::message::encoded_len_repeated(crate::grpc::wire::STATISTICS, &r.statistics));
+    encoded.len().saturating_sub(rows)
 }
 
 /// GetAggregation of a completed aggregation, pages of 100 rows: the gateway against the
@@ -306,8 +350,10 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
         pin_self(core);
     }
     let quick = ["--emulator-aggregation-duration", "50ms", "--poll-initial-interval", "20ms"];
-    let gw = gateway(server_core, &quick)?;
-    let (request_bytes, encoded) = with_a_result(&gw).await?;
+    let tls = if opts.tls { Some(BenchTls::make()?) } else { None };
+    let tls_flags = tls.as_ref().map(BenchTls::gateway_flags).unwrap_or_default();
+    let gw = gateway(server_core, &[&quick[..], &tls_flags.iter().map(String::as_str).collect::<Vec<_>>()].concat())?;
+    let (request_bytes, encoded) = with_a_result_over(&gw, tls.as_ref()).await?;
 
     let file = std::env::temp_dir().join(format!("dsg-baseline-{}.bin", std::process::id()));
     std::fs::write(&file, &encoded)?;
@@ -315,6 +361,7 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
         .into_iter()
         .map(string)
         .chain([file.to_string_lossy().into_owned()])
+        .chain(tls.as_ref().map(BenchTls::baseline_flags).unwrap_or_default())
         .collect();
     let base = Server::start(server_core, &baseline_args, 1);
     let _ = std::fs::remove_file(&file);
@@ -347,12 +394,12 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
     let mut targets = vec![
         Target {
             server: &gw,
-            clients: raw_clients(&address(&gw)?, opts.connections).await?,
+            clients: raw_clients_over(&address(&gw)?, opts.connections, tls.as_ref()).await?,
             request: request_bytes.clone(),
         },
         Target {
             server: &base,
-            clients: raw_clients(&address(&base)?, opts.connections).await?,
+            clients: raw_clients_over(&address(&base)?, opts.connections, tls.as_ref()).await?,
             request: request_bytes,
         },
     ];
@@ -433,6 +480,7 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
     let mut report = json!({
         "scenario": "cache-hit",
         "response_bytes": encoded.len(),
+        "response_head_bytes": head_bytes(&encoded),
         "gateway_rps": g.closed.rps().round(),
         "baseline_rps": b.closed.rps().round(),
         "throughput_ratio": ratio(g.closed.rps(), b.closed.rps()),
@@ -457,6 +505,7 @@ pub(crate) async fn cache_hit(opts: &BenchOptions) -> Result<Value, BenchError> 
         "gateway": { "closed": g.closed.json(), "open": g.open.json() },
         "baseline": { "closed": b.closed.json(), "open": b.open.json() },
         "store": opts.store.name(),
+        "tls": opts.tls,
         "rounds": rounds,
         "pinned": server_core.is_some(),
         "concurrency": opts.concurrency,
@@ -754,6 +803,7 @@ mod tests {
             store: BenchStore::Memory,
             rounds: None,
             profile: None,
+            tls: false,
         }
     }
 

@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// request on (also written to DIR/comparison.txt). Needs `perf` (Debian's linux-perf).
     #[arg(long, value_name = "DIR")]
     pub profile: Option<PathBuf>,
+    /// cache-hit: mutual TLS (certificates made for the run) and an authorization policy on
+    /// the gateway, against a baseline on TLS with client certificates as well.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +86,15 @@ pub struct BaselineArgs {
     /// The encoded GetAggregationResponse to answer with.
     #[arg(long)]
     pub response: PathBuf,
+    /// TLS: the certificate chain (PEM), with --tls-key and --tls-client-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA client certificates must chain to (mutual TLS, as the gateway's).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
@@ -93,6 +106,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), RunError> {
         store: args.store,
         rounds: args.rounds,
         profile: args.profile,
+        tls: args.tls,
     };
     // The load generator gets one core; it runs as one thread so that two runtime workers do
     // not take turns on that core in time slices of milliseconds, which would show up as
@@ -137,8 +151,17 @@ pub(crate) async fn baseline(args: BaselineArgs) -> Result<(), RunError> {
         .await
         .map_err(|source| RunError::Listen { addr: args.listen, source })?;
     let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: args.listen, source })?;
-    announce(&format!("http://{addr}"));
-    crate::bench::baseline::serve(listener, response.into(), signal)
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| RunError::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(crate::bench::baseline::Tls { cert: read(cert)?, key: read(key)?, client_ca: read(ca)? })
+        }
+        _ => None,
+    };
+    announce(&format!("{}://{addr}", if tls.is_some() { "https" } else { "http" }));
+    crate::bench::baseline::serve(listener, response.into(), tls, signal)
         .await
         .map_err(|e| RunError::Serve(crate::grpc::server::ServeError::Transport(e)))
 }

@@ -27,6 +27,9 @@ use std::task::{Context, Poll};
 use tonic::Status;
 use tonic::body::Body;
 
+/// The trailer that ends every response (a name given as text would be parsed each time).
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The gRPC frame header: a compression flag and a big-endian length.
 const FRAME_HEADER: usize = 5;
 
@@ -161,7 +164,7 @@ fn respond(parts: [Bytes; 2], limit: usize) -> Result<http::Response<Body>, Stat
     first.put_u32(framed_len);
     first.put_slice(&head);
     let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
     let chunks = Chunks { head: first.freeze(), rows: (!rows.is_empty()).then_some(rows), trailers: Some(trailers) };
     let mut response = http::Response::new(Body::new(chunks));
     response.headers_mut().insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
@@ -174,6 +177,7 @@ fn respond(parts: [Bytes; 2], limit: usize) -> Result<http::Response<Body>, Stat
 /// response a second `writev`. In pieces under the threshold, the head is copied and leaves in
 /// the same write as the rows.
 const HEAD_PIECE: usize = 240;
+const _: () = assert!(HEAD_PIECE < 256, "h2 chains a DATA frame of 256 bytes or more");
 
 /// A body of the framed head (in pieces of at most [`HEAD_PIECE`]), the rows, then trailers.
 struct Chunks {
@@ -240,7 +244,6 @@ mod tests {
         let (data, _) = frames(respond([head, rows.clone()], 1 << 20).expect("fits")).await;
         let sizes: Vec<usize> = data.iter().map(Bytes::len).collect();
         assert_eq!(sizes, [HEAD_PIECE, HEAD_PIECE, 605 - 2 * HEAD_PIECE, 5000]);
-        assert!(HEAD_PIECE < 256, "h2 chains a DATA frame of 256 bytes or more");
         assert_eq!(data[3].as_ptr(), rows.as_ptr());
         let all = data.concat();
         assert_eq!(u32::from_be_bytes([all[1], all[2], all[3], all[4]]), 5600);

@@ -85,7 +85,7 @@ impl GetAggregationResponse {
             }
         };
         let rows = self.encoded_statistics.map(|page| page.rows.shared(page.range)).unwrap_or_default();
-        [head.into(), rows]
+        [head, rows]
     }
 
     /// Every field but the pre-encoded rows. The page token comes before the rows rather than

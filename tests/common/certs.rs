@@ -1,76 +1,37 @@
-//! Real X.509 certificates made for a test (rcgen): a CA, server and client certificates it
-//! signs, written as PEM files into a directory of the test's own.
+//! Real X.509 certificates made for a test (the crate's own `bench::certs`, on rcgen): a CA,
+//! server and client certificates it signs, written as PEM files into a directory of the
+//! test's own.
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
+use deadline_stats_gateway::bench::certs::Authority;
+pub use deadline_stats_gateway::bench::certs::Issued as IssuedCert;
 use std::path::{Path, PathBuf};
 
 /// A certificate authority of the test.
-pub struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, as PEM, and where they were written.
-pub struct IssuedCert {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub struct TestCa(Authority);
 
 impl TestCa {
     pub fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().expect("a key");
-        Self { issuer: CertifiedIssuer::self_signed(params, key).expect("a CA certificate") }
+        Self(Authority::new(name).expect("a CA certificate"))
     }
 
     pub fn pem(&self) -> String {
-        self.issuer.pem()
+        self.0.pem()
     }
 
     /// Writes the CA certificate to `dir/name`.
     pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, self.pem()).expect("writes");
-        path
+        self.0.write(dir, name).expect("writes")
     }
 
     /// A server certificate for `localhost` and 127.0.0.1, written as `dir/name.{crt,key}`.
     pub fn server(&self, dir: &Path, name: &str) -> IssuedCert {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.distinguished_name.push(DnType::CommonName, name);
-        self.issue(params, dir, name)
+        self.0.server(dir, name).expect("a server certificate")
     }
 
     /// A client certificate whose URI SAN is `uri` (a SPIFFE id), or, when `uri` is not a URI,
     /// whose DNS SAN it is.
     pub fn client(&self, dir: &Path, name: &str, uri: &str) -> IssuedCert {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        let san = if uri.contains("://") {
-            SanType::URI(uri.try_into().expect("an IA5 URI"))
-        } else {
-            SanType::DnsName(uri.try_into().expect("an IA5 name"))
-        };
-        params.subject_alt_names.push(san);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.distinguished_name.push(DnType::CommonName, name);
-        self.issue(params, dir, name)
-    }
-
-    fn issue(&self, params: CertificateParams, dir: &Path, name: &str) -> IssuedCert {
-        let key = KeyPair::generate().expect("a key");
-        let cert = params.signed_by(&key, &self.issuer).expect("signs");
-        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
-        let (cert_path, key_path) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-        std::fs::write(&cert_path, &cert_pem).expect("writes");
-        std::fs::write(&key_path, &key_pem).expect("writes");
-        IssuedCert { cert_pem, key_pem, cert: cert_path, key: key_path }
+        self.0.client(dir, name, uri).expect("a client certificate")
     }
 }
 

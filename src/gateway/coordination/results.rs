@@ -47,8 +47,11 @@ pub struct EncodedView {
     view: OnceLock<Bytes>,
     /// Page heads by where the next page starts (`None`: the last page), for the first
     /// [`PAGE_HEADS_KEPT`] pages read; set once each, read without a lock.
-    heads: OnceLock<Box<[OnceLock<(Option<usize>, Bytes)>; PAGE_HEADS_KEPT]>>,
+    heads: OnceLock<Box<[PageHead; PAGE_HEADS_KEPT]>>,
 }
+
+/// One kept page head: where the next page starts, and the encoded head.
+type PageHead = OnceLock<(Option<usize>, Bytes)>;
 
 /// Page heads kept per result (a few hundred bytes each): the pages most read are the first
 /// ones of the most popular results; a page beyond these is encoded for each response.
@@ -94,7 +97,9 @@ type OnRemoved = Box<dyn Fn(&Arc<CachedResult>, Removal) + Send + Sync>;
 
 /// Terminal results by id.
 pub struct ResultsCache {
-    cache: Cache<AggregationId, Arc<CachedResult>>,
+    /// Hashed by foldhash rather than SipHash: every cache hit hashes its id, and the ids
+    /// inserted are the gateway's own, so no caller can choose keys that collide.
+    cache: Cache<AggregationId, Arc<CachedResult>, foldhash::fast::RandomState>,
     /// Results within their residency grace, with its end.
     resident: Mutex<HashMap<AggregationId, (Arc<CachedResult>, Instant)>>,
     grace: Duration,
@@ -133,7 +138,7 @@ impl ResultsCache {
                 counted[usize::from(removal == Removal::Evicted)].fetch_add(1, Ordering::Relaxed);
                 on_removed(&result, removal);
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self { cache, resident: Mutex::default(), grace, removals }
     }
 
