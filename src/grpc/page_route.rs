@@ -1,11 +1,13 @@
-//! GetAggregation served without copying the page.
+//! GetAggregation served from the cached encoding, without re-encoding the page.
 //!
-//! tonic encodes every response into a fresh buffer, so a 100-row page (about 12.6 kB) would be
-//! copied from the cache into it before HTTP/2 copies it again into the socket. This route
-//! answers GetAggregation itself: it reads the request frame, calls the same
-//! [`AggregationApi::get_page`] the generated service would, and sends the response as two
-//! DATA chunks: the frame header with the small fields, then the cached rows themselves (a
-//! shared [`Bytes`] slice).
+//! tonic encodes every response with prost into a fresh buffer. This route answers
+//! GetAggregation itself: it reads the request frame, calls the same
+//! [`AggregationApi::get_page`] the generated service would, and sends the response from
+//! bytes the gateway already holds: the page's head (view and token, encoded once per page)
+//! and the cached rows (a shared [`Bytes`] slice). A response that fits one HTTP/2 frame goes
+//! out as one DATA chunk, the two copied into it: a second frame costs both ends more than
+//! copying 16 kB does (BENCHMARKS.md, issue 28). A larger one is sent as the head, then the
+//! rows themselves, uncopied.
 //! StartAggregation is read the same way (its response encoded by prost), so both methods
 //! answer malformed input alike: a message that does not decode (bad protobuf, invalid UTF-8
 //! in a string field) or is not framed right is INVALID_ARGUMENT, one larger than the limit
@@ -159,19 +161,30 @@ fn respond(parts: [Bytes; 2], limit: usize) -> Result<http::Response<Body>, Stat
         Status::resource_exhausted(format!("the response would be {len} bytes, more than the {limit} allowed"))
     })?;
     let [head, rows] = parts;
-    let mut first = BytesMut::with_capacity(FRAME_HEADER + head.len());
+    let one_frame = FRAME_HEADER + len <= ONE_FRAME;
+    let mut first = BytesMut::with_capacity(FRAME_HEADER + if one_frame { len } else { head.len() });
     first.put_u8(0);
     first.put_u32(framed_len);
     first.put_slice(&head);
+    let (head, rows) = if one_frame {
+        first.put_slice(&rows);
+        (Bytes::new(), first.freeze())
+    } else {
+        (first.freeze(), rows)
+    };
     let mut trailers = http::HeaderMap::new();
     trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
-    let chunks = Chunks { head: first.freeze(), rows: (!rows.is_empty()).then_some(rows), trailers: Some(trailers) };
+    let chunks = Chunks { head, rows: (!rows.is_empty()).then_some(rows), trailers: Some(trailers) };
     let mut response = http::Response::new(Body::new(chunks));
     response.headers_mut().insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
     Ok(response)
 }
 
-/// The largest DATA frame the head goes out in. h2 copies a frame smaller than 256 bytes into
+/// The largest framed response sent as one chunk, copied: HTTP/2's default (and smallest)
+/// largest frame. A larger one is split into frames whatever it is sent as.
+const ONE_FRAME: usize = 16 * 1024;
+
+/// The largest DATA frame the head of a larger response goes out in. h2 copies a frame smaller than 256 bytes into
 /// the connection's write buffer and sends a larger one as a buffer of its own, writing it
 /// out before it takes the next frame: a head of 300 bytes in one frame would cost every
 /// response a second `writev`. In pieces under the threshold, the head is copied and leaves in
@@ -179,7 +192,8 @@ fn respond(parts: [Bytes; 2], limit: usize) -> Result<http::Response<Body>, Stat
 const HEAD_PIECE: usize = 240;
 const _: () = assert!(HEAD_PIECE < 256, "h2 chains a DATA frame of 256 bytes or more");
 
-/// A body of the framed head (in pieces of at most [`HEAD_PIECE`]), the rows, then trailers.
+/// A body of the framed head (in pieces of at most [`HEAD_PIECE`]), the rows, then trailers;
+/// a response of one frame is all "rows".
 struct Chunks {
     head: Bytes,
     rows: Option<Bytes>,
@@ -225,28 +239,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_response_is_one_framed_message_in_chunks_then_status_ok() {
+    async fn a_response_of_one_frame_is_one_framed_chunk_then_status_ok() {
         let rows = Bytes::from_static(b"rows-rows-rows");
         let response = respond([Bytes::from_static(b"head"), rows.clone()], 1024).expect("fits");
         let (data, trailers) = frames(response).await;
-        assert_eq!(data.len(), 2);
-        assert_eq!(data[1].as_ptr(), rows.as_ptr(), "the rows are the caller's bytes, not a copy");
-        let all = data.concat();
-        assert_eq!(&all[..5], &[0, 0, 0, 0, 18]);
-        assert_eq!(&all[5..], b"headrows-rows-rows");
+        assert_eq!(data.len(), 1, "one DATA chunk");
+        assert_eq!(&data[0][..5], &[0, 0, 0, 0, 18]);
+        assert_eq!(&data[0][5..], b"headrows-rows-rows");
         assert_eq!(trailers.and_then(|t| t.get("grpc-status").cloned()), Some(http::HeaderValue::from_static("0")));
     }
 
     #[tokio::test]
-    async fn a_long_head_goes_out_in_pieces_small_enough_for_h2_to_copy() {
+    async fn a_larger_response_sends_the_rows_uncopied_after_a_head_in_pieces_h2_copies() {
         let head = Bytes::from(vec![7u8; 600]);
-        let rows = Bytes::from(vec![9u8; 5000]);
+        let rows = Bytes::from(vec![9u8; 20_000]);
         let (data, _) = frames(respond([head, rows.clone()], 1 << 20).expect("fits")).await;
         let sizes: Vec<usize> = data.iter().map(Bytes::len).collect();
-        assert_eq!(sizes, [HEAD_PIECE, HEAD_PIECE, 605 - 2 * HEAD_PIECE, 5000]);
-        assert_eq!(data[3].as_ptr(), rows.as_ptr());
+        assert_eq!(sizes, [HEAD_PIECE, HEAD_PIECE, 605 - 2 * HEAD_PIECE, 20_000]);
+        assert_eq!(data[3].as_ptr(), rows.as_ptr(), "the rows are the cache's bytes, not a copy");
         let all = data.concat();
-        assert_eq!(u32::from_be_bytes([all[1], all[2], all[3], all[4]]), 5600);
+        assert_eq!(u32::from_be_bytes([all[1], all[2], all[3], all[4]]), 20_600);
+        assert!(all[5..605].iter().all(|&b| b == 7) && all[605..].iter().all(|&b| b == 9));
     }
 
     #[tokio::test]

@@ -116,9 +116,9 @@ impl AggregationApi {
         caller: &Caller,
         rpc: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        // A span per RPC is worth its cost when traces are exported or debug logs are on; at
-        // the default level nothing would read it, and a cache hit would pay for it.
-        let span = if traces::exporting() {
+        // A span per RPC is worth its cost when it is exported (sampled before it is made) or
+        // debug logs are on; otherwise nothing would read it, and a cache hit would pay for it.
+        let span = if traces::rpc_sampled(metadata, method.full_name) {
             rpc_span!(tracing::Level::INFO, method, caller)
         } else {
             rpc_span!(tracing::Level::DEBUG, method, caller)
