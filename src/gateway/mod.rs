@@ -440,6 +440,21 @@ impl Gateway {
             may_read(result.record.farm_id())?;
             return terminal_page(id, result, offset, size, self.clock.now_or_later());
         }
+        // Boxed: the reads and the long-poll hold a large state that a cache hit, whose future
+        // every Get allocates, would otherwise carry too.
+        Box::pin(self.read_or_wait(id, offset, size, wait, may_read)).await
+    }
+
+    /// [`Self::get`] of an aggregation this replica holds no terminal result of: read from the
+    /// store, waiting up to `wait` for it to become terminal.
+    async fn read_or_wait(
+        &self,
+        id: &str,
+        offset: usize,
+        size: usize,
+        wait: Duration,
+        may_read: &(dyn Fn(&str) -> Result<(), GatewayError> + Sync),
+    ) -> Result<Page, GatewayError> {
         let wait = wait.min(self.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let mut waiter = (!wait.is_zero()).then(|| self.wakeups.waiter(id));

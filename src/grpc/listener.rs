@@ -224,3 +224,35 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt as _;
+
+    /// The server side of one connection accepted with `tcp_keepalive`.
+    async fn accepted(tcp_keepalive: Option<Duration>) -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("an address");
+        let limits = ConnectionLimits { max_connections: 4, handshake_timeout: Duration::from_secs(10), tcp_keepalive };
+        let mut conns = incoming(listener, None, limits);
+        let client = TcpStream::connect(addr).await.expect("connects");
+        let conn = conns.next().await.expect("a connection").expect("accepted");
+        (conn, client)
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_probe_an_idle_peer_with_tcp_keepalive() {
+        let (conn, _client) = accepted(Some(Duration::from_secs(30))).await;
+        let Io::Plain(stream) = &conn.io else { panic!("a plain connection") };
+        let socket = socket2::SockRef::from(stream);
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"), Duration::from_secs(30));
+        assert_eq!(socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"), Duration::from_secs(10));
+        assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 3);
+
+        let (conn, _client) = accepted(None).await;
+        let Io::Plain(stream) = &conn.io else { panic!("a plain connection") };
+        assert!(!socket2::SockRef::from(stream).keepalive().expect("SO_KEEPALIVE"), "off when not asked for");
+    }
+}
