@@ -5,6 +5,9 @@ use std::io::BufRead as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Why a scenario could not run.
+pub(crate) type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A child process that is killed when dropped.
 pub struct Server {
     child: Child,

@@ -58,8 +58,7 @@ impl BenchStore {
 
 type Client = AggregationServiceClient<Channel>;
 
-/// Why a scenario could not run.
-pub(crate) type BenchError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) use super::process::BenchError;
 
 pub(crate) fn string(s: impl Into<String>) -> String {
     s.into()

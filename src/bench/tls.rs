@@ -7,7 +7,7 @@
 //! farm, so each Get pays for identification and a policy check as a production caller does.
 
 use super::certs::{Authority, Issued};
-use super::scenarios::BenchError;
+use super::process::BenchError;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::PathBuf;
